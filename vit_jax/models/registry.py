@@ -1,0 +1,172 @@
+"""Named model configurations and `get_model`.
+
+Every config uses the field names of the official vit_jax model configs, so a
+config printed here can be passed to the original code and vice versa. Adding
+a model means adding an entry to `_CONFIGS` *and* its exact parameter count to
+the tests (a test fails otherwise).
+"""
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+
+from vit_jax.models import mixer
+from vit_jax.models import vit
+
+
+def _vit(hidden, mlp, heads, layers, patch, dropout=0.0, **extra):
+  config = {
+      'patches': {'size': (patch, patch)},
+      'hidden_size': hidden,
+      'transformer': {
+          'mlp_dim': mlp,
+          'num_heads': heads,
+          'num_layers': layers,
+          'attention_dropout_rate': 0.0,
+          'dropout_rate': dropout,
+      },
+      'classifier': 'token',
+      'representation_size': None,
+  }
+  config.update(extra)
+  return config
+
+
+def _hybrid(base, num_layers, patch):
+  config = copy.deepcopy(base)
+  config['patches'] = {'size': (patch, patch)}
+  config['resnet'] = {'num_layers': tuple(num_layers), 'width_factor': 1}
+  return config
+
+
+def _mixer(hidden, blocks, tokens_mlp, channels_mlp, patch):
+  return {
+      'patches': {'size': (patch, patch)},
+      'hidden_dim': hidden,
+      'num_blocks': blocks,
+      'tokens_mlp_dim': tokens_mlp,
+      'channels_mlp_dim': channels_mlp,
+  }
+
+
+_TI = dict(hidden=192, mlp=768, heads=3, layers=12)
+_S = dict(hidden=384, mlp=1536, heads=6, layers=12)
+_B = dict(hidden=768, mlp=3072, heads=12, layers=12)
+_L = dict(hidden=1024, mlp=4096, heads=16, layers=24)
+
+# name -> (module class, config). Sizes: paper Table 1 (B, L, H), DeiT (Ti, S),
+# "Scaling Vision Transformers" Table 2 (g, G); dropout as in the official
+# configs (0.1 for L/16, H/14 and R50+B/16, else 0).
+_CONFIGS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    'testing': (vit.VisionTransformer, _vit(
+        hidden=10, mlp=10, heads=2, layers=1, patch=16, dropout=0.1)),
+    'ViT-Ti_16': (vit.VisionTransformer, _vit(**_TI, patch=16)),
+    'ViT-S_16': (vit.VisionTransformer, _vit(**_S, patch=16)),
+    'ViT-S_32': (vit.VisionTransformer, _vit(**_S, patch=32)),
+    'ViT-B_8': (vit.VisionTransformer, _vit(**_B, patch=8)),
+    'ViT-B_16': (vit.VisionTransformer, _vit(**_B, patch=16)),
+    'ViT-B_32': (vit.VisionTransformer, _vit(**_B, patch=32)),
+    'ViT-L_16': (vit.VisionTransformer, _vit(**_L, patch=16, dropout=0.1)),
+    'ViT-L_32': (vit.VisionTransformer, _vit(**_L, patch=32)),
+    'ViT-H_14': (vit.VisionTransformer, _vit(
+        hidden=1280, mlp=5120, heads=16, layers=32, patch=14, dropout=0.1)),
+    'ViT-g_14': (vit.VisionTransformer, _vit(
+        hidden=1408, mlp=6144, heads=16, layers=40, patch=14)),
+    'ViT-G_14': (vit.VisionTransformer, _vit(
+        hidden=1664, mlp=8192, heads=16, layers=48, patch=14)),
+    # Hybrids: total stride = 4 (root) * 2**(stages - 1) * patch.
+    'R+ViT-Ti_16': (vit.VisionTransformer, _hybrid(
+        _vit(**_TI, patch=16), num_layers=(), patch=8)),
+    'R26+ViT-S_32': (vit.VisionTransformer, _hybrid(
+        _vit(**_S, patch=32), num_layers=(2, 2, 2, 2), patch=1)),
+    'R50+ViT-B_16': (vit.VisionTransformer, _hybrid(
+        _vit(**_B, patch=16, dropout=0.1), num_layers=(3, 4, 9), patch=1)),
+    'R50+ViT-L_32': (vit.VisionTransformer, _hybrid(
+        _vit(**_L, patch=32, dropout=0.1), num_layers=(3, 4, 6, 3), patch=1)),
+    'Mixer-B_16': (mixer.MlpMixer, _mixer(768, 12, 384, 3072, patch=16)),
+    'Mixer-B_32': (mixer.MlpMixer, _mixer(768, 12, 384, 3072, patch=32)),
+    'Mixer-L_16': (mixer.MlpMixer, _mixer(1024, 24, 512, 4096, patch=16)),
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_CONFIGS)
+
+
+class UnknownModelError(KeyError):
+  """Raised for a model name that is not in the registry."""
+
+  def __str__(self):  # KeyError would print the message with quotes.
+    return str(self.args[0])
+
+
+def _check_name(name: str) -> None:
+  if name not in _CONFIGS:
+    raise UnknownModelError(
+        f'Unknown model {name!r}. Known models: {", ".join(MODEL_NAMES)}. '
+        'Pass one of these names (case and separators matter), or build '
+        'VisionTransformer / MlpMixer directly for a custom size.')
+
+
+def get_config(name: str) -> dict[str, Any]:
+  """Returns a fresh copy of the named model's config (official field names).
+
+  Args:
+    name: A name from `MODEL_NAMES`.
+
+  Raises:
+    UnknownModelError: `name` is not registered (the message lists the names).
+  """
+  _check_name(name)
+  return copy.deepcopy(_CONFIGS[name][1])
+
+
+def model_class(name: str) -> type[nn.Module]:
+  """Returns the module class (VisionTransformer or MlpMixer) of a name."""
+  _check_name(name)
+  return _CONFIGS[name][0]
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+  for key, value in overrides.items():
+    if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+      _merge(base[key], value)
+    else:
+      base[key] = copy.deepcopy(value) if isinstance(value, Mapping) else value
+
+
+def get_model(name: str, *, num_classes: int | None,
+              **overrides: Any) -> nn.Module:
+  """Builds a registered model.
+
+  Example:
+    model = get_model('ViT-B_16', num_classes=10, dtype=jnp.bfloat16,
+                      transformer={'dropout_rate': 0.1})
+
+  Args:
+    name: A name from `MODEL_NAMES` (e.g. 'ViT-B_16', 'R50+ViT-B_16',
+      'Mixer-B_16', 'testing').
+    num_classes: Size of the zero-initialised head; None or 0 for no head.
+    **overrides: Module fields to change (e.g. `classifier='gap'`,
+      `representation_size=768`, `dtype`, `remat`, `scan`). A dict value is
+      merged into the config's dict of the same name (`transformer`, ...).
+
+  Returns:
+    A flax.linen Module: `model.init(rng, images, train=False)`,
+    `model.apply(variables, images, train=False)` -> logits.
+
+  Raises:
+    UnknownModelError: `name` is not registered.
+    TypeError: an override is not a field of the model class.
+  """
+  cls = model_class(name)
+  config = get_config(name)
+  fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise TypeError(
+        f'{cls.__name__} ({name}) has no field(s) {unknown}; valid fields: '
+        f'{sorted(fields - {"num_classes", "model_name"})}.')
+  _merge(config, overrides)
+  return cls(num_classes=num_classes, model_name=name, **config)
