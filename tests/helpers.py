@@ -1,0 +1,62 @@
+"""Helpers shared by the tests: random weights and tiny model variants."""
+
+import jax
+import numpy as np
+
+import vit_jax.models
+
+
+def randomize(params, seed=0, scale=0.2):
+  """Replaces every leaf by random values (zero-initialised heads make
+  logits trivially equal; random weights make comparisons meaningful)."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  rng = np.random.default_rng(seed)
+  new = []
+  for leaf in leaves:
+    value = rng.normal(size=leaf.shape) * scale
+    if leaf.ndim == 1 and leaf.shape[0] > 0:
+      value = value + 1.0 * (rng.random() < 0.5)  # Some scales near 1.
+    new.append(np.asarray(value, dtype=np.float32))
+  return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def random_images(shape, seed=0):
+  return np.random.default_rng(seed).uniform(-1, 1, size=shape).astype(
+      np.float32)
+
+
+# name -> (registered base model, overrides, image size). Tiny versions of each
+# model family with the real structure (class token, hybrid stages, Mixer
+# token mixing), small enough for fast CPU tests.
+TINY_MODELS = {
+    'vit': ('testing', dict(patches={'size': (4, 4)},
+                            transformer={'num_layers': 2}), 16),
+    'vit_rep': ('testing', dict(patches={'size': (4, 4)},
+                                representation_size=6,
+                                transformer={'num_layers': 2}), 16),
+    'vit_gap': ('testing', dict(patches={'size': (4, 4)}, classifier='gap',
+                                transformer={'num_layers': 2}), 16),
+    'hybrid': ('R50+ViT-B_16', dict(
+        hidden_size=16, resnet={'num_layers': (1, 1), 'width_factor': 0.5},
+        transformer={'num_layers': 2, 'mlp_dim': 32, 'num_heads': 2}), 32),
+    'hybrid_root': ('R+ViT-Ti_16', dict(
+        hidden_size=16, patches={'size': (2, 2)},
+        resnet={'num_layers': (), 'width_factor': 0.5},
+        transformer={'num_layers': 1, 'mlp_dim': 32, 'num_heads': 2}), 16),
+    'mixer': ('Mixer-B_16', dict(
+        patches={'size': (4, 4)}, hidden_dim=16, num_blocks=2,
+        tokens_mlp_dim=8, channels_mlp_dim=32), 16),
+}
+
+
+def tiny_model(kind, num_classes=7, **extra):
+  """Returns (model, image_size) for a TINY_MODELS entry."""
+  base, overrides, size = TINY_MODELS[kind]
+  return vit_jax.models.get_model(
+      base, num_classes=num_classes, **{**overrides, **extra}), size
+
+
+def init_params(model, images, seed=0):
+  """Jitted `model.init(...)['params']` (eager init compiles op by op)."""
+  return jax.jit(lambda x: model.init(jax.random.key(seed), x, train=False))(
+      images)['params']

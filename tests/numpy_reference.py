@@ -1,0 +1,167 @@
+"""Independent NumPy forward passes over *published-layout* parameters.
+
+Written from the paper and the published key names only (no Flax), so that a
+mistake in how `vit_jax.models` interprets an official checkpoint (kernel
+layouts, patch order, pre-Linen numbering, class token, position embeddings,
+GroupNorm, weight standardisation) shows up as a logits mismatch.
+
+`p` is always a flat dict {'a/b/c': array} as stored in a gs://vit_models
+`.npz` (pre-Linen numbering inside encoder blocks).
+"""
+
+import numpy as np
+
+
+def gelu(x):
+  # The tanh approximation (flax.linen.gelu's default, as in the original).
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def layer_norm(x, p, prefix, eps=1e-6):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean)**2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * p[prefix + '/scale'] + p[
+      prefix + '/bias']
+
+
+def dense(x, p, prefix):
+  return x @ p[prefix + '/kernel'] + p[prefix + '/bias']
+
+
+def _same_padding(size, kernel, stride):
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def conv2d(x, w, stride, padding, pad_value=0.0):
+  """NHWC x HWIO convolution by explicit patch extraction."""
+  kh, kw = w.shape[:2]
+  if padding == 'SAME':
+    ph = _same_padding(x.shape[1], kh, stride)
+    pw = _same_padding(x.shape[2], kw, stride)
+    x = np.pad(x, ((0, 0), ph, pw, (0, 0)), constant_values=pad_value)
+  n, h, wd, c = x.shape
+  oh, ow = (h - kh) // stride + 1, (wd - kw) // stride + 1
+  cols = np.stack([x[:, i:i + stride * oh:stride, j:j + stride * ow:stride]
+                   for i in range(kh) for j in range(kw)], axis=3)
+  return cols.reshape(n, oh, ow, kh * kw * c) @ w.reshape(kh * kw * c, -1)
+
+
+def max_pool_3x3_s2_same(x):
+  n, h, w, c = x.shape
+  ph, pw = _same_padding(h, 3, 2), _same_padding(w, 3, 2)
+  x = np.pad(x, ((0, 0), ph, pw, (0, 0)), constant_values=-np.inf)
+  oh, ow = -(-h // 2), -(-w // 2)
+  windows = [x[:, i:i + 2 * oh:2, j:j + 2 * ow:2] for i in range(3)
+             for j in range(3)]
+  return np.max(np.stack(windows), axis=0)
+
+
+def group_norm(x, p, prefix, groups=32, eps=1e-6):
+  n, h, w, c = x.shape
+  g = x.reshape(n, h, w, groups, c // groups)
+  mean = g.mean(axis=(1, 2, 4), keepdims=True)
+  var = ((g - mean)**2).mean(axis=(1, 2, 4), keepdims=True)
+  g = (g - mean) / np.sqrt(var + eps)
+  scale = p[prefix + '/scale'].reshape(-1)
+  bias = p[prefix + '/bias'].reshape(-1)
+  return g.reshape(n, h, w, c) * scale + bias
+
+
+def std_conv(x, p, prefix, stride):
+  w = p[prefix + '/kernel']
+  w = w - w.mean(axis=(0, 1, 2), keepdims=True)
+  w = w / (w.std(axis=(0, 1, 2), keepdims=True) + 1e-5)
+  return conv2d(x, w, stride, 'SAME')
+
+
+def bit_resnet(x, p, num_layers, width_factor):
+  relu = lambda v: np.maximum(v, 0)
+  width = int(64 * width_factor)
+  x = relu(group_norm(std_conv(x, p, 'conv_root', 2), p, 'gn_root'))
+  x = max_pool_3x3_s2_same(x)
+  for s, units in enumerate(num_layers):
+    features = width * 2**s
+    for u in range(units):
+      pre = f'block{s + 1}/unit{u + 1}/'
+      stride = 2 if (s > 0 and u == 0) else 1
+      residual = x
+      if x.shape[-1] != 4 * features or stride != 1:
+        residual = group_norm(std_conv(x, p, pre + 'conv_proj', stride), p,
+                              pre + 'gn_proj')
+      y = relu(group_norm(std_conv(x, p, pre + 'conv1', 1), p, pre + 'gn1'))
+      y = relu(group_norm(std_conv(y, p, pre + 'conv2', stride), p,
+                          pre + 'gn2'))
+      y = group_norm(std_conv(y, p, pre + 'conv3', 1), p, pre + 'gn3')
+      x = relu(residual + y)
+  return x
+
+
+def attention(x, p, prefix, num_heads):
+  del num_heads  # Implied by the kernel shapes (D, H, D/H).
+  q = np.einsum('ntd,dhk->nhtk', x, p[prefix + '/query/kernel'])
+  k = np.einsum('ntd,dhk->nhtk', x, p[prefix + '/key/kernel'])
+  v = np.einsum('ntd,dhk->nhtk', x, p[prefix + '/value/kernel'])
+  q = q + p[prefix + '/query/bias'][None, :, None]
+  k = k + p[prefix + '/key/bias'][None, :, None]
+  v = v + p[prefix + '/value/bias'][None, :, None]
+  logits = np.einsum('nhqk,nhtk->nhqt', q, k) / np.sqrt(q.shape[-1])
+  logits = logits - logits.max(-1, keepdims=True)
+  weights = np.exp(logits)
+  weights = weights / weights.sum(-1, keepdims=True)
+  out = np.einsum('nhqt,nhtk->nhqk', weights, v)
+  return np.einsum('nhqk,hkd->nqd', out, p[prefix + '/out/kernel']) + p[
+      prefix + '/out/bias']
+
+
+def vit_logits(p, images, *, num_heads, classifier='token', resnet=None):
+  """ViT / hybrid forward pass from published-layout parameters."""
+  x = images.astype(np.float64)
+  p = {k: v.astype(np.float64) for k, v in p.items()}
+  if resnet is not None:
+    x = bit_resnet(x, p, resnet['num_layers'], resnet['width_factor'])
+  w = p['embedding/kernel']
+  x = conv2d(x, w, w.shape[0], 'VALID') + p['embedding/bias']
+  n, gh, gw, d = x.shape
+  x = x.reshape(n, gh * gw, d)
+  if classifier == 'token':
+    x = np.concatenate([np.broadcast_to(p['cls'], (n, 1, d)), x], axis=1)
+  x = x + p['Transformer/posembed_input/pos_embedding']
+  layer = 0
+  while f'Transformer/encoderblock_{layer}/LayerNorm_0/scale' in p:
+    pre = f'Transformer/encoderblock_{layer}/'
+    y = layer_norm(x, p, pre + 'LayerNorm_0')
+    x = x + attention(y, p, pre + 'MultiHeadDotProductAttention_1', num_heads)
+    y = layer_norm(x, p, pre + 'LayerNorm_2')
+    y = dense(gelu(dense(y, p, pre + 'MlpBlock_3/Dense_0')), p,
+              pre + 'MlpBlock_3/Dense_1')
+    x = x + y
+    layer += 1
+  assert layer > 0, 'no encoder blocks in published layout'
+  x = layer_norm(x, p, 'Transformer/encoder_norm')
+  x = x[:, 0] if classifier == 'token' else x.mean(axis=1)
+  if 'pre_logits/kernel' in p:
+    x = np.tanh(dense(x, p, 'pre_logits'))
+  return dense(x, p, 'head')
+
+
+def mixer_logits(p, images):
+  """MLP-Mixer forward pass from published-layout parameters."""
+  p = {k: v.astype(np.float64) for k, v in p.items()}
+  w = p['stem/kernel']
+  x = conv2d(images.astype(np.float64), w, w.shape[0], 'VALID') + p[
+      'stem/bias']
+  n, gh, gw, d = x.shape
+  x = x.reshape(n, gh * gw, d)
+  mlp = lambda v, pre: dense(gelu(dense(v, p, pre + '/Dense_0')), p,
+                             pre + '/Dense_1')
+  block = 0
+  while f'MixerBlock_{block}/LayerNorm_0/scale' in p:
+    pre = f'MixerBlock_{block}/'
+    y = layer_norm(x, p, pre + 'LayerNorm_0').transpose(0, 2, 1)
+    x = x + mlp(y, pre + 'token_mixing').transpose(0, 2, 1)
+    x = x + mlp(layer_norm(x, p, pre + 'LayerNorm_1'), pre + 'channel_mixing')
+    block += 1
+  x = layer_norm(x, p, 'pre_head_layer_norm').mean(axis=1)
+  return dense(x, p, 'head')

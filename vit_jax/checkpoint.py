@@ -1,0 +1,569 @@
+"""Published `.npz` checkpoints: load, save, inspect, fine-tuning surgery.
+
+The function names are those of the official vit_jax code base, so code
+written against it ports unchanged: `load`, `save`, `inspect_params`,
+`load_pretrained`, `interpolate_posembed`.
+
+Layouts. An `.npz` holds flat `a/b/c` keys. The gs://vit_models files use the
+pre-Linen module numbering inside encoder blocks (`LayerNorm_0`,
+`MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`) and, for old
+hybrids, GroupNorm parameters shaped (1, 1, 1, C); newer files use Linen
+numbering (`MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`) and
+may carry an `opt/target/` or `params/` prefix, or scan-stacked blocks
+(`Transformer/encoderblock/...` with a leading layer axis). `load` accepts all
+of them and returns the tree of `vit_jax.models` with its default (unscanned)
+options; `save` writes the published gs://vit_models layout, which the
+original vit_jax code and timm read.
+
+Safety: files are read with `allow_pickle=False`, so a checkpoint can never
+execute code; object arrays are refused with a message naming the key.
+"""
+
+import io
+import math
+import os
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from absl import logging
+import flax
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.models import vit as vit_lib
+
+Params = Any
+
+# Top-level entries that fine-tuning replaces instead of loading.
+_HEAD = 'head'
+_PRE_LOGITS = 'pre_logits'
+_POSEMB_PATH = ('Transformer', 'posembed_input', 'pos_embedding')
+_BLOCK_RE = re.compile(r'^encoderblock_(\d+)$')
+_SCANNED_BLOCK = 'encoderblock'
+# Children of an encoder block: Linen name -> pre-Linen (published) name. The
+# old API numbered all submodules of a parent with one counter.
+_PUBLISHED_BLOCK_NAMES = {
+    'LayerNorm_0': 'LayerNorm_0',
+    'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
+    'LayerNorm_1': 'LayerNorm_2',
+    'MlpBlock_0': 'MlpBlock_3',
+}
+_NUMBERED_RE = re.compile(r'^(.+)_(\d+)$')
+_GROUPNORM_RE = re.compile(r'^gn(\d+|_root|_proj)$')
+_KNOWN_PREFIXES = (('opt', 'target'), ('params',))
+
+POSEMB_METHODS = ('bilinear', 'bicubic')
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file or parameter tree that cannot be used as asked."""
+
+
+# ----------------------------------------------------------------------------
+# File access (local paths, or gs:// and other remote paths via tf.io.gfile).
+# ----------------------------------------------------------------------------
+
+
+def _is_remote(path: str) -> bool:
+  return '://' in str(path)
+
+
+def _gfile():
+  # TensorFlow is imported only for remote paths: it takes seconds to import
+  # and local files do not need it.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.gfile
+
+
+def _exists(path: str) -> bool:
+  return _gfile().exists(path) if _is_remote(path) else os.path.exists(path)
+
+
+def _open(path: str, mode: str):
+  return _gfile().GFile(path, mode) if _is_remote(path) else open(path, mode)
+
+
+# ----------------------------------------------------------------------------
+# Tree layouts.
+# ----------------------------------------------------------------------------
+
+
+def _to_dict(tree: Params) -> dict[str, Any]:
+  """Returns a mutable nested dict (unfreezes FrozenDicts)."""
+  if isinstance(tree, flax.core.FrozenDict):
+    tree = tree.unfreeze()
+  if isinstance(tree, Mapping):
+    return {k: _to_dict(v) for k, v in tree.items()}
+  return tree
+
+
+def flatten(params: Params) -> dict[str, Any]:
+  """Nested parameter dict -> {'a/b/c': array}."""
+  return traverse_util.flatten_dict(_to_dict(params), sep='/')
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """{'a/b/c': array} -> nested dict."""
+  return traverse_util.unflatten_dict(dict(flat), sep='/')
+
+
+def to_linen_names(tree: Params) -> dict[str, Any]:
+  """Renumbers pre-Linen module names (`MlpBlock_3`) to Linen (`MlpBlock_0`).
+
+  Within every dict, the `Name_<n>` keys of each `Name` are renumbered 0, 1,
+  ... in increasing order of `n`. Linen-numbered trees are unchanged.
+
+  Args:
+    tree: A nested parameter dict.
+
+  Returns:
+    A new nested dict.
+  """
+  if not isinstance(tree, Mapping):
+    return tree
+  numbered = {}
+  for key in tree:
+    match = _NUMBERED_RE.match(key)
+    if match:
+      numbered.setdefault(match.group(1), []).append((int(match.group(2)), key))
+  renamed = {}
+  for prefix, items in numbered.items():
+    for new_index, (_, key) in enumerate(sorted(items)):
+      renamed[key] = f'{prefix}_{new_index}'
+  return {renamed.get(k, k): to_linen_names(v) for k, v in tree.items()}
+
+
+def to_published_names(params: Params) -> dict[str, Any]:
+  """Renames encoder-block children to the published pre-Linen numbering."""
+  params = _to_dict(params)
+  transformer = params.get('Transformer')
+  if isinstance(transformer, dict):
+    for name, block in transformer.items():
+      if _BLOCK_RE.match(name) or name == _SCANNED_BLOCK:
+        transformer[name] = {
+            _PUBLISHED_BLOCK_NAMES.get(k, k): v for k, v in block.items()}
+  return params
+
+
+def _squeeze_groupnorm(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Old hybrid checkpoints store GroupNorm scale/bias as (1, 1, 1, C)."""
+  out = {}
+  for key, value in flat.items():
+    parts = key.split('/')
+    if (len(parts) > 1 and _GROUPNORM_RE.match(parts[-2]) and
+        parts[-1] in ('scale', 'bias') and value.ndim == 4):
+      value = value.reshape(value.shape[-1])
+    out[key] = value
+  return out
+
+
+def is_scanned(params: Params) -> bool:
+  """Whether the encoder blocks are stacked (`Transformer/encoderblock`)."""
+  transformer = params.get('Transformer', {}) if isinstance(
+      params, Mapping) else {}
+  return isinstance(transformer, Mapping) and _SCANNED_BLOCK in transformer
+
+
+def _stack(leaves):
+  xp = jnp if any(isinstance(x, jax.Array) for x in leaves) else np
+  return xp.stack(leaves, axis=0)
+
+
+def stack_encoder_blocks(params: Params) -> dict[str, Any]:
+  """Loop layout (`encoderblock_0..L-1`) -> scan layout (`encoderblock`).
+
+  Args:
+    params: Parameters with unscanned encoder blocks; returned unchanged if
+      they are already scanned or have no encoder.
+
+  Returns:
+    A new nested dict whose block parameters have a leading axis of size L.
+  """
+  params = _to_dict(params)
+  transformer = params.get('Transformer')
+  if not isinstance(transformer, dict) or _SCANNED_BLOCK in transformer:
+    return params
+  blocks = sorted((int(m.group(1)), k) for k in transformer
+                  if (m := _BLOCK_RE.match(k)))
+  if not blocks:
+    return params
+  if [i for i, _ in blocks] != list(range(len(blocks))):
+    raise CheckpointError(
+        'Encoder blocks are not numbered 0..L-1: '
+        f'{[k for _, k in blocks]}; the checkpoint is incomplete.')
+  trees = [transformer.pop(k) for _, k in blocks]
+  transformer[_SCANNED_BLOCK] = jax.tree_util.tree_map(
+      lambda *xs: _stack(list(xs)), *trees)
+  return params
+
+
+def unstack_encoder_blocks(params: Params) -> dict[str, Any]:
+  """Scan layout (`encoderblock`) -> loop layout (`encoderblock_0..L-1`).
+
+  Args:
+    params: Parameters with scanned encoder blocks; returned unchanged if they
+      are already unscanned.
+
+  Returns:
+    A new nested dict.
+  """
+  params = _to_dict(params)
+  transformer = params.get('Transformer')
+  if not isinstance(transformer, dict) or _SCANNED_BLOCK not in transformer:
+    return params
+  stacked = transformer.pop(_SCANNED_BLOCK)
+  num_layers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+  for i in range(num_layers):
+    transformer[f'encoderblock_{i}'] = jax.tree_util.tree_map(
+        lambda x, i=i: x[i], stacked)
+  return params
+
+
+def _strip_known_prefix(flat: dict[str, Any]) -> dict[str, Any]:
+  for prefix in _KNOWN_PREFIXES:
+    head = '/'.join(prefix) + '/'
+    if flat and all(k.startswith(head) for k in flat):
+      return {k[len(head):]: v for k, v in flat.items()}
+  return flat
+
+
+# ----------------------------------------------------------------------------
+# Load and save.
+# ----------------------------------------------------------------------------
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """Reads every array of an npz, refusing pickles, with precise errors."""
+  if not _exists(path):
+    raise FileNotFoundError(
+        f'Checkpoint {path} does not exist. Check the path; official '
+        'checkpoints are listed at https://github.com/google-research/'
+        'vision_transformer and live under gs://vit_models/ (copy one locally '
+        'with `gsutil cp` when this machine has no network).')
+  hint = ('Re-download or re-export it: a complete checkpoint is a zip of '
+          '.npy arrays written by numpy.savez or vit_jax.checkpoint.save.')
+  flat = {}
+  key = None
+  try:
+    with _open(path, 'rb') as f:
+      npz = np.load(f, allow_pickle=False)
+      if not hasattr(npz, 'files'):
+        raise CheckpointError(
+            f'{path} holds a single array, not a parameter archive (.npz). '
+            + hint)
+      with npz:
+        for key in npz.files:
+          flat[key] = npz[key]
+  except CheckpointError:
+    raise
+  except ValueError as e:
+    if 'allow_pickle' in str(e) and key is not None:
+      raise CheckpointError(
+          f'{path}: array {key!r} holds Python objects (pickled data). '
+          'Refused: unpickling can execute arbitrary code. Re-save the '
+          'checkpoint with numeric arrays only.') from e
+    raise CheckpointError(
+        f'{path} is not a readable .npz checkpoint ({e}). ' + hint) from e
+  except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
+    where = f' (while reading {key!r})' if key is not None else ''
+    raise CheckpointError(
+        f'{path} is not a readable .npz checkpoint: truncated or corrupt'
+        f'{where}: {type(e).__name__}: {e}. ' + hint) from e
+  if not flat:
+    raise CheckpointError(f'{path} contains no arrays. ' + hint)
+  return flat
+
+
+def load(path: str) -> dict[str, Any]:
+  """Loads parameters from an `.npz` in any published layout.
+
+  Args:
+    path: Local path or a remote path readable by tf.io.gfile (gs://...).
+
+  Returns:
+    Nested dict of numpy arrays with the parameter names of `vit_jax.models`
+    (Linen numbering, unscanned encoder blocks, 1-D GroupNorm parameters).
+
+  Raises:
+    FileNotFoundError: The file does not exist.
+    CheckpointError: The file is not a readable npz, is truncated, or holds
+      pickled object arrays (never unpickled).
+  """
+  flat = _strip_known_prefix(_read_npz(path))
+  flat = _squeeze_groupnorm(flat)
+  params = to_linen_names(unflatten(flat))
+  return unstack_encoder_blocks(params)
+
+
+def _to_host(x: Any) -> np.ndarray:
+  """Fetches an array to host memory (all-gathering multi-host shards)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  x = np.asarray(jax.device_get(x))
+  # bfloat16 has no portable npz encoding; the published files are float32.
+  if x.dtype.kind == 'V' or x.dtype == jnp.bfloat16:
+    x = x.astype(np.float32)
+  return x
+
+
+def save(params: Params, path: str) -> None:
+  """Saves parameters as an `.npz` in the published gs://vit_models layout.
+
+  The file loads with `load`, with the original vit_jax `checkpoint.load` and
+  with timm. Scanned blocks are unstacked; bfloat16 is stored as float32.
+  The write is atomic: a temporary file is renamed over `path`, so an
+  interrupted save never leaves a truncated checkpoint.
+
+  Args:
+    params: Nested parameter dict (numpy or jax arrays, possibly sharded).
+    path: Destination (local or gs://).
+  """
+  params = to_published_names(unstack_encoder_blocks(_to_dict(params)))
+  flat = {k: _to_host(v) for k, v in flatten(params).items()}
+  directory = os.path.dirname(str(path))
+  tmp = f'{path}.tmp-{os.getpid()}'
+  if _is_remote(path):
+    gfile = _gfile()
+    if directory:
+      gfile.makedirs(directory)
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
+    with gfile.GFile(tmp, 'wb') as f:
+      f.write(buffer.getvalue())
+    gfile.rename(tmp, path, overwrite=True)
+    return
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+  try:
+    with open(tmp, 'wb') as f:
+      np.savez(f, **flat)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------
+# Inspection and fine-tuning surgery.
+# ----------------------------------------------------------------------------
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+  return tuple(getattr(x, 'shape', np.shape(x)))
+
+
+def _format_keys(keys: Sequence[str], limit: int = 20) -> str:
+  keys = sorted(keys)
+  shown = ', '.join(keys[:limit])
+  more = f' ... and {len(keys) - limit} more' if len(keys) > limit else ''
+  return f'[{shown}{more}]'
+
+
+def inspect_params(params: Params, expected: Params, *,
+                   fail_if_extra: bool = True, fail_if_missing: bool = True,
+                   fail_if_shape_mismatch: bool = True) -> Params:
+  """Checks `params` against the tree `expected` (e.g. a model's init).
+
+  Args:
+    params: Parameters to check (e.g. from `load`).
+    expected: Reference tree; leaves may be arrays or `jax.ShapeDtypeStruct`s.
+    fail_if_extra: Raise on keys absent from `expected`.
+    fail_if_missing: Raise on keys of `expected` absent from `params`.
+    fail_if_shape_mismatch: Raise on keys whose shapes differ.
+
+  Returns:
+    `params`, unchanged.
+
+  Raises:
+    CheckpointError: naming every missing, extra and mis-shaped key (with the
+      found and expected shapes).
+  """
+  got, want = flatten(params), flatten(expected)
+  missing = sorted(set(want) - set(got))
+  extra = sorted(set(got) - set(want))
+  mismatched = sorted(k for k in set(got) & set(want)
+                      if _shape(got[k]) != _shape(want[k]))
+  for keys, what in ((missing, 'missing'), (extra, 'extra')):
+    if keys:
+      logging.warning('inspect_params: %d %s keys: %s', len(keys), what,
+                      _format_keys(keys))
+  problems = []
+  if missing and fail_if_missing:
+    problems.append(f'missing keys {_format_keys(missing)}')
+  if extra and fail_if_extra:
+    problems.append(f'unexpected keys {_format_keys(extra)}')
+  if mismatched and fail_if_shape_mismatch:
+    problems.append('shape mismatches ' + '; '.join(
+        f'{k}: found {_shape(got[k])}, expected {_shape(want[k])}'
+        for k in mismatched))
+  if problems:
+    raise CheckpointError(
+        'Parameters do not match the model: ' + '; '.join(problems) +
+        '. Check that the checkpoint was made for this model name and '
+        'options (scan layouts are converted automatically).')
+  return params
+
+
+def _infer_grid(num_tokens: int, what: str) -> tuple[int, int]:
+  side = math.isqrt(num_tokens)
+  if side * side != num_tokens:
+    raise CheckpointError(
+        f'Cannot infer the {what} grid of {num_tokens} position embeddings: '
+        'it is not a square. Pass the grid shape explicitly '
+        '(grid_size=(h, w) / new_grid_size=(h, w)).')
+  return side, side
+
+
+def interpolate_posembed(posemb: np.ndarray, num_tokens: int,
+                         has_class_token: bool, *,
+                         grid_size: tuple[int, int] | None = None,
+                         new_grid_size: tuple[int, int] | None = None,
+                         method: str = 'bilinear') -> np.ndarray:
+  """Resizes position embeddings to a new patch grid (paper §3.2).
+
+  The class-token embedding, if any, is kept as is; the patch embeddings are
+  interpolated in 2-D according to their position in the image.
+
+  Args:
+    posemb: (1, T, D) position embeddings.
+    num_tokens: New sequence length T' (including the class token, if any).
+    has_class_token: Whether the first embedding belongs to a class token.
+    grid_size: (h, w) of the old grid; inferred when square.
+    new_grid_size: (h', w') of the new grid; inferred when square.
+    method: 'bilinear' gives exactly the numbers of the original vit_jax code
+      (`scipy.ndimage.zoom(order=1)`, corner-aligned); 'bicubic' uses
+      half-pixel-centred bicubic interpolation (as timm does).
+
+  Returns:
+    (1, T', D) numpy array.
+
+  Raises:
+    CheckpointError: a grid is not square and was not given, or does not
+      match the token counts; or `method` is unknown.
+  """
+  posemb = np.asarray(posemb)
+  if posemb.ndim != 3 or posemb.shape[0] != 1:
+    raise CheckpointError(
+        f'Position embeddings must be shaped (1, tokens, dim); got '
+        f'{posemb.shape}.')
+  if method not in POSEMB_METHODS:
+    raise CheckpointError(
+        f'Unknown interpolation method {method!r}; use one of '
+        f'{POSEMB_METHODS}.')
+  extra = 1 if has_class_token else 0
+  posemb_tok, posemb_grid = posemb[:, :extra], posemb[0, extra:]
+  old = tuple(grid_size) if grid_size else _infer_grid(
+      len(posemb_grid), 'checkpoint')
+  new = tuple(new_grid_size) if new_grid_size else _infer_grid(
+      num_tokens - extra, 'new')
+  for grid, count, what in ((old, len(posemb_grid), 'checkpoint'),
+                            (new, num_tokens - extra, 'new')):
+    if grid[0] * grid[1] != count:
+      raise CheckpointError(
+          f'The {what} grid {grid} does not hold {count} patch embeddings.')
+  dim = posemb.shape[-1]
+  grid = posemb_grid.reshape(old[0], old[1], dim)
+  if old != new:
+    logging.info('interpolate_posembed: grid %s -> %s (%s)', old, new, method)
+    if method == 'bilinear':
+      import scipy.ndimage  # pylint: disable=g-import-not-at-top
+      zoom = (new[0] / old[0], new[1] / old[1], 1)
+      grid = scipy.ndimage.zoom(grid, zoom, order=1)
+    else:
+      grid = np.asarray(jax.image.resize(
+          jnp.asarray(grid, jnp.float32), (new[0], new[1], dim),
+          method='bicubic', antialias=False)).astype(posemb.dtype)
+  grid = grid.reshape(1, new[0] * new[1], dim)
+  return np.concatenate([posemb_tok, grid], axis=1)
+
+
+def load_pretrained(*, pretrained_path: str, init_params: Params,
+                    model_config: Any,
+                    new_grid_size: tuple[int, int] | None = None,
+                    grid_size: tuple[int, int] | None = None,
+                    posemb_method: str = 'bilinear') -> dict[str, Any]:
+  """Loads a pre-trained checkpoint for fine-tuning (paper §3.2).
+
+  * The head is replaced by its fresh initialisation from `init_params`
+    (zero kernel), whatever its size in the checkpoint.
+  * `pre_logits` is dropped when `model_config` has no representation layer;
+    when it has one the checkpoint lacks, the fresh one is used.
+  * Position embeddings are interpolated to the new patch grid.
+  * Scanned and unscanned layouts are converted to match `init_params`.
+  Every other parameter must be present with the expected shape.
+
+  Args:
+    pretrained_path: Checkpoint path (local or gs://).
+    init_params: Freshly initialised parameters of the model to fine-tune.
+    model_config: The model's config (dict, ConfigDict or module) providing
+      `representation_size` and `classifier`.
+    new_grid_size: Patch grid of the new resolution; needed only when it is
+      not square.
+    grid_size: Patch grid of the checkpoint; needed only when not square.
+    posemb_method: 'bilinear' (the original code's numbers) or 'bicubic'.
+
+  Returns:
+    Nested dict with the structure and dtypes of `init_params`.
+
+  Raises:
+    FileNotFoundError, CheckpointError: unreadable file; missing, extra or
+      mis-shaped keys (listed by name).
+  """
+  restored = flatten(load(pretrained_path))
+  scanned = is_scanned(_to_dict(init_params))
+  expected = flatten(unstack_encoder_blocks(_to_dict(init_params)))
+  has_representation = vit_lib.config_value(
+      model_config, 'representation_size') is not None
+
+  def replaced(key):
+    top = key.split('/', 1)[0]
+    return top == _HEAD or (top == _PRE_LOGITS and has_representation and
+                            not any(k.startswith(_PRE_LOGITS + '/')
+                                    for k in restored))
+
+  dropped = sorted(k for k in restored if k.split('/', 1)[0] in (
+      _HEAD, _PRE_LOGITS) and k not in expected)
+  if dropped:
+    logging.info('load_pretrained: dropping %s', _format_keys(dropped))
+  restored = {k: v for k, v in restored.items() if k not in dropped}
+
+  posemb_key = '/'.join(_POSEMB_PATH)
+  if posemb_key in restored and posemb_key in expected:
+    old, new = _shape(restored[posemb_key]), _shape(expected[posemb_key])
+    if old != new:
+      if old[-1] != new[-1]:
+        raise CheckpointError(
+            f'{pretrained_path}: {posemb_key}: found {old}, expected {new} '
+            '(different hidden size: a checkpoint of another model).')
+      logging.info('load_pretrained: resizing position embeddings %s -> %s',
+                   old, new)
+      restored[posemb_key] = interpolate_posembed(
+          restored[posemb_key], new[1], has_class_token='cls' in expected,
+          grid_size=grid_size, new_grid_size=new_grid_size,
+          method=posemb_method)
+
+  kept = {k: v for k, v in restored.items() if not replaced(k)}
+  fresh = {k: v for k, v in expected.items() if replaced(k)}
+  try:
+    inspect_params(unflatten(kept), unflatten(
+        {k: v for k, v in expected.items() if k not in fresh}))
+  except CheckpointError as e:
+    raise CheckpointError(f'{pretrained_path}: {e}') from None
+
+  out = {}
+  for key, want in expected.items():
+    if key in fresh:
+      out[key] = want
+    else:
+      value = np.asarray(kept[key])
+      dtype = getattr(want, 'dtype', value.dtype)
+      out[key] = value.astype(dtype) if value.dtype != dtype else value
+  params = unflatten(out)
+  return stack_encoder_blocks(params) if scanned else params
