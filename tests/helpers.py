@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 
+from vit_jax import checkpoint
 import vit_jax.models
 
 
@@ -60,3 +61,24 @@ def init_params(model, images, seed=0):
   """Jitted `model.init(...)['params']` (eager init compiles op by op)."""
   return jax.jit(lambda x: model.init(jax.random.key(seed), x, train=False))(
       images)['params']
+
+
+def write_published_npz(params, path, *, prefix='', old_groupnorm=False):
+  """Writes an npz in the gs://vit_models layout, independently of `save`.
+
+  The renaming is spelled out here (pre-Linen numbering inside encoder
+  blocks; old hybrids' GroupNorm parameters as (1, 1, 1, C)).
+  """
+  renames = {'/MultiHeadDotProductAttention_0/': '/MultiHeadDotProductAttention_1/',
+             '/LayerNorm_1/': '/LayerNorm_2/', '/MlpBlock_0/': '/MlpBlock_3/'}
+  flat = {}
+  for key, value in checkpoint.flatten(params).items():
+    value = np.asarray(value)
+    if '/encoderblock_' in key:
+      for old, new in renames.items():
+        key = key.replace(old, new)
+    if old_groupnorm and '/gn' in '/' + key.rsplit('/', 1)[0]:
+      value = value.reshape(1, 1, 1, -1)
+    flat[prefix + key] = value
+  np.savez(path, **flat)
+  return {k[len(prefix):]: v for k, v in flat.items()}
