@@ -427,3 +427,27 @@ def test_config_value_reads_dicts_and_objects():
   assert vit.config_value({'size': 3}, 'size') == 3
   assert vit.config_value(Obj(), 'size') == (2, 2)
   assert vit.config_value(None, 'size', 5) == 5
+
+
+def test_load_pretrained_class_token_checkpoint_into_gap_model(tmp_path):
+  _, _, pretrained = _random_model_params('vit')
+  path = str(tmp_path / 'token.npz')
+  checkpoint.save(pretrained, path)
+  model, size = tiny_model('vit_gap')
+  init = init_params(model, random_images((1, 2 * size, 2 * size, 3)))
+  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init,
+                                      model_config=model)
+  assert 'cls' not in params
+  posemb = params['Transformer']['posembed_input']['pos_embedding']
+  old = pretrained['Transformer']['posembed_input']['pos_embedding']
+  assert posemb.shape == (1, 64, 10)
+  np.testing.assert_array_equal(posemb[0, 0], old[0, 1])  # Corner patch.
+
+  # The reverse has no class-token embedding to start from.
+  gap_path = str(tmp_path / 'gap.npz')
+  checkpoint.save(params, gap_path)
+  token_model, _ = tiny_model('vit')
+  token_init = init_params(token_model, random_images((1, size, size, 3)))
+  with pytest.raises(checkpoint.CheckpointError, match="classifier='gap'"):
+    checkpoint.load_pretrained(pretrained_path=gap_path, init_params=token_init,
+                               model_config=token_model)

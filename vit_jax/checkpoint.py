@@ -521,22 +521,36 @@ def load_pretrained(*, pretrained_path: str, init_params: Params,
   expected = flatten(unstack_encoder_blocks(_to_dict(init_params)))
   has_representation = vit_lib.config_value(
       model_config, 'representation_size') is not None
+  # A representation layer absent from the checkpoint starts fresh.
+  fresh_pre_logits = has_representation and not any(
+      k.startswith(_PRE_LOGITS + '/') for k in restored)
 
   def replaced(key):
     top = key.split('/', 1)[0]
-    return top == _HEAD or (top == _PRE_LOGITS and has_representation and
-                            not any(k.startswith(_PRE_LOGITS + '/')
-                                    for k in restored))
+    return top == _HEAD or (top == _PRE_LOGITS and fresh_pre_logits)
 
-  dropped = sorted(k for k in restored if k.split('/', 1)[0] in (
-      _HEAD, _PRE_LOGITS) and k not in expected)
+  old_has_cls, new_has_cls = 'cls' in restored, 'cls' in expected
+  if old_has_cls and not new_has_cls:
+    # A class-token checkpoint fine-tuned with classifier='gap': the class
+    # token and its position embedding are not used.
+    logging.info('load_pretrained: the model has no class token; dropping '
+                 'the checkpoint\'s class token and its position embedding')
+  dropped = sorted(k for k in restored if k not in expected and (
+      k.split('/', 1)[0] in (_HEAD, _PRE_LOGITS) or k == 'cls'))
   if dropped:
     logging.info('load_pretrained: dropping %s', _format_keys(dropped))
   restored = {k: v for k, v in restored.items() if k not in dropped}
 
   posemb_key = '/'.join(_POSEMB_PATH)
   if posemb_key in restored and posemb_key in expected:
-    old, new = _shape(restored[posemb_key]), _shape(expected[posemb_key])
+    posemb = restored[posemb_key]
+    if old_has_cls and not new_has_cls:
+      posemb = posemb[:, 1:]
+    elif new_has_cls and not old_has_cls:
+      raise CheckpointError(
+          f'{pretrained_path} was trained without a class token but the model '
+          'uses one: fine-tune with classifier=\'gap\' instead.')
+    old, new = _shape(posemb), _shape(expected[posemb_key])
     if old != new:
       if old[-1] != new[-1]:
         raise CheckpointError(
@@ -544,10 +558,10 @@ def load_pretrained(*, pretrained_path: str, init_params: Params,
             '(different hidden size: a checkpoint of another model).')
       logging.info('load_pretrained: resizing position embeddings %s -> %s',
                    old, new)
-      restored[posemb_key] = interpolate_posembed(
-          restored[posemb_key], new[1], has_class_token='cls' in expected,
-          grid_size=grid_size, new_grid_size=new_grid_size,
-          method=posemb_method)
+      posemb = interpolate_posembed(
+          posemb, new[1], has_class_token=new_has_cls, grid_size=grid_size,
+          new_grid_size=new_grid_size, method=posemb_method)
+    restored[posemb_key] = posemb
 
   kept = {k: v for k, v in restored.items() if not replaced(k)}
   fresh = {k: v for k, v in expected.items() if replaced(k)}

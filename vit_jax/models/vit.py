@@ -434,15 +434,8 @@ class VisionTransformer(nn.Module):
     return x
 
 
-def num_tokens(model: VisionTransformer, image_size: tuple[int, int]) -> int:
-  """Sequence length (patches plus class token) for an image size."""
-  sh, sw = model.total_stride
-  grid = (image_size[0] // sh) * (image_size[1] // sw)
-  return int(grid + (model.classifier in ('token', 'token_unpooled')))
-
-
 __all__ = [
     'AddPositionEmbs', 'CLASSIFIERS', 'Encoder', 'Encoder1DBlock', 'MlpBlock',
     'MultiHeadDotProductAttention', 'VisionTransformer', 'config_value',
-    'num_tokens', 'patch_size_of',
+    'patch_size_of',
 ]
