@@ -8,11 +8,15 @@ INSTALL_REQUIRES = [
     'absl-py',
     'clu',
     'flax>=0.10',
+    # tensorflow-datasets needs it for local builders but does not declare it.
+    'importlib_resources',
     'jax>=0.5',
     'ml-collections',
     'numpy',
     'optax',
     'orbax-checkpoint',
+    'pillow',  # Checks image-folder files and names the unreadable ones.
+    'scikit-learn',  # Ships the bundled `digits` dataset.
     'scipy',
     'tensorflow-cpu',
     'tensorflow-datasets',
@@ -25,7 +29,6 @@ DEV_REQUIRES = [
     'nbformat',
     'ipykernel',
     'pytest',
-    'scikit-learn',
 ]
 
 setuptools.setup(

@@ -1,0 +1,481 @@
+"""Tests of the input pipelines: digits, image folders, sharding, resume."""
+
+import collections
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from helpers import init_params
+from vit_jax import input_pipeline
+from vit_jax import sharding
+import vit_jax.models
+
+
+@pytest.fixture(scope='session')
+def tfds_dir(tmp_path_factory):
+  """A tfds data directory with `digits` prepared once per test session."""
+  path = str(tmp_path_factory.mktemp('tfds'))
+  input_pipeline.get_source(ml_collections.ConfigDict(
+      {'dataset': 'digits', 'tfds_data_dir': path}))
+  return path
+
+
+def digits_config(tfds_dir, **overrides):
+  config = ml_collections.ConfigDict({
+      'dataset': 'digits', 'tfds_data_dir': tfds_dir, 'image_size': 8,
+      'batch_size': 32, 'eval_batch_size': 64, 'seed': 0,
+      'shuffle_buffer': 2000})
+  config.update(overrides)
+  return config
+
+
+def make_image_folder(root, *, classes=('cat', 'dog', 'fox'), per_class=7,
+                      split_dirs=False, seed=0):
+  """Writes small, distinct PNG and JPEG images (mixed-case extensions).
+
+  Each class has its own colour, so a tiny model can learn them.
+  """
+  rng = np.random.default_rng(seed)
+  extensions = ('.png', '.PNG', '.jpg', '.JPEG', '.jpeg')
+  colours = [(220, 40, 40), (40, 200, 60), (50, 60, 230), (200, 200, 30)]
+  paths = []
+  for c, name in enumerate(classes):
+    for i in range(per_class):
+      split = ('test' if i % 4 == 0 else 'train') if split_dirs else ''
+      folder = os.path.join(root, split, name)
+      os.makedirs(folder, exist_ok=True)
+      h, w = (20, 24) if i % 2 else (24, 20)
+      noise = rng.integers(-25, 25, size=(h, w, 3))
+      image = np.clip(np.array(colours[c]) + noise, 0, 255).astype(np.uint8)
+      ext = extensions[(c + i) % len(extensions)]
+      path = os.path.join(folder, f'img_{i:03d}{ext}')
+      Image.fromarray(image).save(
+          path, format='PNG' if ext.lower() == '.png' else 'JPEG',
+          quality=95)
+      paths.append(path)
+  return paths
+
+
+def folder_config(root, **overrides):
+  config = ml_collections.ConfigDict({
+      'dataset': 'image_folder', 'image_folder': str(root), 'image_size': 16,
+      'batch_size': 6, 'eval_batch_size': 8, 'seed': 0,
+      'image_folder_test_percent': 30})
+  config.update(overrides)
+  return config
+
+
+def _fingerprints(batches):
+  """Multiset of (label, image hash) of the real (mask = 1) examples."""
+  out = collections.Counter()
+  for batch in batches:
+    images, labels, mask = (np.asarray(batch[k])
+                            for k in ('image', 'labels', 'mask'))
+    for image, label, m in zip(images, labels, mask):
+      if m:
+        out[(int(label.argmax()), hashlib.sha1(image.tobytes()).hexdigest())] += 1
+  return out
+
+
+# ----------------------------------------------------------------------------
+# digits.
+# ----------------------------------------------------------------------------
+
+
+def test_digits_builder_yields_the_documented_split(tfds_dir):
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder('digits', data_dir=tfds_dir)
+  assert builder.info.splits['train'].num_examples == 1497
+  assert builder.info.splits['test'].num_examples == 300
+  digits = datasets.load_digits()
+  expected_images = np.round(digits.images * 255 / 16).astype(np.uint8)
+  for split, indices in (('train', slice(0, 1497)), ('test', slice(1497, None))):
+    examples = list(tfds.as_numpy(builder.as_dataset(split=split)))
+    labels = np.array([e['label'] for e in examples])
+    assert set(labels) == set(range(10))
+    np.testing.assert_array_equal(np.bincount(labels, minlength=10),
+                                  np.bincount(digits.target[indices]))
+    got = sorted(e['image'][..., 0].tobytes() + bytes([e['label']])
+                 for e in examples)
+    want = sorted(i.tobytes() + bytes([int(t)]) for i, t in zip(
+        expected_images[indices], digits.target[indices]))
+    assert got == want
+  assert len(examples[0]['image'].shape) == 3
+
+
+def test_digits_goes_through_the_tfds_code_path(tfds_dir):
+  source = input_pipeline.get_source(digits_config(tfds_dir))
+  assert isinstance(source, input_pipeline.TfdsSource)
+  assert isinstance(source.builder, tfds.core.DatasetBuilder)
+  info = input_pipeline.get_dataset_info(digits_config(tfds_dir))
+  assert (info.num_classes, info.num_train_examples,
+          info.num_eval_examples) == (10, 1497, 300)
+  holdout = input_pipeline.get_dataset_info(
+      digits_config(tfds_dir, eval_split='holdout'))
+  assert holdout.eval_split == 'train[90%:]'
+  assert holdout.num_eval_examples == 150
+
+
+def test_train_batches_are_rgb_in_range_with_one_hot_labels(tfds_dir):
+  batch = next(input_pipeline.train_iterator(
+      digits_config(tfds_dir, image_size=16)))
+  assert batch['image'].shape == (32, 16, 16, 3)
+  assert batch['image'].dtype == np.float32
+  assert -1 <= batch['image'].min() and batch['image'].max() <= 1
+  np.testing.assert_array_equal(batch['image'][..., 0], batch['image'][..., 2])
+  np.testing.assert_array_equal(batch['labels'].sum(1), 1)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation: every example exactly once.
+# ----------------------------------------------------------------------------
+
+
+def _single_pass_fingerprints(config, split):
+  source = input_pipeline.get_source(config)
+  shard = source.shard(split, 0, 1)
+  pp = input_pipeline._preprocess_config(  # pylint: disable=protected-access
+      config, input_pipeline.get_dataset_info(config, source).num_classes)
+  fn = input_pipeline.preprocess.make_preprocess_fn(pp, train=False)
+  examples = list(shard.dataset.map(fn).as_numpy_iterator())
+  return _fingerprints([{
+      'image': np.stack([e['image'] for e in examples]),
+      'labels': np.stack([e['labels'] for e in examples]),
+      'mask': np.ones(len(examples))}])
+
+
+@pytest.mark.parametrize('num_devices', [1, 2, 8])
+def test_eval_yields_each_example_once_on_1_2_8_devices(tfds_dir,
+                                                         num_devices):
+  config = digits_config(tfds_dir, eval_batch_size=8 * 7)
+  mesh = sharding.make_mesh(devices=jax.devices()[:num_devices])
+  ds, num_batches = input_pipeline.eval_dataset(config)
+  batches = list(input_pipeline.prefetch_to_device(
+      ds.as_numpy_iterator(), sharding.batch_sharding(mesh)))
+  assert len(batches) == num_batches == 6  # ceil(300 / 56)
+  assert all(len(b['image'].sharding.device_set) == num_devices
+             for b in batches)
+  assert sum(float(b['mask'].sum()) for b in batches) == 300
+  np.testing.assert_array_equal(np.asarray(batches[-1]['mask'])[-36:], 0)
+  assert _fingerprints(batches) == _single_pass_fingerprints(config, 'test')
+
+
+@pytest.mark.parametrize('kind', ['digits', 'folder'])
+def test_two_processes_read_disjoint_shards_covering_the_data(
+    tfds_dir, tmp_path, kind):
+  if kind == 'digits':
+    config = digits_config(tfds_dir, eval_batch_size=62)
+  else:
+    make_image_folder(tmp_path, per_class=9)
+    config = folder_config(tmp_path, eval_batch_size=4)
+  parts, steps = [], []
+  for index in range(2):
+    ds, n = input_pipeline.eval_dataset(config, process_index=index,
+                                        process_count=2)
+    batches = list(ds.as_numpy_iterator())
+    assert len(batches) == n
+    parts.append(_fingerprints(batches))
+    steps.append(n)
+  assert steps[0] == steps[1]  # Same number of batches on every process.
+  full = _single_pass_fingerprints(config, input_pipeline.get_dataset_info(
+      config).eval_split)
+  assert parts[0] + parts[1] == full
+  if kind == 'folder':  # Unique images: the shards share none.
+    assert not set(parts[0]) & set(parts[1])
+  # Training shards are disjoint too (unique images in the folder case).
+  if kind == 'folder':
+    assert input_pipeline.train_iterator(
+        config, process_index=1, process_count=2).batch_size == 3
+    source = input_pipeline.get_source(config)
+    seen = [{e['image'] for e in source.shard(
+        'train', index, 2).dataset.as_numpy_iterator()} for index in range(2)]
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == source.split_size('train')
+
+
+_WORKER = textwrap.dedent('''
+    import json, os, sys
+    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+    import jax
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address='127.0.0.1:' + sys.argv[1],
+                               num_processes=2, process_id=int(sys.argv[2]))
+    import ml_collections
+    import numpy as np
+    from vit_jax import input_pipeline, sharding
+    config = ml_collections.ConfigDict(json.loads(sys.argv[3]))
+    mesh = sharding.make_mesh()
+    batch_sharding = sharding.batch_sharding(mesh)
+    ds, num_batches = input_pipeline.eval_dataset(config)
+
+    @jax.jit
+    def stats(batch):
+      mask = batch['mask']
+      return (mask.sum(), (batch['labels'] * mask[:, None]).sum(0),
+              (batch['image'].sum((1, 2, 3)) * mask).sum())
+
+    total, counts, checksum = 0.0, np.zeros(10), 0.0
+    for batch in input_pipeline.prefetch_to_device(ds.as_numpy_iterator(),
+                                                   batch_sharding):
+      assert batch['image'].shape[0] == config.eval_batch_size
+      m, c, s = stats(batch)
+      total, counts, checksum = total + float(m), counts + np.asarray(c), (
+          checksum + float(s))
+    train = next(input_pipeline.prefetch_to_device(
+        input_pipeline.train_iterator(config), batch_sharding))
+    print('RESULT ' + json.dumps({
+        'devices': jax.device_count(), 'num_batches': num_batches,
+        'total': total, 'counts': counts.tolist(), 'checksum': checksum,
+        'train_shape': list(train['image'].shape)}))
+    jax.distributed.shutdown()
+''')
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_eval_exactly_once_with_two_jax_processes(tfds_dir, tmp_path):
+  config = digits_config(tfds_dir, eval_batch_size=64, batch_size=16)
+  worker = tmp_path / 'worker.py'
+  worker.write_text(_WORKER)
+  port = str(_free_port())
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  procs = [subprocess.Popen(
+      [sys.executable, str(worker), port, str(i), config.to_json()],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for i in range(2)]
+  results = []
+  for proc in procs:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    line = [l for l in out.splitlines() if l.startswith('RESULT ')][-1]
+    results.append(json.loads(line[len('RESULT '):]))
+  expected = _single_pass_fingerprints(config, 'test')
+  labels = collections.Counter(label for label, _ in expected.elements())
+  for result in results:
+    assert result['devices'] == 8
+    assert result['num_batches'] == 5  # ceil(150 per process / 32)
+    assert result['total'] == 300
+    assert result['counts'] == [labels[i] for i in range(10)]
+    assert result['train_shape'] == [16, 8, 8, 3]
+  assert results[0]['checksum'] == pytest.approx(results[1]['checksum'])
+  ds, _ = input_pipeline.eval_dataset(config, process_index=0,
+                                      process_count=1)
+  single = sum(float((b['image'].sum((1, 2, 3)) * b['mask']).sum())
+               for b in ds.as_numpy_iterator())
+  assert results[0]['checksum'] == pytest.approx(single, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Resume.
+# ----------------------------------------------------------------------------
+
+
+def test_restored_iterator_continues_with_the_same_next_batch(tmp_path):
+  make_image_folder(tmp_path, per_class=7)  # 15 train images, batch 6.
+  config = folder_config(tmp_path)  # Inception crop and flips are on.
+  it = input_pipeline.train_iterator(config)
+  states, batches = [], []
+  for _ in range(8):  # More than 3 epochs.
+    states.append(it.get_state())
+    batches.append(next(it))
+  assert states[-1] == {'position': 42}
+  for k in (1, 2, 5, 7):  # Mid-epoch and across epoch boundaries.
+    restored = input_pipeline.train_iterator(config, state=states[k])
+    for expected in batches[k:k + 2]:
+      got = next(restored)
+      np.testing.assert_array_equal(got['image'], expected['image'])
+      np.testing.assert_array_equal(got['labels'], expected['labels'])
+  # Each epoch is a new permutation; a new seed gives another stream.
+  assert not np.array_equal(batches[0]['image'], batches[3]['image'][:6])
+  other = next(input_pipeline.train_iterator(folder_config(tmp_path, seed=1)))
+  assert not np.array_equal(other['image'], batches[0]['image'])
+
+
+# ----------------------------------------------------------------------------
+# Image folders.
+# ----------------------------------------------------------------------------
+
+
+def test_image_folder_automatic_split_and_class_names(tmp_path):
+  make_image_folder(tmp_path, per_class=10)
+  config = folder_config(tmp_path)
+  info = input_pipeline.get_dataset_info(config)
+  assert info.class_names == ('cat', 'dog', 'fox')
+  assert (info.num_train_examples, info.num_eval_examples) == (21, 9)
+  again = input_pipeline.get_source(config)
+  assert again.files == input_pipeline.get_source(config).files
+  path = input_pipeline.write_class_names(str(tmp_path / 'run'), info)
+  assert json.load(open(path))['class_names'] == ['cat', 'dog', 'fox']
+
+
+def test_image_folder_with_train_and_test_folders(tmp_path):
+  make_image_folder(tmp_path, per_class=8, split_dirs=True)
+  info = input_pipeline.get_dataset_info(folder_config(tmp_path))
+  assert (info.num_train_examples, info.num_eval_examples) == (18, 6)
+
+
+def test_image_folder_trains_and_evaluates(tmp_path):
+  make_image_folder(tmp_path, per_class=12)
+  config = folder_config(tmp_path, batch_size=24, eval_batch_size=16,
+                         image_size=16)
+  mesh = sharding.make_mesh()  # 8 devices, data parallel.
+  batch_sharding = sharding.batch_sharding(mesh)
+  model = vit_jax.models.get_model(
+      'testing', num_classes=3, patches={'size': (4, 4)},
+      transformer={'dropout_rate': 0.0})
+  params = init_params(model, np.zeros((1, 16, 16, 3), np.float32))
+  tx = optax.sgd(0.3, momentum=0.9)
+  opt_state = tx.init(params)
+
+  def loss_fn(p, batch):
+    logits = model.apply({'params': p}, batch['image'], train=False)
+    return optax.softmax_cross_entropy(logits, batch['labels']).mean()
+
+  @jax.jit
+  def step(p, o, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(p, batch)
+    updates, o = tx.update(grads, o)
+    return optax.apply_updates(p, updates), o, loss
+
+  losses = []
+  train = input_pipeline.prefetch_to_device(
+      input_pipeline.train_iterator(config), batch_sharding)
+  for _ in range(40):
+    params, opt_state, loss = step(params, opt_state, next(train))
+    losses.append(float(loss))
+  assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+  @jax.jit
+  def correct(p, batch):
+    logits = model.apply({'params': p}, batch['image'], train=False)
+    hit = jnp.take_along_axis(batch['labels'], logits.argmax(-1)[:, None], 1)
+    return (hit[:, 0] * batch['mask']).sum(), batch['mask'].sum()
+
+  ds, _ = input_pipeline.eval_dataset(config)
+  hits = count = 0.0
+  for batch in input_pipeline.prefetch_to_device(ds.as_numpy_iterator(),
+                                                 batch_sharding):
+    h, c = correct(params, batch)
+    hits, count = hits + float(h), count + float(c)
+  assert count == 9  # 30% of 12 images per class are test images.
+  assert hits / count >= 0.75
+
+
+# ----------------------------------------------------------------------------
+# Errors.
+# ----------------------------------------------------------------------------
+
+
+def test_unknown_dataset_lists_what_is_accepted(tfds_dir):
+  with pytest.raises(ValueError, match="Unknown dataset 'cifar11'.*cifar10.*"
+                     "digits.*'image_folder'.*tensorflow-datasets"):
+    input_pipeline.get_source(digits_config(tfds_dir, dataset='cifar11'))
+
+
+def test_unprepared_tfds_dataset_without_network(tmp_path, monkeypatch):
+  config = ml_collections.ConfigDict({
+      'dataset': 'cifar10', 'tfds_data_dir': str(tmp_path)})
+  with pytest.raises(input_pipeline.DatasetNotPreparedError,
+                     match=r"'cifar10' is not prepared in .*tfds build cifar10 "
+                     r'--data_dir=.*tfds_download=True'):
+    input_pipeline.get_source(config)
+
+  def no_network(self, *args, **kwargs):
+    raise ConnectionError('Failed to resolve storage.googleapis.com')
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
+                      no_network)
+  config.tfds_download = True
+  with pytest.raises(input_pipeline.DatasetNotPreparedError,
+                     match='downloading it failed.*ConnectionError.*tfds build'):
+    input_pipeline.get_source(config)
+
+
+def test_empty_folder(tmp_path):
+  with pytest.raises(ValueError, match='has no class sub-folders'):
+    input_pipeline.get_source(folder_config(tmp_path))
+
+
+def test_class_folder_without_images(tmp_path):
+  make_image_folder(tmp_path)
+  os.makedirs(tmp_path / 'empty_class')
+  (tmp_path / 'empty_class' / 'readme.txt').write_text('no images here')
+  with pytest.raises(ValueError, match='empty_class contains no images'):
+    input_pipeline.get_source(folder_config(tmp_path))
+
+
+def test_folder_with_one_class(tmp_path):
+  make_image_folder(tmp_path, classes=('only',))
+  with pytest.raises(ValueError, match='1 class folder.*at least 2'):
+    input_pipeline.get_source(folder_config(tmp_path))
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path):
+  paths = make_image_folder(tmp_path)
+  bad = paths[3]
+  data = open(bad, 'rb').read()
+  open(bad, 'wb').write(data[:len(data) // 3])
+  (tmp_path / 'dog' / 'notes.JPG').write_text('not an image')
+  with pytest.raises(input_pipeline.BadImageError) as e:
+    input_pipeline.get_source(folder_config(tmp_path))
+  assert os.path.basename(bad) in str(e.value) or 'notes.JPG' in str(e.value)
+  assert '2 unreadable' in str(e.value)
+  assert 'skip_bad_images=True' in str(e.value)
+  source = input_pipeline.get_source(folder_config(tmp_path,
+                                                   skip_bad_images=True))
+  assert source.num_skipped == 2
+  assert source.split_size('train') + source.split_size('test') == 21 - 1
+  batch = next(input_pipeline.train_iterator(
+      folder_config(tmp_path, skip_bad_images=True), source=source))
+  assert batch['image'].shape == (6, 16, 16, 3)
+
+
+def test_batch_not_divisible_by_processes_or_devices(tfds_dir):
+  with pytest.raises(ValueError, match=r'config.batch_size=33 must be a '
+                     'positive multiple of the 2 JAX processes'):
+    input_pipeline.train_iterator(digits_config(tfds_dir, batch_size=33),
+                                  process_index=0, process_count=2)
+  mesh = sharding.make_mesh()
+  with pytest.raises(ValueError, match=r'config.batch_size=12 is not '
+                     r'divisible by the 8 devices.*e.g. 16'):
+    sharding.check_batch_size(12, mesh)
+  assert sharding.check_batch_size(16, mesh) == 16
+
+
+def test_image_size_smaller_than_patch_size(tfds_dir):
+  with pytest.raises(ValueError, match='config.image_size=8 is smaller than '
+                     'the patch size 16 of ViT-B_16'):
+    input_pipeline.train_iterator(
+        digits_config(tfds_dir, image_size=8, model_name='ViT-B_16'))
+  with pytest.raises(ValueError, match='not a multiple of the total stride '
+                     '16 of R50'):
+    input_pipeline.eval_dataset(
+        digits_config(tfds_dir, image_size=40, model_name='R50+ViT-B_16'))
+
+
+def test_mesh_config_that_does_not_fit_the_devices():
+  with pytest.raises(ValueError, match=r'needs a multiple of 3 devices but 8'):
+    sharding.make_mesh((('data', -1), ('fsdp', 3)))
+  with pytest.raises(ValueError, match='covers 4 devices but 8'):
+    sharding.make_mesh((('data', 2), ('fsdp', 2)))
+  mesh = sharding.make_mesh((('data', -1), ('fsdp', 2)))
+  assert dict(mesh.shape) == {'data': 4, 'fsdp': 2}

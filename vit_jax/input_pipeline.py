@@ -1,0 +1,592 @@
+"""Input pipelines: tfds datasets, image folders and the bundled `digits`.
+
+Selected by `config.dataset`:
+  * any tensorflow-datasets name (`cifar10`, `imagenet2012`, ...), read from
+    `config.tfds_data_dir`; `DATASET_PRESETS` give the number of classes and
+    the train / test / held-out splits of the paper's datasets;
+  * `digits`: scikit-learn's handwritten digits, a local tfds builder (the
+    same code path as any tfds dataset, prepared on first use, no network);
+  * `image_folder`: `config.image_folder` holds one sub-folder per class (or
+    `train/` and `test/` folders that do), with .jpg/.jpeg/.png files.
+
+Config fields read here (all optional except `dataset`, `image_size` and
+`batch_size`): `tfds_data_dir`, `tfds_download`, `train_split`, `eval_split`
+('holdout' selects the preset's held-out slice), `num_classes`,
+`eval_batch_size`, `shuffle_buffer`, `seed`, `pp` (see
+`preprocess.PreprocessConfig`), `image_folder`, `image_folder_test_percent`,
+`skip_bad_images`, `model_name` (to check the image size).
+
+Multi-process: each JAX process reads a disjoint shard (an even split of the
+tfds split, or every n-th file) and produces its part of the global batch,
+which `prefetch_to_device` assembles into global `jax.Array`s.
+
+Resumable order: epoch `e` is shuffled with a seed derived from
+(`config.seed`, e) and every example's augmentation is seeded by (seed,
+process, e, index), so the stream of batches is a pure function of the
+config. A `TrainIterator`'s state is therefore one integer, the number of
+examples it has produced; restoring rebuilds the stream at that position.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import itertools
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vit_jax import preprocess
+from vit_jax import sharding as sharding_lib
+from vit_jax import datasets as local_datasets
+
+IMAGE_FOLDER = 'image_folder'
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+CLASS_NAMES_FILE = 'class_names.json'
+_MAX_EPOCHS = 2**40
+
+# Per-dataset defaults: classes, splits (`holdout` is the paper's held-out
+# slice of train for hyper-parameter sweeps; `train` excludes it) and
+# preprocessing overrides.
+DATASET_PRESETS: dict[str, dict[str, Any]] = {
+    'digits': dict(num_classes=10, train='train', test='test',
+                   holdout='train[90%:]',
+                   pp=dict(inception_crop=False, flip=False)),
+    'cifar10': dict(num_classes=10, train='train[:98%]', test='test',
+                    holdout='train[98%:]'),
+    'cifar100': dict(num_classes=100, train='train[:98%]', test='test',
+                     holdout='train[98%:]'),
+    'imagenet2012': dict(num_classes=1000, train='train[:99%]',
+                         test='validation', holdout='train[99%:]'),
+    'oxford_iiit_pet': dict(num_classes=37, train='train[:90%]', test='test',
+                            holdout='train[90%:]'),
+    'oxford_flowers102': dict(num_classes=102, train='train[:90%]',
+                              test='test', holdout='train[90%:]'),
+}
+
+
+class DatasetNotPreparedError(RuntimeError):
+  """A tfds dataset has no prepared files and cannot be prepared here."""
+
+
+class BadImageError(ValueError):
+  """An image file that cannot be decoded."""
+
+
+def _get(config: Any, name: str, default: Any = None) -> Any:
+  value = config.get(name, default) if hasattr(config, 'get') else getattr(
+      config, name, default)
+  return default if value is None else value
+
+
+# ----------------------------------------------------------------------------
+# Sources: encoded images + integer labels, one shard per process.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Shard:
+  """One process's part of a split.
+
+  Attributes:
+    dataset: Deterministic tf.data stream of {'image': encoded bytes,
+      'label': int64}.
+    num_examples: Examples in this shard.
+    max_num_examples: Examples in the largest shard of any process (eval
+      pads every process to the same number of batches).
+  """
+  dataset: tf.data.Dataset
+  num_examples: int
+  max_num_examples: int
+
+
+class TfdsSource:
+  """A tensorflow-datasets dataset (catalogue or local builder)."""
+
+  def __init__(self, name: str, data_dir: str | None, download: bool):
+    self.name = name
+    try:
+      self.builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ValueError(
+          f'Unknown dataset {name!r} (config.dataset). Accepted: '
+          f'{", ".join(sorted(DATASET_PRESETS))}, {IMAGE_FOLDER!r} (with '
+          'config.image_folder), or any tensorflow-datasets name '
+          '(tfds.list_builders()).') from e
+    if not self.builder.is_prepared():
+      self._prepare(download)
+    keys = self.builder.info.supervised_keys or ('image', 'label')
+    self.image_key, self.label_key = keys[0], keys[1]
+    label = self.builder.info.features[self.label_key]
+    self.class_names = tuple(getattr(label, 'names', None) or ())
+    self.num_classes = getattr(label, 'num_classes', None)
+
+  def _prepare(self, download: bool) -> None:
+    data_dir = os.path.dirname(os.path.dirname(self.builder.data_dir))
+    if self.name in local_datasets.LOCAL_BUILDERS:
+      local_datasets.prepare_local_builder(self.builder)
+      return
+    how = (f'Prepare it on a machine with network access (`tfds build '
+           f'{self.name} --data_dir={data_dir}`), copy {data_dir}/{self.name} '
+           'here and point config.tfds_data_dir at it')
+    if not download:
+      raise DatasetNotPreparedError(
+          f'tfds dataset {self.name!r} is not prepared in {data_dir}. {how}; '
+          'or set config.tfds_download=True to download it now (needs '
+          'network access; some datasets, e.g. imagenet2012, need a manual '
+          'download first).')
+    try:
+      self.builder.download_and_prepare()
+    except Exception as e:  # pylint: disable=broad-except
+      raise DatasetNotPreparedError(
+          f'tfds dataset {self.name!r} is not prepared in {data_dir} and '
+          f'downloading it failed ({type(e).__name__}: {e}). Without network '
+          f'access: {how}.') from e
+
+  def split_size(self, split: str) -> int:
+    return self.builder.info.splits[split].num_examples
+
+  def shard(self, split: str, process_index: int, process_count: int) -> Shard:
+    parts = tfds.even_splits(split, n=process_count)
+    sizes = [self.split_size(p) for p in parts]
+    ds = self.builder.as_dataset(
+        split=parts[process_index], shuffle_files=False,
+        decoders={self.image_key: tfds.decode.SkipDecoding()},
+        # The pipeline re-reads the files every epoch; tfds' automatic
+        # in-memory cache would only warn when an iterator stops early.
+        read_config=tfds.ReadConfig(try_autocache=False))
+    ds = ds.map(lambda f: {'image': f[self.image_key],
+                           'label': tf.cast(f[self.label_key], tf.int64)})
+    return Shard(ds, sizes[process_index], max(sizes))
+
+
+def _check_image(path: str) -> str | None:
+  """Returns None if `path` decodes, else the reason."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as image:
+      image.load()
+    return None
+  except Exception as e:  # pylint: disable=broad-except
+    return f'{type(e).__name__}: {e}'
+
+
+class ImageFolderSource:
+  """Images in one sub-folder per class (optionally under train/ and test/).
+
+  Without train/ and test/ folders the split is automatic and deterministic:
+  in each class, evenly spaced files (by sorted name) form the test split,
+  `test_percent` percent of them.
+  """
+
+  def __init__(self, root: str, *, test_percent: int = 10,
+               skip_bad_images: bool = False):
+    if not root:
+      raise ValueError("config.dataset='image_folder' needs "
+                       'config.image_folder (a directory path).')
+    if not os.path.isdir(root):
+      raise FileNotFoundError(f'config.image_folder={root!r} is not a '
+                              'directory.')
+    self.root = root
+    self.skip_bad_images = skip_bad_images
+    self.num_skipped = 0  # Unreadable files left out (skip_bad_images).
+    split_dirs = {s: os.path.join(root, s) for s in ('train', 'test')}
+    if all(os.path.isdir(d) for d in split_dirs.values()):
+      files = {s: self._scan(d) for s, d in split_dirs.items()}
+      names = sorted(files['train'])
+      extra = sorted(set(files['test']) - set(names))
+      if extra:
+        raise ValueError(f'{split_dirs["test"]} has classes {extra} that '
+                         f'{split_dirs["train"]} lacks.')
+      self.files = {s: [(p, names.index(c)) for c, ps in f.items() for p in ps]
+                    for s, f in files.items()}
+    else:
+      per_class = self._scan(root)
+      names = sorted(per_class)
+      self.files = {'train': [], 'test': []}
+      for label, name in enumerate(names):
+        for i, path in enumerate(per_class[name]):
+          is_test = (i + 1) * test_percent // 100 > i * test_percent // 100
+          self.files['test' if is_test else 'train'].append((path, label))
+    self.class_names = tuple(names)
+    self.num_classes = len(names)
+    if self.num_classes < 2:
+      raise ValueError(
+          f'{root} has {self.num_classes} class folder(s) ({names}); a '
+          'classifier needs at least 2: add one sub-folder of images per '
+          'class.')
+    readable = self._readable({p for f in self.files.values() for p, _ in f})
+    self.files = {split: sorted(f for f in files if f[0] in readable)
+                  for split, files in self.files.items()}
+
+  @staticmethod
+  def _scan(directory: str) -> dict[str, list[str]]:
+    classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+    if not classes:
+      raise ValueError(
+          f'{directory} has no class sub-folders: put the images of each '
+          f'class in {directory}/<class name>/ (.jpg, .jpeg or .png).')
+    files = {}
+    for name in classes:
+      folder = os.path.join(directory, name)
+      files[name] = sorted(
+          os.path.join(folder, f) for f in os.listdir(folder)
+          if f.lower().endswith(IMAGE_EXTENSIONS))
+      if not files[name]:
+        raise ValueError(
+            f'Class folder {folder} contains no images (.jpg, .jpeg, .png in '
+            'any letter case): add images or remove the folder.')
+    return files
+
+  def _readable(self, paths: set[str]) -> set[str]:
+    """Returns the paths that decode; raises on others unless skipping."""
+    # Decode every file once up front, so that a bad file is named here
+    # rather than failing deep inside tf.data without its path.
+    paths = sorted(paths)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      errors = list(pool.map(_check_image, paths))
+    bad = [(p, e) for p, e in zip(paths, errors) if e is not None]
+    if bad and not self.skip_bad_images:
+      path, error = bad[0]
+      raise BadImageError(
+          f'Cannot decode image {path} ({error}); {len(bad)} unreadable '
+          'file(s) in all. Remove or replace it, or set '
+          'config.skip_bad_images=True to skip unreadable files.')
+    if bad:
+      self.num_skipped = len(bad)
+      logging.warning('Skipping %d unreadable image(s), e.g. %s', len(bad),
+                      [p for p, _ in bad[:5]])
+    return {p for p, e in zip(paths, errors) if e is None}
+
+  def split_size(self, split: str) -> int:
+    return len(self._files(split))
+
+  def _files(self, split: str) -> list[tuple[str, int]]:
+    if split not in self.files:
+      raise ValueError(f"Image folders have splits 'train' and 'test', not "
+                       f'{split!r} (config.train_split / eval_split).')
+    return self.files[split]
+
+  def shard(self, split: str, process_index: int, process_count: int) -> Shard:
+    files = self._files(split)
+    mine = files[process_index::process_count]
+    if not mine:
+      raise ValueError(
+          f'{self.root} split {split!r} has {len(files)} images, fewer than '
+          f'the {process_count} processes.')
+    paths, labels = zip(*mine)
+    ds = tf.data.Dataset.from_tensor_slices(
+        {'path': list(paths), 'label': np.asarray(labels, np.int64)})
+    ds = ds.map(lambda f: {'image': tf.io.read_file(f['path']),
+                           'label': f['label']})
+    return Shard(ds, len(mine), math.ceil(len(files) / process_count))
+
+
+# ----------------------------------------------------------------------------
+# Dataset description.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What training needs to know about the configured dataset.
+
+  Attributes:
+    name: `config.dataset`.
+    num_classes: Number of classes.
+    class_names: Label index -> class name (may be empty for tfds datasets
+      without names).
+    train_split: Split used for training.
+    eval_split: Split used for evaluation.
+    num_train_examples: Examples in the train split (all processes).
+    num_eval_examples: Examples in the eval split (all processes).
+  """
+  name: str
+  num_classes: int
+  class_names: tuple[str, ...]
+  train_split: str
+  eval_split: str
+  num_train_examples: int
+  num_eval_examples: int
+
+
+def get_source(config: Any) -> TfdsSource | ImageFolderSource:
+  """Returns the data source named by `config.dataset`."""
+  name = _get(config, 'dataset')
+  if not name:
+    raise ValueError('config.dataset is not set: use a tfds name, '
+                     f"'digits' or {IMAGE_FOLDER!r}.")
+  if name == IMAGE_FOLDER:
+    return ImageFolderSource(
+        _get(config, 'image_folder'),
+        test_percent=_get(config, 'image_folder_test_percent', 10),
+        skip_bad_images=_get(config, 'skip_bad_images', False))
+  return TfdsSource(name, _get(config, 'tfds_data_dir'),
+                    _get(config, 'tfds_download', False))
+
+
+def _splits(config: Any) -> tuple[str, str]:
+  preset = DATASET_PRESETS.get(_get(config, 'dataset'), {})
+  train = _get(config, 'train_split', preset.get('train', 'train'))
+  evaluation = _get(config, 'eval_split', preset.get('test', 'test'))
+  if evaluation == 'holdout':
+    if 'holdout' not in preset:
+      raise ValueError(
+          f"config.eval_split='holdout' needs a preset with a held-out "
+          f'slice; {config.dataset!r} has none: give the split explicitly, '
+          "e.g. 'train[98%:]' (and train_split='train[:98%]').")
+    evaluation = preset['holdout']
+  return train, evaluation
+
+
+def get_dataset_info(config: Any, source: Any = None) -> DatasetInfo:
+  """Describes the configured dataset (classes, splits, sizes)."""
+  source = source or get_source(config)
+  preset = DATASET_PRESETS.get(config.dataset, {})
+  num_classes = _get(config, 'num_classes', preset.get('num_classes')) or (
+      source.num_classes)
+  if not num_classes:
+    raise ValueError(f'Cannot tell the number of classes of '
+                     f'{config.dataset!r}: set config.num_classes.')
+  train, evaluation = _splits(config)
+  return DatasetInfo(
+      name=config.dataset, num_classes=int(num_classes),
+      class_names=tuple(source.class_names), train_split=train,
+      eval_split=evaluation, num_train_examples=source.split_size(train),
+      num_eval_examples=source.split_size(evaluation))
+
+
+def write_class_names(workdir: str, info: DatasetInfo) -> str | None:
+  """Writes `class_names.json` (index -> name) into the run directory.
+
+  Only process 0 writes, atomically. Returns the path, or None elsewhere.
+  """
+  if jax.process_index() != 0:
+    return None
+  path = os.path.join(workdir, CLASS_NAMES_FILE)
+  tf.io.gfile.makedirs(workdir)
+  tmp = path + '.tmp'
+  with tf.io.gfile.GFile(tmp, 'w') as f:
+    json.dump({'dataset': info.name, 'class_names': list(info.class_names)},
+              f, indent=1)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+  return path
+
+
+def check_image_size(config: Any) -> None:
+  """Raises if `config.image_size` does not fit `config.model_name`."""
+  image_size, name = _get(config, 'image_size'), _get(config, 'model_name')
+  if not image_size or image_size <= 0:
+    raise ValueError(f'config.image_size={image_size!r} must be a positive '
+                     'number of pixels.')
+  if not name:
+    return
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import resnet, vit  # pylint: disable=g-import-not-at-top
+  model_config = models.get_config(name)
+  ph, _ = vit.patch_size_of(model_config['patches'])
+  stride = ph * resnet.total_stride(model_config.get('resnet'))
+  kind = 'patch size' if 'resnet' not in model_config else 'total stride'
+  if image_size < stride:
+    raise ValueError(
+        f'config.image_size={image_size} is smaller than the {kind} {stride} '
+        f'of {name}: use at least {stride} (a multiple of it).')
+  if image_size % stride:
+    raise ValueError(
+        f'config.image_size={image_size} is not a multiple of the {kind} '
+        f'{stride} of {name}: use e.g. {image_size // stride * stride}.')
+
+
+def _preprocess_config(config: Any, num_classes: int
+                       ) -> preprocess.PreprocessConfig:
+  preset = DATASET_PRESETS.get(config.dataset, {}).get('pp', {})
+  pp = dict(preset)
+  if _get(config, 'pp') is not None:
+    pp.update(dict(config.pp.items()))
+  return preprocess.PreprocessConfig.from_config(
+      pp, image_size=config.image_size, num_classes=num_classes)
+
+
+def _local_batch_size(global_batch: int, process_count: int,
+                      what: str) -> int:
+  if global_batch <= 0 or global_batch % process_count:
+    raise ValueError(
+        f'{what}={global_batch} must be a positive multiple of the '
+        f'{process_count} JAX processes.')
+  return global_batch // process_count
+
+
+def _process(process_index: int | None, process_count: int | None):
+  return (jax.process_index() if process_index is None else process_index,
+          jax.process_count() if process_count is None else process_count)
+
+
+# ----------------------------------------------------------------------------
+# Training stream.
+# ----------------------------------------------------------------------------
+
+
+class TrainIterator(Iterator[dict[str, np.ndarray]]):
+  """Endless iterator of this process's training batches (numpy).
+
+  Its state is `position`, the number of examples produced so far; an
+  iterator built with `position=p` yields exactly what the original yielded
+  after `p` examples.
+  """
+
+  def __init__(self, config: Any, *, position: int = 0,
+               process_index: int | None = None,
+               process_count: int | None = None, source: Any = None):
+    check_image_size(config)
+    process_index, process_count = _process(process_index, process_count)
+    source = source or get_source(config)
+    self.info = get_dataset_info(config, source)
+    self.batch_size = _local_batch_size(config.batch_size, process_count,
+                                        'config.batch_size')
+    shard = source.shard(self.info.train_split, process_index, process_count)
+    if shard.num_examples < self.batch_size:
+      logging.warning('The training shard has %d examples, fewer than the '
+                      'local batch of %d.', shard.num_examples,
+                      self.batch_size)
+    self.position = int(position)
+    pp = _preprocess_config(config, self.info.num_classes)
+    seed = int(_get(config, 'seed', 0))
+    buffer = int(_get(config, 'shuffle_buffer', 50_000))
+    self._dataset = _train_dataset(
+        shard, pp, seed=seed, process_index=process_index,
+        shuffle_buffer=buffer, batch_size=self.batch_size,
+        start=self.position)
+    self._iterator = iter(self._dataset.as_numpy_iterator())
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._iterator)
+    self.position += self.batch_size
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    """JSON-serialisable state to store with a checkpoint."""
+    return {'position': self.position}
+
+
+def _train_dataset(shard: Shard, pp: preprocess.PreprocessConfig, *,
+                   seed: int, process_index: int, shuffle_buffer: int,
+                   batch_size: int, start: int) -> tf.data.Dataset:
+  n = shard.num_examples
+  first_epoch, offset = divmod(start, n)
+  indexed = shard.dataset.enumerate()
+  base_seed = tf.random.experimental.stateless_fold_in(
+      tf.constant([seed, 0], tf.int64), process_index)
+
+  def epoch(e):
+    epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, e)
+    # Shuffle encoded records (cheap to buffer) with a per-epoch seed.
+    shuffled = indexed.shuffle(
+        min(shuffle_buffer, n),
+        seed=tf.bitwise.bitwise_xor(epoch_seed[0], epoch_seed[1]),
+        reshuffle_each_iteration=False)
+    return shuffled.map(lambda i, f: {
+        **f, 'seed': tf.random.experimental.stateless_fold_in(epoch_seed, i)})
+
+  ds = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch)
+  ds = ds.skip(offset)
+  ds = ds.map(preprocess.make_preprocess_fn(pp, train=True),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def train_iterator(config: Any, *, state: Mapping[str, int] | None = None,
+                   **kwargs) -> TrainIterator:
+  """Builds the training iterator, resuming from `state` if given."""
+  return TrainIterator(config, position=(state or {}).get('position', 0),
+                       **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation.
+# ----------------------------------------------------------------------------
+
+
+def eval_dataset(config: Any, split: str | None = None, *,
+                 process_index: int | None = None,
+                 process_count: int | None = None,
+                 source: Any = None) -> tuple[tf.data.Dataset, int]:
+  """This process's evaluation batches, every example exactly once.
+
+  Every process yields the same number of batches (collectives need it): the
+  last ones are padded with zero images whose `mask` is 0; real examples have
+  `mask` 1.
+
+  Args:
+    config: Experiment config.
+    split: Split to evaluate (default: the config's eval split).
+    process_index: Defaults to `jax.process_index()`.
+    process_count: Defaults to `jax.process_count()`.
+    source: A source from `get_source(config)`, to avoid rebuilding it.
+
+  Returns:
+    (dataset of {'image', 'labels', 'mask'} numpy-able batches, num_batches).
+  """
+  check_image_size(config)
+  process_index, process_count = _process(process_index, process_count)
+  source = source or get_source(config)
+  info = get_dataset_info(config, source)
+  split = split or info.eval_split
+  batch_size = _local_batch_size(
+      _get(config, 'eval_batch_size', config.batch_size), process_count,
+      'config.eval_batch_size')
+  shard = source.shard(split, process_index, process_count)
+  num_batches = math.ceil(shard.max_num_examples / batch_size)
+  pp = _preprocess_config(config, info.num_classes)
+  fn = preprocess.make_preprocess_fn(pp, train=False)
+  ds = shard.dataset.map(lambda f: {**fn(f), 'mask': tf.constant(1.0)},
+                         num_parallel_calls=tf.data.AUTOTUNE,
+                         deterministic=True)
+  padding = num_batches * batch_size - shard.num_examples
+  if padding:
+    size = pp.image_size
+    ds = ds.concatenate(tf.data.Dataset.from_tensors({
+        'image': tf.zeros([size, size, 3], tf.float32),
+        'labels': tf.zeros([info.num_classes], tf.float32),
+        'mask': tf.constant(0.0)}).repeat(padding))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE), num_batches
+
+
+# ----------------------------------------------------------------------------
+# Device side.
+# ----------------------------------------------------------------------------
+
+
+def prefetch_to_device(batches: Iterator[Any], sharding: Any,
+                       size: int = 2) -> Iterator[Any]:
+  """Turns local numpy batches into global `jax.Array`s, `size` ahead.
+
+  Transfers are asynchronous, so keeping `size` batches in flight overlaps
+  the host->device copy of the next batches with the current step.
+
+  Args:
+    batches: Iterator of this process's numpy batches.
+    sharding: Batch sharding, e.g. `sharding.batch_sharding(mesh)`.
+    size: Batches in flight.
+
+  Yields:
+    Pytrees of global arrays.
+  """
+  queue = collections.deque()
+
+  def enqueue(n):
+    for batch in itertools.islice(batches, n):
+      queue.append(sharding_lib.make_global_batch(batch, sharding))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)

@@ -1,0 +1,173 @@
+"""Image preprocessing: small typed tf ops, composed from config.
+
+Each op is a plain function on tensors that works eagerly and inside tf.data.
+Random ops are *stateless*: they take a `seed` (shape [2] int tensor), which
+the input pipeline derives from (run seed, epoch, example index). The same
+example in the same epoch is therefore augmented identically whatever the
+parallelism, and a resumed run sees exactly the augmentations of an
+uninterrupted one.
+
+`make_preprocess_fn(config, train=...)` composes the ops (no string
+mini-language):
+
+  train: decode -> to_rgb -> [inception_crop] -> resize -> [flip]
+         -> value_range(-1, 1) -> one_hot
+  eval:  decode -> to_rgb -> resize (or resize_small + central_crop)
+         -> value_range(-1, 1) -> one_hot
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import tensorflow as tf
+
+Features = dict[str, tf.Tensor]
+
+
+def decode(data: tf.Tensor) -> tf.Tensor:
+  """Decodes JPEG/PNG/GIF/BMP bytes to uint8 [H, W, C] (C as stored)."""
+  image = tf.io.decode_image(data, expand_animations=False)
+  image.set_shape([None, None, None])
+  return image
+
+
+def to_rgb(image: tf.Tensor) -> tf.Tensor:
+  """Grey -> RGB (channel repeated); RGBA -> RGB (alpha dropped)."""
+  channels = tf.shape(image)[-1]
+  image = tf.cond(channels == 1, lambda: tf.tile(image, [1, 1, 3]),
+                  lambda: image[..., :3])
+  image.set_shape([None, None, 3])
+  return image
+
+
+def inception_crop(image: tf.Tensor, seed: tf.Tensor,
+                   area_range: tuple[float, float] = (0.05, 1.0),
+                   aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3)
+                   ) -> tf.Tensor:
+  """Random crop covering `area_range` of the image (Inception-style).
+
+  Args:
+    image: [H, W, C] image.
+    seed: [2] int seed.
+    area_range: Fraction of the image area the crop covers.
+    aspect_ratio_range: Width/height ratio range of the crop.
+
+  Returns:
+    The cropped image (not resized).
+  """
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4], tf.float32),
+      seed=seed, area_range=area_range, aspect_ratio_range=aspect_ratio_range,
+      min_object_covered=0.0, use_image_if_no_bounding_boxes=True)
+  channels = image.shape[-1]
+  image = tf.slice(image, begin, size)
+  image.set_shape([None, None, channels])
+  return image
+
+
+def resize(image: tf.Tensor, size: int | tuple[int, int]) -> tf.Tensor:
+  """Bilinear resize to `size` (int: square); returns float32."""
+  size = (size, size) if isinstance(size, int) else tuple(size)
+  return tf.image.resize(tf.cast(image, tf.float32), size, method='bilinear')
+
+
+def resize_small(image: tf.Tensor, smaller_size: int) -> tf.Tensor:
+  """Resizes so that the shorter side is `smaller_size` (aspect kept)."""
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = tf.cast(smaller_size, tf.float32) / tf.reduce_min(shape)
+  new = tf.cast(tf.round(shape * scale), tf.int32)
+  return tf.image.resize(tf.cast(image, tf.float32), new, method='bilinear')
+
+
+def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """Crops the central `size` x `size` window."""
+  shape = tf.shape(image)
+  top = (shape[0] - size) // 2
+  left = (shape[1] - size) // 2
+  return image[top:top + size, left:left + size]
+
+
+def flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """Random horizontal flip with probability 1/2."""
+  return tf.image.stateless_random_flip_left_right(image, seed)
+
+
+def value_range(image: tf.Tensor, low: float = -1.0,
+                high: float = 1.0) -> tf.Tensor:
+  """Maps [0, 255] to [low, high] as float32."""
+  image = tf.cast(image, tf.float32) / 255.0
+  return image * (high - low) + low
+
+
+def one_hot(label: tf.Tensor, num_classes: int) -> tf.Tensor:
+  """Integer label -> float32 one-hot vector (label smoothing is in the loss)."""
+  return tf.one_hot(label, num_classes, dtype=tf.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+  """Typed preprocessing options (`config.pp` in experiment configs).
+
+  Attributes:
+    image_size: Output height and width.
+    num_classes: Size of the one-hot labels.
+    inception_crop: Train: random crop before resizing.
+    crop_area_range: Train: area fraction of the random crop.
+    flip: Train: random horizontal flips.
+    eval_crop_fraction: Eval: 1.0 resizes to `image_size` directly (the
+      paper's fine-tuning evaluation); < 1 resizes the shorter side to
+      `image_size / eval_crop_fraction` and takes a central crop.
+  """
+  image_size: int
+  num_classes: int
+  inception_crop: bool = True
+  crop_area_range: tuple[float, float] = (0.05, 1.0)
+  flip: bool = True
+  eval_crop_fraction: float = 1.0
+
+  @classmethod
+  def from_config(cls, pp: Mapping[str, Any] | Any, *, image_size: int,
+                  num_classes: int) -> 'PreprocessConfig':
+    """Builds from a `config.pp` ConfigDict/dict, rejecting unknown fields."""
+    fields = {f.name for f in dataclasses.fields(cls)} - {
+        'image_size', 'num_classes'}
+    values = dict(pp.items()) if pp is not None else {}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise ValueError(f'config.pp has unknown field(s) {unknown}; valid: '
+                       f'{sorted(fields)}.')
+    if 'crop_area_range' in values:
+      values['crop_area_range'] = tuple(values['crop_area_range'])
+    return cls(image_size=image_size, num_classes=num_classes, **values)
+
+
+def make_preprocess_fn(pp: PreprocessConfig, *,
+                       train: bool) -> Callable[[Features], Features]:
+  """Returns fn({'image': bytes, 'label': int, 'seed': [2]}) -> batch features.
+
+  The result holds 'image' (float32 [S, S, 3] in [-1, 1]) and 'labels'
+  (float32 one-hot).
+  """
+
+  def fn(features: Features) -> Features:
+    image = to_rgb(decode(features['image']))
+    if train:
+      crop_seed, flip_seed = tf.unstack(
+          tf.random.experimental.stateless_split(features['seed'], 2))
+      if pp.inception_crop:
+        image = inception_crop(image, crop_seed, pp.crop_area_range)
+      image = resize(image, pp.image_size)
+      if pp.flip:
+        image = flip(image, flip_seed)
+    elif pp.eval_crop_fraction < 1.0:
+      image = resize_small(image, round(pp.image_size / pp.eval_crop_fraction))
+      image = central_crop(image, pp.image_size)
+    else:
+      image = resize(image, pp.image_size)
+    image = tf.ensure_shape(value_range(image),
+                            [pp.image_size, pp.image_size, 3])
+    return {'image': image,
+            'labels': one_hot(features['label'], pp.num_classes)}
+
+  return fn

@@ -1,0 +1,138 @@
+"""Device mesh, batch sharding and global batch assembly.
+
+The mesh is data: `config.mesh = (('data', -1), ('fsdp', 1))` names the axes
+and their sizes (one -1 takes the remaining devices). Batches are split along
+their leading axis over *all* mesh axes, so every device holds a distinct
+slice of the global batch whatever mix of data and FSDP parallelism is used.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from jax.experimental import mesh_utils
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DEFAULT_MESH = (('data', -1), ('fsdp', 1))
+
+
+def mesh_shape(axes: Sequence[tuple[str, int]],
+               num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+  """Resolves the axis sizes of a mesh config for `num_devices` devices.
+
+  Args:
+    axes: (name, size) pairs; at most one size may be -1 ("the rest").
+    num_devices: Devices available.
+
+  Returns:
+    (names, sizes) whose product of sizes is `num_devices`.
+
+  Raises:
+    ValueError: naming the config and the device count when they don't fit.
+  """
+  axes = [(str(name), int(size)) for name, size in axes]
+  names = tuple(n for n, _ in axes)
+  if len(set(names)) != len(names):
+    raise ValueError(f'config.mesh repeats an axis name: {names}.')
+  free = [n for n, s in axes if s == -1]
+  fixed = int(np.prod([s for _, s in axes if s != -1]))
+  if len(free) > 1 or any(s == 0 or s < -1 for _, s in axes):
+    raise ValueError(
+        f'config.mesh={axes}: sizes must be positive, with at most one -1.')
+  if num_devices % fixed:
+    raise ValueError(
+        f'config.mesh={axes} needs a multiple of {fixed} devices but '
+        f'{num_devices} are available; change the axis sizes.')
+  sizes = tuple(num_devices // fixed if s == -1 else s for _, s in axes)
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(
+        f'config.mesh={axes} covers {int(np.prod(sizes))} devices but '
+        f'{num_devices} are available; use -1 for one axis or fix the sizes.')
+  return names, sizes
+
+
+def make_mesh(axes: Sequence[tuple[str, int]] = DEFAULT_MESH,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a mesh over all (global) devices, multi-host aware.
+
+  Args:
+    axes: (name, size) pairs, e.g. `(('data', -1), ('fsdp', 1))`.
+    devices: Defaults to `jax.devices()` (every process's devices).
+
+  Returns:
+    A `jax.sharding.Mesh`.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  names, sizes = mesh_shape(axes, len(devices))
+  try:
+    # Physical topology-aware order on TPU slices.
+    device_array = mesh_utils.create_device_mesh(
+        sizes, devices=devices)
+  except Exception:  # pylint: disable=broad-except
+    # CPU/GPU, or shapes mesh_utils cannot map: plain process-major order.
+    device_array = np.asarray(devices).reshape(sizes)
+  return Mesh(device_array, names)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of batches: leading axis split over every mesh axis."""
+  return NamedSharding(mesh, P(mesh.axis_names))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Fully replicated sharding on `mesh`."""
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, *,
+                     what: str = 'config.batch_size') -> int:
+  """Returns the per-process batch; raises if it does not split evenly.
+
+  Args:
+    global_batch: Batch size over all processes.
+    mesh: The device mesh.
+    what: Config field named in errors.
+
+  Returns:
+    `global_batch // jax.process_count()`.
+
+  Raises:
+    ValueError: the batch is not a positive multiple of the process count
+      and of the device count.
+  """
+  processes, devices = jax.process_count(), mesh.devices.size
+  if global_batch <= 0:
+    raise ValueError(f'{what}={global_batch} must be positive.')
+  if global_batch % processes:
+    raise ValueError(
+        f'{what}={global_batch} is not divisible by the {processes} JAX '
+        f'processes; use a multiple of {processes}.')
+  if global_batch % devices:
+    raise ValueError(
+        f'{what}={global_batch} is not divisible by the {devices} devices of '
+        f'the mesh; use a multiple of {devices} (e.g. '
+        f'{max(1, round(global_batch / devices)) * devices}).')
+  return global_batch // processes
+
+
+def make_global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
+  """Assembles per-process numpy batches into global `jax.Array`s.
+
+  Each process passes its own slice (leading axis = global / processes); the
+  result is one array per leaf with the global leading dimension, sharded by
+  `sharding`. This is the explicit host->device transfer of the input.
+
+  Args:
+    local_batch: Pytree of numpy arrays, this process's part of the batch.
+    sharding: Usually `batch_sharding(mesh)`.
+
+  Returns:
+    Pytree of global `jax.Array`s.
+  """
+  def to_global(x):
+    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, x, global_shape)
+  return jax.tree_util.tree_map(to_global, local_batch)
