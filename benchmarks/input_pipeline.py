@@ -48,7 +48,7 @@ def pipeline_rate(config, batches):
   start = time.perf_counter()
   for _ in range(batches):
     next(it)
-  return batches * config.batch_size / (time.perf_counter() - start)
+  return batches * config.batch / (time.perf_counter() - start)
 
 
 def train_step_rates(config, model_name, steps):
@@ -119,7 +119,7 @@ def main():
     tmp = tempfile.TemporaryDirectory()
     folder = tmp.name
     make_jpeg_folder(folder)
-  common = dict(image_size=args.res, batch_size=args.batch, seed=0,
+  common = dict(image_size=args.res, batch=args.batch, seed=0,
                 shuffle_buffer=10_000)
   folder_config = ml_collections.ConfigDict(dict(
       dataset='image_folder', image_folder=folder, **common))

@@ -36,7 +36,7 @@ def tfds_dir(tmp_path_factory):
 def digits_config(tfds_dir, **overrides):
   config = ml_collections.ConfigDict({
       'dataset': 'digits', 'tfds_data_dir': tfds_dir, 'image_size': 8,
-      'batch_size': 32, 'eval_batch_size': 64, 'seed': 0,
+      'batch': 32, 'batch_eval': 64, 'seed': 0,
       'shuffle_buffer': 2000})
   config.update(overrides)
   return config
@@ -72,7 +72,7 @@ def make_image_folder(root, *, classes=('cat', 'dog', 'fox'), per_class=7,
 def folder_config(root, **overrides):
   config = ml_collections.ConfigDict({
       'dataset': 'image_folder', 'image_folder': str(root), 'image_size': 16,
-      'batch_size': 6, 'eval_batch_size': 8, 'seed': 0,
+      'batch': 6, 'batch_eval': 8, 'seed': 0,
       'image_folder_test_percent': 30})
   config.update(overrides)
   return config
@@ -160,7 +160,7 @@ def _single_pass_fingerprints(config, split):
 @pytest.mark.parametrize('num_devices', [1, 2, 8])
 def test_eval_yields_each_example_once_on_1_2_8_devices(tfds_dir,
                                                          num_devices):
-  config = digits_config(tfds_dir, eval_batch_size=8 * 7)
+  config = digits_config(tfds_dir, batch_eval=8 * 7)
   mesh = sharding.make_mesh(devices=jax.devices()[:num_devices])
   ds, num_batches = input_pipeline.eval_dataset(config)
   batches = list(input_pipeline.prefetch_to_device(
@@ -177,10 +177,10 @@ def test_eval_yields_each_example_once_on_1_2_8_devices(tfds_dir,
 def test_two_processes_read_disjoint_shards_covering_the_data(
     tfds_dir, tmp_path, kind):
   if kind == 'digits':
-    config = digits_config(tfds_dir, eval_batch_size=62)
+    config = digits_config(tfds_dir, batch_eval=62)
   else:
     make_image_folder(tmp_path, per_class=9)
-    config = folder_config(tmp_path, eval_batch_size=4)
+    config = folder_config(tmp_path, batch_eval=4)
   parts, steps = [], []
   for index in range(2):
     ds, n = input_pipeline.eval_dataset(config, process_index=index,
@@ -231,7 +231,7 @@ _WORKER = textwrap.dedent('''
     total, counts, checksum = 0.0, np.zeros(10), 0.0
     for batch in input_pipeline.prefetch_to_device(ds.as_numpy_iterator(),
                                                    batch_sharding):
-      assert batch['image'].shape[0] == config.eval_batch_size
+      assert batch['image'].shape[0] == config.batch_eval
       m, c, s = stats(batch)
       total, counts, checksum = total + float(m), counts + np.asarray(c), (
           checksum + float(s))
@@ -253,7 +253,7 @@ def _free_port():
 
 @pytest.mark.slow
 def test_eval_exactly_once_with_two_jax_processes(tfds_dir, tmp_path):
-  config = digits_config(tfds_dir, eval_batch_size=64, batch_size=16)
+  config = digits_config(tfds_dir, batch_eval=64, batch=16)
   worker = tmp_path / 'worker.py'
   worker.write_text(_WORKER)
   port = str(_free_port())
@@ -335,7 +335,7 @@ def test_image_folder_with_train_and_test_folders(tmp_path):
 
 def test_image_folder_trains_and_evaluates(tmp_path):
   make_image_folder(tmp_path, per_class=12)
-  config = folder_config(tmp_path, batch_size=24, eval_batch_size=16,
+  config = folder_config(tmp_path, batch=24, batch_eval=16,
                          image_size=16)
   mesh = sharding.make_mesh()  # 8 devices, data parallel.
   batch_sharding = sharding.batch_sharding(mesh)
@@ -450,12 +450,12 @@ def test_corrupt_image_is_named_or_skipped(tmp_path):
 
 
 def test_batch_not_divisible_by_processes_or_devices(tfds_dir):
-  with pytest.raises(ValueError, match=r'config.batch_size=33 must be a '
+  with pytest.raises(ValueError, match=r'config.batch=33 must be a '
                      'positive multiple of the 2 JAX processes'):
-    input_pipeline.train_iterator(digits_config(tfds_dir, batch_size=33),
+    input_pipeline.train_iterator(digits_config(tfds_dir, batch=33),
                                   process_index=0, process_count=2)
   mesh = sharding.make_mesh()
-  with pytest.raises(ValueError, match=r'config.batch_size=12 is not '
+  with pytest.raises(ValueError, match=r'config.batch=12 is not '
                      r'divisible by the 8 devices.*e.g. 16'):
     sharding.check_batch_size(12, mesh)
   assert sharding.check_batch_size(16, mesh) == 16

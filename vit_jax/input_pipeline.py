@@ -10,9 +10,9 @@ Selected by `config.dataset`:
     `train/` and `test/` folders that do), with .jpg/.jpeg/.png files.
 
 Config fields read here (all optional except `dataset`, `image_size` and
-`batch_size`): `tfds_data_dir`, `tfds_download`, `train_split`, `eval_split`
+`batch`): `tfds_data_dir`, `tfds_download`, `train_split`, `eval_split`
 ('holdout' selects the preset's held-out slice), `num_classes`,
-`eval_batch_size`, `shuffle_buffer`, `seed`, `pp` (see
+`batch_eval`, `shuffle_buffer`, `seed`, `pp` (see
 `preprocess.PreprocessConfig`), `image_folder`, `image_folder_test_percent`,
 `skip_bad_images`, `model_name` (to check the image size).
 
@@ -448,8 +448,8 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     process_index, process_count = _process(process_index, process_count)
     source = source or get_source(config)
     self.info = get_dataset_info(config, source)
-    self.batch_size = _local_batch_size(config.batch_size, process_count,
-                                        'config.batch_size')
+    self.batch_size = _local_batch_size(config.batch, process_count,
+                                        'config.batch')
     shard = source.shard(self.info.train_split, process_index, process_count)
     if shard.num_examples < self.batch_size:
       logging.warning('The training shard has %d examples, fewer than the '
@@ -540,8 +540,8 @@ def eval_dataset(config: Any, split: str | None = None, *,
   info = get_dataset_info(config, source)
   split = split or info.eval_split
   batch_size = _local_batch_size(
-      _get(config, 'eval_batch_size', config.batch_size), process_count,
-      'config.eval_batch_size')
+      _get(config, 'batch_eval', config.batch), process_count,
+      'config.batch_eval')
   shard = source.shard(split, process_index, process_count)
   num_batches = math.ceil(shard.max_num_examples / batch_size)
   pp = _preprocess_config(config, info.num_classes)

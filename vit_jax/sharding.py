@@ -88,7 +88,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, *,
-                     what: str = 'config.batch_size') -> int:
+                     what: str = 'config.batch') -> int:
   """Returns the per-process batch; raises if it does not split evenly.
 
   Args:
