@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     'pillow',  # Checks image-folder files and names the unreadable ones.
     'scikit-learn',  # Ships the bundled `digits` dataset.
     'scipy',
+    'tensorboard',  # clu's summary writer; tensorflow-cpu no longer brings it.
     'tensorflow-cpu',
     'tensorflow-datasets',
 ]

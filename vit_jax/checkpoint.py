@@ -317,7 +317,9 @@ def save(params: Params, path: str) -> None:
   The file loads with `load`, with the original vit_jax `checkpoint.load` and
   with timm. Scanned blocks are unstacked; bfloat16 is stored as float32.
   The write is atomic: a temporary file is renamed over `path`, so an
-  interrupted save never leaves a truncated checkpoint.
+  interrupted save never leaves a truncated checkpoint. In a multi-process
+  run, call it on every process (sharded arrays are gathered collectively);
+  only process 0 writes.
 
   Args:
     params: Nested parameter dict (numpy or jax arrays, possibly sharded).
@@ -325,6 +327,8 @@ def save(params: Params, path: str) -> None:
   """
   params = to_published_names(unstack_encoder_blocks(_to_dict(params)))
   flat = {k: _to_host(v) for k, v in flatten(params).items()}
+  if jax.process_index() != 0:
+    return
   directory = os.path.dirname(str(path))
   tmp = f'{path}.tmp-{os.getpid()}'
   if _is_remote(path):

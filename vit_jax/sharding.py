@@ -1,11 +1,25 @@
-"""Device mesh, batch sharding and global batch assembly.
+"""Device mesh, parameter and batch sharding, global batch assembly.
 
 The mesh is data: `config.mesh = (('data', -1), ('fsdp', 1))` names the axes
 and their sizes (one -1 takes the remaining devices). Batches are split along
 their leading axis over *all* mesh axes, so every device holds a distinct
 slice of the global batch whatever mix of data and FSDP parallelism is used.
+
+Parameter (and optimizer-state) sharding is data too: `config.sharding_rules`
+is a sequence of (regex, spec) pairs matched against each leaf's path
+('params/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel',
+'opt_state/0/mu/...'); the first match wins. A spec is
+  'fsdp'       shard the largest dimension divisible by the 'fsdp' axis size
+               over it, for tensors of at least `fsdp_min_size` elements
+               (smaller ones, and everything when the axis has size 1, are
+               replicated);
+  'replicate'  replicate;
+  a tuple      an explicit PartitionSpec, e.g. (None, 'fsdp').
+The default `(('.*', 'fsdp'),)` is plain data parallelism on a mesh whose
+'fsdp' axis has size 1, and ZeRO-3-style FSDP when it is larger.
 """
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +31,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DEFAULT_MESH = (('data', -1), ('fsdp', 1))
+DEFAULT_RULES = (('.*', 'fsdp'),)
+FSDP_AXIS = 'fsdp'
+# Below this many elements a tensor is cheaper to replicate than to gather.
+DEFAULT_FSDP_MIN_SIZE = 2**14
 
 
 def mesh_shape(axes: Sequence[tuple[str, int]],
@@ -136,3 +154,60 @@ def make_global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
     global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
   return jax.tree_util.tree_map(to_global, local_batch)
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """'a/b/0/c' for a jax tree path."""
+  parts = []
+  for key in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return '/'.join(parts)
+
+
+def _fsdp_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
+               min_size: int) -> P:
+  size = dict(mesh.shape).get(FSDP_AXIS, 1)
+  if size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  # Never the leading layer axis of scanned blocks: each scan iteration
+  # would then gather a whole layer from a single device.
+  first = 1 if '/encoderblock/' in f'/{path}/' else 0
+  candidates = [d for d in range(first, len(shape)) if shape[d] % size == 0]
+  if not candidates:
+    return P()
+  dim = max(candidates, key=lambda d: (shape[d], -d))
+  spec = [None] * len(shape)
+  spec[dim] = FSDP_AXIS
+  return P(*spec)
+
+
+def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
+                   rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+                   fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> P:
+  """The PartitionSpec of one leaf under `rules` (first match wins)."""
+  for pattern, spec in rules:
+    if re.fullmatch(pattern, path):
+      if spec == 'fsdp':
+        return _fsdp_spec(path, shape, mesh, fsdp_min_size)
+      if spec in ('replicate', None):
+        return P()
+      spec = tuple(spec)
+      if len(spec) > len(shape):
+        raise ValueError(f'Sharding rule {pattern!r} -> {spec} has more '
+                         f'entries than {path} has dimensions {shape}.')
+      return P(*spec)
+  return P()
+
+
+def tree_shardings(tree: Any, mesh: Mesh,
+                   rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+                   fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> Any:
+  """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, partition_spec(
+          path_str(path), tuple(x.shape), mesh, rules, fsdp_min_size)), tree)

@@ -1,0 +1,41 @@
+r"""A small ViT trained from scratch on the bundled digits dataset.
+
+The main job: about five minutes on a 2-core CPU, no download.
+
+  python -m vit_jax.main --config=configs/digits.py --workdir=/tmp/vit_digits
+
+`configs/digits.py:runlocal` is a seconds-long smoke run.
+"""
+
+from vit_jax import config_lib
+
+
+def get_config(arg=None):
+  """Returns the config; arg 'runlocal' makes it tiny."""
+  _, runlocal = config_lib.parse_args(arg)
+  c = config_lib.get_base()
+  c.dataset = 'digits'
+  c.model_name = 'ViT-Ti_16'
+  # Ti width (192, 3 heads) with 4x4 patches on 16x16 upsampled digits: each
+  # patch sees 2x2 original pixels; 4 blocks suffice for this small task.
+  c.model = {'patches': {'size': (4, 4)},
+             'transformer': {'num_layers': 4, 'dropout_rate': 0.1}}
+  c.image_size = 16
+  c.pp = {'inception_crop': True, 'crop_area_range': (0.7, 1.0),
+          'flip': False}
+  c.shuffle_buffer = 2000
+  c.batch = 128
+  c.batch_eval = 300
+  c.optimizer = 'adam'
+  c.base_lr = 1e-3
+  c.weight_decay = 0.05
+  c.warmup_steps = 50
+  c.total_steps = 600
+  c.decay_type = 'cosine'
+  c.label_smoothing = 0.1
+  c.log_every = 20
+  c.eval_every = 200
+  c.checkpoint_every = 200
+  if runlocal:
+    config_lib.set_runlocal(c)
+  return c

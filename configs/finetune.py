@@ -1,0 +1,52 @@
+r"""Fine-tuning recipe of the paper (§3.2, §4.1, Appendix B.1.1).
+
+SGD momentum 0.9, batch 512, cosine decay, no weight decay, gradient
+clipping at global norm 1, resolution 384, steps per dataset as in the
+paper; the pre-trained head is replaced by a zero-initialised one and the
+position embeddings are interpolated to the new resolution.
+
+  python -m vit_jax.main --config=configs/finetune.py:b16,cifar10 \
+      --workdir=/tmp/b16_cifar10 \
+      --config.pretrained_path=gs://vit_models/imagenet21k/ViT-B_16.npz
+
+Argument: `<model>,<dataset>[,runlocal]`; model is a registry name or a
+short name (ti16, s16, b16, b32, l16, l32, h14, r50_b16, mixer_b16, ...),
+dataset one of cifar10, cifar100, imagenet2012 (imagenet), pets, flowers,
+digits or a tfds name. The paper sweeps base_lr over {0.001, 0.003, 0.01,
+0.03} on a held-out slice: add `--config.eval_split=holdout`.
+"""
+
+from vit_jax import config_lib
+
+DATASETS = {'imagenet': 'imagenet2012', 'pets': 'oxford_iiit_pet',
+            'flowers': 'oxford_flowers102'}
+# Fine-tuning steps (paper Table 4).
+STEPS = {'imagenet2012': 20_000, 'cifar10': 10_000, 'cifar100': 10_000,
+         'oxford_iiit_pet': 500, 'oxford_flowers102': 500, 'digits': 500}
+
+
+def get_config(arg='b16,cifar10'):
+  """Returns the config for `<model>,<dataset>[,runlocal]`."""
+  args, runlocal = config_lib.parse_args(arg)
+  if len(args) != 2:
+    raise ValueError(f'finetune.py takes "<model>,<dataset>[,runlocal]", got '
+                     f'{arg!r}.')
+  c = config_lib.get_base()
+  c.model_name = config_lib.resolve_model(args[0])
+  c.dataset = DATASETS.get(args[1], args[1])
+  c.image_size = 384
+  c.optimizer = 'sgd'
+  c.momentum = 0.9
+  c.batch = 512
+  c.batch_eval = 512
+  c.base_lr = 0.03
+  c.decay_type = 'cosine'
+  c.weight_decay = 0.0
+  c.grad_clip_norm = 1.0
+  c.total_steps = STEPS.get(c.dataset, 10_000)
+  c.warmup_steps = min(500, c.total_steps // 10)
+  c.eval_every = max(c.total_steps // 10, 1)
+  c.checkpoint_every = c.eval_every
+  if runlocal:
+    config_lib.set_runlocal(c)
+  return c

@@ -1,0 +1,322 @@
+"""Tests of training: configs, CLI, determinism across shardings, accum."""
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import train_worker
+from vit_jax import checkpoint
+from vit_jax import optim
+from vit_jax import sharding
+from vit_jax import train
+from vit_jax import train_state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
+CONFIG_ARGS = {
+    'digits.py': [None, 'runlocal'],
+    'finetune.py': ['b16,cifar10', 'ViT-L_16,imagenet2012', 'r50_b16,pets',
+                    'ti16,digits,runlocal'],
+    'pretrain_imagenet21k.py': ['b16', 'b16,runlocal'],
+    'pretrain_imagenet.py': ['b16', 'b16,runlocal'],
+    'pretrain_jft.py': ['l16', 'l16,runlocal'],
+}
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(REPO, 'configs', name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def run_main(*args, timeout=600):
+  result = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.main', *args], cwd=REPO,
+      capture_output=True, text=True, timeout=timeout,
+      env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'})
+  return result
+
+
+# ----------------------------------------------------------------------------
+# Configs.
+# ----------------------------------------------------------------------------
+
+
+def test_every_config_file_is_covered():
+  assert sorted(os.path.basename(c) for c in CONFIGS) == sorted(CONFIG_ARGS)
+
+
+@pytest.mark.parametrize('name,arg', [(n, a) for n, args in CONFIG_ARGS.items()
+                                      for a in args])
+def test_config_loads_and_locks(name, arg):
+  config = load_config(name, arg)
+  assert isinstance(config, ml_collections.ConfigDict)
+  for field in ('model_name', 'dataset', 'tfds_data_dir', 'image_size',
+                'batch', 'batch_eval', 'total_steps', 'warmup_steps',
+                'base_lr', 'decay_type', 'weight_decay', 'grad_clip_norm',
+                'accum_steps', 'label_smoothing', 'eval_every',
+                'checkpoint_every', 'keep_checkpoints', 'pretrained_path',
+                'mesh', 'seed', 'ema_decay'):
+    assert field in config, field
+  import vit_jax.models  # pylint: disable=g-import-not-at-top
+  assert config.model_name in vit_jax.models.MODEL_NAMES
+  optim.make_schedule(config)  # Valid schedule fields.
+  assert config.batch % config.accum_steps == 0
+  config.lock()
+  with pytest.raises(AttributeError):
+    config.no_such_field = 1
+  if arg and 'runlocal' in arg:
+    assert config.total_steps <= 10 and config.dataset == 'digits'
+
+
+def test_finetune_config_follows_the_paper_recipe():
+  config = load_config('finetune.py', 'b16,cifar10')
+  assert (config.model_name, config.dataset) == ('ViT-B_16', 'cifar10')
+  assert (config.optimizer, config.momentum, config.batch) == ('sgd', 0.9, 512)
+  assert (config.decay_type, config.weight_decay, config.grad_clip_norm) == (
+      'cosine', 0.0, 1.0)
+  assert (config.image_size, config.total_steps) == (384, 10_000)
+  assert load_config('finetune.py', 'b16,pets').total_steps == 500
+
+
+def test_unknown_config_field_is_refused_by_the_cli(tmp_path):
+  result = run_main('--config=configs/digits.py:runlocal',
+                    f'--workdir={tmp_path}', '--config.no_such_field=3')
+  assert result.returncode != 0
+  assert 'no_such_field' in result.stderr
+
+
+# ----------------------------------------------------------------------------
+# The main job and fine-tuning through the CLI.
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def digits_run(tmp_path_factory):
+  """configs/digits.py:runlocal through the CLI (16 px)."""
+  workdir = str(tmp_path_factory.mktemp('digits_run'))
+  tfds_dir = str(tmp_path_factory.mktemp('tfds'))
+  result = run_main('--config=configs/digits.py:runlocal',
+                    f'--workdir={workdir}',
+                    f'--config.tfds_data_dir={tfds_dir}')
+  assert result.returncode == 0, result.stderr[-4000:]
+  return workdir, tfds_dir, result
+
+
+def test_main_job_writes_everything(digits_run):
+  workdir, _, result = digits_run
+  assert 'steps/s' in result.stderr  # Progress with ETA.
+  assert 'eval/accuracy' in result.stderr
+  lines = [json.loads(l) for l in open(os.path.join(workdir,
+                                                    train.METRICS_FILE))]
+  train_lines = [l for l in lines if 'train/loss' in l]
+  assert [l['step'] for l in train_lines] == [2, 4]
+  assert all({'train/loss', 'train/lr'} <= set(l) for l in train_lines)
+  assert any('eval/accuracy' in l and 'eval/loss' in l for l in lines)
+  assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir,
+                                                         'checkpoints'))
+                 if s.isdigit())
+  assert steps == [2, 4]
+  params = checkpoint.load(os.path.join(workdir, train.FINAL_PARAMS_FILE))
+  assert params['Transformer']['posembed_input']['pos_embedding'].shape == (
+      1, 17, 192)
+  assert json.load(open(os.path.join(workdir, 'class_names.json')))[
+      'class_names'] == [str(d) for d in range(10)]
+
+
+def test_finetune_from_npz_at_higher_resolution_through_the_cli(digits_run,
+                                                                 tmp_path):
+  workdir, tfds_dir, _ = digits_run
+  pretrained = os.path.join(workdir, train.FINAL_PARAMS_FILE)
+  result = run_main('--config=configs/finetune.py:ti16,digits,runlocal',
+                    f'--workdir={tmp_path}', f'--config.tfds_data_dir={tfds_dir}',
+                    f'--config.pretrained_path={pretrained}',
+                    '--config.image_size=32')
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert 'resizing position embeddings (1, 17, 192) -> (1, 65, 192)' in \
+      result.stderr
+  tuned = checkpoint.load(os.path.join(str(tmp_path), train.FINAL_PARAMS_FILE))
+  assert tuned['Transformer']['posembed_input']['pos_embedding'].shape == (
+      1, 65, 192)
+
+
+def test_resume_refuses_a_workdir_of_another_model(digits_run, tmp_path):
+  workdir, tfds_dir, _ = digits_run
+  result = run_main('--config=configs/digits.py:runlocal',
+                    f'--workdir={workdir}', f'--config.tfds_data_dir={tfds_dir}',
+                    '--config.model_name=ViT-S_16')
+  assert result.returncode != 0
+  assert 'holds a checkpoint (step 4) of a different run' in result.stderr
+  assert "model_name: checkpoint 'ViT-Ti_16' vs config 'ViT-S_16'" in \
+      result.stderr
+
+
+def test_missing_pretrained_path_is_reported(digits_run, tmp_path):
+  _, tfds_dir, _ = digits_run
+  config = load_config('finetune.py', 'ti16,digits,runlocal')
+  config.tfds_data_dir = tfds_dir
+  config.pretrained_path = str(tmp_path / 'missing.npz')
+  with pytest.raises(FileNotFoundError, match='missing.npz does not exist'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+# ----------------------------------------------------------------------------
+# Sharding: same numbers everywhere; communication and memory as designed.
+# ----------------------------------------------------------------------------
+
+DATA_PARALLEL = (('data', -1), ('fsdp', 1))
+FSDP = (('data', 1), ('fsdp', -1))
+
+
+@pytest.fixture(scope='module')
+def one_device_run():
+  return train_worker.run_steps(DATA_PARALLEL, jax.devices()[:1])
+
+
+def _assert_same_run(run, reference):
+  losses, params = run[0], run[1]
+  ref_losses, ref_params = reference[0], reference[1]
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+  assert not np.allclose(losses[0], losses[-1])  # Training happened.
+  flat, ref = checkpoint.flatten(params), checkpoint.flatten(ref_params)
+  assert sorted(flat) == sorted(ref)
+  for key in ref:
+    scale = max(np.abs(ref[key]).max(), 1e-6)
+    assert np.abs(flat[key] - ref[key]).max() / scale <= 1e-4, key
+
+
+@pytest.mark.parametrize('mesh', [DATA_PARALLEL, FSDP], ids=['dp', 'fsdp'])
+def test_same_steps_on_8_devices_as_on_1(one_device_run, mesh):
+  _assert_same_run(train_worker.run_steps(mesh), one_device_run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mesh', ['data', 'fsdp'])
+def test_same_steps_on_2_processes_by_4_devices(one_device_run, tmp_path,
+                                                 mesh):
+  out = str(tmp_path / 'run')
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'launch', 'local.py'),
+       '--num_processes=2', '--devices_per_process=4', '--',
+       sys.executable, os.path.join(REPO, 'tests', 'train_worker.py'),
+       f'--out={out}', f'--mesh={mesh}'],
+      capture_output=True, text=True, timeout=600, cwd=REPO,
+      env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'})
+  assert result.returncode == 0, result.stdout[-4000:]
+  info = json.load(open(out + '.json'))
+  assert (info['devices'], info['processes']) == (8, 2)
+  params = checkpoint.unflatten(dict(np.load(out + '.npz')))
+  _assert_same_run((info['losses'], params), one_device_run)
+
+
+def _compiled_step(mesh_axes):
+  config = train_worker.config_for(mesh_axes)
+  mesh = sharding.make_mesh(mesh_axes)
+  model = train.build_model(config, num_classes=7)
+  tx, _ = optim.make_optimizer(config)
+  state, shardings, _ = train.create_train_state(config, model, tx, mesh,
+                                                 jax.random.key(0))
+  step_fn = train.make_train_step(config, model, tx, mesh, shardings)
+  batch = next(train_worker.global_batches())
+  compiled = step_fn.lower(state, batch, jax.random.key(1)).compile()
+  return compiled.as_text(), state
+
+
+def test_data_parallel_step_only_reduces_gradients():
+  hlo, state = _compiled_step(DATA_PARALLEL)
+  assert 'all-reduce' in hlo
+  assert 'all-gather' not in hlo  # No parameter gathering.
+  for leaf in jax.tree_util.tree_leaves(state.params):
+    assert leaf.sharding.is_fully_replicated
+
+
+def test_fsdp_shards_parameters_and_optimizer_state():
+  hlo, state = _compiled_step(FSDP)
+  assert 'all-gather' in hlo  # Parameters are gathered for compute.
+  for tree in (state.params, state.opt_state):
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if x.ndim]
+    total = sum(x.nbytes for x in leaves)
+    per_device = sum(x.addressable_shards[0].data.nbytes for x in leaves)
+    assert per_device <= total / 8 * 1.15, (per_device, total)
+
+
+def test_accum_steps_equals_one_batch_of_four_times_the_size():
+  config = train_worker.config_for(DATA_PARALLEL)
+  config.model.transformer.dropout_rate = 0.0
+  config.model.transformer.attention_dropout_rate = 0.0
+  mesh = sharding.make_mesh(DATA_PARALLEL)
+  model = train.build_model(config, num_classes=7)
+  tx, _ = optim.make_optimizer(config)
+  state, shardings, _ = train.create_train_state(config, model, tx, mesh,
+                                                 jax.random.key(0))
+  big = {'image': np.random.default_rng(1).uniform(
+      -1, 1, (64, 16, 16, 3)).astype(np.float32),
+         'labels': np.eye(7, dtype=np.float32)[np.arange(64) % 7]}
+  results = []
+  for accum in (1, 4):
+    config.accum_steps = accum
+    config.batch = 64
+    step_fn = train.make_train_step(config, model, tx, mesh, shardings)
+    copy = jax.tree_util.tree_map(jnp.copy, state)  # The state is donated.
+    results.append(step_fn(copy, big, jax.random.key(2)))
+  (one, m_one), (four, m_four) = results
+  np.testing.assert_allclose(m_four['loss'], m_one['loss'], rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(four.params),
+                  jax.tree_util.tree_leaves(one.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert not np.allclose(four.params['head']['kernel'], 0)
+
+
+# ----------------------------------------------------------------------------
+# Errors.
+# ----------------------------------------------------------------------------
+
+
+def test_batch_not_divisible_by_devices_times_accum():
+  config = train_worker.config_for(DATA_PARALLEL, accum_steps=4)
+  mesh = sharding.make_mesh(DATA_PARALLEL)
+  with pytest.raises(ValueError, match=r'config.batch=16 is not divisible by '
+                     r'devices x accum_steps = 8 x 4'):
+    train.validate_config(config, mesh)
+  config.accum_steps = 3
+  with pytest.raises(ValueError, match='accum_steps=3 does not divide'):
+    train.validate_config(config, mesh)
+
+
+def test_mesh_that_does_not_match_the_devices(tmp_path):
+  config = load_config('digits.py', 'runlocal')
+  config.mesh = (('data', 3), ('fsdp', 1))
+  with pytest.raises(ValueError, match=r'needs a multiple of 3 devices but 8'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_workdir_not_writable(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  config = load_config('digits.py', 'runlocal')
+  with pytest.raises(PermissionError, match='Cannot write to --workdir'):
+    train.train_and_evaluate(config, str(blocker / 'run'))
+
+
+def test_checkpointer_reports_a_different_model(tmp_path):
+  state = {'w': jnp.ones(3)}
+  saver = train_state.Checkpointer(str(tmp_path), {'model_name': 'A'},
+                                   async_save=False)
+  saver.save(1, state, {'position': 0})
+  saver.wait()
+  reader = train_state.Checkpointer(str(tmp_path), {'model_name': 'B'})
+  with pytest.raises(train_state.IncompatibleCheckpointError,
+                     match="model_name: checkpoint 'A' vs config 'B'"):
+    reader.restore(1, jax.eval_shape(lambda: state))

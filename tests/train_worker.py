@@ -1,0 +1,105 @@
+"""Five deterministic training steps, in-process or as one of N processes.
+
+Used by test_train.py to check that losses and parameters do not depend on
+the device count, the sharding (data parallel / FSDP) or the process count.
+As a script (started by launch/local.py) it takes the coordinator flags and
+writes the losses and parameters of process 0 to --out.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+NUM_STEPS = 5
+GLOBAL_BATCH = 16
+
+
+def config_for(mesh_axes, accum_steps=1):
+  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.get_base()
+  c.model_name = 'testing'
+  c.model = {'patches': {'size': (4, 4)},
+             'transformer': {'num_layers': 2, 'dropout_rate': 0.1,
+                             'attention_dropout_rate': 0.1}}
+  c.image_size = 16
+  c.batch = GLOBAL_BATCH
+  c.accum_steps = accum_steps
+  c.optimizer = 'adam'
+  c.base_lr = 1e-2
+  c.warmup_steps = 1
+  c.total_steps = NUM_STEPS
+  c.weight_decay = 0.1
+  c.mesh = mesh_axes
+  c.fsdp_min_size = 1  # Shard every tensor with a divisible dimension.
+  return c
+
+
+def global_batches(num_classes=7):
+  rng = np.random.default_rng(0)
+  for _ in range(NUM_STEPS):
+    images = rng.uniform(-1, 1, (GLOBAL_BATCH, 16, 16, 3)).astype(np.float32)
+    labels = np.eye(num_classes, dtype=np.float32)[
+        rng.integers(0, num_classes, GLOBAL_BATCH)]
+    yield {'image': images, 'labels': labels}
+
+
+def run_steps(mesh_axes, devices=None, accum_steps=1):
+  """Returns (losses, host params) after NUM_STEPS steps."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import optim, sharding, train  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_threefry_partitionable', True)
+  config = config_for(mesh_axes, accum_steps)
+  mesh = sharding.make_mesh(mesh_axes, devices)
+  train.validate_config(config, mesh)
+  model = train.build_model(config, num_classes=7)
+  tx, _ = optim.make_optimizer(config)
+  init_rng, step_rng = jax.random.split(jax.random.key(0))
+  state, shardings, _ = train.create_train_state(config, model, tx, mesh,
+                                                 init_rng)
+  step_fn = train.make_train_step(config, model, tx, mesh, shardings)
+  batch_sharding = sharding.batch_sharding(mesh)
+  losses = []
+  for batch in global_batches():
+    # Every process builds the same global batch; each device takes its rows.
+    batch = {k: jax.make_array_from_callback(v.shape, batch_sharding,
+                                             lambda idx, v=v: v[idx])
+             for k, v in batch.items()}
+    state, metrics = step_fn(state, batch, step_rng)
+    losses.append(float(metrics['loss']))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  params = jax.tree_util.tree_map(
+      lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+      if not x.is_fully_addressable else np.asarray(x), state.params)
+  return losses, params, state
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--mesh', default='data')
+  parser.add_argument('--coordinator_address')
+  parser.add_argument('--num_processes', type=int)
+  parser.add_argument('--process_id', type=int)
+  args = parser.parse_args()
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(args.coordinator_address, args.num_processes,
+                             args.process_id)
+  mesh = (('data', -1), ('fsdp', 1)) if args.mesh == 'data' else (
+      ('data', 1), ('fsdp', -1))
+  losses, params, _ = run_steps(mesh)
+  if jax.process_index() == 0:
+    from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    np.savez(args.out + '.npz', **checkpoint.flatten(params))
+    with open(args.out + '.json', 'w') as f:
+      json.dump({'losses': losses, 'devices': jax.device_count(),
+                 'processes': jax.process_count()}, f)
+  jax.distributed.shutdown()
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  main()

@@ -1,0 +1,124 @@
+"""Fields shared by every experiment config, with their defaults.
+
+Each experiment file in configs/ starts from `get_base()` and sets what differs; every
+field is documented here once. Field names are a contract (scripts, docs and
+`metrics.jsonl` rely on them).
+"""
+
+import ml_collections
+
+
+def get_base() -> ml_collections.ConfigDict:
+  """Returns the base config (digits, a small ViT, 2-core CPU friendly)."""
+  c = ml_collections.ConfigDict()
+  # Model.
+  c.model_name = 'ViT-Ti_16'  # Registry name (vit_jax.models.MODEL_NAMES).
+  c.model = ml_collections.ConfigDict()  # get_model overrides (nested dicts).
+  c.compute_dtype = 'float32'  # 'bfloat16' for mixed precision.
+  c.remat = False  # Recompute encoder blocks in the backward pass.
+  c.scan = False  # nn.scan over encoder blocks.
+  c.pretrained_path = ''  # .npz to fine-tune from (local or gs://).
+  # Data.
+  c.dataset = 'digits'  # tfds name, 'digits' or 'image_folder'.
+  c.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # tfds dir.
+  c.tfds_download = False  # Download unprepared tfds datasets (network).
+  c.image_folder = ''  # Root of an image-folder dataset.
+  c.image_folder_test_percent = 10  # Automatic test split of image folders.
+  c.skip_bad_images = False  # Skip undecodable images (else an error).
+  c.train_split = ml_collections.config_dict.placeholder(str)  # Preset.
+  c.eval_split = ml_collections.config_dict.placeholder(str)  # Or 'holdout'.
+  c.num_classes = ml_collections.config_dict.placeholder(int)  # Preset.
+  c.image_size = 224  # Input resolution (pixels).
+  c.pp = ml_collections.ConfigDict()  # preprocess.PreprocessConfig fields.
+  c.shuffle_buffer = 50_000  # Examples in the shuffle buffer.
+  c.prefetch = 2  # Batches in flight to the devices.
+  # Optimisation.
+  c.batch = 512  # Global training batch.
+  c.batch_eval = 512  # Global evaluation batch.
+  c.accum_steps = 1  # Micro-batches per update (gradient accumulation).
+  c.total_steps = 10_000  # Optimizer updates.
+  c.optimizer = 'sgd'  # 'sgd' (momentum) or 'adam' (decoupled decay).
+  c.base_lr = 0.03  # Peak learning rate.
+  c.warmup_steps = 500  # Linear warm-up from 0.
+  c.decay_type = 'cosine'  # 'cosine', 'linear' or 'constant' after warm-up.
+  c.weight_decay = 0.0  # Decoupled weight decay of matrices.
+  c.momentum = 0.9  # SGD momentum.
+  c.beta1 = 0.9  # Adam beta1.
+  c.beta2 = 0.999  # Adam beta2.
+  c.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
+  c.loss = 'softmax_xent'  # Or 'sigmoid_xent'.
+  c.label_smoothing = 0.0  # Label-smoothing factor.
+  c.ema_decay = ml_collections.config_dict.placeholder(float)  # Polyak.
+  # Sharding.
+  c.mesh = (('data', -1), ('fsdp', 1))  # Mesh axes; fsdp > 1 shards params.
+  c.sharding_rules = (('.*', 'fsdp'),)  # (regex, spec) per parameter path.
+  c.fsdp_min_size = 2**14  # Smaller tensors are replicated under FSDP.
+  # Loop.
+  c.seed = 0  # Run seed (init, dropout, data order).
+  c.log_every = 50  # Steps between training-metric writes.
+  c.eval_every = 1000  # Steps between evaluations (and at the end).
+  c.checkpoint_every = 1000  # Steps between checkpoints (and at the end).
+  c.keep_checkpoints = 3  # Checkpoints kept.
+  c.async_checkpoints = True  # Write checkpoints in the background.
+  c.profile = False  # Capture a profiler trace early in training.
+  return c
+
+
+def parse_args(arg: str | None) -> tuple[list[str], bool]:
+  """Splits 'a,b,runlocal' into (['a', 'b'], runlocal=True)."""
+  parts = [p.strip() for p in (arg or '').split(',') if p.strip()]
+  runlocal = 'runlocal' in parts
+  return [p for p in parts if p != 'runlocal'], runlocal
+
+
+# Short names accepted in config arguments (full registry names work too).
+MODEL_ALIASES = {
+    'ti16': 'ViT-Ti_16', 's16': 'ViT-S_16', 's32': 'ViT-S_32',
+    'b8': 'ViT-B_8', 'b16': 'ViT-B_16', 'b32': 'ViT-B_32',
+    'l16': 'ViT-L_16', 'l32': 'ViT-L_32', 'h14': 'ViT-H_14',
+    'g14': 'ViT-g_14', 'G14': 'ViT-G_14', 'r_ti16': 'R+ViT-Ti_16',
+    'r26_s32': 'R26+ViT-S_32', 'r50_b16': 'R50+ViT-B_16',
+    'r50_l32': 'R50+ViT-L_32', 'mixer_b16': 'Mixer-B_16',
+    'mixer_b32': 'Mixer-B_32', 'mixer_l16': 'Mixer-L_16',
+}
+
+
+def resolve_model(name: str) -> str:
+  """Maps a short name ('b16') or a registry name to the registry name."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  full = MODEL_ALIASES.get(name, name)
+  models.get_config(full)  # Raises with the list of known names.
+  return full
+
+
+def set_runlocal(c: ml_collections.ConfigDict) -> None:
+  """Turns a config into a seconds-long smoke run on digits (CPU).
+
+  The model keeps its family and width but gets 4x4 patches and one block,
+  so a 16-pixel run exercises the real code path in a few seconds.
+  """
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  if models.model_class(c.model_name) is models.MlpMixer:
+    c.model = {'patches': {'size': (4, 4)}, 'num_blocks': 1}
+  elif models.get_config(c.model_name).get('resnet') is not None:
+    c.model = {'resnet': {'num_layers': (), 'width_factor': 0.5},
+               'patches': {'size': (1, 1)}, 'transformer': {'num_layers': 1}}
+  else:
+    c.model = {'patches': {'size': (4, 4)}, 'transformer': {'num_layers': 1}}
+  c.dataset = 'digits'
+  c.image_folder = ''
+  c.num_classes = None
+  c.train_split = None
+  c.eval_split = None
+  c.loss = 'softmax_xent'
+  c.pp = {'inception_crop': False, 'flip': False}
+  c.image_size = 16
+  c.shuffle_buffer = 2000
+  c.batch = 16
+  c.batch_eval = 64
+  c.accum_steps = 1
+  c.total_steps = 4
+  c.warmup_steps = 1
+  c.log_every = 2
+  c.eval_every = 4
+  c.checkpoint_every = 2

@@ -1,0 +1,62 @@
+"""Command line: train, fine-tune or resume a model.
+
+  python -m vit_jax.main --config=configs/digits.py --workdir=/tmp/digits
+  python -m vit_jax.main --config=configs/finetune.py:b16,cifar10 \\
+      --workdir=gs://bucket/run --config.pretrained_path=gs://vit_models/imagenet21k/ViT-B_16.npz
+
+Any config field can be overridden with `--config.<field>=<value>`; unknown
+fields are refused. Multi-host: on a Cloud TPU pod pass `--distributed` (JAX
+finds the coordinator itself); for local multi-process rehearsals pass
+`--coordinator_address`, `--num_processes` and `--process_id` (see
+launch/local.sh). All logic lives in `vit_jax.train.train_and_evaluate`.
+"""
+
+import logging as pylogging
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from vit_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config: configs/<file>.py[:arg].',
+    lock_config=True)
+flags.DEFINE_string('workdir', None, 'Run directory (local or gs://).')
+flags.DEFINE_bool('distributed', False,
+                  'Call jax.distributed.initialize() (TPU pods: automatic).')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, for explicit multi-process runs.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _quiet_orbax(record) -> bool:
+  # orbax logs every file it writes at INFO; keep its warnings and errors.
+  return 'orbax' not in record.pathname or record.levelno >= pylogging.WARNING
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_quiet_orbax)
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    # Collectives between CPU processes (local rehearsals) need gloo; the
+    # option does not affect TPU or GPU backends.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  logging.info('JAX process %d/%d, %d local / %d global devices',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  logging.info('Final evaluation: %s', metrics)
+
+
+if __name__ == '__main__':
+  app.run(main)

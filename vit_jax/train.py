@@ -1,0 +1,542 @@
+"""Training and evaluation: the sharded train step and the main loop.
+
+`train_and_evaluate(config, workdir)` is the main job; `vit_jax.main` is only
+a command-line shell around it. The same code runs on one CPU, a TPU VM and a
+pod: parameters are initialised straight into their shardings, batches are
+global `jax.Array`s, and the step is one `jax.jit` with explicit in/out
+shardings and a donated state.
+"""
+
+from collections.abc import Callable, Mapping
+import functools
+import json
+import os
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vit_jax import checkpoint
+from vit_jax import input_pipeline
+from vit_jax import optim
+from vit_jax import sharding
+from vit_jax import train_state
+import vit_jax.models
+
+METRICS_FILE = 'metrics.jsonl'
+FINAL_PARAMS_FILE = 'final_params.npz'
+CONFIG_FILE = 'config.json'
+LOSSES = ('softmax_xent', 'sigmoid_xent')
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training step reads and writes.
+
+  Attributes:
+    step: Number of updates applied.
+    params: Model parameters.
+    opt_state: Optimizer state.
+    ema_params: Polyak (exponential moving) average of the parameters, or
+      None when `config.ema_decay` is unset.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any = None
+
+
+def _get(config: Any, name: str, default: Any = None) -> Any:
+  value = config.get(name, default)
+  return default if value is None else value
+
+
+def _to_dict(value: Any) -> dict[str, Any]:
+  if value is None:
+    return {}
+  return value.to_dict() if hasattr(value, 'to_dict') else dict(value)
+
+
+def build_model(config: Any, num_classes: int) -> flax.linen.Module:
+  """The registered model `config.model_name` with the config's options.
+
+  Args:
+    config: Provides `model_name` and optionally `model` (get_model
+      overrides), `compute_dtype`, `remat`, `scan`.
+    num_classes: Head size.
+
+  Returns:
+    A flax module.
+  """
+  overrides = _to_dict(_get(config, 'model'))
+  return vit_jax.models.get_model(
+      config.model_name, num_classes=num_classes,
+      dtype=jnp.dtype(_get(config, 'compute_dtype', 'float32')),
+      remat=bool(_get(config, 'remat', False)),
+      scan=bool(_get(config, 'scan', False)), **overrides)
+
+
+def per_example_loss(logits: jax.Array, labels: jax.Array, *,
+                     kind: str = 'softmax_xent',
+                     label_smoothing: float = 0.0) -> jax.Array:
+  """Cross-entropy per example (float32), with optional label smoothing."""
+  logits = logits.astype(jnp.float32)
+  if label_smoothing:
+    labels = optax.smooth_labels(labels, label_smoothing)
+  if kind == 'softmax_xent':
+    return optax.softmax_cross_entropy(logits, labels)
+  if kind == 'sigmoid_xent':
+    return optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1)
+  raise ValueError(f'config.loss={kind!r}; use one of {LOSSES}.')
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array],
+               rng: jax.Array, *, model: flax.linen.Module,
+               tx: optax.GradientTransformation, loss: str = 'softmax_xent',
+               label_smoothing: float = 0.0, accum_steps: int = 1,
+               ema_decay: float | None = None,
+               micro_batch_sharding: Any = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on a global batch; pure.
+
+  The batch is split into `accum_steps` micro-batches whose gradients are
+  averaged inside the step (`lax.scan`), which equals one update on the
+  whole batch with a fraction of the activation memory. Micro-batch k takes
+  every `accum_steps`-th example starting at k, so each micro-batch is spread
+  over all devices. Dropout keys derive from (rng, step, micro-batch), never
+  from the sharding.
+
+  Args:
+    state: Current state.
+    batch: {'image': [B, H, W, 3], 'labels': [B, K]}.
+    rng: Run key; folded with the step number.
+    model: The flax module.
+    tx: The optimizer.
+    loss: 'softmax_xent' or 'sigmoid_xent'.
+    label_smoothing: Label-smoothing factor.
+    accum_steps: Micro-batches per update.
+    ema_decay: Polyak averaging decay, or None.
+    micro_batch_sharding: Sharding of the stacked micro-batches
+      [accum, B / accum, ...] (None outside a mesh).
+
+  Returns:
+    (new state, {'loss', 'grad_norm'} replicated scalars).
+  """
+  step_rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params, images, labels, dropout_rng):
+    logits = model.apply({'params': params}, images, train=True,
+                         rngs={'dropout': dropout_rng})
+    return per_example_loss(logits, labels, kind=loss,
+                            label_smoothing=label_smoothing).mean()
+
+  grad_fn = jax.value_and_grad(loss_fn)
+  if accum_steps == 1:
+    loss_value, grads = grad_fn(state.params, batch['image'], batch['labels'],
+                                step_rng)
+  else:
+    def split(x):
+      x = x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1)
+      if micro_batch_sharding is not None:
+        x = jax.lax.with_sharding_constraint(x, micro_batch_sharding)
+      return x
+
+    micro = jax.tree_util.tree_map(split, dict(batch))
+
+    def body(carry, inputs):
+      k, images, labels = inputs
+      value, grads = grad_fn(state.params, images, labels,
+                             jax.random.fold_in(step_rng, k))
+      return jax.tree_util.tree_map(jnp.add, carry, (value, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32),
+             jax.tree_util.tree_map(jnp.zeros_like, state.params))
+    (loss_value, grads), _ = jax.lax.scan(
+        body, zeros, (jnp.arange(accum_steps), micro['image'],
+                      micro['labels']))
+    loss_value = loss_value / accum_steps
+    grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema_params = state.ema_params
+  if ema_decay:
+    ema_params = jax.tree_util.tree_map(
+        lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema_params, params)
+  new_state = state.replace(step=state.step + 1, params=params,
+                            opt_state=opt_state, ema_params=ema_params)
+  return new_state, {'loss': loss_value, 'grad_norm': optax.global_norm(grads)}
+
+
+def eval_step(params: Any, batch: Mapping[str, jax.Array], *,
+              model: flax.linen.Module,
+              loss: str = 'softmax_xent') -> dict[str, jax.Array]:
+  """Masked sums of loss, top-1 hits and examples over a batch."""
+  logits = model.apply({'params': params}, batch['image'], train=False)
+  mask = batch['mask']
+  losses = per_example_loss(logits, batch['labels'], kind=loss)
+  # Top-1 is a hit when the predicted class is (one of) the labels.
+  hits = jnp.take_along_axis(batch['labels'], logits.argmax(-1)[:, None],
+                             axis=-1)[:, 0] > 0
+  return {'loss': (losses * mask).sum(), 'correct': (hits * mask).sum(),
+          'count': mask.sum()}
+
+
+# ----------------------------------------------------------------------------
+# Setting up a run.
+# ----------------------------------------------------------------------------
+
+
+def validate_config(config: Any, mesh: jax.sharding.Mesh) -> None:
+  """Checks batch, accumulation and loop fields against the mesh.
+
+  Raises:
+    ValueError: naming the field and the fix.
+  """
+  accum = int(_get(config, 'accum_steps', 1))
+  batch = int(config.batch)
+  devices = mesh.devices.size
+  if accum < 1:
+    raise ValueError(f'config.accum_steps={accum} must be >= 1.')
+  if batch <= 0 or batch % accum:
+    raise ValueError(f'config.accum_steps={accum} does not divide '
+                     f'config.batch={batch}.')
+  if (batch // accum) % devices:
+    raise ValueError(
+        f'config.batch={batch} is not divisible by devices x accum_steps = '
+        f'{devices} x {accum}: each micro-batch of {batch // accum} must '
+        f'split evenly over the {devices} devices.')
+  sharding.check_batch_size(batch, mesh, what='config.batch')
+  sharding.check_batch_size(int(_get(config, 'batch_eval', batch)), mesh,
+                            what='config.batch_eval')
+  for field in ('eval_every', 'checkpoint_every', 'log_every'):
+    value = _get(config, field)
+    if value is not None and int(value) <= 0:
+      raise ValueError(f'config.{field}={value} must be positive.')
+  if _get(config, 'loss', 'softmax_xent') not in LOSSES:
+    raise ValueError(f'config.loss={config.loss!r}; use one of {LOSSES}.')
+  ema = _get(config, 'ema_decay')
+  if ema is not None and not 0 <= float(ema) < 1:
+    raise ValueError(f'config.ema_decay={ema} must be in [0, 1).')
+
+
+def create_train_state(config: Any, model: flax.linen.Module,
+                       tx: optax.GradientTransformation,
+                       mesh: jax.sharding.Mesh, rng: jax.Array
+                       ) -> tuple[TrainState, Any, Any]:
+  """Initialises the state directly into its shardings.
+
+  `jax.eval_shape` gives the shapes, the sharding rules give a sharding per
+  leaf, and `jax.jit(init, out_shardings=...)` materialises every shard on
+  its device: no full copy of the parameters ever exists on one device.
+
+  Returns:
+    (state, its shardings, its abstract shapes).
+  """
+  size = int(config.image_size)
+  use_ema = _get(config, 'ema_decay') is not None
+
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32),
+                        train=False)['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params),
+                      ema_params=params if use_ema else None)
+
+  abstract = jax.eval_shape(init, rng)
+  shardings = sharding.tree_shardings(
+      abstract, mesh, tuple(_get(config, 'sharding_rules',
+                                 sharding.DEFAULT_RULES)),
+      int(_get(config, 'fsdp_min_size', sharding.DEFAULT_FSDP_MIN_SIZE)))
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  return state, shardings, abstract
+
+
+def state_from_params(params: Any, tx: optax.GradientTransformation,
+                      shardings: Any, use_ema: bool) -> TrainState:
+  """A fresh state (step 0, new optimizer state) around given parameters."""
+  params = jax.device_put(params, shardings.params)
+
+  def make(params):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params),
+                      ema_params=params if use_ema else None)
+
+  return jax.jit(make, out_shardings=shardings)(params)
+
+
+def make_train_step(config: Any, model: flax.linen.Module,
+                    tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh, state_shardings: Any
+                    ) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
+  """`train_step` jitted once with explicit shardings and a donated state."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  accum = int(_get(config, 'accum_steps', 1))
+  micro = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, mesh.axis_names))
+  step = functools.partial(
+      train_step, model=model, tx=tx,
+      loss=_get(config, 'loss', 'softmax_xent'),
+      label_smoothing=float(_get(config, 'label_smoothing', 0.0)),
+      accum_steps=accum, ema_decay=_get(config, 'ema_decay'),
+      micro_batch_sharding=micro if accum > 1 else None)
+  replicated = sharding.replicated(mesh)
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding,
+                                     replicated),
+                 out_shardings=(state_shardings, replicated),
+                 donate_argnums=(0,))
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends one JSON object per `write_scalars` to `metrics.jsonl`.
+
+  Each line is `{"step": s, "<name>": value, ...}`. On resume from step k,
+  lines of steps after k (written by the interrupted run after its last
+  checkpoint) are dropped first, so the file reads as one uninterrupted run.
+  """
+
+  def __init__(self, path: str, resume_step: int | None = None):
+    self.path = path
+    if resume_step is not None and os.path.exists(path):
+      with open(path) as f:
+        kept = [l for l in f if l.strip() and
+                json.loads(l).get('step', 0) <= resume_step]
+      tmp = path + '.tmp'
+      with open(tmp, 'w') as f:
+        f.writelines(kept)
+      os.replace(tmp, path)
+    self._file = open(path, 'a')
+
+  def write_scalars(self, step, scalars):
+    record = {'step': int(step)}
+    record.update({k: float(v) for k, v in scalars.items()})
+    self._file.write(json.dumps(record) + '\n')
+    self._file.flush()
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def _check_writable(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(
+        f'Cannot write to --workdir={workdir} ({e.strerror}). Choose a '
+        'directory you can write to, or fix its permissions.') from e
+
+
+def _run_meta(config: Any, num_classes: int) -> dict[str, Any]:
+  return {'model_name': config.model_name, 'num_classes': int(num_classes),
+          'model': _to_dict(_get(config, 'model')),
+          'image_size': int(config.image_size),
+          'scan': bool(_get(config, 'scan', False)),
+          'ema': _get(config, 'ema_decay') is not None}
+
+
+# ----------------------------------------------------------------------------
+# The main loop.
+# ----------------------------------------------------------------------------
+
+
+def evaluate(params: Any, eval_fn: Callable[..., Any], dataset: Any,
+             batch_sharding: Any) -> dict[str, float]:
+  """Loss and top-1 accuracy over a padded eval dataset (one host sync)."""
+  totals = None
+  for batch in input_pipeline.prefetch_to_device(
+      dataset.as_numpy_iterator(), batch_sharding):
+    sums = eval_fn(params, batch)
+    totals = sums if totals is None else jax.tree_util.tree_map(
+        jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = max(float(totals['count']), 1.0)
+  return {'eval/loss': float(totals['loss']) / count,
+          'eval/accuracy': float(totals['correct']) / count,
+          'eval/examples': float(totals['count'])}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, float]:
+  """Trains (or fine-tunes, or resumes) and evaluates; the main job.
+
+  Writes into `workdir`: TensorBoard summaries, `metrics.jsonl`, orbax
+  checkpoints under `checkpoints/` (resumed automatically), `config.json`,
+  `class_names.json` and, at the end, `final_params.npz` in the published
+  checkpoint layout (EMA parameters when `ema_decay` is set).
+
+  Args:
+    config: Experiment config (see configs/).
+    workdir: Run directory.
+
+  Returns:
+    The final evaluation metrics.
+
+  Raises:
+    NonFiniteLossError: the loss became NaN/inf; names the step and the last
+      good checkpoint.
+  """
+  _check_writable(workdir)
+  # Random bits must not depend on how arrays are sharded (same dropout on 1
+  # or 256 devices).
+  jax.config.update('jax_threefry_partitionable', True)
+  mesh = sharding.make_mesh(tuple(
+      tuple(a) for a in _get(config, 'mesh', sharding.DEFAULT_MESH)))
+  validate_config(config, mesh)
+  source = input_pipeline.get_source(config)
+  info = input_pipeline.get_dataset_info(config, source)
+  model = build_model(config, info.num_classes)
+  tx, schedule = optim.make_optimizer(config)
+  total_steps = int(config.total_steps)
+  use_ema = _get(config, 'ema_decay') is not None
+
+  init_rng, train_rng = jax.random.split(jax.random.key(int(config.seed)))
+  state, shardings, abstract = create_train_state(config, model, tx, mesh,
+                                                  init_rng)
+  logging.info('Model %s: %s parameters; mesh %s', config.model_name,
+               f'{sum(x.size for x in jax.tree_util.tree_leaves(abstract.params)):,}',
+               dict(mesh.shape))
+  ckpt = train_state.Checkpointer(
+      workdir, _run_meta(config, info.num_classes),
+      keep=int(_get(config, 'keep_checkpoints', 3)),
+      async_save=bool(_get(config, 'async_checkpoints', True)))
+  start = ckpt.latest_step()
+  data_state = None
+  if start is not None:
+    state, data_state = ckpt.restore(
+        start, train_state.abstract_with_shardings(abstract, shardings))
+  else:
+    start = 0
+    if _get(config, 'pretrained_path'):
+      logging.info('Fine-tuning from %s', config.pretrained_path)
+      params = checkpoint.load_pretrained(
+          pretrained_path=config.pretrained_path, init_params=state.params,
+          model_config=model)
+      state = state_from_params(params, tx, shardings, use_ema)
+
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    input_pipeline.write_class_names(workdir, info)
+    with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1))
+  writers = [metric_writers.create_default_writer(
+      workdir, just_logging=not is_writer, asynchronous=False)]
+  if is_writer:
+    writers.append(JsonlWriter(os.path.join(workdir, METRICS_FILE),
+                               resume_step=start))
+  writer = metric_writers.MultiWriter(writers)
+
+  train_iter = input_pipeline.train_iterator(config, state=data_state,
+                                             source=source)
+  start_position = train_iter.position
+  batch_sharding = sharding.batch_sharding(mesh)
+  batches = input_pipeline.prefetch_to_device(
+      train_iter, batch_sharding, size=int(_get(config, 'prefetch', 2)))
+  step_fn = make_train_step(config, model, tx, mesh, shardings)
+  eval_ds, _ = input_pipeline.eval_dataset(config, source=source)
+  eval_fn = jax.jit(
+      functools.partial(eval_step, model=model,
+                        loss=_get(config, 'loss', 'softmax_xent')),
+      in_shardings=(shardings.params, batch_sharding),
+      out_shardings=sharding.replicated(mesh))
+
+  log_every = int(_get(config, 'log_every', 50))
+  eval_every = int(_get(config, 'eval_every', total_steps))
+  checkpoint_every = int(_get(config, 'checkpoint_every', total_steps))
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
+                                           writer=writer, every_secs=30)]
+  if is_writer and _get(config, 'profile', False):
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
+
+  pending: list[tuple[int, dict[str, jax.Array]]] = []
+
+  def flush_train_metrics():
+    """Fetches buffered step metrics (one transfer) and checks the loss."""
+    if not pending:
+      return
+    values = jax.device_get([m for _, m in pending])
+    for (step, _), m in zip(pending, values):
+      if not np.isfinite(m['loss']):
+        ckpt.wait()
+        raise NonFiniteLossError(
+            f'Non-finite training loss ({m["loss"]}) at step {step}. '
+            f'Stopped; the last good checkpoint is step {ckpt.latest_step()} '
+            f'in {ckpt.directory} (nothing newer was saved). Lower base_lr, '
+            'set grad_clip_norm, or check the data.')
+    last = pending[-1][0]
+    writer.write_scalars(last, {
+        'train/loss': float(np.mean([m['loss'] for m in values])),
+        'train/grad_norm': float(np.mean([m['grad_norm'] for m in values])),
+        'train/lr': float(schedule(last - 1))})
+    pending.clear()
+
+  metrics = {}
+  if start >= total_steps:
+    logging.info('Checkpoint step %d >= total_steps %d: nothing to train.',
+                 start, total_steps)
+  for step in range(start + 1, total_steps + 1):
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      state, step_metrics = step_fn(state, next(batches), train_rng)
+    pending.append((step, step_metrics))
+    for hook in hooks:
+      hook(step)
+    last = step == total_steps
+    do_eval = step % eval_every == 0 or last
+    do_checkpoint = step % checkpoint_every == 0 or last
+    if step % log_every == 0 or do_eval or do_checkpoint:
+      flush_train_metrics()  # Never checkpoint an unchecked state.
+    if do_eval:
+      metrics = evaluate(state.ema_params if use_ema else state.params,
+                         eval_fn, eval_ds, batch_sharding)
+      writer.write_scalars(step, metrics)
+    if do_checkpoint:
+      position = start_position + (step - start) * train_iter.batch_size
+      ckpt.save(step, state, {'position': position})
+  ckpt.wait()
+  if not metrics:
+    metrics = evaluate(state.ema_params if use_ema else state.params,
+                       eval_fn, eval_ds, batch_sharding)
+  checkpoint.save(state.ema_params if use_ema else state.params,
+                  os.path.join(workdir, FINAL_PARAMS_FILE))
+  writer.flush()
+  ckpt.close()
+  return metrics
+
