@@ -21,8 +21,10 @@ def config_for(mesh_axes, accum_steps=1):
   from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.get_base()
   c.model_name = 'testing'
-  c.model = {'patches': {'size': (4, 4)},
-             'transformer': {'num_layers': 2, 'dropout_rate': 0.1,
+  # Widths divisible by 8 so that FSDP over 8 devices has work to do.
+  c.model = {'patches': {'size': (4, 4)}, 'hidden_size': 16,
+             'transformer': {'num_layers': 2, 'mlp_dim': 32,
+                             'dropout_rate': 0.1,
                              'attention_dropout_rate': 0.1}}
   c.image_size = 16
   c.batch = GLOBAL_BATCH

@@ -176,7 +176,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
         lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema_params, params)
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state, ema_params=ema_params)
-  return new_state, {'loss': loss_value, 'grad_norm': optax.global_norm(grads)}
+  return new_state, {'loss': loss_value, 'grad_norm': optax.tree.norm(grads)}
 
 
 def eval_step(params: Any, batch: Mapping[str, jax.Array], *,
