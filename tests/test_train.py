@@ -328,3 +328,26 @@ def test_checkpointer_reports_a_different_model(tmp_path):
   with pytest.raises(train_state.IncompatibleCheckpointError,
                      match="model_name: checkpoint 'A' vs config 'B'"):
     reader.restore(1, jax.eval_shape(lambda: state))
+
+
+def test_tpu_launch_scripts_issue_the_expected_commands():
+  env = dict(os.environ, DRY_RUN='1', PROJECT='my-project', TPU_NAME='pod',
+             ACCELERATOR='v4-32')
+  launch = os.path.join(REPO, 'launch')
+  for script in glob.glob(os.path.join(launch, '*.sh')):
+    subprocess.run(['bash', '-n', script], check=True)
+
+  def dry(script, *args):
+    return subprocess.run(['bash', os.path.join(launch, script), *args],
+                          env=env, capture_output=True, text=True,
+                          check=True).stdout
+
+  assert 'tpu-vm create pod' in dry('tpu_create.sh')
+  assert '--accelerator-type=v4-32' in dry('tpu_create.sh')
+  run = dry('tpu_run.sh', '--config=configs/finetune.py:b16,cifar10',
+            '--workdir=gs://bucket/run')
+  assert 'tpu-vm ssh pod' in run and '--worker=all' in run
+  assert 'vit_jax.main' in run and 'distributed' in run
+  assert 'gs://bucket/run' in run
+  assert '--worker=all' in dry('tpu_setup.sh')
+  assert 'tpu-vm delete pod' in dry('tpu_delete.sh')
