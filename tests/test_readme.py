@@ -25,9 +25,22 @@ def test_models_example_runs():
   assert 'attention_weights' in str(namespace['state'])
 
 
-def test_ci_runs_the_readme_commands():
+def _setup_commands():
   (setup,) = _code_blocks(_section('Set up'), 'bash')
-  commands = [line.split('#')[0].strip() for line in setup.splitlines()]
+  return [c for c in (line.split('#')[0].strip() for line in
+                      setup.splitlines()) if c]
+
+
+def test_ci_runs_the_readme_install_and_test_commands():
+  install, main_job, tests = _setup_commands()
   ci = (README.parent / '.ci' / 'run').read_text()
-  for command in filter(None, commands):
-    assert command in ci, command
+  assert install in ci and tests in ci
+  assert main_job.startswith('python -m vit_jax.main --config=configs/')
+
+
+def test_readme_main_job_is_the_digits_config_command():
+  main_job = _setup_commands()[1]
+  config = re.search(r'--config=(\S+)', main_job).group(1)
+  assert (README.parent / config).exists()
+  docstring = (README.parent / config).read_text().split('"""')[1]
+  assert main_job.split(' --workdir')[0] in docstring

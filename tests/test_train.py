@@ -351,3 +351,26 @@ def test_tpu_launch_scripts_issue_the_expected_commands():
   assert 'gs://bucket/run' in run
   assert '--worker=all' in dry('tpu_setup.sh')
   assert 'tpu-vm delete pod' in dry('tpu_delete.sh')
+
+
+def test_non_finite_loss_stops_and_names_the_step(tmp_path):
+  config = load_config('digits.py', 'runlocal')
+  config.tfds_data_dir = str(tmp_path / 'tfds')
+  config.optimizer = 'sgd'
+  config.base_lr = 1e30
+  config.grad_clip_norm = 0.0
+  config.total_steps = 6
+  config.log_every = 1
+  config.checkpoint_every = 1
+  config.async_checkpoints = False
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'at step (\d+)\. Stopped; the last good checkpoint '
+                     r'is step \d+') as e:
+    train.train_and_evaluate(config, workdir)
+  bad_step = int(e.value.args[0].split('at step ')[1].split('.')[0])
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir,
+                                                         'checkpoints'))
+                 if s.isdigit())
+  assert saved and max(saved) == bad_step - 1
+  assert not os.path.exists(os.path.join(workdir, train.FINAL_PARAMS_FILE))

@@ -496,11 +496,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     for (step, _), m in zip(pending, values):
       if not np.isfinite(m['loss']):
         ckpt.wait()
+        good = ckpt.latest_step()
+        last_good = (f'the last good checkpoint is step {good} in '
+                     f'{ckpt.directory}' if good is not None else
+                     'no checkpoint had been saved yet')
         raise NonFiniteLossError(
-            f'Non-finite training loss ({m["loss"]}) at step {step}. '
-            f'Stopped; the last good checkpoint is step {ckpt.latest_step()} '
-            f'in {ckpt.directory} (nothing newer was saved). Lower base_lr, '
-            'set grad_clip_norm, or check the data.')
+            f'Non-finite training loss ({m["loss"]}) at step {step}. Stopped; '
+            f'{last_good} (nothing newer was written). Lower base_lr, set '
+            'grad_clip_norm, or check the data.')
     last = pending[-1][0]
     writer.write_scalars(last, {
         'train/loss': float(np.mean([m['loss'] for m in values])),
