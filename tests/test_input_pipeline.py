@@ -98,11 +98,13 @@ def _fingerprints(batches):
 def test_digits_builder_yields_the_documented_split(tfds_dir):
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   builder = tfds.builder('digits', data_dir=tfds_dir)
-  assert builder.info.splits['train'].num_examples == 1497
-  assert builder.info.splits['test'].num_examples == 300
+  assert builder.info.splits['train'].num_examples == 1498
+  assert builder.info.splits['test'].num_examples == 299
   digits = datasets.load_digits()
+  assert len(digits.images) == 1797
   expected_images = np.round(digits.images * 255 / 16).astype(np.uint8)
-  for split, indices in (('train', slice(0, 1497)), ('test', slice(1497, None))):
+  is_test = np.arange(1797) % 6 == 5
+  for split, indices in (('train', ~is_test), ('test', is_test)):
     examples = list(tfds.as_numpy(builder.as_dataset(split=split)))
     labels = np.array([e['label'] for e in examples])
     assert set(labels) == set(range(10))
@@ -122,7 +124,7 @@ def test_digits_goes_through_the_tfds_code_path(tfds_dir):
   assert isinstance(source.builder, tfds.core.DatasetBuilder)
   info = input_pipeline.get_dataset_info(digits_config(tfds_dir))
   assert (info.num_classes, info.num_train_examples,
-          info.num_eval_examples) == (10, 1497, 300)
+          info.num_eval_examples) == (10, 1498, 299)
   holdout = input_pipeline.get_dataset_info(
       digits_config(tfds_dir, eval_split='holdout'))
   assert holdout.eval_split == 'train[90%:]'
@@ -165,11 +167,12 @@ def test_eval_yields_each_example_once_on_1_2_8_devices(tfds_dir,
   ds, num_batches = input_pipeline.eval_dataset(config)
   batches = list(input_pipeline.prefetch_to_device(
       ds.as_numpy_iterator(), sharding.batch_sharding(mesh)))
-  assert len(batches) == num_batches == 6  # ceil(300 / 56)
+  assert len(batches) == num_batches == 6  # ceil(299 / 56)
   assert all(len(b['image'].sharding.device_set) == num_devices
              for b in batches)
-  assert sum(float(b['mask'].sum()) for b in batches) == 300
-  np.testing.assert_array_equal(np.asarray(batches[-1]['mask'])[-36:], 0)
+  assert sum(float(b['mask'].sum()) for b in batches) == 299
+  np.testing.assert_array_equal(np.asarray(batches[-1]['mask'])[-37:], 0)
+  assert np.asarray(batches[-1]['mask'])[-38] == 1
   assert _fingerprints(batches) == _single_pass_fingerprints(config, 'test')
 
 
@@ -273,7 +276,7 @@ def test_eval_exactly_once_with_two_jax_processes(tfds_dir, tmp_path):
   for result in results:
     assert result['devices'] == 8
     assert result['num_batches'] == 5  # ceil(150 per process / 32)
-    assert result['total'] == 300
+    assert result['total'] == 299
     assert result['counts'] == [labels[i] for i in range(10)]
     assert result['train_shape'] == [16, 8, 8, 3]
   assert results[0]['checksum'] == pytest.approx(results[1]['checksum'])

@@ -4,10 +4,13 @@
 Recognition of Handwritten Digits" test set, bundled with scikit-learn), so a
 newcomer can train on real images with no download.
 
-Split (fixed, documented): in scikit-learn's order, the first 1,497 examples
-are `train` and the last 300 are `test`. Pixel values 0..16 are stored as
-uint8 0..255 (x * 255 / 16, rounded). Every tfds slicing works, e.g.
-`train[:90%]` / `train[90%:]` for a held-out validation slice.
+Split (fixed, documented): in scikit-learn's order, every sixth example
+(index % 6 == 5) is `test` (299 examples), the other 1,498 are `train`.
+scikit-learn's order groups the images by writer, so interleaving puts every
+writer in both splits (a "first n / last m" split would test on unseen
+writers only). Pixel values 0..16 are stored as uint8 0..255 (x * 255 / 16,
+rounded). Every tfds slicing works, e.g. `train[:90%]` / `train[90%:]` for a
+held-out validation slice.
 """
 
 import contextlib
@@ -17,16 +20,21 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-NUM_TRAIN = 1497
-NUM_TEST = 300
+NUM_TRAIN = 1498
+NUM_TEST = 299
 NUM_EXAMPLES = NUM_TRAIN + NUM_TEST
+TEST_EVERY = 6  # Index % 6 == 5 -> test.
 
 
 class Digits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's 8x8 handwritten digits (local; no download)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release: first 1,497 train, last 300 test.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release: first 1,497 train, last 300 test.',
+      '1.1.0': 'Interleaved split: index % 6 == 5 is test (299), so every '
+               'writer appears in train and test.',
+  }
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -43,11 +51,11 @@ class Digits(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # The data ships with scikit-learn.
     return {
-        'train': self._generate_examples(0, NUM_TRAIN),
-        'test': self._generate_examples(NUM_TRAIN, NUM_EXAMPLES),
+        'train': self._generate_examples(test=False),
+        'test': self._generate_examples(test=True),
     }
 
-  def _generate_examples(self, start, stop):
+  def _generate_examples(self, test):
     from sklearn import datasets  # pylint: disable=g-import-not-at-top
     digits = datasets.load_digits()
     if len(digits.images) != NUM_EXAMPLES:
@@ -55,8 +63,10 @@ class Digits(tfds.core.GeneratorBasedBuilder):
           f'scikit-learn returned {len(digits.images)} digits, expected '
           f'{NUM_EXAMPLES}: the documented split no longer applies.')
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    for i in range(start, stop):
-      yield i, {'image': images[i][..., None], 'label': int(digits.target[i])}
+    for i in range(NUM_EXAMPLES):
+      if (i % TEST_EVERY == TEST_EVERY - 1) == test:
+        yield i, {'image': images[i][..., None],
+                  'label': int(digits.target[i])}
 
 
 @contextlib.contextmanager
