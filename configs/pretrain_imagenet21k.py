@@ -12,7 +12,6 @@ one folder per class (or set `dataset` to a tfds dataset you have).
 """
 
 from vit_jax import config_lib
-from vit_jax import models
 
 IMAGENET21K_IMAGES = 14_197_122
 EPOCHS = 90
@@ -21,25 +20,13 @@ EPOCHS = 90
 def get_config(arg='b16'):
   """Returns the config for `<model>[,runlocal]`."""
   args, runlocal = config_lib.parse_args(arg)
-  c = config_lib.get_base()
-  c.model_name = config_lib.resolve_model(args[0] if args else 'b16')
-  hidden = models.get_config(c.model_name).get('hidden_size')
-  c.model = {'representation_size': hidden,
-             'transformer': {'dropout_rate': 0.1}}
+  c = config_lib.pretraining_base(args[0] if args else 'b16', dropout=0.1)
   c.dataset = 'image_folder'
   c.image_folder_test_percent = 1
-  c.image_size = 224
-  c.optimizer = 'adam'
-  c.batch = 4096
-  c.batch_eval = 4096
   c.base_lr = 1e-3
-  c.warmup_steps = 10_000
   c.decay_type = 'linear'
   c.weight_decay = 0.03
-  c.grad_clip_norm = 1.0
   c.total_steps = EPOCHS * IMAGENET21K_IMAGES // c.batch
-  c.eval_every = 10_000
-  c.checkpoint_every = 2_000
   if runlocal:
     config_lib.set_runlocal(c)
   return c

@@ -11,7 +11,6 @@ LR by model: B 8e-4, L/32 6e-4, L/16 4e-4, H/14 3e-4. JFT is private: point
 """
 
 from vit_jax import config_lib
-from vit_jax import models
 
 JFT_IMAGES = 303_000_000
 BASE_LR = {'ViT-B_16': 8e-4, 'ViT-B_32': 8e-4, 'ViT-L_32': 6e-4,
@@ -22,26 +21,14 @@ EPOCHS = {'ViT-L_16': 7, 'ViT-H_14': 14}
 def get_config(arg='l16'):
   """Returns the config for `<model>[,runlocal]`."""
   args, runlocal = config_lib.parse_args(arg)
-  c = config_lib.get_base()
-  c.model_name = config_lib.resolve_model(args[0] if args else 'l16')
-  hidden = models.get_config(c.model_name).get('hidden_size')
-  c.model = {'representation_size': hidden,
-             'transformer': {'dropout_rate': 0.0}}
+  c = config_lib.pretraining_base(args[0] if args else 'l16', dropout=0.0)
   c.dataset = 'image_folder'
   c.image_folder_test_percent = 1
   c.loss = 'sigmoid_xent'
-  c.image_size = 224
-  c.optimizer = 'adam'
-  c.batch = 4096
-  c.batch_eval = 4096
   c.base_lr = BASE_LR.get(c.model_name, 8e-4)
-  c.warmup_steps = 10_000
   c.decay_type = 'linear'
   c.weight_decay = 0.1
-  c.grad_clip_norm = 1.0
   c.total_steps = EPOCHS.get(c.model_name, 7) * JFT_IMAGES // c.batch
-  c.eval_every = 10_000
-  c.checkpoint_every = 2_000
   if runlocal:
     config_lib.set_runlocal(c)
   return c

@@ -122,3 +122,34 @@ def set_runlocal(c: ml_collections.ConfigDict) -> None:
   c.log_every = 2
   c.eval_every = 4
   c.checkpoint_every = 2
+
+
+def pretraining_base(model_arg: str, *, dropout: float
+                     ) -> ml_collections.ConfigDict:
+  """What the paper's pre-training rows share (Table 3, Appendix B.1).
+
+  Adam (β1 0.9, β2 0.999), batch 4096, 10k linear warm-up steps, clipping at
+  global norm 1, 224 px, and a tanh representation layer of the model's width.
+
+  Args:
+    model_arg: Registry or short model name.
+    dropout: Transformer dropout rate of the row.
+
+  Returns:
+    A base config; the caller sets dataset, lr, decay, weight decay, steps.
+  """
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  c = get_base()
+  c.model_name = resolve_model(model_arg)
+  hidden = models.get_config(c.model_name).get('hidden_size')
+  c.model = {'representation_size': hidden,
+             'transformer': {'dropout_rate': dropout}}
+  c.image_size = 224
+  c.optimizer = 'adam'
+  c.batch = 4096
+  c.batch_eval = 4096
+  c.warmup_steps = 10_000
+  c.grad_clip_norm = 1.0
+  c.eval_every = 10_000
+  c.checkpoint_every = 2_000
+  return c
