@@ -471,6 +471,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   batches = input_pipeline.prefetch_to_device(
       train_iter, batch_sharding, size=int(_get(config, 'prefetch', 2)))
   step_fn = make_train_step(config, model, tx, mesh, shardings)
+  # Placed once: a key on one device would be re-sharded at every step.
+  train_rng = jax.device_put(train_rng, sharding.replicated(mesh))
   eval_ds, _ = input_pipeline.eval_dataset(config, source=source)
   eval_fn = jax.jit(
       functools.partial(eval_step, model=model,
