@@ -374,3 +374,36 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path):
                  if s.isdigit())
   assert saved and max(saved) == bad_step - 1
   assert not os.path.exists(os.path.join(workdir, train.FINAL_PARAMS_FILE))
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  config = load_config('digits.py', 'runlocal')
+  config.tfds_data_dir = str(tmp_path / 'tfds')
+  config.total_steps = 6
+  config.log_every = 1
+  config.eval_every = 6
+  config.checkpoint_every = 2
+  config.model.transformer.dropout_rate = 0.1  # Dropout keys must resume too.
+  config.pp.inception_crop = True  # So must the augmentation.
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  train.train_and_evaluate(config, straight)
+  train.train_and_evaluate(config, resumed)
+  # As if killed after the checkpoint of step 4 was written.
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '6'))
+  os.remove(os.path.join(resumed, train.FINAL_PARAMS_FILE))
+  train.train_and_evaluate(config, resumed)
+
+  def train_lines(workdir):
+    lines = [json.loads(l) for l in open(os.path.join(workdir,
+                                                      train.METRICS_FILE))]
+    return [(l['step'], l['train/loss']) for l in lines if 'train/loss' in l]
+
+  assert train_lines(resumed) == train_lines(straight)
+  assert [s for s, _ in train_lines(resumed)] == [1, 2, 3, 4, 5, 6]
+  a = checkpoint.flatten(checkpoint.load(os.path.join(
+      straight, train.FINAL_PARAMS_FILE)))
+  b = checkpoint.flatten(checkpoint.load(os.path.join(
+      resumed, train.FINAL_PARAMS_FILE)))
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -12,6 +12,7 @@ so a run killed mid-save leaves the previous steps intact.
 """
 
 from collections.abc import Mapping
+import json
 import os
 from typing import Any
 
@@ -46,7 +47,8 @@ class Checkpointer:
   def __init__(self, workdir: str, meta: Mapping[str, Any], *, keep: int = 3,
                async_save: bool = True):
     self.directory = os.path.join(workdir, CHECKPOINT_DIR)
-    self.meta = dict(meta)
+    # Compared with what JSON gives back (tuples come back as lists).
+    self.meta = json.loads(json.dumps(dict(meta)))
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
