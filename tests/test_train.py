@@ -407,3 +407,65 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
       resumed, train.FINAL_PARAMS_FILE)))
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_bfloat16_and_scan_remat_train_steps():
+  mesh = sharding.make_mesh(DATA_PARALLEL)
+  batch = next(train_worker.global_batches())
+  params = None
+  results = {}
+  for name, extra in (('loop', {}), ('scan_remat', {'scan': True,
+                                                     'remat': True}),
+                      ('bf16', {'compute_dtype': 'bfloat16'})):
+    config = train_worker.config_for(DATA_PARALLEL)
+    config.warmup_steps = 0
+    # Scanned blocks draw their dropout keys differently from the unrolled
+    # loop, so compare the computations without dropout.
+    config.model.transformer.dropout_rate = 0.0
+    config.model.transformer.attention_dropout_rate = 0.0
+    config.update(extra)
+    model = train.build_model(config, num_classes=7)
+    tx, _ = optim.make_optimizer(config)
+    state, shardings, _ = train.create_train_state(config, model, tx, mesh,
+                                                   jax.random.key(0))
+    if params is None:  # A random head: logits depend on every layer.
+      params = jax.device_get(state.params)
+      params['head']['kernel'] = np.random.default_rng(0).normal(
+          size=params['head']['kernel'].shape).astype(np.float32)
+    start = (checkpoint.stack_encoder_blocks(params) if config.scan
+             else params)
+    state = train.state_from_params(start, tx, shardings, use_ema=False)
+    step_fn = train.make_train_step(config, model, tx, mesh, shardings)
+    state, metrics = step_fn(state, batch, jax.random.key(1))
+    assert all(x.dtype == jnp.float32
+               for x in jax.tree_util.tree_leaves(state.params))
+    results[name] = (float(metrics['loss']), checkpoint.flatten(
+        checkpoint.unstack_encoder_blocks(jax.device_get(state.params))))
+  loop_loss, loop_params = results['loop']
+  assert np.isfinite(loop_loss) and abs(loop_loss - np.log(7)) > 0.05
+  scan_loss, scan_params = results['scan_remat']
+  np.testing.assert_allclose(scan_loss, loop_loss, rtol=1e-5)
+  for key, value in loop_params.items():
+    np.testing.assert_allclose(scan_params[key], value, atol=1e-5, rtol=1e-4,
+                               err_msg=key)
+  np.testing.assert_allclose(results['bf16'][0], loop_loss, rtol=0.05)
+
+
+def test_weight_decay_applies_to_kernels_only_in_any_layout():
+  config = train_worker.config_for(DATA_PARALLEL)
+  tx, _ = optim.make_optimizer(config)
+  for scan in (False, True):
+    config.scan = scan
+    model = train.build_model(config, num_classes=7)
+    params = jax.eval_shape(lambda m=model: m.init(
+        jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False))['params']
+    masks = checkpoint.flatten(optim._decay_mask(params))  # pylint: disable=protected-access
+    assert masks['Transformer/encoderblock' + ('' if scan else '_0') +
+                 '/MlpBlock_0/Dense_0/kernel']
+    assert not masks['Transformer/encoderblock' + ('' if scan else '_0') +
+                     '/LayerNorm_0/scale']
+    assert not masks['Transformer/encoderblock' + ('' if scan else '_0') +
+                     '/MultiHeadDotProductAttention_0/query/bias']
+    assert masks['embedding/kernel'] and masks['head/kernel']
+    assert not masks['Transformer/posembed_input/pos_embedding']
+  del tx

@@ -2,7 +2,7 @@
 
 Config fields: `optimizer` ('adam' | 'sgd'), `base_lr`, `total_steps`,
 `warmup_steps`, `decay_type` ('linear' | 'cosine' | 'constant'),
-`weight_decay`, `grad_clip_norm` (None or 0 disables), `beta1`, `beta2`,
+`weight_decay` (of kernels only), `grad_clip_norm` (None or 0 disables), `beta1`, `beta2`,
 `momentum`.
 
 Recipes (paper §4.1, Appendix B.1): pre-training uses Adam (β1 0.9, β2 0.999)
@@ -64,8 +64,11 @@ def make_schedule(config: Any) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  # Decay matrices and embeddings, not biases or normalisation parameters.
-  return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+  # Decay weight matrices (every `kernel`: dense, attention, convolutions,
+  # head), not biases, norms or embeddings. By name, not by rank: scanned
+  # layouts stack norms into matrices and attention biases are 2-D.
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
 
 
 def make_optimizer(config: Any) -> tuple[optax.GradientTransformation,
