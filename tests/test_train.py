@@ -469,3 +469,23 @@ def test_weight_decay_applies_to_kernels_only_in_any_layout():
     assert masks['embedding/kernel'] and masks['head/kernel']
     assert not masks['Transformer/posembed_input/pos_embedding']
   del tx
+
+
+@pytest.mark.parametrize('remote', [False, True])
+def test_metrics_jsonl_writer_local_and_remote(tmp_path, remote):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = (f'ram://{tmp_path}/metrics.jsonl' if remote
+          else str(tmp_path / 'metrics.jsonl'))
+  writer = train.JsonlWriter(path)
+  for step in (1, 2, 3):
+    writer.write_scalars(step, {'train/loss': np.float32(1.0 / step)})
+  writer.close()
+  read = lambda: [json.loads(l) for l in tf.io.gfile.GFile(path).read(
+      ).splitlines()]
+  assert [r['step'] for r in read()] == [1, 2, 3]
+  assert read()[1] == {'step': 2, 'train/loss': 0.5}
+  resumed = train.JsonlWriter(path, resume_step=2)  # Drops step 3.
+  resumed.write_scalars(3, {'train/loss': 0.25})
+  resumed.close()
+  assert [(r['step'], r['train/loss']) for r in read()] == [
+      (1, 1.0), (2, 0.5), (3, 0.25)]

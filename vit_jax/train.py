@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tensorflow as tf
 
 from vit_jax import checkpoint
 from vit_jax import input_pipeline
@@ -304,25 +305,39 @@ class JsonlWriter(metric_writers.MetricWriter):
   Each line is `{"step": s, "<name>": value, ...}`. On resume from step k,
   lines of steps after k (written by the interrupted run after its last
   checkpoint) are dropped first, so the file reads as one uninterrupted run.
+  Local files are appended to; remote ones (gs://, which cannot be appended
+  to) are rewritten whole, atomically, at each write.
   """
 
   def __init__(self, path: str, resume_step: int | None = None):
     self.path = path
-    if resume_step is not None and os.path.exists(path):
-      with open(path) as f:
-        kept = [l for l in f if l.strip() and
-                json.loads(l).get('step', 0) <= resume_step]
-      tmp = path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(kept)
-      os.replace(tmp, path)
-    self._file = open(path, 'a')
+    self._remote = '://' in path
+    self._lines = []
+    if tf.io.gfile.exists(path):
+      with tf.io.gfile.GFile(path) as f:
+        self._lines = [l for l in f.read().splitlines() if l.strip()]
+      if resume_step is not None:
+        self._lines = [l for l in self._lines
+                       if json.loads(l).get('step', 0) <= resume_step]
+    self._rewrite()
+    self._file = None if self._remote else open(path, 'a')
+
+  def _rewrite(self):
+    tmp = self.path + '.tmp'
+    with tf.io.gfile.GFile(tmp, 'w') as f:
+      f.write(''.join(l + '\n' for l in self._lines))
+    tf.io.gfile.rename(tmp, self.path, overwrite=True)
 
   def write_scalars(self, step, scalars):
     record = {'step': int(step)}
     record.update({k: float(v) for k, v in scalars.items()})
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+    line = json.dumps(record)
+    if self._remote:
+      self._lines.append(line)
+      self._rewrite()
+    else:
+      self._file.write(line + '\n')
+      self._file.flush()
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -346,22 +361,25 @@ class JsonlWriter(metric_writers.MetricWriter):
     pass
 
   def flush(self):
-    self._file.flush()
+    if self._file:
+      self._file.flush()
 
   def close(self):
-    self._file.close()
+    if self._file:
+      self._file.close()
 
 
 def _check_writable(workdir: str) -> None:
+  probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
-    with open(probe, 'w') as f:
+    tf.io.gfile.makedirs(workdir)
+    with tf.io.gfile.GFile(probe, 'w') as f:
       f.write('ok')
-    os.remove(probe)
-  except OSError as e:
+    tf.io.gfile.remove(probe)
+  except (OSError, tf.errors.OpError) as e:
+    reason = getattr(e, 'strerror', None) or getattr(e, 'message', str(e))
     raise PermissionError(
-        f'Cannot write to --workdir={workdir} ({e.strerror}). Choose a '
+        f'Cannot write to --workdir={workdir} ({reason}). Choose a '
         'directory you can write to, or fix its permissions.') from e
 
 
@@ -455,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   is_writer = jax.process_index() == 0
   if is_writer:
     input_pipeline.write_class_names(workdir, info)
-    with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+    with tf.io.gfile.GFile(os.path.join(workdir, CONFIG_FILE), 'w') as f:
       f.write(config.to_json_best_effort(indent=1))
   writers = [metric_writers.create_default_writer(
       workdir, just_logging=not is_writer, asynchronous=False)]
