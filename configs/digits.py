@@ -1,6 +1,6 @@
 r"""A small ViT trained from scratch on the bundled digits dataset.
 
-The main job: about five minutes on a 2-core CPU, no download.
+The main job: a few minutes on a 2-core CPU, no download.
 
   python -m vit_jax.main --config=configs/digits.py --workdir=/tmp/vit_digits
 
@@ -17,9 +17,10 @@ def get_config(arg=None):
   c.dataset = 'digits'
   c.model_name = 'ViT-Ti_16'
   # Ti width (192, 3 heads) with 4x4 patches on 16x16 upsampled digits: each
-  # patch sees 2x2 original pixels; 4 blocks suffice for this small task.
+  # patch sees 2x2 original pixels. Two blocks trained twice as long beat
+  # four blocks in the same time (README: expected results).
   c.model = {'patches': {'size': (4, 4)},
-             'transformer': {'num_layers': 4, 'dropout_rate': 0.1}}
+             'transformer': {'num_layers': 2, 'dropout_rate': 0.1}}
   c.image_size = 16
   c.pp = {'inception_crop': True, 'crop_area_range': (0.7, 1.0),
           'flip': False}
@@ -30,12 +31,13 @@ def get_config(arg=None):
   c.base_lr = 1e-3
   c.weight_decay = 0.05
   c.warmup_steps = 50
-  c.total_steps = 600
+  c.total_steps = 1200
   c.decay_type = 'cosine'
   c.label_smoothing = 0.1
+  c.ema_decay = 0.99  # Evaluate (and export) the Polyak average.
   c.log_every = 20
-  c.eval_every = 200
-  c.checkpoint_every = 200
+  c.eval_every = 300
+  c.checkpoint_every = 300
   if runlocal:
     config_lib.set_runlocal(c)
   return c
