@@ -5,7 +5,20 @@ field is documented here once. Field names are a contract (scripts, docs and
 `metrics.jsonl` rely on them).
 """
 
+from typing import Any
+
 import ml_collections
+
+
+def get(config: Any, name: str, default: Any = None) -> Any:
+  """`config.name`, or `default` when the field is absent or None.
+
+  Works on ConfigDicts, dicts and plain objects, so library functions accept
+  partial configs (tests, notebooks) as well as the full experiment configs.
+  """
+  value = config.get(name, default) if hasattr(config, 'get') else getattr(
+      config, name, default)
+  return default if value is None else value
 
 
 def get_base() -> ml_collections.ConfigDict:

@@ -43,6 +43,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import config_lib
 from vit_jax import preprocess
 from vit_jax import sharding as sharding_lib
 from vit_jax import datasets as local_datasets
@@ -78,12 +79,6 @@ class DatasetNotPreparedError(RuntimeError):
 
 class BadImageError(ValueError):
   """An image file that cannot be decoded."""
-
-
-def _get(config: Any, name: str, default: Any = None) -> Any:
-  value = config.get(name, default) if hasattr(config, 'get') else getattr(
-      config, name, default)
-  return default if value is None else value
 
 
 # ----------------------------------------------------------------------------
@@ -319,23 +314,23 @@ class DatasetInfo:
 
 def get_source(config: Any) -> TfdsSource | ImageFolderSource:
   """Returns the data source named by `config.dataset`."""
-  name = _get(config, 'dataset')
+  name = config_lib.get(config, 'dataset')
   if not name:
     raise ValueError('config.dataset is not set: use a tfds name, '
                      f"'digits' or {IMAGE_FOLDER!r}.")
   if name == IMAGE_FOLDER:
     return ImageFolderSource(
-        _get(config, 'image_folder'),
-        test_percent=_get(config, 'image_folder_test_percent', 10),
-        skip_bad_images=_get(config, 'skip_bad_images', False))
-  return TfdsSource(name, _get(config, 'tfds_data_dir'),
-                    _get(config, 'tfds_download', False))
+        config_lib.get(config, 'image_folder'),
+        test_percent=config_lib.get(config, 'image_folder_test_percent', 10),
+        skip_bad_images=config_lib.get(config, 'skip_bad_images', False))
+  return TfdsSource(name, config_lib.get(config, 'tfds_data_dir'),
+                    config_lib.get(config, 'tfds_download', False))
 
 
 def _splits(config: Any) -> tuple[str, str]:
-  preset = DATASET_PRESETS.get(_get(config, 'dataset'), {})
-  train = _get(config, 'train_split', preset.get('train', 'train'))
-  evaluation = _get(config, 'eval_split', preset.get('test', 'test'))
+  preset = DATASET_PRESETS.get(config_lib.get(config, 'dataset'), {})
+  train = config_lib.get(config, 'train_split', preset.get('train', 'train'))
+  evaluation = config_lib.get(config, 'eval_split', preset.get('test', 'test'))
   if evaluation == 'holdout':
     if 'holdout' not in preset:
       raise ValueError(
@@ -350,7 +345,7 @@ def get_dataset_info(config: Any, source: Any = None) -> DatasetInfo:
   """Describes the configured dataset (classes, splits, sizes)."""
   source = source or get_source(config)
   preset = DATASET_PRESETS.get(config.dataset, {})
-  num_classes = _get(config, 'num_classes', preset.get('num_classes')) or (
+  num_classes = config_lib.get(config, 'num_classes', preset.get('num_classes')) or (
       source.num_classes)
   if not num_classes:
     raise ValueError(f'Cannot tell the number of classes of '
@@ -382,7 +377,7 @@ def write_class_names(workdir: str, info: DatasetInfo) -> str | None:
 
 def check_image_size(config: Any) -> None:
   """Raises if `config.image_size` does not fit `config.model_name`."""
-  image_size, name = _get(config, 'image_size'), _get(config, 'model_name')
+  image_size, name = config_lib.get(config, 'image_size'), config_lib.get(config, 'model_name')
   if not image_size or image_size <= 0:
     raise ValueError(f'config.image_size={image_size!r} must be a positive '
                      'number of pixels.')
@@ -408,7 +403,7 @@ def _preprocess_config(config: Any, num_classes: int
                        ) -> preprocess.PreprocessConfig:
   preset = DATASET_PRESETS.get(config.dataset, {}).get('pp', {})
   pp = dict(preset)
-  if _get(config, 'pp') is not None:
+  if config_lib.get(config, 'pp') is not None:
     pp.update(dict(config.pp.items()))
   return preprocess.PreprocessConfig.from_config(
       pp, image_size=config.image_size, num_classes=num_classes)
@@ -457,8 +452,8 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
                       self.batch_size)
     self.position = int(position)
     pp = _preprocess_config(config, self.info.num_classes)
-    seed = int(_get(config, 'seed', 0))
-    buffer = int(_get(config, 'shuffle_buffer', 50_000))
+    seed = int(config_lib.get(config, 'seed', 0))
+    buffer = int(config_lib.get(config, 'shuffle_buffer', 50_000))
     self._dataset = _train_dataset(
         shard, pp, seed=seed, process_index=process_index,
         shuffle_buffer=buffer, batch_size=self.batch_size,
@@ -540,7 +535,7 @@ def eval_dataset(config: Any, split: str | None = None, *,
   info = get_dataset_info(config, source)
   split = split or info.eval_split
   batch_size = _local_batch_size(
-      _get(config, 'batch_eval', config.batch), process_count,
+      config_lib.get(config, 'batch_eval', config.batch), process_count,
       'config.batch_eval')
   shard = source.shard(split, process_index, process_count)
   num_batches = math.ceil(shard.max_num_examples / batch_size)

@@ -15,13 +15,10 @@ from typing import Any
 import jax
 import optax
 
+from vit_jax import config_lib
+
 OPTIMIZERS = ('adam', 'sgd')
 DECAY_TYPES = ('linear', 'cosine', 'constant')
-
-
-def _get(config, name, default=None):
-  value = config.get(name, default)
-  return default if value is None else value
 
 
 def make_schedule(config: Any) -> optax.Schedule:
@@ -39,8 +36,8 @@ def make_schedule(config: Any) -> optax.Schedule:
   """
   base_lr = float(config.base_lr)
   total = int(config.total_steps)
-  warmup = int(_get(config, 'warmup_steps', 0))
-  decay = _get(config, 'decay_type', 'cosine')
+  warmup = int(config_lib.get(config, 'warmup_steps', 0))
+  decay = config_lib.get(config, 'decay_type', 'cosine')
   if base_lr <= 0:
     raise ValueError(f'config.base_lr={base_lr} must be positive.')
   if total <= 0:
@@ -83,23 +80,23 @@ def make_optimizer(config: Any) -> tuple[optax.GradientTransformation,
     SGD with momentum) and its learning-rate schedule.
   """
   schedule = make_schedule(config)
-  name = _get(config, 'optimizer', 'adam')
-  weight_decay = float(_get(config, 'weight_decay', 0.0))
+  name = config_lib.get(config, 'optimizer', 'adam')
+  weight_decay = float(config_lib.get(config, 'weight_decay', 0.0))
   if weight_decay < 0:
     raise ValueError(f'config.weight_decay={weight_decay} must be >= 0.')
   if name == 'adam':
     tx = optax.adamw(
-        schedule, b1=float(_get(config, 'beta1', 0.9)),
-        b2=float(_get(config, 'beta2', 0.999)), weight_decay=weight_decay,
+        schedule, b1=float(config_lib.get(config, 'beta1', 0.9)),
+        b2=float(config_lib.get(config, 'beta2', 0.999)), weight_decay=weight_decay,
         mask=_decay_mask)
   elif name == 'sgd':
     tx = optax.chain(
         optax.add_decayed_weights(weight_decay, mask=_decay_mask)
         if weight_decay else optax.identity(),
-        optax.sgd(schedule, momentum=float(_get(config, 'momentum', 0.9))))
+        optax.sgd(schedule, momentum=float(config_lib.get(config, 'momentum', 0.9))))
   else:
     raise ValueError(f'config.optimizer={name!r}; use one of {OPTIMIZERS}.')
-  clip = _get(config, 'grad_clip_norm', 0.0)
+  clip = config_lib.get(config, 'grad_clip_norm', 0.0)
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
   return tx, schedule

@@ -25,6 +25,7 @@ import optax
 import tensorflow as tf
 
 from vit_jax import checkpoint
+from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax import optim
 from vit_jax import sharding
@@ -58,11 +59,6 @@ class TrainState:
   ema_params: Any = None
 
 
-def _get(config: Any, name: str, default: Any = None) -> Any:
-  value = config.get(name, default)
-  return default if value is None else value
-
-
 def _to_dict(value: Any) -> dict[str, Any]:
   if value is None:
     return {}
@@ -80,12 +76,12 @@ def build_model(config: Any, num_classes: int) -> flax.linen.Module:
   Returns:
     A flax module.
   """
-  overrides = _to_dict(_get(config, 'model'))
+  overrides = _to_dict(config_lib.get(config, 'model'))
   return vit_jax.models.get_model(
       config.model_name, num_classes=num_classes,
-      dtype=jnp.dtype(_get(config, 'compute_dtype', 'float32')),
-      remat=bool(_get(config, 'remat', False)),
-      scan=bool(_get(config, 'scan', False)), **overrides)
+      dtype=jnp.dtype(config_lib.get(config, 'compute_dtype', 'float32')),
+      remat=bool(config_lib.get(config, 'remat', False)),
+      scan=bool(config_lib.get(config, 'scan', False)), **overrides)
 
 
 def per_example_loss(logits: jax.Array, labels: jax.Array, *,
@@ -205,7 +201,7 @@ def validate_config(config: Any, mesh: jax.sharding.Mesh) -> None:
   Raises:
     ValueError: naming the field and the fix.
   """
-  accum = int(_get(config, 'accum_steps', 1))
+  accum = int(config_lib.get(config, 'accum_steps', 1))
   batch = int(config.batch)
   devices = mesh.devices.size
   if accum < 1:
@@ -219,15 +215,15 @@ def validate_config(config: Any, mesh: jax.sharding.Mesh) -> None:
         f'{devices} x {accum}: each micro-batch of {batch // accum} must '
         f'split evenly over the {devices} devices.')
   sharding.check_batch_size(batch, mesh, what='config.batch')
-  sharding.check_batch_size(int(_get(config, 'batch_eval', batch)), mesh,
+  sharding.check_batch_size(int(config_lib.get(config, 'batch_eval', batch)), mesh,
                             what='config.batch_eval')
   for field in ('eval_every', 'checkpoint_every', 'log_every'):
-    value = _get(config, field)
+    value = config_lib.get(config, field)
     if value is not None and int(value) <= 0:
       raise ValueError(f'config.{field}={value} must be positive.')
-  if _get(config, 'loss', 'softmax_xent') not in LOSSES:
+  if config_lib.get(config, 'loss', 'softmax_xent') not in LOSSES:
     raise ValueError(f'config.loss={config.loss!r}; use one of {LOSSES}.')
-  ema = _get(config, 'ema_decay')
+  ema = config_lib.get(config, 'ema_decay')
   if ema is not None and not 0 <= float(ema) < 1:
     raise ValueError(f'config.ema_decay={ema} must be in [0, 1).')
 
@@ -246,7 +242,7 @@ def create_train_state(config: Any, model: flax.linen.Module,
     (state, its shardings, its abstract shapes).
   """
   size = int(config.image_size)
-  use_ema = _get(config, 'ema_decay') is not None
+  use_ema = config_lib.get(config, 'ema_decay') is not None
 
   def init(rng):
     params = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32),
@@ -257,9 +253,9 @@ def create_train_state(config: Any, model: flax.linen.Module,
 
   abstract = jax.eval_shape(init, rng)
   shardings = sharding.tree_shardings(
-      abstract, mesh, tuple(_get(config, 'sharding_rules',
+      abstract, mesh, tuple(config_lib.get(config, 'sharding_rules',
                                  sharding.DEFAULT_RULES)),
-      int(_get(config, 'fsdp_min_size', sharding.DEFAULT_FSDP_MIN_SIZE)))
+      int(config_lib.get(config, 'fsdp_min_size', sharding.DEFAULT_FSDP_MIN_SIZE)))
   state = jax.jit(init, out_shardings=shardings)(rng)
   return state, shardings, abstract
 
@@ -283,14 +279,14 @@ def make_train_step(config: Any, model: flax.linen.Module,
                     ) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
   """`train_step` jitted once with explicit shardings and a donated state."""
   batch_sharding = sharding.batch_sharding(mesh)
-  accum = int(_get(config, 'accum_steps', 1))
+  accum = int(config_lib.get(config, 'accum_steps', 1))
   micro = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(None, mesh.axis_names))
   step = functools.partial(
       train_step, model=model, tx=tx,
-      loss=_get(config, 'loss', 'softmax_xent'),
-      label_smoothing=float(_get(config, 'label_smoothing', 0.0)),
-      accum_steps=accum, ema_decay=_get(config, 'ema_decay'),
+      loss=config_lib.get(config, 'loss', 'softmax_xent'),
+      label_smoothing=float(config_lib.get(config, 'label_smoothing', 0.0)),
+      accum_steps=accum, ema_decay=config_lib.get(config, 'ema_decay'),
       micro_batch_sharding=micro if accum > 1 else None)
   replicated = sharding.replicated(mesh)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding,
@@ -385,10 +381,10 @@ def _check_writable(workdir: str) -> None:
 
 def _run_meta(config: Any, num_classes: int) -> dict[str, Any]:
   return {'model_name': config.model_name, 'num_classes': int(num_classes),
-          'model': _to_dict(_get(config, 'model')),
+          'model': _to_dict(config_lib.get(config, 'model')),
           'image_size': int(config.image_size),
-          'scan': bool(_get(config, 'scan', False)),
-          'ema': _get(config, 'ema_decay') is not None}
+          'scan': bool(config_lib.get(config, 'scan', False)),
+          'ema': config_lib.get(config, 'ema_decay') is not None}
 
 
 # ----------------------------------------------------------------------------
@@ -405,7 +401,7 @@ def evaluate(params: Any, eval_fn: Callable[..., Any], dataset: Any,
     sums = eval_fn(params, batch)
     totals = sums if totals is None else jax.tree_util.tree_map(
         jnp.add, totals, sums)
-  totals = jax.device_get(totals)
+  totals = jax.deviceconfig_lib.get(totals)
   count = max(float(totals['count']), 1.0)
   return {'eval/loss': float(totals['loss']) / count,
           'eval/accuracy': float(totals['correct']) / count,
@@ -437,14 +433,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # or 256 devices).
   jax.config.update('jax_threefry_partitionable', True)
   mesh = sharding.make_mesh(tuple(
-      tuple(a) for a in _get(config, 'mesh', sharding.DEFAULT_MESH)))
+      tuple(a) for a in config_lib.get(config, 'mesh', sharding.DEFAULT_MESH)))
   validate_config(config, mesh)
   source = input_pipeline.get_source(config)
   info = input_pipeline.get_dataset_info(config, source)
   model = build_model(config, info.num_classes)
   tx, schedule = optim.make_optimizer(config)
   total_steps = int(config.total_steps)
-  use_ema = _get(config, 'ema_decay') is not None
+  use_ema = config_lib.get(config, 'ema_decay') is not None
 
   init_rng, train_rng = jax.random.split(jax.random.key(int(config.seed)))
   state, shardings, abstract = create_train_state(config, model, tx, mesh,
@@ -454,8 +450,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                dict(mesh.shape))
   ckpt = train_state.Checkpointer(
       workdir, _run_meta(config, info.num_classes),
-      keep=int(_get(config, 'keep_checkpoints', 3)),
-      async_save=bool(_get(config, 'async_checkpoints', True)))
+      keep=int(config_lib.get(config, 'keep_checkpoints', 3)),
+      async_save=bool(config_lib.get(config, 'async_checkpoints', True)))
   start = ckpt.latest_step()
   data_state = None
   if start is not None:
@@ -463,7 +459,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         start, train_state.abstract_with_shardings(abstract, shardings))
   else:
     start = 0
-    if _get(config, 'pretrained_path'):
+    if config_lib.get(config, 'pretrained_path'):
       logging.info('Fine-tuning from %s', config.pretrained_path)
       params = checkpoint.load_pretrained(
           pretrained_path=config.pretrained_path, init_params=state.params,
@@ -487,23 +483,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   start_position = train_iter.position
   batch_sharding = sharding.batch_sharding(mesh)
   batches = input_pipeline.prefetch_to_device(
-      train_iter, batch_sharding, size=int(_get(config, 'prefetch', 2)))
+      train_iter, batch_sharding, size=int(config_lib.get(config, 'prefetch', 2)))
   step_fn = make_train_step(config, model, tx, mesh, shardings)
   # Placed once: a key on one device would be re-sharded at every step.
   train_rng = jax.device_put(train_rng, sharding.replicated(mesh))
   eval_ds, _ = input_pipeline.eval_dataset(config, source=source)
   eval_fn = jax.jit(
       functools.partial(eval_step, model=model,
-                        loss=_get(config, 'loss', 'softmax_xent')),
+                        loss=config_lib.get(config, 'loss', 'softmax_xent')),
       in_shardings=(shardings.params, batch_sharding),
       out_shardings=sharding.replicated(mesh))
 
-  log_every = int(_get(config, 'log_every', 50))
-  eval_every = int(_get(config, 'eval_every', total_steps))
-  checkpoint_every = int(_get(config, 'checkpoint_every', total_steps))
+  log_every = int(config_lib.get(config, 'log_every', 50))
+  eval_every = int(config_lib.get(config, 'eval_every', total_steps))
+  checkpoint_every = int(config_lib.get(config, 'checkpoint_every', total_steps))
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
                                            writer=writer, every_secs=30)]
-  if is_writer and _get(config, 'profile', False):
+  if is_writer and config_lib.get(config, 'profile', False):
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
 
   pending: list[tuple[int, dict[str, jax.Array]]] = []
@@ -512,7 +508,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     """Fetches buffered step metrics (one transfer) and checks the loss."""
     if not pending:
       return
-    values = jax.device_get([m for _, m in pending])
+    values = jax.deviceconfig_lib.get([m for _, m in pending])
     for (step, _), m in zip(pending, values):
       if not np.isfinite(m['loss']):
         ckpt.wait()
