@@ -401,7 +401,7 @@ def evaluate(params: Any, eval_fn: Callable[..., Any], dataset: Any,
     sums = eval_fn(params, batch)
     totals = sums if totals is None else jax.tree_util.tree_map(
         jnp.add, totals, sums)
-  totals = jax.deviceconfig_lib.get(totals)
+  totals = jax.device_get(totals)
   count = max(float(totals['count']), 1.0)
   return {'eval/loss': float(totals['loss']) / count,
           'eval/accuracy': float(totals['correct']) / count,
@@ -508,7 +508,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     """Fetches buffered step metrics (one transfer) and checks the loss."""
     if not pending:
       return
-    values = jax.deviceconfig_lib.get([m for _, m in pending])
+    values = jax.device_get([m for _, m in pending])
     for (step, _), m in zip(pending, values):
       if not np.isfinite(m['loss']):
         ckpt.wait()
