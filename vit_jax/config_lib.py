@@ -16,8 +16,8 @@ def get(config: Any, name: str, default: Any = None) -> Any:
   Works on ConfigDicts, dicts and plain objects, so library functions accept
   partial configs (tests, notebooks) as well as the full experiment configs.
   """
-  value = config.get(name, default) if hasattr(config, 'get') else getattr(
-      config, name, default)
+  from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
+  value = vit.config_value(config, name, default)
   return default if value is None else value
 
 
