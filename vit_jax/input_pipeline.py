@@ -117,6 +117,9 @@ class TfdsSource:
           '(tfds.list_builders()).') from e
     if not self.builder.is_prepared():
       self._prepare(download)
+      # Another process may have prepared it while this one waited for the
+      # lock: a fresh builder reads the files' metadata either way.
+      self.builder = tfds.builder(name, data_dir=data_dir)
     keys = self.builder.info.supervised_keys or ('image', 'label')
     self.image_key, self.label_key = keys[0], keys[1]
     label = self.builder.info.features[self.label_key]
@@ -385,7 +388,11 @@ def check_image_size(config: Any) -> None:
     return
   from vit_jax import models  # pylint: disable=g-import-not-at-top
   from vit_jax.models import resnet, vit  # pylint: disable=g-import-not-at-top
-  model_config = models.get_config(name)
+  overrides = config_lib.get(config, 'model') or {}
+  overrides = (overrides.to_dict() if hasattr(overrides, 'to_dict')
+               else dict(overrides))
+  # The config's model overrides (e.g. 4x4 patches) decide, not the name.
+  model_config = models.get_config(name, **overrides)
   ph, _ = vit.patch_size_of(model_config['patches'])
   stride = ph * resnet.total_stride(model_config.get('resnet'))
   kind = 'patch size' if 'resnet' not in model_config else 'total stride'

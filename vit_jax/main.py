@@ -55,7 +55,12 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  logging.info('Final evaluation: %s', metrics)
+  if 'preempted_at_step' in metrics:
+    # Exit 0: the scheduler restarts the job, which then resumes.
+    logging.info('Stopped for preemption at step %d.',
+                 metrics['preempted_at_step'])
+  else:
+    logging.info('Final evaluation: %s', metrics)
 
 
 if __name__ == '__main__':

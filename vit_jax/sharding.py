@@ -156,6 +156,30 @@ def make_global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
   return jax.tree_util.tree_map(to_global, local_batch)
 
 
+def put_global(tree: Any, shardings: Any) -> Any:
+  """Places host arrays that every process holds whole into `shardings`.
+
+  Unlike `jax.device_put`, this works when the shardings span devices of
+  other processes: each process copies only the shards of its own devices.
+
+  Args:
+    tree: Pytree of numpy (or host) arrays, identical on every process; it
+      may also hold global `jax.Array`s (they are resharded if needed).
+    shardings: Matching pytree (or prefix) of `jax.sharding.Sharding`s.
+
+  Returns:
+    Pytree of global `jax.Array`s.
+  """
+  def put(x, sharding):
+    if isinstance(x, jax.Array):
+      if x.sharding == sharding:
+        return x
+      return jax.jit(lambda a: a, out_shardings=sharding)(x)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+  return jax.tree_util.tree_map(put, tree, shardings)
+
+
 def path_str(path: Sequence[Any]) -> str:
   """'a/b/0/c' for a jax tree path."""
   parts = []

@@ -196,11 +196,15 @@ def eval_step(params: Any, batch: Mapping[str, jax.Array], *,
 
 
 def validate_config(config: Any, mesh: jax.sharding.Mesh) -> None:
-  """Checks batch, accumulation and loop fields against the mesh.
+  """Checks batch, accumulation, loop and image-size fields (and the mesh).
+
+  Called before anything is written, so a bad config leaves an existing
+  workdir untouched.
 
   Raises:
     ValueError: naming the field and the fix.
   """
+  input_pipeline.check_image_size(config)
   accum = int(config_lib.get(config, 'accum_steps', 1))
   batch = int(config.batch)
   devices = mesh.devices.size
@@ -263,7 +267,7 @@ def create_train_state(config: Any, model: flax.linen.Module,
 def state_from_params(params: Any, tx: optax.GradientTransformation,
                       shardings: Any, use_ema: bool) -> TrainState:
   """A fresh state (step 0, new optimizer state) around given parameters."""
-  params = jax.device_put(params, shardings.params)
+  params = sharding.put_global(params, shardings.params)
 
   def make(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -302,7 +306,8 @@ class JsonlWriter(metric_writers.MetricWriter):
   lines of steps after k (written by the interrupted run after its last
   checkpoint) are dropped first, so the file reads as one uninterrupted run.
   Local files are appended to; remote ones (gs://, which cannot be appended
-  to) are rewritten whole, atomically, at each write.
+  to) are rewritten whole, atomically, at each write. A line cut short by a
+  kill during the write is dropped on resume.
   """
 
   def __init__(self, path: str, resume_step: int | None = None):
@@ -314,15 +319,12 @@ class JsonlWriter(metric_writers.MetricWriter):
         self._lines = [l for l in f.read().splitlines() if l.strip()]
       if resume_step is not None:
         self._lines = [l for l in self._lines
-                       if json.loads(l).get('step', 0) <= resume_step]
+                       if _step_of(l, default=resume_step + 1) <= resume_step]
     self._rewrite()
     self._file = None if self._remote else open(path, 'a')
 
   def _rewrite(self):
-    tmp = self.path + '.tmp'
-    with tf.io.gfile.GFile(tmp, 'w') as f:
-      f.write(''.join(l + '\n' for l in self._lines))
-    tf.io.gfile.rename(tmp, self.path, overwrite=True)
+    _write_text_atomic(self.path, ''.join(l + '\n' for l in self._lines))
 
   def write_scalars(self, step, scalars):
     record = {'step': int(step)}
@@ -363,6 +365,20 @@ class JsonlWriter(metric_writers.MetricWriter):
   def close(self):
     if self._file:
       self._file.close()
+
+
+def _step_of(line: str, default: int) -> int:
+  try:
+    return int(json.loads(line).get('step', 0))
+  except (ValueError, AttributeError):
+    return default
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+  tmp = f'{path}.tmp.{os.getpid()}'
+  with tf.io.gfile.GFile(tmp, 'w') as f:
+    f.write(text)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def _check_writable(workdir: str) -> None:
@@ -417,12 +433,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   `class_names.json` and, at the end, `final_params.npz` in the published
   checkpoint layout (EMA parameters when `ema_decay` is set).
 
+  Every check of the config, data and pretrained weights runs before the
+  first write. A SIGTERM makes the run save a checkpoint at the next step
+  boundary and return early (see `train_state.PreemptionWatcher`); running
+  the same call again resumes it.
+
   Args:
     config: Experiment config (see configs/).
     workdir: Run directory.
 
   Returns:
-    The final evaluation metrics.
+    The final evaluation metrics; after a SIGTERM, the last evaluation's
+    metrics (if any) plus `preempted_at_step`.
 
   Raises:
     NonFiniteLossError: the loss became NaN/inf; names the step and the last
@@ -452,11 +474,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       workdir, _run_meta(config, info.num_classes),
       keep=int(config_lib.get(config, 'keep_checkpoints', 3)),
       async_save=bool(config_lib.get(config, 'async_checkpoints', True)))
-  start = ckpt.latest_step()
+  restored = ckpt.restore_latest(
+      train_state.abstract_with_shardings(abstract, shardings))
   data_state = None
-  if start is not None:
-    state, data_state = ckpt.restore(
-        start, train_state.abstract_with_shardings(abstract, shardings))
+  if restored is not None:
+    start, state, data_state = restored
   else:
     start = 0
     if config_lib.get(config, 'pretrained_path'):
@@ -469,8 +491,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   is_writer = jax.process_index() == 0
   if is_writer:
     input_pipeline.write_class_names(workdir, info)
-    with tf.io.gfile.GFile(os.path.join(workdir, CONFIG_FILE), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
+    _write_text_atomic(os.path.join(workdir, CONFIG_FILE),
+                       config.to_json_best_effort(indent=1))
   writers = [metric_writers.create_default_writer(
       workdir, just_logging=not is_writer, asynchronous=False)]
   if is_writer:
@@ -485,8 +507,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   batches = input_pipeline.prefetch_to_device(
       train_iter, batch_sharding, size=int(config_lib.get(config, 'prefetch', 2)))
   step_fn = make_train_step(config, model, tx, mesh, shardings)
-  # Placed once: a key on one device would be re-sharded at every step.
-  train_rng = jax.device_put(train_rng, sharding.replicated(mesh))
+  # Placed once: a key on one device would be re-sharded at every step. (A
+  # jitted identity, because device_put cannot reach other hosts' devices.)
+  train_rng = jax.jit(lambda key: key,
+                      out_shardings=sharding.replicated(mesh))(train_rng)
   eval_ds, _ = input_pipeline.eval_dataset(config, source=source)
   eval_fn = jax.jit(
       functools.partial(eval_step, model=model,
@@ -531,31 +555,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if start >= total_steps:
     logging.info('Checkpoint step %d >= total_steps %d: nothing to train.',
                  start, total_steps)
-  for step in range(start + 1, total_steps + 1):
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      state, step_metrics = step_fn(state, next(batches), train_rng)
-    pending.append((step, step_metrics))
-    for hook in hooks:
-      hook(step)
-    last = step == total_steps
-    do_eval = step % eval_every == 0 or last
-    do_checkpoint = step % checkpoint_every == 0 or last
-    if step % log_every == 0 or do_eval or do_checkpoint:
-      flush_train_metrics()  # Never checkpoint an unchecked state.
-    if do_eval:
+  with train_state.PreemptionWatcher() as preemption:
+    for step in range(start + 1, total_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, step_metrics = step_fn(state, next(batches), train_rng)
+      pending.append((step, step_metrics))
+      for hook in hooks:
+        hook(step)
+      last = step == total_steps
+      preempted = preemption.reached(step) and not last
+      do_eval = step % eval_every == 0 or last
+      do_checkpoint = step % checkpoint_every == 0 or last or preempted
+      if step % log_every == 0 or do_eval or do_checkpoint:
+        flush_train_metrics()  # Never checkpoint an unchecked state.
+      if do_eval:
+        metrics = evaluate(state.ema_params if use_ema else state.params,
+                           eval_fn, eval_ds, batch_sharding)
+        writer.write_scalars(step, metrics)
+      if do_checkpoint:
+        position = start_position + (step - start) * train_iter.batch_size
+        ckpt.save(step, state, {'position': position})
+      if preempted:
+        ckpt.wait()
+        logging.warning(
+            'Preemption notice (SIGTERM): saved checkpoint step %d in %s and '
+            'stopped. Run the same command again to resume from it.', step,
+            ckpt.directory)
+        writer.flush()
+        ckpt.close()
+        return {**metrics, 'preempted_at_step': float(step)}
+    ckpt.wait()
+    if not metrics:
       metrics = evaluate(state.ema_params if use_ema else state.params,
                          eval_fn, eval_ds, batch_sharding)
-      writer.write_scalars(step, metrics)
-    if do_checkpoint:
-      position = start_position + (step - start) * train_iter.batch_size
-      ckpt.save(step, state, {'position': position})
-  ckpt.wait()
-  if not metrics:
-    metrics = evaluate(state.ema_params if use_ema else state.params,
-                       eval_fn, eval_ds, batch_sharding)
-  checkpoint.save(state.ema_params if use_ema else state.params,
-                  os.path.join(workdir, FINAL_PARAMS_FILE))
-  writer.flush()
-  ckpt.close()
-  return metrics
+    checkpoint.save(state.ema_params if use_ema else state.params,
+                    os.path.join(workdir, FINAL_PARAMS_FILE))
+    writer.flush()
+    ckpt.close()
+    return metrics
 

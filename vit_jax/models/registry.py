@@ -109,17 +109,21 @@ def _check_name(name: str) -> None:
         'VisionTransformer / MlpMixer directly for a custom size.')
 
 
-def get_config(name: str) -> dict[str, Any]:
+def get_config(name: str, **overrides: Any) -> dict[str, Any]:
   """Returns a fresh copy of the named model's config (official field names).
 
   Args:
     name: A name from `MODEL_NAMES`.
+    **overrides: Fields to change; a dict value is merged into the config's
+      dict of the same name (`patches`, `transformer`, `resnet`).
 
   Raises:
     UnknownModelError: `name` is not registered (the message lists the names).
   """
   _check_name(name)
-  return copy.deepcopy(_CONFIGS[name][1])
+  config = copy.deepcopy(_CONFIGS[name][1])
+  _merge(config, overrides)
+  return config
 
 
 def model_class(name: str) -> type[nn.Module]:
@@ -161,12 +165,11 @@ def get_model(name: str, *, num_classes: int | None,
     TypeError: an override is not a field of the model class.
   """
   cls = model_class(name)
-  config = get_config(name)
   fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise TypeError(
         f'{cls.__name__} ({name}) has no field(s) {unknown}; valid fields: '
         f'{sorted(fields - {"num_classes", "model_name"})}.')
-  _merge(config, overrides)
-  return cls(num_classes=num_classes, model_name=name, **config)
+  return cls(num_classes=num_classes, model_name=name,
+             **get_config(name, **overrides))
