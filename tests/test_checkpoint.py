@@ -9,6 +9,7 @@ import pytest
 import scipy.ndimage
 
 from helpers import init_params
+from helpers import PickleExploit
 from helpers import random_images
 from helpers import randomize
 from helpers import tiny_model
@@ -380,21 +381,11 @@ def test_empty_npz(tmp_path):
     checkpoint.load(path)
 
 
-class _Exploit:
-  """Unpickling this would create a marker file."""
-
-  def __init__(self, marker):
-    self.marker = marker
-
-  def __reduce__(self):
-    return (open, (self.marker, 'w'))
-
-
 def test_object_arrays_are_refused_and_never_unpickled(tmp_path):
   marker = str(tmp_path / 'pwned')
   path = str(tmp_path / 'evil.npz')
   payload = np.empty(1, dtype=object)
-  payload[0] = _Exploit(marker)
+  payload[0] = PickleExploit(marker)
   np.savez(path, **{'embedding/kernel': np.zeros((2, 2)), 'head/bias': payload})
   assert not os.path.exists(marker)
   pickle.dumps(payload)  # The payload is a real pickle exploit...

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
 from helpers import init_params
+from helpers import make_image_folder
 from vit_jax import input_pipeline
 from vit_jax import sharding
 import vit_jax.models
@@ -40,33 +40,6 @@ def digits_config(tfds_dir, **overrides):
       'shuffle_buffer': 2000})
   config.update(overrides)
   return config
-
-
-def make_image_folder(root, *, classes=('cat', 'dog', 'fox'), per_class=7,
-                      split_dirs=False, seed=0):
-  """Writes small, distinct PNG and JPEG images (mixed-case extensions).
-
-  Each class has its own colour, so a tiny model can learn them.
-  """
-  rng = np.random.default_rng(seed)
-  extensions = ('.png', '.PNG', '.jpg', '.JPEG', '.jpeg')
-  colours = [(220, 40, 40), (40, 200, 60), (50, 60, 230), (200, 200, 30)]
-  paths = []
-  for c, name in enumerate(classes):
-    for i in range(per_class):
-      split = ('test' if i % 4 == 0 else 'train') if split_dirs else ''
-      folder = os.path.join(root, split, name)
-      os.makedirs(folder, exist_ok=True)
-      h, w = (20, 24) if i % 2 else (24, 20)
-      noise = rng.integers(-25, 25, size=(h, w, 3))
-      image = np.clip(np.array(colours[c]) + noise, 0, 255).astype(np.uint8)
-      ext = extensions[(c + i) % len(extensions)]
-      path = os.path.join(folder, f'img_{i:03d}{ext}')
-      Image.fromarray(image).save(
-          path, format='PNG' if ext.lower() == '.png' else 'JPEG',
-          quality=95)
-      paths.append(path)
-  return paths
 
 
 def folder_config(root, **overrides):

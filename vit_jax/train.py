@@ -210,14 +210,22 @@ def validate_config(config: Any, mesh: jax.sharding.Mesh) -> None:
   devices = mesh.devices.size
   if accum < 1:
     raise ValueError(f'config.accum_steps={accum} must be >= 1.')
-  if batch <= 0 or batch % accum:
-    raise ValueError(f'config.accum_steps={accum} does not divide '
-                     f'config.batch={batch}.')
+  if batch <= 0:
+    raise ValueError(f'config.batch={batch} must be positive.')
+  if batch % accum:
+    fits = [a for a in range(1, batch + 1)
+            if batch % a == 0 and (batch // a) % devices == 0]
+    raise ValueError(
+        f'config.accum_steps={accum} does not divide config.batch={batch}; '
+        f'with {devices} devices use one of {fits[:8]}.')
   if (batch // accum) % devices:
+    multiple = devices * accum
     raise ValueError(
         f'config.batch={batch} is not divisible by devices x accum_steps = '
         f'{devices} x {accum}: each micro-batch of {batch // accum} must '
-        f'split evenly over the {devices} devices.')
+        f'split evenly over the {devices} devices. Use a multiple of '
+        f'{multiple} (e.g. config.batch='
+        f'{max(1, round(batch / multiple)) * multiple}).')
   sharding.check_batch_size(batch, mesh, what='config.batch')
   sharding.check_batch_size(int(config_lib.get(config, 'batch_eval', batch)), mesh,
                             what='config.batch_eval')
