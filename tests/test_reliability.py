@@ -10,7 +10,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -306,58 +305,3 @@ def test_same_seed_same_metrics_other_seed_different(reference_run, tfds_dir,
   assert not np.array_equal(
       final_params(other)['Transformer/encoder_norm/scale'],
       final_params(reference_run)['Transformer/encoder_norm/scale'])
-
-
-# ----------------------------------------------------------------------------
-# A damaged checkpoint step falls back to the previous one.
-# ----------------------------------------------------------------------------
-
-
-def test_corrupt_step_falls_back_to_the_previous_one(tmp_path, caplog):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  state = {'w': jnp.arange(100.0), 'b': jnp.ones(3)}
-  saver = train_state.Checkpointer(str(tmp_path), {'model_name': 'A'},
-                                   async_save=False)
-  for step in (2, 4):
-    saver.save(step, jax.tree_util.tree_map(lambda x, s=step: x * s, state),
-               {'position': step * 16})
-  saver.wait()
-  saver.close()
-  step_4 = tmp_path / train_state.CHECKPOINT_DIR / '4'
-  for path in (step_4 / 'state').rglob('*'):
-    if path.is_file() and path.stat().st_size > 16:
-      with open(path, 'r+b') as f:
-        f.truncate(16)
-  reader = train_state.Checkpointer(str(tmp_path), {'model_name': 'A'})
-  restored = reader.restore_latest(jax.eval_shape(lambda: state))
-  step, got, data = restored
-  assert step == 2 and data == {'position': 32}
-  np.testing.assert_array_equal(got['w'], np.arange(100.0) * 2)
-  assert 'Checkpoint step 4' in caplog.text and 'cannot be read' in caplog.text
-  # Kept for inspection, out of orbax's way.
-  assert (tmp_path / train_state.CORRUPT_DIR / '4' / 'state').is_dir()
-  assert reader.manager.all_steps() == [2]
-  # The run goes on and can save step 4 again.
-  reader.save(4, state, {'position': 64})
-  reader.wait()
-  assert reader.restore_latest(jax.eval_shape(lambda: state))[0] == 4
-  reader.close()
-
-
-def test_no_readable_step_is_an_error_that_says_what_happens_next(tmp_path):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  state = {'w': jnp.ones(3)}
-  saver = train_state.Checkpointer(str(tmp_path), {'model_name': 'A'},
-                                   async_save=False)
-  saver.save(1, state, {'position': 0})
-  saver.wait()
-  saver.close()
-  shutil.rmtree(tmp_path / train_state.CHECKPOINT_DIR / '1' / 'state')
-  reader = train_state.Checkpointer(str(tmp_path), {'model_name': 'A'})
-  with pytest.raises(train_state.NoReadableCheckpointError,
-                     match=r'(?s)No checkpoint in .* could be read.*step 1: '
-                     r'.*starts this run from scratch'):
-    reader.restore_latest(jax.eval_shape(lambda: state))
-  assert reader.restore_latest(jax.eval_shape(lambda: state)) is None

@@ -18,7 +18,6 @@ from vit_jax import checkpoint
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import train
-from vit_jax import train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
@@ -292,18 +291,6 @@ def test_batch_not_divisible_by_devices_times_accum():
   config.accum_steps = 3
   with pytest.raises(ValueError, match='accum_steps=3 does not divide'):
     train.validate_config(config, mesh)
-
-
-def test_checkpointer_reports_a_different_model(tmp_path):
-  state = {'w': jnp.ones(3)}
-  saver = train_state.Checkpointer(str(tmp_path), {'model_name': 'A'},
-                                   async_save=False)
-  saver.save(1, state, {'position': 0})
-  saver.wait()
-  reader = train_state.Checkpointer(str(tmp_path), {'model_name': 'B'})
-  with pytest.raises(train_state.IncompatibleCheckpointError,
-                     match="model_name: checkpoint 'A' vs config 'B'"):
-    reader.restore(1, jax.eval_shape(lambda: state))
 
 
 def test_tpu_launch_scripts_issue_the_expected_commands():

@@ -10,8 +10,9 @@ A step directory `<workdir>/checkpoints/<step>/` holds three items:
 orbax writes each step to a temporary directory and renames it when complete,
 so a run killed mid-save leaves the previous steps intact (the temporary
 directory is removed at the next start). A step directory that cannot be read
-(damaged disk, files deleted by hand) is moved to `<workdir>/corrupt_checkpoints/`
-and the previous step is used instead, with a warning.
+(damaged disk, files deleted by hand) is moved to
+`<workdir>/corrupt_checkpoints/` and the previous step is used instead, with a
+warning.
 
 `PreemptionWatcher` turns SIGTERM (what Cloud TPU maintenance events and most
 schedulers send before killing a job) into "save at the next step boundary";
