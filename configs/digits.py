@@ -38,6 +38,8 @@ def get_config(arg=None):
   c.log_every = 20
   c.eval_every = 300
   c.checkpoint_every = 300
+  # Few-shot linear probe of the pre-logits (paper §4.1) at 600 and 1200.
+  c.evals.fewshot.every = 600
   if runlocal:
     config_lib.set_runlocal(c)
   return c

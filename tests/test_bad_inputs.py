@@ -81,7 +81,8 @@ def _folder_with_a_corrupt_image(root):
 # (id, config changes, exception type, regexes the message must match: the
 # problem and the fix).
 CONFIG_AND_DATA_CASES = [
-    ('unknown_model', {'model_name': 'ViT-Q_16'}, vit_jax.models.UnknownModelError,
+    ('unknown_model', {'model_name': 'ViT-Q_16'},
+     vit_jax.models.UnknownModelError,
      [r"Unknown model 'ViT-Q_16'", r'Known models: .*ViT-B_16',
       r'Pass one of these names']),
     ('batch_vs_devices', {'batch': 12}, ValueError,

@@ -44,7 +44,8 @@ def cli_args(workdir, tfds_dir, *extra):
           f'--config.total_steps={TOTAL_STEPS}',
           '--config.log_every=1', '--config.eval_every=20',
           f'--config.checkpoint_every={CHECKPOINT_EVERY}',
-          '--config.keep_checkpoints=2', *extra]
+          '--config.keep_checkpoints=2', '--config.evals.fewshot.every=20',
+          *extra]
 
 
 def start(args, log_path, env):

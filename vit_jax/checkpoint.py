@@ -31,6 +31,7 @@ from absl import logging
 import flax
 from flax import traverse_util
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -302,7 +303,6 @@ def load(path: str) -> dict[str, Any]:
 def _to_host(x: Any) -> np.ndarray:
   """Fetches an array to host memory (all-gathering multi-host shards)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     x = multihost_utils.process_allgather(x, tiled=True)
   x = np.asarray(jax.device_get(x))
   # bfloat16 has no portable npz encoding; the published files are float32.

@@ -1,8 +1,8 @@
 """Fields shared by every experiment config, with their defaults.
 
-Each experiment file in configs/ starts from `get_base()` and sets what differs; every
-field is documented here once. Field names are a contract (scripts, docs and
-`metrics.jsonl` rely on them).
+Each experiment file in configs/ starts from `get_base()` and sets what
+differs; every field is documented here once. Field names are a contract
+(scripts, docs and `metrics.jsonl` rely on them).
 """
 
 from typing import Any
@@ -15,10 +15,15 @@ def get(config: Any, name: str, default: Any = None) -> Any:
 
   Works on ConfigDicts, dicts and plain objects, so library functions accept
   partial configs (tests, notebooks) as well as the full experiment configs.
+  A dotted name ('evals.fewshot.every') walks nested fields.
   """
   from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
-  value = vit.config_value(config, name, default)
-  return default if value is None else value
+  value = config
+  for part in name.split('.'):
+    value = vit.config_value(value, part)
+    if value is None:
+      return default
+  return value
 
 
 def get_base() -> ml_collections.ConfigDict:
@@ -74,7 +79,41 @@ def get_base() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3  # Checkpoints kept.
   c.async_checkpoints = True  # Write checkpoints in the background.
   c.profile = False  # Capture a profiler trace early in training.
+  # Extra evaluators (vit_jax/evaluators), run every `every` steps and at the
+  # end; 0 disables.
+  c.evals = ml_collections.ConfigDict()
+  c.evals.fewshot = ml_collections.ConfigDict()
+  c.evals.fewshot.every = 0  # Steps between few-shot evaluations; 0: off.
+  c.evals.fewshot.dataset = ''  # Dataset of the probe ('' = config.dataset).
+  c.evals.fewshot.shots = (1, 5, 10, 25)  # Training images per class.
+  c.evals.fewshot.seeds = 3  # Random draws of the shots per k.
+  c.evals.fewshot.representation = 'pre_logits'  # A sown intermediate.
+  c.evals.fewshot.l2_grid = ()  # Regulariser sweep (() = 2^-10 ... 2^10).
+  c.evals.fewshot.default_l2 = 1.0  # Regulariser when k = 1.
+  c.evals.fewshot.pool_per_class = 100  # Train images featurised per class.
+  c.evals.fewshot.max_test_examples = 10_000  # Test images featurised.
   return c
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with (`<workdir>/config.json`).
+
+  Raises:
+    FileNotFoundError: naming the file, when the workdir is not a run.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, 'config.json')
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(
+        f'{path} does not exist: --workdir must be a directory written by '
+        'python -m vit_jax.main.')
+  with tf.io.gfile.GFile(path) as f:
+    fields = json.load(f)
+  config = get_base()
+  config.update(fields)
+  return config
 
 
 def parse_args(arg: str | None) -> tuple[list[str], bool]:
@@ -135,6 +174,11 @@ def set_runlocal(c: ml_collections.ConfigDict) -> None:
   c.log_every = 2
   c.eval_every = 4
   c.checkpoint_every = 2
+  if c.evals.fewshot.every:
+    c.evals.fewshot.every = 4
+    c.evals.fewshot.shots = (1, 5)
+    c.evals.fewshot.seeds = 2
+    c.evals.fewshot.pool_per_class = 10
 
 
 def pretraining_base(model_arg: str, *, dropout: float

@@ -348,8 +348,8 @@ def get_dataset_info(config: Any, source: Any = None) -> DatasetInfo:
   """Describes the configured dataset (classes, splits, sizes)."""
   source = source or get_source(config)
   preset = DATASET_PRESETS.get(config.dataset, {})
-  num_classes = config_lib.get(config, 'num_classes', preset.get('num_classes')) or (
-      source.num_classes)
+  num_classes = config_lib.get(config, 'num_classes',
+                               preset.get('num_classes')) or source.num_classes
   if not num_classes:
     raise ValueError(f'Cannot tell the number of classes of '
                      f'{config.dataset!r}: set config.num_classes.')
@@ -380,7 +380,8 @@ def write_class_names(workdir: str, info: DatasetInfo) -> str | None:
 
 def check_image_size(config: Any) -> None:
   """Raises if `config.image_size` does not fit `config.model_name`."""
-  image_size, name = config_lib.get(config, 'image_size'), config_lib.get(config, 'model_name')
+  image_size = config_lib.get(config, 'image_size')
+  name = config_lib.get(config, 'model_name')
   if not image_size or image_size <= 0:
     raise ValueError(f'config.image_size={image_size!r} must be a positive '
                      'number of pixels.')

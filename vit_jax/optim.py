@@ -2,8 +2,8 @@
 
 Config fields: `optimizer` ('adam' | 'sgd'), `base_lr`, `total_steps`,
 `warmup_steps`, `decay_type` ('linear' | 'cosine' | 'constant'),
-`weight_decay` (of kernels only), `grad_clip_norm` (None or 0 disables), `beta1`, `beta2`,
-`momentum`.
+`weight_decay` (of kernels only), `grad_clip_norm` (None or 0 disables),
+`beta1`, `beta2`, `momentum`.
 
 Recipes (paper §4.1, Appendix B.1): pre-training uses Adam (β1 0.9, β2 0.999)
 with high decoupled weight decay; fine-tuning uses SGD with momentum 0.9, no
@@ -87,13 +87,14 @@ def make_optimizer(config: Any) -> tuple[optax.GradientTransformation,
   if name == 'adam':
     tx = optax.adamw(
         schedule, b1=float(config_lib.get(config, 'beta1', 0.9)),
-        b2=float(config_lib.get(config, 'beta2', 0.999)), weight_decay=weight_decay,
-        mask=_decay_mask)
+        b2=float(config_lib.get(config, 'beta2', 0.999)),
+        weight_decay=weight_decay, mask=_decay_mask)
   elif name == 'sgd':
     tx = optax.chain(
         optax.add_decayed_weights(weight_decay, mask=_decay_mask)
         if weight_decay else optax.identity(),
-        optax.sgd(schedule, momentum=float(config_lib.get(config, 'momentum', 0.9))))
+        optax.sgd(schedule,
+                  momentum=float(config_lib.get(config, 'momentum', 0.9))))
   else:
     raise ValueError(f'config.optimizer={name!r}; use one of {OPTIMIZERS}.')
   clip = config_lib.get(config, 'grad_clip_norm', 0.0)

@@ -101,7 +101,7 @@ def value_range(image: tf.Tensor, low: float = -1.0,
 
 
 def one_hot(label: tf.Tensor, num_classes: int) -> tf.Tensor:
-  """Integer label -> float32 one-hot vector (label smoothing is in the loss)."""
+  """Integer label -> float32 one-hot vector (label smoothing: in the loss)."""
   return tf.one_hot(label, num_classes, dtype=tf.float32)
 
 

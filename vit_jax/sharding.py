@@ -30,6 +30,8 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vit_jax import config_lib
+
 DEFAULT_MESH = (('data', -1), ('fsdp', 1))
 DEFAULT_RULES = (('.*', 'fsdp'),)
 FSDP_AXIS = 'fsdp'
@@ -235,3 +237,17 @@ def tree_shardings(tree: Any, mesh: Mesh,
   return jax.tree_util.tree_map_with_path(
       lambda path, x: NamedSharding(mesh, partition_spec(
           path_str(path), tuple(x.shape), mesh, rules, fsdp_min_size)), tree)
+
+
+def mesh_from_config(config: Any) -> Mesh:
+  """The mesh of `config.mesh` over all devices."""
+  return make_mesh(tuple(tuple(a) for a in config_lib.get(
+      config, 'mesh', DEFAULT_MESH)))
+
+
+def shardings_from_config(tree: Any, mesh: Mesh, config: Any) -> Any:
+  """`tree_shardings` with the config's `sharding_rules` / `fsdp_min_size`."""
+  return tree_shardings(
+      tree, mesh,
+      tuple(config_lib.get(config, 'sharding_rules', DEFAULT_RULES)),
+      int(config_lib.get(config, 'fsdp_min_size', DEFAULT_FSDP_MIN_SIZE)))

@@ -27,15 +27,17 @@ import tensorflow as tf
 from vit_jax import checkpoint
 from vit_jax import config_lib
 from vit_jax import input_pipeline
+from vit_jax import losses
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import train_state
+from vit_jax.evaluators import classification
+from vit_jax.evaluators import fewshot as fewshot_lib
 import vit_jax.models
 
 METRICS_FILE = 'metrics.jsonl'
 FINAL_PARAMS_FILE = 'final_params.npz'
 CONFIG_FILE = 'config.json'
-LOSSES = ('softmax_xent', 'sigmoid_xent')
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -84,20 +86,6 @@ def build_model(config: Any, num_classes: int) -> flax.linen.Module:
       scan=bool(config_lib.get(config, 'scan', False)), **overrides)
 
 
-def per_example_loss(logits: jax.Array, labels: jax.Array, *,
-                     kind: str = 'softmax_xent',
-                     label_smoothing: float = 0.0) -> jax.Array:
-  """Cross-entropy per example (float32), with optional label smoothing."""
-  logits = logits.astype(jnp.float32)
-  if label_smoothing:
-    labels = optax.smooth_labels(labels, label_smoothing)
-  if kind == 'softmax_xent':
-    return optax.softmax_cross_entropy(logits, labels)
-  if kind == 'sigmoid_xent':
-    return optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1)
-  raise ValueError(f'config.loss={kind!r}; use one of {LOSSES}.')
-
-
 def train_step(state: TrainState, batch: Mapping[str, jax.Array],
                rng: jax.Array, *, model: flax.linen.Module,
                tx: optax.GradientTransformation, loss: str = 'softmax_xent',
@@ -135,7 +123,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   def loss_fn(params, images, labels, dropout_rng):
     logits = model.apply({'params': params}, images, train=True,
                          rngs={'dropout': dropout_rng})
-    return per_example_loss(logits, labels, kind=loss,
+    return losses.per_example_loss(logits, labels, kind=loss,
                             label_smoothing=label_smoothing).mean()
 
   grad_fn = jax.value_and_grad(loss_fn)
@@ -176,20 +164,6 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   return new_state, {'loss': loss_value, 'grad_norm': optax.tree.norm(grads)}
 
 
-def eval_step(params: Any, batch: Mapping[str, jax.Array], *,
-              model: flax.linen.Module,
-              loss: str = 'softmax_xent') -> dict[str, jax.Array]:
-  """Masked sums of loss, top-1 hits and examples over a batch."""
-  logits = model.apply({'params': params}, batch['image'], train=False)
-  mask = batch['mask']
-  losses = per_example_loss(logits, batch['labels'], kind=loss)
-  # Top-1 is a hit when the predicted class is (one of) the labels.
-  hits = jnp.take_along_axis(batch['labels'], logits.argmax(-1)[:, None],
-                             axis=-1)[:, 0] > 0
-  return {'loss': (losses * mask).sum(), 'correct': (hits * mask).sum(),
-          'count': mask.sum()}
-
-
 # ----------------------------------------------------------------------------
 # Setting up a run.
 # ----------------------------------------------------------------------------
@@ -227,14 +201,15 @@ def validate_config(config: Any, mesh: jax.sharding.Mesh) -> None:
         f'{multiple} (e.g. config.batch='
         f'{max(1, round(batch / multiple)) * multiple}).')
   sharding.check_batch_size(batch, mesh, what='config.batch')
-  sharding.check_batch_size(int(config_lib.get(config, 'batch_eval', batch)), mesh,
-                            what='config.batch_eval')
+  sharding.check_batch_size(int(config_lib.get(config, 'batch_eval', batch)),
+                            mesh, what='config.batch_eval')
   for field in ('eval_every', 'checkpoint_every', 'log_every'):
     value = config_lib.get(config, field)
     if value is not None and int(value) <= 0:
       raise ValueError(f'config.{field}={value} must be positive.')
-  if config_lib.get(config, 'loss', 'softmax_xent') not in LOSSES:
-    raise ValueError(f'config.loss={config.loss!r}; use one of {LOSSES}.')
+  if config_lib.get(config, 'loss', 'softmax_xent') not in losses.LOSSES:
+    raise ValueError(
+        f'config.loss={config.loss!r}; use one of {losses.LOSSES}.')
   ema = config_lib.get(config, 'ema_decay')
   if ema is not None and not 0 <= float(ema) < 1:
     raise ValueError(f'config.ema_decay={ema} must be in [0, 1).')
@@ -264,10 +239,7 @@ def create_train_state(config: Any, model: flax.linen.Module,
                       ema_params=params if use_ema else None)
 
   abstract = jax.eval_shape(init, rng)
-  shardings = sharding.tree_shardings(
-      abstract, mesh, tuple(config_lib.get(config, 'sharding_rules',
-                                 sharding.DEFAULT_RULES)),
-      int(config_lib.get(config, 'fsdp_min_size', sharding.DEFAULT_FSDP_MIN_SIZE)))
+  shardings = sharding.shardings_from_config(abstract, mesh, config)
   state = jax.jit(init, out_shardings=shardings)(rng)
   return state, shardings, abstract
 
@@ -416,22 +388,6 @@ def _run_meta(config: Any, num_classes: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------
 
 
-def evaluate(params: Any, eval_fn: Callable[..., Any], dataset: Any,
-             batch_sharding: Any) -> dict[str, float]:
-  """Loss and top-1 accuracy over a padded eval dataset (one host sync)."""
-  totals = None
-  for batch in input_pipeline.prefetch_to_device(
-      dataset.as_numpy_iterator(), batch_sharding):
-    sums = eval_fn(params, batch)
-    totals = sums if totals is None else jax.tree_util.tree_map(
-        jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = max(float(totals['count']), 1.0)
-  return {'eval/loss': float(totals['loss']) / count,
-          'eval/accuracy': float(totals['correct']) / count,
-          'eval/examples': float(totals['count'])}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, float]:
   """Trains (or fine-tunes, or resumes) and evaluates; the main job.
@@ -462,8 +418,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # Random bits must not depend on how arrays are sharded (same dropout on 1
   # or 256 devices).
   jax.config.update('jax_threefry_partitionable', True)
-  mesh = sharding.make_mesh(tuple(
-      tuple(a) for a in config_lib.get(config, 'mesh', sharding.DEFAULT_MESH)))
+  mesh = sharding.mesh_from_config(config)
   validate_config(config, mesh)
   source = input_pipeline.get_source(config)
   info = input_pipeline.get_dataset_info(config, source)
@@ -475,9 +430,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   init_rng, train_rng = jax.random.split(jax.random.key(int(config.seed)))
   state, shardings, abstract = create_train_state(config, model, tx, mesh,
                                                   init_rng)
+  fewshot_every = int(config_lib.get(config, 'evals.fewshot.every', 0))
+  fewshot = fewshot_lib.FewShotEvaluator(
+      config, model, mesh, shardings.params) if fewshot_every > 0 else None
+  num_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
   logging.info('Model %s: %s parameters; mesh %s', config.model_name,
-               f'{sum(x.size for x in jax.tree_util.tree_leaves(abstract.params)):,}',
-               dict(mesh.shape))
+               f'{num_params:,}', dict(mesh.shape))
   ckpt = train_state.Checkpointer(
       workdir, _run_meta(config, info.num_classes),
       keep=int(config_lib.get(config, 'keep_checkpoints', 3)),
@@ -513,22 +471,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   start_position = train_iter.position
   batch_sharding = sharding.batch_sharding(mesh)
   batches = input_pipeline.prefetch_to_device(
-      train_iter, batch_sharding, size=int(config_lib.get(config, 'prefetch', 2)))
+      train_iter, batch_sharding,
+      size=int(config_lib.get(config, 'prefetch', 2)))
   step_fn = make_train_step(config, model, tx, mesh, shardings)
   # Placed once: a key on one device would be re-sharded at every step. (A
   # jitted identity, because device_put cannot reach other hosts' devices.)
   train_rng = jax.jit(lambda key: key,
                       out_shardings=sharding.replicated(mesh))(train_rng)
   eval_ds, _ = input_pipeline.eval_dataset(config, source=source)
-  eval_fn = jax.jit(
-      functools.partial(eval_step, model=model,
-                        loss=config_lib.get(config, 'loss', 'softmax_xent')),
-      in_shardings=(shardings.params, batch_sharding),
-      out_shardings=sharding.replicated(mesh))
+  eval_fn = classification.make_eval_fn(
+      model, mesh, shardings.params,
+      config_lib.get(config, 'loss', 'softmax_xent'))
+
+  def run_evals(step: int, last: bool) -> dict[str, float]:
+    params = state.ema_params if use_ema else state.params
+    metrics = classification.evaluate(params, eval_fn, eval_ds,
+                                      batch_sharding)
+    if fewshot and (last or step % fewshot_every == 0):
+      metrics.update(fewshot.run(params))
+    return metrics
 
   log_every = int(config_lib.get(config, 'log_every', 50))
   eval_every = int(config_lib.get(config, 'eval_every', total_steps))
-  checkpoint_every = int(config_lib.get(config, 'checkpoint_every', total_steps))
+  checkpoint_every = int(config_lib.get(config, 'checkpoint_every',
+                                        total_steps))
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
                                            writer=writer, every_secs=30)]
   if is_writer and config_lib.get(config, 'profile', False):
@@ -572,13 +538,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         hook(step)
       last = step == total_steps
       preempted = preemption.reached(step) and not last
-      do_eval = step % eval_every == 0 or last
+      do_eval = (step % eval_every == 0 or last
+                 or (fewshot is not None and step % fewshot_every == 0))
       do_checkpoint = step % checkpoint_every == 0 or last or preempted
       if step % log_every == 0 or do_eval or do_checkpoint:
         flush_train_metrics()  # Never checkpoint an unchecked state.
       if do_eval:
-        metrics = evaluate(state.ema_params if use_ema else state.params,
-                           eval_fn, eval_ds, batch_sharding)
+        metrics = run_evals(step, last)
         writer.write_scalars(step, metrics)
       if do_checkpoint:
         position = start_position + (step - start) * train_iter.batch_size
@@ -594,8 +560,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         return {**metrics, 'preempted_at_step': float(step)}
     ckpt.wait()
     if not metrics:
-      metrics = evaluate(state.ema_params if use_ema else state.params,
-                         eval_fn, eval_ds, batch_sharding)
+      metrics = run_evals(total_steps, last=True)
     checkpoint.save(state.ema_params if use_ema else state.params,
                     os.path.join(workdir, FINAL_PARAMS_FILE))
     writer.flush()

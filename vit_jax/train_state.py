@@ -29,6 +29,7 @@ from typing import Any
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
@@ -172,6 +173,39 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def load_params(workdir: str, *, ema: bool = True,
+                step: int | None = None) -> tuple[int, Any]:
+  """Parameters from a run's checkpoint, without its optimizer state.
+
+  Args:
+    workdir: Run directory.
+    ema: Prefer the EMA parameters when the run kept them.
+    step: Checkpoint step (default: the newest).
+
+  Returns:
+    (step, parameters as host numpy arrays).
+
+  Raises:
+    FileNotFoundError: the workdir has no checkpoint.
+  """
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      item_names=('state',))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(
+        f'No checkpoint in {directory}: point --workdir at a training run '
+        '(or pass an .npz).')
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))['state']
+  manager.close()
+  params = state.get('ema_params') if ema else None
+  if params is None:
+    params = state['params']
+  return step, jax.tree_util.tree_map(np.asarray, params)
 
 
 class PreemptionWatcher:

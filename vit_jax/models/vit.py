@@ -286,7 +286,8 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.add_position_embedding:
-      x = AddPositionEmbs(param_dtype=self.param_dtype, name='posembed_input')(x)
+      x = AddPositionEmbs(param_dtype=self.param_dtype,
+                          name='posembed_input')(x)
       x = nn.Dropout(rate=self.dropout_rate)(
           x, deterministic=self.deterministic)
     x = x.astype(self.dtype)
@@ -373,7 +374,8 @@ class VisionTransformer(nn.Module):
       raise ValueError(
           f'Image size {h}x{w} is not divisible by the {kind} {sh}x{sw} of '
           f'{self.model_name or "this model"}: resize or crop the images to a '
-          f'multiple of it (e.g. {max(1, h // sh) * sh}x{max(1, w // sw) * sw}).')
+          f'multiple of it (e.g. '
+          f'{max(1, h // sh) * sh}x{max(1, w // sw) * sw}).')
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, train: bool) -> jax.Array:

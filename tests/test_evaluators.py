@@ -1,0 +1,143 @@
+"""Few-shot linear probe and classification evaluator."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from helpers import init_params
+from helpers import random_images
+from helpers import randomize
+from helpers import tiny_model
+from vit_jax import config_lib
+from vit_jax import input_pipeline
+from vit_jax import sharding
+from vit_jax.evaluators import classification
+from vit_jax.evaluators import fewshot
+
+
+def test_solver_matches_numpy_lstsq():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(30, 12))
+  y = rng.integers(0, 4, size=30)
+  l2 = 0.7
+  w, b = fewshot.solve_least_squares(x, y, 4, l2)
+  # Ridge regression as an ordinary least-squares problem: stack sqrt(l2) I
+  # under the design matrix (not under the bias column) and zeros under the
+  # targets.
+  design = np.concatenate([x, np.ones((30, 1))], axis=1)
+  reg = np.concatenate([np.sqrt(l2) * np.eye(12), np.zeros((12, 1))], axis=1)
+  targets = 2.0 * np.eye(4)[y] - 1.0
+  reference = np.linalg.lstsq(np.concatenate([design, reg]),
+                              np.concatenate([targets, np.zeros((12, 4))]),
+                              rcond=None)[0]
+  np.testing.assert_allclose(w, reference[:-1], atol=1e-5)
+  np.testing.assert_allclose(b, reference[-1], atol=1e-5)
+
+
+def test_separable_problem_is_solved_exactly():
+  rng = np.random.default_rng(1)
+  centres = rng.normal(size=(5, 16)) * 10
+  train_y = np.repeat(np.arange(5), 30)
+  test_y = np.repeat(np.arange(5), 40)
+  train_x = centres[train_y] + rng.normal(size=(150, 16)) * 0.1
+  test_x = centres[test_y] + rng.normal(size=(200, 16)) * 0.1
+  results = fewshot.few_shot_accuracies(train_x, train_y, test_x, test_y, 5,
+                                        shots=(1, 5, 10), seeds=3)
+  assert results == {1: [1.0] * 3, 5: [1.0] * 3, 10: [1.0] * 3}
+
+
+def test_shots_are_k_per_class_and_depend_on_the_seed():
+  labels = np.repeat(np.arange(3), 10)
+  a = fewshot.draw_shots(labels, 4, 3, seed=0)
+  b = fewshot.draw_shots(labels, 4, 3, seed=1)
+  assert len(a) == 12 and len(set(a)) == 12
+  np.testing.assert_array_equal(labels[a], np.tile(np.arange(3), 4))
+  assert set(a) != set(b)
+  with pytest.raises(ValueError, match='class 0 has 10 examples in the pool, '
+                     'fewer than 11 shots'):
+    fewshot.draw_shots(labels, 11, 3, seed=0)
+
+
+def test_l2_selection_prefers_regularisation_on_noise():
+  rng = np.random.default_rng(2)
+  # Pure noise features: heavy regularisation cannot hurt, weak can.
+  x = rng.normal(size=(5 * 3, 40))
+  y = np.tile(np.arange(3), 5)
+  grid = (1e-6, 1e6)
+  assert fewshot.select_l2(x, y, 5, 3, grid, default_l2=1.0) in grid
+  assert fewshot.select_l2(x, y, 1, 3, grid, default_l2=0.5) == 0.5
+
+
+def _digits_config(tfds_dir, **fewshot_fields):
+  config = config_lib.get_base()
+  config.model_name = 'testing'
+  config.model = {'patches': {'size': (4, 4)}}
+  config.image_size = 16
+  config.batch = 16
+  config.batch_eval = 64
+  config.tfds_data_dir = tfds_dir
+  config.evals.fewshot.update(fewshot_fields)
+  return config
+
+
+def test_fewshot_evaluator_on_digits(tmp_path):
+  config = _digits_config(str(tmp_path), shots=(1, 5), seeds=2,
+                          pool_per_class=10, every=1)
+  model, _ = tiny_model('vit', num_classes=10)
+  mesh = sharding.make_mesh()
+  params = randomize(init_params(model, random_images((1, 16, 16, 3))))
+  shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh),
+                                     params)
+  evaluator = fewshot.FewShotEvaluator(config, model, mesh, shardings)
+  (x, y), (tx, ty) = evaluator.features(params)
+  assert x.shape[1] == tx.shape[1] == 10  # pre_logits of 'testing'
+  assert np.bincount(y, minlength=10).min() >= 10
+  assert len(tx) == 299
+  metrics = evaluator.run(params)
+  assert set(metrics) == {'fewshot/digits_1shot', 'fewshot/digits_1shot_std',
+                          'fewshot/digits_5shot', 'fewshot/digits_5shot_std'}
+  # Random features still beat chance (10%) on digits with 5 shots.
+  assert metrics['fewshot/digits_5shot'] > 0.2
+
+
+def test_unknown_representation_lists_the_sown_names(tmp_path):
+  config = _digits_config(str(tmp_path), representation='nope')
+  model, _ = tiny_model('vit', num_classes=10)
+  mesh = sharding.make_mesh()
+  params = init_params(model, random_images((1, 16, 16, 3)))
+  shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh),
+                                     params)
+  evaluator = fewshot.FewShotEvaluator(config, model, mesh, shardings)
+  with pytest.raises(ValueError, match=r"representation='nope' is not sown.*"
+                     r'pre_logits'):
+    evaluator.features(params)
+
+
+def test_classification_top1_and_top5(tmp_path):
+  config = ml_collections.ConfigDict({
+      'dataset': 'digits', 'tfds_data_dir': str(tmp_path), 'image_size': 16,
+      'batch': 16, 'batch_eval': 64, 'model_name': 'testing',
+      'model': {'patches': {'size': (4, 4)}}})
+  model, _ = tiny_model('vit', num_classes=10)
+  mesh = sharding.make_mesh()
+  params = randomize(init_params(model, random_images((1, 16, 16, 3))))
+  shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh),
+                                     params)
+  eval_fn = classification.make_eval_fn(model, mesh, shardings)
+  ds, _ = input_pipeline.eval_dataset(config)
+  metrics = classification.evaluate(params, eval_fn, ds,
+                                    sharding.batch_sharding(mesh))
+  # Recompute on the host from the logits.
+  images, labels = [], []
+  for batch in ds.as_numpy_iterator():
+    keep = batch['mask'] > 0
+    images.append(batch['image'][keep])
+    labels.append(batch['labels'][keep].argmax(-1))
+  images, labels = np.concatenate(images), np.concatenate(labels)
+  logits = np.asarray(model.apply({'params': params}, images, train=False))
+  ranks = (logits > logits[np.arange(len(labels)), labels][:, None]).sum(-1)
+  assert metrics['eval/examples'] == 299
+  np.testing.assert_allclose(metrics['eval/accuracy'], np.mean(ranks == 0))
+  np.testing.assert_allclose(metrics['eval/top5'], np.mean(ranks < 5))
+  assert metrics['eval/top5'] > metrics['eval/accuracy']

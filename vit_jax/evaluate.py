@@ -1,0 +1,109 @@
+r"""Evaluates a trained model: top-1 / top-5 and few-shot linear accuracy.
+
+  # A training run (its config.json and newest checkpoint):
+  python -m vit_jax.evaluate --workdir=/tmp/vit_digits
+  # An .npz with its experiment config (model, dataset, image size):
+  python -m vit_jax.evaluate --config=configs/finetune.py:b16,cifar10 \
+      --params=/tmp/b16_c10/final_params.npz --out=/tmp/b16_c10_eval
+
+Few-shot shots, seeds and representation come from `config.evals.fewshot`
+(override with --config.evals.fewshot.shots=...). Results are printed and
+written to `<out>/eval_results.json` (default out: the workdir).
+"""
+
+import json
+import os
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+from ml_collections import config_flags
+import tensorflow as tf
+
+from vit_jax import checkpoint
+from vit_jax import config_lib
+from vit_jax import input_pipeline
+from vit_jax import sharding
+from vit_jax import train
+from vit_jax import train_state
+from vit_jax.evaluators import classification
+from vit_jax.evaluators import fewshot as fewshot_lib
+
+RESULTS_FILE = 'eval_results.json'
+
+
+def evaluate_params(config: ml_collections.ConfigDict, params: Any, *,
+                    fewshot: bool = True) -> dict[str, float]:
+  """Classification (and few-shot) metrics of `params` on the config's data.
+
+  The parameters are placed with the config's sharding rules on all devices,
+  so models that needed FSDP to train evaluate the same way.
+
+  Args:
+    config: Experiment config (model, dataset, image size, mesh, evals).
+    params: Parameters (host arrays), e.g. from `checkpoint.load`.
+    fewshot: Also run the few-shot linear evaluator.
+
+  Returns:
+    `eval/accuracy`, `eval/top5`, `eval/loss`, `eval/examples` and, with
+    few-shot, `fewshot/<dataset>_<k>shot[_std]`.
+  """
+  mesh = sharding.mesh_from_config(config)
+  source = input_pipeline.get_source(config)
+  info = input_pipeline.get_dataset_info(config, source)
+  model = train.build_model(config, info.num_classes)
+  shardings = sharding.shardings_from_config(
+      jax.eval_shape(lambda: params), mesh, config)
+  params = sharding.put_global(params, shardings)
+  eval_fn = classification.make_eval_fn(
+      model, mesh, shardings, config_lib.get(config, 'loss', 'softmax_xent'))
+  dataset, _ = input_pipeline.eval_dataset(config, source=source)
+  metrics = classification.evaluate(params, eval_fn, dataset,
+                                    sharding.batch_sharding(mesh))
+  if fewshot:
+    evaluator = fewshot_lib.FewShotEvaluator(config, model, mesh, shardings)
+    metrics.update(evaluator.run(params))
+  return metrics
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'A training run directory.')
+config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config (instead of --workdir).',
+    lock_config=False)
+flags.DEFINE_string('params', None,
+                    '.npz to evaluate (default: the run\'s newest checkpoint).')
+flags.DEFINE_bool('fewshot', True, 'Also run the few-shot linear evaluator.')
+flags.DEFINE_string('out', None, f'Folder for {RESULTS_FILE}.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if bool(FLAGS.workdir) == bool(FLAGS.config):
+    raise app.UsageError('Pass exactly one of --workdir or --config.')
+  config = (config_lib.load_run_config(FLAGS.workdir) if FLAGS.workdir
+            else FLAGS.config)
+  if FLAGS.params:
+    params, source = checkpoint.load(FLAGS.params), FLAGS.params
+  elif FLAGS.workdir:
+    step, params = train_state.load_params(FLAGS.workdir)
+    source = f'{FLAGS.workdir} step {step}'
+  else:
+    raise app.UsageError('--config needs --params=<npz>.')
+  metrics = evaluate_params(config, params, fewshot=FLAGS.fewshot)
+  metrics = {'params': source, **metrics}
+  out = FLAGS.out or FLAGS.workdir
+  if out and jax.process_index() == 0:
+    tf.io.gfile.makedirs(out)
+    with tf.io.gfile.GFile(os.path.join(out, RESULTS_FILE), 'w') as f:
+      json.dump(metrics, f, indent=1)
+  logging.info('Evaluation of %s: %s', source, metrics)
+  print(json.dumps(metrics, indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)

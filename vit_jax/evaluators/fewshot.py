@@ -1,0 +1,267 @@
+"""Few-shot linear evaluation (paper §4.1): a closed-form probe on frozen
+features.
+
+From k training images per class, a regularised least-squares regression maps
+the frozen features (pre-logits by default) to {-1, 1}^K targets; top-1
+accuracy of its argmax is measured on the test split. The L2 regulariser is
+chosen from a small grid by leave-one-shot-out validation on the few-shot
+set itself (k >= 2; with one shot there is nothing to hold out and
+`default_l2` is used). Each k is repeated for several random draws of the
+shots (seeds) and averaged.
+"""
+
+from collections.abc import Callable, Iterable, Sequence
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+
+from vit_jax import config_lib
+from vit_jax import input_pipeline
+from vit_jax import sharding
+
+DEFAULT_L2_GRID = tuple(2.0 ** e for e in range(-10, 11, 2))
+
+
+def solve_least_squares(features: np.ndarray, labels: np.ndarray,
+                        num_classes: int, l2: float
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  """Ridge regression to {-1, 1} one-vs-rest targets, in closed form.
+
+  Minimises ||X W + b - Y||^2 + l2 ||W||^2 (the bias is not regularised).
+
+  Args:
+    features: `[n, d]`.
+    labels: `[n]` integer classes.
+    num_classes: K.
+    l2: Regulariser (> 0 keeps the system well posed when n < d).
+
+  Returns:
+    (weights `[d, K]`, bias `[K]`), float64.
+  """
+  x = np.asarray(features, np.float64)
+  targets = 2.0 * np.eye(num_classes)[np.asarray(labels)] - 1.0
+  design = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+  reg = l2 * np.eye(design.shape[1])
+  reg[-1, -1] = 0.0
+  solution = np.linalg.solve(design.T @ design + reg, design.T @ targets)
+  return solution[:-1], solution[-1]
+
+
+def accuracy(weights: np.ndarray, bias: np.ndarray, features: np.ndarray,
+             labels: np.ndarray) -> float:
+  """Top-1 accuracy of the linear classifier."""
+  predictions = (np.asarray(features, np.float64) @ weights + bias).argmax(-1)
+  return float(np.mean(predictions == np.asarray(labels)))
+
+
+def select_l2(features: np.ndarray, labels: np.ndarray, shots: int,
+              num_classes: int, grid: Sequence[float],
+              default_l2: float) -> float:
+  """Leave-one-shot-out choice of the regulariser.
+
+  Args:
+    features: `[shots * K, d]`, ordered so that example `i` of every class
+      comes before example `i + 1` (as `draw_shots` returns them).
+    labels: `[shots * K]`.
+    shots: k.
+    num_classes: K.
+    grid: Candidate values.
+    default_l2: Used when k == 1.
+
+  Returns:
+    The value with the best mean held-out accuracy (the larger on ties).
+  """
+  if shots < 2:
+    return default_l2
+  fold = np.arange(len(labels)) // num_classes  # Shot index of each row.
+  best, best_acc = default_l2, -1.0
+  for l2 in sorted(grid):
+    accs = []
+    for f in range(shots):
+      train, held = fold != f, fold == f
+      w, b = solve_least_squares(features[train], labels[train], num_classes,
+                                 l2)
+      accs.append(accuracy(w, b, features[held], labels[held]))
+    if np.mean(accs) >= best_acc:
+      best, best_acc = l2, float(np.mean(accs))
+  return best
+
+
+def draw_shots(labels: np.ndarray, shots: int, num_classes: int,
+               seed: int) -> np.ndarray:
+  """Indices of `shots` random examples per class, shot-major order.
+
+  Raises:
+    ValueError: a class has fewer than `shots` examples in the pool.
+  """
+  rng = np.random.default_rng(seed)
+  per_class = []
+  for c in range(num_classes):
+    candidates = np.flatnonzero(labels == c)
+    if len(candidates) < shots:
+      raise ValueError(
+          f'Few-shot: class {c} has {len(candidates)} examples in the pool, '
+          f'fewer than {shots} shots; lower evals.fewshot.shots or raise '
+          'evals.fewshot.pool_per_class.')
+    per_class.append(rng.choice(candidates, shots, replace=False))
+  return np.stack(per_class, axis=1).ravel()  # [shot, class] -> flat.
+
+
+def few_shot_accuracies(train_features: np.ndarray, train_labels: np.ndarray,
+                        test_features: np.ndarray, test_labels: np.ndarray,
+                        num_classes: int, *, shots: Iterable[int] = (1, 5),
+                        seeds: int = 3,
+                        l2_grid: Sequence[float] = DEFAULT_L2_GRID,
+                        default_l2: float = 1.0) -> dict[int, list[float]]:
+  """Test accuracy for each k and seed.
+
+  Returns:
+    {k: [accuracy of seed 0, seed 1, ...]}.
+  """
+  out = {}
+  for k in shots:
+    out[k] = []
+    for seed in range(seeds):
+      idx = draw_shots(train_labels, k, num_classes, seed)
+      x, y = train_features[idx], train_labels[idx]
+      l2 = select_l2(x, y, k, num_classes, l2_grid, default_l2)
+      w, b = solve_least_squares(x, y, num_classes, l2)
+      out[k].append(accuracy(w, b, test_features, test_labels))
+  return out
+
+
+def _representation(intermediates: Any, name: str) -> jax.Array:
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates),
+                                         sep='/')
+  found = {k: v for k, v in flat.items() if k == name}
+  if not found:
+    raise ValueError(
+        f'evals.fewshot.representation={name!r} is not sown by the model; '
+        f'available: {sorted(flat)}.')
+  value = found[name][0]
+  # Token sequences ([batch, tokens, d]) are averaged over the tokens.
+  return value.mean(axis=1) if value.ndim == 3 else value
+
+
+def make_feature_fn(model: flax.linen.Module, representation: str,
+                    mesh: jax.sharding.Mesh, param_shardings: Any
+                    ) -> Callable[[Any, Any], dict[str, jax.Array]]:
+  """A jitted `(params, batch) -> {'features', 'labels', 'mask'}`.
+
+  Inputs are sharded like training; outputs are replicated, so every process
+  gets the whole batch's features (the solver runs on each host).
+  """
+  def features(params, batch):
+    _, state = model.apply({'params': params}, batch['image'], train=False,
+                           mutable=['intermediates'])
+    return {'features': _representation(state['intermediates'],
+                                        representation).astype(np.float32),
+            'labels': batch['labels'].argmax(-1), 'mask': batch['mask']}
+
+  return jax.jit(features,
+                 in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def extract(feature_fn: Callable[[Any, Any], dict[str, jax.Array]],
+            params: Any,
+            dataset: Any, mesh: jax.sharding.Mesh, *,
+            per_class_limit: int | None = None,
+            num_classes: int | None = None,
+            max_examples: int | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """Features and integer labels of the real (mask 1) examples.
+
+  Stops early once every class has `per_class_limit` examples or
+  `max_examples` were read (the same decision on every process: features
+  are replicated).
+  """
+  feats, labels = [], []
+  counts = np.zeros(num_classes or 0, np.int64)
+  for batch in input_pipeline.prefetch_to_device(
+      dataset.as_numpy_iterator(), sharding.batch_sharding(mesh)):
+    out = jax.device_get(feature_fn(params, batch))
+    mask = np.asarray(out['mask']) > 0
+    y = np.asarray(out['labels'])[mask]
+    feats.append(np.asarray(out['features'])[mask])
+    labels.append(y)
+    if per_class_limit and num_classes:
+      counts += np.bincount(y, minlength=num_classes)
+      if counts.min() >= per_class_limit:
+        break
+    if max_examples and sum(len(l) for l in labels) >= max_examples:
+      break
+  return np.concatenate(feats), np.concatenate(labels)
+
+
+@dataclasses.dataclass
+class FewShotEvaluator:
+  """Few-shot linear accuracy of a model's frozen features on one dataset.
+
+  Built once per run (features are jitted with the training shardings);
+  `run(params)` returns metrics named `fewshot/<dataset>_<k>shot` (mean over
+  seeds) and `fewshot/<dataset>_<k>shot_std`.
+
+  Attributes:
+    config: The experiment config; `config.evals.fewshot` holds `dataset`
+      (default: `config.dataset`), `shots`, `seeds`, `representation`,
+      `l2_grid`, `default_l2`, `pool_per_class`, `max_test_examples`.
+    model: The model being trained.
+    mesh: Device mesh.
+    param_shardings: Shardings of the parameters.
+  """
+  config: Any
+  model: flax.linen.Module
+  mesh: jax.sharding.Mesh
+  param_shardings: Any
+
+  def __post_init__(self):
+    fs = self.config.evals.fewshot
+    self.shots = tuple(int(k) for k in fs.shots)
+    self.seeds = int(fs.seeds)
+    self.l2_grid = tuple(float(v) for v in (fs.l2_grid or DEFAULT_L2_GRID))
+    self.default_l2 = float(fs.default_l2)
+    self.pool_per_class = int(fs.pool_per_class)
+    self.max_test_examples = int(fs.max_test_examples or 0) or None
+    self.data_config = self.config.copy_and_resolve_references()
+    if fs.dataset:
+      self.data_config.dataset = fs.dataset
+    self.source = input_pipeline.get_source(self.data_config)
+    self.info = input_pipeline.get_dataset_info(self.data_config, self.source)
+    if self.pool_per_class < max(self.shots):
+      raise ValueError(
+          f'evals.fewshot.pool_per_class={self.pool_per_class} is smaller '
+          f'than the largest shot count {max(self.shots)}.')
+    self.feature_fn = make_feature_fn(
+        self.model, config_lib.get(fs, 'representation', 'pre_logits'),
+        self.mesh, self.param_shardings)
+    self.name = self.data_config.dataset
+
+  def features(self, params: Any) -> tuple[tuple[np.ndarray, np.ndarray],
+                                           tuple[np.ndarray, np.ndarray]]:
+    """((pool features, labels), (test features, labels))."""
+    train_ds, _ = input_pipeline.eval_dataset(
+        self.data_config, split=self.info.train_split, source=self.source)
+    test_ds, _ = input_pipeline.eval_dataset(
+        self.data_config, split=self.info.eval_split, source=self.source)
+    pool = extract(self.feature_fn, params, train_ds, self.mesh,
+                   per_class_limit=self.pool_per_class,
+                   num_classes=self.info.num_classes)
+    test = extract(self.feature_fn, params, test_ds, self.mesh,
+                   max_examples=self.max_test_examples)
+    return pool, test
+
+  def run(self, params: Any) -> dict[str, float]:
+    """Few-shot metrics for `params`."""
+    (x, y), (tx, ty) = self.features(params)
+    results = few_shot_accuracies(
+        x, y, tx, ty, self.info.num_classes, shots=self.shots,
+        seeds=self.seeds, l2_grid=self.l2_grid, default_l2=self.default_l2)
+    metrics = {}
+    for k, accs in results.items():
+      metrics[f'fewshot/{self.name}_{k}shot'] = float(np.mean(accs))
+      metrics[f'fewshot/{self.name}_{k}shot_std'] = float(np.std(accs))
+    return metrics
