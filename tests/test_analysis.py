@@ -131,7 +131,7 @@ def test_analyze_writes_figures_and_numbers(tmp_path):
 
 
 @pytest.mark.slow
-def test_analysis_cli_on_a_training_run(tmp_path):
+def test_analysis_and_evaluate_clis_on_a_training_run(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   workdir, tfds_dir = str(tmp_path / 'run'), str(tmp_path / 'tfds')
   subprocess.run([sys.executable, '-m', 'vit_jax.main',
@@ -151,3 +151,47 @@ def test_analysis_cli_on_a_training_run(tmp_path):
   assert saved['num_images'] == 16 and saved['grid'] == [4, 4]
   # One block, three heads (ViT-Ti width), runlocal model.
   assert np.array(saved['mean_attention_distance_px']).shape == (1, 3)
+
+  result = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.evaluate', f'--workdir={workdir}'],
+      cwd=REPO, env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  saved = json.load(open(os.path.join(workdir, 'eval_results.json')))
+  assert saved['params'].endswith('step 4')
+  assert saved['eval/examples'] == 299
+  assert 0 <= saved['eval/accuracy'] <= saved['eval/top5'] <= 1
+  # configs/digits.py:runlocal probes 1 and 5 shots.
+  assert {'fewshot/digits_1shot', 'fewshot/digits_5shot'} <= set(saved)
+  # The same numbers the training run logged at its last step.
+  logged = [json.loads(l) for l in open(os.path.join(workdir,
+                                                     'metrics.jsonl'))]
+  final = [l for l in logged if 'fewshot/digits_5shot' in l][-1]
+  assert final['fewshot/digits_5shot'] == saved['fewshot/digits_5shot']
+  assert final['eval/accuracy'] == saved['eval/accuracy']
+
+  # The same parameters as an .npz with the experiment config.
+  out = str(tmp_path / 'npz_eval')
+  result = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.evaluate',
+       '--config=configs/digits.py:runlocal',
+       f'--config.tfds_data_dir={tfds_dir}', '--nofewshot',
+       f'--params={os.path.join(workdir, "final_params.npz")}',
+       f'--out={out}'], cwd=REPO, env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  from_npz = json.load(open(os.path.join(out, 'eval_results.json')))
+  assert from_npz['eval/accuracy'] == saved['eval/accuracy']
+  assert not any(k.startswith('fewshot/') for k in from_npz)
+
+
+def test_model_from_a_published_npz(tmp_path):
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax.analysis import __main__ as cli  # pylint: disable=g-import-not-at-top
+  import vit_jax.models  # pylint: disable=g-import-not-at-top
+  model = vit_jax.models.get_model('testing', num_classes=7)
+  images = random_images((1, 32, 32, 3))
+  checkpoint.save(init_params(model, images), str(tmp_path / 'm.npz'))
+  loaded, params, size, names = cli.model_from_npz(str(tmp_path / 'm.npz'),
+                                                   'testing')
+  assert size == 32 and names is None and loaded.num_classes == 7
+  assert analysis.attention_weights(loaded, params, images).shape == (
+      1, 1, 2, 5, 5)

@@ -81,24 +81,31 @@ def _digits_config(tfds_dir, **fewshot_fields):
   return config
 
 
-def test_fewshot_evaluator_on_digits(tmp_path):
+def test_fewshot_evaluator_on_digits_replicated_and_fsdp(tmp_path):
   config = _digits_config(str(tmp_path), shots=(1, 5), seeds=2,
                           pool_per_class=10, every=1)
   model, _ = tiny_model('vit', num_classes=10)
-  mesh = sharding.make_mesh()
   params = randomize(init_params(model, random_images((1, 16, 16, 3))))
-  shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh),
-                                     params)
-  evaluator = fewshot.FewShotEvaluator(config, model, mesh, shardings)
-  (x, y), (tx, ty) = evaluator.features(params)
+  runs = []
+  for mesh_axes in ((('data', -1), ('fsdp', 1)), (('data', 1), ('fsdp', -1))):
+    mesh = sharding.make_mesh(mesh_axes)
+    shardings = sharding.tree_shardings(params, mesh, fsdp_min_size=1)
+    placed = sharding.put_global(jax.device_get(params), shardings)
+    evaluator = fewshot.FewShotEvaluator(config, model, mesh, shardings)
+    runs.append((evaluator.features(placed), evaluator.run(placed)))
+  ((x, y), (tx, ty)), metrics = runs[0]
   assert x.shape[1] == tx.shape[1] == 10  # pre_logits of 'testing'
   assert np.bincount(y, minlength=10).min() >= 10
   assert len(tx) == 299
-  metrics = evaluator.run(params)
   assert set(metrics) == {'fewshot/digits_1shot', 'fewshot/digits_1shot_std',
                           'fewshot/digits_5shot', 'fewshot/digits_5shot_std'}
   # Random features still beat chance (10%) on digits with 5 shots.
   assert metrics['fewshot/digits_5shot'] > 0.2
+  # FSDP-sharded parameters give the same features (to float rounding).
+  ((fx, fy), (ftx, fty)), _ = runs[1]
+  np.testing.assert_array_equal(y, fy)
+  np.testing.assert_allclose(x, fx, atol=1e-5)
+  np.testing.assert_allclose(tx, ftx, atol=1e-5)
 
 
 def test_unknown_representation_lists_the_sown_names(tmp_path):
