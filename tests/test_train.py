@@ -28,6 +28,7 @@ CONFIG_ARGS = {
     'pretrain_imagenet21k.py': ['b16', 'b16,runlocal'],
     'pretrain_imagenet.py': ['b16', 'b16,runlocal'],
     'pretrain_jft.py': ['l16', 'l16,runlocal'],
+    'mpp_pretrain.py': ['b16', 'b16,target=4x4', 'runlocal'],
 }
 
 

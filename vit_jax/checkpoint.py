@@ -539,8 +539,11 @@ def load_pretrained(*, pretrained_path: str, init_params: Params,
     # token and its position embedding are not used.
     logging.info('load_pretrained: the model has no class token; dropping '
                  'the checkpoint\'s class token and its position embedding')
+  # Heads of another task, and what masked-patch-prediction pre-training
+  # adds (`mpp_head`, `mpp_mask_token`), are not part of the new model.
   dropped = sorted(k for k in restored if k not in expected and (
-      k.split('/', 1)[0] in (_HEAD, _PRE_LOGITS) or k == 'cls'))
+      k.split('/', 1)[0] in (_HEAD, _PRE_LOGITS) or k == 'cls'
+      or k.startswith('mpp_')))
   if dropped:
     logging.info('load_pretrained: dropping %s', _format_keys(dropped))
   restored = {k: v for k, v in restored.items() if k not in dropped}

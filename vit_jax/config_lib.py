@@ -65,6 +65,13 @@ def get_base() -> ml_collections.ConfigDict:
   c.beta2 = 0.999  # Adam beta2.
   c.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
   c.loss = 'softmax_xent'  # Or 'sigmoid_xent'.
+  c.objective = 'classification'  # Or 'mpp': masked patch prediction.
+  c.mpp = ml_collections.ConfigDict()  # vit_jax.mpp.MppConfig fields.
+  c.mpp.target = '3bit'  # '3bit' mean colour, '4x4' colours, 'l2' pixels.
+  c.mpp.corruption_rate = 0.5  # Fraction of patches corrupted per image.
+  c.mpp.mask_prob = 0.8  # Of those: replaced by the [mask] embedding,
+  c.mpp.random_prob = 0.1  # by a random patch's (the rest are kept).
+  c.mpp.bits = 3  # Bits per colour channel of the targets.
   c.label_smoothing = 0.0  # Label-smoothing factor.
   c.ema_decay = ml_collections.config_dict.placeholder(float)  # Polyak.
   # Sharding.

@@ -28,6 +28,7 @@ from vit_jax import checkpoint
 from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax import losses
+from vit_jax import mpp
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import train_state
@@ -38,6 +39,7 @@ import vit_jax.models
 METRICS_FILE = 'metrics.jsonl'
 FINAL_PARAMS_FILE = 'final_params.npz'
 CONFIG_FILE = 'config.json'
+OBJECTIVES = ('classification', 'mpp')
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -79,6 +81,13 @@ def build_model(config: Any, num_classes: int) -> flax.linen.Module:
     A flax module.
   """
   overrides = _to_dict(config_lib.get(config, 'model'))
+  if config_lib.get(config, 'objective', 'classification') == 'mpp':
+    # Self-supervised: no classification head, a patch-prediction head.
+    cfg = mpp.MppConfig.from_config(config)
+    patch_px = vit_jax.models.get_model(
+        config.model_name, num_classes=None, **overrides).total_stride
+    overrides['mpp_outputs'] = cfg.num_outputs(patch_px)
+    num_classes = None
   return vit_jax.models.get_model(
       config.model_name, num_classes=num_classes,
       dtype=jnp.dtype(config_lib.get(config, 'compute_dtype', 'float32')),
@@ -91,7 +100,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
                tx: optax.GradientTransformation, loss: str = 'softmax_xent',
                label_smoothing: float = 0.0, accum_steps: int = 1,
                ema_decay: float | None = None,
-               micro_batch_sharding: Any = None
+               micro_batch_sharding: Any = None,
+               objective: Callable[..., Any] | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on a global batch; pure.
 
@@ -114,22 +124,25 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
     ema_decay: Polyak averaging decay, or None.
     micro_batch_sharding: Sharding of the stacked micro-batches
       [accum, B / accum, ...] (None outside a mesh).
+    objective: `(params, batch, rng) -> (loss, {name: scalar})` replacing
+      the classification loss (e.g. `vit_jax.mpp.objective`).
 
   Returns:
-    (new state, {'loss', 'grad_norm'} replicated scalars).
+    (new state, {'loss', 'grad_norm', objective's extra metrics}) replicated
+    scalars.
   """
   step_rng = jax.random.fold_in(rng, state.step)
 
-  def loss_fn(params, images, labels, dropout_rng):
-    logits = model.apply({'params': params}, images, train=True,
+  def classification(params, batch, dropout_rng):
+    logits = model.apply({'params': params}, batch['image'], train=True,
                          rngs={'dropout': dropout_rng})
-    return losses.per_example_loss(logits, labels, kind=loss,
-                            label_smoothing=label_smoothing).mean()
+    return losses.per_example_loss(
+        logits, batch['labels'], kind=loss,
+        label_smoothing=label_smoothing).mean(), {}
 
-  grad_fn = jax.value_and_grad(loss_fn)
+  grad_fn = jax.value_and_grad(objective or classification, has_aux=True)
   if accum_steps == 1:
-    loss_value, grads = grad_fn(state.params, batch['image'], batch['labels'],
-                                step_rng)
+    (loss_value, extra), grads = grad_fn(state.params, batch, step_rng)
   else:
     def split(x):
       x = x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1)
@@ -140,18 +153,23 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
     micro = jax.tree_util.tree_map(split, dict(batch))
 
     def body(carry, inputs):
-      k, images, labels = inputs
-      value, grads = grad_fn(state.params, images, labels,
-                             jax.random.fold_in(step_rng, k))
-      return jax.tree_util.tree_map(jnp.add, carry, (value, grads)), None
+      k, micro_batch = inputs
+      (value, extra), grads = grad_fn(state.params, micro_batch,
+                                      jax.random.fold_in(step_rng, k))
+      return jax.tree_util.tree_map(jnp.add, carry,
+                                    (value, extra, grads)), None
 
-    zeros = (jnp.zeros((), jnp.float32),
-             jax.tree_util.tree_map(jnp.zeros_like, state.params))
-    (loss_value, grads), _ = jax.lax.scan(
-        body, zeros, (jnp.arange(accum_steps), micro['image'],
-                      micro['labels']))
-    loss_value = loss_value / accum_steps
-    grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
+    _, extra_shapes = jax.eval_shape(
+        objective or classification, state.params,
+        jax.tree_util.tree_map(lambda x: x[0], micro), step_rng)
+    zeros = jax.tree_util.tree_map(
+        lambda x: jnp.zeros(x.shape, x.dtype),
+        (jax.ShapeDtypeStruct((), jnp.float32), extra_shapes,
+         state.params))
+    (loss_value, extra, grads), _ = jax.lax.scan(
+        body, zeros, (jnp.arange(accum_steps), micro))
+    loss_value, extra, grads = jax.tree_util.tree_map(
+        lambda g: g / accum_steps, (loss_value, extra, grads))
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -161,7 +179,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
         lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema_params, params)
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state, ema_params=ema_params)
-  return new_state, {'loss': loss_value, 'grad_norm': optax.tree.norm(grads)}
+  return new_state, {'loss': loss_value, 'grad_norm': optax.tree.norm(grads),
+                     **extra}
 
 
 # ----------------------------------------------------------------------------
@@ -207,6 +226,12 @@ def validate_config(config: Any, mesh: jax.sharding.Mesh) -> None:
     value = config_lib.get(config, field)
     if value is not None and int(value) <= 0:
       raise ValueError(f'config.{field}={value} must be positive.')
+  objective = config_lib.get(config, 'objective', 'classification')
+  if objective not in OBJECTIVES:
+    raise ValueError(f'config.objective={objective!r}; use one of '
+                     f'{OBJECTIVES}.')
+  if objective == 'mpp':
+    mpp.MppConfig.from_config(config)  # Raises naming the bad field.
   if config_lib.get(config, 'loss', 'softmax_xent') not in losses.LOSSES:
     raise ValueError(
         f'config.loss={config.loss!r}; use one of {losses.LOSSES}.')
@@ -232,8 +257,15 @@ def create_train_state(config: Any, model: flax.linen.Module,
   use_ema = config_lib.get(config, 'ema_decay') is not None
 
   def init(rng):
-    params = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32),
-                        train=False)['params']
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    if config_lib.get(config, 'objective', 'classification') == 'mpp':
+      # Through the masked-patch path, which creates its head and token.
+      params = model.init(rng, images, train=False, mpp=mpp.sample_corruption(
+          rng, 1, (size // model.total_stride[0]) *
+          (size // model.total_stride[1]), mpp.MppConfig.from_config(config)))
+    else:
+      params = model.init(rng, images, train=False)
+    params = params['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params),
                       ema_params=params if use_ema else None)
@@ -271,7 +303,10 @@ def make_train_step(config: Any, model: flax.linen.Module,
       loss=config_lib.get(config, 'loss', 'softmax_xent'),
       label_smoothing=float(config_lib.get(config, 'label_smoothing', 0.0)),
       accum_steps=accum, ema_decay=config_lib.get(config, 'ema_decay'),
-      micro_batch_sharding=micro if accum > 1 else None)
+      micro_batch_sharding=micro if accum > 1 else None,
+      objective=mpp.objective(model, mpp.MppConfig.from_config(config))
+      if config_lib.get(config, 'objective', 'classification') == 'mpp'
+      else None)
   replicated = sharding.replicated(mesh)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding,
                                      replicated),
@@ -426,6 +461,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   tx, schedule = optim.make_optimizer(config)
   total_steps = int(config.total_steps)
   use_ema = config_lib.get(config, 'ema_decay') is not None
+  self_supervised = config_lib.get(config, 'objective',
+                                   'classification') == 'mpp'
 
   init_rng, train_rng = jax.random.split(jax.random.key(int(config.seed)))
   state, shardings, abstract = create_train_state(config, model, tx, mesh,
@@ -479,14 +516,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   train_rng = jax.jit(lambda key: key,
                       out_shardings=sharding.replicated(mesh))(train_rng)
   eval_ds, _ = input_pipeline.eval_dataset(config, source=source)
-  eval_fn = classification.make_eval_fn(
-      model, mesh, shardings.params,
-      config_lib.get(config, 'loss', 'softmax_xent'))
+  if self_supervised:
+    eval_fn = mpp.make_eval_fn(model, mpp.MppConfig.from_config(config),
+                               mesh, shardings.params)
+  else:
+    eval_fn = classification.make_eval_fn(
+        model, mesh, shardings.params,
+        config_lib.get(config, 'loss', 'softmax_xent'))
 
   def run_evals(step: int, last: bool) -> dict[str, float]:
     params = state.ema_params if use_ema else state.params
-    metrics = classification.evaluate(params, eval_fn, eval_ds,
-                                      batch_sharding)
+    evaluate = mpp.evaluate if self_supervised else classification.evaluate
+    metrics = evaluate(params, eval_fn, eval_ds, batch_sharding)
     if fewshot and (last or step % fewshot_every == 0):
       metrics.update(fewshot.run(params))
     return metrics
@@ -520,8 +561,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             'grad_clip_norm, or check the data.')
     last = pending[-1][0]
     writer.write_scalars(last, {
-        'train/loss': float(np.mean([m['loss'] for m in values])),
-        'train/grad_norm': float(np.mean([m['grad_norm'] for m in values])),
+        **{f'train/{k}': float(np.mean([m[k] for m in values]))
+           for k in values[0]},
         'train/lr': float(schedule(last - 1))})
     pending.clear()
 

@@ -75,18 +75,19 @@ def analyze(model: Any, params: Any, images: np.ndarray, out_dir: str, *,
   rows, cols = grid
   pairs = inspect.patch_distances(grid, (1, 1))
   flat_sim = similarity.reshape(rows * cols, rows * cols)
-  off_diagonal = ~np.eye(rows * cols, dtype=bool)
+  neighbours = np.isclose(pairs, 1.0)
+  others = (pairs > 1.0) & ~neighbours
+
+  def mean_or_none(mask):
+    return float(flat_sim[mask].mean()) if mask.any() else None
+
   results = {
       'num_images': int(len(images)),
       'grid': [int(rows), int(cols)],
       'mean_attention_distance_px': np.round(
           distance.astype(float), 3).tolist(),
-      'position_similarity_neighbours': float(
-          flat_sim[np.isclose(pairs, 1.0)].mean()) if rows * cols > 1 else
-                                        None,
-      'position_similarity_others': float(
-          flat_sim[off_diagonal & ~np.isclose(pairs, 1.0)].mean())
-                                    if rows * cols > 2 else None,
+      'position_similarity_neighbours': mean_or_none(neighbours),
+      'position_similarity_others': mean_or_none(others),
       'filter_variance_ratios': np.round(ratios.astype(float), 4).tolist(),
       'figures': [os.path.basename(p) for p in paths],
   }

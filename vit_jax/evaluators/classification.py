@@ -40,12 +40,11 @@ def make_eval_fn(model: flax.linen.Module, mesh: jax.sharding.Mesh,
                  out_shardings=sharding.replicated(mesh))
 
 
-def evaluate(params: Any, eval_fn: Callable[..., Any], dataset: Any,
-             batch_sharding: Any) -> dict[str, float]:
-  """Loss, top-1 and top-5 accuracy over a padded eval dataset.
+def sum_over_dataset(params: Any, eval_fn: Callable[..., Any], dataset: Any,
+                     batch_sharding: Any) -> dict[str, float]:
+  """Adds up `eval_fn(params, batch)` (dicts of sums) over a dataset.
 
-  One host sync at the end. Keys: `eval/loss`, `eval/accuracy` (top-1),
-  `eval/top5`, `eval/examples`.
+  The sums stay on the devices until the end: one host sync per dataset.
   """
   totals = None
   for batch in input_pipeline.prefetch_to_device(
@@ -53,8 +52,17 @@ def evaluate(params: Any, eval_fn: Callable[..., Any], dataset: Any,
     sums = eval_fn(params, batch)
     totals = sums if totals is None else jax.tree_util.tree_map(
         jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = max(float(totals['count']), 1.0)
+  return {k: float(v) for k, v in jax.device_get(totals).items()}
+
+
+def evaluate(params: Any, eval_fn: Callable[..., Any], dataset: Any,
+             batch_sharding: Any) -> dict[str, float]:
+  """Loss, top-1 and top-5 accuracy over a padded eval dataset.
+
+  Keys: `eval/loss`, `eval/accuracy` (top-1), `eval/top5`, `eval/examples`.
+  """
+  totals = sum_over_dataset(params, eval_fn, dataset, batch_sharding)
+  count = max(totals['count'], 1.0)
   return {'eval/loss': float(totals['loss']) / count,
           'eval/accuracy': float(totals['correct']) / count,
           'eval/top5': float(totals['correct_top5']) / count,

@@ -342,6 +342,8 @@ class VisionTransformer(nn.Module):
     param_dtype: Parameter dtype.
     remat: Rematerialise encoder blocks in the backward pass.
     scan: Scan over encoder blocks.
+    mpp_outputs: Width of the masked-patch-prediction head, used only when
+      called with `mpp=...` (self-supervised pre-training, `vit_jax.mpp`).
   """
   num_classes: int | None
   patches: Any
@@ -356,6 +358,7 @@ class VisionTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   scan: bool = False
+  mpp_outputs: int | None = None
 
   @property
   def total_stride(self) -> tuple[int, int]:
@@ -378,7 +381,19 @@ class VisionTransformer(nn.Module):
           f'{max(1, h // sh) * sh}x{max(1, w // sw) * sw}).')
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, inputs: jax.Array, *, train: bool,
+               mpp: dict[str, jax.Array] | None = None) -> jax.Array:
+    """Logits `[batch, num_classes]` (or features without a head).
+
+    Args:
+      inputs: Images `[batch, height, width, 3]` in [-1, 1].
+      train: Enables dropout (needs a 'dropout' rng).
+      mpp: Masked patch prediction: a corruption from
+        `vit_jax.mpp.sample_corruption`. The patch embeddings are corrupted
+        as it says and the call returns the `mpp_head` predictions of every
+        patch, `[batch, patches, mpp_outputs]`. The parameters this adds
+        (`mpp_mask_token`, `mpp_head`) are outside the classification tree.
+    """
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f'Unknown classifier {self.classifier!r}; use one of '
                        f'{CLASSIFIERS}.')
@@ -396,9 +411,14 @@ class VisionTransformer(nn.Module):
         padding='VALID', dtype=self.dtype, param_dtype=self.param_dtype,
         name='embedding')(x)
 
+    if mpp is not None and (self.transformer is None or not self.mpp_outputs):
+      raise ValueError('Masked patch prediction needs a transformer and '
+                       'mpp_outputs (the prediction head width).')
     if self.transformer is not None:
       n, h, w, c = x.shape
       x = jnp.reshape(x, (n, h * w, c))
+      if mpp is not None:
+        x = self._corrupt(x, mpp)
       if self.classifier in ('token', 'token_unpooled'):
         cls = self.param('cls', nn.initializers.zeros, (1, 1, c),
                          self.param_dtype)
@@ -415,6 +435,11 @@ class VisionTransformer(nn.Module):
           deterministic=not train, dtype=self.dtype,
           param_dtype=self.param_dtype, remat=self.remat, scan=self.scan,
           name='Transformer', **encoder_fields)(x)
+      if mpp is not None:
+        patch_tokens = x[:, x.shape[1] - h * w:]  # Drop the class token.
+        return nn.Dense(self.mpp_outputs, dtype=self.dtype,
+                        param_dtype=self.param_dtype,
+                        name='mpp_head')(patch_tokens)
 
     if self.classifier == 'token':
       x = x[:, 0]
@@ -434,6 +459,17 @@ class VisionTransformer(nn.Module):
           bias_init=nn.initializers.constant(self.head_bias_init),
           dtype=self.dtype, param_dtype=self.param_dtype, name='head')(x)
     return x
+
+  def _corrupt(self, tokens: jax.Array,
+               mpp: dict[str, jax.Array]) -> jax.Array:
+    """BERT-style corruption of patch embeddings `[batch, patches, D]`."""
+    n, num, d = tokens.shape
+    mask_token = self.param('mpp_mask_token', nn.initializers.normal(0.02),
+                            (d,), self.param_dtype)
+    others = tokens.reshape(n * num, d)[mpp['random_source']]
+    tokens = jnp.where(mpp['replace_random'][..., None], others, tokens)
+    return jnp.where(mpp['replace_mask'][..., None],
+                     mask_token.astype(tokens.dtype), tokens)
 
 
 __all__ = [
