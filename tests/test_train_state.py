@@ -68,3 +68,14 @@ def test_no_readable_step_is_an_error_that_says_what_happens_next(tmp_path):
                      r'.*starts this run from scratch'):
     reader.restore_latest(abstract())
   assert reader.restore_latest(abstract()) is None
+
+
+def test_a_field_only_the_checkpoint_has_also_counts(tmp_path):
+  # An MPP (self-supervised) run's workdir used with a classification
+  # config: reported, not mistaken for a damaged checkpoint.
+  save_steps(tmp_path, [1], meta={'model_name': 'A', 'objective': 'mpp'})
+  reader = train_state.Checkpointer(str(tmp_path), {'model_name': 'A'})
+  with pytest.raises(train_state.IncompatibleCheckpointError,
+                     match="objective: checkpoint 'mpp' vs config None"):
+    reader.restore_latest(abstract())
+  assert not (tmp_path / train_state.CORRUPT_DIR).exists()

@@ -415,7 +415,11 @@ def _run_meta(config: Any, num_classes: int) -> dict[str, Any]:
           'model': _to_dict(config_lib.get(config, 'model')),
           'image_size': int(config.image_size),
           'scan': bool(config_lib.get(config, 'scan', False)),
-          'ema': config_lib.get(config, 'ema_decay') is not None}
+          'ema': config_lib.get(config, 'ema_decay') is not None,
+          # Only self-supervised runs record it, so older classification
+          # runs still resume.
+          **({'objective': 'mpp'} if config_lib.get(
+              config, 'objective', 'classification') == 'mpp' else {})}
 
 
 # ----------------------------------------------------------------------------

@@ -90,8 +90,10 @@ class Checkpointer:
   def _check_meta(self, step: int) -> None:
     saved = self.manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))['meta']
-    different = {k: (saved.get(k), v) for k, v in self.meta.items()
-                 if saved.get(k) != v}
+    # Over both sides' keys: a field only one of them has also differs.
+    different = {k: (saved.get(k), self.meta.get(k))
+                 for k in set(saved) | set(self.meta)
+                 if saved.get(k) != self.meta.get(k)}
     if different:
       details = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}'
                           for k, (a, b) in sorted(different.items()))
