@@ -17,9 +17,22 @@ Fine-tune the result with configs/finetune.py and
 few minutes on a 2-core CPU.
 """
 
+import importlib.util
+import os
+
 from vit_jax import config_lib
 
 STEPS = 1_000_000
+
+
+def _sibling_config(name):
+  """get_config() of another file in configs/ (found next to this one)."""
+  spec = importlib.util.spec_from_file_location(
+      name[:-3], os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                              name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def get_config(arg='b16'):
@@ -47,20 +60,14 @@ def get_config(arg='b16'):
   c.checkpoint_every = 5_000
   c.log_every = 100
   if runlocal:
-    # The digits model of configs/digits.py, pre-trained without labels.
-    c.model_name = 'ViT-Ti_16'
-    c.model = {'patches': {'size': (4, 4)},
-               'transformer': {'num_layers': 2, 'dropout_rate': 0.0}}
-    c.dataset = 'digits'
-    c.image_folder = ''
-    c.image_size = 16
-    c.pp = {'inception_crop': True, 'crop_area_range': (0.7, 1.0),
-            'flip': False}
-    c.shuffle_buffer = 2000
-    c.batch = 128
-    c.batch_eval = 300
-    c.base_lr = 1e-3
-    c.warmup_steps = 50
+    # The digits model and data of configs/digits.py, pre-trained without
+    # labels (no dropout: the corruption is the regulariser).
+    digits = _sibling_config('digits.py')
+    for field in ('model_name', 'model', 'dataset', 'image_folder',
+                  'image_size', 'pp', 'shuffle_buffer', 'batch', 'batch_eval',
+                  'base_lr', 'warmup_steps'):
+      c[field] = digits[field]
+    c.model.transformer.dropout_rate = 0.0
     c.total_steps = 1000
     c.log_every = 50
     c.eval_every = 500

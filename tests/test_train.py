@@ -77,7 +77,9 @@ def test_config_loads_and_locks(name, arg):
   with pytest.raises(AttributeError):
     config.no_such_field = 1
   if arg and 'runlocal' in arg:
-    assert config.total_steps <= 10 and config.dataset == 'digits'
+    # Smoke runs take seconds; the MPP one is a real (few-minute) run.
+    limit = 1000 if name == 'mpp_pretrain.py' else 10
+    assert config.total_steps <= limit and config.dataset == 'digits'
 
 
 def test_finetune_config_follows_the_paper_recipe():
