@@ -148,3 +148,26 @@ def test_classification_top1_and_top5(tmp_path):
   np.testing.assert_allclose(metrics['eval/accuracy'], np.mean(ranks == 0))
   np.testing.assert_allclose(metrics['eval/top5'], np.mean(ranks < 5))
   assert metrics['eval/top5'] > metrics['eval/accuracy']
+
+
+def test_fewshot_on_another_dataset_uses_its_own_splits(tmp_path):
+  from helpers import make_image_folder  # pylint: disable=g-import-not-at-top
+  make_image_folder(tmp_path / 'images')
+  # Trained on 100 digits; probed on a 3-class image folder.
+  config = _digits_config(str(tmp_path), shots=(1, 2), seeds=2,
+                          pool_per_class=3, every=1, dataset='image_folder')
+  config.train_split = 'train[:100]'
+  config.image_folder = str(tmp_path / 'images')
+  config.image_folder_test_percent = 30
+  model, _ = tiny_model('vit', num_classes=10)
+  mesh = sharding.make_mesh()
+  params = randomize(init_params(model, random_images((1, 16, 16, 3))))
+  shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh),
+                                     params)
+  evaluator = fewshot.FewShotEvaluator(config, model, mesh, shardings)
+  assert evaluator.info.num_classes == 3
+  metrics = evaluator.run(params)
+  assert set(metrics) >= {'fewshot/image_folder_1shot',
+                          'fewshot/image_folder_2shot'}
+  # The folder's colours are trivially separable.
+  assert metrics['fewshot/image_folder_2shot'] > 0.5

@@ -227,8 +227,13 @@ class FewShotEvaluator:
     self.pool_per_class = int(fs.pool_per_class)
     self.max_test_examples = int(fs.max_test_examples or 0) or None
     self.data_config = self.config.copy_and_resolve_references()
-    if fs.dataset:
+    if fs.dataset and fs.dataset != self.config.dataset:
+      # Another dataset (transfer): its own splits and classes, not the
+      # training run's.
       self.data_config.dataset = fs.dataset
+      for field in ('train_split', 'eval_split', 'num_classes'):
+        if field in self.data_config:
+          self.data_config[field] = None
     self.source = input_pipeline.get_source(self.data_config)
     self.info = input_pipeline.get_dataset_info(self.data_config, self.source)
     if self.pool_per_class < max(self.shots):
