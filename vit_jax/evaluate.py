@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from vit_jax import checkpoint
 from vit_jax import config_lib
+from vit_jax import fileio
 from vit_jax import input_pipeline
 from vit_jax import sharding
 from vit_jax import train
@@ -99,8 +100,8 @@ def main(argv):
   out = FLAGS.out or FLAGS.workdir
   if out and jax.process_index() == 0:
     tf.io.gfile.makedirs(out)
-    with tf.io.gfile.GFile(os.path.join(out, RESULTS_FILE), 'w') as f:
-      json.dump(metrics, f, indent=1)
+    fileio.write_text_atomic(os.path.join(out, RESULTS_FILE),
+                             json.dumps(metrics, indent=1))
   logging.info('Evaluation of %s: %s', source, metrics)
   print(json.dumps(metrics, indent=1))
 

@@ -44,6 +44,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import config_lib
+from vit_jax import fileio
 from vit_jax import preprocess
 from vit_jax import sharding as sharding_lib
 from vit_jax import datasets as local_datasets
@@ -370,11 +371,9 @@ def write_class_names(workdir: str, info: DatasetInfo) -> str | None:
     return None
   path = os.path.join(workdir, CLASS_NAMES_FILE)
   tf.io.gfile.makedirs(workdir)
-  tmp = path + '.tmp'
-  with tf.io.gfile.GFile(tmp, 'w') as f:
-    json.dump({'dataset': info.name, 'class_names': list(info.class_names)},
-              f, indent=1)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  fileio.write_text_atomic(path, json.dumps(
+      {'dataset': info.name, 'class_names': list(info.class_names)},
+      indent=1))
   return path
 
 

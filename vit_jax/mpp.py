@@ -124,6 +124,12 @@ def sample_corruption(rng: jax.Array, batch: int, num_patches: int,
           'random_source': source.astype(jnp.int32)}
 
 
+def patch_count(image_shape: tuple[int, ...],
+                patch_px: tuple[int, int]) -> int:
+  """Patches per image of NHWC `image_shape` with `patch_px`-pixel patches."""
+  return (image_shape[1] // patch_px[0]) * (image_shape[2] // patch_px[1])
+
+
 def patches_of(images: jax.Array, patch_px: tuple[int, int]) -> jax.Array:
   """`[B, H, W, C]` -> `[B, patches, ph, pw, C]`, patches row-major."""
   b, h, w, c = images.shape
@@ -205,10 +211,9 @@ def objective(model: flax.linen.Module, cfg: MppConfig):
   def fn(params, batch, rng):
     images = batch['image']
     corruption_rng, dropout_rng = jax.random.split(rng)
-    num_patches = (images.shape[1] // patch_px[0]) * (
-        images.shape[2] // patch_px[1])
-    corruption = sample_corruption(corruption_rng, images.shape[0],
-                                   num_patches, cfg)
+    corruption = sample_corruption(
+        corruption_rng, images.shape[0],
+        patch_count(images.shape, patch_px), cfg)
     predictions = model.apply({'params': params}, images, train=True,
                               mpp=corruption, rngs={'dropout': dropout_rng})
     loss, accuracy = loss_and_accuracy(
@@ -231,10 +236,9 @@ def make_eval_fn(model: flax.linen.Module, cfg: MppConfig,
 
   def eval_step(params, batch):
     images = batch['image']
-    num_patches = (images.shape[1] // patch_px[0]) * (
-        images.shape[2] // patch_px[1])
-    corruption = sample_corruption(jax.random.key(seed), images.shape[0],
-                                   num_patches, cfg)
+    corruption = sample_corruption(
+        jax.random.key(seed), images.shape[0],
+        patch_count(images.shape, patch_px), cfg)
     corrupted = corruption['corrupted'] & (batch['mask'][:, None] > 0)
     predictions = model.apply({'params': params}, images, train=False,
                               mpp=corruption)

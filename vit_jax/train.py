@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from vit_jax import checkpoint
 from vit_jax import config_lib
+from vit_jax import fileio
 from vit_jax import input_pipeline
 from vit_jax import losses
 from vit_jax import mpp
@@ -261,8 +262,8 @@ def create_train_state(config: Any, model: flax.linen.Module,
     if config_lib.get(config, 'objective', 'classification') == 'mpp':
       # Through the masked-patch path, which creates its head and token.
       params = model.init(rng, images, train=False, mpp=mpp.sample_corruption(
-          rng, 1, (size // model.total_stride[0]) *
-          (size // model.total_stride[1]), mpp.MppConfig.from_config(config)))
+          rng, 1, mpp.patch_count(images.shape, model.total_stride),
+          mpp.MppConfig.from_config(config)))
     else:
       params = model.init(rng, images, train=False)
     params = params['params']
@@ -339,7 +340,7 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file = None if self._remote else open(path, 'a')
 
   def _rewrite(self):
-    _write_text_atomic(self.path, ''.join(l + '\n' for l in self._lines))
+    fileio.write_text_atomic(self.path, ''.join(l + '\n' for l in self._lines))
 
   def write_scalars(self, step, scalars):
     record = {'step': int(step)}
@@ -387,13 +388,6 @@ def _step_of(line: str, default: int) -> int:
     return int(json.loads(line).get('step', 0))
   except (ValueError, AttributeError):
     return default
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-  tmp = f'{path}.tmp.{os.getpid()}'
-  with tf.io.gfile.GFile(tmp, 'w') as f:
-    f.write(text)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def _check_writable(workdir: str) -> None:
@@ -498,8 +492,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   is_writer = jax.process_index() == 0
   if is_writer:
     input_pipeline.write_class_names(workdir, info)
-    _write_text_atomic(os.path.join(workdir, CONFIG_FILE),
-                       config.to_json_best_effort(indent=1))
+    fileio.write_text_atomic(os.path.join(workdir, CONFIG_FILE),
+                             config.to_json_best_effort(indent=1))
   writers = [metric_writers.create_default_writer(
       workdir, just_logging=not is_writer, asynchronous=False)]
   if is_writer:
@@ -515,10 +509,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       train_iter, batch_sharding,
       size=int(config_lib.get(config, 'prefetch', 2)))
   step_fn = make_train_step(config, model, tx, mesh, shardings)
-  # Placed once: a key on one device would be re-sharded at every step. (A
-  # jitted identity, because device_put cannot reach other hosts' devices.)
-  train_rng = jax.jit(lambda key: key,
-                      out_shardings=sharding.replicated(mesh))(train_rng)
+  # Placed once: a key on one device would be re-sharded at every step.
+  train_rng = sharding.put_global(train_rng, sharding.replicated(mesh))
   eval_ds, _ = input_pipeline.eval_dataset(config, source=source)
   if self_supervised:
     eval_fn = mpp.make_eval_fn(model, mpp.MppConfig.from_config(config),

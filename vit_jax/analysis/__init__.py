@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from vit_jax import fileio
 from vit_jax.analysis import inspect
 from vit_jax.analysis.inspect import attention_rollout
 from vit_jax.analysis.inspect import attention_weights
@@ -91,10 +92,8 @@ def analyze(model: Any, params: Any, images: np.ndarray, out_dir: str, *,
       'filter_variance_ratios': np.round(ratios.astype(float), 4).tolist(),
       'figures': [os.path.basename(p) for p in paths],
   }
-  tmp = os.path.join(out_dir, RESULTS_FILE + '.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(results, f, indent=1)
-  os.replace(tmp, os.path.join(out_dir, RESULTS_FILE))
+  fileio.write_text_atomic(os.path.join(out_dir, RESULTS_FILE),
+                           json.dumps(results, indent=1))
   return results
 
 
