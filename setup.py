@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     'tensorboard',  # clu's summary writer; tensorflow-cpu no longer brings it.
     'tensorflow-cpu',
     'tensorflow-datasets',
+    'tqdm',  # Progress bar of notebooks (vit_jax.writers.ProgressBar).
 ]
 
 # Everything the tests, notebooks and figures need on top.

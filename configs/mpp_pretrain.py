@@ -17,7 +17,6 @@ Fine-tune the result with configs/finetune.py and
 few minutes on a 2-core CPU.
 """
 
-import importlib.util
 import os
 
 from vit_jax import config_lib
@@ -27,12 +26,8 @@ STEPS = 1_000_000
 
 def _sibling_config(name):
   """get_config() of another file in configs/ (found next to this one)."""
-  spec = importlib.util.spec_from_file_location(
-      name[:-3], os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                              name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_config_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), name))
 
 
 def get_config(arg='b16'):

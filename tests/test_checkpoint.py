@@ -442,3 +442,32 @@ def test_load_pretrained_class_token_checkpoint_into_gap_model(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="classifier='gap'"):
     checkpoint.load_pretrained(pretrained_path=gap_path, init_params=token_init,
                                model_config=token_model)
+
+
+def test_load_from_url_downloads_once_into_the_cache(tmp_path, monkeypatch):
+  import functools  # pylint: disable=g-import-not-at-top
+  import http.server  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  served = tmp_path / 'served'
+  served.mkdir()
+  model, size = tiny_model('vit')
+  params = randomize(init_params(model, random_images((1, size, size, 3))))
+  write_published_npz(params, str(served / 'ViT-T.npz'))
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                              directory=str(served))
+  handler.log_message = lambda *args: None
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  base = f'http://127.0.0.1:{server.server_address[1]}'
+  monkeypatch.setenv('VIT_JAX_CACHE', str(tmp_path / 'cache'))
+  try:
+    _assert_trees_equal(checkpoint.load(f'{base}/ViT-T.npz'), params)
+    with pytest.raises(FileNotFoundError, match='ViT-X.npz.*local path'):
+      checkpoint.load(f'{base}/ViT-X.npz')
+  finally:
+    server.shutdown()
+    server.server_close()
+  # Served from the cache now that the server is gone; no partial files.
+  _assert_trees_equal(checkpoint.load(f'{base}/ViT-T.npz'), params)
+  assert [p.name for p in (tmp_path / 'cache').iterdir()] == [
+      f'127.0.0.1_{server.server_address[1]}_ViT-T.npz']

@@ -1,7 +1,6 @@
 """Tests of training: configs, CLI, determinism across shardings, accum."""
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,9 +14,11 @@ import pytest
 
 import train_worker
 from vit_jax import checkpoint
+from vit_jax import config_lib
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import train
+from vit_jax import writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
@@ -33,11 +34,8 @@ CONFIG_ARGS = {
 
 
 def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(REPO, 'configs', name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  path = os.path.join(REPO, 'configs', name)
+  return config_lib.load_config_file(f'{path}:{arg}' if arg else path)
 
 
 def run_main(*args, timeout=600):
@@ -445,7 +443,7 @@ def test_metrics_jsonl_writer_local_and_remote(tmp_path, remote):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   path = (f'ram://{tmp_path}/metrics.jsonl' if remote
           else str(tmp_path / 'metrics.jsonl'))
-  writer = train.JsonlWriter(path)
+  writer = writers.JsonlWriter(path)
   for step in (1, 2, 3):
     writer.write_scalars(step, {'train/loss': np.float32(1.0 / step)})
   writer.close()
@@ -453,8 +451,20 @@ def test_metrics_jsonl_writer_local_and_remote(tmp_path, remote):
       ).splitlines()]
   assert [r['step'] for r in read()] == [1, 2, 3]
   assert read()[1] == {'step': 2, 'train/loss': 0.5}
-  resumed = train.JsonlWriter(path, resume_step=2)  # Drops step 3.
+  resumed = writers.JsonlWriter(path, resume_step=2)  # Drops step 3.
   resumed.write_scalars(3, {'train/loss': 0.25})
   resumed.close()
   assert [(r['step'], r['train/loss']) for r in read()] == [
       (1, 1.0), (2, 0.5), (3, 0.25)]
+
+
+def test_progress_bar_follows_written_steps():
+  bar = writers.ProgressBar(total_steps=100)
+  bar.write_scalars(30, {'train/loss': np.float32(0.5)})  # Resumed at 30.
+  assert bar._bar.n == 30
+  bar.write_scalars(50, {'eval/accuracy': 0.75, 'steps_per_sec': 3.0})
+  assert bar._bar.n == 50
+  assert bar._bar.postfix == 'loss=0.5, eval/accuracy=0.75'
+  bar.write_scalars(50, {'train/loss': 0.25})  # Never moves backwards.
+  assert bar._bar.n == 50 and 'loss=0.25' in bar._bar.postfix
+  bar.close()

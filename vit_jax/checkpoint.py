@@ -69,8 +69,71 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------
 
 
+_URL_SCHEMES = ('http://', 'https://')
+
+
+def _is_url(path: str) -> bool:
+  return str(path).startswith(_URL_SCHEMES)
+
+
 def _is_remote(path: str) -> bool:
   return '://' in str(path)
+
+
+def default_cache_dir() -> str:
+  """Where `download` keeps checkpoints: $VIT_JAX_CACHE or ~/.cache/vit_jax."""
+  return os.environ.get('VIT_JAX_CACHE') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'vit_jax')
+
+
+def download(url: str, cache_dir: str | None = None) -> str:
+  """Downloads an http(s) checkpoint once and returns its local path.
+
+  The official files are also served over https (e.g.
+  https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz), which
+  needs no Google Cloud credentials. A file already in the cache is reused;
+  a download is written to a temporary file and renamed when complete, so an
+  interrupted one is never mistaken for a checkpoint.
+
+  Args:
+    url: http:// or https:// address of an `.npz`.
+    cache_dir: Folder for downloads (default: `default_cache_dir()`).
+
+  Returns:
+    The local path of the downloaded file.
+
+  Raises:
+    FileNotFoundError: The server has no such file, or it cannot be reached
+      (no network); the message says how to continue offline.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  import urllib.error  # pylint: disable=g-import-not-at-top
+  import urllib.parse  # pylint: disable=g-import-not-at-top
+  import urllib.request  # pylint: disable=g-import-not-at-top
+  parsed = urllib.parse.urlparse(url)
+  # Host and path in the name: two servers' ViT-B_16.npz must not collide.
+  name = re.sub(r'[^A-Za-z0-9._-]+', '_', parsed.netloc + parsed.path)
+  cache_dir = cache_dir or default_cache_dir()
+  local = os.path.join(cache_dir, name)
+  if os.path.exists(local):
+    return local
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = f'{local}.download.{os.getpid()}'
+  logging.info('Downloading %s to %s', url, local)
+  try:
+    with urllib.request.urlopen(url, timeout=60) as response, \
+        open(tmp, 'wb') as f:
+      shutil.copyfileobj(response, f, length=1 << 20)
+    os.replace(tmp, local)
+  except (urllib.error.URLError, OSError) as e:
+    reason = getattr(e, 'reason', None) or e
+    raise FileNotFoundError(
+        f'Could not download checkpoint {url} ({reason}). Without network, '
+        'copy the file to this machine and pass its local path.') from e
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return local
 
 
 def _gfile():
@@ -239,6 +302,8 @@ def _strip_known_prefix(flat: dict[str, Any]) -> dict[str, Any]:
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
   """Reads every array of an npz, refusing pickles, with precise errors."""
+  if _is_url(path):
+    path = download(path)
   if not _exists(path):
     raise FileNotFoundError(
         f'Checkpoint {path} does not exist. Check the path; official '
@@ -283,7 +348,8 @@ def load(path: str) -> dict[str, Any]:
   """Loads parameters from an `.npz` in any published layout.
 
   Args:
-    path: Local path or a remote path readable by tf.io.gfile (gs://...).
+    path: Local path, a remote path readable by tf.io.gfile (gs://...) or
+      an http(s) URL (downloaded once, see `download`).
 
   Returns:
     Nested dict of numpy arrays with the parameter names of `vit_jax.models`
@@ -504,7 +570,7 @@ def load_pretrained(*, pretrained_path: str, init_params: Params,
   Every other parameter must be present with the expected shape.
 
   Args:
-    pretrained_path: Checkpoint path (local or gs://).
+    pretrained_path: Checkpoint path (local, gs:// or http(s) URL).
     init_params: Freshly initialised parameters of the model to fine-tune.
     model_config: The model's config (dict, ConfigDict or module) providing
       `representation_size` and `classifier`.

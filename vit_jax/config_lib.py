@@ -35,7 +35,7 @@ def get_base() -> ml_collections.ConfigDict:
   c.compute_dtype = 'float32'  # 'bfloat16' for mixed precision.
   c.remat = False  # Recompute encoder blocks in the backward pass.
   c.scan = False  # nn.scan over encoder blocks.
-  c.pretrained_path = ''  # .npz to fine-tune from (local or gs://).
+  c.pretrained_path = ''  # .npz to fine-tune from (local, gs:// or URL).
   # Data.
   c.dataset = 'digits'  # tfds name, 'digits' or 'image_folder'.
   c.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # tfds dir.
@@ -121,6 +121,35 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   config = get_base()
   config.update(fields)
   return config
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads an experiment config the way `--config=` does, from Python.
+
+  For notebooks and scripts: `load_config_file('configs/finetune.py:b16,
+  cifar10')` returns what `python -m vit_jax.main
+  --config=configs/finetune.py:b16,cifar10` trains with (before
+  `--config.<field>` overrides, which are plain assignments here).
+
+  Args:
+    spec: `<path to a config .py file>[:<argument of its get_config>]`.
+
+  Raises:
+    FileNotFoundError: naming the file, when it does not exist.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path, sep, arg = spec.partition('.py:')
+  path = path + '.py' if sep else spec
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'Config file {path} does not exist (from {spec!r}). Give the path '
+        'of a file in configs/, e.g. configs/finetune.py:b16,cifar10.')
+  module_name = os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if sep else module.get_config()
 
 
 def parse_args(arg: str | None) -> tuple[list[str], bool]:

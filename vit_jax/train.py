@@ -7,9 +7,8 @@ global `jax.Array`s, and the step is one `jax.jit` with explicit in/out
 shardings and a donated state.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 import functools
-import json
 import os
 from typing import Any
 
@@ -33,6 +32,7 @@ from vit_jax import mpp
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import train_state
+from vit_jax import writers as writers_lib
 from vit_jax.evaluators import classification
 from vit_jax.evaluators import fewshot as fewshot_lib
 import vit_jax.models
@@ -315,81 +315,6 @@ def make_train_step(config: Any, model: flax.linen.Module,
                  donate_argnums=(0,))
 
 
-class JsonlWriter(metric_writers.MetricWriter):
-  """Appends one JSON object per `write_scalars` to `metrics.jsonl`.
-
-  Each line is `{"step": s, "<name>": value, ...}`. On resume from step k,
-  lines of steps after k (written by the interrupted run after its last
-  checkpoint) are dropped first, so the file reads as one uninterrupted run.
-  Local files are appended to; remote ones (gs://, which cannot be appended
-  to) are rewritten whole, atomically, at each write. A line cut short by a
-  kill during the write is dropped on resume.
-  """
-
-  def __init__(self, path: str, resume_step: int | None = None):
-    self.path = path
-    self._remote = '://' in path
-    self._lines = []
-    if tf.io.gfile.exists(path):
-      with tf.io.gfile.GFile(path) as f:
-        self._lines = [l for l in f.read().splitlines() if l.strip()]
-      if resume_step is not None:
-        self._lines = [l for l in self._lines
-                       if _step_of(l, default=resume_step + 1) <= resume_step]
-    self._rewrite()
-    self._file = None if self._remote else open(path, 'a')
-
-  def _rewrite(self):
-    fileio.write_text_atomic(self.path, ''.join(l + '\n' for l in self._lines))
-
-  def write_scalars(self, step, scalars):
-    record = {'step': int(step)}
-    record.update({k: float(v) for k, v in scalars.items()})
-    line = json.dumps(record)
-    if self._remote:
-      self._lines.append(line)
-      self._rewrite()
-    else:
-      self._file.write(line + '\n')
-      self._file.flush()
-
-  def write_summaries(self, step, values, metadata=None):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_hparams(self, hparams):
-    pass
-
-  def flush(self):
-    if self._file:
-      self._file.flush()
-
-  def close(self):
-    if self._file:
-      self._file.close()
-
-
-def _step_of(line: str, default: int) -> int:
-  try:
-    return int(json.loads(line).get('step', 0))
-  except (ValueError, AttributeError):
-    return default
-
-
 def _check_writable(workdir: str) -> None:
   probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
   try:
@@ -421,8 +346,10 @@ def _run_meta(config: Any, num_classes: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, float]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *,
+    extra_writers: Sequence[metric_writers.MetricWriter] = (),
+) -> dict[str, float]:
   """Trains (or fine-tunes, or resumes) and evaluates; the main job.
 
   Writes into `workdir`: TensorBoard summaries, `metrics.jsonl`, orbax
@@ -438,6 +365,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Args:
     config: Experiment config (see configs/).
     workdir: Run directory.
+    extra_writers: More clu metric writers that receive every scalar the run
+      writes, e.g. `writers.ProgressBar` in a notebook. They are closed at
+      the end.
 
   Returns:
     The final evaluation metrics; after a SIGTERM, the last evaluation's
@@ -494,12 +424,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     input_pipeline.write_class_names(workdir, info)
     fileio.write_text_atomic(os.path.join(workdir, CONFIG_FILE),
                              config.to_json_best_effort(indent=1))
-  writers = [metric_writers.create_default_writer(
+  all_writers = [metric_writers.create_default_writer(
       workdir, just_logging=not is_writer, asynchronous=False)]
   if is_writer:
-    writers.append(JsonlWriter(os.path.join(workdir, METRICS_FILE),
-                               resume_step=start))
-  writer = metric_writers.MultiWriter(writers)
+    all_writers.append(writers_lib.JsonlWriter(
+        os.path.join(workdir, METRICS_FILE), resume_step=start))
+  writer = metric_writers.MultiWriter(all_writers + list(extra_writers))
 
   train_iter = input_pipeline.train_iterator(config, state=data_state,
                                              source=source)
@@ -592,7 +522,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             'Preemption notice (SIGTERM): saved checkpoint step %d in %s and '
             'stopped. Run the same command again to resume from it.', step,
             ckpt.directory)
-        writer.flush()
+        writer.close()
         ckpt.close()
         return {**metrics, 'preempted_at_step': float(step)}
     ckpt.wait()
@@ -600,7 +530,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       metrics = run_evals(total_steps, last=True)
     checkpoint.save(state.ema_params if use_ema else state.params,
                     os.path.join(workdir, FINAL_PARAMS_FILE))
-    writer.flush()
+    writer.close()
     ckpt.close()
     return metrics
 

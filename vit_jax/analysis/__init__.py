@@ -17,6 +17,7 @@ from vit_jax.analysis.inspect import attention_rollout
 from vit_jax.analysis.inspect import attention_weights
 from vit_jax.analysis.inspect import class_token_map
 from vit_jax.analysis.inspect import embedding_filters
+from vit_jax.analysis.inspect import grid_of
 from vit_jax.analysis.inspect import mean_attention_distance
 from vit_jax.analysis.inspect import position_embedding_similarity
 

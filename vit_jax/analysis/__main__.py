@@ -11,7 +11,6 @@ the run kept them). Figures: filters.png, position_similarity.png,
 attention_distance.png, rollout.png; numbers: analysis.json.
 """
 
-import glob
 import json
 import os
 
@@ -20,9 +19,9 @@ from absl import flags
 from absl import logging
 import jax
 import numpy as np
-from PIL import Image
 
 from vit_jax import analysis
+from vit_jax.analysis import images as images_lib
 from vit_jax import checkpoint
 from vit_jax import config_lib
 from vit_jax import input_pipeline
@@ -40,7 +39,6 @@ flags.DEFINE_integer('num_images', 128,
                      'Images averaged over (the paper uses 128).')
 flags.DEFINE_string('out', None, 'Output folder (default: <workdir>/analysis).')
 FLAGS = flags.FLAGS
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
 
 def model_from_workdir(workdir: str):
@@ -72,37 +70,6 @@ def model_from_npz(path: str, name: str):
   return model, params, side * model.total_stride[0], None
 
 
-def load_images(spec: str, image_size: int, num: int,
-                tfds_data_dir: str | None):
-  """(images in [-1, 1], integer labels or None) from digits or a folder."""
-  if spec == 'digits':
-    config = config_lib.get_base()
-    config.dataset = 'digits'
-    config.model_name = ''
-    config.image_size = image_size
-    config.batch_eval = 64
-    config.tfds_data_dir = tfds_data_dir
-    ds, _ = input_pipeline.eval_dataset(config, process_index=0,
-                                        process_count=1)
-    images, labels = [], []
-    for batch in ds.as_numpy_iterator():
-      keep = batch['mask'] > 0
-      images.append(batch['image'][keep])
-      labels.append(batch['labels'][keep].argmax(-1))
-      if sum(len(i) for i in images) >= num:
-        break
-    return (np.concatenate(images)[:num], np.concatenate(labels)[:num])
-  paths = sorted(p for p in glob.glob(os.path.join(spec, '**', '*'),
-                                      recursive=True)
-                 if p.lower().endswith(IMAGE_EXTENSIONS))[:num]
-  if not paths:
-    raise app.UsageError(f'--images={spec}: no .png/.jpg images found.')
-  images = [np.asarray(Image.open(p).convert('RGB').resize(
-      (image_size, image_size), Image.BILINEAR), np.float32) / 127.5 - 1.0
-            for p in paths]
-  return np.stack(images), None
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -114,8 +81,11 @@ def main(argv):
     model, params, size, class_names = model_from_npz(FLAGS.pretrained_path,
                                                       FLAGS.model)
   out = FLAGS.out or os.path.join(FLAGS.workdir or '.', 'analysis')
-  images, labels = load_images(FLAGS.images, size, FLAGS.num_images,
-                               FLAGS.tfds_data_dir)
+  try:
+    images, labels = images_lib.load_images(
+        FLAGS.images, size, FLAGS.num_images, FLAGS.tfds_data_dir)
+  except FileNotFoundError as e:
+    raise app.UsageError(f'--images={FLAGS.images}: {e}') from e
   titles = None
   if labels is not None:
     titles = [class_names[l] if class_names else str(l) for l in labels]
