@@ -26,6 +26,7 @@ INSTALL_REQUIRES = [
 
 # Everything the tests, notebooks and figures need on top.
 DEV_REQUIRES = [
+    'ipywidgets',  # Notebook progress bars (tqdm.auto).
     'matplotlib',
     'nbclient',
     'nbformat',
