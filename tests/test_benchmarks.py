@@ -1,5 +1,7 @@
 """Smoke tests of the benchmark scripts' measuring functions (no timings)."""
 
+import pytest
+
 from benchmarks import inference
 import vit_jax.models
 
@@ -17,3 +19,46 @@ def test_inference_row_and_largest_batch():
   assert inference.largest_batch(fn, params, 16, need[2]) == 4
   assert inference.largest_batch(fn, params, 16, need[0] - 1) == 0
   assert inference.device_memory_bytes(2.0) == 2 * 2**30
+
+
+def test_suite_rows_measure_the_product_step():
+  from benchmarks import run  # pylint: disable=g-import-not-at-top
+  from vit_jax import flops  # pylint: disable=g-import-not-at-top
+  for variant, devices in (('base', 8), ('fsdp', 8), ('scan', 8)):
+    row = run.measure_step('testing', variant, 'train', batch=8, res=16,
+                           steps=1)
+    assert row['devices'] == devices and row['step_s'] > 0
+    assert row['program_bytes_per_device'] > 0
+    assert row['gflops_per_s'] == pytest.approx(
+        8 * flops.train_flops('testing', 16) / row['step_s'] / 1e9)
+  row = run.measure_step('testing', 'base', 'inference', batch=8, res=16,
+                         steps=1, compile_only=True)
+  assert 'step_s' not in row and row['compile_s'] > 0
+
+
+def test_suite_targets_compare_the_right_rows():
+  from benchmarks import run  # pylint: disable=g-import-not-at-top
+  def row(model, variant, mode, **values):
+    return dict(model=model, variant=variant, mode=mode, **values)
+  rows = [
+      row('ViT-S_16', 'base', 'train', gflops_per_s=70.0, step_s=10.0,
+          images_per_s=3.2, program_bytes_per_device=100, compile_s=3.0),
+      row('ViT-S_16', 'remat', 'train', gflops_per_s=60.0, step_s=12.0,
+          images_per_s=2.7, program_bytes_per_device=40, compile_s=3.0),
+      row('ViT-S_16', 'base', 'inference', gflops_per_s=75.0, step_s=1.0,
+          compile_s=1.0),
+      row('ViT-B_16', 'scan', 'train', compile_s=2.0),
+      row('ViT-L_16', 'scan', 'train', compile_s=2.6),
+  ]
+  checks = {what: (measured, met) for what, measured, _, met in
+            run.targets(rows, peak=100.0,
+                        pipeline={'pipeline_images_per_s': 9.0})}
+  assert checks['ViT-S_16 train MFU (float32)'] == ('70.0%', True)
+  assert checks['ViT-S_16 inference MFU (float32)'] == ('75.0%', True)
+  assert checks['ViT-S_16 remat: program memory vs no remat'] == ('40%', True)
+  assert checks['ViT-S_16 remat: throughput loss'] == ('17%', True)
+  assert checks['scan: ViT-L_16 / ViT-B_16 train-step compile time'] == (
+      '1.30x', False)
+  assert checks['input pipeline / ViT-S_16 train step images/s'] == (
+      '2.8x', False)
+  assert not any('ViT-B_16 train MFU' in what for what in checks)

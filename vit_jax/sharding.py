@@ -179,7 +179,11 @@ def put_global(tree: Any, shardings: Any) -> Any:
       return jax.jit(lambda a: a, out_shardings=sharding)(x)
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
-  return jax.tree_util.tree_map(put, tree, shardings)
+
+  def put_subtree(sharding, subtree):
+    return jax.tree_util.tree_map(lambda x: put(x, sharding), subtree)
+  # Mapping over `shardings` first lets one sharding stand for a subtree.
+  return jax.tree_util.tree_map(put_subtree, shardings, tree)
 
 
 def path_str(path: Sequence[Any]) -> str:

@@ -1,0 +1,353 @@
+r"""The benchmark suite: throughput, FLOP utilisation, compile time, memory.
+
+  python -m benchmarks.run --models ViT-Ti_16,ViT-S_16,ViT-B_16 --batch 32 \
+      --res 224 [--variants base,remat,scan,bf16,fsdp] [--steps 5] \
+      [--scan_compile ViT-B_16,ViT-L_16] [--nopipeline] [--json out.json]
+
+Measures, each in a fresh process (so that peak RSS and compile time belong
+to one measurement):
+
+* the machine's float32 matmul peak: median GFLOP/s of jitted square
+  matmuls (2048 and 4096), the better of the two;
+* per model x variant: the inference forward pass and the product's train
+  step (`vit_jax.train.make_train_step`: loss, gradients, SGD momentum,
+  donated state, explicit shardings) on a constant batch: images/s (median
+  of `--steps` timed calls after two warm-up calls, each ended by
+  `block_until_ready`), achieved GFLOP/s from `vit_jax.flops` (training =
+  3x forward), % of the matmul peak (MFU), compile time, the compiled
+  program's memory per device (XLA memory analysis: arguments + outputs +
+  temporaries - donated aliases) and the process's peak RSS;
+* the train step's compile time with and without `scan` for
+  `--scan_compile` models (compiled only, never run);
+* the training input pipeline's images/s (generated JPEG folder, the
+  model's resolution and batch).
+
+Variants: `base` (float32, data parallel on 1 device), `remat`, `scan`,
+`bf16` (compute dtype bfloat16, float32 parameters), `fsdp` (8 simulated
+devices, parameters and optimizer state sharded: its memory per device is
+the point, not its speed, since 8 simulated devices share the same cores).
+Prints a table and the issue's targets with the measured values; `--json`
+writes everything.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+VARIANTS = {
+    'base': {},
+    'remat': {'remat': True},
+    'scan': {'scan': True},
+    'bf16': {'compute_dtype': 'bfloat16'},
+    'fsdp': {'mesh': (('data', 1), ('fsdp', -1))},
+}
+FSDP_DEVICES = 8
+PEAK_SIZES = (2048, 4096)
+
+
+# ----------------------------------------------------------------------------
+# Measurements (each runs in its own process; see `_in_subprocess`).
+# ----------------------------------------------------------------------------
+
+
+def _median_seconds(fn, steps: int, warmup: int = 2) -> float:
+  """Median wall time of `fn()` (which must block) after `warmup` calls."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def _peak_rss_bytes() -> int:
+  # ru_maxrss is in KiB on Linux.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_matmul_peak(steps: int = 5) -> dict:
+  """float32 GFLOP/s of square matmuls under jax.jit; the best size wins."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rates = {}
+  for n in PEAK_SIZES:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    seconds = _median_seconds(lambda: matmul(a, b).block_until_ready(), steps)
+    rates[n] = 2 * n**3 / seconds / 1e9
+  return {'gflops_by_size': rates, 'peak_gflops': max(rates.values())}
+
+
+def _config(model_name: str, variant: str, batch: int, res: int):
+  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.get_base()
+  config.model_name = model_name
+  config.image_size = res
+  config.batch = batch
+  config.update(VARIANTS[variant])
+  return config
+
+
+def _program_bytes(compiled) -> int | None:
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+             + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+
+
+def measure_step(model_name: str, variant: str, mode: str, batch: int,
+                 res: int, steps: int, compile_only: bool = False) -> dict:
+  """One row: a model's train step or forward pass in one variant."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vit_jax import flops  # pylint: disable=g-import-not-at-top
+  from vit_jax import optim  # pylint: disable=g-import-not-at-top
+  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  num_classes = 1000
+  config = _config(model_name, variant, batch, res)
+  mesh = sharding.mesh_from_config(config)
+  model = train.build_model(config, num_classes)
+  tx, _ = optim.make_optimizer(config)
+  state, shardings, _ = train.create_train_state(config, model, tx, mesh,
+                                                 jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch_sharding = sharding.batch_sharding(mesh)
+  data = sharding.put_global({
+      'image': rng.uniform(-1, 1, (batch, res, res, 3)).astype(np.float32),
+      'labels': np.eye(num_classes, dtype=np.float32)[
+          rng.integers(0, num_classes, batch)]}, batch_sharding)
+  key = sharding.put_global(jax.random.key(1), sharding.replicated(mesh))
+  if mode == 'train':
+    fn = train.make_train_step(config, model, tx, mesh, shardings)
+    args = (state, data, key)
+  else:
+    fn = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False),
+                 in_shardings=(shardings.params, batch_sharding))
+    args = (state.params, data['image'])
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  row = {'model': model_name, 'variant': variant, 'mode': mode,
+         'batch': batch, 'res': res, 'devices': len(mesh.devices.flat),
+         'compile_s': compile_s,
+         'program_bytes_per_device': _program_bytes(compiled)}
+  if not compile_only:
+    if mode == 'train':
+      holder = {'state': state}
+
+      def call():
+        holder['state'], metrics = compiled(holder['state'], data, key)
+        jax.block_until_ready(metrics)
+    else:
+      def call():
+        compiled(*args).block_until_ready()
+    step_s = _median_seconds(call, steps)
+    per_image = (flops.train_flops if mode == 'train' else
+                 flops.forward_flops)(model_name, res,
+                                      num_classes=num_classes)
+    row.update({'step_s': step_s, 'images_per_s': batch / step_s,
+                'gflops_per_s': batch * per_image / step_s / 1e9})
+  row['peak_rss_bytes'] = _peak_rss_bytes()
+  return row
+
+
+def measure_pipeline(batch: int, res: int, batches: int = 20) -> dict:
+  """Images/s of the training input pipeline on a generated JPEG folder."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from benchmarks import input_pipeline  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as folder:
+    input_pipeline.make_jpeg_folder(folder)
+    config = ml_collections.ConfigDict(dict(
+        dataset='image_folder', image_folder=folder, image_size=res,
+        batch=batch, seed=0, shuffle_buffer=10_000))
+    rate = input_pipeline.pipeline_rate(config, batches)
+  return {'pipeline_images_per_s': rate, 'batch': batch, 'res': res}
+
+
+# ----------------------------------------------------------------------------
+# Orchestration.
+# ----------------------------------------------------------------------------
+
+
+def _in_subprocess(task: dict, devices: int = 1) -> dict:
+  """Runs one measurement in a fresh Python process; returns its result."""
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  if devices > 1:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  result = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.run', '--task', json.dumps(task)],
+      env=env, capture_output=True, text=True, check=False)
+  lines = result.stdout.strip().splitlines()
+  if result.returncode != 0 or not lines:
+    return {**task, 'error': (result.stderr.strip().splitlines() or
+                              ['no output'])[-1]}
+  return json.loads(lines[-1])
+
+
+def _run_task(task: dict) -> dict:
+  kind = task['kind']
+  if kind == 'peak':
+    return measure_matmul_peak(task['steps'])
+  if kind == 'step':
+    return measure_step(task['model'], task['variant'], task['mode'],
+                        task['batch'], task['res'], task['steps'],
+                        task.get('compile_only', False))
+  if kind == 'pipeline':
+    return measure_pipeline(task['batch'], task['res'])
+  raise ValueError(f'Unknown task kind {kind!r}')
+
+
+def _fmt(value, spec, missing='-'):
+  return missing if value is None else format(value, spec)
+
+
+def _print_row(row: dict, peak: float) -> None:
+  if 'error' in row:
+    print(f'{row["model"]:<12} {row["variant"]:<6} {row["mode"]:<9} '
+          f'ERROR: {row["error"]}', flush=True)
+    return
+  mfu = row.get('gflops_per_s')
+  mfu = None if mfu is None else 100 * mfu / peak
+  program = row.get('program_bytes_per_device')
+  print(f'{row["model"]:<12} {row["variant"]:<6} {row["mode"]:<9} '
+        f'{row["devices"]:>3} {_fmt(row.get("images_per_s"), "8.2f"):>8} '
+        f'{_fmt(row.get("step_s"), "8.3f"):>8} '
+        f'{_fmt(row.get("gflops_per_s"), "7.1f"):>7} {_fmt(mfu, "5.1f"):>5} '
+        f'{row["compile_s"]:>8.2f} '
+        f'{_fmt(None if program is None else program / 2**30, "8.2f"):>8} '
+        f'{row["peak_rss_bytes"] / 2**30:>8.2f}', flush=True)
+
+
+def _find(rows, **match):
+  for row in rows:
+    if 'error' not in row and all(row.get(k) == v for k, v in match.items()):
+      return row
+  return None
+
+
+def targets(rows: list[dict], peak: float, pipeline: dict | None) -> list:
+  """The performance targets (issue 9) as (name, measured, target, met)."""
+  out = []
+  for name in ('ViT-S_16', 'ViT-B_16'):
+    for mode, goal in (('train', 65), ('inference', 70)):
+      row = _find(rows, model=name, variant='base', mode=mode)
+      if row and 'gflops_per_s' in row:
+        mfu = 100 * row['gflops_per_s'] / peak
+        out.append((f'{name} {mode} MFU (float32)', f'{mfu:.1f}%',
+                    f'>= {goal}%', mfu >= goal))
+  base = _find(rows, model='ViT-S_16', variant='base', mode='train')
+  remat = _find(rows, model='ViT-S_16', variant='remat', mode='train')
+  if base and remat and 'step_s' in base and 'step_s' in remat:
+    memory = remat['program_bytes_per_device'] / base[
+        'program_bytes_per_device']
+    slower = 1 - base['step_s'] / remat['step_s']
+    out.append(('ViT-S_16 remat: program memory vs no remat',
+                f'{100 * memory:.0f}%', '<= 50%', memory <= 0.5))
+    out.append(('ViT-S_16 remat: throughput loss', f'{100 * slower:.0f}%',
+                '<= 25%', slower <= 0.25))
+  scan_b = _find(rows, model='ViT-B_16', variant='scan', mode='train')
+  scan_l = _find(rows, model='ViT-L_16', variant='scan', mode='train')
+  if scan_b and scan_l:
+    ratio = scan_l['compile_s'] / scan_b['compile_s']
+    out.append(('scan: ViT-L_16 / ViT-B_16 train-step compile time',
+                f'{ratio:.2f}x', '<= 1.2x', ratio <= 1.2))
+  if pipeline and base and 'images_per_s' in base:
+    ratio = pipeline['pipeline_images_per_s'] / base['images_per_s']
+    out.append(('input pipeline / ViT-S_16 train step images/s',
+                f'{ratio:.1f}x', '>= 3x', ratio >= 3))
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--models', default='ViT-Ti_16,ViT-S_16,ViT-B_16')
+  parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument('--res', type=int, default=224)
+  parser.add_argument('--variants', default='base,remat,scan,bf16,fsdp')
+  parser.add_argument('--modes', default='train,inference')
+  parser.add_argument('--steps', type=int, default=5,
+                      help='timed calls per row (after 2 warm-up calls)')
+  parser.add_argument('--scan_compile', default='ViT-B_16,ViT-L_16',
+                      help='models whose scanned and unscanned train steps '
+                      'are compiled (not run) for compile time; "" skips')
+  parser.add_argument('--nopipeline', action='store_true')
+  parser.add_argument('--json', default=None)
+  parser.add_argument('--task', default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.task:  # A child process: one measurement, JSON on the last line.
+    print(json.dumps(_run_task(json.loads(args.task))))
+    return
+
+  import jax  # pylint: disable=g-import-not-at-top
+  peak = _in_subprocess({'kind': 'peak', 'steps': args.steps})
+  if 'error' in peak:
+    sys.exit(f'Matmul peak measurement failed: {peak["error"]}')
+  peak_gflops = peak['peak_gflops']
+  device = jax.devices()[0]
+  print(f'# {device.platform} {device.device_kind}, {os.cpu_count()} CPUs, '
+        f'jax {jax.__version__}; float32 matmul peak {peak_gflops:.1f} '
+        'GFLOP/s (' + ', '.join(f'{n}: {g:.1f}' for n, g in
+                                peak['gflops_by_size'].items()) + ')')
+  print(f'# batch {args.batch}, {args.res} px; median of {args.steps} '
+        'calls after 2 warm-up calls')
+  print(f'{"model":<12} {"var":<6} {"mode":<9} {"dev":>3} {"img/s":>8} '
+        f'{"step s":>8} {"GFLOP/s":>7} {"MFU%":>5} {"compile":>8} '
+        f'{"prog GiB":>8} {"RSS GiB":>8}')
+  rows = []
+  for name in args.models.split(','):
+    for variant in args.variants.split(','):
+      for mode in args.modes.split(','):
+        task = {'kind': 'step', 'model': name, 'variant': variant,
+                'mode': mode, 'batch': args.batch, 'res': args.res,
+                'steps': args.steps}
+        row = _in_subprocess(
+            task, FSDP_DEVICES if variant == 'fsdp' else 1)
+        rows.append(row)
+        _print_row(row, peak_gflops)
+  for name in filter(None, args.scan_compile.split(',')):
+    for variant in ('base', 'scan'):
+      if _find(rows, model=name, variant=variant, mode='train'):
+        continue
+      row = _in_subprocess({
+          'kind': 'step', 'model': name, 'variant': variant, 'mode': 'train',
+          'batch': args.batch, 'res': args.res, 'steps': args.steps,
+          'compile_only': True})
+      rows.append(row)
+      _print_row(row, peak_gflops)
+  pipeline = None
+  if not args.nopipeline:
+    pipeline = _in_subprocess({'kind': 'pipeline', 'batch': args.batch,
+                               'res': args.res})
+    print(f'input pipeline (JPEG folder, train preprocessing): '
+          f'{pipeline.get("pipeline_images_per_s", float("nan")):.1f} '
+          'images/s')
+  checks = targets(rows, peak_gflops, pipeline)
+  if checks:
+    print('\ntarget                                              measured  '
+          'target    met')
+    for what, measured, goal, met in checks:
+      print(f'{what:<51} {measured:>8}  {goal:<8}  {"yes" if met else "NO"}')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'device': f'{device.platform} {device.device_kind}',
+                 'cpus': os.cpu_count(), 'jax': jax.__version__,
+                 'matmul_peak': peak, 'rows': rows, 'pipeline': pipeline,
+                 'targets': [dict(zip(('what', 'measured', 'target', 'met'),
+                                      c)) for c in checks]}, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
