@@ -26,8 +26,10 @@ Variants: `base` (float32, data parallel on 1 device), `remat`, `scan`,
 `bf16` (compute dtype bfloat16, float32 parameters), `fsdp` (8 simulated
 devices, parameters and optimizer state sharded: its memory per device is
 the point, not its speed, since 8 simulated devices share the same cores).
-Prints a table and the issue's targets with the measured values; `--json`
-writes everything.
+Every process runs with `vit_jax.runtime`'s settings (huge pages for malloc),
+as `python -m vit_jax.main` does; `--untuned` measures without them. Prints
+a table and the issue's targets with the measured values; `--json` writes
+everything.
 """
 
 import argparse
@@ -180,9 +182,14 @@ def measure_pipeline(batch: int, res: int, batches: int = 20) -> dict:
 # ----------------------------------------------------------------------------
 
 
-def _in_subprocess(task: dict, devices: int = 1) -> dict:
-  """Runs one measurement in a fresh Python process; returns its result."""
-  env = dict(os.environ)
+def _in_subprocess(task: dict, devices: int = 1, tuned: bool = True) -> dict:
+  """Runs one measurement in a fresh Python process; returns its result.
+
+  With `tuned`, the process gets `vit_jax.runtime`'s settings, as
+  `python -m vit_jax.main` does.
+  """
+  from vit_jax import runtime  # pylint: disable=g-import-not-at-top
+  env = runtime.tuned_environment(os.environ) if tuned else dict(os.environ)
   env.pop('XLA_FLAGS', None)
   if devices > 1:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
@@ -200,7 +207,8 @@ def _in_subprocess(task: dict, devices: int = 1) -> dict:
 def _run_task(task: dict) -> dict:
   kind = task['kind']
   if kind == 'peak':
-    return measure_matmul_peak(task['steps'])
+    # More calls than the rows: the peak is the denominator of every MFU.
+    return measure_matmul_peak(max(task['steps'], 10))
   if kind == 'step':
     return measure_step(task['model'], task['variant'], task['mode'],
                         task['batch'], task['res'], task['steps'],
@@ -284,6 +292,9 @@ def main(argv=None):
                       help='models whose scanned and unscanned train steps '
                       'are compiled (not run) for compile time; "" skips')
   parser.add_argument('--nopipeline', action='store_true')
+  parser.add_argument('--untuned', action='store_true',
+                      help='measure without vit_jax.runtime\'s process '
+                      'settings (huge pages for malloc)')
   parser.add_argument('--json', default=None)
   parser.add_argument('--task', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -292,7 +303,10 @@ def main(argv=None):
     return
 
   import jax  # pylint: disable=g-import-not-at-top
-  peak = _in_subprocess({'kind': 'peak', 'steps': args.steps})
+  from vit_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime_env = runtime.tuned_environment(os.environ)
+  tuned = not args.untuned
+  peak = _in_subprocess({'kind': 'peak', 'steps': args.steps}, tuned=tuned)
   if 'error' in peak:
     sys.exit(f'Matmul peak measurement failed: {peak["error"]}')
   peak_gflops = peak['peak_gflops']
@@ -301,8 +315,10 @@ def main(argv=None):
         f'jax {jax.__version__}; float32 matmul peak {peak_gflops:.1f} '
         'GFLOP/s (' + ', '.join(f'{n}: {g:.1f}' for n, g in
                                 peak['gflops_by_size'].items()) + ')')
+  settings = (f'GLIBC_TUNABLES={runtime_env.get("GLIBC_TUNABLES")}' if tuned
+               else 'untuned (no vit_jax.runtime settings)')
   print(f'# batch {args.batch}, {args.res} px; median of {args.steps} '
-        'calls after 2 warm-up calls')
+        f'calls after 2 warm-up calls; process settings: {settings}')
   print(f'{"model":<12} {"var":<6} {"mode":<9} {"dev":>3} {"img/s":>8} '
         f'{"step s":>8} {"GFLOP/s":>7} {"MFU%":>5} {"compile":>8} '
         f'{"prog GiB":>8} {"RSS GiB":>8}')
@@ -314,7 +330,7 @@ def main(argv=None):
                 'mode': mode, 'batch': args.batch, 'res': args.res,
                 'steps': args.steps}
         row = _in_subprocess(
-            task, FSDP_DEVICES if variant == 'fsdp' else 1)
+            task, FSDP_DEVICES if variant == 'fsdp' else 1, tuned=tuned)
         rows.append(row)
         _print_row(row, peak_gflops)
   for name in filter(None, args.scan_compile.split(',')):
@@ -324,13 +340,13 @@ def main(argv=None):
       row = _in_subprocess({
           'kind': 'step', 'model': name, 'variant': variant, 'mode': 'train',
           'batch': args.batch, 'res': args.res, 'steps': args.steps,
-          'compile_only': True})
+          'compile_only': True}, tuned=tuned)
       rows.append(row)
       _print_row(row, peak_gflops)
   pipeline = None
   if not args.nopipeline:
     pipeline = _in_subprocess({'kind': 'pipeline', 'batch': args.batch,
-                               'res': args.res})
+                               'res': args.res}, tuned=tuned)
     print(f'input pipeline (JPEG folder, train preprocessing): '
           f'{pipeline.get("pipeline_images_per_s", float("nan")):.1f} '
           'images/s')
@@ -344,6 +360,7 @@ def main(argv=None):
     with open(args.json, 'w') as f:
       json.dump({'device': f'{device.platform} {device.device_kind}',
                  'cpus': os.cpu_count(), 'jax': jax.__version__,
+                 'process_settings': settings,
                  'matmul_peak': peak, 'rows': rows, 'pipeline': pipeline,
                  'targets': [dict(zip(('what', 'measured', 'target', 'met'),
                                       c)) for c in checks]}, f, indent=1)

@@ -11,7 +11,13 @@ finds the coordinator itself); for local multi-process rehearsals pass
 launch/local.sh). All logic lives in `vit_jax.train.train_and_evaluate`.
 """
 
-import logging as pylogging
+# Before anything heavy is imported: restart once with the process settings
+# of vit_jax.runtime (huge pages for malloc), which only apply at start-up.
+if __name__ == '__main__':
+  from vit_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.reexec_tuned('vit_jax.main')
+
+import logging as pylogging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app
 from absl import flags
