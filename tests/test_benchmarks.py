@@ -47,16 +47,20 @@ def test_suite_targets_compare_the_right_rows():
           images_per_s=2.7, program_bytes_per_device=40, compile_s=3.0),
       row('ViT-S_16', 'base', 'inference', gflops_per_s=75.0, step_s=1.0,
           compile_s=1.0),
-      row('ViT-B_16', 'scan', 'train', compile_s=2.0),
-      row('ViT-L_16', 'scan', 'train', compile_s=2.6),
+      row('ViT-B_16', 'scan', 'train', compile_s=1.0),  # With dropout.
+      row('ViT-B_16', 'scan', 'train', compile_s=2.0,
+          model_overrides=run._NO_DROPOUT),
+      row('ViT-L_16', 'scan', 'train', compile_s=2.6,
+          model_overrides=run._NO_DROPOUT),
   ]
   checks = {what: (measured, met) for what, measured, _, met in
             run.targets(rows, peak=100.0,
                         pipeline={'pipeline_images_per_s': 9.0})}
   assert checks['ViT-S_16 train MFU (float32)'] == ('70.0%', True)
   assert checks['ViT-S_16 inference MFU (float32)'] == ('75.0%', True)
-  assert checks['ViT-S_16 remat: program memory vs no remat'] == ('40%', True)
-  assert checks['ViT-S_16 remat: throughput loss'] == ('17%', True)
+  assert checks['ViT-S_16 remat: program memory vs base'] == ('40%', True)
+  assert checks['ViT-S_16 remat: throughput loss vs base'] == ('17%', True)
+  assert not any('scan_remat' in what for what in checks)  # No such row.
   assert checks['scan: ViT-L_16 / ViT-B_16 train-step compile time'] == (
       '1.30x', False)
   assert checks['input pipeline / ViT-S_16 train step images/s'] == (
