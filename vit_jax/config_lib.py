@@ -134,6 +134,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   Args:
     spec: `<path to a config .py file>[:<argument of its get_config>]`.
 
+  Returns:
+    The file's `get_config(argument)` (or `get_config()` without one).
+
   Raises:
     FileNotFoundError: naming the file, when it does not exist.
   """
