@@ -48,16 +48,34 @@ def abstract_params(model, resolution):
                          train=False))['params']
 
 
-def program_bytes(fn, params, batch, resolution) -> int | None:
-  """Device bytes the compiled forward pass needs (None if unknown)."""
-  images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3),
-                                jnp.float32)
-  analysis = fn.lower(params, images).compile().memory_analysis()
+def median_seconds(fn, steps: int, warmup: int) -> float:
+  """Median wall time of `fn()` (which must block) after `warmup` calls."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def compiled_program_bytes(compiled) -> int | None:
+  """Device bytes a compiled program needs: arguments + outputs +
+  temporaries - donated aliases (None if XLA does not say)."""
+  analysis = compiled.memory_analysis()
   if analysis is None:
     return None
   return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
              + analysis.temp_size_in_bytes
              - analysis.alias_size_in_bytes)
+
+
+def program_bytes(fn, params, batch, resolution) -> int | None:
+  """Device bytes the compiled forward pass needs (None if unknown)."""
+  images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3),
+                                jnp.float32)
+  return compiled_program_bytes(fn.lower(params, images).compile())
 
 
 def largest_batch(fn, params, resolution, limit, max_batch=2**14) -> int:
@@ -83,13 +101,9 @@ def measure(name, resolution, batch, repeats):
   start = time.perf_counter()
   compiled = fn.lower(params, images).compile()
   compile_s = time.perf_counter() - start
-  compiled(params, images).block_until_ready()  # Warm-up.
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    compiled(params, images).block_until_ready()
-    times.append(time.perf_counter() - start)
-  median = float(np.median(times))
+  median = median_seconds(
+      lambda: compiled(params, images).block_until_ready(), repeats,
+      warmup=1)
   return {'model': name, 'resolution': resolution, 'batch': batch,
           'compile_s': round(compile_s, 2), 'step_s': round(median, 4),
           'images_per_s': round(batch / median, 2)}

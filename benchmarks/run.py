@@ -60,19 +60,6 @@ PEAK_SIZES = (2048, 4096)
 # ----------------------------------------------------------------------------
 
 
-def _median_seconds(fn, steps: int, warmup: int = 2) -> float:
-  """Median wall time of `fn()` (which must block) after `warmup` calls."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def _peak_rss_bytes() -> int:
   # ru_maxrss is in KiB on Linux.
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -80,6 +67,7 @@ def _peak_rss_bytes() -> int:
 
 def measure_matmul_peak(steps: int = 5) -> dict:
   """float32 GFLOP/s of square matmuls under jax.jit; the best size wins."""
+  from benchmarks import inference  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   rates = {}
@@ -87,7 +75,8 @@ def measure_matmul_peak(steps: int = 5) -> dict:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     matmul = jax.jit(jnp.matmul)
-    seconds = _median_seconds(lambda: matmul(a, b).block_until_ready(), steps)
+    seconds = inference.median_seconds(
+        lambda: matmul(a, b).block_until_ready(), steps, warmup=2)
     rates[n] = 2 * n**3 / seconds / 1e9
   return {'gflops_by_size': rates, 'peak_gflops': max(rates.values())}
 
@@ -104,18 +93,11 @@ def _config(model_name: str, variant: str, batch: int, res: int,
   return config
 
 
-def _program_bytes(compiled) -> int | None:
-  analysis = compiled.memory_analysis()
-  if analysis is None:
-    return None
-  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-             + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
-
-
 def measure_step(model_name: str, variant: str, mode: str, batch: int,
                  res: int, steps: int, compile_only: bool = False,
                  model_overrides: dict | None = None) -> dict:
   """One row: a model's train step or forward pass in one variant."""
+  from benchmarks import inference  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from vit_jax import flops  # pylint: disable=g-import-not-at-top
@@ -152,7 +134,8 @@ def measure_step(model_name: str, variant: str, mode: str, batch: int,
          'batch': batch, 'res': res, 'devices': len(mesh.devices.flat),
          'model_overrides': model_overrides or {},
          'compile_s': compile_s, 'trace_and_lower_s': lower_s,
-         'program_bytes_per_device': _program_bytes(compiled)}
+         'program_bytes_per_device': inference.compiled_program_bytes(
+             compiled)}
   if not compile_only:
     if mode == 'train':
       holder = {'state': state}
@@ -163,7 +146,7 @@ def measure_step(model_name: str, variant: str, mode: str, batch: int,
     else:
       def call():
         compiled(*args).block_until_ready()
-    step_s = _median_seconds(call, steps)
+    step_s = inference.median_seconds(call, steps, warmup=2)
     per_image = (flops.train_flops if mode == 'train' else
                  flops.forward_flops)(model_name, res,
                                       num_classes=num_classes)
