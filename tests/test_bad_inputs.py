@@ -25,6 +25,7 @@ from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax import train
 from vit_jax import train_state
+from vit_jax.evaluators import classification
 import vit_jax.models
 
 
@@ -78,8 +79,23 @@ def _folder_with_a_corrupt_image(root):
     f.truncate(40)
 
 
+def _folder_of_22_per_class(root):
+  # 24 images per class, of which the automatic 10% test split takes 2.
+  make_image_folder(root, per_class=24)
+
+
+def _digits_train_count_of_class_0():
+  """Class 0's examples in digits' train split, counted from scikit-learn.
+
+  The bundled split puts example i into test when i % 6 == 5.
+  """
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  labels = datasets.load_digits().target
+  return int(np.sum(labels[np.arange(len(labels)) % 6 != 5] == 0))
+
+
 # (id, config changes, exception type, regexes the message must match: the
-# problem and the fix).
+# problem and the fix). Dotted fields set nested values.
 CONFIG_AND_DATA_CASES = [
     ('unknown_model', {'model_name': 'ViT-Q_16'},
      vit_jax.models.UnknownModelError,
@@ -124,6 +140,35 @@ CONFIG_AND_DATA_CASES = [
                        'image_folder': _folder_with_a_corrupt_image},
      input_pipeline.BadImageError,
      [r'img_004', r'1 unreadable', r'skip_bad_images=True']),
+    # Evaluators' preconditions fail before step 1, not in the final
+    # evaluation after the whole run.
+    ('fewshot_more_shots_than_folder_images',
+     {'dataset': 'image_folder', 'image_folder': _folder_of_22_per_class,
+      'evals.fewshot.every': 4, 'evals.fewshot.shots': (1, 25),
+      'evals.fewshot.pool_per_class': 100}, ValueError,
+     [r"class 0 \('cat'\) has 22 examples in split 'train'",
+      r'fewer than the largest of evals.fewshot.shots=\(1, 25\)',
+      r'3 class\(es\) short of 25', r'at most 22',
+      r'evals.fewshot.every=0']),
+    ('fewshot_more_shots_than_digits',
+     {'evals.fewshot.every': 4, 'evals.fewshot.shots': (5, 200),
+      'evals.fewshot.pool_per_class': 300}, ValueError,
+     [fr"class 0 \('0'\) has {_digits_train_count_of_class_0()} examples in "
+      r"split 'train' of the few-shot dataset 'digits'",
+      r'10 class\(es\) short of 200']),
+    ('fewshot_pool_smaller_than_shots',
+     {'evals.fewshot.every': 4, 'evals.fewshot.shots': (1, 20),
+      'evals.fewshot.pool_per_class': 10}, ValueError,
+     [r'evals.fewshot.pool_per_class=10 is smaller than the largest shot '
+      r'count 20', r'raise it to at least 20']),
+    ('fewshot_no_shots', {'evals.fewshot.every': 4,
+                          'evals.fewshot.shots': ()}, ValueError,
+     [r'evals.fewshot.shots=\(\) must be a non-empty list']),
+    ('empty_eval_split',
+     {'dataset': 'image_folder', 'image_folder': _folder_of_22_per_class,
+      'image_folder_test_percent': 0}, ValueError,
+     [r"The evaluation split 'test' of 'image_folder' is empty",
+      r'config.image_folder_test_percent']),
 ]
 
 
@@ -142,7 +187,11 @@ def test_config_and_data_mistakes(existing_run, tfds_dir, tmp_path, changes,
       root = str(tmp_path / 'images')
       value(root)
       value = root
-    config[field] = value
+    *parents, name = field.split('.')
+    section = config
+    for parent in parents:
+      section = section[parent]
+    section[name] = value
   with pytest.raises(error) as e:
     train.train_and_evaluate(config, workdir)
   for message in messages:
@@ -201,6 +250,36 @@ def test_corrupt_newest_step_falls_back_to_the_previous_one(
   original, retrained = final(finished_run), final(workdir)
   for key in original:
     np.testing.assert_array_equal(original[key], retrained[key], err_msg=key)
+
+
+def test_failing_final_evaluation_keeps_the_final_parameters(
+    finished_run, tfds_dir, tmp_path, monkeypatch, caplog):
+  """An evaluator that breaks at the end costs the run nothing it trained."""
+  def broken_evaluate(*args, **kwargs):
+    del args, kwargs
+    raise RuntimeError('evaluator broke')
+
+  monkeypatch.setattr(classification, 'evaluate', broken_evaluate)
+  workdir = str(tmp_path / 'run')
+  caplog.set_level(logging.ERROR)
+  with pytest.raises(RuntimeError, match='evaluator broke'):
+    train.train_and_evaluate(tiny_config(tfds_dir), workdir)
+  assert re.search(r'The final evaluation failed; training finished and its '
+                   r'parameters are saved in .*final_params.npz', caplog.text)
+  # The final parameters are those of the same run that finished cleanly,
+  # and the last step's checkpoint is complete.
+  def final(run):
+    return checkpoint.flatten(checkpoint.load(
+        os.path.join(run, train.FINAL_PARAMS_FILE)))
+  expected, saved = final(finished_run), final(workdir)
+  assert sorted(saved) == sorted(expected)
+  for key in expected:
+    np.testing.assert_array_equal(saved[key], expected[key], err_msg=key)
+  assert os.path.isdir(os.path.join(workdir, train_state.CHECKPOINT_DIR, '4'))
+  # Once the evaluator works, the same call evaluates without training.
+  monkeypatch.undo()
+  metrics = train.train_and_evaluate(tiny_config(tfds_dir), workdir)
+  assert metrics['eval/examples'] == 299
 
 
 # ----------------------------------------------------------------------------

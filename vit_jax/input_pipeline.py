@@ -152,6 +152,26 @@ class TfdsSource:
   def split_size(self, split: str) -> int:
     return self.builder.info.splits[split].num_examples
 
+  def class_counts(self, split: str, num_classes: int,
+                   enough: int) -> np.ndarray:
+    """Examples per class in `split`, each counted up to at least `enough`.
+
+    Reads only the labels (images are not decoded) and stops as soon as
+    every class has `enough`, so on a large dataset whose classes are mixed
+    it reads a small part of the split.
+    """
+    ds = self.builder.as_dataset(
+        split=split, shuffle_files=False,
+        decoders={self.image_key: tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(try_autocache=False))
+    counts = np.zeros(num_classes, np.int64)
+    for labels in ds.map(lambda f: f[self.label_key]).batch(
+        4096).as_numpy_iterator():
+      counts += np.bincount(labels, minlength=num_classes)[:num_classes]
+      if counts.min() >= enough:
+        break
+    return counts
+
   def shard(self, split: str, process_index: int, process_count: int) -> Shard:
     parts = tfds.even_splits(split, n=process_count)
     sizes = [self.split_size(p) for p in parts]
@@ -266,6 +286,13 @@ class ImageFolderSource:
 
   def split_size(self, split: str) -> int:
     return len(self._files(split))
+
+  def class_counts(self, split: str, num_classes: int,
+                   enough: int) -> np.ndarray:
+    """Images per class in `split` (from the file lists; `enough` unused)."""
+    del enough  # Counting file names costs nothing.
+    labels = np.asarray([label for _, label in self._files(split)], np.int64)
+    return np.bincount(labels, minlength=num_classes)[:num_classes]
 
   def _files(self, split: str) -> list[tuple[str, int]]:
     if split not in self.files:

@@ -385,6 +385,11 @@ def train_and_evaluate(
   validate_config(config, mesh)
   source = input_pipeline.get_source(config)
   info = input_pipeline.get_dataset_info(config, source)
+  if not info.num_eval_examples:
+    raise ValueError(
+        f'The evaluation split {info.eval_split!r} of {info.name!r} is empty '
+        '(config.eval_split): choose a split with examples, or give an image '
+        'folder more images per class (config.image_folder_test_percent).')
   model = build_model(config, info.num_classes)
   tx, schedule = optim.make_optimizer(config)
   total_steps = int(config.total_steps)
@@ -450,12 +455,28 @@ def train_and_evaluate(
         model, mesh, shardings.params,
         config_lib.get(config, 'loss', 'softmax_xent'))
 
+  final_params_path = os.path.join(workdir, FINAL_PARAMS_FILE)
+
+  def write_final_params():
+    checkpoint.save(state.ema_params if use_ema else state.params,
+                    final_params_path)
+
   def run_evals(step: int, last: bool) -> dict[str, float]:
     params = state.ema_params if use_ema else state.params
     evaluate = mpp.evaluate if self_supervised else classification.evaluate
-    metrics = evaluate(params, eval_fn, eval_ds, batch_sharding)
-    if fewshot and (last or step % fewshot_every == 0):
-      metrics.update(fewshot.run(params))
+    try:
+      metrics = evaluate(params, eval_fn, eval_ds, batch_sharding)
+      if fewshot and (last or step % fewshot_every == 0):
+        metrics.update(fewshot.run(params))
+    except Exception:
+      ckpt.wait()  # Whatever checkpoint is being written completes.
+      if last:
+        logging.error(
+            'The final evaluation failed; training finished and its '
+            'parameters are saved in %s (and the checkpoint of step %d). '
+            'Evaluate them again with python -m vit_jax.evaluate '
+            '--workdir=%s.', final_params_path, step, workdir)
+      raise
     return metrics
 
   log_every = int(config_lib.get(config, 'log_every', 50))
@@ -510,12 +531,16 @@ def train_and_evaluate(
       do_checkpoint = step % checkpoint_every == 0 or last or preempted
       if step % log_every == 0 or do_eval or do_checkpoint:
         flush_train_metrics()  # Never checkpoint an unchecked state.
-      if do_eval:
-        metrics = run_evals(step, last)
-        writer.write_scalars(step, metrics)
+      # Checkpoint (and at the end, final parameters) before evaluating: an
+      # evaluator that fails must not cost the run its training.
       if do_checkpoint:
         position = start_position + (step - start) * train_iter.batch_size
         ckpt.save(step, state, {'position': position})
+      if last:
+        write_final_params()
+      if do_eval:
+        metrics = run_evals(step, last)
+        writer.write_scalars(step, metrics)
       if preempted:
         ckpt.wait()
         logging.warning(
@@ -525,11 +550,10 @@ def train_and_evaluate(
         writer.close()
         ckpt.close()
         return {**metrics, 'preempted_at_step': float(step)}
-    ckpt.wait()
-    if not metrics:
+    if start >= total_steps:
+      write_final_params()
       metrics = run_evals(total_steps, last=True)
-    checkpoint.save(state.ema_params if use_ema else state.params,
-                    os.path.join(workdir, FINAL_PARAMS_FILE))
+    ckpt.wait()
     writer.close()
     ckpt.close()
     return metrics

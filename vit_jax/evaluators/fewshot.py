@@ -236,14 +236,53 @@ class FewShotEvaluator:
           self.data_config[field] = None
     self.source = input_pipeline.get_source(self.data_config)
     self.info = input_pipeline.get_dataset_info(self.data_config, self.source)
-    if self.pool_per_class < max(self.shots):
-      raise ValueError(
-          f'evals.fewshot.pool_per_class={self.pool_per_class} is smaller '
-          f'than the largest shot count {max(self.shots)}.')
+    self.check_data()
     self.feature_fn = make_feature_fn(
         self.model, config_lib.get(fs, 'representation', 'pre_logits'),
         self.mesh, self.param_shardings)
     self.name = self.data_config.dataset
+
+  def check_data(self) -> None:
+    """Checks shots, pool and splits before training starts.
+
+    Without this a run whose dataset is too small for its shots would train
+    to the end and only then fail, in the final evaluation.
+
+    Raises:
+      ValueError: naming the `evals.fewshot` field, the dataset, split and
+        class that do not fit, and what to change.
+    """
+    if not self.shots or min(self.shots) < 1:
+      raise ValueError(f'evals.fewshot.shots={self.shots} must be a '
+                       'non-empty list of positive image counts per class.')
+    if self.seeds < 1:
+      raise ValueError(f'evals.fewshot.seeds={self.seeds} must be >= 1.')
+    most = max(self.shots)
+    if self.pool_per_class < most:
+      raise ValueError(
+          f'evals.fewshot.pool_per_class={self.pool_per_class} is smaller '
+          f'than the largest shot count {most} (evals.fewshot.shots='
+          f'{self.shots}): raise it to at least {most}.')
+    where = f'few-shot dataset {self.data_config.dataset!r}'
+    if not self.source.split_size(self.info.eval_split):
+      raise ValueError(
+          f'The test split {self.info.eval_split!r} of the {where} is '
+          'empty: set eval_split (or evals.fewshot.dataset) to a dataset '
+          'with test images.')
+    counts = self.source.class_counts(self.info.train_split,
+                                      self.info.num_classes, most)
+    short = np.flatnonzero(counts < most)
+    if short.size:
+      c = int(short[0])
+      name = (f' ({self.info.class_names[c]!r})'
+              if c < len(self.info.class_names) else '')
+      raise ValueError(
+          f'Few-shot: class {c}{name} has {counts[c]} examples in split '
+          f'{self.info.train_split!r} of the {where}, fewer than the largest '
+          f'of evals.fewshot.shots={self.shots} ({short.size} class(es) '
+          f'short of {most}). Lower evals.fewshot.shots to at most '
+          f'{int(counts.min())}, add examples to that class, or turn the '
+          'few-shot evaluation off with evals.fewshot.every=0.')
 
   def features(self, params: Any) -> tuple[tuple[np.ndarray, np.ndarray],
                                            tuple[np.ndarray, np.ndarray]]:
