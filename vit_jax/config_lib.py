@@ -73,7 +73,7 @@ def get_base() -> ml_collections.ConfigDict:
   c.mpp.random_prob = 0.1  # by a random patch's (the rest are kept).
   c.mpp.bits = 3  # Bits per colour channel of the targets.
   c.label_smoothing = 0.0  # Label-smoothing factor.
-  c.ema_decay = ml_collections.config_dict.placeholder(float)  # Polyak.
+  c.ema_decay = ml_collections.config_dict.placeholder(float)  # Polyak, [0, 1).
   # Sharding.
   c.mesh = (('data', -1), ('fsdp', 1))  # Mesh axes; fsdp > 1 shards params.
   c.sharding_rules = (('.*', 'fsdp'),)  # (regex, spec) per parameter path.

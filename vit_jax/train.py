@@ -122,7 +122,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
     loss: 'softmax_xent' or 'sigmoid_xent'.
     label_smoothing: Label-smoothing factor.
     accum_steps: Micro-batches per update.
-    ema_decay: Polyak averaging decay, or None.
+    ema_decay: Polyak averaging decay in [0, 1) (0: the average is the
+      current parameters), or None for no average.
     micro_batch_sharding: Sharding of the stacked micro-batches
       [accum, B / accum, ...] (None outside a mesh).
     objective: `(params, batch, rng) -> (loss, {name: scalar})` replacing
@@ -175,9 +176,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params
-  if ema_decay:
-    ema_params = jax.tree_util.tree_map(
-        lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema_params, params)
+  if ema_decay is not None:  # 0.0 is a decay too: EMA = current parameters.
+    ema_params = optax.incremental_update(params, ema_params,
+                                          step_size=1.0 - ema_decay)
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state, ema_params=ema_params)
   return new_state, {'loss': loss_value, 'grad_norm': optax.tree.norm(grads),
