@@ -471,3 +471,102 @@ def test_load_from_url_downloads_once_into_the_cache(tmp_path, monkeypatch):
   _assert_trees_equal(checkpoint.load(f'{base}/ViT-T.npz'), params)
   assert [p.name for p in (tmp_path / 'cache').iterdir()] == [
       f'127.0.0.1_{server.server_address[1]}_ViT-T.npz']
+
+
+# ----------------------------------------------------------------------------
+# Known answers for position-embedding resizing on non-square grids.
+# ----------------------------------------------------------------------------
+
+
+def _ramp_posemb(height, width, cls_value=-3.5):
+  """(1, 1 + h*w, 2): channel 0 = 10*row + col, channel 1 = row*col.
+
+  Tokens are row-major over (height, width), as the model flattens patches.
+  Both channels are bilinear in (row, col), so corner-aligned bilinear
+  interpolation reproduces them exactly at the fractional source position.
+  """
+  rows, cols = np.mgrid[0:height, 0:width].astype(np.float64)
+  grid = np.stack([10 * rows + cols, rows * cols], axis=-1)
+  cls = np.full((1, 1, 2), cls_value)
+  return np.concatenate([cls, grid.reshape(1, height * width, 2)], axis=1)
+
+
+def _ramp_after_zoom(old, new):
+  """Closed form of `_ramp_posemb` zoomed corner-aligned from `old` to `new`.
+
+  scipy.ndimage.zoom(order=1) maps output index k to input k*(n-1)/(n'-1).
+  """
+  rows = np.arange(new[0]) * (old[0] - 1) / (new[0] - 1)
+  cols = np.arange(new[1]) * (old[1] - 1) / (new[1] - 1)
+  r, c = np.meshgrid(rows, cols, indexing='ij')
+  return np.stack([10 * r + c, r * c], axis=-1).reshape(new[0] * new[1], 2)
+
+
+def test_interpolate_posembed_non_square_known_answer_and_orientation():
+  """3x5 -> 6x7 (factors 2 and 1.4) equals the hand-derived bilinear ramp."""
+  posemb = _ramp_posemb(3, 5)
+  out = checkpoint.interpolate_posembed(posemb, 1 + 6 * 7, True,
+                                        grid_size=(3, 5), new_grid_size=(6, 7))
+  assert out.shape == (1, 43, 2)
+  np.testing.assert_array_equal(out[:, 0], posemb[:, 0])
+  expected = _ramp_after_zoom((3, 5), (6, 7))
+  np.testing.assert_allclose(out[0, 1:], expected, rtol=0, atol=1e-12)
+  # Discriminating power: reading the tokens as a (width, height) grid (a
+  # transposed implementation, which the token counts cannot reveal: 15 ->
+  # 42 either way) gives other numbers.
+  transposed = scipy.ndimage.zoom(posemb[0, 1:].reshape(5, 3, 2),
+                                  (7 / 5, 6 / 3, 1), order=1)
+  assert np.abs(transposed.reshape(42, 2) - expected).max() > 1.0
+
+
+def test_interpolate_posembed_non_square_matches_scipy_zoom_order_1():
+  """Random 3x5 grid -> 6x7: exactly scipy.ndimage.zoom(order=1) per axis."""
+  rng = np.random.default_rng(7)
+  posemb = rng.normal(size=(1, 1 + 3 * 5, 4))
+  out = checkpoint.interpolate_posembed(posemb, 1 + 6 * 7, True,
+                                        grid_size=(3, 5), new_grid_size=(6, 7))
+  np.testing.assert_array_equal(out[:, :1], posemb[:, :1])
+  expected = scipy.ndimage.zoom(posemb[0, 1:].reshape(3, 5, 4),
+                                (6 / 3, 7 / 5, 1), order=1)
+  np.testing.assert_allclose(out[0, 1:], expected.reshape(42, 4),
+                             rtol=0, atol=1e-12)
+  swapped = checkpoint.interpolate_posembed(
+      posemb, 1 + 6 * 7, True, grid_size=(5, 3), new_grid_size=(7, 6))
+  assert not np.allclose(swapped, out)  # Height and width are not symmetric.
+
+
+def test_interpolate_posembed_perfect_square_count_of_a_non_square_grid():
+  """A 2x8 grid (16 tokens) given explicitly is not resized as 4x4."""
+  posemb = _ramp_posemb(2, 8)
+  out = checkpoint.interpolate_posembed(posemb, 1 + 3 * 12, True,
+                                        grid_size=(2, 8), new_grid_size=(3, 12))
+  np.testing.assert_allclose(out[0, 1:], _ramp_after_zoom((2, 8), (3, 12)),
+                             rtol=0, atol=1e-12)
+  assert out[0, 0, 0] == -3.5
+
+
+def test_load_pretrained_resizes_a_non_square_grid_given_explicitly(tmp_path):
+  """12x20 px (3x5 grid) -> 24x28 px (6x7) with the model's real grids."""
+  model, _ = tiny_model('vit')
+
+  def shapes(h, w):  # Parameter shapes without compiling an init.
+    return jax.eval_shape(lambda: model.init(
+        jax.random.key(0), np.zeros((1, h, w, 3)), train=False))['params']
+
+  path = str(tmp_path / 'non_square.npz')
+  raw = write_published_npz(randomize(shapes(12, 20)), path)
+  init = randomize(shapes(24, 28), seed=1)  # Stands in for a fresh init.
+  with pytest.raises(checkpoint.CheckpointError, match='not a square'):
+    checkpoint.load_pretrained(pretrained_path=path, init_params=init,
+                               model_config=model)
+  params = checkpoint.load_pretrained(
+      pretrained_path=path, init_params=init, model_config=model,
+      grid_size=(3, 5), new_grid_size=(6, 7))
+  posemb = params['Transformer']['posembed_input']['pos_embedding']
+  old = raw['Transformer/posembed_input/pos_embedding']
+  assert posemb.shape == (1, 43, 10)
+  np.testing.assert_array_equal(posemb[:, 0], old[:, 0])
+  expected = scipy.ndimage.zoom(old[0, 1:].reshape(3, 5, 10).astype(np.float64),
+                                (2, 7 / 5, 1), order=1)
+  np.testing.assert_allclose(posemb[0, 1:], expected.reshape(42, 10),
+                             rtol=0, atol=1e-6)

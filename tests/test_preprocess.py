@@ -1,5 +1,6 @@
 """Tests of the preprocessing ops, eagerly and inside tf.data."""
 
+import dataclasses
 import io
 
 import numpy as np
@@ -107,3 +108,179 @@ def test_preprocess_config_rejects_unknown_fields():
   with pytest.raises(ValueError, match=r"unknown field\(s\) \['flipp'\]"):
     preprocess.PreprocessConfig.from_config(
         {'flipp': True}, image_size=8, num_classes=2)
+
+
+# ----------------------------------------------------------------------------
+# Known answers for the random augmentations.
+#
+# tf.image.stateless_sample_distorted_bounding_box (the op under
+# `inception_crop`; see tensorflow/core/kernels/image/
+# sample_distorted_bounding_box_op.cc) draws, per attempt, an aspect ratio r
+# *uniformly* (not log-uniformly) in `aspect_ratio_range`, then an integer
+# crop height h *uniformly* in [round(sqrt(a_min*A/r)), h_max], with
+# h_max = round(sqrt(a_max*A/r)) capped so that the crop fits (h <= H and
+# round(h*r) <= W), and width round(h*r). It is *not* uniform in area. An
+# attempt whose rounded area leaves the range is retried (100 attempts, then
+# the whole image). For an N x N image, in units u = h/N, the area fraction
+# is f = r*u^2 with u ~ U[sqrt(a_min/r), min(sqrt(a_max/r), 1, 1/r)], so
+#   E[f | r] = r*(a^2 + a*b + b^2)/3,  E[f^2 | r] = r^2*(b^5 - a^5)/(5(b - a)).
+# ----------------------------------------------------------------------------
+
+_ASPECT = (3 / 4, 4 / 3)
+
+
+def _crop_area_theory(a_min, a_max=1.0, aspect=_ASPECT, below=None):
+  """Mean and std of the area fraction, and P(f < below), on a square image."""
+  from scipy import integrate  # pylint: disable=g-import-not-at-top
+
+  def bounds(r):
+    return np.sqrt(a_min / r), min(np.sqrt(a_max / r), 1.0, 1.0 / r)
+
+  def moment1(r):
+    a, b = bounds(r)
+    return r * (a * a + a * b + b * b) / 3
+
+  def moment2(r):
+    a, b = bounds(r)
+    return r**2 * (b**5 - a**5) / (5 * (b - a))
+
+  def tail(r):
+    a, b = bounds(r)
+    return np.clip((np.sqrt(below / r) - a) / (b - a), 0.0, 1.0)
+
+  average = lambda g: integrate.quad(g, *aspect, points=[1.0])[0] / (
+      aspect[1] - aspect[0])
+  mean = average(moment1)
+  std = np.sqrt(average(moment2) - mean**2)
+  return mean, std, (average(tail) if below is not None else None)
+
+
+def _inception_crop_sizes(num_seeds, size=200, **kwargs):
+  """(height, width) of `inception_crop` on a size x size image per seed."""
+  image = tf.zeros((size, size, 1), tf.uint8)
+  crop_shape = tf.function(lambda seed: tf.shape(
+      preprocess.inception_crop(image, seed, **kwargs))[:2])
+  return np.array([crop_shape(tf.constant([s, 17], tf.int64)).numpy()
+                   for s in range(num_seeds)])
+
+
+def test_inception_crop_default_ranges_and_area_distribution():
+  """Default ranges (0.05, 1) x (3/4, 4/3): bounds and the derived moments."""
+  n, size = 1000, 200
+  hw = _inception_crop_sizes(n, size)
+  h, w = hw[:, 0], hw[:, 1]
+  area = h * w / size**2
+  aspect = w / h
+  # Areas are kept inside the range exactly (rounding is repaired or the
+  # attempt retried); the aspect ratio is off by at most round(h*r)'s 0.5/h.
+  assert area.min() >= 0.05 and area.max() <= 1.0
+  assert (aspect >= _ASPECT[0] - 0.5 / h).all()
+  assert (aspect <= _ASPECT[1] + 0.5 / h).all()
+  assert area.min() < 0.06 and area.max() > 0.9  # The whole range is used.
+  mean, std, below = _crop_area_theory(0.05, below=0.08)
+  # mean ~ 0.375 here; (0.08, 1) would give 0.404 with no area below 0.08,
+  # (0.5, 1) 0.675, and an area-uniform sampler 0.525.
+  assert abs(area.mean() - mean) < 4 * std / np.sqrt(n), (area.mean(), mean)
+  tail_sigma = np.sqrt(below * (1 - below) / n)
+  assert abs((area < 0.08).mean() - below) < 4 * tail_sigma, (
+      (area < 0.08).mean(), below)
+  # Aspect ratio uniform in (3/4, 4/3): mean 1.042 (log-uniform: 1.014).
+  aspect_mean = sum(_ASPECT) / 2
+  aspect_sigma = (_ASPECT[1] - _ASPECT[0]) / np.sqrt(12 * n)
+  assert abs(aspect.mean() - aspect_mean) < 4 * aspect_sigma
+
+
+def _coordinate_png(size=200):
+  """RGB PNG whose red channel is the column and green the row (0..size-1)."""
+  rows, cols = np.mgrid[0:size, 0:size]
+  return _encode(np.stack([cols, rows, np.zeros_like(rows)], -1).astype(
+      np.uint8), 'PNG')
+
+
+def _crop_windows(out, image_size):
+  """Recovers (top, left, height, width) of the crop behind a resized output.
+
+  Bilinear resizing (half-pixel centres) of a linear ramp is linear: output
+  pixel i samples crop coordinate (i + 0.5) * n / S - 0.5, so the ramp's
+  difference between the last and first output pixel is n * (S - 1) / S.
+  """
+  pixels = (np.asarray(out, np.float64) + 1) / 2 * 255  # Undo value_range.
+  s = image_size
+  width = (pixels[0, -1, 0] - pixels[0, 0, 0]) * s / (s - 1)
+  height = (pixels[-1, 0, 1] - pixels[0, 0, 1]) * s / (s - 1)
+  left = pixels[0, 0, 0] - (0.5 * width / s - 0.5)
+  top = pixels[0, 0, 1] - (0.5 * height / s - 0.5)
+  return np.round([top, left, height, width]).astype(int)
+
+
+def test_crop_area_range_from_config_reaches_the_crop():
+  """config.pp.crop_area_range=(0.9, 1) gives crops of >= 90% of the image."""
+  pp = preprocess.PreprocessConfig.from_config(
+      {'crop_area_range': [0.9, 1.0], 'flip': False}, image_size=8,
+      num_classes=2)
+  fn = preprocess.make_preprocess_fn(pp, train=True)
+  data = tf.constant(_coordinate_png())
+  areas = []
+  for s in range(40):
+    out = fn({'image': data, 'label': tf.constant(0, tf.int64),
+              'seed': tf.constant([s, 5], tf.int64)})['image'].numpy()
+    top, left, height, width = _crop_windows(out, 8)
+    assert 0 <= top and top + height <= 200 and 0 <= left
+    assert left + width <= 200
+    areas.append(height * width / 200**2)
+  # With the default (0.05, 1), P(area >= 0.9) is about 1%.
+  assert min(areas) >= 0.9, min(areas)
+  assert max(areas) < 1.0  # Really cropped, not the whole-image fallback.
+
+
+def test_flip_probability_is_one_half():
+  """Over 1000 seeds the flip rate is 1/2 within 4 binomial sigmas."""
+  image = tf.constant(_gradient(3, 5))
+  flip = tf.function(preprocess.flip)
+  n = 1000
+  flips = 0
+  for s in range(n):
+    out = flip(image, tf.constant([s, 3], tf.int64)).numpy()
+    if (out == image.numpy()[:, ::-1]).all():
+      flips += 1
+    else:
+      np.testing.assert_array_equal(out, image.numpy())
+  assert abs(flips - n / 2) < 4 * np.sqrt(n / 4), flips
+
+
+def test_flip_mirrors_the_width_axis_only():
+  """A flip reverses columns (x), never rows, on a non-square image."""
+  image = _gradient(4, 7)
+  outs = [preprocess.flip(tf.constant(image),
+                          tf.constant([s, 0], tf.int64)).numpy()
+          for s in range(16)]
+  flipped = [o for o in outs if not (o == image).all()]
+  assert flipped and len(flipped) < len(outs)
+  for out in flipped:
+    assert out.shape == (4, 7, 3)
+    np.testing.assert_array_equal(out, image[:, ::-1])
+    np.testing.assert_array_equal(out[:, 0], image[:, -1])
+
+
+def test_flip_in_the_train_preprocess_fn():
+  """make_preprocess_fn flips about half the examples, along x only."""
+  pp = preprocess.PreprocessConfig.from_config(
+      {'inception_crop': False}, image_size=8, num_classes=2)
+  fn = tf.function(preprocess.make_preprocess_fn(pp, train=True))
+  data = tf.constant(_coordinate_png(16))
+  n, flips = 200, 0
+  for s in range(n):
+    out = fn({'image': data, 'label': tf.constant(0, tf.int64),
+              'seed': tf.constant([s, 9], tf.int64)})['image'].numpy()
+    dx = np.diff(out[..., 0], axis=1)
+    dy = np.diff(out[..., 1], axis=0)
+    assert (dy > 0).all()  # Rows never reversed.
+    assert (dx > 0).all() or (dx < 0).all()
+    flips += int((dx < 0).all())
+  assert abs(flips - n / 2) < 4 * np.sqrt(n / 4), flips
+  no_flip = preprocess.make_preprocess_fn(
+      dataclasses.replace(pp, flip=False), train=True)
+  for s in range(10):
+    out = no_flip({'image': data, 'label': tf.constant(0, tf.int64),
+                   'seed': tf.constant([s, 9], tf.int64)})['image'].numpy()
+    assert (np.diff(out[..., 0], axis=1) > 0).all()
