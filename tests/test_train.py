@@ -19,6 +19,7 @@ from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import train
 from vit_jax import writers
+import vit_jax.models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
@@ -150,6 +151,40 @@ def test_finetune_from_npz_at_higher_resolution_through_the_cli(digits_run,
   tuned = checkpoint.load(os.path.join(str(tmp_path), train.FINAL_PARAMS_FILE))
   assert tuned['Transformer']['posembed_input']['pos_embedding'].shape == (
       1, 65, 192)
+
+
+def test_finetune_resizes_a_non_square_patch_grid_by_its_real_shape(
+    tmp_path):
+  """4x1 patches: a 16 px image has a 4x16 grid (64 tokens, which read as a
+  square would be 8x8) and 32 px an 8x32 one; the fine-tuning run resizes
+  the position embeddings as that grid, as scipy's zoom does."""
+  import scipy.ndimage  # pylint: disable=g-import-not-at-top
+  from helpers import init_params, randomize  # pylint: disable=g-import-not-at-top
+  patches = {'patches': {'size': (4, 1)}, 'transformer': {'num_layers': 1}}
+  model = vit_jax.models.get_model('testing', num_classes=10, **patches)
+  params = randomize(init_params(model, np.zeros((1, 16, 16, 3), np.float32)))
+  pretrained = str(tmp_path / 'pretrained.npz')
+  checkpoint.save(params, pretrained)
+  config = load_config('digits.py', 'runlocal')
+  config.tfds_data_dir = str(tmp_path / 'tfds')
+  config.model_name = 'testing'
+  config.model = patches
+  config.image_size = 32
+  config.pretrained_path = pretrained
+  config.total_steps = 1
+  config.warmup_steps = 0
+  config.base_lr = 1e-12  # The one step leaves the embeddings as loaded.
+  config.evals.fewshot.every = 0
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  tuned = checkpoint.load(os.path.join(workdir, train.FINAL_PARAMS_FILE))
+  old = params['Transformer']['posembed_input']['pos_embedding']
+  grid = np.asarray(old)[0, 1:].reshape(4, 16, -1)
+  expected = scipy.ndimage.zoom(grid, (2, 2, 1), order=1).reshape(1, 256, -1)
+  new = tuned['Transformer']['posembed_input']['pos_embedding']
+  assert new.shape == (1, 257, old.shape[-1])
+  np.testing.assert_allclose(new[:, :1], old[:, :1], atol=1e-6)
+  np.testing.assert_allclose(new[:, 1:], expected, atol=1e-6)
 
 
 def test_resume_refuses_a_workdir_of_another_model(digits_run, tmp_path):

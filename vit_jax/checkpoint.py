@@ -491,6 +491,27 @@ def _infer_grid(num_tokens: int, what: str) -> tuple[int, int]:
   return side, side
 
 
+def square_image_grid(num_tokens: int, patch_shape: tuple[int, int],
+                      what: str) -> tuple[int, int]:
+  """The (h, w) token grid of a square image cut into `patch_shape` patches.
+
+  With non-square patches the grid is not square, so it cannot be inferred
+  from the token count alone; a square image (as every training run here
+  uses) makes it unique: side = sqrt(tokens * ph * pw).
+
+  Raises:
+    CheckpointError: no square image gives `num_tokens` such patches.
+  """
+  ph, pw = patch_shape
+  side = math.isqrt(num_tokens * ph * pw)
+  if side * side != num_tokens * ph * pw or side % ph or side % pw:
+    raise CheckpointError(
+        f'{num_tokens} {what} position embeddings do not come from a square '
+        f'image cut into {ph}x{pw} patches. Pass the grid shape explicitly '
+        '(grid_size=(h, w) / new_grid_size=(h, w)).')
+  return side // ph, side // pw
+
+
 def interpolate_posembed(posemb: np.ndarray, num_tokens: int,
                          has_class_token: bool, *,
                          grid_size: tuple[int, int] | None = None,
@@ -558,6 +579,7 @@ def load_pretrained(*, pretrained_path: str, init_params: Params,
                     model_config: Any,
                     new_grid_size: tuple[int, int] | None = None,
                     grid_size: tuple[int, int] | None = None,
+                    patch_shape: tuple[int, int] | None = None,
                     posemb_method: str = 'bilinear') -> dict[str, Any]:
   """Loads a pre-trained checkpoint for fine-tuning (paper §3.2).
 
@@ -577,6 +599,9 @@ def load_pretrained(*, pretrained_path: str, init_params: Params,
     new_grid_size: Patch grid of the new resolution; needed only when it is
       not square.
     grid_size: Patch grid of the checkpoint; needed only when not square.
+    patch_shape: Input pixels per token (h, w) of the checkpoint and the
+      model (`model.total_stride`): when not square, the grids not given
+      are those of square images (`square_image_grid`).
     posemb_method: 'bilinear' (the original code's numbers) or 'bicubic'.
 
   Returns:
@@ -631,6 +656,12 @@ def load_pretrained(*, pretrained_path: str, init_params: Params,
             '(different hidden size: a checkpoint of another model).')
       logging.info('load_pretrained: resizing position embeddings %s -> %s',
                    old, new)
+      if patch_shape is not None and patch_shape[0] != patch_shape[1]:
+        extra = 1 if new_has_cls else 0
+        grid_size = grid_size or square_image_grid(
+            old[1] - extra, patch_shape, 'checkpoint')
+        new_grid_size = new_grid_size or square_image_grid(
+            new[1] - extra, patch_shape, 'new')
       posemb = interpolate_posembed(
           posemb, new[1], has_class_token=new_has_cls, grid_size=grid_size,
           new_grid_size=new_grid_size, method=posemb_method)

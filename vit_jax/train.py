@@ -422,7 +422,8 @@ def train_and_evaluate(
       logging.info('Fine-tuning from %s', config.pretrained_path)
       params = checkpoint.load_pretrained(
           pretrained_path=config.pretrained_path, init_params=state.params,
-          model_config=model)
+          model_config=model,
+          patch_shape=getattr(model, 'total_stride', None))
       state = state_from_params(params, tx, shardings, use_ema)
 
   is_writer = jax.process_index() == 0
