@@ -5,24 +5,62 @@ differs; every field is documented here once. Field names are a contract
 (scripts, docs and `metrics.jsonl` rely on them).
 """
 
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
 
-def get(config: Any, name: str, default: Any = None) -> Any:
-  """`config.name`, or `default` when the field is absent or None.
+_FROM_BASE = object()
 
-  Works on ConfigDicts, dicts and plain objects, so library functions accept
-  partial configs (tests, notebooks) as well as the full experiment configs.
-  A dotted name ('evals.fewshot.every') walks nested fields.
-  """
+
+def _walk(config: Any, name: str) -> tuple[bool, Any]:
+  """(found, value) of a dotted field; not found when a part is absent."""
   from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
   value = config
   for part in name.split('.'):
-    value = vit.config_value(value, part)
     if value is None:
-      return default
+      return False, None
+    if isinstance(value, Mapping) or hasattr(value, 'keys'):
+      if part not in value:
+        return False, None
+    elif not hasattr(value, part):
+      return False, None
+    value = vit.config_value(value, part)
+  return True, value
+
+
+def get(config: Any, name: str, default: Any = _FROM_BASE) -> Any:
+  """`config.<name>`; for a field the config lacks, `get_base()`'s value.
+
+  Works on ConfigDicts, dicts and plain objects, so library functions accept
+  partial configs (tests, notebooks) as well as the full experiment configs,
+  and a field a config omits means what `get_base()` declares for it (one
+  source of defaults). A dotted name ('evals.fewshot.every') walks nested
+  fields.
+
+  Args:
+    config: The (possibly partial) config.
+    name: Field name or dotted path.
+    default: Only for fields whose `get_base()` value is None (derived
+      elsewhere, e.g. from a dataset preset): returned when the field is
+      absent or None.
+
+  Returns:
+    The value.
+
+  Raises:
+    KeyError: `name` is not a field of `get_base()` and `default` is not
+      given.
+  """
+  found, value = _walk(config, name)
+  if default is not _FROM_BASE:
+    return default if value is None else value
+  if found:
+    return value
+  found, value = _walk(get_base(), name)
+  if not found:
+    raise KeyError(f'{name!r} is not a config field (config_lib.get_base()).')
   return value
 
 

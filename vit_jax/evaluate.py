@@ -60,7 +60,7 @@ def evaluate_params(config: ml_collections.ConfigDict, params: Any, *,
       jax.eval_shape(lambda: params), mesh, config)
   params = sharding.put_global(params, shardings)
   eval_fn = classification.make_eval_fn(
-      model, mesh, shardings, config_lib.get(config, 'loss', 'softmax_xent'))
+      model, mesh, shardings, config_lib.get(config, 'loss'))
   dataset, _ = input_pipeline.eval_dataset(config, source=source)
   metrics = classification.evaluate(params, eval_fn, dataset,
                                     sharding.batch_sharding(mesh))

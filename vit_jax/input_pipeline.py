@@ -352,10 +352,10 @@ def get_source(config: Any) -> TfdsSource | ImageFolderSource:
   if name == IMAGE_FOLDER:
     return ImageFolderSource(
         config_lib.get(config, 'image_folder'),
-        test_percent=config_lib.get(config, 'image_folder_test_percent', 10),
-        skip_bad_images=config_lib.get(config, 'skip_bad_images', False))
+        test_percent=config_lib.get(config, 'image_folder_test_percent'),
+        skip_bad_images=config_lib.get(config, 'skip_bad_images'))
   return TfdsSource(name, config_lib.get(config, 'tfds_data_dir'),
-                    config_lib.get(config, 'tfds_download', False))
+                    config_lib.get(config, 'tfds_download'))
 
 
 def _splits(config: Any) -> tuple[str, str]:
@@ -437,8 +437,7 @@ def _preprocess_config(config: Any, num_classes: int
                        ) -> preprocess.PreprocessConfig:
   preset = DATASET_PRESETS.get(config.dataset, {}).get('pp', {})
   pp = dict(preset)
-  if config_lib.get(config, 'pp') is not None:
-    pp.update(dict(config.pp.items()))
+  pp.update(dict((config_lib.get(config, 'pp') or {}).items()))
   return preprocess.PreprocessConfig.from_config(
       pp, image_size=config.image_size, num_classes=num_classes)
 
@@ -486,8 +485,8 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
                       self.batch_size)
     self.position = int(position)
     pp = _preprocess_config(config, self.info.num_classes)
-    seed = int(config_lib.get(config, 'seed', 0))
-    buffer = int(config_lib.get(config, 'shuffle_buffer', 50_000))
+    seed = int(config_lib.get(config, 'seed'))
+    buffer = int(config_lib.get(config, 'shuffle_buffer'))
     self._dataset = _train_dataset(
         shard, pp, seed=seed, process_index=process_index,
         shuffle_buffer=buffer, batch_size=self.batch_size,
@@ -569,7 +568,7 @@ def eval_dataset(config: Any, split: str | None = None, *,
   info = get_dataset_info(config, source)
   split = split or info.eval_split
   batch_size = _local_batch_size(
-      config_lib.get(config, 'batch_eval', config.batch), process_count,
+      config_lib.get(config, 'batch_eval'), process_count,
       'config.batch_eval')
   shard = source.shard(split, process_index, process_count)
   num_batches = math.ceil(shard.max_num_examples / batch_size)

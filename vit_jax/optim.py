@@ -36,8 +36,8 @@ def make_schedule(config: Any) -> optax.Schedule:
   """
   base_lr = float(config.base_lr)
   total = int(config.total_steps)
-  warmup = int(config_lib.get(config, 'warmup_steps', 0))
-  decay = config_lib.get(config, 'decay_type', 'cosine')
+  warmup = int(config_lib.get(config, 'warmup_steps'))
+  decay = config_lib.get(config, 'decay_type')
   if base_lr <= 0:
     raise ValueError(f'config.base_lr={base_lr} must be positive.')
   if total <= 0:
@@ -80,24 +80,24 @@ def make_optimizer(config: Any) -> tuple[optax.GradientTransformation,
     SGD with momentum) and its learning-rate schedule.
   """
   schedule = make_schedule(config)
-  name = config_lib.get(config, 'optimizer', 'adam')
-  weight_decay = float(config_lib.get(config, 'weight_decay', 0.0))
+  name = config_lib.get(config, 'optimizer')
+  weight_decay = float(config_lib.get(config, 'weight_decay'))
   if weight_decay < 0:
     raise ValueError(f'config.weight_decay={weight_decay} must be >= 0.')
   if name == 'adam':
     tx = optax.adamw(
-        schedule, b1=float(config_lib.get(config, 'beta1', 0.9)),
-        b2=float(config_lib.get(config, 'beta2', 0.999)),
+        schedule, b1=float(config_lib.get(config, 'beta1')),
+        b2=float(config_lib.get(config, 'beta2')),
         weight_decay=weight_decay, mask=_decay_mask)
   elif name == 'sgd':
     tx = optax.chain(
         optax.add_decayed_weights(weight_decay, mask=_decay_mask)
         if weight_decay else optax.identity(),
         optax.sgd(schedule,
-                  momentum=float(config_lib.get(config, 'momentum', 0.9))))
+                  momentum=float(config_lib.get(config, 'momentum'))))
   else:
     raise ValueError(f'config.optimizer={name!r}; use one of {OPTIMIZERS}.')
-  clip = config_lib.get(config, 'grad_clip_norm', 0.0)
+  clip = config_lib.get(config, 'grad_clip_norm')
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
   return tx, schedule

@@ -245,13 +245,12 @@ def tree_shardings(tree: Any, mesh: Mesh,
 
 def mesh_from_config(config: Any) -> Mesh:
   """The mesh of `config.mesh` over all devices."""
-  return make_mesh(tuple(tuple(a) for a in config_lib.get(
-      config, 'mesh', DEFAULT_MESH)))
+  return make_mesh(tuple(tuple(a) for a in config_lib.get(config, 'mesh')))
 
 
 def shardings_from_config(tree: Any, mesh: Mesh, config: Any) -> Any:
   """`tree_shardings` with the config's `sharding_rules` / `fsdp_min_size`."""
   return tree_shardings(
       tree, mesh,
-      tuple(config_lib.get(config, 'sharding_rules', DEFAULT_RULES)),
-      int(config_lib.get(config, 'fsdp_min_size', DEFAULT_FSDP_MIN_SIZE)))
+      tuple(config_lib.get(config, 'sharding_rules')),
+      int(config_lib.get(config, 'fsdp_min_size')))

@@ -82,7 +82,7 @@ def build_model(config: Any, num_classes: int) -> flax.linen.Module:
     A flax module.
   """
   overrides = _to_dict(config_lib.get(config, 'model'))
-  if config_lib.get(config, 'objective', 'classification') == 'mpp':
+  if config_lib.get(config, 'objective') == 'mpp':
     # Self-supervised: no classification head, a patch-prediction head.
     cfg = mpp.MppConfig.from_config(config)
     patch_px = vit_jax.models.get_model(
@@ -91,9 +91,9 @@ def build_model(config: Any, num_classes: int) -> flax.linen.Module:
     num_classes = None
   return vit_jax.models.get_model(
       config.model_name, num_classes=num_classes,
-      dtype=jnp.dtype(config_lib.get(config, 'compute_dtype', 'float32')),
-      remat=bool(config_lib.get(config, 'remat', False)),
-      scan=bool(config_lib.get(config, 'scan', False)), **overrides)
+      dtype=jnp.dtype(config_lib.get(config, 'compute_dtype')),
+      remat=bool(config_lib.get(config, 'remat')),
+      scan=bool(config_lib.get(config, 'scan')), **overrides)
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array],
@@ -200,7 +200,7 @@ def validate_config(config: Any, mesh: jax.sharding.Mesh) -> None:
     ValueError: naming the field and the fix.
   """
   input_pipeline.check_image_size(config)
-  accum = int(config_lib.get(config, 'accum_steps', 1))
+  accum = int(config_lib.get(config, 'accum_steps'))
   batch = int(config.batch)
   devices = mesh.devices.size
   if accum < 1:
@@ -222,19 +222,19 @@ def validate_config(config: Any, mesh: jax.sharding.Mesh) -> None:
         f'{multiple} (e.g. config.batch='
         f'{max(1, round(batch / multiple)) * multiple}).')
   sharding.check_batch_size(batch, mesh, what='config.batch')
-  sharding.check_batch_size(int(config_lib.get(config, 'batch_eval', batch)),
+  sharding.check_batch_size(int(config_lib.get(config, 'batch_eval')),
                             mesh, what='config.batch_eval')
   for field in ('eval_every', 'checkpoint_every', 'log_every'):
     value = config_lib.get(config, field)
     if value is not None and int(value) <= 0:
       raise ValueError(f'config.{field}={value} must be positive.')
-  objective = config_lib.get(config, 'objective', 'classification')
+  objective = config_lib.get(config, 'objective')
   if objective not in OBJECTIVES:
     raise ValueError(f'config.objective={objective!r}; use one of '
                      f'{OBJECTIVES}.')
   if objective == 'mpp':
     mpp.MppConfig.from_config(config)  # Raises naming the bad field.
-  if config_lib.get(config, 'loss', 'softmax_xent') not in losses.LOSSES:
+  if config_lib.get(config, 'loss') not in losses.LOSSES:
     raise ValueError(
         f'config.loss={config.loss!r}; use one of {losses.LOSSES}.')
   ema = config_lib.get(config, 'ema_decay')
@@ -260,7 +260,7 @@ def create_train_state(config: Any, model: flax.linen.Module,
 
   def init(rng):
     images = jnp.zeros((1, size, size, 3), jnp.float32)
-    if config_lib.get(config, 'objective', 'classification') == 'mpp':
+    if config_lib.get(config, 'objective') == 'mpp':
       # Through the masked-patch path, which creates its head and token.
       params = model.init(rng, images, train=False, mpp=mpp.sample_corruption(
           rng, 1, mpp.patch_count(images.shape, model.total_stride),
@@ -297,17 +297,17 @@ def make_train_step(config: Any, model: flax.linen.Module,
                     ) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
   """`train_step` jitted once with explicit shardings and a donated state."""
   batch_sharding = sharding.batch_sharding(mesh)
-  accum = int(config_lib.get(config, 'accum_steps', 1))
+  accum = int(config_lib.get(config, 'accum_steps'))
   micro = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(None, mesh.axis_names))
   step = functools.partial(
       train_step, model=model, tx=tx,
-      loss=config_lib.get(config, 'loss', 'softmax_xent'),
-      label_smoothing=float(config_lib.get(config, 'label_smoothing', 0.0)),
+      loss=config_lib.get(config, 'loss'),
+      label_smoothing=float(config_lib.get(config, 'label_smoothing')),
       accum_steps=accum, ema_decay=config_lib.get(config, 'ema_decay'),
       micro_batch_sharding=micro if accum > 1 else None,
       objective=mpp.objective(model, mpp.MppConfig.from_config(config))
-      if config_lib.get(config, 'objective', 'classification') == 'mpp'
+      if config_lib.get(config, 'objective') == 'mpp'
       else None)
   replicated = sharding.replicated(mesh)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding,
@@ -334,12 +334,12 @@ def _run_meta(config: Any, num_classes: int) -> dict[str, Any]:
   return {'model_name': config.model_name, 'num_classes': int(num_classes),
           'model': _to_dict(config_lib.get(config, 'model')),
           'image_size': int(config.image_size),
-          'scan': bool(config_lib.get(config, 'scan', False)),
+          'scan': bool(config_lib.get(config, 'scan')),
           'ema': config_lib.get(config, 'ema_decay') is not None,
           # Only self-supervised runs record it, so older classification
           # runs still resume.
-          **({'objective': 'mpp'} if config_lib.get(
-              config, 'objective', 'classification') == 'mpp' else {})}
+          **({'objective': 'mpp'}
+             if config_lib.get(config, 'objective') == 'mpp' else {})}
 
 
 # ----------------------------------------------------------------------------
@@ -395,13 +395,12 @@ def train_and_evaluate(
   tx, schedule = optim.make_optimizer(config)
   total_steps = int(config.total_steps)
   use_ema = config_lib.get(config, 'ema_decay') is not None
-  self_supervised = config_lib.get(config, 'objective',
-                                   'classification') == 'mpp'
+  self_supervised = config_lib.get(config, 'objective') == 'mpp'
 
   init_rng, train_rng = jax.random.split(jax.random.key(int(config.seed)))
   state, shardings, abstract = create_train_state(config, model, tx, mesh,
                                                   init_rng)
-  fewshot_every = int(config_lib.get(config, 'evals.fewshot.every', 0))
+  fewshot_every = int(config_lib.get(config, 'evals.fewshot.every'))
   fewshot = fewshot_lib.FewShotEvaluator(
       config, model, mesh, shardings.params) if fewshot_every > 0 else None
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
@@ -409,8 +408,8 @@ def train_and_evaluate(
                f'{num_params:,}', dict(mesh.shape))
   ckpt = train_state.Checkpointer(
       workdir, _run_meta(config, info.num_classes),
-      keep=int(config_lib.get(config, 'keep_checkpoints', 3)),
-      async_save=bool(config_lib.get(config, 'async_checkpoints', True)))
+      keep=int(config_lib.get(config, 'keep_checkpoints')),
+      async_save=bool(config_lib.get(config, 'async_checkpoints')))
   restored = ckpt.restore_latest(
       train_state.abstract_with_shardings(abstract, shardings))
   data_state = None
@@ -444,7 +443,7 @@ def train_and_evaluate(
   batch_sharding = sharding.batch_sharding(mesh)
   batches = input_pipeline.prefetch_to_device(
       train_iter, batch_sharding,
-      size=int(config_lib.get(config, 'prefetch', 2)))
+      size=int(config_lib.get(config, 'prefetch')))
   step_fn = make_train_step(config, model, tx, mesh, shardings)
   # Placed once: a key on one device would be re-sharded at every step.
   train_rng = sharding.put_global(train_rng, sharding.replicated(mesh))
@@ -455,7 +454,7 @@ def train_and_evaluate(
   else:
     eval_fn = classification.make_eval_fn(
         model, mesh, shardings.params,
-        config_lib.get(config, 'loss', 'softmax_xent'))
+        config_lib.get(config, 'loss'))
 
   final_params_path = os.path.join(workdir, FINAL_PARAMS_FILE)
 
@@ -481,13 +480,12 @@ def train_and_evaluate(
       raise
     return metrics
 
-  log_every = int(config_lib.get(config, 'log_every', 50))
-  eval_every = int(config_lib.get(config, 'eval_every', total_steps))
-  checkpoint_every = int(config_lib.get(config, 'checkpoint_every',
-                                        total_steps))
+  log_every = int(config_lib.get(config, 'log_every'))
+  eval_every = int(config_lib.get(config, 'eval_every'))
+  checkpoint_every = int(config_lib.get(config, 'checkpoint_every'))
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
                                            writer=writer, every_secs=30)]
-  if is_writer and config_lib.get(config, 'profile', False):
+  if is_writer and config_lib.get(config, 'profile'):
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
 
   pending: list[tuple[int, dict[str, jax.Array]]] = []

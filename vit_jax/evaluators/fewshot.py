@@ -238,7 +238,8 @@ class FewShotEvaluator:
     self.info = input_pipeline.get_dataset_info(self.data_config, self.source)
     self.check_data()
     self.feature_fn = make_feature_fn(
-        self.model, config_lib.get(fs, 'representation', 'pre_logits'),
+        self.model,
+        config_lib.get(self.config, 'evals.fewshot.representation'),
         self.mesh, self.param_shardings)
     self.name = self.data_config.dataset
 
