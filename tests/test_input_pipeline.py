@@ -280,7 +280,7 @@ def test_restored_iterator_continues_with_the_same_next_batch(tmp_path):
   for _ in range(8):  # More than 3 epochs.
     states.append(it.get_state())
     batches.append(next(it))
-  assert states[-1] == {'position': 42}
+  assert states[-1] == {'position': 42, 'unit': 'global_examples'}
   for k in (1, 2, 5, 7):  # Mid-epoch and across epoch boundaries.
     restored = input_pipeline.train_iterator(config, state=states[k])
     for expected in batches[k:k + 2]:
@@ -291,6 +291,97 @@ def test_restored_iterator_continues_with_the_same_next_batch(tmp_path):
   assert not np.array_equal(batches[0]['image'], batches[3]['image'][:6])
   other = next(input_pipeline.train_iterator(folder_config(tmp_path, seed=1)))
   assert not np.array_equal(other['image'], batches[0]['image'])
+
+
+def _take(iterator, n):
+  """n batches of `iterator`, with the state before each."""
+  states, batches = [], []
+  for _ in range(n):
+    states.append(iterator.get_state())
+    batches.append(next(iterator))
+  return states, batches
+
+
+def _assert_same_batches(got, want):
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_array_equal(g['image'], w['image'])
+    np.testing.assert_array_equal(g['labels'], w['labels'])
+
+
+def test_two_process_positions_count_global_examples_and_resume(tmp_path):
+  """Pins `position` = examples of the global batches (all processes).
+
+  With 2 processes (shards of 8 and 7 images, local batch 3, global 6) both
+  iterators count 6 per batch, and an iterator rebuilt at that position on
+  each process yields exactly the next batches of an uninterrupted pair,
+  across epoch boundaries of both shards.
+  """
+  make_image_folder(tmp_path, per_class=7)  # 15 train images, batch 6.
+  config = folder_config(tmp_path)
+  global_batch, local_batch = 6, 6 // 2
+  runs = [_take(input_pipeline.train_iterator(
+      config, process_index=p, process_count=2), 8) for p in range(2)]
+  for p, (states, batches) in enumerate(runs):
+    assert [s['position'] for s in states] == [
+        k * global_batch for k in range(8)]
+    assert all(len(b['image']) == local_batch for b in batches)
+    for k in (1, 3, 5, 6):  # Inside epoch 0 and past the 8/7 boundaries.
+      restored = input_pipeline.train_iterator(
+          config, state=states[k], process_index=p, process_count=2)
+      _assert_same_batches([next(restored), next(restored)],
+                           batches[k:k + 2])
+      # A checkpoint written before positions were global (no 'unit')
+      # counted this process's examples; it resumes at the same batch.
+      legacy = input_pipeline.train_iterator(
+          config, state={'position': k * local_batch}, process_index=p,
+          process_count=2)
+      _assert_same_batches([next(legacy)], batches[k:k + 1])
+  # The processes read different shards: their streams differ.
+  assert not np.array_equal(runs[0][1][0]['image'], runs[1][1][0]['image'])
+  with pytest.raises(ValueError, match=r'position 9 \(global examples\) '
+                     r'does not split over 2 processes'):
+    input_pipeline.train_iterator(config, state=input_pipeline.state_at(9),
+                                  process_index=0, process_count=2)
+
+
+def test_checkpoint_position_resumes_both_of_two_processes(tfds_dir, tmp_path,
+                                                           monkeypatch):
+  """Pins the position train.py writes: steps * config.batch (global).
+
+  Training runs as process 1 of 2 (its input pipeline reads shard 1 and
+  half the batch); the checkpoint of step 2 must hold position 2 * 16, and
+  iterators of both processes rebuilt from it must continue with batch 2 of
+  an uninterrupted pair.
+  """
+  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file(os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      'configs', 'digits.py') + ':runlocal')
+  config.tfds_data_dir = tfds_dir
+  config.total_steps = config.checkpoint_every = config.eval_every = 2
+  config.evals.fewshot.every = 0
+  config.async_checkpoints = False
+  assert config.batch == 16
+  original = input_pipeline.train_iterator
+
+  def as_process_1_of_2(cfg, **kwargs):
+    return original(cfg, process_index=1, process_count=2, **kwargs)
+
+  monkeypatch.setattr(input_pipeline, 'train_iterator', as_process_1_of_2)
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  monkeypatch.undo()
+  # Orbax writes the JSON item `data` as checkpoints/<step>/data/metadata.
+  with open(os.path.join(workdir, 'checkpoints', '2', 'data',
+                         'metadata')) as f:
+    data = json.load(f)
+  assert data == {'position': 2 * 16, 'unit': 'global_examples'}
+  for p in range(2):
+    _, uninterrupted = _take(original(config, process_index=p,
+                                      process_count=2), 3)
+    restored = original(config, state=data, process_index=p, process_count=2)
+    _assert_same_batches([next(restored)], uninterrupted[2:])
 
 
 # ----------------------------------------------------------------------------

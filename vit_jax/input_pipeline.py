@@ -461,12 +461,19 @@ def _process(process_index: int | None, process_count: int | None):
 # ----------------------------------------------------------------------------
 
 
+# Unit of the saved `position`: examples of the global batches, i.e. of all
+# processes together. Checkpoints without it counted one process's examples.
+POSITION_UNIT = 'global_examples'
+
+
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
   """Endless iterator of this process's training batches (numpy).
 
-  Its state is `position`, the number of examples produced so far; an
-  iterator built with `position=p` yields exactly what the original yielded
-  after `p` examples.
+  Its state is `position`, the number of examples the global batches have
+  held so far (all processes together: the same number on every process,
+  `steps * config.batch`); an iterator built with `position=p` yields
+  exactly what the original yielded after `p` examples. Each process skips
+  `p / process_count` examples of its own shard.
   """
 
   def __init__(self, config: Any, *, position: int = 0,
@@ -478,29 +485,40 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     self.info = get_dataset_info(config, source)
     self.batch_size = _local_batch_size(config.batch, process_count,
                                         'config.batch')
+    self.global_batch_size = self.batch_size * process_count
     shard = source.shard(self.info.train_split, process_index, process_count)
     if shard.num_examples < self.batch_size:
       logging.warning('The training shard has %d examples, fewer than the '
                       'local batch of %d.', shard.num_examples,
                       self.batch_size)
     self.position = int(position)
+    if self.position % process_count:
+      raise ValueError(
+          f'The saved training-data position {self.position} (global '
+          f'examples) does not split over {process_count} processes: resume '
+          'with the process count the checkpoint was written with.')
     pp = _preprocess_config(config, self.info.num_classes)
     seed = int(config_lib.get(config, 'seed'))
     buffer = int(config_lib.get(config, 'shuffle_buffer'))
     self._dataset = _train_dataset(
         shard, pp, seed=seed, process_index=process_index,
         shuffle_buffer=buffer, batch_size=self.batch_size,
-        start=self.position)
+        start=self.position // process_count)
     self._iterator = iter(self._dataset.as_numpy_iterator())
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._iterator)
-    self.position += self.batch_size
+    self.position += self.global_batch_size
     return batch
 
-  def get_state(self) -> dict[str, int]:
+  def get_state(self) -> dict[str, Any]:
     """JSON-serialisable state to store with a checkpoint."""
-    return {'position': self.position}
+    return state_at(self.position)
+
+
+def state_at(position: int) -> dict[str, Any]:
+  """The iterator state (for a checkpoint) at `position` global examples."""
+  return {'position': int(position), 'unit': POSITION_UNIT}
 
 
 def _train_dataset(shard: Shard, pp: preprocess.PreprocessConfig, *,
@@ -530,11 +548,27 @@ def _train_dataset(shard: Shard, pp: preprocess.PreprocessConfig, *,
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def train_iterator(config: Any, *, state: Mapping[str, int] | None = None,
+def train_iterator(config: Any, *, state: Mapping[str, Any] | None = None,
                    **kwargs) -> TrainIterator:
-  """Builds the training iterator, resuming from `state` if given."""
-  return TrainIterator(config, position=(state or {}).get('position', 0),
-                       **kwargs)
+  """Builds the training iterator, resuming from `state` if given.
+
+  Args:
+    config: Experiment config.
+    state: A `get_state()` / `state_at()` dict from a checkpoint, or None.
+    **kwargs: `process_index`, `process_count`, `source` of TrainIterator.
+
+  Returns:
+    The iterator.
+  """
+  state = dict(state or {})
+  position = int(state.get('position', 0))
+  if state and state.get('unit') != POSITION_UNIT:
+    # Written before positions were global: it counted this process's
+    # examples, the same on every process.
+    _, process_count = _process(kwargs.get('process_index'),
+                                kwargs.get('process_count'))
+    position *= process_count
+  return TrainIterator(config, position=position, **kwargs)
 
 
 # ----------------------------------------------------------------------------

@@ -534,8 +534,9 @@ def train_and_evaluate(
       # Checkpoint (and at the end, final parameters) before evaluating: an
       # evaluator that fails must not cost the run its training.
       if do_checkpoint:
-        position = start_position + (step - start) * train_iter.batch_size
-        ckpt.save(step, state, {'position': position})
+        position = (start_position
+                    + (step - start) * train_iter.global_batch_size)
+        ckpt.save(step, state, input_pipeline.state_at(position))
       if last:
         write_final_params()
       if do_eval:

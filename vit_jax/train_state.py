@@ -3,7 +3,7 @@
 A step directory `<workdir>/checkpoints/<step>/` holds three items:
   state: the `TrainState` (params, optimizer state, EMA params, step), saved
          asynchronously and restored straight into its shardings;
-  data:  the training iterator's state (`{'position': ...}`), JSON;
+  data:  the training iterator's state (`input_pipeline.state_at`), JSON;
   meta:  what the run is (model name, classes, image size, layout), JSON,
          checked on resume so that a workdir of another model is reported
          instead of failing deep inside orbax.
