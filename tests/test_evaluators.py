@@ -69,6 +69,71 @@ def test_l2_selection_prefers_regularisation_on_noise():
   assert fewshot.select_l2(x, y, 1, 3, grid, default_l2=0.5) == 0.5
 
 
+# Separable classes (noise 0.1) whose centred means u = (1, 0), v = (3, 1),
+# w = -(u + v) defeat heavy regularisation: as l2 -> inf the ridge scores
+# tend to (x - mean) . (mu_c - mean), and u . u = 1 < u . v = 3 sends class 0
+# to class 1; a weak l2 fits the three clusters exactly (affine in 2-D).
+_SEPARABLE_MEANS = np.array([[1.0, 0.0], [3.0, 1.0], [-4.0, -1.0]])
+
+
+def _l2_problems(seed, shots=5, num_classes=3):
+  """(noise features, separable features, labels) in draw_shots order."""
+  rng = np.random.default_rng(seed)
+  y = np.tile(np.arange(num_classes), shots)
+  noise = rng.normal(size=(len(y), 200))
+  separable = _SEPARABLE_MEANS[y] + 0.1 * rng.normal(size=(len(y), 2))
+  return noise, separable, y
+
+
+def test_l2_selection_is_larger_on_noise_than_on_separable_features():
+  """Pins select_l2: noise picks a larger l2 than separable features.
+
+  On noise every l2 is at chance and ties go to the larger value; on the
+  separable problem the largest grid value misclassifies a class (see
+  _SEPARABLE_MEANS). Over 9 seeds, the median noise pick exceeds every
+  separable pick (checked on 100 disjoint groups of 9 seeds).
+  """
+  grid = fewshot.DEFAULT_L2_GRID
+  noise_picks, separable_picks = [], []
+  for seed in range(9):
+    noise, separable, y = _l2_problems(seed)
+    noise_picks.append(fewshot.select_l2(noise, y, 5, 3, grid, 1.0))
+    separable_picks.append(fewshot.select_l2(separable, y, 5, 3, grid, 1.0))
+  assert max(separable_picks) < max(grid)
+  assert np.median(noise_picks) > max(separable_picks)
+
+
+def test_l2_selection_matches_leave_one_shot_out_in_numpy():
+  """Pins select_l2 to a numpy leave-one-shot-out argmax (larger on ties).
+
+  Fold f holds out rows f * K .. f * K + K - 1 (shot f of every class); the
+  ridge fit is numpy lstsq on the system stacked with sqrt(l2) I.
+  """
+  grid = fewshot.DEFAULT_L2_GRID
+  shots, k = 5, 3
+  for seed in range(3):
+    _, x, y = _l2_problems(seed, shots, k)
+    totals = []  # Held-out hits summed over the folds (exact ties).
+    for l2 in grid:
+      hits = 0
+      for f in range(shots):
+        held = np.zeros(len(y), bool)
+        held[f * k:(f + 1) * k] = True
+        design = np.concatenate([x[~held], np.ones((len(x) - k, 1))], 1)
+        design = np.concatenate(
+            [design, np.concatenate([np.sqrt(l2) * np.eye(2),
+                                     np.zeros((2, 1))], 1)], 0)
+        targets = np.concatenate([np.where(
+            y[~held, None] == np.arange(k), 1.0, -1.0), np.zeros((2, k))])
+        sol = np.linalg.lstsq(design, targets, rcond=None)[0]
+        scores = x[held] @ sol[:2] + sol[2]
+        hits += int(np.sum(scores.argmax(1) == y[held]))
+      totals.append(hits)
+    assert max(totals) > min(totals)  # The choice is not a trivial tie.
+    want = max(l2 for l2, t in zip(grid, totals) if t == max(totals))
+    assert fewshot.select_l2(x, y, shots, k, grid, 1.0) == want
+
+
 def _digits_config(tfds_dir, **fewshot_fields):
   config = config_lib.get_base()
   config.model_name = 'testing'

@@ -138,6 +138,69 @@ def test_tiny_model_by_hand():
   assert 'head' not in headless
 
 
+def test_mixer_token_and_channel_mixing_by_hand():
+  """Pins each Mixer MLP to its own width (a swap keeps the total).
+
+  20x28 px with 4x4 patches: 5 x 7 = 35 tokens, 12 channels, token MLP 10,
+  channel MLP 18, 3 blocks, 5 classes; a multiply-add is 2 FLOPs.
+  """
+  tokens, hidden, tokens_mlp, channels_mlp, blocks = 35, 12, 10, 18, 3
+  per_block_token = hidden * (tokens * tokens_mlp + tokens_mlp * tokens) * 2
+  per_block_channel = tokens * (hidden * channels_mlp
+                                + channels_mlp * hidden) * 2
+  assert (per_block_token, per_block_channel) == (16_800, 30_240)
+  got = flops.forward_flops_breakdown(
+      'Mixer-B_16', (20, 28), num_classes=5, patches={'size': (4, 4)},
+      hidden_dim=hidden, num_blocks=blocks, tokens_mlp_dim=tokens_mlp,
+      channels_mlp_dim=channels_mlp)
+  assert got == {
+      'patch_embedding': 2 * tokens * (4 * 4 * 3) * hidden,
+      'token_mixing': blocks * per_block_token,
+      'channel_mixing': blocks * per_block_channel,
+      'head': 2 * hidden * 5,
+  }
+
+
+def _mixer_block_xla_flops(tokens_mlp_dim, channels_mlp_dim):
+  """XLA's FLOPs of one MixerBlock on 224 tokens x 160 channels."""
+  block = vit_jax.models.MixerBlock(tokens_mlp_dim, channels_mlp_dim)
+  x = jax.ShapeDtypeStruct((1, 224, 160), jnp.float32)
+  params = jax.eval_shape(lambda: block.init(jax.random.key(0),
+                                             jnp.zeros(x.shape)))
+  cost = jax.jit(block.apply).lower(params, x).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return cost['flops']
+
+
+def test_mixer_mlp_widths_agree_with_xla_per_block():
+  """Pins what each MLP width costs in a real MixerBlock (XLA's count).
+
+  Widening only the token MLP (48 -> 144) or only the channel MLP
+  (96 -> 240) of one block must add what the breakdown's token_mixing
+  (respectively channel_mixing) adds, within 3% (XLA also counts the GELU
+  and biases of the added units); the other entry must not change.
+  """
+  def breakdown(tokens_mlp_dim, channels_mlp_dim):
+    # 32x28 px with 2x2 patches: 16 x 14 = 224 tokens, as in the block.
+    return flops.forward_flops_breakdown(
+        'Mixer-B_16', (32, 28), num_classes=None, patches={'size': (2, 2)},
+        hidden_dim=160, num_blocks=1, tokens_mlp_dim=tokens_mlp_dim,
+        channels_mlp_dim=channels_mlp_dim)
+
+  base, xla_base = breakdown(48, 96), _mixer_block_xla_flops(48, 96)
+  wide_tokens, wide_channels = breakdown(144, 96), breakdown(48, 240)
+  assert wide_tokens['channel_mixing'] == base['channel_mixing']
+  assert wide_channels['token_mixing'] == base['token_mixing']
+  assert (_mixer_block_xla_flops(144, 96) - xla_base == pytest.approx(
+      wide_tokens['token_mixing'] - base['token_mixing'], rel=0.03))
+  assert (_mixer_block_xla_flops(48, 240) - xla_base == pytest.approx(
+      wide_channels['channel_mixing'] - base['channel_mixing'], rel=0.03))
+  # And the block as a whole: the two MLPs are nearly all of its work.
+  assert xla_base == pytest.approx(
+      base['token_mixing'] + base['channel_mixing'], rel=0.06)
+
+
 def test_options_that_do_not_change_the_count():
   base = flops.forward_flops('ViT-B_16')
   assert flops.forward_flops('ViT-B_16', scan=True, remat=True,
