@@ -74,11 +74,18 @@ def _apply_capturing(module, params, x, **kwargs):
   return out, state['intermediates']
 
 
-def _assert_eps_discriminates(x, p, prefix):
-  """The test inputs make epsilon 1e-5 vs 1e-6 a large difference."""
-  with_1e6 = numpy_reference.layer_norm(x, p, prefix, eps=1e-6)
+def _assert_layer_norm(actual, x, p, prefix):
+  """`actual` is float64 LayerNorm `prefix` of `x` with epsilon 1e-6, on an
+  input where epsilon 1e-5 would differ by far more than the tolerance.
+
+  Returns:
+    The expected (numpy) output.
+  """
+  expected = numpy_reference.layer_norm(x, p, prefix, eps=_EPS)
+  np.testing.assert_allclose(actual, expected, atol=_ATOL, rtol=0)
   with_1e5 = numpy_reference.layer_norm(x, p, prefix, eps=1e-5)
-  assert np.abs(with_1e6 - with_1e5).max() > 1000 * _ATOL
+  assert np.abs(expected - with_1e5).max() > 1000 * _ATOL
+  return expected
 
 
 def _f64(flat):
@@ -95,17 +102,13 @@ def test_encoder_block_layer_norms_use_epsilon_1e6():
   _, inter = _apply_capturing(block, params, x)
   p = _f64(flat)
   x64 = x.astype(np.float64)
-  ln0 = numpy_reference.layer_norm(x64, p, 'LayerNorm_0', eps=_EPS)
-  np.testing.assert_allclose(inter['LayerNorm_0']['__call__'][0], ln0,
-                             atol=_ATOL, rtol=0)
-  _assert_eps_discriminates(x64, p, 'LayerNorm_0')
+  ln0 = _assert_layer_norm(inter['LayerNorm_0']['__call__'][0], x64, p,
+                           'LayerNorm_0')
   # LayerNorm_1 sees x + attention (tiny output projection: variance ~1e-6).
   x1 = x64 + numpy_reference.attention(ln0, p, 'MultiHeadDotProductAttention_0',
                                        num_heads=2)
-  ln1 = numpy_reference.layer_norm(x1, p, 'LayerNorm_1', eps=_EPS)
-  np.testing.assert_allclose(inter['LayerNorm_1']['__call__'][0], ln1,
-                             atol=_ATOL, rtol=0)
-  _assert_eps_discriminates(x1, p, 'LayerNorm_1')
+  _assert_layer_norm(inter['LayerNorm_1']['__call__'][0], x1, p,
+                     'LayerNorm_1')
 
 
 def test_encoder_final_norm_uses_epsilon_1e6():
@@ -117,10 +120,7 @@ def test_encoder_final_norm_uses_epsilon_1e6():
   out = _apply(encoder, params, x)
   p = _f64(flat)
   x64 = x.astype(np.float64)
-  np.testing.assert_allclose(
-      out, numpy_reference.layer_norm(x64, p, 'encoder_norm', eps=_EPS),
-      atol=_ATOL, rtol=0)
-  _assert_eps_discriminates(x64, p, 'encoder_norm')
+  _assert_layer_norm(out, x64, p, 'encoder_norm')
 
 
 def test_mixer_layer_norms_use_epsilon_1e6():
@@ -131,19 +131,14 @@ def test_mixer_layer_norms_use_epsilon_1e6():
   _, inter = _apply_capturing(block, params, x)
   p = _f64(flat)
   x64 = x.astype(np.float64)
-  ln0 = numpy_reference.layer_norm(x64, p, 'LayerNorm_0', eps=_EPS)
-  np.testing.assert_allclose(inter['LayerNorm_0']['__call__'][0], ln0,
-                             atol=_ATOL, rtol=0)
-  _assert_eps_discriminates(x64, p, 'LayerNorm_0')
+  ln0 = _assert_layer_norm(inter['LayerNorm_0']['__call__'][0], x64, p,
+                           'LayerNorm_0')
   y = numpy_reference.dense(numpy_reference.gelu(numpy_reference.dense(
       ln0.transpose(0, 2, 1), p, 'token_mixing/Dense_0')), p,
                             'token_mixing/Dense_1')
   x1 = x64 + y.transpose(0, 2, 1)
-  np.testing.assert_allclose(
-      inter['LayerNorm_1']['__call__'][0],
-      numpy_reference.layer_norm(x1, p, 'LayerNorm_1', eps=_EPS),
-      atol=_ATOL, rtol=0)
-  _assert_eps_discriminates(x1, p, 'LayerNorm_1')
+  _assert_layer_norm(inter['LayerNorm_1']['__call__'][0], x1, p,
+                     'LayerNorm_1')
 
   # pre_head_layer_norm, on a patch embedding made tiny by a tiny stem.
   model = mixer.MlpMixer(num_classes=None, patches={'size': (2, 2)},
@@ -157,11 +152,8 @@ def test_mixer_layer_norms_use_epsilon_1e6():
   w = p['stem/kernel']
   tokens = numpy_reference.conv2d(images.astype(np.float64), w, 2, 'VALID')
   tokens = (tokens + p['stem/bias']).reshape(1, 4, 8)
-  np.testing.assert_allclose(
-      inter['pre_head_layer_norm']['__call__'][0],
-      numpy_reference.layer_norm(tokens, p, 'pre_head_layer_norm', eps=_EPS),
-      atol=_ATOL, rtol=0)
-  _assert_eps_discriminates(tokens, p, 'pre_head_layer_norm')
+  _assert_layer_norm(inter['pre_head_layer_norm']['__call__'][0], tokens, p,
+                     'pre_head_layer_norm')
 
 
 def _gelu_tanh(x):
