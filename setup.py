@@ -4,23 +4,30 @@ import setuptools
 
 # Runtime dependencies only. `vit_jax.models` itself needs just jax, flax and
 # numpy; the rest serve training, input pipelines and checkpoints.
+#
+# The fast-moving ones carry tested ranges: the lower bound is the oldest
+# version the test suite has passed with (today: the versions in
+# constraints.txt, the only ones tested), the upper bound the next release
+# allowed to break us (the next minor; TensorFlow and tensorflow-datasets
+# break in minor releases too). Widen a bound only after the suite passes
+# with the new version, and update constraints.txt with it.
 INSTALL_REQUIRES = [
     'absl-py',
-    'clu',
-    'flax>=0.10',
+    'clu>=0.0.12,<0.1',
+    'flax>=0.12.8,<0.13',
     # tensorflow-datasets needs it for local builders but does not declare it.
     'importlib_resources',
-    'jax>=0.5',
+    'jax>=0.10.2,<0.11',  # Brings the matching jaxlib.
     'ml-collections',
     'numpy',
-    'optax',
-    'orbax-checkpoint',
+    'optax>=0.2.8,<0.3',
+    'orbax-checkpoint>=0.12.8,<0.13',
     'pillow',  # Checks image-folder files and names the unreadable ones.
     'scikit-learn',  # Ships the bundled `digits` dataset.
     'scipy',
     'tensorboard',  # clu's summary writer; tensorflow-cpu no longer brings it.
-    'tensorflow-cpu',
-    'tensorflow-datasets',
+    'tensorflow-cpu>=2.21,<2.22',
+    'tensorflow-datasets>=4.9.10,<4.10',
     'tqdm',  # Progress bar of notebooks (vit_jax.writers.ProgressBar).
 ]
 
@@ -43,7 +50,7 @@ setuptools.setup(
     long_description_content_type='text/markdown',
     license='Apache 2.0',
     packages=setuptools.find_packages(include=['vit_jax', 'vit_jax.*']),
-    python_requires='>=3.10',
+    python_requires='>=3.11',  # jax, flax and orbax-checkpoint need it.
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'dev': DEV_REQUIRES,
