@@ -195,3 +195,53 @@ def test_model_from_a_published_npz(tmp_path):
   assert size == 32 and names is None and loaded.num_classes == 7
   assert analysis.attention_weights(loaded, params, images).shape == (
       1, 1, 2, 5, 5)
+
+
+@pytest.mark.parametrize('module', ['vit_jax.evaluate',
+                                    'vit_jax.analysis.__main__'])
+def test_evaluate_and_analysis_do_not_import_the_training_loop(module):
+  code = (f'import sys, {module}; '
+          'assert "vit_jax.train" not in sys.modules, "vit_jax.train imported"')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO, env=env)
+
+
+@pytest.mark.parametrize('objective', ['classification', 'mpp'])
+def test_model_from_a_workdir_of_either_objective(tmp_path, objective):
+  """The model of a run's config.json, with or without its classifier."""
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from vit_jax import mpp  # pylint: disable=g-import-not-at-top
+  from vit_jax.analysis import __main__ as cli  # pylint: disable=g-import-not-at-top
+  import vit_jax.models  # pylint: disable=g-import-not-at-top
+  config = config_lib.get_base()
+  config.model_name = 'testing'
+  config.model = {'patches': {'size': (4, 4)}}
+  config.image_size = 16
+  config.objective = objective
+  workdir = str(tmp_path)
+  with open(os.path.join(workdir, config_lib.CONFIG_FILE), 'w') as f:
+    f.write(config.to_json_best_effort())
+  with open(os.path.join(workdir, 'class_names.json'), 'w') as f:
+    json.dump({'class_names': list('abc')}, f)
+  images = random_images((2, 16, 16, 3))
+  args = config_lib.model_args(config)
+  if objective == 'mpp':  # What a pre-training run trained and saved.
+    cfg = mpp.MppConfig.from_config(config)
+    trained = vit_jax.models.get_model(
+        num_classes=None, mpp_outputs=cfg.num_outputs((4, 4)), **args)
+    params = trained.init(jax.random.key(0), images, train=False,
+                          mpp=mpp.sample_corruption(jax.random.key(1), 2, 16,
+                                                    cfg))['params']
+    assert 'mpp_head' in params and 'head' not in params
+  else:
+    params = init_params(vit_jax.models.get_model(num_classes=3, **args),
+                         images)
+  checkpoint.save(params, os.path.join(workdir,
+                                       checkpointing.FINAL_PARAMS_FILE))
+  model, loaded, size, names = cli.model_from_workdir(workdir)
+  assert (size, names) == (16, list('abc'))
+  assert model.num_classes == (None if objective == 'mpp' else 3)
+  assert analysis.attention_weights(model, loaded, images).shape == (
+      1, 2, 2, 17, 17)

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
+from vit_jax import checkpointing
 from vit_jax import train
-from vit_jax import train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 60
@@ -70,14 +70,14 @@ def read(path):
 
 
 def complete_steps(workdir):
-  directory = os.path.join(workdir, train_state.CHECKPOINT_DIR)
+  directory = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
   if not os.path.isdir(directory):
     return []
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
 def partial_saves(workdir):
-  directory = os.path.join(workdir, train_state.CHECKPOINT_DIR)
+  directory = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
   if not os.path.isdir(directory):
     return []
   return [d for d in os.listdir(directory) if 'tmp' in d]
@@ -101,7 +101,7 @@ def metric_lines(workdir):
 
 def final_params(workdir):
   return checkpoint.flatten(checkpoint.load(
-      os.path.join(workdir, train.FINAL_PARAMS_FILE)))
+      os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE)))
 
 
 def assert_bit_identical_params(a, b):
@@ -227,7 +227,8 @@ def test_sigterm_saves_at_the_next_step_exits_0_and_resumes(
   saved = [int(s) for s in PREEMPTED_RE.findall(read(log_path))]
   assert len(saved) == 1 and 7 <= saved[0] < TOTAL_STEPS
   assert complete_steps(workdir) == saved
-  assert not os.path.exists(os.path.join(workdir, train.FINAL_PARAMS_FILE))
+  assert not os.path.exists(
+      os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE))
 
   log_path = str(tmp_path / 'second.log')
   proc = start(args, log_path, env)
@@ -282,7 +283,7 @@ def test_sigterm_to_one_host_of_two_saves_the_same_step_on_both(
   logs = [read(str(tmp_path / f'second_{i}.log')) for i in range(2)]
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   assert [RESTORE_RE.findall(log) for log in logs] == [[str(step)]] * 2
-  assert os.path.exists(os.path.join(workdir, train.FINAL_PARAMS_FILE))
+  assert os.path.exists(os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE))
 
 
 # ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,11 +15,13 @@ import pytest
 
 import train_worker
 from vit_jax import checkpoint
+from vit_jax import checkpointing
 from vit_jax import config_lib
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import train
 from vit_jax import writers
+from vit_jax.evaluators import classification
 import vit_jax.models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,6 +101,36 @@ def test_unknown_config_field_is_refused_by_the_cli(tmp_path):
   assert 'no_such_field' in result.stderr
 
 
+def test_the_cli_sets_threefry_partitionable_itself(tmp_path):
+  # Turned off in the environment, the program turns it on: the error is the
+  # config's, not the library's refusal of the flag.
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  result = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.main',
+       '--config=configs/digits.py:runlocal', f'--workdir={tmp_path}',
+       '--config.batch=0'], cwd=REPO, capture_output=True, text=True,
+      timeout=600, env={**env, 'JAX_THREEFRY_PARTITIONABLE': '0'})
+  assert result.returncode != 0
+  assert 'config.batch=0 must be positive' in result.stderr
+  assert 'jax_threefry_partitionable' not in result.stderr
+
+
+def test_the_library_refuses_threefry_partitionable_off(tmp_path):
+  """Bit-identical runs across shardings depend on it; nothing is written."""
+  config = load_config('digits.py', 'runlocal')
+  config.tfds_data_dir = str(tmp_path / 'tfds')
+  workdir = tmp_path / 'run'
+  previous = jax.config.jax_threefry_partitionable
+  jax.config.update('jax_threefry_partitionable', False)
+  try:
+    with pytest.raises(RuntimeError, match='jax_threefry_partitionable is '
+                       'off'):
+      train.train_and_evaluate(config, str(workdir))
+  finally:
+    jax.config.update('jax_threefry_partitionable', previous)
+  assert not workdir.exists()
+
+
 # ----------------------------------------------------------------------------
 # The main job and fine-tuning through the CLI.
 # ----------------------------------------------------------------------------
@@ -130,7 +163,8 @@ def test_main_job_writes_everything(digits_run):
                                                          'checkpoints'))
                  if s.isdigit())
   assert steps == [2, 4]
-  params = checkpoint.load(os.path.join(workdir, train.FINAL_PARAMS_FILE))
+  params = checkpoint.load(
+      os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE))
   assert params['Transformer']['posembed_input']['pos_embedding'].shape == (
       1, 17, 192)
   assert json.load(open(os.path.join(workdir, 'class_names.json')))[
@@ -140,7 +174,7 @@ def test_main_job_writes_everything(digits_run):
 def test_finetune_from_npz_at_higher_resolution_through_the_cli(digits_run,
                                                                  tmp_path):
   workdir, tfds_dir, _ = digits_run
-  pretrained = os.path.join(workdir, train.FINAL_PARAMS_FILE)
+  pretrained = os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE)
   result = run_main('--config=configs/finetune.py:ti16,digits,runlocal',
                     f'--workdir={tmp_path}', f'--config.tfds_data_dir={tfds_dir}',
                     f'--config.pretrained_path={pretrained}',
@@ -148,7 +182,8 @@ def test_finetune_from_npz_at_higher_resolution_through_the_cli(digits_run,
   assert result.returncode == 0, result.stderr[-4000:]
   assert 'resizing position embeddings (1, 17, 192) -> (1, 65, 192)' in \
       result.stderr
-  tuned = checkpoint.load(os.path.join(str(tmp_path), train.FINAL_PARAMS_FILE))
+  tuned = checkpoint.load(
+      os.path.join(str(tmp_path), checkpointing.FINAL_PARAMS_FILE))
   assert tuned['Transformer']['posembed_input']['pos_embedding'].shape == (
       1, 65, 192)
 
@@ -177,7 +212,8 @@ def test_finetune_resizes_a_non_square_patch_grid_by_its_real_shape(
   config.evals.fewshot.every = 0
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
-  tuned = checkpoint.load(os.path.join(workdir, train.FINAL_PARAMS_FILE))
+  tuned = checkpoint.load(
+      os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE))
   old = params['Transformer']['posembed_input']['pos_embedding']
   grid = np.asarray(old)[0, 1:].reshape(4, 16, -1)
   expected = scipy.ndimage.zoom(grid, (2, 2, 1), order=1).reshape(1, 256, -1)
@@ -372,10 +408,96 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path):
                                                          'checkpoints'))
                  if s.isdigit())
   assert saved and max(saved) == bad_step - 1
-  assert not os.path.exists(os.path.join(workdir, train.FINAL_PARAMS_FILE))
+  assert not os.path.exists(
+      os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE))
   logged = [json.loads(l)['step'] for l in open(os.path.join(
       workdir, train.METRICS_FILE))]
   assert logged and max(logged) == bad_step - 1
+
+
+@pytest.mark.parametrize('where', ['evaluator', 'step'])
+def test_an_error_mid_run_still_closes_the_writers_and_the_checkpointer(
+    tmp_path, monkeypatch, where):
+  """Whatever raises in the middle of a run, nothing is left open."""
+  closed = []
+  close_checkpointer = checkpointing.Checkpointer.close
+
+  def spy_close(self):
+    closed.append(self.directory)
+    close_checkpointer(self)
+
+  monkeypatch.setattr(checkpointing.Checkpointer, 'close', spy_close)
+  jsonl_writers = []
+
+  class SpyJsonlWriter(writers.JsonlWriter):
+
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      jsonl_writers.append(self)
+
+  monkeypatch.setattr(writers, 'JsonlWriter', SpyJsonlWriter)
+  create_default_writer = metric_writers.create_default_writer
+  closed_default_writers = 0
+
+  def spy_default_writer(*args, **kwargs):
+    writer = create_default_writer(*args, **kwargs)
+    close_writer = writer.close
+
+    def close():
+      nonlocal closed_default_writers
+      closed_default_writers += 1
+      close_writer()
+    writer.close = close
+    return writer
+
+  monkeypatch.setattr(metric_writers, 'create_default_writer',
+                      spy_default_writer)
+
+  class ExtraWriter(writers.ScalarWriter):
+    closed = False
+
+    def write_scalars(self, step, scalars):
+      pass
+
+    def close(self):
+      self.closed = True
+
+  if where == 'evaluator':  # The evaluation of step 2 (not the last) fails.
+    def broken_evaluate(*args, **kwargs):
+      del args, kwargs
+      raise RuntimeError('evaluator broke')
+    monkeypatch.setattr(classification, 'evaluate', broken_evaluate)
+  else:  # The third step fails, while step 2's checkpoint may be saving.
+    make_train_step = train.make_train_step
+
+    def failing_make_train_step(*args, **kwargs):
+      step_fn, calls = make_train_step(*args, **kwargs), []
+
+      def step(*step_args):
+        calls.append(1)
+        if len(calls) == 3:
+          raise RuntimeError('step broke')
+        return step_fn(*step_args)
+      return step
+    monkeypatch.setattr(train, 'make_train_step', failing_make_train_step)
+
+  config = load_config('digits.py', 'runlocal')
+  config.tfds_data_dir = str(tmp_path / 'tfds')
+  config.log_every = 1
+  config.eval_every = 2
+  config.checkpoint_every = 2
+  config.async_checkpoints = True
+  workdir = str(tmp_path / 'run')
+  extra = ExtraWriter()
+  with pytest.raises(RuntimeError, match=f'{where} broke'):
+    train.train_and_evaluate(config, workdir, extra_writers=[extra])
+  assert closed == [os.path.join(workdir, checkpointing.CHECKPOINT_DIR)]
+  assert os.path.isdir(
+      os.path.join(workdir, checkpointing.CHECKPOINT_DIR, '2'))
+  assert extra.closed
+  assert len(jsonl_writers) == 1
+  assert jsonl_writers[0]._file.closed  # pylint: disable=protected-access
+  assert closed_default_writers == 1  # Console and TensorBoard summaries.
 
 
 def test_resume_continues_exactly_where_it_stopped(tmp_path):
@@ -393,7 +515,7 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
   train.train_and_evaluate(config, resumed)
   # As if killed after the checkpoint of step 4 was written.
   shutil.rmtree(os.path.join(resumed, 'checkpoints', '6'))
-  os.remove(os.path.join(resumed, train.FINAL_PARAMS_FILE))
+  os.remove(os.path.join(resumed, checkpointing.FINAL_PARAMS_FILE))
   train.train_and_evaluate(config, resumed)
 
   def train_lines(workdir):
@@ -404,11 +526,49 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
   assert train_lines(resumed) == train_lines(straight)
   assert [s for s, _ in train_lines(resumed)] == [1, 2, 3, 4, 5, 6]
   a = checkpoint.flatten(checkpoint.load(os.path.join(
-      straight, train.FINAL_PARAMS_FILE)))
+      straight, checkpointing.FINAL_PARAMS_FILE)))
   b = checkpoint.flatten(checkpoint.load(os.path.join(
-      resumed, train.FINAL_PARAMS_FILE)))
+      resumed, checkpointing.FINAL_PARAMS_FILE)))
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_model_args_build_the_config_s_model_and_train_adds_the_mpp_head():
+  config = config_lib.get_base()
+  config.model_name = 'testing'
+  config.model = {'transformer': {'num_layers': 2}}
+  config.compute_dtype = 'bfloat16'
+  config.remat = config.scan = True
+  model = vit_jax.models.get_model(num_classes=4,
+                                   **config_lib.model_args(config))
+  assert type(model) is vit_jax.models.VisionTransformer  # pylint: disable=unidiomatic-typecheck
+  assert (model.model_name, model.num_classes, model.dtype, model.remat,
+          model.scan) == ('testing', 4, jnp.bfloat16, True, True)
+  assert model.transformer['num_layers'] == 2
+  assert model.mpp_outputs is None
+  fields = ('model_name', 'num_classes', 'dtype', 'remat', 'scan',
+            'transformer', 'patches', 'mpp_outputs')
+  trained = train.build_model(config, 4)
+  assert ([getattr(trained, f) for f in fields]
+          == [getattr(model, f) for f in fields])
+  config.objective = 'mpp'  # No classifier; a head of 2^(3*3) colours.
+  pretrained = train.build_model(config, 4)
+  assert (pretrained.num_classes, pretrained.mpp_outputs) == (None, 512)
+
+
+def test_a_mixer_config_builds_and_refuses_remat():
+  """remat / scan reach the model only when on: the Mixer has neither."""
+  config = load_config('finetune.py', 'mixer_b16,digits,runlocal')
+  model = train.build_model(config, 10)
+  assert isinstance(model, vit_jax.models.MlpMixer)
+  logits = model.apply(
+      jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
+                                 train=False))(),
+      jnp.zeros((2, 16, 16, 3)), train=False)
+  assert logits.shape == (2, 10)
+  config.remat = True
+  with pytest.raises(TypeError, match=r"no field\(s\) \['remat'\]"):
+    train.build_model(config, 10)
 
 
 def test_bfloat16_and_scan_remat_train_steps():

@@ -17,11 +17,11 @@ import pytest
 
 import helpers
 from vit_jax import checkpoint
+from vit_jax import checkpointing
 from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax import optim
 from vit_jax import train
-from vit_jax import train_state
 
 
 class Linear(nn.Module):
@@ -217,6 +217,34 @@ def test_accumulation_equals_the_big_batch_in_every_layer():
                                atol=1e-4 * largest, err_msg=key)
 
 
+@pytest.mark.parametrize('accum', [1, 4])
+def test_accumulate_gradients_means_strided_micro_batches_with_a_key_each(
+    accum):
+  """Micro-batch k holds examples k, k + accum, ... and the key
+  fold_in(rng, k); the loss, metrics and gradients are their means."""
+  x = np.arange(16, dtype=np.float32)
+  rng = jax.random.key(3)
+
+  def loss_fn(w, batch, key):
+    return w * batch['x'].mean(), {'micro_batch': batch['x'],
+                                   'noise': jax.random.uniform(key)}
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, extra), grad = jax.jit(functools.partial(
+      train.accumulate_gradients, grad_fn, accum_steps=accum))(
+          jnp.float32(2.0), {'x': x}, rng)
+  micro_batches = [x[k::accum] for k in range(accum)]
+  keys = ([rng] if accum == 1
+          else [jax.random.fold_in(rng, k) for k in range(accum)])
+  np.testing.assert_allclose(extra['micro_batch'],
+                             np.mean(micro_batches, axis=0))
+  np.testing.assert_allclose(
+      extra['noise'], np.mean([jax.random.uniform(k) for k in keys]),
+      rtol=1e-6)
+  np.testing.assert_allclose(loss, 2.0 * x.mean(), rtol=1e-6)
+  np.testing.assert_allclose(grad, x.mean(), rtol=1e-6)
+
+
 def test_each_micro_batch_draws_its_own_dropout():
   """Identical micro-batches: with one key for all of them, 2 and 4
   micro-batches would give the same loss; with a key each they average 2 and
@@ -285,13 +313,13 @@ def test_evaluation_and_final_params_use_ema_only_when_it_is_on(
   workdir = str(tmp_path / 'run')
   metrics = train.train_and_evaluate(config, workdir)
   final = checkpoint.flatten(checkpoint.load(
-      os.path.join(workdir, train.FINAL_PARAMS_FILE)))
-  _, raw = train_state.load_params(workdir, ema=False)
+      os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE)))
+  _, raw = checkpointing.load_params(workdir, ema=False)
   raw = checkpoint.flatten(raw)
   if ema_decay is None:
     expected = raw
   else:
-    _, ema = train_state.load_params(workdir, ema=True)
+    _, ema = checkpointing.load_params(workdir, ema=True)
     expected = checkpoint.flatten(ema)
     assert any(not np.allclose(raw[k], expected[k]) for k in raw)
   assert sorted(final) == sorted(expected)

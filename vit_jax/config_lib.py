@@ -12,6 +12,7 @@ import ml_collections
 
 
 _FROM_BASE = object()
+CONFIG_FILE = 'config.json'  # A run's config, in its workdir.
 
 
 def _walk(config: Any, name: str) -> tuple[bool, Any]:
@@ -140,6 +141,35 @@ def get_base() -> ml_collections.ConfigDict:
   return c
 
 
+def model_args(config: Any) -> dict[str, Any]:
+  """The config's model as values for `vit_jax.models.get_model`.
+
+  `vit_jax.models.get_model(num_classes=n, **model_args(config))` is the
+  model a run of `config` trains (objective-specific heads aside: see
+  `train.build_model`).
+
+  Args:
+    config: Provides `model_name` and optionally `model` (get_model
+      overrides), `compute_dtype`, `remat`, `scan` (else `get_base()`'s).
+
+  Returns:
+    {'name': registry name, 'dtype': compute dtype, the `config.model`
+    overrides, and 'remat' / 'scan' when they are on}.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  overrides = get(config, 'model')
+  overrides = (overrides.to_dict() if hasattr(overrides, 'to_dict')
+               else dict(overrides or {}))
+  args = {'name': config.model_name,
+          'dtype': jnp.dtype(get(config, 'compute_dtype')), **overrides}
+  # Only when on: families without the option (MlpMixer has neither) build
+  # with the defaults, and asking them for it names the field.
+  for option in ('remat', 'scan'):
+    if get(config, option):
+      args[option] = True
+  return args
+
+
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was trained with (`<workdir>/config.json`).
 
@@ -149,7 +179,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'config.json')
+  path = os.path.join(workdir, CONFIG_FILE)
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(
         f'{path} does not exist: --workdir must be a directory written by '

@@ -24,14 +24,14 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from vit_jax import checkpoint
+from vit_jax import checkpointing
 from vit_jax import config_lib
 from vit_jax import fileio
 from vit_jax import input_pipeline
 from vit_jax import sharding
-from vit_jax import train
-from vit_jax import train_state
 from vit_jax.evaluators import classification
 from vit_jax.evaluators import fewshot as fewshot_lib
+import vit_jax.models
 
 RESULTS_FILE = 'eval_results.json'
 
@@ -55,7 +55,8 @@ def evaluate_params(config: ml_collections.ConfigDict, params: Any, *,
   mesh = sharding.mesh_from_config(config)
   source = input_pipeline.get_source(config)
   info = input_pipeline.get_dataset_info(config, source)
-  model = train.build_model(config, info.num_classes)
+  model = vit_jax.models.get_model(num_classes=info.num_classes,
+                                   **config_lib.model_args(config))
   shardings = sharding.shardings_from_config(
       jax.eval_shape(lambda: params), mesh, config)
   params = sharding.put_global(params, shardings)
@@ -91,7 +92,7 @@ def main(argv):
   if FLAGS.params:
     params, source = checkpoint.load(FLAGS.params), FLAGS.params
   elif FLAGS.workdir:
-    step, params = train_state.load_params(FLAGS.workdir)
+    step, params = checkpointing.load_params(FLAGS.workdir)
     source = f'{FLAGS.workdir} step {step}'
   else:
     raise app.UsageError('--config needs --params=<npz>.')

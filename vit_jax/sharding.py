@@ -1,40 +1,58 @@
 """Device mesh, parameter and batch sharding, global batch assembly.
 
 The mesh is data: `config.mesh = (('data', -1), ('fsdp', 1))` names the axes
-and their sizes (one -1 takes the remaining devices). Batches are split along
-their leading axis over *all* mesh axes, so every device holds a distinct
-slice of the global batch whatever mix of data and FSDP parallelism is used.
+and their sizes (one -1 takes the remaining devices). The axis names are
+`MESH_AXES`. The data-like ones, `DATA_AXES` ('data' and 'fsdp': FSDP shards
+the batch too), split batches along their leading axis, so the devices of one
+data-like position hold a distinct slice of the global batch; any other axis
+(e.g. a tensor-parallel 'model' axis) holds copies of that slice. On today's
+meshes, whose axes are all data-like, every device holds its own slice.
 
 Parameter (and optimizer-state) sharding is data too: `config.sharding_rules`
 is a sequence of (regex, spec) pairs matched against each leaf's path
-('params/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel',
-'opt_state/0/mu/...'); the first match wins. A spec is
+('params/<module>/.../kernel', 'opt_state/0/mu/<module>/.../kernel', ...);
+the first match wins. A spec is
   'fsdp'       shard the largest dimension divisible by the 'fsdp' axis size
                over it, for tensors of at least `fsdp_min_size` elements
                (smaller ones, and everything when the axis has size 1, are
-               replicated);
+               replicated); never the layer axis of stacked (scanned) blocks;
   'replicate'  replicate;
   a tuple      an explicit PartitionSpec, e.g. (None, 'fsdp').
 The default `(('.*', 'fsdp'),)` is plain data parallelism on a mesh whose
 'fsdp' axis has size 1, and ZeRO-3-style FSDP when it is larger.
+
+Stacked blocks are found from the tree, not from parameter names: `nn.scan`
+with `variable_axes={'params': 0}` (how a model declares scanned layers)
+gives every parameter of the scanned module one extra leading axis of the
+same length, which no unscanned module has (see `stacked_paths`).
 """
 
-import re
 from collections.abc import Sequence
+import math
+import re
 from typing import Any
 
+from absl import logging
 import jax
 from jax.experimental import mesh_utils
-import numpy as np
+from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from vit_jax import config_lib
 
 DEFAULT_MESH = (('data', -1), ('fsdp', 1))
 DEFAULT_RULES = (('.*', 'fsdp'),)
 FSDP_AXIS = 'fsdp'
+# Axes that split the batch: data parallelism, and FSDP (each of its devices
+# computes on its own examples with gathered parameters).
+DATA_AXES = ('data', 'fsdp')
+# Axes that split the model and see the whole batch slice of their data-like
+# position (tensor parallelism, through explicit rules).
+MODEL_AXES = ('model',)
+MESH_AXES = DATA_AXES + MODEL_AXES
 # Below this many elements a tensor is cheaper to replicate than to gather.
 DEFAULT_FSDP_MIN_SIZE = 2**14
 
@@ -44,19 +62,28 @@ def mesh_shape(axes: Sequence[tuple[str, int]],
   """Resolves the axis sizes of a mesh config for `num_devices` devices.
 
   Args:
-    axes: (name, size) pairs; at most one size may be -1 ("the rest").
+    axes: (name, size) pairs; names from `MESH_AXES`; at most one size may
+      be -1 ("the rest").
     num_devices: Devices available.
 
   Returns:
     (names, sizes) whose product of sizes is `num_devices`.
 
   Raises:
-    ValueError: naming the config and the device count when they don't fit.
+    ValueError: naming the config and the device count when they don't fit,
+      or an axis name that is not one of `MESH_AXES`.
   """
   axes = [(str(name), int(size)) for name, size in axes]
   names = tuple(n for n, _ in axes)
   if len(set(names)) != len(names):
     raise ValueError(f'config.mesh repeats an axis name: {names}.')
+  unknown = [n for n in names if n not in MESH_AXES]
+  if unknown:
+    # Whether an axis splits the batch depends on its name; an unknown one
+    # would silently hold copies of the batch.
+    raise ValueError(
+        f'config.mesh={axes}: unknown axis name(s) {unknown}; use names from '
+        f'{MESH_AXES} ({DATA_AXES} split the batch).')
   free = [n for n, s in axes if s == -1]
   fixed = int(np.prod([s for _, s in axes if s != -1]))
   if len(free) > 1 or any(s == 0 or s < -1 for _, s in axes):
@@ -74,9 +101,72 @@ def mesh_shape(axes: Sequence[tuple[str, int]],
   return names, sizes
 
 
+def _multi_slice_devices(names: tuple[str, ...], sizes: tuple[int, ...],
+                         devices: Sequence[Any],
+                         slice_sizes: Sequence[int]) -> np.ndarray | None:
+  """Devices of a mesh over several slices (TPU multi-slice), or None.
+
+  The slow network between slices (DCN) carries one data-like axis, 'data'
+  first: data parallelism only all-reduces gradients once per step, where
+  FSDP gathers parameters at every layer. Within a slice the order follows
+  its physical topology.
+
+  Args:
+    names: Mesh axis names.
+    sizes: Mesh axis sizes.
+    devices: All devices of the mesh.
+    slice_sizes: Number of devices of each slice.
+
+  Returns:
+    The device array, or None when no data-like axis splits evenly over the
+    slices or the slices differ in size.
+  """
+  num_slices = len(slice_sizes)
+  if len(set(slice_sizes)) != 1:
+    return None
+  for axis in DATA_AXES:
+    if axis in names and sizes[names.index(axis)] % num_slices == 0:
+      dcn = tuple(num_slices if n == axis else 1 for n in names)
+      ici = tuple(s // d for s, d in zip(sizes, dcn))
+      return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  return None
+
+
+def _device_array(names: tuple[str, ...], sizes: tuple[int, ...],
+                  devices: Sequence[Any]) -> np.ndarray:
+  """Devices in mesh order: topology-aware where possible, else plain."""
+  slice_sizes = {}
+  for device in devices:
+    key = getattr(device, 'slice_index', 0)
+    slice_sizes[key] = slice_sizes.get(key, 0) + 1
+  try:
+    if len(slice_sizes) == 1:
+      # CPU / GPU: process-major (GPU: by id); TPU: physical topology.
+      return jax.make_mesh(sizes, names, (AxisType.Auto,) * len(names),
+                           devices=devices).devices
+    array = _multi_slice_devices(names, sizes, devices,
+                                 list(slice_sizes.values()))
+    why = (f'no data-like axis of {dict(zip(names, sizes))} splits evenly '
+           f'over the slices {slice_sizes}')
+  except NotImplementedError as e:
+    # The documented answer of jax's mesh utilities when the axis sizes do
+    # not map onto the physical (TPU) axes.
+    array, why = None, str(e)
+  if array is not None:
+    return array
+  logging.warning('Mesh %s uses the plain device order: %s.',
+                  dict(zip(names, sizes)), why)
+  return np.asarray(devices).reshape(sizes)
+
+
 def make_mesh(axes: Sequence[tuple[str, int]] = DEFAULT_MESH,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds a mesh over all (global) devices, multi-host aware.
+
+  The device order is `jax.make_mesh`'s (the physical topology on TPU); over
+  several TPU slices it is a hybrid mesh whose slices lie along a data-like
+  axis (`mesh_utils.create_hybrid_device_mesh`). Axis shardings are `Auto`:
+  the compiler propagates them from the explicit shardings of each `jit`.
 
   Args:
     axes: (name, size) pairs, e.g. `(('data', -1), ('fsdp', 1))`.
@@ -84,22 +174,53 @@ def make_mesh(axes: Sequence[tuple[str, int]] = DEFAULT_MESH,
 
   Returns:
     A `jax.sharding.Mesh`.
+
+  Raises:
+    ValueError: the axes do not fit the devices (see `mesh_shape`).
   """
   devices = list(jax.devices() if devices is None else devices)
   names, sizes = mesh_shape(axes, len(devices))
-  try:
-    # Physical topology-aware order on TPU slices.
-    device_array = mesh_utils.create_device_mesh(
-        sizes, devices=devices)
-  except Exception:  # pylint: disable=broad-except
-    # CPU/GPU, or shapes mesh_utils cannot map: plain process-major order.
-    device_array = np.asarray(devices).reshape(sizes)
-  return Mesh(device_array, names)
+  return Mesh(_device_array(names, sizes, devices), names,
+              axis_types=(AxisType.Auto,) * len(names))
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes that split the batch: the `DATA_AXES` of `mesh`, in order."""
+  return tuple(name for name in mesh.axis_names if name in DATA_AXES)
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """Distinct slices of a batch: the product of the data-like axis sizes."""
+  return math.prod(mesh.shape[name] for name in batch_axes(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of batches: leading axis split over every mesh axis."""
-  return NamedSharding(mesh, P(mesh.axis_names))
+  """Sharding of batches: leading axis split over the data-like axes.
+
+  Devices that differ only in a non-data axis (e.g. 'model') hold the same
+  examples.
+
+  Args:
+    mesh: The device mesh.
+
+  Returns:
+    `NamedSharding(mesh, P(batch_axes(mesh)))`.
+  """
+  return NamedSharding(mesh, P(batch_axes(mesh) or None))
+
+
+def micro_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of stacked micro-batches `[accum, B / accum, ...]`.
+
+  Each micro-batch is split over the data-like axes like a whole batch.
+
+  Args:
+    mesh: The device mesh.
+
+  Returns:
+    `NamedSharding(mesh, P(None, batch_axes(mesh)))`.
+  """
+  return NamedSharding(mesh, P(None, batch_axes(mesh) or None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -121,20 +242,28 @@ def check_batch_size(global_batch: int, mesh: Mesh, *,
 
   Raises:
     ValueError: the batch is not a positive multiple of the process count
-      and of the device count.
+      and of `batch_shards(mesh)` (the device count when every mesh axis is
+      data-like).
   """
-  processes, devices = jax.process_count(), mesh.devices.size
+  processes, shards = jax.process_count(), batch_shards(mesh)
   if global_batch <= 0:
     raise ValueError(f'{what}={global_batch} must be positive.')
   if global_batch % processes:
     raise ValueError(
         f'{what}={global_batch} is not divisible by the {processes} JAX '
         f'processes; use a multiple of {processes}.')
-  if global_batch % devices:
+  if global_batch % shards:
+    if shards == mesh.devices.size:
+      where = f'the {shards} devices of the mesh'
+    else:
+      axes = batch_axes(mesh)
+      where = (f'the {shards} batch shards of the mesh ('
+               f'{" x ".join(axes) or "no data-like axis"} = '
+               f'{" x ".join(str(mesh.shape[a]) for a in axes) or 1}; the '
+               f'other axes hold copies)')
     raise ValueError(
-        f'{what}={global_batch} is not divisible by the {devices} devices of '
-        f'the mesh; use a multiple of {devices} (e.g. '
-        f'{max(1, round(global_batch / devices)) * devices}).')
+        f'{what}={global_batch} is not divisible by {where}; use a multiple '
+        f'of {shards} (e.g. {max(1, round(global_batch / shards)) * shards}).')
   return global_batch // processes
 
 
@@ -186,27 +315,61 @@ def put_global(tree: Any, shardings: Any) -> Any:
   return jax.tree_util.tree_map(put_subtree, shardings, tree)
 
 
+def _key_str(key: Any) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
 def path_str(path: Sequence[Any]) -> str:
   """'a/b/0/c' for a jax tree path."""
-  parts = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return '/'.join(parts)
+  return '/'.join(_key_str(key) for key in path)
 
 
-def _fsdp_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
-               min_size: int) -> P:
+def stacked_paths(tree: Any) -> frozenset[str]:
+  """Paths (`path_str`) of the leaves whose leading axis stacks layers.
+
+  `nn.scan(..., variable_axes={'params': 0})` gives every parameter of the
+  scanned module a leading axis of the number of layers. So a subtree (below
+  the root) of at least two leaves that all have that shape, at least two
+  dimensions with the same leading size, is a stack of layers; in an
+  unscanned module some leaf (a bias, a norm scale) is a vector or leads with
+  another size. Optimizer states and averages mirror the parameters, so their
+  copies of a stack are found the same way. Only the tree's shapes are read:
+  no parameter name is assumed.
+
+  Args:
+    tree: Pytree of arrays or `jax.ShapeDtypeStruct`s.
+
+  Returns:
+    The leaves' paths inside a stack.
+  """
+  leaves = [(tuple(_key_str(k) for k in path), tuple(np.shape(x)))
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  nodes = {}
+  for keys, shape in leaves:
+    for depth in range(1, len(keys)):
+      nodes.setdefault(keys[:depth], []).append(shape)
+
+  def is_stack(shapes):
+    return (len(shapes) > 1 and all(len(s) > 1 for s in shapes) and
+            len({s[0] for s in shapes}) == 1)
+
+  stacks = {node for node, shapes in nodes.items() if is_stack(shapes)}
+  return frozenset(
+      '/'.join(keys) for keys, _ in leaves
+      if any(keys[:depth] in stacks for depth in range(1, len(keys))))
+
+
+def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int,
+               stacked: bool) -> P:
   size = dict(mesh.shape).get(FSDP_AXIS, 1)
   if size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
     return P()
-  # Never the leading layer axis of scanned blocks: each scan iteration
+  # Never the leading layer axis of stacked blocks: each scan iteration
   # would then gather a whole layer from a single device.
-  first = 1 if '/encoderblock/' in f'/{path}/' else 0
+  first = 1 if stacked else 0
   candidates = [d for d in range(first, len(shape)) if shape[d] % size == 0]
   if not candidates:
     return P()
@@ -218,12 +381,29 @@ def _fsdp_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
 
 def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
-                   fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> P:
-  """The PartitionSpec of one leaf under `rules` (first match wins)."""
+                   fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE, *,
+                   stacked: bool = False) -> P:
+  """The PartitionSpec of one leaf under `rules` (first match wins).
+
+  Args:
+    path: The leaf's path ('params/.../kernel').
+    shape: The leaf's shape.
+    mesh: The device mesh (only its axis sizes are read).
+    rules: (regex, spec) pairs, see the module docstring.
+    fsdp_min_size: Smallest tensor the 'fsdp' rule shards.
+    stacked: Whether dimension 0 stacks layers (`stacked_paths`); the
+      'fsdp' rule never shards it.
+
+  Returns:
+    A `PartitionSpec`.
+
+  Raises:
+    ValueError: an explicit spec has more entries than the leaf dimensions.
+  """
   for pattern, spec in rules:
     if re.fullmatch(pattern, path):
       if spec == 'fsdp':
-        return _fsdp_spec(path, shape, mesh, fsdp_min_size)
+        return _fsdp_spec(shape, mesh, fsdp_min_size, stacked)
       if spec in ('replicate', None):
         return P()
       spec = tuple(spec)
@@ -238,9 +418,14 @@ def tree_shardings(tree: Any, mesh: Mesh,
                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
                    fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> Any:
   """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, partition_spec(
-          path_str(path), tuple(x.shape), mesh, rules, fsdp_min_size)), tree)
+  stacked = stacked_paths(tree)
+
+  def leaf_sharding(path, x):
+    path = path_str(path)
+    return NamedSharding(mesh, partition_spec(
+        path, tuple(x.shape), mesh, rules, fsdp_min_size,
+        stacked=path in stacked))
+  return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
 
 
 def mesh_from_config(config: Any) -> Mesh:

@@ -8,6 +8,7 @@ shardings and a donated state.
 """
 
 from collections.abc import Callable, Mapping, Sequence
+import contextlib
 import functools
 import os
 from typing import Any
@@ -24,6 +25,7 @@ import optax
 import tensorflow as tf
 
 from vit_jax import checkpoint
+from vit_jax import checkpointing
 from vit_jax import config_lib
 from vit_jax import fileio
 from vit_jax import input_pipeline
@@ -31,15 +33,12 @@ from vit_jax import losses
 from vit_jax import mpp
 from vit_jax import optim
 from vit_jax import sharding
-from vit_jax import train_state
 from vit_jax import writers as writers_lib
 from vit_jax.evaluators import classification
 from vit_jax.evaluators import fewshot as fewshot_lib
 import vit_jax.models
 
 METRICS_FILE = 'metrics.jsonl'
-FINAL_PARAMS_FILE = 'final_params.npz'
-CONFIG_FILE = 'config.json'
 OBJECTIVES = ('classification', 'mpp')
 
 
@@ -71,29 +70,83 @@ def _to_dict(value: Any) -> dict[str, Any]:
 
 
 def build_model(config: Any, num_classes: int) -> flax.linen.Module:
-  """The registered model `config.model_name` with the config's options.
+  """The model a run of `config` trains, with its objective's head.
+
+  `config_lib.model_args(config)` for `vit_jax.models.get_model`; with
+  `objective='mpp'`, no classification head but a patch-prediction head.
 
   Args:
     config: Provides `model_name` and optionally `model` (get_model
-      overrides), `compute_dtype`, `remat`, `scan`.
-    num_classes: Head size.
+      overrides), `compute_dtype`, `remat`, `scan`, `objective`, `mpp`.
+    num_classes: Head size (classification).
 
   Returns:
     A flax module.
   """
-  overrides = _to_dict(config_lib.get(config, 'model'))
+  args = config_lib.model_args(config)
   if config_lib.get(config, 'objective') == 'mpp':
     # Self-supervised: no classification head, a patch-prediction head.
     cfg = mpp.MppConfig.from_config(config)
-    patch_px = vit_jax.models.get_model(
-        config.model_name, num_classes=None, **overrides).total_stride
-    overrides['mpp_outputs'] = cfg.num_outputs(patch_px)
+    patch_px = vit_jax.models.get_model(num_classes=None, **args).total_stride
+    args['mpp_outputs'] = cfg.num_outputs(patch_px)
     num_classes = None
-  return vit_jax.models.get_model(
-      config.model_name, num_classes=num_classes,
-      dtype=jnp.dtype(config_lib.get(config, 'compute_dtype')),
-      remat=bool(config_lib.get(config, 'remat')),
-      scan=bool(config_lib.get(config, 'scan')), **overrides)
+  return vit_jax.models.get_model(num_classes=num_classes, **args)
+
+
+def accumulate_gradients(
+    grad_fn: Callable[..., tuple[tuple[jax.Array, Any], Any]], params: Any,
+    batch: Mapping[str, jax.Array], rng: jax.Array, accum_steps: int,
+    micro_batch_sharding: Any = None) -> tuple[tuple[jax.Array, Any], Any]:
+  """`grad_fn` on a batch as the mean over `accum_steps` micro-batches.
+
+  The micro-batches run one after the other in a `lax.scan`, so the
+  activations of only one are alive at a time: the result equals one call on
+  the whole batch (for a loss that is a mean over examples) with a fraction
+  of the activation memory. Micro-batch k takes every `accum_steps`-th
+  example starting at k, so each one is spread over all devices, and its
+  random key is `fold_in(rng, k)`, never a function of the sharding.
+
+  Args:
+    grad_fn: `(params, batch, rng) -> ((loss, {name: scalar}), grads)`, e.g.
+      `jax.value_and_grad(loss_fn, has_aux=True)`.
+    params: Parameters, passed to every call.
+    batch: Arrays with a leading batch axis divisible by `accum_steps`.
+    rng: Key of the whole batch (used as it is when `accum_steps` is 1).
+    accum_steps: Micro-batches.
+    micro_batch_sharding: Sharding of the stacked micro-batches
+      `[accum_steps, B / accum_steps, ...]` (None outside a mesh).
+
+  Returns:
+    `((loss, extra metrics), grads)`, each the mean over the micro-batches.
+  """
+  if accum_steps == 1:
+    return grad_fn(params, batch, rng)
+
+  def split(x):
+    x = x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1)
+    if micro_batch_sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, micro_batch_sharding)
+    return x
+
+  micro = jax.tree_util.tree_map(split, dict(batch))
+
+  def body(carry, inputs):
+    k, micro_batch = inputs
+    (value, extra), grads = grad_fn(params, micro_batch,
+                                    jax.random.fold_in(rng, k))
+    return jax.tree_util.tree_map(jnp.add, carry,
+                                  (value, extra, grads)), None
+
+  (_, extra_shapes), _ = jax.eval_shape(
+      grad_fn, params, jax.tree_util.tree_map(lambda x: x[0], micro), rng)
+  zeros = jax.tree_util.tree_map(
+      lambda x: jnp.zeros(x.shape, x.dtype),
+      (jax.ShapeDtypeStruct((), jnp.float32), extra_shapes, params))
+  (loss_value, extra, grads), _ = jax.lax.scan(
+      body, zeros, (jnp.arange(accum_steps), micro))
+  loss_value, extra, grads = jax.tree_util.tree_map(
+      lambda g: g / accum_steps, (loss_value, extra, grads))
+  return (loss_value, extra), grads
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array],
@@ -106,12 +159,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on a global batch; pure.
 
-  The batch is split into `accum_steps` micro-batches whose gradients are
-  averaged inside the step (`lax.scan`), which equals one update on the
-  whole batch with a fraction of the activation memory. Micro-batch k takes
-  every `accum_steps`-th example starting at k, so each micro-batch is spread
-  over all devices. Dropout keys derive from (rng, step, micro-batch), never
-  from the sharding.
+  With `accum_steps` > 1 the gradient is the mean over micro-batches
+  (`accumulate_gradients`), which equals one update on the whole batch with
+  a fraction of the activation memory. Dropout keys derive from (rng, step,
+  micro-batch), never from the sharding.
 
   Args:
     state: Current state.
@@ -143,36 +194,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
         label_smoothing=label_smoothing).mean(), {}
 
   grad_fn = jax.value_and_grad(objective or classification, has_aux=True)
-  if accum_steps == 1:
-    (loss_value, extra), grads = grad_fn(state.params, batch, step_rng)
-  else:
-    def split(x):
-      x = x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1)
-      if micro_batch_sharding is not None:
-        x = jax.lax.with_sharding_constraint(x, micro_batch_sharding)
-      return x
-
-    micro = jax.tree_util.tree_map(split, dict(batch))
-
-    def body(carry, inputs):
-      k, micro_batch = inputs
-      (value, extra), grads = grad_fn(state.params, micro_batch,
-                                      jax.random.fold_in(step_rng, k))
-      return jax.tree_util.tree_map(jnp.add, carry,
-                                    (value, extra, grads)), None
-
-    _, extra_shapes = jax.eval_shape(
-        objective or classification, state.params,
-        jax.tree_util.tree_map(lambda x: x[0], micro), step_rng)
-    zeros = jax.tree_util.tree_map(
-        lambda x: jnp.zeros(x.shape, x.dtype),
-        (jax.ShapeDtypeStruct((), jnp.float32), extra_shapes,
-         state.params))
-    (loss_value, extra, grads), _ = jax.lax.scan(
-        body, zeros, (jnp.arange(accum_steps), micro))
-    loss_value, extra, grads = jax.tree_util.tree_map(
-        lambda g: g / accum_steps, (loss_value, extra, grads))
-
+  (loss_value, extra), grads = accumulate_gradients(
+      grad_fn, state.params, batch, step_rng, accum_steps,
+      micro_batch_sharding)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params
@@ -298,8 +322,7 @@ def make_train_step(config: Any, model: flax.linen.Module,
   """`train_step` jitted once with explicit shardings and a donated state."""
   batch_sharding = sharding.batch_sharding(mesh)
   accum = int(config_lib.get(config, 'accum_steps'))
-  micro = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(None, mesh.axis_names))
+  micro = sharding.micro_batch_sharding(mesh)
   step = functools.partial(
       train_step, model=model, tx=tx,
       loss=config_lib.get(config, 'loss'),
@@ -314,6 +337,25 @@ def make_train_step(config: Any, model: flax.linen.Module,
                                      replicated),
                  out_shardings=(state_shardings, replicated),
                  donate_argnums=(0,))
+
+
+def check_jax_flags() -> None:
+  """Refuses global JAX settings under which runs are not reproducible.
+
+  The library sets no global flags itself (the program does: `vit_jax.main`).
+  `jax_threefry_partitionable` (the default since jax 0.5) makes random bits
+  independent of how arrays are sharded, so dropout and the run's numbers are
+  the same on 1 or 256 devices and after a resume on another mesh.
+
+  Raises:
+    RuntimeError: naming the flag, when it has been turned off.
+  """
+  if not jax.config.jax_threefry_partitionable:
+    raise RuntimeError(
+        'jax_threefry_partitionable is off (JAX_THREEFRY_PARTITIONABLE=0 or '
+        "jax.config.update('jax_threefry_partitionable', False)): random "
+        'numbers would depend on the sharding, so runs on different meshes '
+        'would differ. Turn it back on (its default since jax 0.5).')
 
 
 def _check_writable(workdir: str) -> None:
@@ -360,15 +402,15 @@ def train_and_evaluate(
 
   Every check of the config, data and pretrained weights runs before the
   first write. A SIGTERM makes the run save a checkpoint at the next step
-  boundary and return early (see `train_state.PreemptionWatcher`); running
+  boundary and return early (see `checkpointing.PreemptionWatcher`); running
   the same call again resumes it.
 
   Args:
     config: Experiment config (see configs/).
     workdir: Run directory.
     extra_writers: More clu metric writers that receive every scalar the run
-      writes, e.g. `writers.ProgressBar` in a notebook. They are closed at
-      the end.
+      writes, e.g. `writers.ProgressBar` in a notebook. They are closed when
+      the run ends, also when it ends with an error.
 
   Returns:
     The final evaluation metrics; after a SIGTERM, the last evaluation's
@@ -378,10 +420,8 @@ def train_and_evaluate(
     NonFiniteLossError: the loss became NaN/inf; names the step and the last
       good checkpoint.
   """
+  check_jax_flags()
   _check_writable(workdir)
-  # Random bits must not depend on how arrays are sharded (same dropout on 1
-  # or 256 devices).
-  jax.config.update('jax_threefry_partitionable', True)
   mesh = sharding.mesh_from_config(config)
   validate_config(config, mesh)
   source = input_pipeline.get_source(config)
@@ -406,156 +446,158 @@ def train_and_evaluate(
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
   logging.info('Model %s: %s parameters; mesh %s', config.model_name,
                f'{num_params:,}', dict(mesh.shape))
-  ckpt = train_state.Checkpointer(
-      workdir, _run_meta(config, info.num_classes),
-      keep=int(config_lib.get(config, 'keep_checkpoints')),
-      async_save=bool(config_lib.get(config, 'async_checkpoints')))
-  restored = ckpt.restore_latest(
-      train_state.abstract_with_shardings(abstract, shardings))
-  data_state = None
-  if restored is not None:
-    start, state, data_state = restored
-  else:
-    start = 0
-    if config_lib.get(config, 'pretrained_path'):
-      logging.info('Fine-tuning from %s', config.pretrained_path)
-      params = checkpoint.load_pretrained(
-          pretrained_path=config.pretrained_path, init_params=state.params,
-          model_config=model,
-          patch_shape=getattr(model, 'total_stride', None))
-      state = state_from_params(params, tx, shardings, use_ema)
+  # Every exit, error paths included, closes the writers and then the
+  # checkpointer (which first completes any save in flight).
+  with contextlib.ExitStack() as stack:
+    ckpt = checkpointing.Checkpointer(
+        workdir, _run_meta(config, info.num_classes),
+        keep=int(config_lib.get(config, 'keep_checkpoints')),
+        async_save=bool(config_lib.get(config, 'async_checkpoints')))
+    stack.callback(ckpt.close)
+    restored = ckpt.restore_latest(
+        checkpointing.abstract_with_shardings(abstract, shardings))
+    data_state = None
+    if restored is not None:
+      start, state, data_state = restored
+    else:
+      start = 0
+      if config_lib.get(config, 'pretrained_path'):
+        logging.info('Fine-tuning from %s', config.pretrained_path)
+        params = checkpoint.load_pretrained(
+            pretrained_path=config.pretrained_path, init_params=state.params,
+            model_config=model,
+            patch_shape=getattr(model, 'total_stride', None))
+        state = state_from_params(params, tx, shardings, use_ema)
 
-  is_writer = jax.process_index() == 0
-  if is_writer:
-    input_pipeline.write_class_names(workdir, info)
-    fileio.write_text_atomic(os.path.join(workdir, CONFIG_FILE),
-                             config.to_json_best_effort(indent=1))
-  all_writers = [metric_writers.create_default_writer(
-      workdir, just_logging=not is_writer, asynchronous=False)]
-  if is_writer:
-    all_writers.append(writers_lib.JsonlWriter(
-        os.path.join(workdir, METRICS_FILE), resume_step=start))
-  writer = metric_writers.MultiWriter(all_writers + list(extra_writers))
+    is_writer = jax.process_index() == 0
+    if is_writer:
+      input_pipeline.write_class_names(workdir, info)
+      fileio.write_text_atomic(os.path.join(workdir, config_lib.CONFIG_FILE),
+                               config.to_json_best_effort(indent=1))
+    all_writers = [metric_writers.create_default_writer(
+        workdir, just_logging=not is_writer, asynchronous=False)]
+    if is_writer:
+      all_writers.append(writers_lib.JsonlWriter(
+          os.path.join(workdir, METRICS_FILE), resume_step=start))
+    writer = metric_writers.MultiWriter(all_writers + list(extra_writers))
+    stack.callback(writer.close)
 
-  train_iter = input_pipeline.train_iterator(config, state=data_state,
-                                             source=source)
-  start_position = train_iter.position
-  batch_sharding = sharding.batch_sharding(mesh)
-  batches = input_pipeline.prefetch_to_device(
-      train_iter, batch_sharding,
-      size=int(config_lib.get(config, 'prefetch')))
-  step_fn = make_train_step(config, model, tx, mesh, shardings)
-  # Placed once: a key on one device would be re-sharded at every step.
-  train_rng = sharding.put_global(train_rng, sharding.replicated(mesh))
-  eval_ds, _ = input_pipeline.eval_dataset(config, source=source)
-  if self_supervised:
-    eval_fn = mpp.make_eval_fn(model, mpp.MppConfig.from_config(config),
-                               mesh, shardings.params)
-  else:
-    eval_fn = classification.make_eval_fn(
-        model, mesh, shardings.params,
-        config_lib.get(config, 'loss'))
+    train_iter = input_pipeline.train_iterator(config, state=data_state,
+                                               source=source)
+    start_position = train_iter.position
+    batch_sharding = sharding.batch_sharding(mesh)
+    batches = input_pipeline.prefetch_to_device(
+        train_iter, batch_sharding,
+        size=int(config_lib.get(config, 'prefetch')))
+    step_fn = make_train_step(config, model, tx, mesh, shardings)
+    # Placed once: a key on one device would be re-sharded at every step.
+    train_rng = sharding.put_global(train_rng, sharding.replicated(mesh))
+    eval_ds, _ = input_pipeline.eval_dataset(config, source=source)
+    if self_supervised:
+      eval_fn = mpp.make_eval_fn(model, mpp.MppConfig.from_config(config),
+                                 mesh, shardings.params)
+    else:
+      eval_fn = classification.make_eval_fn(
+          model, mesh, shardings.params,
+          config_lib.get(config, 'loss'))
 
-  final_params_path = os.path.join(workdir, FINAL_PARAMS_FILE)
+    final_params_path = os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE)
 
-  def write_final_params():
-    checkpoint.save(state.ema_params if use_ema else state.params,
-                    final_params_path)
+    def write_final_params():
+      checkpoint.save(state.ema_params if use_ema else state.params,
+                      final_params_path)
 
-  def run_evals(step: int, last: bool) -> dict[str, float]:
-    params = state.ema_params if use_ema else state.params
-    evaluate = mpp.evaluate if self_supervised else classification.evaluate
-    try:
-      metrics = evaluate(params, eval_fn, eval_ds, batch_sharding)
-      if fewshot and (last or step % fewshot_every == 0):
-        metrics.update(fewshot.run(params))
-    except Exception:
-      ckpt.wait()  # Whatever checkpoint is being written completes.
-      if last:
-        logging.error(
-            'The final evaluation failed; training finished and its '
-            'parameters are saved in %s (and the checkpoint of step %d). '
-            'Evaluate them again with python -m vit_jax.evaluate '
-            '--workdir=%s.', final_params_path, step, workdir)
-      raise
-    return metrics
+    def run_evals(step: int, last: bool) -> dict[str, float]:
+      params = state.ema_params if use_ema else state.params
+      evaluate = mpp.evaluate if self_supervised else classification.evaluate
+      try:
+        metrics = evaluate(params, eval_fn, eval_ds, batch_sharding)
+        if fewshot and (last or step % fewshot_every == 0):
+          metrics.update(fewshot.run(params))
+      except Exception:
+        ckpt.wait()  # Whatever checkpoint is being written completes.
+        if last:
+          logging.error(
+              'The final evaluation failed; training finished and its '
+              'parameters are saved in %s (and the checkpoint of step %d). '
+              'Evaluate them again with python -m vit_jax.evaluate '
+              '--workdir=%s.', final_params_path, step, workdir)
+        raise
+      return metrics
 
-  log_every = int(config_lib.get(config, 'log_every'))
-  eval_every = int(config_lib.get(config, 'eval_every'))
-  checkpoint_every = int(config_lib.get(config, 'checkpoint_every'))
-  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
-                                           writer=writer, every_secs=30)]
-  if is_writer and config_lib.get(config, 'profile'):
-    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
+    log_every = int(config_lib.get(config, 'log_every'))
+    eval_every = int(config_lib.get(config, 'eval_every'))
+    checkpoint_every = int(config_lib.get(config, 'checkpoint_every'))
+    hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
+                                             writer=writer, every_secs=30)]
+    if is_writer and config_lib.get(config, 'profile'):
+      hooks.append(periodic_actions.Profile(logdir=workdir,
+                                            num_profile_steps=5))
 
-  pending: list[tuple[int, dict[str, jax.Array]]] = []
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
 
-  def flush_train_metrics():
-    """Fetches buffered step metrics (one transfer) and checks the loss."""
-    if not pending:
-      return
-    values = jax.device_get([m for _, m in pending])
-    for (step, _), m in zip(pending, values):
-      if not np.isfinite(m['loss']):
-        ckpt.wait()
-        good = ckpt.latest_step()
-        last_good = (f'the last good checkpoint is step {good} in '
-                     f'{ckpt.directory}' if good is not None else
-                     'no checkpoint had been saved yet')
-        raise NonFiniteLossError(
-            f'Non-finite training loss ({m["loss"]}) at step {step}. Stopped; '
-            f'{last_good} (nothing newer was written). Lower base_lr, set '
-            'grad_clip_norm, or check the data.')
-    last = pending[-1][0]
-    writer.write_scalars(last, {
-        **{f'train/{k}': float(np.mean([m[k] for m in values]))
-           for k in values[0]},
-        'train/lr': float(schedule(last - 1))})
-    pending.clear()
+    def flush_train_metrics():
+      """Fetches buffered step metrics (one transfer) and checks the loss."""
+      if not pending:
+        return
+      values = jax.device_get([m for _, m in pending])
+      for (step, _), m in zip(pending, values):
+        if not np.isfinite(m['loss']):
+          ckpt.wait()
+          good = ckpt.latest_step()
+          last_good = (f'the last good checkpoint is step {good} in '
+                       f'{ckpt.directory}' if good is not None else
+                       'no checkpoint had been saved yet')
+          raise NonFiniteLossError(
+              f'Non-finite training loss ({m["loss"]}) at step {step}. '
+              f'Stopped; {last_good} (nothing newer was written). Lower '
+              'base_lr, set grad_clip_norm, or check the data.')
+      last = pending[-1][0]
+      writer.write_scalars(last, {
+          **{f'train/{k}': float(np.mean([m[k] for m in values]))
+             for k in values[0]},
+          'train/lr': float(schedule(last - 1))})
+      pending.clear()
 
-  metrics = {}
-  if start >= total_steps:
-    logging.info('Checkpoint step %d >= total_steps %d: nothing to train.',
-                 start, total_steps)
-  with train_state.PreemptionWatcher() as preemption:
-    for step in range(start + 1, total_steps + 1):
-      with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        state, step_metrics = step_fn(state, next(batches), train_rng)
-      pending.append((step, step_metrics))
-      for hook in hooks:
-        hook(step)
-      last = step == total_steps
-      preempted = preemption.reached(step) and not last
-      do_eval = (step % eval_every == 0 or last
-                 or (fewshot is not None and step % fewshot_every == 0))
-      do_checkpoint = step % checkpoint_every == 0 or last or preempted
-      if step % log_every == 0 or do_eval or do_checkpoint:
-        flush_train_metrics()  # Never checkpoint an unchecked state.
-      # Checkpoint (and at the end, final parameters) before evaluating: an
-      # evaluator that fails must not cost the run its training.
-      if do_checkpoint:
-        position = (start_position
-                    + (step - start) * train_iter.global_batch_size)
-        ckpt.save(step, state, input_pipeline.state_at(position))
-      if last:
-        write_final_params()
-      if do_eval:
-        metrics = run_evals(step, last)
-        writer.write_scalars(step, metrics)
-      if preempted:
-        ckpt.wait()
-        logging.warning(
-            'Preemption notice (SIGTERM): saved checkpoint step %d in %s and '
-            'stopped. Run the same command again to resume from it.', step,
-            ckpt.directory)
-        writer.close()
-        ckpt.close()
-        return {**metrics, 'preempted_at_step': float(step)}
+    metrics = {}
     if start >= total_steps:
-      write_final_params()
-      metrics = run_evals(total_steps, last=True)
-    ckpt.wait()
-    writer.close()
-    ckpt.close()
-    return metrics
+      logging.info('Checkpoint step %d >= total_steps %d: nothing to train.',
+                   start, total_steps)
+    with checkpointing.PreemptionWatcher() as preemption:
+      for step in range(start + 1, total_steps + 1):
+        with jax.profiler.StepTraceAnnotation('train', step_num=step):
+          state, step_metrics = step_fn(state, next(batches), train_rng)
+        pending.append((step, step_metrics))
+        for hook in hooks:
+          hook(step)
+        last = step == total_steps
+        preempted = preemption.reached(step) and not last
+        do_eval = (step % eval_every == 0 or last
+                   or (fewshot is not None and step % fewshot_every == 0))
+        do_checkpoint = step % checkpoint_every == 0 or last or preempted
+        if step % log_every == 0 or do_eval or do_checkpoint:
+          flush_train_metrics()  # Never checkpoint an unchecked state.
+        # Checkpoint (and at the end, final parameters) before evaluating: an
+        # evaluator that fails must not cost the run its training.
+        if do_checkpoint:
+          position = (start_position
+                      + (step - start) * train_iter.global_batch_size)
+          ckpt.save(step, state, input_pipeline.state_at(position))
+        if last:
+          write_final_params()
+        if do_eval:
+          metrics = run_evals(step, last)
+          writer.write_scalars(step, metrics)
+        if preempted:
+          ckpt.wait()
+          logging.warning(
+              'Preemption notice (SIGTERM): saved checkpoint step %d in %s and '
+              'stopped. Run the same command again to resume from it.', step,
+              ckpt.directory)
+          return {**metrics, 'preempted_at_step': float(step)}
+      if start >= total_steps:
+        write_final_params()
+        metrics = run_evals(total_steps, last=True)
+      ckpt.wait()
+      return metrics
 

@@ -23,10 +23,9 @@ import numpy as np
 from vit_jax import analysis
 from vit_jax.analysis import images as images_lib
 from vit_jax import checkpoint
+from vit_jax import checkpointing
 from vit_jax import config_lib
 from vit_jax import input_pipeline
-from vit_jax import train
-from vit_jax import train_state
 import vit_jax.models
 
 flags.DEFINE_string('workdir', None, 'A training run directory.')
@@ -47,12 +46,18 @@ def model_from_workdir(workdir: str):
   names_path = os.path.join(workdir, input_pipeline.CLASS_NAMES_FILE)
   with open(names_path) as f:
     class_names = json.load(f)['class_names']
-  model = train.build_model(config, len(class_names))
+  # A self-supervised (mpp) run has no classification head; its
+  # patch-prediction head is not used here.
+  num_classes = (None if config_lib.get(config, 'objective') == 'mpp'
+                 else len(class_names))
+  model = vit_jax.models.get_model(num_classes=num_classes,
+                                   **config_lib.model_args(config))
   try:
-    step, params = train_state.load_params(workdir)
+    step, params = checkpointing.load_params(workdir)
     logging.info('Parameters of step %d from %s', step, workdir)
   except FileNotFoundError:
-    params = checkpoint.load(os.path.join(workdir, train.FINAL_PARAMS_FILE))
+    params = checkpoint.load(
+        os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE))
   return model, params, int(config.image_size), class_names
 
 

@@ -35,6 +35,8 @@ import tensorflow as tf
 
 CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt_checkpoints'
+# The run's final parameters in the published layout (`checkpoint.save`).
+FINAL_PARAMS_FILE = 'final_params.npz'
 
 
 class IncompatibleCheckpointError(ValueError):
