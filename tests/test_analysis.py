@@ -212,7 +212,7 @@ def test_model_from_a_workdir_of_either_objective(tmp_path, objective):
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vit_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from vit_jax import mpp  # pylint: disable=g-import-not-at-top
+  from vit_jax.objectives import mpp  # pylint: disable=g-import-not-at-top
   from vit_jax.analysis import __main__ as cli  # pylint: disable=g-import-not-at-top
   import vit_jax.models  # pylint: disable=g-import-not-at-top
   config = config_lib.get_base()
@@ -229,11 +229,12 @@ def test_model_from_a_workdir_of_either_objective(tmp_path, objective):
   args = config_lib.model_args(config)
   if objective == 'mpp':  # What a pre-training run trained and saved.
     cfg = mpp.MppConfig.from_config(config)
-    trained = vit_jax.models.get_model(
-        num_classes=None, mpp_outputs=cfg.num_outputs((4, 4)), **args)
-    params = trained.init(jax.random.key(0), images, train=False,
-                          mpp=mpp.sample_corruption(jax.random.key(1), 2, 16,
-                                                    cfg))['params']
+    trained = mpp.MaskedPatchPredictor(
+        vit_jax.models.get_model(num_classes=None, **args),
+        num_outputs=cfg.num_outputs((4, 4)))
+    params = trained.init(jax.random.key(0), images,
+                          mpp.sample_corruption(jax.random.key(1), 2, 16, cfg),
+                          train=False)['params']
     assert 'mpp_head' in params and 'head' not in params
   else:
     params = init_params(vit_jax.models.get_model(num_classes=3, **args),

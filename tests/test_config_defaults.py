@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from vit_jax import config_lib
-from vit_jax import mpp
+from vit_jax.objectives import mpp
 from vit_jax import optim
 from vit_jax import sharding
 

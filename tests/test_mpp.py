@@ -13,7 +13,7 @@ import pytest
 from helpers import random_images
 from vit_jax import checkpoint
 from vit_jax import checkpointing
-from vit_jax import mpp
+from vit_jax.objectives import mpp
 from vit_jax import train
 import vit_jax.models
 
@@ -102,10 +102,10 @@ def test_config_errors_name_the_field():
     mpp.MppConfig.from_config({'mpp': {'rate': 0.5}})
 
 
-def _mpp_model():
-  return vit_jax.models.get_model(
-      'testing', num_classes=None, patches={'size': (4, 4)},
-      mpp_outputs=512)
+def _mpp_model(**overrides):
+  backbone = vit_jax.models.get_model(
+      'testing', num_classes=None, patches={'size': (4, 4)}, **overrides)
+  return mpp.MaskedPatchPredictor(backbone, num_outputs=512)
 
 
 def test_fully_masked_images_are_indistinguishable_and_tree_is_separate():
@@ -115,15 +115,14 @@ def test_fully_masked_images_are_indistinguishable_and_tree_is_separate():
                 'replace_mask': jnp.ones((2, 16), bool),
                 'replace_random': jnp.zeros((2, 16), bool),
                 'random_source': jnp.zeros((2, 16), jnp.int32)}
-  variables = model.init(jax.random.key(0), images, train=False,
-                         mpp=everything)
-  out = model.apply(variables, images, train=False, mpp=everything)
+  variables = model.init(jax.random.key(0), images, everything, train=False)
+  out = model.apply(variables, images, everything, train=False)
   assert out.shape == (2, 16, 512)
   # Every patch embedding is the [mask] token: the images look the same.
   np.testing.assert_allclose(out[0], out[1], atol=1e-6)
   nothing = dict(everything, corrupted=everything['corrupted'] & False,
                  replace_mask=everything['replace_mask'] & False)
-  out = model.apply(variables, images, train=False, mpp=nothing)
+  out = model.apply(variables, images, nothing, train=False)
   assert not np.allclose(out[0], out[1])
   # The classification tree plus exactly the two MPP parameters.
   plain = vit_jax.models.get_model('testing', num_classes=None,
@@ -140,7 +139,7 @@ def test_load_pretrained_drops_the_mpp_head_and_token(tmp_path):
   model = _mpp_model()
   images = jnp.asarray(random_images((1, 16, 16, 3)))
   c = mpp.sample_corruption(jax.random.key(1), 1, 16, mpp.MppConfig())
-  params = model.init(jax.random.key(0), images, train=False, mpp=c)['params']
+  params = model.init(jax.random.key(0), images, c, train=False)['params']
   path = str(tmp_path / 'mpp.npz')
   checkpoint.save(params, path)
   classifier = vit_jax.models.get_model('testing', num_classes=10,
@@ -154,6 +153,55 @@ def test_load_pretrained_drops_the_mpp_head_and_token(tmp_path):
   np.testing.assert_array_equal(
       flat['embedding/kernel'],
       checkpoint.flatten(params)['embedding/kernel'])
+
+
+# Written by the code before objectives were a family (vit_jax 0.1, when the
+# ViT itself held the MPP head): the 'testing' model with 4x4 patches, one
+# block, random weights; the layout every MPP run's final_params.npz has.
+BEFORE_OBJECTIVES = os.path.join(REPO, 'tests', 'data',
+                                 'mpp_before_objectives.npz')
+
+
+def test_an_mpp_checkpoint_from_before_objectives_loads_and_fine_tunes(
+    tmp_path):
+  """Its keys are exactly the new MaskedPatchPredictor's; the predictor runs
+  on it; and a classification run fine-tunes from it (head and token
+  dropped, the encoder kept)."""
+  model = _mpp_model(transformer={'num_layers': 1})
+  images = jnp.asarray(random_images((2, 16, 16, 3)))
+  c = mpp.sample_corruption(jax.random.key(1), 2, 16, mpp.MppConfig())
+  old = checkpoint.load(BEFORE_OBJECTIVES)
+  init = model.init(jax.random.key(0), images, c, train=False)['params']
+  shapes = lambda tree: {k: np.shape(v) for k, v in  # pylint: disable=g-long-lambda
+                         checkpoint.flatten(tree).items()}
+  assert shapes(old) == shapes(init)
+  # The [mask] token of the file is what fully masked images see.
+  everything = dict(c, replace_mask=jnp.ones((2, 16), bool),
+                    replace_random=jnp.zeros((2, 16), bool))
+  out = model.apply({'params': old}, images, everything, train=False)
+  np.testing.assert_allclose(out[0], out[1], atol=1e-5)
+  moved = dict(old, mpp_mask_token=old['mpp_mask_token'] + 1.0)
+  assert not np.allclose(
+      model.apply({'params': moved}, images, everything, train=False), out)
+
+  from configs import finetune  # pylint: disable=g-import-not-at-top
+  config = finetune.get_config('ti16,digits,runlocal')
+  config.model_name = 'testing'
+  config.model = {'patches': {'size': (4, 4)},
+                  'transformer': {'num_layers': 1}}
+  config.tfds_data_dir = str(tmp_path / 'tfds')
+  config.pretrained_path = BEFORE_OBJECTIVES
+  config.total_steps, config.warmup_steps = 1, 0
+  config.base_lr = 1e-12  # The one step leaves the encoder as loaded.
+  config.evals.fewshot.every = 0
+  workdir = str(tmp_path / 'tuned')
+  train.train_and_evaluate(config, workdir)
+  tuned = checkpoint.flatten(checkpoint.load(
+      os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE)))
+  assert not any(k.startswith('mpp_') for k in tuned)
+  for key, value in checkpoint.flatten(old).items():
+    if not key.startswith('mpp_'):
+      np.testing.assert_allclose(tuned[key], value, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.slow

@@ -545,15 +545,16 @@ def test_model_args_build_the_config_s_model_and_train_adds_the_mpp_head():
   assert (model.model_name, model.num_classes, model.dtype, model.remat,
           model.scan) == ('testing', 4, jnp.bfloat16, True, True)
   assert model.transformer['num_layers'] == 2
-  assert model.mpp_outputs is None
   fields = ('model_name', 'num_classes', 'dtype', 'remat', 'scan',
-            'transformer', 'patches', 'mpp_outputs')
+            'transformer', 'patches')
   trained = train.build_model(config, 4)
   assert ([getattr(trained, f) for f in fields]
           == [getattr(model, f) for f in fields])
   config.objective = 'mpp'  # No classifier; a head of 2^(3*3) colours.
   pretrained = train.build_model(config, 4)
-  assert (pretrained.num_classes, pretrained.mpp_outputs) == (None, 512)
+  assert (pretrained.vit.num_classes, pretrained.num_outputs) == (None, 512)
+  assert ([getattr(pretrained.vit, f) for f in fields[2:]]
+          == [getattr(model, f) for f in fields[2:]])
 
 
 def test_a_mixer_config_builds_and_refuses_remat():

@@ -105,7 +105,7 @@ def get_base() -> ml_collections.ConfigDict:
   c.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
   c.loss = 'softmax_xent'  # Or 'sigmoid_xent'.
   c.objective = 'classification'  # Or 'mpp': masked patch prediction.
-  c.mpp = ml_collections.ConfigDict()  # vit_jax.mpp.MppConfig fields.
+  c.mpp = ml_collections.ConfigDict()  # objectives.mpp.MppConfig fields.
   c.mpp.target = '3bit'  # '3bit' mean colour, '4x4' colours, 'l2' pixels.
   c.mpp.corruption_rate = 0.5  # Fraction of patches corrupted per image.
   c.mpp.mask_prob = 0.8  # Of those: replaced by the [mask] embedding,

@@ -29,17 +29,14 @@ from vit_jax import checkpointing
 from vit_jax import config_lib
 from vit_jax import fileio
 from vit_jax import input_pipeline
-from vit_jax import losses
-from vit_jax import mpp
+from vit_jax import objectives
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import writers as writers_lib
-from vit_jax.evaluators import classification
 from vit_jax.evaluators import fewshot as fewshot_lib
 import vit_jax.models
 
 METRICS_FILE = 'metrics.jsonl'
-OBJECTIVES = ('classification', 'mpp')
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -70,27 +67,25 @@ def _to_dict(value: Any) -> dict[str, Any]:
 
 
 def build_model(config: Any, num_classes: int) -> flax.linen.Module:
-  """The model a run of `config` trains, with its objective's head.
+  """The module a run of `config` trains: its objective around the model.
 
-  `config_lib.model_args(config)` for `vit_jax.models.get_model`; with
-  `objective='mpp'`, no classification head but a patch-prediction head.
+  The backbone is `vit_jax.models.get_model(**config_lib.model_args(config))`
+  with the head the objective asks for (none for masked patch prediction);
+  the objective wraps it (`vit_jax.objectives`).
 
   Args:
     config: Provides `model_name` and optionally `model` (get_model
       overrides), `compute_dtype`, `remat`, `scan`, `objective`, `mpp`.
-    num_classes: Head size (classification).
+    num_classes: Classes of the dataset.
 
   Returns:
     A flax module.
   """
-  args = config_lib.model_args(config)
-  if config_lib.get(config, 'objective') == 'mpp':
-    # Self-supervised: no classification head, a patch-prediction head.
-    cfg = mpp.MppConfig.from_config(config)
-    patch_px = vit_jax.models.get_model(num_classes=None, **args).total_stride
-    args['mpp_outputs'] = cfg.num_outputs(patch_px)
-    num_classes = None
-  return vit_jax.models.get_model(num_classes=num_classes, **args)
+  objective = objectives.from_config(config)
+  backbone = vit_jax.models.get_model(
+      num_classes=objective.num_classes(num_classes),
+      **config_lib.model_args(config))
+  return objective.wrap(backbone)
 
 
 def accumulate_gradients(
@@ -155,7 +150,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
                label_smoothing: float = 0.0, accum_steps: int = 1,
                ema_decay: float | None = None,
                micro_batch_sharding: Any = None,
-               objective: Callable[..., Any] | None = None
+               loss_fn: Callable[..., Any] | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on a global batch; pure.
 
@@ -170,30 +165,26 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
     rng: Run key; folded with the step number.
     model: The flax module.
     tx: The optimizer.
-    loss: 'softmax_xent' or 'sigmoid_xent'.
-    label_smoothing: Label-smoothing factor.
+    loss: 'softmax_xent' or 'sigmoid_xent' (without `loss_fn`).
+    label_smoothing: Label-smoothing factor (without `loss_fn`).
     accum_steps: Micro-batches per update.
     ema_decay: Polyak averaging decay in [0, 1) (0: the average is the
       current parameters), or None for no average.
     micro_batch_sharding: Sharding of the stacked micro-batches
       [accum, B / accum, ...] (None outside a mesh).
-    objective: `(params, batch, rng) -> (loss, {name: scalar})` replacing
-      the classification loss (e.g. `vit_jax.mpp.objective`).
+    loss_fn: `(params, batch, rng) -> (loss, {name: scalar})`, an
+      objective's `loss_fn(model)` (`vit_jax.objectives`); by default the
+      classification loss of `loss` and `label_smoothing`.
 
   Returns:
-    (new state, {'loss', 'grad_norm', objective's extra metrics}) replicated
-    scalars.
+    (new state, {'loss', 'grad_norm', the objective's extra metrics})
+    replicated scalars.
   """
   step_rng = jax.random.fold_in(rng, state.step)
-
-  def classification(params, batch, dropout_rng):
-    logits = model.apply({'params': params}, batch['image'], train=True,
-                         rngs={'dropout': dropout_rng})
-    return losses.per_example_loss(
-        logits, batch['labels'], kind=loss,
-        label_smoothing=label_smoothing).mean(), {}
-
-  grad_fn = jax.value_and_grad(objective or classification, has_aux=True)
+  if loss_fn is None:
+    loss_fn = objectives.classification.loss_fn(
+        model, loss=loss, label_smoothing=label_smoothing)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss_value, extra), grads = accumulate_gradients(
       grad_fn, state.params, batch, step_rng, accum_steps,
       micro_batch_sharding)
@@ -226,7 +217,9 @@ def validate_config(config: Any, mesh: jax.sharding.Mesh) -> None:
   input_pipeline.check_image_size(config)
   accum = int(config_lib.get(config, 'accum_steps'))
   batch = int(config.batch)
-  devices = mesh.devices.size
+  # The batch is split over the data-like axes only (a model axis holds
+  # copies); on data/fsdp meshes that is every device.
+  devices = sharding.batch_shards(mesh)
   if accum < 1:
     raise ValueError(f'config.accum_steps={accum} must be >= 1.')
   if batch <= 0:
@@ -252,15 +245,7 @@ def validate_config(config: Any, mesh: jax.sharding.Mesh) -> None:
     value = config_lib.get(config, field)
     if value is not None and int(value) <= 0:
       raise ValueError(f'config.{field}={value} must be positive.')
-  objective = config_lib.get(config, 'objective')
-  if objective not in OBJECTIVES:
-    raise ValueError(f'config.objective={objective!r}; use one of '
-                     f'{OBJECTIVES}.')
-  if objective == 'mpp':
-    mpp.MppConfig.from_config(config)  # Raises naming the bad field.
-  if config_lib.get(config, 'loss') not in losses.LOSSES:
-    raise ValueError(
-        f'config.loss={config.loss!r}; use one of {losses.LOSSES}.')
+  objectives.from_config(config)  # Raises naming a bad objective field.
   ema = config_lib.get(config, 'ema_decay')
   if ema is not None and not 0 <= float(ema) < 1:
     raise ValueError(f'config.ema_decay={ema} must be in [0, 1).')
@@ -281,17 +266,11 @@ def create_train_state(config: Any, model: flax.linen.Module,
   """
   size = int(config.image_size)
   use_ema = config_lib.get(config, 'ema_decay') is not None
+  objective = objectives.from_config(config)
 
   def init(rng):
     images = jnp.zeros((1, size, size, 3), jnp.float32)
-    if config_lib.get(config, 'objective') == 'mpp':
-      # Through the masked-patch path, which creates its head and token.
-      params = model.init(rng, images, train=False, mpp=mpp.sample_corruption(
-          rng, 1, mpp.patch_count(images.shape, model.total_stride),
-          mpp.MppConfig.from_config(config)))
-    else:
-      params = model.init(rng, images, train=False)
-    params = params['params']
+    params = objective.init(model, rng, images)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params),
                       ema_params=params if use_ema else None)
@@ -325,13 +304,9 @@ def make_train_step(config: Any, model: flax.linen.Module,
   micro = sharding.micro_batch_sharding(mesh)
   step = functools.partial(
       train_step, model=model, tx=tx,
-      loss=config_lib.get(config, 'loss'),
-      label_smoothing=float(config_lib.get(config, 'label_smoothing')),
+      loss_fn=objectives.from_config(config).loss_fn(model),
       accum_steps=accum, ema_decay=config_lib.get(config, 'ema_decay'),
-      micro_batch_sharding=micro if accum > 1 else None,
-      objective=mpp.objective(model, mpp.MppConfig.from_config(config))
-      if config_lib.get(config, 'objective') == 'mpp'
-      else None)
+      micro_batch_sharding=micro if accum > 1 else None)
   replicated = sharding.replicated(mesh)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding,
                                      replicated),
@@ -378,10 +353,7 @@ def _run_meta(config: Any, num_classes: int) -> dict[str, Any]:
           'image_size': int(config.image_size),
           'scan': bool(config_lib.get(config, 'scan')),
           'ema': config_lib.get(config, 'ema_decay') is not None,
-          # Only self-supervised runs record it, so older classification
-          # runs still resume.
-          **({'objective': 'mpp'}
-             if config_lib.get(config, 'objective') == 'mpp' else {})}
+          **objectives.from_config(config).run_meta()}
 
 
 # ----------------------------------------------------------------------------
@@ -431,18 +403,20 @@ def train_and_evaluate(
         f'The evaluation split {info.eval_split!r} of {info.name!r} is empty '
         '(config.eval_split): choose a split with examples, or give an image '
         'folder more images per class (config.image_folder_test_percent).')
+  objective = objectives.from_config(config)
   model = build_model(config, info.num_classes)
   tx, schedule = optim.make_optimizer(config)
   total_steps = int(config.total_steps)
   use_ema = config_lib.get(config, 'ema_decay') is not None
-  self_supervised = config_lib.get(config, 'objective') == 'mpp'
 
   init_rng, train_rng = jax.random.split(jax.random.key(int(config.seed)))
   state, shardings, abstract = create_train_state(config, model, tx, mesh,
                                                   init_rng)
   fewshot_every = int(config_lib.get(config, 'evals.fewshot.every'))
+  # The linear probe reads the backbone's features (pre-logits).
   fewshot = fewshot_lib.FewShotEvaluator(
-      config, model, mesh, shardings.params) if fewshot_every > 0 else None
+      config, objective.backbone(model), mesh,
+      shardings.params) if fewshot_every > 0 else None
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
   logging.info('Model %s: %s parameters; mesh %s', config.model_name,
                f'{num_params:,}', dict(mesh.shape))
@@ -493,13 +467,7 @@ def train_and_evaluate(
     # Placed once: a key on one device would be re-sharded at every step.
     train_rng = sharding.put_global(train_rng, sharding.replicated(mesh))
     eval_ds, _ = input_pipeline.eval_dataset(config, source=source)
-    if self_supervised:
-      eval_fn = mpp.make_eval_fn(model, mpp.MppConfig.from_config(config),
-                                 mesh, shardings.params)
-    else:
-      eval_fn = classification.make_eval_fn(
-          model, mesh, shardings.params,
-          config_lib.get(config, 'loss'))
+    eval_fn = objective.make_eval_fn(model, mesh, shardings.params)
 
     final_params_path = os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE)
 
@@ -509,9 +477,8 @@ def train_and_evaluate(
 
     def run_evals(step: int, last: bool) -> dict[str, float]:
       params = state.ema_params if use_ema else state.params
-      evaluate = mpp.evaluate if self_supervised else classification.evaluate
       try:
-        metrics = evaluate(params, eval_fn, eval_ds, batch_sharding)
+        metrics = objective.evaluate(params, eval_fn, eval_ds, batch_sharding)
         if fewshot and (last or step % fewshot_every == 0):
           metrics.update(fewshot.run(params))
       except Exception:

@@ -26,6 +26,7 @@ from vit_jax import checkpoint
 from vit_jax import checkpointing
 from vit_jax import config_lib
 from vit_jax import input_pipeline
+from vit_jax import objectives
 import vit_jax.models
 
 flags.DEFINE_string('workdir', None, 'A training run directory.')
@@ -46,10 +47,9 @@ def model_from_workdir(workdir: str):
   names_path = os.path.join(workdir, input_pipeline.CLASS_NAMES_FILE)
   with open(names_path) as f:
     class_names = json.load(f)['class_names']
-  # A self-supervised (mpp) run has no classification head; its
-  # patch-prediction head is not used here.
-  num_classes = (None if config_lib.get(config, 'objective') == 'mpp'
-                 else len(class_names))
+  # The backbone with the head its objective gives it (none after masked
+  # patch prediction, whose own head is not used here).
+  num_classes = objectives.from_config(config).num_classes(len(class_names))
   model = vit_jax.models.get_model(num_classes=num_classes,
                                    **config_lib.model_args(config))
   try:

@@ -19,7 +19,7 @@ carry a leading axis of length `num_layers`; `vit_jax.checkpoint` converts
 between the two layouts.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -38,6 +38,7 @@ _POSEMB_INIT = nn.initializers.normal(stddev=0.02)
 _LAYER_NORM_EPSILON = 1e-6
 
 CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
+OUTPUTS = ('logits', 'tokens')
 
 
 def config_value(config: Any, name: str, default: Any = None) -> Any:
@@ -342,8 +343,6 @@ class VisionTransformer(nn.Module):
     param_dtype: Parameter dtype.
     remat: Rematerialise encoder blocks in the backward pass.
     scan: Scan over encoder blocks.
-    mpp_outputs: Width of the masked-patch-prediction head, used only when
-      called with `mpp=...` (self-supervised pre-training, `vit_jax.mpp`).
   """
   num_classes: int | None
   patches: Any
@@ -358,7 +357,6 @@ class VisionTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   scan: bool = False
-  mpp_outputs: int | None = None
 
   @property
   def total_stride(self) -> tuple[int, int]:
@@ -382,18 +380,29 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, train: bool,
-               mpp: dict[str, jax.Array] | None = None) -> jax.Array:
+               patch_transform: Callable[[jax.Array], jax.Array] | None = None,
+               output: str = 'logits') -> jax.Array:
     """Logits `[batch, num_classes]` (or features without a head).
+
+    The two keyword hooks serve training objectives other than
+    classification (`vit_jax.objectives`), which keep their own parameters in
+    a module around this one.
 
     Args:
       inputs: Images `[batch, height, width, 3]` in [-1, 1].
       train: Enables dropout (needs a 'dropout' rng).
-      mpp: Masked patch prediction: a corruption from
-        `vit_jax.mpp.sample_corruption`. The patch embeddings are corrupted
-        as it says and the call returns the `mpp_head` predictions of every
-        patch, `[batch, patches, mpp_outputs]`. The parameters this adds
-        (`mpp_mask_token`, `mpp_head`) are outside the classification tree.
+      patch_transform: Applied to the patch embeddings `[batch, patches, D]`
+        (row-major patch order) before the class token and the encoder, e.g.
+        to mask some of them.
+      output: 'logits' (pooled, through the representation layer and head)
+        or 'tokens': the encoder's output sequence `[batch, tokens, D]`
+        (class token first when the classifier has one).
+
+    Returns:
+      As `output` says.
     """
+    if output not in OUTPUTS:
+      raise ValueError(f'Unknown output {output!r}; use one of {OUTPUTS}.')
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f'Unknown classifier {self.classifier!r}; use one of '
                        f'{CLASSIFIERS}.')
@@ -411,14 +420,14 @@ class VisionTransformer(nn.Module):
         padding='VALID', dtype=self.dtype, param_dtype=self.param_dtype,
         name='embedding')(x)
 
-    if mpp is not None and (self.transformer is None or not self.mpp_outputs):
-      raise ValueError('Masked patch prediction needs a transformer and '
-                       'mpp_outputs (the prediction head width).')
+    if (patch_transform or output == 'tokens') and self.transformer is None:
+      raise ValueError('patch_transform and output=\'tokens\' need a '
+                       'transformer (this model has none).')
     if self.transformer is not None:
       n, h, w, c = x.shape
       x = jnp.reshape(x, (n, h * w, c))
-      if mpp is not None:
-        x = self._corrupt(x, mpp)
+      if patch_transform is not None:
+        x = patch_transform(x)
       if self.classifier in ('token', 'token_unpooled'):
         cls = self.param('cls', nn.initializers.zeros, (1, 1, c),
                          self.param_dtype)
@@ -435,11 +444,8 @@ class VisionTransformer(nn.Module):
           deterministic=not train, dtype=self.dtype,
           param_dtype=self.param_dtype, remat=self.remat, scan=self.scan,
           name='Transformer', **encoder_fields)(x)
-      if mpp is not None:
-        patch_tokens = x[:, x.shape[1] - h * w:]  # Drop the class token.
-        return nn.Dense(self.mpp_outputs, dtype=self.dtype,
-                        param_dtype=self.param_dtype,
-                        name='mpp_head')(patch_tokens)
+      if output == 'tokens':
+        return x
 
     if self.classifier == 'token':
       x = x[:, 0]
@@ -460,20 +466,9 @@ class VisionTransformer(nn.Module):
           dtype=self.dtype, param_dtype=self.param_dtype, name='head')(x)
     return x
 
-  def _corrupt(self, tokens: jax.Array,
-               mpp: dict[str, jax.Array]) -> jax.Array:
-    """BERT-style corruption of patch embeddings `[batch, patches, D]`."""
-    n, num, d = tokens.shape
-    mask_token = self.param('mpp_mask_token', nn.initializers.normal(0.02),
-                            (d,), self.param_dtype)
-    others = tokens.reshape(n * num, d)[mpp['random_source']]
-    tokens = jnp.where(mpp['replace_random'][..., None], others, tokens)
-    return jnp.where(mpp['replace_mask'][..., None],
-                     mask_token.astype(tokens.dtype), tokens)
-
 
 __all__ = [
     'AddPositionEmbs', 'CLASSIFIERS', 'Encoder', 'Encoder1DBlock', 'MlpBlock',
-    'MultiHeadDotProductAttention', 'VisionTransformer', 'config_value',
-    'patch_size_of',
+    'MultiHeadDotProductAttention', 'OUTPUTS', 'VisionTransformer',
+    'config_value', 'patch_size_of',
 ]

@@ -13,15 +13,18 @@ corrupted patches only. Targets (`MppConfig.target`):
           512 classes;
   'l2':   the full patch in [-1, 1], regressed with a squared error.
 
-The model side is `VisionTransformer(..., mpp_outputs=n)` called with
-`mpp=corruption`: it adds only `mpp_mask_token` and `mpp_head` to the usual
-parameters, and `checkpoint.load_pretrained` drops both when fine-tuning.
+The model is `MaskedPatchPredictor(vit, num_outputs)`: the ViT's own
+parameters (same names, at the top level) plus `mpp_mask_token` and
+`mpp_head`, which `checkpoint.load_pretrained` drops when fine-tuning. The
+ViT itself knows nothing of the objective: it only offers a hook on its patch
+embeddings and its encoder's output tokens.
 """
 
+from collections.abc import Callable
 import dataclasses
 from typing import Any
 
-import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -29,6 +32,8 @@ import optax
 from vit_jax import config_lib
 from vit_jax import sharding
 from vit_jax.evaluators import classification
+
+NAME = 'mpp'
 
 TARGETS = ('3bit', '4x4', 'l2')
 
@@ -201,7 +206,60 @@ def loss_and_accuracy(predictions: jax.Array, target: jax.Array,
   return (per * weight).sum() / count, (hits * weight).sum() / count
 
 
-def objective(model: flax.linen.Module, cfg: MppConfig):
+class MaskedPatchPredictor(nn.Module):
+  """A ViT trained to predict its corrupted patches.
+
+  Its parameters are the ViT's, under the same names (shared scope), plus
+  `mpp_mask_token` `(D,)` and `mpp_head`, so checkpoints of masked patch
+  prediction hold the published layout with two extra entries.
+
+  Attributes:
+    vit: The `VisionTransformer` (built without a classification head).
+    num_outputs: Width of the prediction head (`MppConfig.num_outputs`).
+  """
+  vit: nn.Module
+  num_outputs: int
+
+  def setup(self):
+    nn.share_scope(self, self.vit)
+
+  @property
+  def total_stride(self) -> tuple[int, int]:
+    return self.vit.total_stride
+
+  @nn.compact
+  def __call__(self, images: jax.Array, corruption: dict[str, jax.Array], *,
+               train: bool) -> jax.Array:
+    """Predictions `[batch, patches, num_outputs]` of every patch.
+
+    Args:
+      images: `[batch, height, width, 3]` in [-1, 1].
+      corruption: From `sample_corruption`: which patch embeddings are
+        replaced by the [mask] embedding or another patch's.
+      train: Enables dropout.
+    """
+    def corrupt(tokens):
+      # Created here, between the patch embedding and the class token, as
+      # the parameters' initialisation order has always been.
+      mask_token = self.param('mpp_mask_token', nn.initializers.normal(0.02),
+                              (tokens.shape[-1],), self.vit.param_dtype)
+      n, num, d = tokens.shape
+      others = tokens.reshape(n * num, d)[corruption['random_source']]
+      tokens = jnp.where(corruption['replace_random'][..., None], others,
+                         tokens)
+      return jnp.where(corruption['replace_mask'][..., None],
+                       mask_token.astype(tokens.dtype), tokens)
+
+    x = self.vit(images, train=train, patch_transform=corrupt,
+                 output='tokens')
+    num_patches = corruption['corrupted'].shape[1]
+    patch_tokens = x[:, x.shape[1] - num_patches:]  # Without the class token.
+    return nn.Dense(self.num_outputs, dtype=self.vit.dtype,
+                    param_dtype=self.vit.param_dtype,
+                    name='mpp_head')(patch_tokens)
+
+
+def objective(model: MaskedPatchPredictor, cfg: MppConfig):
   """`(params, batch, rng) -> (loss, {'mpp_accuracy'})` for `train_step`.
 
   The corruption and dropout keys both derive from `rng`.
@@ -214,8 +272,8 @@ def objective(model: flax.linen.Module, cfg: MppConfig):
     corruption = sample_corruption(
         corruption_rng, images.shape[0],
         patch_count(images.shape, patch_px), cfg)
-    predictions = model.apply({'params': params}, images, train=True,
-                              mpp=corruption, rngs={'dropout': dropout_rng})
+    predictions = model.apply({'params': params}, images, corruption,
+                              train=True, rngs={'dropout': dropout_rng})
     loss, accuracy = loss_and_accuracy(
         predictions, targets(images, patch_px, cfg), corruption['corrupted'],
         cfg)
@@ -224,7 +282,7 @@ def objective(model: flax.linen.Module, cfg: MppConfig):
   return fn
 
 
-def make_eval_fn(model: flax.linen.Module, cfg: MppConfig,
+def make_eval_fn(model: MaskedPatchPredictor, cfg: MppConfig,
                  mesh: jax.sharding.Mesh, param_shardings: Any, seed: int = 0):
   """Jitted `(params, batch) -> sums` of the MPP loss and hits.
 
@@ -240,8 +298,8 @@ def make_eval_fn(model: flax.linen.Module, cfg: MppConfig,
         jax.random.key(seed), images.shape[0],
         patch_count(images.shape, patch_px), cfg)
     corrupted = corruption['corrupted'] & (batch['mask'][:, None] > 0)
-    predictions = model.apply({'params': params}, images, train=False,
-                              mpp=corruption)
+    predictions = model.apply({'params': params}, images, corruption,
+                              train=False)
     loss, accuracy = loss_and_accuracy(
         predictions, targets(images, patch_px, cfg), corrupted, cfg)
     patches = corrupted.sum().astype(jnp.float32)
@@ -266,3 +324,51 @@ def evaluate(params: Any, eval_fn, dataset: Any,
   return {'eval/mpp_loss': totals['loss'] / patches,
           'eval/mpp_accuracy': totals['correct'] / patches,
           'eval/examples': totals['count']}
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedPatchPrediction:
+  """The objective as the training loop uses it (see `vit_jax.objectives`).
+
+  Attributes:
+    cfg: The typed `config.mpp` section.
+  """
+  cfg: MppConfig
+  name: str = NAME
+
+  def num_classes(self, dataset_classes: int) -> None:
+    """No classification head: the backbone is built without one."""
+    del dataset_classes
+    return None
+
+  def wrap(self, backbone: nn.Module) -> MaskedPatchPredictor:
+    return MaskedPatchPredictor(
+        backbone, self.cfg.num_outputs(backbone.total_stride))
+
+  def backbone(self, model: nn.Module) -> nn.Module:
+    """The model without the objective's parts (for feature evaluators)."""
+    return model.vit
+
+  def init(self, model: MaskedPatchPredictor, rng: jax.Array,
+           images: jax.Array) -> Any:
+    """Parameters, through the masked path (which creates the head)."""
+    corruption = sample_corruption(
+        rng, images.shape[0], patch_count(images.shape, model.total_stride),
+        self.cfg)
+    return model.init(rng, images, corruption, train=False)['params']
+
+  def loss_fn(self, model: MaskedPatchPredictor) -> Callable[..., Any]:
+    return objective(model, self.cfg)
+
+  def make_eval_fn(self, model: MaskedPatchPredictor, mesh: jax.sharding.Mesh,
+                   param_shardings: Any) -> Callable[..., Any]:
+    return make_eval_fn(model, self.cfg, mesh, param_shardings)
+
+  def evaluate(self, params: Any, eval_fn: Callable[..., Any], dataset: Any,
+               batch_sharding: Any) -> dict[str, float]:
+    return evaluate(params, eval_fn, dataset, batch_sharding)
+
+  def run_meta(self) -> dict[str, Any]:
+    # Only self-supervised runs record it, so that checkpoints of
+    # classification runs written before objectives existed still resume.
+    return {'objective': NAME}

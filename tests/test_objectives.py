@@ -1,0 +1,47 @@
+"""Objectives as a family: one interface, picked once by name, and neither
+the training loop nor the classifier knows any of them by name."""
+
+import os
+import re
+
+import pytest
+
+from vit_jax import config_lib
+from vit_jax import objectives
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INTERFACE = ('num_classes', 'wrap', 'backbone', 'init', 'loss_fn',
+             'make_eval_fn', 'evaluate', 'run_meta')
+
+
+def _source(path):
+  with open(os.path.join(REPO, path)) as f:
+    return f.read()
+
+
+@pytest.mark.parametrize('name', objectives.NAMES)
+def test_every_objective_offers_what_the_loop_needs(name):
+  config = config_lib.get_base()
+  config.objective = name
+  objective = objectives.from_config(config)
+  assert objective.name == name
+  for method in INTERFACE:
+    assert callable(getattr(objective, method)), (name, method)
+
+
+def test_unknown_objective_and_its_fields_are_refused():
+  config = config_lib.get_base()
+  config.objective = 'contrastive'
+  with pytest.raises(ValueError, match=r"config.objective='contrastive'; "
+                     r"use one of \('classification', 'mpp'\)"):
+    objectives.from_config(config)
+  config.objective = 'classification'
+  config.loss = 'hinge'
+  with pytest.raises(ValueError, match=r"config.loss='hinge'"):
+    objectives.from_config(config)
+
+
+def test_the_loop_and_the_classifier_name_no_objective():
+  names = '|'.join(objectives.NAMES[1:])
+  assert not re.search(rf"['\"]({names})['\"]", _source('vit_jax/train.py'))
+  assert 'mpp' not in _source('vit_jax/models/vit.py').lower()
