@@ -19,10 +19,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
+from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax import sharding
 import vit_jax.models
@@ -41,23 +41,23 @@ def make_jpeg_folder(root, num_images=512, classes=8, size=(375, 500)):
         os.path.join(folder, f'{i:05d}.jpg'), quality=90)
 
 
-def pipeline_rate(config, batches):
+def pipeline_rate(data, batches):
   """Images/s of the train iterator, first batch (warm-up) excluded."""
-  it = input_pipeline.train_iterator(config)
+  it = input_pipeline.train_iterator(data)
   next(it)
   start = time.perf_counter()
   for _ in range(batches):
     next(it)
-  return batches * config.batch / (time.perf_counter() - start)
+  return batches * data.batch / (time.perf_counter() - start)
 
 
-def train_step_rates(config, model_name, steps):
+def train_step_rates(data, model_name, steps):
   """Step time fed by a constant batch vs fed by the pipeline."""
   mesh = sharding.make_mesh(devices=jax.local_devices()[:1])
   batch_sharding = sharding.batch_sharding(mesh)
-  info = input_pipeline.get_dataset_info(config)
+  info = input_pipeline.get_dataset_info(data)
   model = vit_jax.models.get_model(model_name, num_classes=info.num_classes)
-  size = config.image_size
+  size = data.image_size
   params = jax.jit(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))()
   tx = optax.sgd(0.01, momentum=0.9)
@@ -72,9 +72,9 @@ def train_step_rates(config, model_name, steps):
     return optax.apply_updates(params, updates), opt_state, loss
 
   step = jax.jit(step, donate_argnums=(0, 1))
-  data = input_pipeline.prefetch_to_device(
-      input_pipeline.train_iterator(config), batch_sharding)
-  fixed = next(data)
+  batches = input_pipeline.prefetch_to_device(
+      input_pipeline.train_iterator(data), batch_sharding)
+  fixed = next(batches)
   t0 = time.perf_counter()
   params, opt_state, loss = step(params, opt_state, fixed)
   loss.block_until_ready()
@@ -94,7 +94,7 @@ def train_step_rates(config, model_name, steps):
   fixed_s, fed_s = [], []
   for _ in range(steps):
     fixed_s.append(timed([fixed]))
-    fed_s.append(timed([next(data)]))
+    fed_s.append(timed([next(batches)]))
   return compile_s, float(np.median(fixed_s)), float(np.median(fed_s))
 
 
@@ -121,10 +121,10 @@ def main():
     make_jpeg_folder(folder)
   common = dict(image_size=args.res, batch=args.batch, seed=0,
                 shuffle_buffer=10_000)
-  folder_config = ml_collections.ConfigDict(dict(
-      dataset='image_folder', image_folder=folder, **common))
-  digits_config = ml_collections.ConfigDict(dict(
-      dataset='digits', tfds_data_dir=args.tfds_data_dir, **common))
+  folder_config = config_lib.section(dict(
+      dataset='image_folder', image_folder=folder, **common), 'data')
+  digits_config = config_lib.section(dict(
+      dataset='digits', tfds_data_dir=args.tfds_data_dir, **common), 'data')
   for name, config in (('jpeg_folder', folder_config),
                        ('digits', digits_config)):
     rate = pipeline_rate(config, args.batches)

@@ -100,17 +100,21 @@ def measure_step(model_name: str, variant: str, mode: str, batch: int,
   from benchmarks import inference  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
   from vit_jax import flops  # pylint: disable=g-import-not-at-top
+  from vit_jax import objectives  # pylint: disable=g-import-not-at-top
   from vit_jax import optim  # pylint: disable=g-import-not-at-top
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   from vit_jax import train  # pylint: disable=g-import-not-at-top
   num_classes = 1000
-  config = _config(model_name, variant, batch, res, model_overrides)
-  mesh = sharding.mesh_from_config(config)
-  model = train.build_model(config, num_classes)
-  tx, _ = optim.make_optimizer(config)
-  state, shardings, _ = train.create_train_state(config, model, tx, mesh,
-                                                 jax.random.key(0))
+  run = config_lib.parse(_config(model_name, variant, batch, res,
+                                 model_overrides))
+  mesh = sharding.mesh_from_config(run.mesh)
+  objective = objectives.get(run.objective)
+  model = train.build_model(run.model, objective, num_classes)
+  tx, _ = optim.make_optimizer(run.optim)
+  state, shardings, _ = train.create_train_state(
+      run, objective, model, tx, mesh, jax.random.key(0))
   rng = np.random.default_rng(0)
   batch_sharding = sharding.batch_sharding(mesh)
   data = sharding.put_global({
@@ -119,7 +123,8 @@ def measure_step(model_name: str, variant: str, mode: str, batch: int,
           rng.integers(0, num_classes, batch)]}, batch_sharding)
   key = sharding.put_global(jax.random.key(1), sharding.replicated(mesh))
   if mode == 'train':
-    fn = train.make_train_step(config, model, tx, mesh, shardings)
+    fn = train.make_train_step(run.loop, objective, model, tx, mesh,
+                               shardings)
     args = (state, data, key)
   else:
     fn = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False),
@@ -158,14 +163,14 @@ def measure_step(model_name: str, variant: str, mode: str, batch: int,
 
 def measure_pipeline(batch: int, res: int, batches: int = 20) -> dict:
   """Images/s of the training input pipeline on a generated JPEG folder."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from benchmarks import input_pipeline  # pylint: disable=g-import-not-at-top
+  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as folder:
     input_pipeline.make_jpeg_folder(folder)
-    config = ml_collections.ConfigDict(dict(
+    data = config_lib.section(dict(
         dataset='image_folder', image_folder=folder, image_size=res,
-        batch=batch, seed=0, shuffle_buffer=10_000))
-    rate = input_pipeline.pipeline_rate(config, batches)
+        batch=batch, seed=0, shuffle_buffer=10_000), 'data')
+    rate = input_pipeline.pipeline_rate(data, batches)
   return {'pipeline_images_per_s': rate, 'batch': batch, 'res': res}
 
 

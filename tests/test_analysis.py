@@ -226,9 +226,10 @@ def test_model_from_a_workdir_of_either_objective(tmp_path, objective):
   with open(os.path.join(workdir, 'class_names.json'), 'w') as f:
     json.dump({'class_names': list('abc')}, f)
   images = random_images((2, 16, 16, 3))
-  args = config_lib.model_args(config)
+  run = config_lib.parse(config)
+  args = run.model.model_args()
   if objective == 'mpp':  # What a pre-training run trained and saved.
-    cfg = mpp.MppConfig.from_config(config)
+    cfg = run.objective.mpp
     trained = mpp.MaskedPatchPredictor(
         vit_jax.models.get_model(num_classes=None, **args),
         num_outputs=cfg.num_outputs((4, 4)))

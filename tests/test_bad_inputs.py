@@ -22,7 +22,6 @@ from helpers import make_image_folder
 from helpers import PickleExploit
 from vit_jax import checkpoint
 from vit_jax import checkpointing
-from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax import train
 from vit_jax.evaluators import classification
@@ -293,7 +292,7 @@ def _good_npz(path, tfds_dir, **model_overrides):
   config = tiny_config(tfds_dir)
   model = vit_jax.models.get_model(
       'testing', num_classes=10,
-      **{**config_lib.get(config, 'model').to_dict(), **model_overrides})
+      **{**config.model.to_dict(), **model_overrides})
   import jax  # pylint: disable=g-import-not-at-top
   params = jax.jit(lambda: model.init(
       jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32),

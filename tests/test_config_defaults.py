@@ -1,10 +1,10 @@
-"""One source of defaults: a field a config omits means what get_base() says.
+"""One source of defaults, read once: `get_base()` and `config_lib.parse`.
 
-Modules read config fields through `config_lib.get`, which falls back to
-`get_base()`; no module may keep a default of its own (the source scan), and
-the modules whose own defaults once disagreed with `get_base()` (optimizer,
-schedule, clipping, loop intervals, evaluation batch) behave with a partial
-config exactly as with the full one.
+Every field is declared once, in `get_base()`; `parse` reads a config into
+typed, frozen sections whose attributes are base fields (a field a config
+omits means the base's value), refuses fields the base does not declare, and
+is the only reader of configs below the top of a run: no module keeps a
+default of its own or receives the whole ConfigDict (the source scans).
 """
 
 import ast
@@ -24,6 +24,9 @@ from vit_jax import optim
 from vit_jax import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The top of a run: the only modules that hold a whole config.
+TOP = ('vit_jax/config_lib.py', 'vit_jax/train.py', 'vit_jax/main.py',
+       'vit_jax/evaluate.py', 'vit_jax/analysis/__main__.py')
 
 
 def base_fields(config=None, prefix=''):
@@ -38,66 +41,153 @@ def base_fields(config=None, prefix=''):
   return out
 
 
-def test_every_field_a_config_omits_reads_as_get_base_declares():
+def section_paths(cls, prefix=''):
+  """{config path: dataclass field} of a section, nested sections too."""
+  out = {}
+  for f in dataclasses.fields(cls):
+    if 'section' in f.metadata:
+      out.update(section_paths(f.metadata['section'], prefix + f.name + '.'))
+    else:
+      out[prefix + f.name] = f
+  return out
+
+
+def _expected(value):
+  """A base value as a section holds it: plain dicts, tuples for lists."""
+  if isinstance(value, ml_collections.ConfigDict):
+    return value.to_dict()
+  if isinstance(value, list):
+    return tuple(_expected(v) for v in value)
+  if isinstance(value, tuple):
+    return tuple(_expected(v) for v in value)
+  return value
+
+
+def test_every_section_attribute_is_a_base_field_with_its_value():
   fields = base_fields()
   assert len(fields) > 60  # The walk found the whole base config.
-  for path, value in fields.items():
-    for empty in (ml_collections.ConfigDict(), {}):
-      got = config_lib.get(empty, path)
-      if isinstance(value, ml_collections.ConfigDict):
-        assert got.to_dict() == value.to_dict(), path
+  run = config_lib.parse({})
+  seen = set()
+  for name, (cls, prefix) in config_lib._SECTIONS.items():  # pylint: disable=protected-access
+    section = getattr(run, name)
+    for path, f in section_paths(cls, prefix).items():
+      assert path in fields, f'{cls.__name__}: {path!r} is not in get_base()'
+      # The base is the one source of defaults: sections declare none.
+      assert f.default is dataclasses.MISSING, path
+      value = section
+      for part in path[len(prefix):].split('.'):
+        value = getattr(value, part)
+      if path == 'mpp':  # Typed by the objective itself.
+        assert dataclasses.asdict(value) == fields[path].to_dict()
       else:
-        assert got == value, path
-  # A field present in the config wins, even when falsy.
-  assert config_lib.get({'grad_clip_norm': 0.0}, 'grad_clip_norm') == 0.0
-  assert config_lib.get({'evals': {'fewshot': {'every': 7}}},
-                        'evals.fewshot.every') == 7
-  with pytest.raises(KeyError, match="'no_such_field' is not a config field"):
-    config_lib.get({}, 'no_such_field')
+        assert value == _expected(fields[path]), path
+      seen.add(path)
+  # Every base field is read by some section (nested containers aside).
+  containers = {'evals', 'evals.fewshot'} | {
+      p for p in fields if p.startswith('mpp.')}
+  assert set(fields) - containers == seen
 
 
-def _config_lib_get_calls():
-  """(file, line, field, has own default) of each config_lib.get call."""
-  calls = []
+def test_a_field_the_config_sets_wins_even_when_falsy():
+  run = config_lib.parse({'grad_clip_norm': 0.0,
+                          'evals': {'fewshot': {'every': 7}},
+                          'model': {'patches': {'size': [4, 4]}},
+                          'model_name': 'testing', 'image_size': 8})
+  assert run.optim.grad_clip_norm == 0.0
+  assert run.evals.fewshot.every == 7
+  assert run.evals.fewshot.seeds == 3  # The base's, beside the given field.
+  assert run.model.model == {'patches': {'size': (4, 4)}}
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    run.optim.base_lr = 1.0  # pytype: disable=not-writable
+
+
+@pytest.mark.parametrize('fields,message', [
+    ({'batchsize': 8}, r"config.batchsize is not a config field.*"
+                       r"\['batch', 'batch_eval'\]"),
+    ({'evals': {'fewshot': {'shot': (1,)}}},
+     r"config.evals.fewshot.shot is not a config field.*\['shots'\]"),
+    ({'mpp': {'rate': 0.5}}, r'config.mpp.rate is not a config field'),
+])
+def test_fields_the_base_does_not_declare_are_refused(fields, message):
+  with pytest.raises(ValueError, match=message):
+    config_lib.parse(fields)
+  # Free-form sections are their consumers' to check.
+  config_lib.section({'pp': {'anything': 1}}, 'data')
+
+
+@pytest.mark.parametrize('fields,message', [
+    ({'accum_steps': 0}, r'config.accum_steps=0 must be >= 1'),
+    ({'eval_every': 0}, r'config.eval_every=0 must be positive'),
+    ({'ema_decay': 1.0}, r'config.ema_decay=1.0 must be in \[0, 1\)'),
+    ({'warmup_steps': 10_000}, r'config.warmup_steps=10000 must be in'),
+    ({'optimizer': 'lamb'}, r"config.optimizer='lamb'; use one of"),
+    ({'dataset': ''}, r'config.dataset is not set'),
+    ({'batch_eval': -2}, r'config.batch_eval=-2 must be positive'),
+    ({'model_name': 'ViT-X_1'}, r"Unknown model 'ViT-X_1'.*ViT-B_16"),
+    ({'evals': {'fewshot': {'shots': (1, 200)}}},
+     r'pool_per_class=100 is smaller than the largest shot count 200'),
+    ({'objective': 'mpp', 'mpp': {'target': 'rgb'}},
+     r"config.mpp.target='rgb'"),
+])
+def test_each_section_checks_its_fields_when_parsed(fields, message):
+  # (An unknown model is the registry's UnknownModelError, a KeyError.)
+  with pytest.raises((ValueError, KeyError), match=message):
+    config_lib.parse(fields)
+
+
+def _sources(predicate):
   for path in sorted(glob.glob(os.path.join(REPO, 'vit_jax', '**', '*.py'),
                                recursive=True)):
-    tree = ast.parse(open(path).read())
+    rel = os.path.relpath(path, REPO)
+    if predicate(rel):
+      yield rel, ast.parse(open(path).read())
+
+
+def test_no_module_reads_config_fields_with_a_default_of_its_own():
+  """`config_lib.get` is gone; nothing reads a config field with a fallback
+  (`getattr(config, f, d)`, `config.get(f, d)`) except the parser itself.
+  (The models read their own hyperparameter dicts, not experiment configs.)
+  """
+  assert not hasattr(config_lib, 'get')
+  modules = list(_sources(lambda rel: rel != 'vit_jax/config_lib.py'
+                          and not rel.startswith('vit_jax/models/')))
+  assert len(modules) > 20
+  for rel, tree in modules:
     for node in ast.walk(tree):
-      if (isinstance(node, ast.Call)
-          and isinstance(node.func, ast.Attribute)
-          and node.func.attr == 'get'
-          and isinstance(node.func.value, ast.Name)
-          and node.func.value.id == 'config_lib'):
-        field = node.args[1]
-        calls.append((os.path.relpath(path, REPO), node.lineno,
-                      field.value if isinstance(field, ast.Constant) else None,
-                      len(node.args) > 2 or bool(node.keywords)))
-  return calls
+      if not isinstance(node, ast.Call):
+        continue
+      func = node.func
+      target = None
+      if isinstance(func, ast.Attribute) and func.attr == 'get':
+        target = func.value
+      elif (isinstance(func, ast.Name) and func.id == 'getattr'
+            and len(node.args) == 3):
+        target = node.args[0]
+      if isinstance(target, ast.Name) and target.id in ('config', 'cfg', 'c'):
+        raise AssertionError(
+            f'{rel}:{node.lineno} reads a config field with its own default')
 
 
-def test_no_module_keeps_a_default_of_its_own():
-  fields = base_fields()
-  calls = _config_lib_get_calls()
-  assert len(calls) > 40  # The scan sees the modules' reads.
-  for path, line, field, own_default in calls:
-    where = f'{path}:{line}'
-    if field is None:
-      continue  # A field name computed in a loop over literal names.
-    assert field in fields, f'{where}: {field!r} is not in get_base()'
-    if own_default:
-      # Only fields get_base() leaves unset (None: derived, e.g. from a
-      # dataset preset) may say how they are derived.
-      assert fields[field] is None, (
-          f'{where}: config_lib.get(..., {field!r}, <default>) keeps its own '
-          f'default; get_base() declares {fields[field]!r}.')
+def test_no_module_below_the_top_receives_the_whole_config():
+  """Only the top of a run holds a ConfigDict: nothing below imports
+  ml_collections, so none of it can be handed the whole config."""
+  below = list(_sources(lambda rel: rel not in TOP))
+  assert len(below) > 25
+  for rel, tree in below:
+    for node in ast.walk(tree):
+      names = ([a.name for a in node.names] if isinstance(
+          node, (ast.Import, ast.ImportFrom)) else [])
+      module = getattr(node, 'module', None) or ''
+      assert 'ml_collections' not in [module.split('.')[0]] + [
+          n.split('.')[0] for n in names], f'{rel}:{node.lineno}'
 
 
-def test_typed_sections_default_to_get_base():
-  """MppConfig's dataclass defaults are get_base().mpp's values."""
+def test_mpp_dataclass_defaults_are_get_base_values():
+  """MppConfig (public, constructible on its own) keeps get_base().mpp's."""
   base = config_lib.get_base().mpp.to_dict()
   defaults = {f.name: f.default for f in dataclasses.fields(mpp.MppConfig)}
   assert base == {name: defaults[name] for name in base}
-  assert mpp.MppConfig.from_config({}) == mpp.MppConfig(**base)
+  assert mpp.MppConfig.from_dict({}) == mpp.MppConfig(**base)
 
 
 def test_sharding_constants_are_get_base_values():
@@ -114,7 +204,8 @@ def test_optimizer_of_a_partial_config_is_that_of_get_base():
   full = config_lib.get_base()
   full.base_lr, full.total_steps = 0.1, 2000
   (tx_partial, sched_partial), (tx_full, sched_full) = (
-      optim.make_optimizer(partial), optim.make_optimizer(full))
+      optim.make_optimizer(config_lib.section(partial, 'optim')),
+      optim.make_optimizer(config_lib.section(full, 'optim')))
   for step in (0, 250, 500, 1200, 1999):
     assert float(sched_partial(step)) == float(sched_full(step)), step
   # The base's warm-up (500 steps) and cosine decay, not the old 0 / linear.

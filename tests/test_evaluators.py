@@ -146,6 +146,12 @@ def _digits_config(tfds_dir, **fewshot_fields):
   return config
 
 
+def _evaluator(config, model, mesh, shardings):
+  run = config_lib.parse(config)
+  return fewshot.FewShotEvaluator(run.evals.fewshot, run.data, model, mesh,
+                                  shardings)
+
+
 def test_fewshot_evaluator_on_digits_replicated_and_fsdp(tmp_path):
   config = _digits_config(str(tmp_path), shots=(1, 5), seeds=2,
                           pool_per_class=10, every=1)
@@ -156,7 +162,7 @@ def test_fewshot_evaluator_on_digits_replicated_and_fsdp(tmp_path):
     mesh = sharding.make_mesh(mesh_axes)
     shardings = sharding.tree_shardings(params, mesh, fsdp_min_size=1)
     placed = sharding.put_global(jax.device_get(params), shardings)
-    evaluator = fewshot.FewShotEvaluator(config, model, mesh, shardings)
+    evaluator = _evaluator(config, model, mesh, shardings)
     runs.append((evaluator.features(placed), evaluator.run(placed)))
   ((x, y), (tx, ty)), metrics = runs[0]
   assert x.shape[1] == tx.shape[1] == 10  # pre_logits of 'testing'
@@ -180,7 +186,7 @@ def test_unknown_representation_lists_the_sown_names(tmp_path):
   params = init_params(model, random_images((1, 16, 16, 3)))
   shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh),
                                      params)
-  evaluator = fewshot.FewShotEvaluator(config, model, mesh, shardings)
+  evaluator = _evaluator(config, model, mesh, shardings)
   with pytest.raises(ValueError, match=r"representation='nope' is not sown.*"
                      r'pre_logits'):
     evaluator.features(params)
@@ -197,7 +203,7 @@ def test_classification_top1_and_top5(tmp_path):
   shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh),
                                      params)
   eval_fn = classification.make_eval_fn(model, mesh, shardings)
-  ds, _ = input_pipeline.eval_dataset(config)
+  ds, _ = input_pipeline.eval_dataset(config_lib.section(config, 'data'))
   metrics = classification.evaluate(params, eval_fn, ds,
                                     sharding.batch_sharding(mesh))
   # Recompute on the host from the logits.
@@ -229,7 +235,7 @@ def test_fewshot_on_another_dataset_uses_its_own_splits(tmp_path):
   params = randomize(init_params(model, random_images((1, 16, 16, 3))))
   shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh),
                                      params)
-  evaluator = fewshot.FewShotEvaluator(config, model, mesh, shardings)
+  evaluator = _evaluator(config, model, mesh, shardings)
   assert evaluator.info.num_classes == 3
   metrics = evaluator.run(params)
   assert set(metrics) >= {'fewshot/image_folder_1shot',

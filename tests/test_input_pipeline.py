@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from helpers import init_params
 from helpers import make_image_folder
+from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax import sharding
 import vit_jax.models
@@ -28,8 +29,8 @@ import vit_jax.models
 def tfds_dir(tmp_path_factory):
   """A tfds data directory with `digits` prepared once per test session."""
   path = str(tmp_path_factory.mktemp('tfds'))
-  input_pipeline.get_source(ml_collections.ConfigDict(
-      {'dataset': 'digits', 'tfds_data_dir': path}))
+  input_pipeline.get_source(data(ml_collections.ConfigDict(
+      {'dataset': 'digits', 'tfds_data_dir': path})))
   return path
 
 
@@ -56,6 +57,11 @@ def folder_config(root, **overrides):
       'image_folder_test_percent': 30})
   config.update(overrides)
   return config
+
+
+def data(config):
+  """The data section of a partial config (the rest: get_base()'s)."""
+  return config_lib.section(config, 'data')
 
 
 def _fingerprints(batches):
@@ -99,21 +105,21 @@ def test_digits_builder_yields_the_documented_split(tfds_dir):
 
 
 def test_digits_goes_through_the_tfds_code_path(tfds_dir):
-  source = input_pipeline.get_source(digits_config(tfds_dir))
+  source = input_pipeline.get_source(data(digits_config(tfds_dir)))
   assert isinstance(source, input_pipeline.TfdsSource)
   assert isinstance(source.builder, tfds.core.DatasetBuilder)
-  info = input_pipeline.get_dataset_info(digits_config(tfds_dir))
+  info = input_pipeline.get_dataset_info(data(digits_config(tfds_dir)))
   assert (info.num_classes, info.num_train_examples,
           info.num_eval_examples) == (10, 1498, 299)
   holdout = input_pipeline.get_dataset_info(
-      digits_config(tfds_dir, eval_split='holdout'))
+      data(digits_config(tfds_dir, eval_split='holdout')))
   assert holdout.eval_split == 'train[90%:]'
   assert holdout.num_eval_examples == 150
 
 
 def test_train_batches_are_rgb_in_range_with_one_hot_labels(tfds_dir):
   batch = next(input_pipeline.train_iterator(
-      digits_config(tfds_dir, image_size=16)))
+      data(digits_config(tfds_dir, image_size=16))))
   assert batch['image'].shape == (32, 16, 16, 3)
   assert batch['image'].dtype == np.float32
   assert -1 <= batch['image'].min() and batch['image'].max() <= 1
@@ -127,10 +133,11 @@ def test_train_batches_are_rgb_in_range_with_one_hot_labels(tfds_dir):
 
 
 def _single_pass_fingerprints(config, split):
-  source = input_pipeline.get_source(config)
+  source = input_pipeline.get_source(data(config))
   shard = source.shard(split, 0, 1)
   pp = input_pipeline._preprocess_config(  # pylint: disable=protected-access
-      config, input_pipeline.get_dataset_info(config, source).num_classes)
+      data(config),
+      input_pipeline.get_dataset_info(data(config), source).num_classes)
   fn = input_pipeline.preprocess.make_preprocess_fn(pp, train=False)
   examples = list(shard.dataset.map(fn).as_numpy_iterator())
   return _fingerprints([{
@@ -144,7 +151,7 @@ def test_eval_yields_each_example_once_on_1_2_8_devices(tfds_dir,
                                                          num_devices):
   config = digits_config(tfds_dir, batch_eval=8 * 7)
   mesh = sharding.make_mesh(devices=jax.devices()[:num_devices])
-  ds, num_batches = input_pipeline.eval_dataset(config)
+  ds, num_batches = input_pipeline.eval_dataset(data(config))
   batches = list(input_pipeline.prefetch_to_device(
       ds.as_numpy_iterator(), sharding.batch_sharding(mesh)))
   assert len(batches) == num_batches == 6  # ceil(299 / 56)
@@ -166,7 +173,7 @@ def test_two_processes_read_disjoint_shards_covering_the_data(
     config = folder_config(tmp_path, batch_eval=4)
   parts, steps = [], []
   for index in range(2):
-    ds, n = input_pipeline.eval_dataset(config, process_index=index,
+    ds, n = input_pipeline.eval_dataset(data(config), process_index=index,
                                         process_count=2)
     batches = list(ds.as_numpy_iterator())
     assert len(batches) == n
@@ -174,15 +181,15 @@ def test_two_processes_read_disjoint_shards_covering_the_data(
     steps.append(n)
   assert steps[0] == steps[1]  # Same number of batches on every process.
   full = _single_pass_fingerprints(config, input_pipeline.get_dataset_info(
-      config).eval_split)
+      data(config)).eval_split)
   assert parts[0] + parts[1] == full
   if kind == 'folder':  # Unique images: the shards share none.
     assert not set(parts[0]) & set(parts[1])
   # Training shards are disjoint too (unique images in the folder case).
   if kind == 'folder':
     assert input_pipeline.train_iterator(
-        config, process_index=1, process_count=2).batch_size == 3
-    source = input_pipeline.get_source(config)
+        data(config), process_index=1, process_count=2).batch_size == 3
+    source = input_pipeline.get_source(data(config))
     seen = [{e['image'] for e in source.shard(
         'train', index, 2).dataset.as_numpy_iterator()} for index in range(2)]
     assert not seen[0] & seen[1]
@@ -199,11 +206,12 @@ _WORKER = textwrap.dedent('''
                                num_processes=2, process_id=int(sys.argv[2]))
     import ml_collections
     import numpy as np
-    from vit_jax import input_pipeline, sharding
+    from vit_jax import config_lib, input_pipeline, sharding
     config = ml_collections.ConfigDict(json.loads(sys.argv[3]))
+    data = lambda c: config_lib.section(c, 'data')
     mesh = sharding.make_mesh()
     batch_sharding = sharding.batch_sharding(mesh)
-    ds, num_batches = input_pipeline.eval_dataset(config)
+    ds, num_batches = input_pipeline.eval_dataset(data(config))
 
     @jax.jit
     def stats(batch):
@@ -219,7 +227,7 @@ _WORKER = textwrap.dedent('''
       total, counts, checksum = total + float(m), counts + np.asarray(c), (
           checksum + float(s))
     train = next(input_pipeline.prefetch_to_device(
-        input_pipeline.train_iterator(config), batch_sharding))
+        input_pipeline.train_iterator(data(config)), batch_sharding))
     print('RESULT ' + json.dumps({
         'devices': jax.device_count(), 'num_batches': num_batches,
         'total': total, 'counts': counts.tolist(), 'checksum': checksum,
@@ -260,7 +268,7 @@ def test_eval_exactly_once_with_two_jax_processes(tfds_dir, tmp_path):
     assert result['counts'] == [labels[i] for i in range(10)]
     assert result['train_shape'] == [16, 8, 8, 3]
   assert results[0]['checksum'] == pytest.approx(results[1]['checksum'])
-  ds, _ = input_pipeline.eval_dataset(config, process_index=0,
+  ds, _ = input_pipeline.eval_dataset(data(config), process_index=0,
                                       process_count=1)
   single = sum(float((b['image'].sum((1, 2, 3)) * b['mask']).sum())
                for b in ds.as_numpy_iterator())
@@ -275,21 +283,22 @@ def test_eval_exactly_once_with_two_jax_processes(tfds_dir, tmp_path):
 def test_restored_iterator_continues_with_the_same_next_batch(tmp_path):
   make_image_folder(tmp_path, per_class=7)  # 15 train images, batch 6.
   config = folder_config(tmp_path)  # Inception crop and flips are on.
-  it = input_pipeline.train_iterator(config)
+  it = input_pipeline.train_iterator(data(config))
   states, batches = [], []
   for _ in range(8):  # More than 3 epochs.
     states.append(it.get_state())
     batches.append(next(it))
   assert states[-1] == {'position': 42, 'unit': 'global_examples'}
   for k in (1, 2, 5, 7):  # Mid-epoch and across epoch boundaries.
-    restored = input_pipeline.train_iterator(config, state=states[k])
+    restored = input_pipeline.train_iterator(data(config), state=states[k])
     for expected in batches[k:k + 2]:
       got = next(restored)
       np.testing.assert_array_equal(got['image'], expected['image'])
       np.testing.assert_array_equal(got['labels'], expected['labels'])
   # Each epoch is a new permutation; a new seed gives another stream.
   assert not np.array_equal(batches[0]['image'], batches[3]['image'][:6])
-  other = next(input_pipeline.train_iterator(folder_config(tmp_path, seed=1)))
+  other = next(input_pipeline.train_iterator(
+      data(folder_config(tmp_path, seed=1))))
   assert not np.array_equal(other['image'], batches[0]['image'])
 
 
@@ -320,28 +329,29 @@ def test_two_process_positions_count_global_examples_and_resume(tmp_path):
   config = folder_config(tmp_path)
   global_batch, local_batch = 6, 6 // 2
   runs = [_take(input_pipeline.train_iterator(
-      config, process_index=p, process_count=2), 8) for p in range(2)]
+      data(config), process_index=p, process_count=2), 8) for p in range(2)]
   for p, (states, batches) in enumerate(runs):
     assert [s['position'] for s in states] == [
         k * global_batch for k in range(8)]
     assert all(len(b['image']) == local_batch for b in batches)
     for k in (1, 3, 5, 6):  # Inside epoch 0 and past the 8/7 boundaries.
       restored = input_pipeline.train_iterator(
-          config, state=states[k], process_index=p, process_count=2)
+          data(config), state=states[k], process_index=p, process_count=2)
       _assert_same_batches([next(restored), next(restored)],
                            batches[k:k + 2])
       # A checkpoint written before positions were global (no 'unit')
       # counted this process's examples; it resumes at the same batch.
       legacy = input_pipeline.train_iterator(
-          config, state={'position': k * local_batch}, process_index=p,
+          data(config), state={'position': k * local_batch}, process_index=p,
           process_count=2)
       _assert_same_batches([next(legacy)], batches[k:k + 1])
   # The processes read different shards: their streams differ.
   assert not np.array_equal(runs[0][1][0]['image'], runs[1][1][0]['image'])
   with pytest.raises(ValueError, match=r'position 9 \(global examples\) '
                      r'does not split over 2 processes'):
-    input_pipeline.train_iterator(config, state=input_pipeline.state_at(9),
-                                  process_index=0, process_count=2)
+    input_pipeline.train_iterator(
+        data(config), state=input_pipeline.state_at(9), process_index=0,
+        process_count=2)
 
 
 def test_checkpoint_position_resumes_both_of_two_processes(tfds_dir, tmp_path,
@@ -375,12 +385,13 @@ def test_checkpoint_position_resumes_both_of_two_processes(tfds_dir, tmp_path,
   # Orbax writes the JSON item `data` as checkpoints/<step>/data/metadata.
   with open(os.path.join(workdir, 'checkpoints', '2', 'data',
                          'metadata')) as f:
-    data = json.load(f)
-  assert data == {'position': 2 * 16, 'unit': 'global_examples'}
+    saved = json.load(f)
+  assert saved == {'position': 2 * 16, 'unit': 'global_examples'}
   for p in range(2):
-    _, uninterrupted = _take(original(config, process_index=p,
+    _, uninterrupted = _take(original(data(config), process_index=p,
                                       process_count=2), 3)
-    restored = original(config, state=data, process_index=p, process_count=2)
+    restored = original(data(config), state=saved, process_index=p,
+                        process_count=2)
     _assert_same_batches([next(restored)], uninterrupted[2:])
 
 
@@ -392,18 +403,18 @@ def test_checkpoint_position_resumes_both_of_two_processes(tfds_dir, tmp_path,
 def test_image_folder_automatic_split_and_class_names(tmp_path):
   make_image_folder(tmp_path, per_class=10)
   config = folder_config(tmp_path)
-  info = input_pipeline.get_dataset_info(config)
+  info = input_pipeline.get_dataset_info(data(config))
   assert info.class_names == ('cat', 'dog', 'fox')
   assert (info.num_train_examples, info.num_eval_examples) == (21, 9)
-  again = input_pipeline.get_source(config)
-  assert again.files == input_pipeline.get_source(config).files
+  again = input_pipeline.get_source(data(config))
+  assert again.files == input_pipeline.get_source(data(config)).files
   path = input_pipeline.write_class_names(str(tmp_path / 'run'), info)
   assert json.load(open(path))['class_names'] == ['cat', 'dog', 'fox']
 
 
 def test_image_folder_with_train_and_test_folders(tmp_path):
   make_image_folder(tmp_path, per_class=8, split_dirs=True)
-  info = input_pipeline.get_dataset_info(folder_config(tmp_path))
+  info = input_pipeline.get_dataset_info(data(folder_config(tmp_path)))
   assert (info.num_train_examples, info.num_eval_examples) == (18, 6)
 
 
@@ -432,7 +443,7 @@ def test_image_folder_trains_and_evaluates(tmp_path):
 
   losses = []
   train = input_pipeline.prefetch_to_device(
-      input_pipeline.train_iterator(config), batch_sharding)
+      input_pipeline.train_iterator(data(config)), batch_sharding)
   for _ in range(40):
     params, opt_state, loss = step(params, opt_state, next(train))
     losses.append(float(loss))
@@ -444,7 +455,7 @@ def test_image_folder_trains_and_evaluates(tmp_path):
     hit = jnp.take_along_axis(batch['labels'], logits.argmax(-1)[:, None], 1)
     return (hit[:, 0] * batch['mask']).sum(), batch['mask'].sum()
 
-  ds, _ = input_pipeline.eval_dataset(config)
+  ds, _ = input_pipeline.eval_dataset(data(config))
   hits = count = 0.0
   for batch in input_pipeline.prefetch_to_device(ds.as_numpy_iterator(),
                                                  batch_sharding):
@@ -462,7 +473,7 @@ def test_image_folder_trains_and_evaluates(tmp_path):
 def test_unknown_dataset_lists_what_is_accepted(tfds_dir):
   with pytest.raises(ValueError, match="Unknown dataset 'cifar11'.*cifar10.*"
                      "digits.*'image_folder'.*tensorflow-datasets"):
-    input_pipeline.get_source(digits_config(tfds_dir, dataset='cifar11'))
+    input_pipeline.get_source(data(digits_config(tfds_dir, dataset='cifar11')))
 
 
 def test_unprepared_tfds_dataset_without_network(tmp_path, monkeypatch):
@@ -471,7 +482,7 @@ def test_unprepared_tfds_dataset_without_network(tmp_path, monkeypatch):
   with pytest.raises(input_pipeline.DatasetNotPreparedError,
                      match=r"'cifar10' is not prepared in .*tfds build cifar10 "
                      r'--data_dir=.*tfds_download=True'):
-    input_pipeline.get_source(config)
+    input_pipeline.get_source(data(config))
 
   def no_network(self, *args, **kwargs):
     raise ConnectionError('Failed to resolve storage.googleapis.com')
@@ -481,12 +492,12 @@ def test_unprepared_tfds_dataset_without_network(tmp_path, monkeypatch):
   config.tfds_download = True
   with pytest.raises(input_pipeline.DatasetNotPreparedError,
                      match='downloading it failed.*ConnectionError.*tfds build'):
-    input_pipeline.get_source(config)
+    input_pipeline.get_source(data(config))
 
 
 def test_empty_folder(tmp_path):
   with pytest.raises(ValueError, match='has no class sub-folders'):
-    input_pipeline.get_source(folder_config(tmp_path))
+    input_pipeline.get_source(data(folder_config(tmp_path)))
 
 
 def test_class_folder_without_images(tmp_path):
@@ -494,39 +505,39 @@ def test_class_folder_without_images(tmp_path):
   os.makedirs(tmp_path / 'empty_class')
   (tmp_path / 'empty_class' / 'readme.txt').write_text('no images here')
   with pytest.raises(ValueError, match='empty_class contains no images'):
-    input_pipeline.get_source(folder_config(tmp_path))
+    input_pipeline.get_source(data(folder_config(tmp_path)))
 
 
 def test_folder_with_one_class(tmp_path):
   make_image_folder(tmp_path, classes=('only',))
   with pytest.raises(ValueError, match='1 class folder.*at least 2'):
-    input_pipeline.get_source(folder_config(tmp_path))
+    input_pipeline.get_source(data(folder_config(tmp_path)))
 
 
 def test_corrupt_image_is_named_or_skipped(tmp_path):
   paths = make_image_folder(tmp_path)
   bad = paths[3]
-  data = open(bad, 'rb').read()
-  open(bad, 'wb').write(data[:len(data) // 3])
+  raw = open(bad, 'rb').read()
+  open(bad, 'wb').write(raw[:len(raw) // 3])
   (tmp_path / 'dog' / 'notes.JPG').write_text('not an image')
   with pytest.raises(input_pipeline.BadImageError) as e:
-    input_pipeline.get_source(folder_config(tmp_path))
+    input_pipeline.get_source(data(folder_config(tmp_path)))
   assert os.path.basename(bad) in str(e.value) or 'notes.JPG' in str(e.value)
   assert '2 unreadable' in str(e.value)
   assert 'skip_bad_images=True' in str(e.value)
-  source = input_pipeline.get_source(folder_config(tmp_path,
-                                                   skip_bad_images=True))
+  source = input_pipeline.get_source(
+      data(folder_config(tmp_path, skip_bad_images=True)))
   assert source.num_skipped == 2
   assert source.split_size('train') + source.split_size('test') == 21 - 1
   batch = next(input_pipeline.train_iterator(
-      folder_config(tmp_path, skip_bad_images=True), source=source))
+      data(folder_config(tmp_path, skip_bad_images=True)), source=source))
   assert batch['image'].shape == (6, 16, 16, 3)
 
 
 def test_batch_not_divisible_by_processes_or_devices(tfds_dir):
   with pytest.raises(ValueError, match=r'config.batch=33 must be a '
                      'positive multiple of the 2 JAX processes'):
-    input_pipeline.train_iterator(digits_config(tfds_dir, batch=33),
+    input_pipeline.train_iterator(data(digits_config(tfds_dir, batch=33)),
                                   process_index=0, process_count=2)
   mesh = sharding.make_mesh()
   with pytest.raises(ValueError, match=r'config.batch=12 is not '
@@ -541,12 +552,14 @@ def test_image_size_smaller_than_patch_size(tfds_dir):
     config.model = {}  # The published patch size.
     return config
 
+  # Checked where the config is parsed (it joins the model and the data).
   with pytest.raises(ValueError, match='config.image_size=8 is smaller than '
                      'the patch size 16 of ViT-B_16'):
-    input_pipeline.train_iterator(published('ViT-B_16', 8))
+    config_lib.parse(published('ViT-B_16', 8))
   with pytest.raises(ValueError, match='not a multiple of the total stride '
                      '16 of R50'):
-    input_pipeline.eval_dataset(published('R50+ViT-B_16', 40))
+    config_lib.parse(published('R50+ViT-B_16', 40))
+  config_lib.parse(published('R50+ViT-B_16', 32))
 
 
 def test_mesh_config_that_does_not_fit_the_devices():

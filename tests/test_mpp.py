@@ -99,7 +99,7 @@ def test_config_errors_name_the_field():
     mpp.MppConfig(random_prob=0.3)
   with pytest.raises(ValueError, match=r"Unknown config.mpp field\(s\) "
                      r"\['rate'\]"):
-    mpp.MppConfig.from_config({'mpp': {'rate': 0.5}})
+    mpp.MppConfig.from_dict({'rate': 0.5})
 
 
 def _mpp_model(**overrides):

@@ -23,7 +23,7 @@ def _source(path):
 def test_every_objective_offers_what_the_loop_needs(name):
   config = config_lib.get_base()
   config.objective = name
-  objective = objectives.from_config(config)
+  objective = objectives.get(config_lib.parse(config).objective)
   assert objective.name == name
   for method in INTERFACE:
     assert callable(getattr(objective, method)), (name, method)
@@ -34,11 +34,11 @@ def test_unknown_objective_and_its_fields_are_refused():
   config.objective = 'contrastive'
   with pytest.raises(ValueError, match=r"config.objective='contrastive'; "
                      r"use one of \('classification', 'mpp'\)"):
-    objectives.from_config(config)
+    config_lib.parse(config)
   config.objective = 'classification'
   config.loss = 'hinge'
   with pytest.raises(ValueError, match=r"config.loss='hinge'"):
-    objectives.from_config(config)
+    config_lib.parse(config)
 
 
 def test_the_loop_and_the_classifier_name_no_objective():

@@ -31,6 +31,10 @@ TOTAL = 20
 WARMUP = 4
 
 
+def optim_section(config):
+  return config_lib.section(config, 'optim')
+
+
 def _config(**overrides):
   config = config_lib.get_base()
   for key, value in overrides.items():
@@ -83,7 +87,7 @@ SCHEDULE_POINTS = (
 @pytest.mark.parametrize('decay', ['linear', 'cosine', 'constant'])
 def test_schedule_known_points(decay):
   """Pins warm-up length, decay length (T - w) and the end value, per type."""
-  schedule = optim.make_schedule(_schedule_config(decay))
+  schedule = optim.make_schedule(optim_section(_schedule_config(decay)))
   column = {'linear': 1, 'cosine': 2, 'constant': 3}[decay]
   for point in SCHEDULE_POINTS:
     step, expected = point[0], point[column]
@@ -95,7 +99,7 @@ def test_schedule_known_points(decay):
 @pytest.mark.parametrize('decay', ['linear', 'cosine', 'constant'])
 def test_schedule_matches_closed_form_at_every_step(decay, warmup):
   """The whole curve, also without warm-up (step 0 is then at base_lr)."""
-  schedule = optim.make_schedule(_schedule_config(decay, warmup))
+  schedule = optim.make_schedule(optim_section(_schedule_config(decay, warmup)))
   steps = np.arange(TOTAL + 3)
   expected = [_closed_form_lr(s, decay, warmup) for s in steps]
   np.testing.assert_allclose(np.asarray(schedule(jnp.asarray(steps))),
@@ -113,7 +117,7 @@ def test_updates_follow_the_schedule(decay):
   """
   config = _schedule_config(decay)
   config.optimizer, config.momentum, config.grad_clip_norm = 'sgd', 0.0, 0.0
-  tx, _ = optim.make_optimizer(config)
+  tx, _ = optim.make_optimizer(optim_section(config))
   params = {'w': jnp.zeros(())}
   state = tx.init(params)
   grads = {'w': jnp.ones(())}
@@ -151,7 +155,7 @@ def test_gradient_clipping_by_global_norm(grads, clip, factor):
   config = _config(optimizer='sgd', momentum=0.0, base_lr=lr, warmup_steps=0,
                    decay_type='constant', weight_decay=0.0,
                    grad_clip_norm=clip)
-  tx, _ = optim.make_optimizer(config)
+  tx, _ = optim.make_optimizer(optim_section(config))
   params = jax.tree_util.tree_map(np.zeros_like, grads)
   updates, _ = tx.update(grads, tx.init(params), params)
   for name in grads:
@@ -168,7 +172,7 @@ def test_clipping_acts_on_gradients_before_weight_decay():
   """
   config = _config(optimizer='sgd', momentum=0.0, base_lr=0.1, warmup_steps=0,
                    decay_type='constant', weight_decay=0.5, grad_clip_norm=1.0)
-  tx, _ = optim.make_optimizer(config)
+  tx, _ = optim.make_optimizer(optim_section(config))
   params = {'kernel': np.array([1.0, 2.0], np.float32)}
   grads = {'kernel': np.array([3.0, 4.0], np.float32)}
   updates, _ = tx.update(grads, tx.init(params), params)
@@ -226,7 +230,7 @@ def test_weight_decay_exact_on_kernels_only(name, scan):
   lr, wd, m = 0.1, 0.3, 0.5
   config = _config(optimizer=name, base_lr=lr, warmup_steps=0,
                    decay_type='constant', weight_decay=wd, momentum=m)
-  tx, _ = optim.make_optimizer(config)
+  tx, _ = optim.make_optimizer(optim_section(config))
   params = _tiny_vit_params(scan)
   p0 = {k: np.asarray(v, np.float64)
         for k, v in checkpoint.flatten(params).items()}
@@ -299,7 +303,7 @@ def _numpy_adam(grads, b1, b2, wd=0.0, eps=1e-8):
 
 
 def _run_two_steps(config, leaf):
-  tx, _ = optim.make_optimizer(config)
+  tx, _ = optim.make_optimizer(optim_section(config))
   params = {leaf: jnp.asarray(P0, jnp.float32)}
   state = tx.init(params)
   out = []

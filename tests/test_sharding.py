@@ -14,6 +14,8 @@ import pytest
 
 import train_worker
 from vit_jax import checkpoint
+from vit_jax import config_lib
+from vit_jax import objectives
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import train
@@ -91,11 +93,13 @@ def test_train_step_uses_the_micro_batch_sharding(monkeypatch):
     return real(mesh)
 
   monkeypatch.setattr(sharding, 'micro_batch_sharding', spy)
-  config = train_worker.config_for(WITH_MODEL_AXIS, accum_steps=2)
+  run = config_lib.parse(
+      train_worker.config_for(WITH_MODEL_AXIS, accum_steps=2))
   mesh = sharding.make_mesh(WITH_MODEL_AXIS)
-  model = train.build_model(config, num_classes=7)
-  tx, _ = optim.make_optimizer(config)
-  train.make_train_step(config, model, tx, mesh, None)
+  objective = objectives.get(run.objective)
+  model = train.build_model(run.model, objective, num_classes=7)
+  tx, _ = optim.make_optimizer(run.optim)
+  train.make_train_step(run.loop, objective, model, tx, mesh, None)
   assert calls == [mesh]
 
 

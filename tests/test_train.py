@@ -17,6 +17,7 @@ import train_worker
 from vit_jax import checkpoint
 from vit_jax import checkpointing
 from vit_jax import config_lib
+from vit_jax import objectives
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import train
@@ -73,8 +74,10 @@ def test_config_loads_and_locks(name, arg):
     assert field in config, field
   import vit_jax.models  # pylint: disable=g-import-not-at-top
   assert config.model_name in vit_jax.models.MODEL_NAMES
-  optim.make_schedule(config)  # Valid schedule fields.
-  assert config.batch % config.accum_steps == 0
+  # Every field is one get_base() declares, and every section checks out.
+  run = config_lib.parse(config)
+  assert run.model.model_name == config.model_name
+  assert run.data.batch % run.loop.accum_steps == 0
   config.lock()
   with pytest.raises(AttributeError):
     config.no_such_field = 1
@@ -290,14 +293,37 @@ def test_same_steps_on_2_processes_by_4_devices(one_device_run, tmp_path,
   _assert_same_run((info['losses'], params), one_device_run)
 
 
+def _model(config, num_classes):
+  """`train.build_model` of a config, as `train_and_evaluate` calls it."""
+  run = config_lib.parse(config)
+  return train.build_model(run.model, objectives.get(run.objective),
+                           num_classes)
+
+
+def _optimizer(config):
+  return optim.make_optimizer(config_lib.parse(config).optim)
+
+
+def _train_state(config, model, tx, mesh, rng):
+  run = config_lib.parse(config)
+  return train.create_train_state(run, objectives.get(run.objective), model,
+                                  tx, mesh, rng)
+
+
+def _train_step(config, model, tx, mesh, shardings):
+  run = config_lib.parse(config)
+  return train.make_train_step(run.loop, objectives.get(run.objective),
+                               model, tx, mesh, shardings)
+
+
 def _compiled_step(mesh_axes):
   config = train_worker.config_for(mesh_axes)
   mesh = sharding.make_mesh(mesh_axes)
-  model = train.build_model(config, num_classes=7)
-  tx, _ = optim.make_optimizer(config)
-  state, shardings, _ = train.create_train_state(config, model, tx, mesh,
-                                                 jax.random.key(0))
-  step_fn = train.make_train_step(config, model, tx, mesh, shardings)
+  model = _model(config, num_classes=7)
+  tx, _ = _optimizer(config)
+  state, shardings, _ = _train_state(config, model, tx, mesh,
+                                     jax.random.key(0))
+  step_fn = _train_step(config, model, tx, mesh, shardings)
   batch = next(train_worker.global_batches())
   compiled = step_fn.lower(state, batch, jax.random.key(1)).compile()
   return compiled.as_text(), state
@@ -327,10 +353,10 @@ def test_accum_steps_equals_one_batch_of_four_times_the_size():
   config.model.transformer.dropout_rate = 0.0
   config.model.transformer.attention_dropout_rate = 0.0
   mesh = sharding.make_mesh(DATA_PARALLEL)
-  model = train.build_model(config, num_classes=7)
-  tx, _ = optim.make_optimizer(config)
-  state, shardings, _ = train.create_train_state(config, model, tx, mesh,
-                                                 jax.random.key(0))
+  model = _model(config, num_classes=7)
+  tx, _ = _optimizer(config)
+  state, shardings, _ = _train_state(config, model, tx, mesh,
+                                     jax.random.key(0))
   big = {'image': np.random.default_rng(1).uniform(
       -1, 1, (64, 16, 16, 3)).astype(np.float32),
          'labels': np.eye(7, dtype=np.float32)[np.arange(64) % 7]}
@@ -338,7 +364,7 @@ def test_accum_steps_equals_one_batch_of_four_times_the_size():
   for accum in (1, 4):
     config.accum_steps = accum
     config.batch = 64
-    step_fn = train.make_train_step(config, model, tx, mesh, shardings)
+    step_fn = _train_step(config, model, tx, mesh, shardings)
     copy = jax.tree_util.tree_map(jnp.copy, state)  # The state is donated.
     results.append(step_fn(copy, big, jax.random.key(2)))
   (one, m_one), (four, m_four) = results
@@ -359,10 +385,10 @@ def test_batch_not_divisible_by_devices_times_accum():
   mesh = sharding.make_mesh(DATA_PARALLEL)
   with pytest.raises(ValueError, match=r'config.batch=16 is not divisible by '
                      r'devices x accum_steps = 8 x 4'):
-    train.validate_config(config, mesh)
+    train.check_batches(config_lib.parse(config), mesh)
   config.accum_steps = 3
   with pytest.raises(ValueError, match='accum_steps=3 does not divide'):
-    train.validate_config(config, mesh)
+    train.check_batches(config_lib.parse(config), mesh)
 
 
 def test_tpu_launch_scripts_issue_the_expected_commands():
@@ -539,19 +565,19 @@ def test_model_args_build_the_config_s_model_and_train_adds_the_mpp_head():
   config.model = {'transformer': {'num_layers': 2}}
   config.compute_dtype = 'bfloat16'
   config.remat = config.scan = True
-  model = vit_jax.models.get_model(num_classes=4,
-                                   **config_lib.model_args(config))
+  model = vit_jax.models.get_model(
+      num_classes=4, **config_lib.parse(config).model.model_args())
   assert type(model) is vit_jax.models.VisionTransformer  # pylint: disable=unidiomatic-typecheck
   assert (model.model_name, model.num_classes, model.dtype, model.remat,
           model.scan) == ('testing', 4, jnp.bfloat16, True, True)
   assert model.transformer['num_layers'] == 2
   fields = ('model_name', 'num_classes', 'dtype', 'remat', 'scan',
             'transformer', 'patches')
-  trained = train.build_model(config, 4)
+  trained = _model(config, 4)
   assert ([getattr(trained, f) for f in fields]
           == [getattr(model, f) for f in fields])
   config.objective = 'mpp'  # No classifier; a head of 2^(3*3) colours.
-  pretrained = train.build_model(config, 4)
+  pretrained = _model(config, 4)
   assert (pretrained.vit.num_classes, pretrained.num_outputs) == (None, 512)
   assert ([getattr(pretrained.vit, f) for f in fields[2:]]
           == [getattr(model, f) for f in fields[2:]])
@@ -560,7 +586,7 @@ def test_model_args_build_the_config_s_model_and_train_adds_the_mpp_head():
 def test_a_mixer_config_builds_and_refuses_remat():
   """remat / scan reach the model only when on: the Mixer has neither."""
   config = load_config('finetune.py', 'mixer_b16,digits,runlocal')
-  model = train.build_model(config, 10)
+  model = _model(config, 10)
   assert isinstance(model, vit_jax.models.MlpMixer)
   logits = model.apply(
       jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
@@ -569,7 +595,7 @@ def test_a_mixer_config_builds_and_refuses_remat():
   assert logits.shape == (2, 10)
   config.remat = True
   with pytest.raises(TypeError, match=r"no field\(s\) \['remat'\]"):
-    train.build_model(config, 10)
+    _model(config, 10)
 
 
 def test_bfloat16_and_scan_remat_train_steps():
@@ -587,10 +613,10 @@ def test_bfloat16_and_scan_remat_train_steps():
     config.model.transformer.dropout_rate = 0.0
     config.model.transformer.attention_dropout_rate = 0.0
     config.update(extra)
-    model = train.build_model(config, num_classes=7)
-    tx, _ = optim.make_optimizer(config)
-    state, shardings, _ = train.create_train_state(config, model, tx, mesh,
-                                                   jax.random.key(0))
+    model = _model(config, num_classes=7)
+    tx, _ = _optimizer(config)
+    state, shardings, _ = _train_state(config, model, tx, mesh,
+                                       jax.random.key(0))
     if params is None:  # A random head: logits depend on every layer.
       params = jax.device_get(state.params)
       params['head']['kernel'] = np.random.default_rng(0).normal(
@@ -598,7 +624,7 @@ def test_bfloat16_and_scan_remat_train_steps():
     start = (checkpoint.stack_encoder_blocks(params) if config.scan
              else params)
     state = train.state_from_params(start, tx, shardings, use_ema=False)
-    step_fn = train.make_train_step(config, model, tx, mesh, shardings)
+    step_fn = _train_step(config, model, tx, mesh, shardings)
     state, metrics = step_fn(state, batch, jax.random.key(1))
     assert all(x.dtype == jnp.float32
                for x in jax.tree_util.tree_leaves(state.params))
@@ -616,10 +642,10 @@ def test_bfloat16_and_scan_remat_train_steps():
 
 def test_weight_decay_applies_to_kernels_only_in_any_layout():
   config = train_worker.config_for(DATA_PARALLEL)
-  tx, _ = optim.make_optimizer(config)
+  tx, _ = _optimizer(config)
   for scan in (False, True):
     config.scan = scan
-    model = train.build_model(config, num_classes=7)
+    model = _model(config, num_classes=7)
     params = jax.eval_shape(lambda m=model: m.init(
         jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False))['params']
     masks = checkpoint.flatten(optim._decay_mask(params))  # pylint: disable=protected-access

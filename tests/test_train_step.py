@@ -22,6 +22,7 @@ from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax import optim
 from vit_jax import train
+import vit_jax.models
 
 
 class Linear(nn.Module):
@@ -33,6 +34,10 @@ class Linear(nn.Module):
     del train
     return nn.Dense(self.num_classes, name='head')(
         images.reshape((images.shape[0], -1)))
+
+
+def optim_section(config):
+  return config_lib.section(config, 'optim')
 
 
 def optimizer_config(**fields):
@@ -47,9 +52,9 @@ def optimizer_config(**fields):
 
 def plain_sgd(lr=1.0):
   """SGD without momentum, clipping or decay: update = -lr * gradient."""
-  return optim.make_optimizer(optimizer_config(
+  return optim.make_optimizer(optim_section(optimizer_config(
       optimizer='sgd', momentum=0.0, grad_clip_norm=0.0, weight_decay=0.0,
-      base_lr=lr))[0]
+      base_lr=lr)))[0]
 
 
 def initial_state(params, tx, ema=False):
@@ -90,9 +95,9 @@ def test_one_step_of_a_linear_softmax_model_matches_numpy():
   """Loss, gradient norm and the update of clipped, decayed SGD+momentum."""
   model, params, batch = linear_problem()
   lr, wd, clip, smoothing = 0.5, 0.1, 0.3, 0.1
-  tx, _ = optim.make_optimizer(optimizer_config(
+  tx, _ = optim.make_optimizer(optim_section(optimizer_config(
       optimizer='sgd', momentum=0.9, base_lr=lr, weight_decay=wd,
-      grad_clip_norm=clip))
+      grad_clip_norm=clip)))
   new, metrics = jitted_step(model, tx, label_smoothing=smoothing)(
       initial_state(params, tx), batch, jax.random.key(0))
 
@@ -336,9 +341,10 @@ def test_evaluation_and_final_params_use_ema_only_when_it_is_on(
 
 def eval_loss(config, params):
   """Mean cross-entropy of `params` on the config's test split (numpy)."""
-  model = train.build_model(config, num_classes=10)
+  run = config_lib.parse(config)
+  model = vit_jax.models.get_model(num_classes=10, **run.model.model_args())
   apply = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
-  dataset, _ = input_pipeline.eval_dataset(config, process_index=0,
+  dataset, _ = input_pipeline.eval_dataset(run.data, process_index=0,
                                            process_count=1)
   total, count = 0.0, 0
   for batch in dataset.as_numpy_iterator():

@@ -51,17 +51,21 @@ def global_batches(num_classes=7):
 def run_steps(mesh_axes, devices=None, accum_steps=1):
   """Returns (losses, host params) after NUM_STEPS steps."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vit_jax import optim, sharding, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from vit_jax import config_lib, objectives, optim, sharding, train
+  # pylint: enable=g-import-not-at-top
   jax.config.update('jax_threefry_partitionable', True)
-  config = config_for(mesh_axes, accum_steps)
+  run = config_lib.parse(config_for(mesh_axes, accum_steps))
   mesh = sharding.make_mesh(mesh_axes, devices)
-  train.validate_config(config, mesh)
-  model = train.build_model(config, num_classes=7)
-  tx, _ = optim.make_optimizer(config)
+  train.check_batches(run, mesh)
+  objective = objectives.get(run.objective)
+  model = train.build_model(run.model, objective, num_classes=7)
+  tx, _ = optim.make_optimizer(run.optim)
   init_rng, step_rng = jax.random.split(jax.random.key(0))
-  state, shardings, _ = train.create_train_state(config, model, tx, mesh,
-                                                 init_rng)
-  step_fn = train.make_train_step(config, model, tx, mesh, shardings)
+  state, shardings, _ = train.create_train_state(run, objective, model, tx,
+                                                 mesh, init_rng)
+  step_fn = train.make_train_step(run.loop, objective, model, tx, mesh,
+                                  shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   losses = []
   for batch in global_batches():

@@ -1,68 +1,435 @@
-"""Fields shared by every experiment config, with their defaults.
+"""Every config field with its default, and the typed sections of a run.
 
 Each experiment file in configs/ starts from `get_base()` and sets what
-differs; every field is documented here once. Field names are a contract
-(scripts, docs and `metrics.jsonl` rely on them).
+differs; every field is declared and documented here once. Field names are a
+contract (scripts, docs and `metrics.jsonl` rely on them).
+
+At the top of a run (`train.train_and_evaluate`, `vit_jax.evaluate`,
+`vit_jax.analysis`) `parse(config)` reads the config once into frozen
+sections (`Run`: model, data, optim, objective, loop, evals, mesh) and checks
+every field there, before any work; each module then receives only the
+section (or the values) it uses, never the whole ConfigDict. A section's
+attributes have the names of the config fields they come from, so every
+error names the field to change.
 """
 
 from collections.abc import Mapping
+import dataclasses
+import difflib
 from typing import Any
 
 import ml_collections
 
 
-_FROM_BASE = object()
 CONFIG_FILE = 'config.json'  # A run's config, in its workdir.
+
+# Base fields holding free-form mappings (get_model overrides, preprocessing
+# options): their keys are checked by the code that consumes them.
+_FREE_FORM = frozenset({'model', 'pp'})
 
 
 def _walk(config: Any, name: str) -> tuple[bool, Any]:
   """(found, value) of a dotted field; not found when a part is absent."""
-  from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
   value = config
   for part in name.split('.'):
-    if value is None:
-      return False, None
     if isinstance(value, Mapping) or hasattr(value, 'keys'):
       if part not in value:
         return False, None
-    elif not hasattr(value, part):
+      value = value[part]
+    elif value is not None and hasattr(value, part):
+      value = getattr(value, part)
+    else:
       return False, None
-    value = vit.config_value(value, part)
   return True, value
 
 
-def get(config: Any, name: str, default: Any = _FROM_BASE) -> Any:
-  """`config.<name>`; for a field the config lacks, `get_base()`'s value.
+def _plain(value: Any) -> Any:
+  """ConfigDicts and mappings as dicts, lists as tuples (immutable values)."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  if isinstance(value, Mapping):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(_plain(v) for v in value)
+  return value
 
-  Works on ConfigDicts, dicts and plain objects, so library functions accept
-  partial configs (tests, notebooks) as well as the full experiment configs,
-  and a field a config omits means what `get_base()` declares for it (one
-  source of defaults). A dotted name ('evals.fewshot.every') walks nested
-  fields.
+
+def _check_fields(config: Any, base: ml_collections.ConfigDict,
+                  prefix: str = '') -> None:
+  """Refuses fields `get_base()` does not declare (typos), naming them."""
+  keys = config.keys() if hasattr(config, 'keys') else ()
+  for key in keys:
+    if key not in base:
+      close = difflib.get_close_matches(key, list(base.keys()), n=3)
+      hint = f' Did you mean {close}?' if close else ''
+      raise ValueError(
+          f'config.{prefix}{key} is not a config field: every field is '
+          f'declared in vit_jax.config_lib.get_base().{hint}')
+    if (isinstance(base[key], ml_collections.ConfigDict)
+        and prefix + key not in _FREE_FORM):
+      _check_fields(config[key], base[key], f'{prefix}{key}.')
+
+
+def _positive(**values: Any) -> None:
+  for name, value in values.items():
+    if value is None or value <= 0:
+      raise ValueError(f'config.{name}={value!r} must be positive.')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+  """What model is trained (fields `model_name`, `model`, ...).
+
+  Attributes:
+    model_name: Registry name (`vit_jax.models.MODEL_NAMES`).
+    model: `get_model` overrides (nested dict).
+    compute_dtype: Activation dtype name ('float32', 'bfloat16').
+    remat: Recompute encoder blocks in the backward pass.
+    scan: `nn.scan` over the encoder blocks.
+    pretrained_path: Checkpoint to fine-tune from ('' for none).
+  """
+  model_name: str
+  model: Mapping[str, Any]
+  compute_dtype: str
+  remat: bool
+  scan: bool
+  pretrained_path: str
+
+  def __post_init__(self):
+    from vit_jax import models  # pylint: disable=g-import-not-at-top
+    models.get_config(self.model_name)  # Raises with the known names.
+
+  def model_args(self) -> dict[str, Any]:
+    """This model as keyword arguments of `vit_jax.models.get_model`.
+
+    `vit_jax.models.get_model(num_classes=n, **section.model_args())` is the
+    model a run trains (objective-specific heads aside: see
+    `train.build_model`).
+
+    Returns:
+      {'name': registry name, 'dtype': compute dtype, the `model`
+      overrides, and 'remat' / 'scan' when they are on}.
+    """
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    args = {'name': self.model_name, 'dtype': jnp.dtype(self.compute_dtype),
+            **self.model}
+    # Only when on: families without the option (MlpMixer has neither) build
+    # with the defaults, and asking them for it names the field.
+    for option in ('remat', 'scan'):
+      if getattr(self, option):
+        args[option] = True
+    return args
+
+  def total_stride(self) -> tuple[int, str]:
+    """(pixels per token along the height, 'patch size' or 'total stride')."""
+    from vit_jax import models  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from vit_jax.models import resnet, vit
+    # The overrides (e.g. 4x4 patches) decide, not the name.
+    model_config = models.get_config(self.model_name, **self.model)
+    ph, _ = vit.patch_size_of(model_config['patches'])
+    if model_config.get('resnet') is None:
+      return ph, 'patch size'
+    return ph * resnet.total_stride(model_config['resnet']), 'total stride'
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+  """Where the images come from and how they are batched.
+
+  Attributes mirror the config fields of the same names (see `get_base()`).
+  `train_split`, `eval_split` and `num_classes` may be None: the dataset's
+  preset (or the data itself) decides.
+  """
+  dataset: str
+  tfds_data_dir: str | None
+  tfds_download: bool
+  image_folder: str
+  image_folder_test_percent: int
+  skip_bad_images: bool
+  train_split: str | None
+  eval_split: str | None
+  num_classes: int | None
+  image_size: int
+  pp: Mapping[str, Any]
+  shuffle_buffer: int
+  batch: int
+  batch_eval: int
+  seed: int
+
+  def __post_init__(self):
+    if not self.dataset:
+      raise ValueError("config.dataset is not set: use a tfds name, 'digits' "
+                       "or 'image_folder'.")
+    if not isinstance(self.image_size, int) or self.image_size <= 0:
+      raise ValueError(f'config.image_size={self.image_size!r} must be a '
+                       'positive number of pixels.')
+    _positive(batch=self.batch, batch_eval=self.batch_eval,
+              shuffle_buffer=self.shuffle_buffer)
+    if self.num_classes is not None and self.num_classes <= 0:
+      raise ValueError(f'config.num_classes={self.num_classes} must be '
+                       'positive (or None: from the dataset).')
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+  """The optimizer and its learning-rate schedule (`vit_jax.optim`)."""
+  optimizer: str
+  base_lr: float
+  total_steps: int
+  warmup_steps: int
+  decay_type: str
+  weight_decay: float
+  momentum: float
+  beta1: float
+  beta2: float
+  grad_clip_norm: float
+
+  def __post_init__(self):
+    from vit_jax import optim  # pylint: disable=g-import-not-at-top
+    if self.optimizer not in optim.OPTIMIZERS:
+      raise ValueError(f'config.optimizer={self.optimizer!r}; use one of '
+                       f'{optim.OPTIMIZERS}.')
+    _positive(base_lr=self.base_lr, total_steps=self.total_steps)
+    if not 0 <= self.warmup_steps < self.total_steps:
+      raise ValueError(f'config.warmup_steps={self.warmup_steps} must be in '
+                       f'[0, total_steps={self.total_steps}).')
+    if self.decay_type not in optim.DECAY_TYPES:
+      raise ValueError(f'config.decay_type={self.decay_type!r}; use one of '
+                       f'{optim.DECAY_TYPES}.')
+    if self.weight_decay < 0:
+      raise ValueError(f'config.weight_decay={self.weight_decay} must be '
+                       '>= 0.')
+    if self.grad_clip_norm is not None and self.grad_clip_norm < 0:
+      raise ValueError(f'config.grad_clip_norm={self.grad_clip_norm} must be '
+                       '>= 0 (0 disables clipping).')
+
+
+def _mpp_config(fields: Mapping[str, Any]) -> Any:
+  from vit_jax.objectives import mpp  # pylint: disable=g-import-not-at-top
+  return mpp.MppConfig.from_dict(fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSection:
+  """What the model learns (`vit_jax.objectives.get`).
+
+  Attributes:
+    objective: 'classification' or 'mpp'.
+    loss: Classification loss, 'softmax_xent' or 'sigmoid_xent'.
+    label_smoothing: Label-smoothing factor of the classification loss.
+    mpp: Masked patch prediction settings
+      (`vit_jax.objectives.mpp.MppConfig`).
+  """
+  objective: str
+  loss: str
+  label_smoothing: float
+  mpp: Any = dataclasses.field(metadata={'parse': _mpp_config})
+
+  def __post_init__(self):
+    from vit_jax import losses  # pylint: disable=g-import-not-at-top
+    from vit_jax import objectives  # pylint: disable=g-import-not-at-top
+    if self.objective not in objectives.NAMES:
+      raise ValueError(f'config.objective={self.objective!r}; use one of '
+                       f'{objectives.NAMES}.')
+    if self.loss not in losses.LOSSES:
+      raise ValueError(f'config.loss={self.loss!r}; use one of '
+                       f'{losses.LOSSES}.')
+    if not 0 <= self.label_smoothing < 1:
+      raise ValueError(f'config.label_smoothing={self.label_smoothing} must '
+                       'be in [0, 1).')
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSection:
+  """Steps, averaging, logging and checkpointing of the training loop."""
+  seed: int
+  total_steps: int
+  accum_steps: int
+  ema_decay: float | None
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  async_checkpoints: bool
+  profile: bool
+  prefetch: int
+
+  def __post_init__(self):
+    if self.accum_steps < 1:
+      raise ValueError(f'config.accum_steps={self.accum_steps} must be '
+                       '>= 1.')
+    _positive(log_every=self.log_every, eval_every=self.eval_every,
+              checkpoint_every=self.checkpoint_every,
+              keep_checkpoints=self.keep_checkpoints, prefetch=self.prefetch)
+    if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+      raise ValueError(f'config.ema_decay={self.ema_decay} must be in '
+                       '[0, 1).')
+
+  @property
+  def use_ema(self) -> bool:
+    """Whether the run keeps (and evaluates) a Polyak average."""
+    return self.ema_decay is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShotSection:
+  """The few-shot linear evaluator (fields `evals.fewshot.*`)."""
+  every: int
+  dataset: str
+  shots: tuple[int, ...]
+  seeds: int
+  representation: str
+  l2_grid: tuple[float, ...]
+  default_l2: float
+  pool_per_class: int
+  max_test_examples: int
+
+  def __post_init__(self):
+    if not self.shots or min(self.shots) < 1:
+      raise ValueError(f'config.evals.fewshot.shots={self.shots} must be a '
+                       'non-empty list of positive image counts per class.')
+    if self.seeds < 1:
+      raise ValueError(f'config.evals.fewshot.seeds={self.seeds} must be '
+                       '>= 1.')
+    if self.pool_per_class < max(self.shots):
+      raise ValueError(
+          f'config.evals.fewshot.pool_per_class={self.pool_per_class} is '
+          f'smaller than the largest shot count {max(self.shots)} '
+          f'(evals.fewshot.shots={self.shots}): raise it to at least '
+          f'{max(self.shots)}.')
+    if self.every < 0:
+      raise ValueError(f'config.evals.fewshot.every={self.every} must be '
+                       '>= 0 (0: off).')
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalsSection:
+  """Evaluators beside the objective's own (`vit_jax/evaluators`)."""
+  fewshot: FewShotSection = dataclasses.field(
+      metadata={'section': FewShotSection})
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+  """Device mesh and parameter sharding (`vit_jax.sharding`).
+
+  Attributes:
+    mesh: ((axis name, size), ...); one size may be -1 (the rest).
+    sharding_rules: ((regex, spec), ...) per parameter path.
+    fsdp_min_size: Smaller tensors are replicated under FSDP.
+  """
+  mesh: tuple[tuple[str, int], ...]
+  sharding_rules: tuple[tuple[str, Any], ...]
+  fsdp_min_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A config read once: one frozen section per part of the run."""
+  model: ModelSection
+  data: DataSection
+  optim: OptimSection
+  objective: ObjectiveSection
+  loop: LoopSection
+  evals: EvalsSection
+  mesh: MeshSection
+
+
+# Section name -> (class, prefix of its fields in the config).
+_SECTIONS = {
+    'model': (ModelSection, ''), 'data': (DataSection, ''),
+    'optim': (OptimSection, ''), 'objective': (ObjectiveSection, ''),
+    'loop': (LoopSection, ''), 'evals': (EvalsSection, 'evals.'),
+    'mesh': (MeshSection, ''),
+}
+
+
+def _build(cls: type[Any], config: Any, base: Any, prefix: str) -> Any:
+  """One section: each attribute read from the config field of its name."""
+  values = {}
+  for f in dataclasses.fields(cls):
+    name = prefix + f.name
+    if 'section' in f.metadata:
+      values[f.name] = _build(f.metadata['section'], config, base,
+                              name + '.')
+      continue
+    found, value = _walk(config, name)
+    if not found:  # Omitted: get_base()'s value.
+      found, value = _walk(base, name)
+    if not found:
+      raise KeyError(f'{cls.__name__}.{f.name}: {name!r} is not a field of '
+                     'config_lib.get_base().')
+    value = _plain(value)
+    if 'parse' in f.metadata:
+      value = f.metadata['parse'](value)
+    values[f.name] = value
+  return cls(**values)
+
+
+def section(config: Any, name: str) -> Any:
+  """One section of a config, e.g. `section(config, 'data')`.
+
+  For code that needs only one part of a run (benchmarks, data tools); a run
+  uses `parse`, which also checks the sections against each other.
 
   Args:
-    config: The (possibly partial) config.
-    name: Field name or dotted path.
-    default: Only for fields whose `get_base()` value is None (derived
-      elsewhere, e.g. from a dataset preset): returned when the field is
-      absent or None.
+    config: An experiment config (ConfigDict), or a mapping of some fields
+      (the others: `get_base()`'s values).
+    name: One of 'model', 'data', 'optim', 'objective', 'loop', 'evals',
+      'mesh'.
 
   Returns:
-    The value.
+    The section.
 
   Raises:
-    KeyError: `name` is not a field of `get_base()` and `default` is not
-      given.
+    ValueError: a field `get_base()` does not declare, or a value of the
+      section out of range, naming the field.
   """
-  found, value = _walk(config, name)
-  if default is not _FROM_BASE:
-    return default if value is None else value
-  if found:
-    return value
-  found, value = _walk(get_base(), name)
-  if not found:
-    raise KeyError(f'{name!r} is not a config field (config_lib.get_base()).')
-  return value
+  base = get_base()
+  _check_fields(config, base)
+  cls, prefix = _SECTIONS[name]
+  return _build(cls, config, base, prefix)
+
+
+def parse(config: Any) -> Run:
+  """Reads and checks a config once: its typed, frozen sections.
+
+  A field the config omits means what `get_base()` declares for it, so
+  partial configs (tests, notebooks: a dict of the fields that differ) parse
+  like full ones.
+
+  Args:
+    config: An experiment config (ConfigDict), or a mapping of some fields.
+
+  Returns:
+    The run's sections.
+
+  Raises:
+    ValueError: a field `get_base()` does not declare, a value out of range,
+      or sections that do not fit together (image size vs the model's
+      patch size); each names the field and the fix.
+  """
+  base = get_base()
+  _check_fields(config, base)
+  run = Run(**{name: _build(cls, config, base, prefix)
+               for name, (cls, prefix) in _SECTIONS.items()})
+  check_image_size(run.model, run.data.image_size)
+  return run
+
+
+def check_image_size(model: ModelSection, image_size: int) -> None:
+  """Raises unless `image_size` is a multiple of the model's token stride."""
+  stride, kind = model.total_stride()
+  if image_size < stride:
+    raise ValueError(
+        f'config.image_size={image_size} is smaller than the {kind} {stride} '
+        f'of {model.model_name}: use at least {stride} (a multiple of it).')
+  if image_size % stride:
+    raise ValueError(
+        f'config.image_size={image_size} is not a multiple of the {kind} '
+        f'{stride} of {model.model_name}: use e.g. '
+        f'{image_size // stride * stride}.')
 
 
 def get_base() -> ml_collections.ConfigDict:
@@ -139,35 +506,6 @@ def get_base() -> ml_collections.ConfigDict:
   c.evals.fewshot.pool_per_class = 100  # Train images featurised per class.
   c.evals.fewshot.max_test_examples = 10_000  # Test images featurised.
   return c
-
-
-def model_args(config: Any) -> dict[str, Any]:
-  """The config's model as values for `vit_jax.models.get_model`.
-
-  `vit_jax.models.get_model(num_classes=n, **model_args(config))` is the
-  model a run of `config` trains (objective-specific heads aside: see
-  `train.build_model`).
-
-  Args:
-    config: Provides `model_name` and optionally `model` (get_model
-      overrides), `compute_dtype`, `remat`, `scan` (else `get_base()`'s).
-
-  Returns:
-    {'name': registry name, 'dtype': compute dtype, the `config.model`
-    overrides, and 'remat' / 'scan' when they are on}.
-  """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  overrides = get(config, 'model')
-  overrides = (overrides.to_dict() if hasattr(overrides, 'to_dict')
-               else dict(overrides or {}))
-  args = {'name': config.model_name,
-          'dtype': jnp.dtype(get(config, 'compute_dtype')), **overrides}
-  # Only when on: families without the option (MlpMixer has neither) build
-  # with the defaults, and asking them for it names the field.
-  for option in ('remat', 'scan'):
-    if get(config, option):
-      args[option] = True
-  return args
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:

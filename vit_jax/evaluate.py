@@ -52,21 +52,25 @@ def evaluate_params(config: ml_collections.ConfigDict, params: Any, *,
     `eval/accuracy`, `eval/top5`, `eval/loss`, `eval/examples` and, with
     few-shot, `fewshot/<dataset>_<k>shot[_std]`.
   """
-  mesh = sharding.mesh_from_config(config)
-  source = input_pipeline.get_source(config)
-  info = input_pipeline.get_dataset_info(config, source)
+  run = config_lib.parse(config)
+  mesh = sharding.mesh_from_config(run.mesh)
+  sharding.check_batch_size(run.data.batch_eval, mesh,
+                            what='config.batch_eval')
+  source = input_pipeline.get_source(run.data)
+  info = input_pipeline.get_dataset_info(run.data, source)
   model = vit_jax.models.get_model(num_classes=info.num_classes,
-                                   **config_lib.model_args(config))
+                                   **run.model.model_args())
   shardings = sharding.shardings_from_config(
-      jax.eval_shape(lambda: params), mesh, config)
+      jax.eval_shape(lambda: params), mesh, run.mesh)
   params = sharding.put_global(params, shardings)
-  eval_fn = classification.make_eval_fn(
-      model, mesh, shardings, config_lib.get(config, 'loss'))
-  dataset, _ = input_pipeline.eval_dataset(config, source=source)
+  eval_fn = classification.make_eval_fn(model, mesh, shardings,
+                                        run.objective.loss)
+  dataset, _ = input_pipeline.eval_dataset(run.data, source=source)
   metrics = classification.evaluate(params, eval_fn, dataset,
                                     sharding.batch_sharding(mesh))
   if fewshot:
-    evaluator = fewshot_lib.FewShotEvaluator(config, model, mesh, shardings)
+    evaluator = fewshot_lib.FewShotEvaluator(run.evals.fewshot, run.data,
+                                             model, mesh, shardings)
     metrics.update(evaluator.run(params))
   return metrics
 

@@ -343,47 +343,44 @@ class DatasetInfo:
   num_eval_examples: int
 
 
-def get_source(config: Any) -> TfdsSource | ImageFolderSource:
-  """Returns the data source named by `config.dataset`."""
-  name = config_lib.get(config, 'dataset')
-  if not name:
-    raise ValueError('config.dataset is not set: use a tfds name, '
-                     f"'digits' or {IMAGE_FOLDER!r}.")
-  if name == IMAGE_FOLDER:
+def get_source(data: config_lib.DataSection
+               ) -> 'TfdsSource | ImageFolderSource':
+  """Returns the data source named by `data.dataset`."""
+  if data.dataset == IMAGE_FOLDER:
     return ImageFolderSource(
-        config_lib.get(config, 'image_folder'),
-        test_percent=config_lib.get(config, 'image_folder_test_percent'),
-        skip_bad_images=config_lib.get(config, 'skip_bad_images'))
-  return TfdsSource(name, config_lib.get(config, 'tfds_data_dir'),
-                    config_lib.get(config, 'tfds_download'))
+        data.image_folder, test_percent=data.image_folder_test_percent,
+        skip_bad_images=data.skip_bad_images)
+  return TfdsSource(data.dataset, data.tfds_data_dir, data.tfds_download)
 
 
-def _splits(config: Any) -> tuple[str, str]:
-  preset = DATASET_PRESETS.get(config_lib.get(config, 'dataset'), {})
-  train = config_lib.get(config, 'train_split', preset.get('train', 'train'))
-  evaluation = config_lib.get(config, 'eval_split', preset.get('test', 'test'))
+def _splits(data: config_lib.DataSection) -> tuple[str, str]:
+  preset = DATASET_PRESETS.get(data.dataset, {})
+  # None: the dataset's preset decides.
+  train = data.train_split or preset.get('train', 'train')
+  evaluation = data.eval_split or preset.get('test', 'test')
   if evaluation == 'holdout':
     if 'holdout' not in preset:
       raise ValueError(
           f"config.eval_split='holdout' needs a preset with a held-out "
-          f'slice; {config.dataset!r} has none: give the split explicitly, '
+          f'slice; {data.dataset!r} has none: give the split explicitly, '
           "e.g. 'train[98%:]' (and train_split='train[:98%]').")
     evaluation = preset['holdout']
   return train, evaluation
 
 
-def get_dataset_info(config: Any, source: Any = None) -> DatasetInfo:
+def get_dataset_info(data: config_lib.DataSection,
+                     source: Any = None) -> DatasetInfo:
   """Describes the configured dataset (classes, splits, sizes)."""
-  source = source or get_source(config)
-  preset = DATASET_PRESETS.get(config.dataset, {})
-  num_classes = config_lib.get(config, 'num_classes',
-                               preset.get('num_classes')) or source.num_classes
+  source = source or get_source(data)
+  preset = DATASET_PRESETS.get(data.dataset, {})
+  num_classes = (data.num_classes or preset.get('num_classes')
+                 or source.num_classes)
   if not num_classes:
     raise ValueError(f'Cannot tell the number of classes of '
-                     f'{config.dataset!r}: set config.num_classes.')
-  train, evaluation = _splits(config)
+                     f'{data.dataset!r}: set config.num_classes.')
+  train, evaluation = _splits(data)
   return DatasetInfo(
-      name=config.dataset, num_classes=int(num_classes),
+      name=data.dataset, num_classes=int(num_classes),
       class_names=tuple(source.class_names), train_split=train,
       eval_split=evaluation, num_train_examples=source.split_size(train),
       num_eval_examples=source.split_size(evaluation))
@@ -404,42 +401,12 @@ def write_class_names(workdir: str, info: DatasetInfo) -> str | None:
   return path
 
 
-def check_image_size(config: Any) -> None:
-  """Raises if `config.image_size` does not fit `config.model_name`."""
-  image_size = config_lib.get(config, 'image_size')
-  name = config_lib.get(config, 'model_name')
-  if not image_size or image_size <= 0:
-    raise ValueError(f'config.image_size={image_size!r} must be a positive '
-                     'number of pixels.')
-  if not name:
-    return
-  from vit_jax import models  # pylint: disable=g-import-not-at-top
-  from vit_jax.models import resnet, vit  # pylint: disable=g-import-not-at-top
-  overrides = config_lib.get(config, 'model') or {}
-  overrides = (overrides.to_dict() if hasattr(overrides, 'to_dict')
-               else dict(overrides))
-  # The config's model overrides (e.g. 4x4 patches) decide, not the name.
-  model_config = models.get_config(name, **overrides)
-  ph, _ = vit.patch_size_of(model_config['patches'])
-  stride = ph * resnet.total_stride(model_config.get('resnet'))
-  kind = 'patch size' if 'resnet' not in model_config else 'total stride'
-  if image_size < stride:
-    raise ValueError(
-        f'config.image_size={image_size} is smaller than the {kind} {stride} '
-        f'of {name}: use at least {stride} (a multiple of it).')
-  if image_size % stride:
-    raise ValueError(
-        f'config.image_size={image_size} is not a multiple of the {kind} '
-        f'{stride} of {name}: use e.g. {image_size // stride * stride}.')
-
-
-def _preprocess_config(config: Any, num_classes: int
+def _preprocess_config(data: config_lib.DataSection, num_classes: int
                        ) -> preprocess.PreprocessConfig:
-  preset = DATASET_PRESETS.get(config.dataset, {}).get('pp', {})
-  pp = dict(preset)
-  pp.update(dict((config_lib.get(config, 'pp') or {}).items()))
+  pp = dict(DATASET_PRESETS.get(data.dataset, {}).get('pp', {}))
+  pp.update(data.pp)
   return preprocess.PreprocessConfig.from_config(
-      pp, image_size=config.image_size, num_classes=num_classes)
+      pp, image_size=data.image_size, num_classes=num_classes)
 
 
 def _local_batch_size(global_batch: int, process_count: int,
@@ -476,14 +443,13 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
   `p / process_count` examples of its own shard.
   """
 
-  def __init__(self, config: Any, *, position: int = 0,
+  def __init__(self, data: config_lib.DataSection, *, position: int = 0,
                process_index: int | None = None,
                process_count: int | None = None, source: Any = None):
-    check_image_size(config)
     process_index, process_count = _process(process_index, process_count)
-    source = source or get_source(config)
-    self.info = get_dataset_info(config, source)
-    self.batch_size = _local_batch_size(config.batch, process_count,
+    source = source or get_source(data)
+    self.info = get_dataset_info(data, source)
+    self.batch_size = _local_batch_size(data.batch, process_count,
                                         'config.batch')
     self.global_batch_size = self.batch_size * process_count
     shard = source.shard(self.info.train_split, process_index, process_count)
@@ -497,12 +463,10 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
           f'The saved training-data position {self.position} (global '
           f'examples) does not split over {process_count} processes: resume '
           'with the process count the checkpoint was written with.')
-    pp = _preprocess_config(config, self.info.num_classes)
-    seed = int(config_lib.get(config, 'seed'))
-    buffer = int(config_lib.get(config, 'shuffle_buffer'))
+    pp = _preprocess_config(data, self.info.num_classes)
     self._dataset = _train_dataset(
-        shard, pp, seed=seed, process_index=process_index,
-        shuffle_buffer=buffer, batch_size=self.batch_size,
+        shard, pp, seed=int(data.seed), process_index=process_index,
+        shuffle_buffer=int(data.shuffle_buffer), batch_size=self.batch_size,
         start=self.position // process_count)
     self._iterator = iter(self._dataset.as_numpy_iterator())
 
@@ -548,12 +512,13 @@ def _train_dataset(shard: Shard, pp: preprocess.PreprocessConfig, *,
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def train_iterator(config: Any, *, state: Mapping[str, Any] | None = None,
+def train_iterator(data: config_lib.DataSection, *,
+                   state: Mapping[str, Any] | None = None,
                    **kwargs) -> TrainIterator:
   """Builds the training iterator, resuming from `state` if given.
 
   Args:
-    config: Experiment config.
+    data: The run's data section (`config_lib.parse(config).data`).
     state: A `get_state()` / `state_at()` dict from a checkpoint, or None.
     **kwargs: `process_index`, `process_count`, `source` of TrainIterator.
 
@@ -568,7 +533,7 @@ def train_iterator(config: Any, *, state: Mapping[str, Any] | None = None,
     _, process_count = _process(kwargs.get('process_index'),
                                 kwargs.get('process_count'))
     position *= process_count
-  return TrainIterator(config, position=position, **kwargs)
+  return TrainIterator(data, position=position, **kwargs)
 
 
 # ----------------------------------------------------------------------------
@@ -576,7 +541,7 @@ def train_iterator(config: Any, *, state: Mapping[str, Any] | None = None,
 # ----------------------------------------------------------------------------
 
 
-def eval_dataset(config: Any, split: str | None = None, *,
+def eval_dataset(data: config_lib.DataSection, split: str | None = None, *,
                  process_index: int | None = None,
                  process_count: int | None = None,
                  source: Any = None) -> tuple[tf.data.Dataset, int]:
@@ -587,26 +552,24 @@ def eval_dataset(config: Any, split: str | None = None, *,
   `mask` 1.
 
   Args:
-    config: Experiment config.
-    split: Split to evaluate (default: the config's eval split).
+    data: The run's data section (`config_lib.parse(config).data`).
+    split: Split to evaluate (default: the section's eval split).
     process_index: Defaults to `jax.process_index()`.
     process_count: Defaults to `jax.process_count()`.
-    source: A source from `get_source(config)`, to avoid rebuilding it.
+    source: A source from `get_source(data)`, to avoid rebuilding it.
 
   Returns:
     (dataset of {'image', 'labels', 'mask'} numpy-able batches, num_batches).
   """
-  check_image_size(config)
   process_index, process_count = _process(process_index, process_count)
-  source = source or get_source(config)
-  info = get_dataset_info(config, source)
+  source = source or get_source(data)
+  info = get_dataset_info(data, source)
   split = split or info.eval_split
-  batch_size = _local_batch_size(
-      config_lib.get(config, 'batch_eval'), process_count,
-      'config.batch_eval')
+  batch_size = _local_batch_size(data.batch_eval, process_count,
+                                 'config.batch_eval')
   shard = source.shard(split, process_index, process_count)
   num_batches = math.ceil(shard.max_num_examples / batch_size)
-  pp = _preprocess_config(config, info.num_classes)
+  pp = _preprocess_config(data, info.num_classes)
   fn = preprocess.make_preprocess_fn(pp, train=False)
   ds = shard.dataset.map(lambda f: {**fn(f), 'mask': tf.constant(1.0)},
                          num_parallel_calls=tf.data.AUTOTUNE,

@@ -428,14 +428,13 @@ def tree_shardings(tree: Any, mesh: Mesh,
   return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
 
 
-def mesh_from_config(config: Any) -> Mesh:
-  """The mesh of `config.mesh` over all devices."""
-  return make_mesh(tuple(tuple(a) for a in config_lib.get(config, 'mesh')))
+def mesh_from_config(section: config_lib.MeshSection) -> Mesh:
+  """The mesh of the run's mesh section (`mesh` axes) over all devices."""
+  return make_mesh(section.mesh)
 
 
-def shardings_from_config(tree: Any, mesh: Mesh, config: Any) -> Any:
-  """`tree_shardings` with the config's `sharding_rules` / `fsdp_min_size`."""
-  return tree_shardings(
-      tree, mesh,
-      tuple(config_lib.get(config, 'sharding_rules')),
-      int(config_lib.get(config, 'fsdp_min_size')))
+def shardings_from_config(tree: Any, mesh: Mesh,
+                          section: config_lib.MeshSection) -> Any:
+  """`tree_shardings` with the section's `sharding_rules`, `fsdp_min_size`."""
+  return tree_shardings(tree, mesh, section.sharding_rules,
+                        int(section.fsdp_min_size))

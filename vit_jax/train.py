@@ -60,31 +60,24 @@ class TrainState:
   ema_params: Any = None
 
 
-def _to_dict(value: Any) -> dict[str, Any]:
-  if value is None:
-    return {}
-  return value.to_dict() if hasattr(value, 'to_dict') else dict(value)
+def build_model(model: config_lib.ModelSection, objective: Any,
+                num_classes: int) -> flax.linen.Module:
+  """The module a run trains: its objective around the model.
 
-
-def build_model(config: Any, num_classes: int) -> flax.linen.Module:
-  """The module a run of `config` trains: its objective around the model.
-
-  The backbone is `vit_jax.models.get_model(**config_lib.model_args(config))`
-  with the head the objective asks for (none for masked patch prediction);
-  the objective wraps it (`vit_jax.objectives`).
+  The backbone is `vit_jax.models.get_model(**model.model_args())` with the
+  head the objective asks for (none for masked patch prediction); the
+  objective wraps it (`vit_jax.objectives`).
 
   Args:
-    config: Provides `model_name` and optionally `model` (get_model
-      overrides), `compute_dtype`, `remat`, `scan`, `objective`, `mpp`.
+    model: The run's model section (`config_lib.parse(config).model`).
+    objective: The run's objective (`objectives.get(run.objective)`).
     num_classes: Classes of the dataset.
 
   Returns:
     A flax module.
   """
-  objective = objectives.from_config(config)
   backbone = vit_jax.models.get_model(
-      num_classes=objective.num_classes(num_classes),
-      **config_lib.model_args(config))
+      num_classes=objective.num_classes(num_classes), **model.model_args())
   return objective.wrap(backbone)
 
 
@@ -205,25 +198,21 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
 # ----------------------------------------------------------------------------
 
 
-def validate_config(config: Any, mesh: jax.sharding.Mesh) -> None:
-  """Checks batch, accumulation, loop and image-size fields (and the mesh).
+def check_batches(run: config_lib.Run, mesh: jax.sharding.Mesh) -> None:
+  """Checks the batch sizes and accumulation against the mesh.
 
-  Called before anything is written, so a bad config leaves an existing
-  workdir untouched.
+  The one check of the config that needs the devices (the rest ran in
+  `config_lib.parse`); called before anything is written, so a bad config
+  leaves an existing workdir untouched.
 
   Raises:
     ValueError: naming the field and the fix.
   """
-  input_pipeline.check_image_size(config)
-  accum = int(config_lib.get(config, 'accum_steps'))
-  batch = int(config.batch)
+  accum = run.loop.accum_steps
+  batch = run.data.batch
   # The batch is split over the data-like axes only (a model axis holds
   # copies); on data/fsdp meshes that is every device.
   devices = sharding.batch_shards(mesh)
-  if accum < 1:
-    raise ValueError(f'config.accum_steps={accum} must be >= 1.')
-  if batch <= 0:
-    raise ValueError(f'config.batch={batch} must be positive.')
   if batch % accum:
     fits = [a for a in range(1, batch + 1)
             if batch % a == 0 and (batch // a) % devices == 0]
@@ -238,20 +227,12 @@ def validate_config(config: Any, mesh: jax.sharding.Mesh) -> None:
         f'split evenly over the {devices} devices. Use a multiple of '
         f'{multiple} (e.g. config.batch='
         f'{max(1, round(batch / multiple)) * multiple}).')
-  sharding.check_batch_size(batch, mesh, what='config.batch')
-  sharding.check_batch_size(int(config_lib.get(config, 'batch_eval')),
-                            mesh, what='config.batch_eval')
-  for field in ('eval_every', 'checkpoint_every', 'log_every'):
-    value = config_lib.get(config, field)
-    if value is not None and int(value) <= 0:
-      raise ValueError(f'config.{field}={value} must be positive.')
-  objectives.from_config(config)  # Raises naming a bad objective field.
-  ema = config_lib.get(config, 'ema_decay')
-  if ema is not None and not 0 <= float(ema) < 1:
-    raise ValueError(f'config.ema_decay={ema} must be in [0, 1).')
+  sharding.check_batch_size(run.data.batch_eval, mesh,
+                            what='config.batch_eval')
 
 
-def create_train_state(config: Any, model: flax.linen.Module,
+def create_train_state(run: config_lib.Run, objective: Any,
+                       model: flax.linen.Module,
                        tx: optax.GradientTransformation,
                        mesh: jax.sharding.Mesh, rng: jax.Array
                        ) -> tuple[TrainState, Any, Any]:
@@ -261,12 +242,19 @@ def create_train_state(config: Any, model: flax.linen.Module,
   leaf, and `jax.jit(init, out_shardings=...)` materialises every shard on
   its device: no full copy of the parameters ever exists on one device.
 
+  Args:
+    run: The parsed config (image size, EMA, sharding rules).
+    objective: The run's objective (initialises the parameters).
+    model: `build_model`'s module.
+    tx: The optimizer.
+    mesh: Device mesh.
+    rng: Initialisation key.
+
   Returns:
     (state, its shardings, its abstract shapes).
   """
-  size = int(config.image_size)
-  use_ema = config_lib.get(config, 'ema_decay') is not None
-  objective = objectives.from_config(config)
+  size = run.data.image_size
+  use_ema = run.loop.use_ema
 
   def init(rng):
     images = jnp.zeros((1, size, size, 3), jnp.float32)
@@ -276,7 +264,7 @@ def create_train_state(config: Any, model: flax.linen.Module,
                       ema_params=params if use_ema else None)
 
   abstract = jax.eval_shape(init, rng)
-  shardings = sharding.shardings_from_config(abstract, mesh, config)
+  shardings = sharding.shardings_from_config(abstract, mesh, run.mesh)
   state = jax.jit(init, out_shardings=shardings)(rng)
   return state, shardings, abstract
 
@@ -294,18 +282,30 @@ def state_from_params(params: Any, tx: optax.GradientTransformation,
   return jax.jit(make, out_shardings=shardings)(params)
 
 
-def make_train_step(config: Any, model: flax.linen.Module,
+def make_train_step(loop: config_lib.LoopSection, objective: Any,
+                    model: flax.linen.Module,
                     tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, state_shardings: Any
                     ) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
-  """`train_step` jitted once with explicit shardings and a donated state."""
+  """`train_step` jitted once with explicit shardings and a donated state.
+
+  Args:
+    loop: The run's loop section (accumulation, EMA).
+    objective: The run's objective (its loss).
+    model: `build_model`'s module.
+    tx: The optimizer.
+    mesh: Device mesh.
+    state_shardings: Shardings of the train state.
+
+  Returns:
+    `step(state, batch, rng) -> (state, metrics)`.
+  """
   batch_sharding = sharding.batch_sharding(mesh)
-  accum = int(config_lib.get(config, 'accum_steps'))
+  accum = loop.accum_steps
   micro = sharding.micro_batch_sharding(mesh)
   step = functools.partial(
-      train_step, model=model, tx=tx,
-      loss_fn=objectives.from_config(config).loss_fn(model),
-      accum_steps=accum, ema_decay=config_lib.get(config, 'ema_decay'),
+      train_step, model=model, tx=tx, loss_fn=objective.loss_fn(model),
+      accum_steps=accum, ema_decay=loop.ema_decay,
       micro_batch_sharding=micro if accum > 1 else None)
   replicated = sharding.replicated(mesh)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding,
@@ -347,13 +347,12 @@ def _check_writable(workdir: str) -> None:
         'directory you can write to, or fix its permissions.') from e
 
 
-def _run_meta(config: Any, num_classes: int) -> dict[str, Any]:
-  return {'model_name': config.model_name, 'num_classes': int(num_classes),
-          'model': _to_dict(config_lib.get(config, 'model')),
-          'image_size': int(config.image_size),
-          'scan': bool(config_lib.get(config, 'scan')),
-          'ema': config_lib.get(config, 'ema_decay') is not None,
-          **objectives.from_config(config).run_meta()}
+def _run_meta(run: config_lib.Run, objective: Any,
+              num_classes: int) -> dict[str, Any]:
+  return {'model_name': run.model.model_name, 'num_classes': int(num_classes),
+          'model': dict(run.model.model),
+          'image_size': run.data.image_size, 'scan': bool(run.model.scan),
+          'ema': run.loop.use_ema, **objective.run_meta()}
 
 
 # ----------------------------------------------------------------------------
@@ -393,40 +392,41 @@ def train_and_evaluate(
       good checkpoint.
   """
   check_jax_flags()
+  run = config_lib.parse(config)  # Every field checked, once.
   _check_writable(workdir)
-  mesh = sharding.mesh_from_config(config)
-  validate_config(config, mesh)
-  source = input_pipeline.get_source(config)
-  info = input_pipeline.get_dataset_info(config, source)
+  mesh = sharding.mesh_from_config(run.mesh)
+  check_batches(run, mesh)
+  source = input_pipeline.get_source(run.data)
+  info = input_pipeline.get_dataset_info(run.data, source)
   if not info.num_eval_examples:
     raise ValueError(
         f'The evaluation split {info.eval_split!r} of {info.name!r} is empty '
         '(config.eval_split): choose a split with examples, or give an image '
         'folder more images per class (config.image_folder_test_percent).')
-  objective = objectives.from_config(config)
-  model = build_model(config, info.num_classes)
-  tx, schedule = optim.make_optimizer(config)
-  total_steps = int(config.total_steps)
-  use_ema = config_lib.get(config, 'ema_decay') is not None
+  objective = objectives.get(run.objective)
+  model = build_model(run.model, objective, info.num_classes)
+  tx, schedule = optim.make_optimizer(run.optim)
+  total_steps = run.loop.total_steps
+  use_ema = run.loop.use_ema
 
-  init_rng, train_rng = jax.random.split(jax.random.key(int(config.seed)))
-  state, shardings, abstract = create_train_state(config, model, tx, mesh,
-                                                  init_rng)
-  fewshot_every = int(config_lib.get(config, 'evals.fewshot.every'))
+  init_rng, train_rng = jax.random.split(jax.random.key(run.loop.seed))
+  state, shardings, abstract = create_train_state(run, objective, model, tx,
+                                                  mesh, init_rng)
+  fewshot_every = run.evals.fewshot.every
   # The linear probe reads the backbone's features (pre-logits).
   fewshot = fewshot_lib.FewShotEvaluator(
-      config, objective.backbone(model), mesh,
+      run.evals.fewshot, run.data, objective.backbone(model), mesh,
       shardings.params) if fewshot_every > 0 else None
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
-  logging.info('Model %s: %s parameters; mesh %s', config.model_name,
+  logging.info('Model %s: %s parameters; mesh %s', run.model.model_name,
                f'{num_params:,}', dict(mesh.shape))
   # Every exit, error paths included, closes the writers and then the
   # checkpointer (which first completes any save in flight).
   with contextlib.ExitStack() as stack:
     ckpt = checkpointing.Checkpointer(
-        workdir, _run_meta(config, info.num_classes),
-        keep=int(config_lib.get(config, 'keep_checkpoints')),
-        async_save=bool(config_lib.get(config, 'async_checkpoints')))
+        workdir, _run_meta(run, objective, info.num_classes),
+        keep=run.loop.keep_checkpoints,
+        async_save=bool(run.loop.async_checkpoints))
     stack.callback(ckpt.close)
     restored = ckpt.restore_latest(
         checkpointing.abstract_with_shardings(abstract, shardings))
@@ -435,10 +435,11 @@ def train_and_evaluate(
       start, state, data_state = restored
     else:
       start = 0
-      if config_lib.get(config, 'pretrained_path'):
-        logging.info('Fine-tuning from %s', config.pretrained_path)
+      if run.model.pretrained_path:
+        logging.info('Fine-tuning from %s', run.model.pretrained_path)
         params = checkpoint.load_pretrained(
-            pretrained_path=config.pretrained_path, init_params=state.params,
+            pretrained_path=run.model.pretrained_path,
+            init_params=state.params,
             model_config=model,
             patch_shape=getattr(model, 'total_stride', None))
         state = state_from_params(params, tx, shardings, use_ema)
@@ -456,17 +457,18 @@ def train_and_evaluate(
     writer = metric_writers.MultiWriter(all_writers + list(extra_writers))
     stack.callback(writer.close)
 
-    train_iter = input_pipeline.train_iterator(config, state=data_state,
+    train_iter = input_pipeline.train_iterator(run.data, state=data_state,
                                                source=source)
     start_position = train_iter.position
     batch_sharding = sharding.batch_sharding(mesh)
     batches = input_pipeline.prefetch_to_device(
         train_iter, batch_sharding,
-        size=int(config_lib.get(config, 'prefetch')))
-    step_fn = make_train_step(config, model, tx, mesh, shardings)
+        size=run.loop.prefetch)
+    step_fn = make_train_step(run.loop, objective, model, tx, mesh,
+                              shardings)
     # Placed once: a key on one device would be re-sharded at every step.
     train_rng = sharding.put_global(train_rng, sharding.replicated(mesh))
-    eval_ds, _ = input_pipeline.eval_dataset(config, source=source)
+    eval_ds, _ = input_pipeline.eval_dataset(run.data, source=source)
     eval_fn = objective.make_eval_fn(model, mesh, shardings.params)
 
     final_params_path = os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE)
@@ -492,12 +494,12 @@ def train_and_evaluate(
         raise
       return metrics
 
-    log_every = int(config_lib.get(config, 'log_every'))
-    eval_every = int(config_lib.get(config, 'eval_every'))
-    checkpoint_every = int(config_lib.get(config, 'checkpoint_every'))
+    log_every = run.loop.log_every
+    eval_every = run.loop.eval_every
+    checkpoint_every = run.loop.checkpoint_every
     hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
                                              writer=writer, every_secs=30)]
-    if is_writer and config_lib.get(config, 'profile'):
+    if is_writer and run.loop.profile:
       hooks.append(periodic_actions.Profile(logdir=workdir,
                                             num_profile_steps=5))
 

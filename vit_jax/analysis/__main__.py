@@ -43,22 +43,22 @@ FLAGS = flags.FLAGS
 
 def model_from_workdir(workdir: str):
   """(model, params, image_size, class names) of a training run."""
-  config = config_lib.load_run_config(workdir)
+  run = config_lib.parse(config_lib.load_run_config(workdir))
   names_path = os.path.join(workdir, input_pipeline.CLASS_NAMES_FILE)
   with open(names_path) as f:
     class_names = json.load(f)['class_names']
   # The backbone with the head its objective gives it (none after masked
   # patch prediction, whose own head is not used here).
-  num_classes = objectives.from_config(config).num_classes(len(class_names))
+  num_classes = objectives.get(run.objective).num_classes(len(class_names))
   model = vit_jax.models.get_model(num_classes=num_classes,
-                                   **config_lib.model_args(config))
+                                   **run.model.model_args())
   try:
     step, params = checkpointing.load_params(workdir)
     logging.info('Parameters of step %d from %s', step, workdir)
   except FileNotFoundError:
     params = checkpoint.load(
         os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE))
-  return model, params, int(config.image_size), class_names
+  return model, params, run.data.image_size, class_names
 
 
 def model_from_npz(path: str, name: str):

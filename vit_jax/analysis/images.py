@@ -33,13 +33,11 @@ def load_images(spec: str, image_size: int, num: int,
     FileNotFoundError: The folder has no images.
   """
   if spec == 'digits':
-    config = config_lib.get_base()
-    config.dataset = 'digits'
-    config.model_name = ''
-    config.image_size = image_size
-    config.batch_eval = 64
-    config.tfds_data_dir = tfds_data_dir
-    ds, _ = input_pipeline.eval_dataset(config, process_index=0,
+    # The base data section with digits at this size (no model involved).
+    data = config_lib.section(
+        {'dataset': 'digits', 'image_size': image_size, 'batch_eval': 64,
+         'tfds_data_dir': tfds_data_dir}, 'data')
+    ds, _ = input_pipeline.eval_dataset(data, process_index=0,
                                         process_count=1)
     images, labels = [], []
     for batch in ds.as_numpy_iterator():

@@ -206,65 +206,56 @@ class FewShotEvaluator:
   seeds) and `fewshot/<dataset>_<k>shot_std`.
 
   Attributes:
-    config: The experiment config; `config.evals.fewshot` holds `dataset`
-      (default: `config.dataset`), `shots`, `seeds`, `representation`,
-      `l2_grid`, `default_l2`, `pool_per_class`, `max_test_examples`.
+    section: The run's `evals.fewshot` section: `dataset` (default: the
+      training data's), `shots`, `seeds`, `representation`, `l2_grid`,
+      `default_l2`, `pool_per_class`, `max_test_examples`.
+    data: The run's data section (batch size, preprocessing; the dataset
+      unless `section.dataset` names another).
     model: The model being trained.
     mesh: Device mesh.
     param_shardings: Shardings of the parameters.
   """
-  config: Any
+  section: config_lib.FewShotSection
+  data: config_lib.DataSection
   model: flax.linen.Module
   mesh: jax.sharding.Mesh
   param_shardings: Any
 
   def __post_init__(self):
-    fs = self.config.evals.fewshot
+    fs = self.section
     self.shots = tuple(int(k) for k in fs.shots)
     self.seeds = int(fs.seeds)
     self.l2_grid = tuple(float(v) for v in (fs.l2_grid or DEFAULT_L2_GRID))
     self.default_l2 = float(fs.default_l2)
     self.pool_per_class = int(fs.pool_per_class)
     self.max_test_examples = int(fs.max_test_examples or 0) or None
-    self.data_config = self.config.copy_and_resolve_references()
-    if fs.dataset and fs.dataset != self.config.dataset:
+    self.probe_data = self.data
+    if fs.dataset and fs.dataset != self.data.dataset:
       # Another dataset (transfer): its own splits and classes, not the
       # training run's.
-      self.data_config.dataset = fs.dataset
-      for field in ('train_split', 'eval_split', 'num_classes'):
-        if field in self.data_config:
-          self.data_config[field] = None
-    self.source = input_pipeline.get_source(self.data_config)
-    self.info = input_pipeline.get_dataset_info(self.data_config, self.source)
+      self.probe_data = dataclasses.replace(
+          self.data, dataset=fs.dataset, train_split=None, eval_split=None,
+          num_classes=None)
+    self.source = input_pipeline.get_source(self.probe_data)
+    self.info = input_pipeline.get_dataset_info(self.probe_data, self.source)
     self.check_data()
-    self.feature_fn = make_feature_fn(
-        self.model,
-        config_lib.get(self.config, 'evals.fewshot.representation'),
-        self.mesh, self.param_shardings)
-    self.name = self.data_config.dataset
+    self.feature_fn = make_feature_fn(self.model, fs.representation,
+                                      self.mesh, self.param_shardings)
+    self.name = self.probe_data.dataset
 
   def check_data(self) -> None:
-    """Checks shots, pool and splits before training starts.
+    """Checks the dataset's splits against the shots before training starts.
 
     Without this a run whose dataset is too small for its shots would train
-    to the end and only then fail, in the final evaluation.
+    to the end and only then fail, in the final evaluation. (Shots, seeds
+    and pool size on their own are checked when the config is parsed.)
 
     Raises:
-      ValueError: naming the `evals.fewshot` field, the dataset, split and
-        class that do not fit, and what to change.
+      ValueError: naming the dataset, split and class that do not fit, and
+        what to change.
     """
-    if not self.shots or min(self.shots) < 1:
-      raise ValueError(f'evals.fewshot.shots={self.shots} must be a '
-                       'non-empty list of positive image counts per class.')
-    if self.seeds < 1:
-      raise ValueError(f'evals.fewshot.seeds={self.seeds} must be >= 1.')
     most = max(self.shots)
-    if self.pool_per_class < most:
-      raise ValueError(
-          f'evals.fewshot.pool_per_class={self.pool_per_class} is smaller '
-          f'than the largest shot count {most} (evals.fewshot.shots='
-          f'{self.shots}): raise it to at least {most}.')
-    where = f'few-shot dataset {self.data_config.dataset!r}'
+    where = f'few-shot dataset {self.probe_data.dataset!r}'
     if not self.source.split_size(self.info.eval_split):
       raise ValueError(
           f'The test split {self.info.eval_split!r} of the {where} is '
@@ -289,9 +280,9 @@ class FewShotEvaluator:
                                            tuple[np.ndarray, np.ndarray]]:
     """((pool features, labels), (test features, labels))."""
     train_ds, _ = input_pipeline.eval_dataset(
-        self.data_config, split=self.info.train_split, source=self.source)
+        self.probe_data, split=self.info.train_split, source=self.source)
     test_ds, _ = input_pipeline.eval_dataset(
-        self.data_config, split=self.info.eval_split, source=self.source)
+        self.probe_data, split=self.info.eval_split, source=self.source)
     pool = extract(self.feature_fn, params, train_ds, self.mesh,
                    per_class_limit=self.pool_per_class,
                    num_classes=self.info.num_classes)

@@ -5,14 +5,13 @@ An objective says how many classes the backbone's head has
 its parameters are initialised (`init`), the loss and its extra metrics
 (`loss_fn(model) -> (params, batch, rng) -> (loss, {name: scalar})`), the
 evaluation (`make_eval_fn`, `evaluate`) and what it adds to the run's
-description (`run_meta`). `train.py` picks one by `config.objective`, once.
+description (`run_meta`). `train.py` picks one by `config.objective`, once
+(`get`).
 
   classification  supervised cross-entropy (`config.loss`,
                   `config.label_smoothing`); top-1 / top-5 evaluation.
   mpp             masked patch prediction (paper §4.6; `config.mpp`).
 """
-
-from typing import Any
 
 from vit_jax import config_lib
 from vit_jax.objectives import classification
@@ -21,23 +20,18 @@ from vit_jax.objectives import mpp
 NAMES = (classification.NAME, mpp.NAME)
 
 
-def from_config(config: Any) -> classification.Classification | (
-    mpp.MaskedPatchPrediction):
-  """The objective named by `config.objective`, with its typed settings.
+def get(section: config_lib.ObjectiveSection
+        ) -> classification.Classification | mpp.MaskedPatchPrediction:
+  """The objective `section.objective` names, with its settings.
 
-  Raises:
-    ValueError: an unknown objective, loss or `config.mpp` field, naming
-      the field.
+  Args:
+    section: The run's objective section (`config_lib.parse(config)
+      .objective`), already checked.
+
+  Returns:
+    The objective.
   """
-  name = config_lib.get(config, 'objective')
-  if name == classification.NAME:
-    from vit_jax import losses  # pylint: disable=g-import-not-at-top
-    loss = config_lib.get(config, 'loss')
-    if loss not in losses.LOSSES:
-      raise ValueError(f'config.loss={loss!r}; use one of {losses.LOSSES}.')
-    return classification.Classification(
-        loss=loss,
-        label_smoothing=float(config_lib.get(config, 'label_smoothing')))
-  if name == mpp.NAME:
-    return mpp.MaskedPatchPrediction(mpp.MppConfig.from_config(config))
-  raise ValueError(f'config.objective={name!r}; use one of {NAMES}.')
+  if section.objective == mpp.NAME:
+    return mpp.MaskedPatchPrediction(section.mpp)
+  return classification.Classification(
+      loss=section.loss, label_smoothing=float(section.label_smoothing))

@@ -20,7 +20,7 @@ ViT itself knows nothing of the objective: it only offers a hook on its patch
 embeddings and its encoder's output tokens.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import dataclasses
 from typing import Any
 
@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vit_jax import config_lib
 from vit_jax import sharding
 from vit_jax.evaluators import classification
 
@@ -74,17 +73,18 @@ class MppConfig:
       raise ValueError(f'config.mpp.bits={self.bits} must be in 1..8.')
 
   @classmethod
-  def from_config(cls, config: Any) -> 'MppConfig':
-    """From `config.mpp` (a ConfigDict or dict; missing fields: defaults)."""
-    section = config_lib.get(config, 'mpp') or {}
-    section = section.to_dict() if hasattr(section, 'to_dict') else dict(
-        section)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(section) - fields)
+  def from_dict(cls, fields: Mapping[str, Any]) -> 'MppConfig':
+    """From the `config.mpp` fields (missing ones: the dataclass defaults).
+
+    Raises:
+      ValueError: naming fields the objective does not have.
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
     if unknown:
       raise ValueError(f'Unknown config.mpp field(s) {unknown}; known: '
-                       f'{sorted(fields)}.')
-    return cls(**section)
+                       f'{sorted(known)}.')
+    return cls(**fields)
 
   @property
   def num_colours(self) -> int:
