@@ -1,8 +1,9 @@
 r"""The benchmark suite: throughput, FLOP utilisation, compile time, memory.
 
   python -m benchmarks.run --models ViT-Ti_16,ViT-S_16,ViT-B_16 --batch 32 \
-      --res 224 [--variants base,remat,scan,bf16,fsdp] [--steps 5] \
-      [--scan_compile ViT-B_16,ViT-L_16] [--nopipeline] [--json out.json]
+      --res 224 [--variants base,remat,dots,scan,bf16,attn_xla,fsdp] \
+      [--steps 5] [--scan_compile ViT-B_16,ViT-L_16] [--nopipeline] \
+      [--json out.json]
 
 Measures, each in a fresh process (so that peak RSS and compile time belong
 to one measurement):
@@ -23,7 +24,10 @@ to one measurement):
 * the training input pipeline's images/s (generated JPEG folder, the
   model's resolution and batch).
 
-Variants: `base` (float32, data parallel on 1 device), `remat`, `scan`,
+Variants: `base` (float32, data parallel on 1 device), `remat` (remat
+policy 'full'), `dots` / `dots_nb` (remat policies 'dots_saveable' /
+'dots_with_no_batch_dims_saveable'), `scan`, `scan_remat`, `attn_xla`
+(`attention_impl='xla'`), `attn_cudnn` (GPU: cuDNN flash attention, bf16),
 `bf16` (compute dtype bfloat16, float32 parameters), `fsdp` (8 simulated
 devices, parameters and optimizer state sharded: its memory per device is
 the point, not its speed, since 8 simulated devices share the same cores).
@@ -49,6 +53,15 @@ VARIANTS = {
     'scan_remat': {'scan': True, 'remat': True},
     'bf16': {'compute_dtype': 'bfloat16'},
     'fsdp': {'mesh': (('data', 1), ('fsdp', -1))},
+    # Remat policies (what the backward pass keeps) and attention
+    # implementations: `model` entries are get_model overrides.
+    'dots': {'model': {'remat_policy': 'dots_saveable'}},
+    'dots_nb': {'model': {
+        'remat_policy': 'dots_with_no_batch_dims_saveable'}},
+    'attn_xla': {'model': {'attention_impl': 'xla'}},
+    # GPU only: cuDNN flash attention needs bfloat16.
+    'attn_cudnn': {'compute_dtype': 'bfloat16',
+                   'model': {'attention_impl': 'cudnn'}},
 }
 FSDP_DEVICES = 8
 _NO_DROPOUT = {'transformer': {'dropout_rate': 0.0}}
@@ -86,10 +99,11 @@ def _config(model_name: str, variant: str, batch: int, res: int,
   from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.get_base()
   config.model_name = model_name
-  config.model = model_overrides or {}
+  variant = dict(VARIANTS[variant])
+  config.model = {**(model_overrides or {}), **variant.pop('model', {})}
   config.image_size = res
   config.batch = batch
-  config.update(VARIANTS[variant])
+  config.update(variant)
   return config
 
 
@@ -222,14 +236,14 @@ def _fmt(value, spec, missing='-'):
 
 def _print_row(row: dict, peak: float) -> None:
   if 'error' in row:
-    print(f'{row["model"]:<12} {row["variant"]:<6} {row["mode"]:<9} '
+    print(f'{row["model"]:<12} {row["variant"]:<10} {row["mode"]:<9} '
           f'ERROR: {row["error"]}', flush=True)
     return
   mfu = row.get('gflops_per_s')
   mfu = None if mfu is None else 100 * mfu / peak
   program = row.get('program_bytes_per_device')
   mode = row['mode'] + ('*' if row.get('model_overrides') else '')
-  print(f'{row["model"]:<12} {row["variant"]:<6} {mode:<9} '
+  print(f'{row["model"]:<12} {row["variant"]:<10} {mode:<9} '
         f'{row["devices"]:>3} {_fmt(row.get("images_per_s"), "8.2f"):>8} '
         f'{_fmt(row.get("step_s"), "8.3f"):>8} '
         f'{_fmt(row.get("gflops_per_s"), "7.1f"):>7} {_fmt(mfu, "5.1f"):>5} '
@@ -286,7 +300,8 @@ def main(argv=None):
   parser.add_argument('--models', default='ViT-Ti_16,ViT-S_16,ViT-B_16')
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--res', type=int, default=224)
-  parser.add_argument('--variants', default='base,remat,scan,bf16,fsdp')
+  parser.add_argument('--variants',
+                      default='base,remat,dots,dots_nb,scan,bf16,attn_xla,fsdp')
   parser.add_argument('--modes', default='train,inference')
   parser.add_argument('--steps', type=int, default=5,
                       help='timed calls per row (after 2 warm-up calls)')
@@ -329,7 +344,7 @@ def main(argv=None):
                else 'untuned (no vit_jax.runtime settings)')
   print(f'# batch {args.batch}, {args.res} px; median of {args.steps} '
         f'calls after 2 warm-up calls; process settings: {settings}')
-  print(f'{"model":<12} {"var":<6} {"mode":<9} {"dev":>3} {"img/s":>8} '
+  print(f'{"model":<12} {"var":<10} {"mode":<9} {"dev":>3} {"img/s":>8} '
         f'{"step s":>8} {"GFLOP/s":>7} {"MFU%":>5} {"compile":>8} '
         f'{"prog GiB":>8} {"RSS GiB":>8}')
   rows = []

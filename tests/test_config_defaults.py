@@ -121,6 +121,7 @@ def test_fields_the_base_does_not_declare_are_refused(fields, message):
     ({'ema_decay': 1.0}, r'config.ema_decay=1.0 must be in \[0, 1\)'),
     ({'warmup_steps': 10_000}, r'config.warmup_steps=10000 must be in'),
     ({'optimizer': 'lamb'}, r"config.optimizer='lamb'; use one of"),
+    ({'mu_dtype': 'int8'}, r"config.mu_dtype='int8'; use one of"),
     ({'dataset': ''}, r'config.dataset is not set'),
     ({'batch_eval': -2}, r'config.batch_eval=-2 must be positive'),
     ({'model_name': 'ViT-X_1'}, r"Unknown model 'ViT-X_1'.*ViT-B_16"),

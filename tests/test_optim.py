@@ -350,3 +350,24 @@ def test_adam_betas_and_eps_two_steps(leaf, wd):
                          rtol=1e-4)
   for step, (g, w) in enumerate(zip(got, want), start=1):
     np.testing.assert_allclose(g, w, rtol=1e-6, err_msg=f'step {step}')
+
+
+@pytest.mark.parametrize('optimizer', ['adam', 'sgd'])
+def test_first_moment_in_bfloat16(optimizer):
+  """`mu_dtype='bfloat16'` stores Adam's mu / SGD's momentum in bfloat16
+  (half its memory), Adam's nu stays float32, and the updates stay those of
+  the numpy references to bfloat16 precision."""
+  config = _config(optimizer=optimizer, beta1=0.7, beta2=0.8, momentum=0.5,
+                   base_lr=LR, warmup_steps=0, decay_type='constant',
+                   grad_clip_norm=0.0, weight_decay=0.0, mu_dtype='bfloat16')
+  tx, _ = optim.make_optimizer(optim_section(config))
+  state = tx.init({'w': jnp.asarray(P0, jnp.float32)})
+  dtypes = sorted(str(x.dtype) for x in jax.tree_util.tree_leaves(state)
+                  if x.ndim)
+  assert dtypes == (['bfloat16', 'float32'] if optimizer == 'adam'
+                    else ['bfloat16'])
+  got = _run_two_steps(config, 'w')
+  want = (_numpy_adam(GRADS, 0.7, 0.8) if optimizer == 'adam'
+          else _numpy_sgd(GRADS, 0.5, 0.0))
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=2e-2, atol=1e-3 * LR)

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -172,6 +173,14 @@ def test_main_job_writes_everything(digits_run):
       1, 17, 192)
   assert json.load(open(os.path.join(workdir, 'class_names.json')))[
       'class_names'] == [str(d) for d in range(10)]
+  # Adam (two moments) and EMA: four float32 copies of the parameters, on
+  # the one device.
+  n = sum(v.size for v in checkpoint.flatten(params).values())
+  size = re.search(r'train state: ([\d.]+) MiB per device of ([\d.]+) MiB',
+                   result.stderr)
+  assert size, 'no train-state size line'
+  assert float(size.group(1)) == float(size.group(2))
+  assert abs(float(size.group(2)) - 16 * n / 2**20) <= 0.051
 
 
 def test_finetune_from_npz_at_higher_resolution_through_the_cli(digits_run,
@@ -345,6 +354,30 @@ def test_fsdp_shards_parameters_and_optimizer_state():
     total = sum(x.nbytes for x in leaves)
     per_device = sum(x.addressable_shards[0].data.nbytes for x in leaves)
     assert per_device <= total / 8 * 1.15, (per_device, total)
+
+
+@pytest.mark.parametrize('mesh_axes', [DATA_PARALLEL, FSDP])
+def test_train_state_size_is_what_the_devices_hold(mesh_axes):
+  config = train_worker.config_for(mesh_axes)
+  mesh = sharding.make_mesh(mesh_axes)
+  model = _model(config, num_classes=7)
+  tx, _ = _optimizer(config)
+  state, shardings, abstract = _train_state(config, model, tx, mesh,
+                                            jax.random.key(0))
+  per_device, total = train.state_size_mib(abstract, shardings)
+  leaves = jax.tree_util.tree_leaves(state)
+  assert total == sum(x.nbytes for x in leaves) / 2**20
+  assert per_device == sum(x.addressable_shards[0].data.nbytes
+                           for x in leaves) / 2**20
+  # Adam: parameters and two moments in float32, plus int32 step counters.
+  n = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+  counters = [x for x in leaves if x.dtype == jnp.int32]
+  assert all(x.shape == () for x in counters)
+  assert total * 2**20 == 3 * 4 * n + 4 * len(counters)
+  if mesh_axes == FSDP:
+    assert per_device < total / 4
+  else:
+    assert per_device == total
 
 
 def test_accum_steps_equals_one_batch_of_four_times_the_size():

@@ -184,6 +184,7 @@ class OptimSection:
   beta1: float
   beta2: float
   grad_clip_norm: float
+  mu_dtype: str | None
 
   def __post_init__(self):
     from vit_jax import optim  # pylint: disable=g-import-not-at-top
@@ -200,6 +201,9 @@ class OptimSection:
     if self.weight_decay < 0:
       raise ValueError(f'config.weight_decay={self.weight_decay} must be '
                        '>= 0.')
+    if self.mu_dtype is not None and self.mu_dtype not in optim.MU_DTYPES:
+      raise ValueError(f'config.mu_dtype={self.mu_dtype!r}; use one of '
+                       f'{optim.MU_DTYPES} or None (the parameters\' dtype).')
     if self.grad_clip_norm is not None and self.grad_clip_norm < 0:
       raise ValueError(f'config.grad_clip_norm={self.grad_clip_norm} must be '
                        '>= 0 (0 disables clipping).')
@@ -470,6 +474,9 @@ def get_base() -> ml_collections.ConfigDict:
   c.beta1 = 0.9  # Adam beta1.
   c.beta2 = 0.999  # Adam beta2.
   c.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
+  # Dtype of Adam's first moment / SGD's momentum, e.g. 'bfloat16' (half the
+  # memory of that state); None: the parameters' dtype.
+  c.mu_dtype = ml_collections.config_dict.placeholder(str)
   c.loss = 'softmax_xent'  # Or 'sigmoid_xent'.
   c.objective = 'classification'  # Or 'mpp': masked patch prediction.
   c.mpp = ml_collections.ConfigDict()  # objectives.mpp.MppConfig fields.

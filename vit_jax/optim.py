@@ -4,7 +4,8 @@ Fields of `config_lib.OptimSection` (checked when the config is parsed):
 `optimizer` ('adam' | 'sgd'), `base_lr`, `total_steps`,
 `warmup_steps`, `decay_type` ('linear' | 'cosine' | 'constant'),
 `weight_decay` (of kernels only), `grad_clip_norm` (None or 0 disables),
-`beta1`, `beta2`, `momentum`.
+`beta1`, `beta2`, `momentum`, `mu_dtype` (dtype of Adam's first moment or
+SGD's momentum: 'bfloat16' halves that state).
 
 Recipes (paper §4.1, Appendix B.1): pre-training uses Adam (β1 0.9, β2 0.999)
 with high decoupled weight decay; fine-tuning uses SGD with momentum 0.9, no
@@ -12,12 +13,14 @@ weight decay, gradient clipping at global norm 1, cosine decay.
 """
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from vit_jax import config_lib
 
 OPTIMIZERS = ('adam', 'sgd')
 DECAY_TYPES = ('linear', 'cosine', 'constant')
+MU_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 def make_schedule(section: config_lib.OptimSection) -> optax.Schedule:
@@ -68,15 +71,17 @@ def make_optimizer(section: config_lib.OptimSection
   """
   schedule = make_schedule(section)
   weight_decay = float(section.weight_decay)
+  mu_dtype = jnp.dtype(section.mu_dtype) if section.mu_dtype else None
   if section.optimizer == 'adam':
     tx = optax.adamw(schedule, b1=float(section.beta1),
                      b2=float(section.beta2), weight_decay=weight_decay,
-                     mask=_decay_mask)
+                     mask=_decay_mask, mu_dtype=mu_dtype)
   else:
     tx = optax.chain(
         optax.add_decayed_weights(weight_decay, mask=_decay_mask)
         if weight_decay else optax.identity(),
-        optax.sgd(schedule, momentum=float(section.momentum)))
+        optax.sgd(schedule, momentum=float(section.momentum),
+                  accumulator_dtype=mu_dtype))
   if section.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(float(section.grad_clip_norm)),
                      tx)

@@ -269,6 +269,29 @@ def create_train_state(run: config_lib.Run, objective: Any,
   return state, shardings, abstract
 
 
+def state_size_mib(abstract: Any, shardings: Any) -> tuple[float, float]:
+  """(MiB on each device, MiB in all) of a train state under its shardings.
+
+  Parameters, optimizer state and EMA together: what the memory of a mesh
+  has to hold before any activation. Leaves split evenly (NamedSharding), so
+  every device holds the same bytes.
+
+  Args:
+    abstract: The state's shapes (`jax.eval_shape`) or arrays.
+    shardings: A sharding per leaf (same tree structure).
+
+  Returns:
+    (per-device MiB, total MiB).
+  """
+  per_device = total = 0
+  for x, s in zip(jax.tree_util.tree_leaves(abstract),
+                  jax.tree_util.tree_leaves(shardings)):
+    itemsize = jnp.dtype(x.dtype).itemsize
+    total += int(np.prod(x.shape)) * itemsize
+    per_device += int(np.prod(s.shard_shape(x.shape))) * itemsize
+  return per_device / 2**20, total / 2**20
+
+
 def state_from_params(params: Any, tx: optax.GradientTransformation,
                       shardings: Any, use_ema: bool) -> TrainState:
   """A fresh state (step 0, new optimizer state) around given parameters."""
@@ -420,6 +443,9 @@ def train_and_evaluate(
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
   logging.info('Model %s: %s parameters; mesh %s', run.model.model_name,
                f'{num_params:,}', dict(mesh.shape))
+  # One line to grep on any mesh (parameters + optimizer state + EMA).
+  logging.info('train state: %.1f MiB per device of %.1f MiB',
+               *state_size_mib(abstract, shardings))
   # Every exit, error paths included, closes the writers and then the
   # checkpointer (which first completes any save in flight).
   with contextlib.ExitStack() as stack:

@@ -20,6 +20,8 @@ between the two layouts.
 """
 
 from collections.abc import Callable, Mapping
+import logging
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -39,6 +41,132 @@ _LAYER_NORM_EPSILON = 1e-6
 
 CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
 OUTPUTS = ('logits', 'tokens')
+
+# How attention is computed (the parameters are the same for all):
+#   'einsum': heads-major einsums, the fastest measured on CPU;
+#   'xla':    jax.nn.dot_product_attention's XLA implementation;
+#   'cudnn':  its cuDNN fused (flash) kernel, NVIDIA GPUs, bfloat16/float16;
+#   'flash':  the Pallas TPU flash-attention kernel that jax ships;
+#   'auto':   per backend (see `resolve_attention_impl`).
+ATTENTION_IMPLS = ('auto', 'einsum', 'xla', 'cudnn', 'flash')
+# Memory controls of the encoder blocks: 'none' keeps every activation, 'full'
+# recomputes each block in the backward pass, the others are the
+# `jax.checkpoint_policies` of the same name (what is saved, not recomputed).
+REMAT_POLICIES = ('none', 'full', 'dots_saveable',
+                  'dots_with_no_batch_dims_saveable', 'nothing_saveable',
+                  'everything_saveable')
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+_CUDNN_MAX_HEAD_DIM = 128  # cuDNN's fused attention kernels go up to 128.
+_FLASH_BLOCK = 128  # The TPU kernel's sequence block; sequences are padded.
+_logged_choices: set[tuple[Any, ...]] = set()  # Say each choice once.
+
+
+def resolve_attention_impl(requested: str, *, backend: str, dtype: Any,
+                           head_dim: int, dropout: bool) -> tuple[str, str]:
+  """The attention implementation to use, and why.
+
+  Args:
+    requested: One of `ATTENTION_IMPLS`.
+    backend: `jax.default_backend()` ('cpu', 'gpu', 'tpu', ...).
+    dtype: Compute dtype.
+    head_dim: Features per head.
+    dropout: Whether dropout on the attention weights is active (training
+      with `attention_dropout_rate` > 0): only 'einsum' has it.
+
+  Returns:
+    (implementation, reason).
+
+  Raises:
+    ValueError: an unknown name, or an explicit choice the backend, dtype or
+      dropout cannot run, naming what to change.
+  """
+  if requested not in ATTENTION_IMPLS:
+    raise ValueError(f'attention_impl={requested!r}; use one of '
+                     f'{ATTENTION_IMPLS}.')
+  cudnn_ok = (backend == 'gpu' and jnp.dtype(dtype) in _CUDNN_DTYPES
+              and head_dim <= _CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0)
+  if requested != 'auto':
+    if requested != 'einsum' and dropout:
+      raise ValueError(
+          f"attention_impl={requested!r} has no dropout on the attention "
+          "weights: use attention_impl='einsum' (or 'auto') with "
+          'attention_dropout_rate > 0, or set attention_dropout_rate=0.')
+    if requested == 'cudnn' and not cudnn_ok:
+      raise ValueError(
+          "attention_impl='cudnn' needs an NVIDIA GPU, a bfloat16/float16 "
+          f'compute dtype and a head size <= {_CUDNN_MAX_HEAD_DIM} divisible '
+          f'by 8 (backend {backend!r}, dtype {jnp.dtype(dtype).name}, head '
+          f"size {head_dim}): use 'auto' or 'xla'.")
+    if requested == 'flash' and backend != 'tpu':
+      raise ValueError(f"attention_impl='flash' is the TPU kernel; the "
+                       f"backend is {backend!r}: use 'auto' or 'xla'.")
+    return requested, 'asked for'
+  if dropout:
+    return 'einsum', 'attention dropout is on (only einsum has it)'
+  if backend == 'cpu':
+    return 'einsum', 'fastest measured on CPU'
+  if backend == 'gpu':
+    if cudnn_ok:
+      return 'cudnn', 'fused cuDNN kernel for this dtype and head size'
+    return 'xla', (f'no cuDNN kernel for dtype {jnp.dtype(dtype).name}, head '
+                   f'size {head_dim}')
+  if backend == 'tpu':
+    return 'flash', 'Pallas flash-attention kernel'
+  return 'xla', f'no fused kernel on backend {backend!r}'
+
+
+def _backend() -> str:
+  """The platform attention is compiled for (a function: tests replace it)."""
+  return jax.default_backend()
+
+
+def _log_choice(requested, impl, reason, backend):
+  key = (requested, impl, reason, backend)
+  if requested == 'auto' and key not in _logged_choices:
+    _logged_choices.add(key)
+    logging.info("attention_impl='auto' on %s: %r (%s).", backend, impl,
+                 reason)
+
+
+def _tpu_flash_attention(q, k, v, segment_ids, sm_scale):
+  """The Pallas TPU kernel (a function of its own so tests can replace it).
+
+  Args:
+    q: Queries [B, H, T, D]; `k`, `v` alike.
+    k: Keys.
+    v: Values.
+    segment_ids: [B, T] int32: tokens attend within their own segment.
+    sm_scale: Logit scale.
+
+  Returns:
+    [B, H, T, D].
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu import flash_attention
+  return flash_attention.flash_attention(
+      q, k, v, segment_ids=flash_attention.SegmentIds(q=segment_ids,
+                                                      kv=segment_ids),
+      sm_scale=sm_scale)
+
+
+def _flash_attention(q, k, v, scale):
+  """TPU flash attention on heads-major [B, H, T, D], any sequence length.
+
+  The kernel works on whole blocks of the sequence, so T is padded to a
+  multiple of the block; padded keys get another segment id, so no real
+  query attends to them, and padded queries are cut off again.
+  """
+  t = q.shape[2]
+  padded = math.ceil(t / _FLASH_BLOCK) * _FLASH_BLOCK
+  pad = [(0, 0), (0, 0), (0, padded - t), (0, 0)]
+  q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+  ids = jnp.broadcast_to((jnp.arange(padded) >= t).astype(jnp.int32),
+                         (q.shape[0], padded))
+  # Scaled here, as the einsum path scales, and so that the kernel (and its
+  # reference, whose backward pass has no scale) runs at scale 1.
+  q = q * jnp.asarray(scale, q.dtype)
+  out = _tpu_flash_attention(q, k, v, ids, 1.0)
+  return out[:, :, :t]
 
 
 def config_value(config: Any, name: str, default: Any = None) -> Any:
@@ -74,6 +202,23 @@ def patch_size_of(patches: Any) -> tuple[int, int]:
   return size
 
 
+def remat_policy_of(remat: bool, remat_policy: str | None) -> str:
+  """The encoder's remat policy from the `remat` switch and `remat_policy`.
+
+  Raises:
+    ValueError: an unknown policy, or `remat=True` with policy 'none'.
+  """
+  if remat_policy is None:
+    return 'full' if remat else 'none'
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f'remat_policy={remat_policy!r}; use one of '
+                     f'{REMAT_POLICIES}.')
+  if remat and remat_policy == 'none':
+    raise ValueError("remat=True asks for rematerialisation but "
+                     "remat_policy='none' turns it off: drop one of them.")
+  return remat_policy
+
+
 class _ProjectionParams(nn.Module):
   """Holds the kernel and bias of one attention projection.
 
@@ -107,12 +252,17 @@ class MultiHeadDotProductAttention(nn.Module):
     deterministic: Disables dropout.
     dtype: Computation dtype.
     param_dtype: Parameter dtype.
+    attention_impl: One of `ATTENTION_IMPLS`. Every implementation computes
+      the same function of the same parameters; the attention weights are
+      materialised only by 'einsum' or when the `intermediates` collection
+      is asked for.
   """
   num_heads: int
   dropout_rate: float = 0.0
   deterministic: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -122,6 +272,12 @@ class MultiHeadDotProductAttention(nn.Module):
                        f'{self.num_heads}.')
     head_dim = hidden // self.num_heads
     heads = (self.num_heads, head_dim)
+    backend = _backend()
+    impl, reason = resolve_attention_impl(
+        self.attention_impl, backend=backend, dtype=self.dtype,
+        head_dim=head_dim,
+        dropout=self.dropout_rate > 0 and not self.deterministic)
+    _log_choice(self.attention_impl, impl, reason, backend)
 
     def projection(name):
       return _ProjectionParams(
@@ -136,25 +292,48 @@ class MultiHeadDotProductAttention(nn.Module):
         name='out')()
 
     # One [B*T, D] x [D, 3D] matmul for q, k and v, written straight into the
-    # heads-major layout [B, 3H, T, D/H] that the two attention einsums want.
+    # heads-major layout [B, 3H, T, D/H] that the einsums and the TPU kernel
+    # want, or [B, T, 3H, D/H] for jax.nn.dot_product_attention.
     w_qkv = jnp.concatenate([wq, wk, wv], axis=1).astype(self.dtype)
     b_qkv = jnp.concatenate([bq, bk, bv], axis=0).astype(self.dtype)
-    qkv = jnp.einsum('btd,dnh->bnth', x.astype(self.dtype), w_qkv)
+    x = x.astype(self.dtype)
+    scale = head_dim**-0.5
+    if impl in ('xla', 'cudnn'):
+      qkv = jnp.einsum('btd,dnh->btnh', x, w_qkv) + b_qkv
+      q, k, v = jnp.split(qkv, 3, axis=2)
+      out = jax.nn.dot_product_attention(q, k, v, scale=scale,
+                                         implementation=impl)
+      if self.is_mutable_collection('intermediates'):
+        self.sow('intermediates', 'attention_weights', self._weights(
+            *(y.swapaxes(1, 2) for y in (q, k)), scale))
+      out = jnp.einsum('bqhd,hdo->bqo', out, wo.astype(self.dtype))
+      return out + bo.astype(self.dtype)
+
+    qkv = jnp.einsum('btd,dnh->bnth', x, w_qkv)
     qkv = qkv + b_qkv[None, :, None, :]
     q, k, v = jnp.split(qkv, 3, axis=1)
-    q = q * jnp.asarray(head_dim**-0.5, self.dtype)
+    if impl == 'flash':
+      out = _flash_attention(q, k, v, scale)
+      if self.is_mutable_collection('intermediates'):
+        self.sow('intermediates', 'attention_weights',
+                 self._weights(q, k, scale))
+    else:
+      weights = self._weights(q, k, scale)
+      self.sow('intermediates', 'attention_weights', weights)
+      weights = nn.Dropout(rate=self.dropout_rate)(
+          weights, deterministic=self.deterministic)
+      out = jnp.einsum('bhqk,bhkd->bhqd', weights, v)
+    out = jnp.einsum('bhqd,hdo->bqo', out, wo.astype(self.dtype))
+    return out + bo.astype(self.dtype)
 
+  def _weights(self, q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
+    """Softmax attention weights [B, H, Tq, Tk] of heads-major q and k."""
+    q = q * jnp.asarray(scale, self.dtype)
     logits = jnp.einsum('bhqd,bhkd->bhqk', q, k)
     # Softmax in float32 whatever the compute dtype: bfloat16 exponentials
     # lose too much precision in long sequences.
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights = weights.astype(self.dtype)
-    self.sow('intermediates', 'attention_weights', weights)
-    weights = nn.Dropout(rate=self.dropout_rate)(
-        weights, deterministic=self.deterministic)
-    out = jnp.einsum('bhqk,bhkd->bhqd', weights, v)
-    out = jnp.einsum('bhqd,hdo->bqo', out, wo.astype(self.dtype))
-    return out + bo.astype(self.dtype)
+    return weights.astype(self.dtype)
 
 
 class MlpBlock(nn.Module):
@@ -201,6 +380,7 @@ class Encoder1DBlock(nn.Module):
     deterministic: Disables dropout.
     dtype: Computation dtype.
     param_dtype: Parameter dtype.
+    attention_impl: See `MultiHeadDotProductAttention`.
   """
   mlp_dim: int
   num_heads: int
@@ -209,6 +389,7 @@ class Encoder1DBlock(nn.Module):
   deterministic: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> tuple[jax.Array, None]:
@@ -219,7 +400,7 @@ class Encoder1DBlock(nn.Module):
     x = MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
         deterministic=self.deterministic, dtype=self.dtype,
-        param_dtype=self.param_dtype,
+        param_dtype=self.param_dtype, attention_impl=self.attention_impl,
         name='MultiHeadDotProductAttention_0')(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=self.deterministic)
     x = x + inputs
@@ -269,8 +450,12 @@ class Encoder(nn.Module):
     deterministic: Disables dropout.
     dtype: Computation dtype.
     param_dtype: Parameter dtype.
-    remat: Rematerialise each block in the backward pass (saves memory).
+    remat: Rematerialise each block in the backward pass (saves memory):
+      `remat_policy='full'`.
     scan: Run the blocks with `nn.scan` (compile time independent of depth).
+    attention_impl: See `MultiHeadDotProductAttention`.
+    remat_policy: One of `REMAT_POLICIES`; None: 'full' with `remat`, else
+      'none'.
   """
   num_layers: int
   mlp_dim: int
@@ -283,6 +468,8 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   scan: bool = False
+  attention_impl: str = 'auto'
+  remat_policy: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -293,16 +480,20 @@ class Encoder(nn.Module):
           x, deterministic=self.deterministic)
     x = x.astype(self.dtype)
     block_cls = Encoder1DBlock
-    if self.remat:
+    policy = remat_policy_of(self.remat, self.remat_policy)
+    if policy != 'none':
       # Under scan, common-subexpression elimination cannot undo the remat, so
       # the (costly) CSE barrier is only needed in the unrolled loop.
-      block_cls = nn.remat(block_cls, prevent_cse=not self.scan)
+      block_cls = nn.remat(
+          block_cls, prevent_cse=not self.scan,
+          policy=(None if policy == 'full'
+                  else getattr(jax.checkpoint_policies, policy)))
     block_kwargs = dict(
         mlp_dim=self.mlp_dim, num_heads=self.num_heads,
         dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
         deterministic=self.deterministic, dtype=self.dtype,
-        param_dtype=self.param_dtype)
+        param_dtype=self.param_dtype, attention_impl=self.attention_impl)
     if self.scan:
       block_cls = nn.scan(
           block_cls,
@@ -343,6 +534,10 @@ class VisionTransformer(nn.Module):
     param_dtype: Parameter dtype.
     remat: Rematerialise encoder blocks in the backward pass.
     scan: Scan over encoder blocks.
+    attention_impl: How attention is computed, one of `ATTENTION_IMPLS`
+      ('auto': per backend, logged); the parameters are the same for all.
+    remat_policy: What the backward pass recomputes, one of
+      `REMAT_POLICIES` (None: 'full' with `remat`, else 'none').
   """
   num_classes: int | None
   patches: Any
@@ -357,6 +552,8 @@ class VisionTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   scan: bool = False
+  attention_impl: str = 'auto'
+  remat_policy: str | None = None
 
   @property
   def total_stride(self) -> tuple[int, int]:
@@ -443,7 +640,9 @@ class VisionTransformer(nn.Module):
       x = Encoder(
           deterministic=not train, dtype=self.dtype,
           param_dtype=self.param_dtype, remat=self.remat, scan=self.scan,
-          name='Transformer', **encoder_fields)(x)
+          attention_impl=self.attention_impl,
+          remat_policy=self.remat_policy, name='Transformer',
+          **encoder_fields)(x)
       if output == 'tokens':
         return x
 
