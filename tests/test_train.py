@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -445,6 +446,57 @@ def test_tpu_launch_scripts_issue_the_expected_commands():
   assert 'gs://bucket/run' in run
   assert '--worker=all' in dry('tpu_setup.sh')
   assert 'tpu-vm delete pod' in dry('tpu_delete.sh')
+
+
+def test_slurm_launch_issues_the_expected_commands():
+  launch = os.path.join(REPO, 'launch')
+  for script in ('slurm.sbatch', 'slurm_submit.sh'):
+    subprocess.run(['bash', '-n', os.path.join(launch, script)], check=True)
+  args = ['--config=configs/pretrain_imagenet21k.py:b16',
+          '--workdir=/shared/runs/b 16']  # A space survives the quoting.
+
+  def dry(script, **env):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(('SLURM_', 'XLA_FLAGS', 'PER'))} | env
+    return subprocess.run(['bash', os.path.join(launch, script), *args],
+                          env={**env, 'DRY_RUN': '1'}, capture_output=True,
+                          text=True, check=True).stdout
+
+  submit = dry('slurm_submit.sh', NODES='4', GPUS_PER_NODE='8',
+               PARTITION='gpu', TIME='24:00:00')
+  assert submit.startswith('sbatch ')
+  for option in ('--nodes=4', '--ntasks-per-node=8', '--gpus-per-node=8',
+                 '--partition=gpu', '--time=24:00:00', 'slurm.sbatch'):
+    assert option in submit, option
+  assert '--ntasks-per-node=1' in dry('slurm_submit.sh', PER='node')
+  # Inside the allocation: the same vit_jax.main command in every task.
+  per_gpu = dry('slurm.sbatch')
+  env_line, command = per_gpu.splitlines()
+  assert shlex.split(command) == [
+      'srun', '--kill-on-bad-exit=1', 'python', '-m', 'vit_jax.main',
+      '--distributed', *args]
+  assert env_line == 'XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true'
+  per_node = dry('slurm.sbatch', PER='node', SLURM_GPUS_ON_NODE='4')
+  assert '--local_device_ids=0,1,2,3' in shlex.split(per_node.splitlines()[1])
+  assert 'XLA_FLAGS=--mine' in dry('slurm.sbatch', XLA_FLAGS='--mine')
+
+
+def test_local_device_ids_reach_jax_distributed(monkeypatch):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from vit_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  calls = {}
+  monkeypatch.setattr(jax.distributed, 'initialize',
+                      lambda **kwargs: calls.update(kwargs))
+  monkeypatch.setattr(jax.config, 'update', lambda *args: None)
+  monkeypatch.setattr(train, 'train_and_evaluate',
+                      lambda config, workdir: {})
+  flags.FLAGS(['main', '--config=configs/digits.py', '--workdir=/tmp/x',
+               '--distributed', '--local_device_ids=0,1,2'])
+  try:
+    main_lib.main(['main'])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert calls['local_device_ids'] == [0, 1, 2]
 
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path):

@@ -5,10 +5,10 @@
       --workdir=gs://bucket/run --config.pretrained_path=gs://vit_models/imagenet21k/ViT-B_16.npz
 
 Any config field can be overridden with `--config.<field>=<value>`; unknown
-fields are refused. Multi-host: on a Cloud TPU pod pass `--distributed` (JAX
-finds the coordinator itself); for local multi-process rehearsals pass
-`--coordinator_address`, `--num_processes` and `--process_id` (see
-launch/local.sh). All logic lives in `vit_jax.train.train_and_evaluate`.
+fields are refused. Multi-host: on a Cloud TPU pod or under SLURM pass
+`--distributed` (JAX finds the coordinator itself; see launch/slurm.sbatch);
+for local multi-process rehearsals pass `--coordinator_address`,
+`--num_processes` and `--process_id` (see launch/local.sh). All logic lives in `vit_jax.train.train_and_evaluate`.
 """
 
 # Before anything heavy is imported: restart once with the process settings
@@ -38,6 +38,10 @@ flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, for explicit multi-process runs.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
+flags.DEFINE_list('local_device_ids', None,
+                  'Devices this process drives, e.g. 0,1,2,3 (SLURM with one '
+                  'process per node: all the node\'s GPUs; default: what '
+                  'jax.distributed detects).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -61,7 +65,9 @@ def main(argv):
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(
         coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+        local_device_ids=([int(i) for i in FLAGS.local_device_ids]
+                          if FLAGS.local_device_ids else None))
   logging.info('JAX process %d/%d, %d local / %d global devices',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
