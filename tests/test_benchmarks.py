@@ -66,3 +66,28 @@ def test_suite_targets_compare_the_right_rows():
   assert checks['input pipeline / ViT-S_16 train step images/s'] == (
       '2.8x', False)
   assert not any('ViT-B_16 train MFU' in what for what in checks)
+
+
+def test_accelerator_mode_peaks_and_batch_search():
+  from benchmarks import accelerator  # pylint: disable=g-import-not-at-top
+  assert accelerator.peak_tflops('NVIDIA H200') == 989.0
+  assert accelerator.peak_tflops('NVIDIA A100-SXM4-80GB') == 312.0
+  assert accelerator.peak_tflops('TPU v4') == 275.0
+  assert accelerator.peak_tflops('cpu') is None
+  # A fake compiler: the program needs 1000 bytes per image; 17,000 bytes
+  # of memory (90% usable: a margin for the runtime) fit 8 images, not 16.
+  seen = []
+
+  def compile_only(task):
+    assert task['compile_only'] and task['variant'] == 'bf16'
+    seen.append(task['batch'])
+    return {'program_bytes_per_device': 1000 * task['batch']}
+
+  assert accelerator.largest_batch(compile_only, 'testing', 16, 17_000,
+                                   max_batch=1024, start=1) == 8
+  assert seen == [1, 2, 4, 8, 16]
+  assert accelerator.largest_batch(compile_only, 'testing', 16, 10**9,
+                                   max_batch=64, start=8) == 64
+  assert accelerator.largest_batch(
+      lambda task: {'error': 'out of memory'}, 'testing', 16, 10**9,
+      max_batch=64) == 0
