@@ -326,13 +326,20 @@ def _train_step(config, model, tx, mesh, shardings):
                                model, tx, mesh, shardings)
 
 
-def _compiled_step(mesh_axes):
+def _initial_state(mesh_axes):
+  """(config, mesh, model, tx, state, shardings, abstract) of the worker's
+  config on `mesh_axes`."""
   config = train_worker.config_for(mesh_axes)
   mesh = sharding.make_mesh(mesh_axes)
   model = _model(config, num_classes=7)
   tx, _ = _optimizer(config)
-  state, shardings, _ = _train_state(config, model, tx, mesh,
-                                     jax.random.key(0))
+  state, shardings, abstract = _train_state(config, model, tx, mesh,
+                                            jax.random.key(0))
+  return config, mesh, model, tx, state, shardings, abstract
+
+
+def _compiled_step(mesh_axes):
+  config, mesh, model, tx, state, shardings, _ = _initial_state(mesh_axes)
   step_fn = _train_step(config, model, tx, mesh, shardings)
   batch = next(train_worker.global_batches())
   compiled = step_fn.lower(state, batch, jax.random.key(1)).compile()
@@ -359,12 +366,7 @@ def test_fsdp_shards_parameters_and_optimizer_state():
 
 @pytest.mark.parametrize('mesh_axes', [DATA_PARALLEL, FSDP])
 def test_train_state_size_is_what_the_devices_hold(mesh_axes):
-  config = train_worker.config_for(mesh_axes)
-  mesh = sharding.make_mesh(mesh_axes)
-  model = _model(config, num_classes=7)
-  tx, _ = _optimizer(config)
-  state, shardings, abstract = _train_state(config, model, tx, mesh,
-                                            jax.random.key(0))
+  *_, state, shardings, abstract = _initial_state(mesh_axes)
   per_device, total = train.state_size_mib(abstract, shardings)
   leaves = jax.tree_util.tree_leaves(state)
   assert total == sum(x.nbytes for x in leaves) / 2**20
