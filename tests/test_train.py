@@ -483,24 +483,6 @@ def test_slurm_launch_issues_the_expected_commands():
   assert 'XLA_FLAGS=--mine' in dry('slurm.sbatch', XLA_FLAGS='--mine')
 
 
-def test_local_device_ids_reach_jax_distributed(monkeypatch):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from vit_jax import main as main_lib  # pylint: disable=g-import-not-at-top
-  calls = {}
-  monkeypatch.setattr(jax.distributed, 'initialize',
-                      lambda **kwargs: calls.update(kwargs))
-  monkeypatch.setattr(jax.config, 'update', lambda *args: None)
-  monkeypatch.setattr(train, 'train_and_evaluate',
-                      lambda config, workdir: {})
-  flags.FLAGS(['main', '--config=configs/digits.py', '--workdir=/tmp/x',
-               '--distributed', '--local_device_ids=0,1,2'])
-  try:
-    main_lib.main(['main'])
-  finally:
-    flags.FLAGS.unparse_flags()
-  assert calls['local_device_ids'] == [0, 1, 2]
-
-
 def test_non_finite_loss_stops_and_names_the_step(tmp_path):
   config = load_config('digits.py', 'runlocal')
   config.tfds_data_dir = str(tmp_path / 'tfds')
