@@ -104,8 +104,8 @@ def test_train_step_uses_the_micro_batch_sharding(monkeypatch):
 
 
 def test_same_steps_with_a_model_axis_as_on_one_device():
-  # The 'model' axis holds copies: same numbers as one device, with
-  # micro-batches split over data x fsdp only.
+  # Tensor parallel over 'model', FSDP over 'fsdp', with accumulation: same
+  # numbers as one device, with micro-batches split over data x fsdp only.
   reference = train_worker.run_steps(
       (('data', -1), ('fsdp', 1)), jax.devices()[:1], accum_steps=2)
   losses, params, _ = train_worker.run_steps(WITH_MODEL_AXIS, accum_steps=2)
@@ -271,3 +271,69 @@ def test_rules_know_no_model_parameter_names():
   assert 'encoderblock' in modules and 'Transformer' in modules
   found = sorted(m for m in modules if re.search(rf'\b{m}\b', source))
   assert not found, found
+
+
+# ----------------------------------------------------------------------------
+# The 'auto' rule: tensor parallelism from the model's logical axes, then FSDP.
+# ----------------------------------------------------------------------------
+
+
+def _specs(state, mesh, spec):
+  shardings = sharding.tree_shardings(state, mesh, (('.*', spec),), 1,
+                                      vit_jax.models.PARAM_AXES)
+  return {sharding.path_str(p): s.spec for p, s in
+          jax.tree_util.tree_flatten_with_path(
+              shardings, is_leaf=lambda s: isinstance(
+                  s, jax.sharding.Sharding))[0]}
+
+
+@pytest.mark.parametrize('name,scan', [
+    ('ViT-B_16', False), ('ViT-B_16', True), ('R50+ViT-B_16', False),
+    ('Mixer-B_16', False)])
+def test_auto_is_fsdp_on_meshes_without_a_model_axis(name, scan):
+  state = _abstract_state(_shallow(name, scan))
+  for axes in ((('data', -1), ('fsdp', 1)), (('data', 2), ('fsdp', 4)),
+               (('data', 2), ('fsdp', 4), ('model', 1))):
+    mesh = sharding.make_mesh(axes)
+    assert _specs(state, mesh, 'auto') == _specs(state, mesh, 'fsdp'), axes
+
+
+def test_auto_splits_heads_and_mlp_over_model_and_fsdp_takes_the_rest():
+  state = _abstract_state(_shallow('ViT-B_16', scan=True))
+  mesh = sharding.make_mesh((('data', 1), ('fsdp', 2), ('model', 4)))
+  auto, fsdp = _specs(state, mesh, 'auto'), _specs(state, mesh, 'fsdp')
+  block = 'params/Transformer/encoderblock/'
+  attention = block + 'MultiHeadDotProductAttention_0/'
+  # [layers, hidden, heads, head size] and so on, worked out by hand.
+  expected = {
+      attention + 'query/kernel': P(None, 'fsdp', 'model', None),
+      attention + 'value/bias': P(None, 'model', 'fsdp'),
+      attention + 'out/kernel': P(None, 'model', None, 'fsdp'),
+      attention + 'out/bias': P(None, 'fsdp'),
+      block + 'MlpBlock_0/Dense_0/kernel': P(None, 'fsdp', 'model'),
+      block + 'MlpBlock_0/Dense_0/bias': P(None, 'model'),
+      block + 'MlpBlock_0/Dense_1/kernel': P(None, 'model', 'fsdp'),
+      block + 'LayerNorm_0/scale': P(None, 'fsdp'),
+      'params/head/kernel': P('fsdp', None),
+  }
+  for path, spec in expected.items():
+    assert auto[path] == spec, path
+    # Adam's moments follow their parameters.
+    assert auto[path.replace('params/', 'opt_state/0/mu/', 1)] == spec, path
+  # 'fsdp' alone keeps whole copies over 'model'.
+  assert not any('model' in spec for spec in fsdp.values())
+
+
+def test_every_logical_axes_rule_of_the_model_names_real_parameters():
+  for scan in (False, True):
+    state = _abstract_state(_shallow('ViT-B_16', scan))
+    paths = [sharding.path_str(p)
+             for p, _ in jax.tree_util.tree_flatten_with_path(
+                 state['params'])[0]]
+    for pattern, names in vit_jax.models.PARAM_AXES:
+      matched = [p for p in paths if re.fullmatch(pattern, 'params/' + p)]
+      # Each of the 3 blocks (or the one stack) has its q, k, v or one of
+      # each other parameter.
+      assert len(matched) == (1 if scan else 3) * (
+          3 if 'query' in pattern else 1), (pattern, scan)
+      assert all('encoderblock' in p for p in matched)

@@ -11,10 +11,12 @@ import sys
 from clu import metric_writers
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import pytest
 
+import hlo
 import train_worker
 from vit_jax import checkpoint
 from vit_jax import checkpointing
@@ -37,6 +39,7 @@ CONFIG_ARGS = {
     'pretrain_imagenet.py': ['b16', 'b16,runlocal'],
     'pretrain_jft.py': ['l16', 'l16,runlocal'],
     'mpp_pretrain.py': ['b16', 'b16,target=4x4', 'runlocal'],
+    'pretrain_vit_g14_pod.py': [None, 'runlocal'],
 }
 
 
@@ -253,6 +256,8 @@ def test_resume_refuses_a_workdir_of_another_model(digits_run, tmp_path):
 
 DATA_PARALLEL = (('data', -1), ('fsdp', 1))
 FSDP = (('data', 1), ('fsdp', -1))
+TENSOR_PARALLEL = (('data', 2), ('model', 4))
+TENSOR_PARALLEL_FSDP = (('data', 2), ('fsdp', 2), ('model', 2))
 
 
 @pytest.fixture(scope='module')
@@ -279,13 +284,15 @@ def _assert_same_run(run, reference):
       assert np.abs(flat[key] - ref[key]).max() <= 1e-4 * scale, key
 
 
-@pytest.mark.parametrize('mesh', [DATA_PARALLEL, FSDP], ids=['dp', 'fsdp'])
+@pytest.mark.parametrize(
+    'mesh', [DATA_PARALLEL, FSDP, TENSOR_PARALLEL, TENSOR_PARALLEL_FSDP],
+    ids=['dp', 'fsdp', 'data2_model4', 'data2_fsdp2_model2'])
 def test_same_steps_on_8_devices_as_on_1(one_device_run, mesh):
   _assert_same_run(train_worker.run_steps(mesh), one_device_run)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('mesh', ['data', 'fsdp'])
+@pytest.mark.parametrize('mesh', ['data', 'fsdp', 'data_fsdp_model'])
 def test_same_steps_on_2_processes_by_4_devices(one_device_run, tmp_path,
                                                  mesh):
   out = str(tmp_path / 'run')
@@ -362,6 +369,212 @@ def test_fsdp_shards_parameters_and_optimizer_state():
     total = sum(x.nbytes for x in leaves)
     per_device = sum(x.addressable_shards[0].data.nbytes for x in leaves)
     assert per_device <= total / 8 * 1.15, (per_device, total)
+
+
+# Device ids of the groups along one axis, by hand: the CPU mesh lays the
+# devices out in id order (test_sharding checks it).
+MODEL_GROUPS_OF_4 = [[0, 1, 2, 3], [4, 5, 6, 7]]
+DATA_GROUPS_OF_2 = [[0, 4], [1, 5], [2, 6], [3, 7]]  # (data 2, model 4)
+MODEL_GROUPS_OF_2 = [[0, 1], [2, 3], [4, 5], [6, 7]]
+FSDP_GROUPS_OF_2 = [[0, 2], [1, 3], [4, 6], [5, 7]]  # (data 2, fsdp 2, model 2)
+# The worker's model: 2 blocks; a block's activations on one device are
+# [batch / batch shards, 16 patches + class token, hidden 16].
+WORKER_LAYERS = 2
+# Parameters Megatron splits over the model axis, and the dimension split
+# (attention heads, MLP hidden units); every other parameter is whole.
+MEGATRON_DIMS = {'query/kernel': 1, 'key/kernel': 1, 'value/kernel': 1,
+                 'query/bias': 0, 'key/bias': 0, 'value/bias': 0,
+                 'out/kernel': 0, 'Dense_0/kernel': 1, 'Dense_0/bias': 0,
+                 'Dense_1/kernel': 0}
+
+
+def _megatron_dim(key):
+  return next((d for suffix, d in MEGATRON_DIMS.items()
+               if key.endswith('/MultiHeadDotProductAttention_0/' + suffix)
+               or key.endswith('/MlpBlock_0/' + suffix)), None)
+
+
+def _is_scalars(type_text):
+  return all(shape == () for shape in hlo.result_shapes(type_text))
+
+
+def test_hlo_device_groups_are_read_in_each_print_format():
+  # Hand-made lines in the three forms XLA prints, groups worked out by hand.
+  line = ('%%x = f32[8]{0} all-reduce(f32[8]{0} %%p), channel_id=1, '
+          'replica_groups=%s, use_global_device_ids=true')
+  assert hlo.replica_groups(line % '{{0,2},{1,3}}') == [[0, 2], [1, 3]]
+  assert hlo.replica_groups(line % '[2,4]<=[8]') == MODEL_GROUPS_OF_4
+  assert hlo.replica_groups(line % '[4,2]<=[2,4]T(1,0)') == DATA_GROUPS_OF_2
+  assert hlo.replica_groups(
+      line % "mesh['axis_0'=2,'axis_1'=1,'axis_2'=4] {'axis_0'}"
+  ) == DATA_GROUPS_OF_2
+  # Ids laid out as [2,4] transposed: 0 4 1 5 2 6 3 7 on a (4, 2) mesh.
+  assert hlo.replica_groups(
+      line % "mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) "
+      "{'axis_0'}") == MODEL_GROUPS_OF_4
+  assert hlo.replica_groups('%y = f32[] add(%a, %b)') is None
+  (found,) = hlo.collectives(line % '[2,4]<=[8]')
+  assert found == ('all-reduce', 'f32[8]{0}', MODEL_GROUPS_OF_4)
+  assert hlo.result_shapes('(f32[7,16]{1,0}, f32[], bf16[3]{0})') == [
+      (7, 16), (), (3,)]
+
+
+def test_tensor_parallel_step_reduces_each_block_twice_and_gathers_nothing():
+  text, state = _compiled_step(TENSOR_PARALLEL)
+  ops = hlo.collectives(text)
+  # No weight (nor anything else) is ever gathered: Megatron's split keeps
+  # every matmul local and sums partial outputs.
+  assert {op for op, _, _ in ops} == {'all-reduce'}, ops
+  block = (train_worker.GLOBAL_BATCH // 2, 17, 16)
+  on_model = [t for _, t, g in ops if g == MODEL_GROUPS_OF_4]
+  on_data = [t for _, t, g in ops if g == DATA_GROUPS_OF_2]
+  # Attention output and MLP output of each block, forward and backward.
+  assert [hlo.result_shapes(t) for t in on_model if not _is_scalars(t)] == [
+      [block]] * (4 * WORKER_LAYERS)
+  # The gradients are summed over the data axis only, each device its own
+  # part: as many numbers as the parameters it holds (and the loss).
+  held = sum(x.addressable_shards[0].data.size
+             for x in jax.tree_util.tree_leaves(state.params))
+  assert sum(int(np.prod(shape)) for t in on_data
+             for shape in hlo.result_shapes(t) if shape) == held
+  assert all(g in (MODEL_GROUPS_OF_4, DATA_GROUPS_OF_2) for _, _, g in ops)
+
+
+def test_tensor_parallel_with_fsdp_gathers_over_fsdp_and_reduces_over_model():
+  text, state = _compiled_step(TENSOR_PARALLEL_FSDP)
+  ops = hlo.collectives(text)
+  block = (train_worker.GLOBAL_BATCH // 4, 17, 16)
+  on_model = [(op, t) for op, t, g in ops if g == MODEL_GROUPS_OF_2]
+  assert [hlo.result_shapes(t) for op, t in on_model
+          if op == 'all-reduce' and hlo.result_shapes(t) == [block]] == [
+              [block]] * (4 * WORKER_LAYERS)
+  # FSDP gathers weights over 'fsdp'. Over 'model' XLA may gather a weight
+  # that has no tensor-parallel axis, but never a Megatron-split one.
+  assert any(op == 'all-gather' and g == FSDP_GROUPS_OF_2 for op, _, g in ops)
+  whole = {tuple(v.shape) for k, v in checkpoint.flatten(
+      state.params).items() if _megatron_dim(k) is None}
+  for op, t in on_model:
+    if op == 'all-gather':
+      assert set(hlo.result_shapes(t)) <= whole, t
+
+
+@pytest.mark.parametrize('mesh_axes,batch_axes', [
+    (TENSOR_PARALLEL, '{"data"}'), (TENSOR_PARALLEL_FSDP, '{"data", "fsdp"}')])
+def test_train_step_constrains_block_boundaries_to_the_batch_axes(
+    mesh_axes, batch_axes):
+  # XLA's propagation may find the split by itself on a small model; the
+  # constraints make it the program's contract. Read before compilation.
+  config, mesh, model, tx, state, shardings, _ = _initial_state(mesh_axes)
+  step_fn = _train_step(config, model, tx, mesh, shardings)
+  text = step_fn.lower(state, next(train_worker.global_batches()),
+                       jax.random.key(1)).as_text()
+  constraints = re.findall(r'sdy\.sharding_constraint %\S+ <@mesh, (.*)> : '
+                           r'tensor<([\dx]+)xf32>', text)
+  # Each block's input and output, forward and backward.
+  assert constraints == [(f'[{batch_axes}, {{}}, {{}}]', '16x17x16')] * (
+      4 * WORKER_LAYERS)
+
+
+@pytest.mark.parametrize('mesh_axes', [TENSOR_PARALLEL, TENSOR_PARALLEL_FSDP])
+def test_tensor_parallel_splits_heads_and_mlp_over_the_model_axis(mesh_axes):
+  *_, state, _, _ = _initial_state(mesh_axes)
+  model_size = dict(mesh_axes)['model']
+  expected = per_device = 0
+  for key, x in checkpoint.flatten(state.params).items():
+    dim = _megatron_dim(key)
+    if dim is not None:
+      assert x.sharding.spec[dim] == 'model', (key, x.sharding.spec)
+    assert 'model' not in [x.sharding.spec[d] for d in range(x.ndim)
+                           if d != dim], key
+    split = model_size if dim is not None else 1
+    if 'fsdp' in x.sharding.spec:
+      split *= 2
+    expected += x.nbytes // split
+    per_device += x.addressable_shards[0].data.nbytes
+  assert per_device == expected
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_big_vit_state_per_device_is_about_total_over_model_axis(scan):
+  # Shapes only: ViT-B_16's train state on a (data 2, model 4) mesh.
+  model = vit_jax.models.get_model('ViT-B_16', num_classes=1000, scan=scan)
+  config = train_worker.config_for(TENSOR_PARALLEL)
+  config.model_name, config.model, config.image_size = 'ViT-B_16', {}, 224
+  run = config_lib.parse(config)
+  tx, _ = optim.make_optimizer(run.optim)
+
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1, 224, 224, 3)), train=False)[
+        'params']
+    return {'params': params, 'opt_state': tx.init(params)}
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  mesh = sharding.make_mesh(TENSOR_PARALLEL)
+  shardings = sharding.shardings_from_config(abstract, mesh, run.mesh)
+  per_device, total = train.state_size_mib(abstract, shardings)
+  # Embedding, head, norms and output biases (1.7% of the weights) are whole.
+  assert total / 4 < per_device <= total / 4 * 1.06, (per_device, total)
+  q = shardings['params']['Transformer'][
+      'encoderblock' if scan else 'encoderblock_0'][
+          'MultiHeadDotProductAttention_0']['query']['kernel']
+  assert q.spec == (P(None, None, 'model', None) if scan else
+                    P(None, 'model', None))
+
+
+def test_vit_g14_pod_config_fits_its_mesh():
+  # The config's mesh on the 256 chips its docstring describes, from shapes
+  # only (an abstract mesh: no devices needed).
+  run = config_lib.parse(load_config('pretrain_vit_g14_pod.py'))
+  names, sizes = sharding.mesh_shape(run.mesh.mesh, 256)
+  assert dict(zip(names, sizes)) == {'data': 4, 'fsdp': 16, 'model': 4}
+  mesh = jax.sharding.AbstractMesh(
+      sizes, names, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  objective = objectives.get(run.objective)
+  model = train.build_model(run.model, objective, num_classes=1000)
+  tx, _ = optim.make_optimizer(run.optim)
+
+  def init(rng):
+    params = objective.init(model, rng, jnp.zeros((1, 224, 224, 3)))
+    return {'params': params, 'opt_state': tx.init(params)}
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  n = sum(x.size for x in jax.tree_util.tree_leaves(abstract['params']))
+  assert n == 1_844_440_680 + 1664 * 1664 + 1664  # + the representation.
+  shardings = sharding.shardings_from_config(abstract, mesh, run.mesh)
+  per_device, total = train.state_size_mib(abstract, shardings)
+  # Parameters and second moment in float32, first moment in bfloat16.
+  assert abs(total - n * 10 / 2**20) < 1
+  # 64-way (fsdp x model) but for the few small tensors kept whole.
+  assert total / 64 <= per_device <= total / 64 * 1.02, (per_device, total)
+  print(f'ViT-G/14 on {dict(zip(names, sizes))}: train state '
+        f'{per_device:.0f} MiB per device of {total:.0f} MiB')
+
+
+def test_heads_not_divisible_by_the_model_axis_are_refused_before_init():
+  config = train_worker.config_for((('data', 1), ('model', 8)))
+  mesh = sharding.make_mesh(config.mesh)
+  model = _model(config, num_classes=7)
+  tx, _ = _optimizer(config)
+  with pytest.raises(ValueError, match=re.escape(
+      "MultiHeadDotProductAttention_0/key/bias (4, 4): its 'heads' "
+      "dimension (4) is not divisible by the mesh axis model (8)")):
+    _train_state(config, model, tx, mesh, jax.random.key(0))
+
+
+@pytest.mark.parametrize('rules, message', [
+    ((('.*', 'fsdb'),), "the spec is not one of ('auto', 'fsdp', "
+     "'replicate')"),
+    # An axis name is not a spec: (None, 'model') is.
+    ((('.*', 'model'),), "config.sharding_rules[0]=('.*', 'model'): the spec "
+     'is not one of'),
+    ((('.*', (None, 'tensor')),), 'nor a tuple of mesh axis names'),
+    ((('[', 'auto'),), "'[' is not a regex"),
+    ((('.*',),), 'is not a (regex, spec) pair'),
+])
+def test_bad_sharding_rules_are_refused_when_the_config_is_read(rules,
+                                                                message):
+  config = train_worker.config_for(DATA_PARALLEL)
+  config.sharding_rules = rules
+  with pytest.raises(ValueError, match=re.escape(message)):
+    config_lib.parse(config)
 
 
 @pytest.mark.parametrize('mesh_axes', [DATA_PARALLEL, FSDP])

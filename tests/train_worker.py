@@ -1,8 +1,8 @@
 """Five deterministic training steps, in-process or as one of N processes.
 
 Used by test_train.py to check that losses and parameters do not depend on
-the device count, the sharding (data parallel / FSDP) or the process count.
-As a script (started by launch/local.py) it takes the coordinator flags and
+the device count, the sharding (data parallel / FSDP / tensor parallel) or
+the process count. As a script (started by launch/local.py) it takes the coordinator flags and
 writes the losses and parameters of process 0 to --out.
 """
 
@@ -15,15 +15,21 @@ import numpy as np
 
 NUM_STEPS = 5
 GLOBAL_BATCH = 16
+# --mesh of the script: data parallel, FSDP, and tensor parallel inside each
+# process (its 4 devices: fsdp 2 x model 2) with 'data' across the processes.
+MESHES = {'data': (('data', -1), ('fsdp', 1)),
+          'fsdp': (('data', 1), ('fsdp', -1)),
+          'data_fsdp_model': (('data', 2), ('fsdp', 2), ('model', 2))}
 
 
 def config_for(mesh_axes, accum_steps=1):
   from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.get_base()
   c.model_name = 'testing'
-  # Widths divisible by 8 so that FSDP over 8 devices has work to do.
+  # Widths divisible by 8 so that FSDP over 8 devices has work to do, and
+  # heads and MLP width divisible by 4 for a 'model' axis of 4.
   c.model = {'patches': {'size': (4, 4)}, 'hidden_size': 16,
-             'transformer': {'num_layers': 2, 'mlp_dim': 32,
+             'transformer': {'num_layers': 2, 'mlp_dim': 32, 'num_heads': 4,
                              'dropout_rate': 0.1,
                              'attention_dropout_rate': 0.1}}
   c.image_size = 16
@@ -85,7 +91,7 @@ def run_steps(mesh_axes, devices=None, accum_steps=1):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--out', required=True)
-  parser.add_argument('--mesh', default='data')
+  parser.add_argument('--mesh', default='data', choices=sorted(MESHES))
   parser.add_argument('--coordinator_address')
   parser.add_argument('--num_processes', type=int)
   parser.add_argument('--process_id', type=int)
@@ -94,9 +100,7 @@ def main():
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(args.coordinator_address, args.num_processes,
                              args.process_id)
-  mesh = (('data', -1), ('fsdp', 1)) if args.mesh == 'data' else (
-      ('data', 1), ('fsdp', -1))
-  losses, params, _ = run_steps(mesh)
+  losses, params, _ = run_steps(MESHES[args.mesh])
   if jax.process_index() == 0:
     from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
     np.savez(args.out + '.npz', **checkpoint.flatten(params))

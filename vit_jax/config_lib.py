@@ -327,6 +327,10 @@ class MeshSection:
   sharding_rules: tuple[tuple[str, Any], ...]
   fsdp_min_size: int
 
+  def __post_init__(self):
+    from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+    sharding.check_rules(self.sharding_rules)
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -489,7 +493,7 @@ def get_base() -> ml_collections.ConfigDict:
   c.ema_decay = ml_collections.config_dict.placeholder(float)  # Polyak, [0, 1).
   # Sharding.
   c.mesh = (('data', -1), ('fsdp', 1))  # Mesh axes; fsdp > 1 shards params.
-  c.sharding_rules = (('.*', 'fsdp'),)  # (regex, spec) per parameter path.
+  c.sharding_rules = (('.*', 'auto'),)  # (regex, spec) per parameter path.
   c.fsdp_min_size = 2**14  # Smaller tensors are replicated under FSDP.
   # Loop.
   c.seed = 0  # Run seed (init, dropout, data order).

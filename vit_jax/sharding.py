@@ -4,22 +4,36 @@ The mesh is data: `config.mesh = (('data', -1), ('fsdp', 1))` names the axes
 and their sizes (one -1 takes the remaining devices). The axis names are
 `MESH_AXES`. The data-like ones, `DATA_AXES` ('data' and 'fsdp': FSDP shards
 the batch too), split batches along their leading axis, so the devices of one
-data-like position hold a distinct slice of the global batch; any other axis
-(e.g. a tensor-parallel 'model' axis) holds copies of that slice. On today's
-meshes, whose axes are all data-like, every device holds its own slice.
+data-like position hold a distinct slice of the global batch; the 'model'
+axis (tensor parallelism) holds copies of that slice and splits the model.
 
 Parameter (and optimizer-state) sharding is data too: `config.sharding_rules`
 is a sequence of (regex, spec) pairs matched against each leaf's path
 ('params/<module>/.../kernel', 'opt_state/0/mu/<module>/.../kernel', ...);
 the first match wins. A spec is
+  'auto'       tensor parallelism, then FSDP: the dimensions the model names
+               with a logical axis that `LOGICAL_RULES` maps to 'model'
+               (attention heads, MLP hidden units: Megatron's split) are
+               sharded over the 'model' axis, then the 'fsdp' rule below
+               applies to the other dimensions. Without a 'model' axis (or of
+               size 1) this is exactly 'fsdp';
   'fsdp'       shard the largest dimension divisible by the 'fsdp' axis size
                over it, for tensors of at least `fsdp_min_size` elements
                (smaller ones, and everything when the axis has size 1, are
                replicated); never the layer axis of stacked (scanned) blocks;
   'replicate'  replicate;
   a tuple      an explicit PartitionSpec, e.g. (None, 'fsdp').
-The default `(('.*', 'fsdp'),)` is plain data parallelism on a mesh whose
-'fsdp' axis has size 1, and ZeRO-3-style FSDP when it is larger.
+The default `(('.*', 'auto'),)` is plain data parallelism on a mesh whose
+'fsdp' and 'model' axes have size 1, ZeRO-3-style FSDP when 'fsdp' is larger,
+Megatron-style tensor parallelism when 'model' is, and both together.
+
+Which parameter dimension is which is the model's knowledge, not this
+module's: a model family lists (path regex, logical axis names per dimension)
+pairs (`vit_jax.models.PARAM_AXES`), and `LOGICAL_RULES` maps logical names
+onto mesh axes. The same rules, through flax's logical-axis constraints
+(`activation_sharding`), keep the activations between blocks split over the
+batch only, so each block's only 'model' collectives are the reductions of
+its attention and MLP outputs.
 
 Stacked blocks are found from the tree, not from parameter names: `nn.scan`
 with `variable_axes={'params': 0}` (how a model declares scanned layers)
@@ -27,12 +41,14 @@ gives every parameter of the scanned module one extra leading axis of the
 same length, which no unscanned module has (see `stacked_paths`).
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+import contextlib
 import math
 import re
 from typing import Any
 
 from absl import logging
+import flax.linen as nn
 import jax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType
@@ -42,17 +58,24 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from vit_jax import config_lib
+from vit_jax import models
 
 DEFAULT_MESH = (('data', -1), ('fsdp', 1))
-DEFAULT_RULES = (('.*', 'fsdp'),)
+DEFAULT_RULES = (('.*', 'auto'),)
 FSDP_AXIS = 'fsdp'
+MODEL_AXIS = 'model'
 # Axes that split the batch: data parallelism, and FSDP (each of its devices
 # computes on its own examples with gathered parameters).
-DATA_AXES = ('data', 'fsdp')
+DATA_AXES = ('data', FSDP_AXIS)
 # Axes that split the model and see the whole batch slice of their data-like
-# position (tensor parallelism, through explicit rules).
-MODEL_AXES = ('model',)
+# position (tensor parallelism).
+MODEL_AXES = (MODEL_AXIS,)
 MESH_AXES = DATA_AXES + MODEL_AXES
+# Logical axis name -> mesh axes, for parameters and activations. Names the
+# rules do not list ('embed', 'length', 'head_dim', ...) are not split by
+# them ('embed' of a parameter may still be split by FSDP).
+LOGICAL_RULES = (('batch', DATA_AXES), ('heads', MODEL_AXIS),
+                 ('mlp', MODEL_AXIS))
 # Below this many elements a tensor is cheaper to replicate than to gather.
 DEFAULT_FSDP_MIN_SIZE = 2**14
 
@@ -362,27 +385,145 @@ def stacked_paths(tree: Any) -> frozenset[str]:
       if any(keys[:depth] in stacks for depth in range(1, len(keys))))
 
 
+def _mesh_axes_of(logical_name: str, mesh: Mesh) -> tuple[str, ...]:
+  """The axes of `mesh` that `LOGICAL_RULES` map `logical_name` onto."""
+  axes = dict(LOGICAL_RULES).get(logical_name, ())
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return tuple(a for a in axes if a in mesh.axis_names)
+
+
+def logical_axis_rules(mesh: Mesh) -> tuple[tuple[str, Any], ...]:
+  """`LOGICAL_RULES` as flax logical-axis rules over the axes of `mesh`."""
+  rules = []
+  for name, _ in LOGICAL_RULES:
+    axes = _mesh_axes_of(name, mesh)
+    rules.append((name, axes[0] if len(axes) == 1 else (axes or None)))
+  return tuple(rules)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh) -> Iterator[None]:
+  """Within: the model's logical activation constraints resolve on `mesh`.
+
+  Enter it inside the traced function (e.g. the body of a `jax.jit`): it sets
+  the abstract mesh and flax's logical-axis rules that
+  `nn.with_logical_constraint` reads. Outside it the constraints are no-ops.
+
+  Args:
+    mesh: The device mesh (axis types `Auto`, as `make_mesh` builds it).
+
+  Yields:
+    Nothing.
+  """
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+      nn.logical_axis_rules(logical_axis_rules(mesh)):
+    yield
+
+
+def _logical_names(path: str,
+                   param_axes: Sequence[tuple[str, Sequence[str]]]
+                   ) -> tuple[str, ...] | None:
+  for pattern, names in param_axes:
+    if re.fullmatch(pattern, path):
+      return tuple(names)
+  return None
+
+
+def _tensor_parallel_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
+                          names: tuple[str, ...] | None,
+                          stacked: bool) -> list[str | None]:
+  """Per-dimension mesh axes of the leaf's logical names (None: not split).
+
+  Only axes of size > 1 split anything. A leaf the model names no axes of
+  is left whole.
+
+  Raises:
+    ValueError: the names do not fit the leaf's rank, or a split dimension
+      is not divisible by its axis (naming the leaf, dimension and axis).
+  """
+  spec = [None] * len(shape)
+  if names is None:
+    return spec
+  offset = 1 if stacked else 0  # The layer axis of a scanned stack.
+  if len(names) != len(shape) - offset:
+    raise ValueError(
+        f'{path}: logical axes {names} (one per dimension of one layer) do '
+        f'not fit its shape {shape}; fix the model\'s PARAM_AXES.')
+  for i, name in enumerate(names):
+    axes = [a for a in _mesh_axes_of(name, mesh) if mesh.shape[a] > 1]
+    if not axes:
+      continue
+    size = math.prod(mesh.shape[a] for a in axes)
+    dim = shape[offset + i]
+    if dim % size:
+      raise ValueError(
+          f'{path} {shape}: its {name!r} dimension ({dim}) is not divisible '
+          f'by the mesh axis {" x ".join(axes)} ({size}); use a config.mesh '
+          f'size for {" x ".join(axes)} that divides the model\'s {name} '
+          f'({dim}).')
+    spec[offset + i] = axes[0] if len(axes) == 1 else tuple(axes)
+  return spec
+
+
 def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int,
-               stacked: bool) -> P:
+               stacked: bool,
+               taken: Sequence[str | None] | None = None) -> P:
+  """'fsdp' on the dimensions that `taken` (an existing spec) leaves free."""
+  spec = list(taken) if taken is not None else [None] * len(shape)
   size = dict(mesh.shape).get(FSDP_AXIS, 1)
   if size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
-    return P()
+    return P(*spec)
   # Never the leading layer axis of stacked blocks: each scan iteration
   # would then gather a whole layer from a single device.
   first = 1 if stacked else 0
-  candidates = [d for d in range(first, len(shape)) if shape[d] % size == 0]
+  candidates = [d for d in range(first, len(shape))
+                if shape[d] % size == 0 and spec[d] is None]
   if not candidates:
-    return P()
+    return P(*spec)
   dim = max(candidates, key=lambda d: (shape[d], -d))
-  spec = [None] * len(shape)
   spec[dim] = FSDP_AXIS
   return P(*spec)
+
+
+RULE_SPECS = ('auto', 'fsdp', 'replicate')
+
+
+def check_rules(rules: Sequence[Any]) -> None:
+  """Refuses sharding rules that are not (regex, spec) pairs of known specs.
+
+  Args:
+    rules: `config.sharding_rules`.
+
+  Raises:
+    ValueError: naming the rule and what is wrong with it.
+  """
+  for i, rule in enumerate(rules):
+    where = f'config.sharding_rules[{i}]={rule!r}'
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+      raise ValueError(f'{where} is not a (regex, spec) pair.')
+    pattern, spec = rule
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise ValueError(f'{where}: {pattern!r} is not a regex ({e}).') from e
+    if spec is None or spec in RULE_SPECS:
+      continue
+    entries = spec if isinstance(spec, (tuple, list)) else [spec]
+    names = [n for e in entries
+             for n in (e if isinstance(e, (tuple, list)) else [e])]
+    if isinstance(spec, str) or any(
+        n is not None and n not in MESH_AXES for n in names):
+      raise ValueError(
+          f'{where}: the spec is not one of {RULE_SPECS} nor a tuple of mesh '
+          f'axis names from {MESH_AXES} (or None) per dimension.')
 
 
 def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
                    fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE, *,
-                   stacked: bool = False) -> P:
+                   stacked: bool = False,
+                   param_axes: Sequence[tuple[str, Sequence[str]]] = ()
+                   ) -> P:
   """The PartitionSpec of one leaf under `rules` (first match wins).
 
   Args:
@@ -393,15 +534,22 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
     fsdp_min_size: Smallest tensor the 'fsdp' rule shards.
     stacked: Whether dimension 0 stacks layers (`stacked_paths`); the
       'fsdp' rule never shards it.
+    param_axes: The model's (path regex, logical axis names) pairs, read by
+      the 'auto' rule (`vit_jax.models.PARAM_AXES`).
 
   Returns:
     A `PartitionSpec`.
 
   Raises:
-    ValueError: an explicit spec has more entries than the leaf dimensions.
+    ValueError: an explicit spec has more entries than the leaf dimensions,
+      or (rule 'auto') a tensor-parallel dimension does not divide evenly.
   """
   for pattern, spec in rules:
     if re.fullmatch(pattern, path):
+      if spec == 'auto':
+        taken = _tensor_parallel_spec(
+            path, shape, mesh, _logical_names(path, param_axes), stacked)
+        return _fsdp_spec(shape, mesh, fsdp_min_size, stacked, taken)
       if spec == 'fsdp':
         return _fsdp_spec(shape, mesh, fsdp_min_size, stacked)
       if spec in ('replicate', None):
@@ -416,15 +564,28 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
 
 def tree_shardings(tree: Any, mesh: Mesh,
                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
-                   fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> Any:
-  """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs)."""
+                   fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE,
+                   param_axes: Sequence[tuple[str, Sequence[str]]] = ()
+                   ) -> Any:
+  """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs).
+
+  Args:
+    tree: The state (or parameters) to shard.
+    mesh: The device mesh.
+    rules: (regex, spec) pairs, see the module docstring.
+    fsdp_min_size: Smallest tensor the 'fsdp' rule shards.
+    param_axes: The model's logical axes (see `partition_spec`).
+
+  Returns:
+    A matching tree of `NamedSharding`s.
+  """
   stacked = stacked_paths(tree)
 
   def leaf_sharding(path, x):
     path = path_str(path)
     return NamedSharding(mesh, partition_spec(
         path, tuple(x.shape), mesh, rules, fsdp_min_size,
-        stacked=path in stacked))
+        stacked=path in stacked, param_axes=param_axes))
   return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
 
 
@@ -435,6 +596,7 @@ def mesh_from_config(section: config_lib.MeshSection) -> Mesh:
 
 def shardings_from_config(tree: Any, mesh: Mesh,
                           section: config_lib.MeshSection) -> Any:
-  """`tree_shardings` with the section's `sharding_rules`, `fsdp_min_size`."""
+  """`tree_shardings` with the section's `sharding_rules`, `fsdp_min_size`
+  and the logical axes of the models' parameters."""
   return tree_shardings(tree, mesh, section.sharding_rules,
-                        int(section.fsdp_min_size))
+                        int(section.fsdp_min_size), models.PARAM_AXES)

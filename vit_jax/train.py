@@ -331,8 +331,14 @@ def make_train_step(loop: config_lib.LoopSection, objective: Any,
       accum_steps=accum, ema_decay=loop.ema_decay,
       micro_batch_sharding=micro if accum > 1 else None)
   replicated = sharding.replicated(mesh)
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding,
-                                     replicated),
+
+  def step_on_mesh(*args):
+    # The model's activation constraints (block boundaries) resolve here.
+    with sharding.activation_sharding(mesh):
+      return step(*args)
+
+  return jax.jit(step_on_mesh, in_shardings=(state_shardings, batch_sharding,
+                                             replicated),
                  out_shardings=(state_shardings, replicated),
                  donate_argnums=(0,))
 

@@ -25,6 +25,9 @@ from vit_jax.models.resnet import StdConv
 from vit_jax.models.vit import Encoder
 from vit_jax.models.vit import Encoder1DBlock
 from vit_jax.models.vit import MultiHeadDotProductAttention
+# Logical axes of the parameters tensor parallelism splits (ViT's blocks;
+# the Mixer and ResNet parameters have none): see vit_jax.sharding.
+from vit_jax.models.vit import PARAM_AXES
 from vit_jax.models.vit import VisionTransformer
 
 
@@ -37,7 +40,7 @@ def __getattr__(name):
 
 __all__ = [
     'Encoder', 'Encoder1DBlock', 'MODEL_CONFIGS', 'MODEL_NAMES', 'MixerBlock',
-    'MlpMixer', 'MultiHeadDotProductAttention', 'ResNetStage', 'StdConv',
-    'UnknownModelError', 'VisionTransformer', 'get_config', 'get_model',
-    'model_class',
+    'MlpMixer', 'MultiHeadDotProductAttention', 'PARAM_AXES', 'ResNetStage',
+    'StdConv', 'UnknownModelError', 'VisionTransformer', 'get_config',
+    'get_model', 'model_class',
 ]

@@ -60,6 +60,27 @@ _CUDNN_MAX_HEAD_DIM = 128  # cuDNN's fused attention kernels go up to 128.
 _FLASH_BLOCK = 128  # The TPU kernel's sequence block; sequences are padded.
 _logged_choices: set[tuple[Any, ...]] = set()  # Say each choice once.
 
+# Logical axes of the parameters that tensor parallelism splits, one name per
+# dimension of one layer (a scanned stack adds the layer axis in front):
+# (path regex, names). `vit_jax.sharding` maps the names onto mesh axes
+# ('heads' and 'mlp' onto 'model': Megatron-style, so that each block needs one
+# reduction of its attention output and one of its MLP output, and no weight
+# is ever gathered). Other parameters have no tensor-parallel axis.
+_BLOCK = r'.*/encoderblock(_\d+)?'
+PARAM_AXES = (
+    (_BLOCK + r'/MultiHeadDotProductAttention_0/(query|key|value)/kernel',
+     ('embed', 'heads', 'head_dim')),
+    (_BLOCK + r'/MultiHeadDotProductAttention_0/(query|key|value)/bias',
+     ('heads', 'head_dim')),
+    (_BLOCK + r'/MultiHeadDotProductAttention_0/out/kernel',
+     ('heads', 'head_dim', 'embed')),
+    (_BLOCK + r'/MlpBlock_0/Dense_0/kernel', ('embed', 'mlp')),
+    (_BLOCK + r'/MlpBlock_0/Dense_0/bias', ('mlp',)),
+    (_BLOCK + r'/MlpBlock_0/Dense_1/kernel', ('mlp', 'embed')),
+)
+# Logical axes of the activations between blocks: [batch, tokens, hidden].
+ACTIVATION_AXES = ('batch', 'length', 'embed')
+
 
 def resolve_attention_impl(requested: str, *, backend: str, dtype: Any,
                            head_dim: int, dropout: bool) -> tuple[str, str]:
@@ -292,15 +313,18 @@ class MultiHeadDotProductAttention(nn.Module):
         name='out')()
 
     # One [B*T, D] x [D, 3D] matmul for q, k and v, written straight into the
-    # heads-major layout [B, 3H, T, D/H] that the einsums and the TPU kernel
-    # want, or [B, T, 3H, D/H] for jax.nn.dot_product_attention.
-    w_qkv = jnp.concatenate([wq, wk, wv], axis=1).astype(self.dtype)
-    b_qkv = jnp.concatenate([bq, bk, bv], axis=0).astype(self.dtype)
+    # heads-major layout [B, 3, H, T, D/H] that the einsums and the TPU kernel
+    # want, or [B, T, 3, H, D/H] for jax.nn.dot_product_attention. Stacked on
+    # a new axis (the same memory as concatenating the heads), so that the
+    # heads axis of every projection stays whole: sharded over a 'model' axis,
+    # each device keeps its own heads of q, k and v.
+    w_qkv = jnp.stack([wq, wk, wv], axis=1).astype(self.dtype)
+    b_qkv = jnp.stack([bq, bk, bv], axis=0).astype(self.dtype)
     x = x.astype(self.dtype)
     scale = head_dim**-0.5
     if impl in ('xla', 'cudnn'):
-      qkv = jnp.einsum('btd,dnh->btnh', x, w_qkv) + b_qkv
-      q, k, v = jnp.split(qkv, 3, axis=2)
+      qkv = jnp.einsum('btd,dsnh->btsnh', x, w_qkv) + b_qkv
+      q, k, v = (qkv[:, :, i] for i in range(3))
       out = jax.nn.dot_product_attention(q, k, v, scale=scale,
                                          implementation=impl)
       if self.is_mutable_collection('intermediates'):
@@ -309,9 +333,9 @@ class MultiHeadDotProductAttention(nn.Module):
       out = jnp.einsum('bqhd,hdo->bqo', out, wo.astype(self.dtype))
       return out + bo.astype(self.dtype)
 
-    qkv = jnp.einsum('btd,dnh->bnth', x, w_qkv)
-    qkv = qkv + b_qkv[None, :, None, :]
-    q, k, v = jnp.split(qkv, 3, axis=1)
+    qkv = jnp.einsum('btd,dsnh->bsnth', x, w_qkv)
+    qkv = qkv + b_qkv[None, :, :, None, :]
+    q, k, v = (qkv[:, i] for i in range(3))
     if impl == 'flash':
       out = _flash_attention(q, k, v, scale)
       if self.is_mutable_collection('intermediates'):
@@ -396,6 +420,10 @@ class Encoder1DBlock(nn.Module):
     norm = lambda name: nn.LayerNorm(  # pylint: disable=g-long-lambda
         epsilon=_LAYER_NORM_EPSILON, dtype=self.dtype,
         param_dtype=self.param_dtype, name=name)
+    # Block boundaries: the activations are split over the batch only (whole
+    # on every device of a 'model' axis). A no-op unless the caller sets
+    # logical axis rules (`vit_jax.sharding.logical_axis_rules`).
+    inputs = nn.with_logical_constraint(inputs, ACTIVATION_AXES)
     x = norm('LayerNorm_0')(inputs)
     x = MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
@@ -409,7 +437,7 @@ class Encoder1DBlock(nn.Module):
         mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
         deterministic=self.deterministic, dtype=self.dtype,
         param_dtype=self.param_dtype, name='MlpBlock_0')(y)
-    outputs = x + y
+    outputs = nn.with_logical_constraint(x + y, ACTIVATION_AXES)
     self.sow('intermediates', 'block_output', outputs)
     return outputs, None
 

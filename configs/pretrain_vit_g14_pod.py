@@ -1,0 +1,78 @@
+r"""ViT-G/14 pre-training on a TPU pod slice: the mesh of a 1.8B-parameter ViT.
+
+ViT-G/14 ("Scaling Vision Transformers", Zhai et al. 2021, Table 2): width
+1664, depth 48, MLP 8192, 16 heads, 1.84B parameters with a 1000-class head
+(README's parameter table). This config documents the mesh; its optimiser
+values are this library's paper recipe for large-scale pre-training
+(`pretrain_jft.py`: Adam, batch 4096, 10k warm-up, linear decay, weight decay
+0.1), not the modified Adafactor of Zhai et al., which vit_jax does not
+implement. JFT is private: point `image_folder` at your own collection.
+
+The mesh, for 256 chips (`MESH`; e.g. a TPU v4-512 slice, 32 GiB per chip):
+
+  ('data', -1) x ('fsdp', 16) x ('model', 4)
+
+* 'model' 4, tensor parallelism (vit_jax.sharding's Megatron split): each
+  chip holds 4 of the 16 heads and 2048 of the 8192 MLP units of every block;
+  a block costs two all-reduces of its [batch, 257, 1664] activations forward
+  and two backward, so the axis stays small and inside one slice's fast
+  interconnect (`jax.make_mesh` lays the mesh onto the slice's topology).
+* 'fsdp' 16: parameters, Adam moments (first moment in bfloat16,
+  `mu_dtype`) shard 16 ways more; each layer's weights are gathered just in
+  time. With 'model' that is 64-way: the train state is 280 MiB per chip
+  of 17.2 GiB in all (tests/test_train.py computes it from the shapes:
+  `test_vit_g14_pod_config_fits_its_mesh`).
+* 'data' the rest (4 on 256 chips), and the axis that spans slices over the
+  data-centre network on a multi-slice job: it only all-reduces gradients
+  once per step.
+* The batch (4096) splits over data x fsdp = 64 shards: 64 examples per
+  chip, copied over the 4 'model' chips of each shard.
+
+Memory per chip beyond the state is activations: `scan` with
+`remat_policy='full'` keeps only each block's input (48 x 64 x 257 x 1664 in
+bfloat16, about 2.4 GiB) and recomputes one block at a time; bfloat16
+compute with float32 softmax, LayerNorm and loss; `attention_impl='auto'`
+picks the Pallas flash kernel on TPU. On another chip count, keep 'model' 4
+and 'fsdp' 16 and let 'data' absorb the rest (the batch must divide by
+data x fsdp); on chips with 16 GiB, raise 'fsdp' first.
+
+  python -m vit_jax.main --config=configs/pretrain_vit_g14_pod.py \
+      --workdir=gs://bucket/g14 --config.image_folder=/data/jft --distributed
+
+`runlocal` keeps the mesh's axes but lets them fit any device count (on 8
+simulated CPU devices: `--config.mesh="(('data', 2), ('fsdp', 2), ('model',
+2))"`).
+"""
+
+from vit_jax import config_lib
+
+MESH = (('data', -1), ('fsdp', 16), ('model', 4))
+JFT_IMAGES = 303_000_000
+EPOCHS = 7
+
+
+def get_config(arg=''):
+  """Returns the config for `[runlocal]`."""
+  args, runlocal = config_lib.parse_args(arg)
+  if args:
+    raise ValueError(f'pretrain_vit_g14_pod.py takes only runlocal, not '
+                     f'{args}.')
+  c = config_lib.pretraining_base('ViT-G_14', dropout=0.0)
+  c.dataset = 'image_folder'
+  c.image_folder_test_percent = 1
+  c.loss = 'sigmoid_xent'
+  c.base_lr = 3e-4  # pretrain_jft.py's value for the largest model (H/14).
+  c.decay_type = 'linear'
+  c.weight_decay = 0.1
+  c.total_steps = EPOCHS * JFT_IMAGES // c.batch
+  c.compute_dtype = 'bfloat16'
+  c.scan = True
+  c.model.remat_policy = 'full'
+  c.model.attention_impl = 'auto'
+  c.mu_dtype = 'bfloat16'
+  c.mesh = MESH
+  if runlocal:
+    config_lib.set_runlocal(c)
+    c.model.remat_policy = 'full'
+    c.mesh = (('data', -1), ('fsdp', 1), ('model', 1))
+  return c
