@@ -663,6 +663,35 @@ def test_tpu_launch_scripts_issue_the_expected_commands():
   assert 'tpu-vm delete pod' in dry('tpu_delete.sh')
 
 
+_RECORD_DISTRIBUTED_INIT = """
+import json, sys
+import jax
+from absl import app
+def record(**kwargs):  # Stands for jax.distributed.initialize: no cluster.
+  print('INIT ' + json.dumps(kwargs))
+  raise SystemExit(0)
+jax.distributed.initialize = record
+from vit_jax import main
+sys.argv = ['vit_jax.main', '--config=configs/digits.py',
+            '--workdir=unused', *sys.argv[1:]]
+app.run(main.main)
+"""
+
+
+@pytest.mark.parametrize('flags, expected', [
+    (['--distributed', '--local_device_ids=0,1,2,3'], [0, 1, 2, 3]),
+    (['--distributed'], None)])
+def test_local_device_ids_reach_jax_distributed(flags, expected):
+  # In a subprocess: main's absl flags are defined once per process.
+  result = subprocess.run(
+      [sys.executable, '-c', _RECORD_DISTRIBUTED_INIT, *flags], cwd=REPO,
+      capture_output=True, text=True, timeout=300,
+      env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  (line,) = [l for l in result.stdout.splitlines() if l.startswith('INIT ')]
+  assert json.loads(line[5:])['local_device_ids'] == expected
+
+
 def test_slurm_launch_issues_the_expected_commands():
   launch = os.path.join(REPO, 'launch')
   for script in ('slurm.sbatch', 'slurm_submit.sh'):
