@@ -482,12 +482,12 @@ def test_tensor_parallel_splits_heads_and_mlp_over_the_model_axis(mesh_axes):
   expected = per_device = 0
   for key, x in checkpoint.flatten(state.params).items():
     dim = _megatron_dim(key)
+    spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
     if dim is not None:
-      assert x.sharding.spec[dim] == 'model', (key, x.sharding.spec)
-    assert 'model' not in [x.sharding.spec[d] for d in range(x.ndim)
-                           if d != dim], key
+      assert spec[dim] == 'model', (key, spec)
+    assert 'model' not in [spec[d] for d in range(x.ndim) if d != dim], key
     split = model_size if dim is not None else 1
-    if 'fsdp' in x.sharding.spec:
+    if 'fsdp' in spec:
       split *= 2
     expected += x.nbytes // split
     per_device += x.addressable_shards[0].data.nbytes

@@ -471,18 +471,16 @@ def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int,
   """'fsdp' on the dimensions that `taken` (an existing spec) leaves free."""
   spec = list(taken) if taken is not None else [None] * len(shape)
   size = dict(mesh.shape).get(FSDP_AXIS, 1)
-  if size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
-    return P(*spec)
   # Never the leading layer axis of stacked blocks: each scan iteration
   # would then gather a whole layer from a single device.
   first = 1 if stacked else 0
   candidates = [d for d in range(first, len(shape))
                 if shape[d] % size == 0 and spec[d] is None]
-  if not candidates:
-    return P(*spec)
-  dim = max(candidates, key=lambda d: (shape[d], -d))
-  spec[dim] = FSDP_AXIS
-  return P(*spec)
+  if (size > 1 and candidates and
+      int(np.prod(shape, dtype=np.int64)) >= min_size):
+    spec[max(candidates, key=lambda d: (shape[d], -d))] = FSDP_AXIS
+  # P() for a whole leaf: NamedShardings compare by spec, P() != P(None).
+  return P(*spec) if any(a is not None for a in spec) else P()
 
 
 RULE_SPECS = ('auto', 'fsdp', 'replicate')
