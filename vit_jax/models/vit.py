@@ -65,7 +65,7 @@ _logged_choices: set[tuple[Any, ...]] = set()  # Say each choice once.
 # (path regex, names). `vit_jax.sharding` maps the names onto mesh axes
 # ('heads' and 'mlp' onto 'model': Megatron-style, so that each block needs one
 # reduction of its attention output and one of its MLP output, and no weight
-# is ever gathered). Other parameters have no tensor-parallel axis.
+# is gathered over 'model'). Other parameters have no tensor-parallel axis.
 _BLOCK = r'.*/encoderblock(_\d+)?'
 PARAM_AXES = (
     (_BLOCK + r'/MultiHeadDotProductAttention_0/(query|key|value)/kernel',
