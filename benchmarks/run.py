@@ -20,7 +20,9 @@ to one measurement):
   program's memory per device (XLA memory analysis: arguments + outputs +
   temporaries - donated aliases) and the process's peak RSS;
 * the train step's compile time with and without `scan` for
-  `--scan_compile` models (compiled only, never run);
+  `--scan_compile` models, and with `scan` at twice their depth (compiled
+  only, never run; the state's initialisation finished first, so that it
+  does not share the cores with the timed compile);
 * the training input pipeline's images/s (generated JPEG folder, the
   model's resolution and batch).
 
@@ -65,6 +67,14 @@ VARIANTS = {
 }
 FSDP_DEVICES = 8
 _NO_DROPOUT = {'transformer': {'dropout_rate': 0.0}}
+
+
+def twice_as_deep(model_name: str) -> dict:
+  """Model overrides: `model_name` with twice its layers, dropout off."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  layers = models.get_config(model_name)['transformer']['num_layers']
+  return {'transformer': {'dropout_rate': 0.0, 'num_layers': 2 * layers}}
+
 PEAK_SIZES = (2048, 4096)
 
 
@@ -129,6 +139,9 @@ def measure_step(model_name: str, variant: str, mode: str, batch: int,
   tx, _ = optim.make_optimizer(run.optim)
   state, shardings, _ = train.create_train_state(
       run, objective, model, tx, mesh, jax.random.key(0))
+  # Initialisation runs asynchronously: wait for it, or the timed compile
+  # below shares the cores with it (more layers, longer overlap).
+  jax.block_until_ready(state)
   rng = np.random.default_rng(0)
   batch_sharding = sharding.batch_sharding(mesh)
   data = sharding.put_global({
@@ -288,6 +301,16 @@ def targets(rows: list[dict], peak: float, pipeline: dict | None) -> list:
     ratio = scan_l['compile_s'] / scan_b['compile_s']
     out.append(('scan: ViT-L_16 / ViT-B_16 train-step compile time',
                 f'{ratio:.2f}x', '<= 1.2x', ratio <= 1.2))
+  for name in ('ViT-B_16', 'ViT-L_16'):
+    scan = _find(rows, model=name, variant='scan', mode='train',
+                 model_overrides=_NO_DROPOUT)
+    deeper = _find(rows, model=name, variant='scan', mode='train',
+                   model_overrides=twice_as_deep(name))
+    if scan and deeper:
+      # Within this machine's noise of equal (issue 17, item 6).
+      ratio = deeper['compile_s'] / scan['compile_s']
+      out.append((f'scan: {name} at 2x depth / 1x train-step compile',
+                  f'{ratio:.2f}x', '<= 1.1x', ratio <= 1.1))
   if pipeline and base and 'images_per_s' in base:
     ratio = pipeline['pipeline_images_per_s'] / base['images_per_s']
     out.append(('input pipeline / ViT-S_16 train step images/s',
@@ -359,18 +382,21 @@ def main(argv=None):
         rows.append(row)
         _print_row(row, peak_gflops)
   for name in filter(None, args.scan_compile.split(',')):
-    for variant in ('base', 'scan'):
-      # Dropout off for all: L_16's official config has dropout 0.1 and
-      # B_16's none, and generating the dropout masks adds compile time
-      # that has nothing to do with depth.
+    # Dropout off for all: L_16's official config has dropout 0.1 and
+    # B_16's none, and generating the dropout masks adds compile time
+    # that has nothing to do with depth. The last row is the same model
+    # at twice its depth, with scan.
+    for variant, overrides in (('base', _NO_DROPOUT), ('scan', _NO_DROPOUT),
+                               ('scan', twice_as_deep(name))):
       row = _in_subprocess({
           'kind': 'step', 'model': name, 'variant': variant, 'mode': 'train',
           'batch': args.batch, 'res': args.res, 'steps': args.steps,
-          'compile_only': True, 'model_overrides': _NO_DROPOUT}, tuned=tuned)
+          'compile_only': True, 'model_overrides': overrides}, tuned=tuned)
       rows.append(row)
       _print_row(row, peak_gflops)
   if args.scan_compile:
-    print('* compiled only, dropout off (see --scan_compile)')
+    print('* compiled only, dropout off (see --scan_compile); the last row '
+          'of each model has twice its layers')
   pipeline = None
   if not args.nopipeline:
     pipeline = _in_subprocess({'kind': 'pipeline', 'batch': args.batch,

@@ -52,6 +52,8 @@ def test_suite_targets_compare_the_right_rows():
           model_overrides=run._NO_DROPOUT),
       row('ViT-L_16', 'scan', 'train', compile_s=2.6,
           model_overrides=run._NO_DROPOUT),
+      row('ViT-B_16', 'scan', 'train', compile_s=2.1,
+          model_overrides=run.twice_as_deep('ViT-B_16')),
   ]
   checks = {what: (measured, met) for what, measured, _, met in
             run.targets(rows, peak=100.0,
@@ -63,6 +65,10 @@ def test_suite_targets_compare_the_right_rows():
   assert not any('scan_remat' in what for what in checks)  # No such row.
   assert checks['scan: ViT-L_16 / ViT-B_16 train-step compile time'] == (
       '1.30x', False)
+  assert run.twice_as_deep('ViT-B_16')['transformer']['num_layers'] == 24
+  assert checks['scan: ViT-B_16 at 2x depth / 1x train-step compile'] == (
+      '1.05x', True)
+  assert not any('ViT-L_16 at 2x' in what for what in checks)  # No row.
   assert checks['input pipeline / ViT-S_16 train step images/s'] == (
       '2.8x', False)
   assert not any('ViT-B_16 train MFU' in what for what in checks)

@@ -6,13 +6,16 @@ model, finite differences of the loss on a tiny ViT, or a recurrence written
 out here.
 """
 
+import collections
 import functools
 import os
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import helpers
@@ -354,3 +357,42 @@ def eval_loss(config, params):
     count += real.sum()
   assert count == 299  # digits' test split.
   return total / count
+
+
+def _compiled_scan_step(num_layers):
+  """The optimised HLO text of a scanned ViT's train step (dropout on)."""
+  model = vit_jax.models.get_model(
+      'testing', num_classes=5, scan=True,
+      transformer={'num_layers': num_layers, 'dropout_rate': 0.1})
+  tx = optax.sgd(0.1, momentum=0.9)
+  images = jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.float32)
+  params = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False)['params'],
+      images)
+  state = jax.eval_shape(lambda p: initial_state(p, tx), params)
+  batch = {'image': images,
+           'labels': jax.ShapeDtypeStruct((4, 5), jnp.float32)}
+  key = jax.eval_shape(lambda: jax.random.key(1))
+  return jitted_step(model, tx).lower(state, batch, key).compile().as_text()
+
+
+def _opcode_counts(hlo_text):
+  """Instructions per opcode of an HLO module's text."""
+  counts = collections.Counter()
+  for line in hlo_text.splitlines():
+    match = re.match(r'\s*(ROOT )?%\S+ = .*?\b([a-z][\w-]*)\(', line)
+    if match:
+      counts[match.group(2)] += 1
+  return counts
+
+
+def test_scanned_train_step_compiles_to_the_same_program_at_any_depth():
+  # Issue 17, item 6: with scan, depth is only the trip count of the
+  # forward and backward loops (the other while loops are XLA's threefry
+  # for the dropout bits), so compile time cannot grow with it. An unrolled
+  # layer or anything done once per layer outside the loops would add
+  # instructions to the deeper program.
+  shallow = _opcode_counts(_compiled_scan_step(3))
+  deep = _opcode_counts(_compiled_scan_step(7))
+  assert sum(shallow.values()) > 1000 and shallow['while'] >= 2
+  assert shallow == deep
