@@ -98,11 +98,13 @@ def bit_resnet(x, p, num_layers, width_factor):
   return x
 
 
-def attention(x, p, prefix, num_heads):
+def attention(x, p, prefix, num_heads, kv=None):
+  """Multi-head attention of `x` over itself, or over `kv` when given."""
   del num_heads  # Implied by the kernel shapes (D, H, D/H).
+  kv = x if kv is None else kv
   q = np.einsum('ntd,dhk->nhtk', x, p[prefix + '/query/kernel'])
-  k = np.einsum('ntd,dhk->nhtk', x, p[prefix + '/key/kernel'])
-  v = np.einsum('ntd,dhk->nhtk', x, p[prefix + '/value/kernel'])
+  k = np.einsum('ntd,dhk->nhtk', kv, p[prefix + '/key/kernel'])
+  v = np.einsum('ntd,dhk->nhtk', kv, p[prefix + '/value/kernel'])
   q = q + p[prefix + '/query/bias'][None, :, None]
   k = k + p[prefix + '/key/bias'][None, :, None]
   v = v + p[prefix + '/value/bias'][None, :, None]
@@ -165,3 +167,81 @@ def mixer_logits(p, images):
     block += 1
   x = layer_norm(x, p, 'pre_head_layer_norm').mean(axis=1)
   return dense(x, p, 'head')
+
+
+def sincos_2d(h, w, width, temperature=10_000.):
+  """big_vision's fixed table: [sin x w, cos x w, sin y w, cos y w] per patch
+  (row-major), w_k = temperature ** -(k / (width / 4 - 1))."""
+  quarter = width // 4
+  omega = temperature ** -(np.arange(quarter) / (quarter - 1))
+  table = []
+  for y in range(h):
+    for x in range(w):
+      table.append(np.concatenate([np.sin(x * omega), np.cos(x * omega),
+                                   np.sin(y * omega), np.cos(y * omega)]))
+  return np.stack(table)[None]
+
+
+def big_vision_logits(p, images, *, pool='tok', posemb='learn'):
+  """big_vision ViT forward pass from its own parameter layout.
+
+  Written from big_vision's `models/vit.py` names: top-level `pos_embedding`
+  (no class slot, added to the patches before `cls` is prepended),
+  `Transformer/encoderblock_N/{LayerNorm_0, MultiHeadDotProductAttention_0,
+  LayerNorm_1, MlpBlock_0}` (or one stacked `Transformer/encoderblock`),
+  `MAPHead_0`, `pre_logits` (tanh), `head` (absent: the pooled embedding).
+
+  Args:
+    p: Flat {'a/b/c': array} without the `params/` prefix.
+    images: NHWC in [-1, 1].
+    pool: 'tok', 'gap' or 'map' (big_vision's `pool_type`).
+    posemb: 'learn' or 'sincos2d'.
+
+  Returns:
+    Logits, or the pooled embedding when `p` has no head.
+  """
+  p = {k: v.astype(np.float64) for k, v in p.items()}
+  w = p['embedding/kernel']
+  x = conv2d(images.astype(np.float64), w, w.shape[0], 'VALID') + p[
+      'embedding/bias']
+  n, gh, gw, d = x.shape
+  x = x.reshape(n, gh * gw, d)
+  x = x + (p['pos_embedding'] if posemb == 'learn' else
+           sincos_2d(gh, gw, d))
+  if pool == 'tok':
+    x = np.concatenate([np.broadcast_to(p['cls'], (n, 1, d)), x], axis=1)
+  stacked = 'Transformer/encoderblock/LayerNorm_0/scale' in p
+  depth = (p['Transformer/encoderblock/LayerNorm_0/scale'].shape[0]
+           if stacked else sum(1 for k in p if k.startswith(
+               'Transformer/encoderblock_') and k.endswith(
+                   'LayerNorm_0/scale')))
+  assert depth > 0, 'no encoder blocks in big_vision layout'
+  for layer in range(depth):
+    if stacked:
+      pre = 'block/'
+      block = {pre + k[len('Transformer/encoderblock/'):]: v[layer]
+               for k, v in p.items()
+               if k.startswith('Transformer/encoderblock/')}
+    else:
+      pre = f'Transformer/encoderblock_{layer}/'
+      block = p
+    y = layer_norm(x, block, pre + 'LayerNorm_0')
+    x = x + attention(y, block, pre + 'MultiHeadDotProductAttention_0', None)
+    y = layer_norm(x, block, pre + 'LayerNorm_1')
+    x = x + dense(gelu(dense(y, block, pre + 'MlpBlock_0/Dense_0')), block,
+                  pre + 'MlpBlock_0/Dense_1')
+  x = layer_norm(x, p, 'Transformer/encoder_norm')
+  if pool == 'tok':
+    x = x[:, 0]
+  elif pool == 'gap':
+    x = x.mean(axis=1)
+  else:
+    probe = np.broadcast_to(p['MAPHead_0/probe'], (n, 1, d))
+    a = attention(probe, p, 'MAPHead_0/MultiHeadDotProductAttention_0', None,
+                  kv=x)
+    y = layer_norm(a, p, 'MAPHead_0/LayerNorm_0')
+    x = (a + dense(gelu(dense(y, p, 'MAPHead_0/MlpBlock_0/Dense_0')), p,
+                   'MAPHead_0/MlpBlock_0/Dense_1'))[:, 0]
+  if 'pre_logits/kernel' in p:
+    x = np.tanh(dense(x, p, 'pre_logits'))
+  return dense(x, p, 'head') if 'head/kernel' in p else x

@@ -33,6 +33,8 @@ EXPECTED_PARAM_COUNTS = {
     'ViT-H_14': 632_045_800,
     'ViT-g_14': 1_012_611_432,
     'ViT-G_14': 1_844_440_680,
+    # MAP head, no class token; from the formula in test_model_options.py.
+    'ViT-So400m_14': 428_833_704,
     'R+ViT-Ti_16': 6_337_704,
     'R26+ViT-S_32': 36_431_912,
     'R50+ViT-B_16': 98_659_112,

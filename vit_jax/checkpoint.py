@@ -10,8 +10,12 @@ pre-Linen module numbering inside encoder blocks (`LayerNorm_0`,
 hybrids, GroupNorm parameters shaped (1, 1, 1, C); newer files use Linen
 numbering (`MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`) and
 may carry an `opt/target/` or `params/` prefix, or scan-stacked blocks
-(`Transformer/encoderblock/...` with a leading layer axis). `load` accepts all
-of them and returns the tree of `vit_jax.models` with its default (unscanned)
+(`Transformer/encoderblock/...` with a leading layer axis). big_vision's files
+(classification ViTs, and the image tower `img/` of SigLIP / SigLIP 2 two-tower
+files) keep the position embeddings at the top (`pos_embedding`, without a
+class slot: big_vision adds them before prepending the class token) and may
+have a `MAPHead_0`. `load` accepts all of them, says which layout it found,
+and returns the tree of `vit_jax.models` with its default (unscanned)
 options; `save` writes the published gs://vit_models layout, which the
 original vit_jax code and timm read.
 
@@ -56,6 +60,14 @@ _PUBLISHED_BLOCK_NAMES = {
 _NUMBERED_RE = re.compile(r'^(.+)_(\d+)$')
 _GROUPNORM_RE = re.compile(r'^gn(\d+|_root|_proj)$')
 _KNOWN_PREFIXES = (('opt', 'target'), ('params',))
+# Layouts `load` tells apart (and logs).
+LAYOUT_PUBLISHED = 'published (gs://vit_models, pre-Linen numbering)'
+LAYOUT_LINEN = 'Linen numbering (vit_jax, Flax)'
+LAYOUT_BIG_VISION = 'big_vision (top-level pos_embedding / MAPHead_0)'
+_BIG_VISION_POSEMB = 'pos_embedding'
+_MAP_HEAD = 'MAPHead_0'
+# A SigLIP file's towers; `load(path, tower='img')` picks one.
+_TOWERS = ('img', 'txt')
 
 POSEMB_METHODS = ('bilinear', 'bicubic')
 
@@ -344,12 +356,99 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
   return flat
 
 
-def load(path: str) -> dict[str, Any]:
-  """Loads parameters from an `.npz` in any published layout.
+def _split_tower_suffix(path: str, tower: str | None
+                        ) -> tuple[str, str | None]:
+  """'file.npz:img' (big_vision's way of naming a tower) -> ('file.npz',
+  'img'), so that a config's `pretrained_path` can name a tower."""
+  head, sep, tail = str(path).rpartition(':')
+  if sep and tail in _TOWERS and head.endswith('.npz'):
+    if tower not in (None, tail):
+      raise CheckpointError(f'{path} names tower {tail!r} but tower='
+                            f'{tower!r} was asked for.')
+    return head, tail
+  return path, tower
+
+
+def _select_tower(flat: dict[str, Any], tower: str | None,
+                  path: str) -> dict[str, Any]:
+  """The `tower/` subtree of a two-tower file, or `flat` itself."""
+  tops = {k.split('/', 1)[0] for k in flat}
+  towers = sorted(tops & set(_TOWERS))
+  if tower is None:
+    if towers:
+      raise CheckpointError(
+          f'{path} is a two-tower (SigLIP-style) checkpoint with towers '
+          f'{towers}: load the image tower with checkpoint.load(path, '
+          f"tower='img') (or the path '{path}:img').")
+    return flat
+  if tower not in towers:
+    raise CheckpointError(
+        f'{path} has no tower {tower!r}; its top-level entries are '
+        f'{_format_keys(tops)}.')
+  head = tower + '/'
+  skipped = sorted(tops - {tower})
+  logging.info('checkpoint.load: %s: tower %r (skipping %s)', path, tower,
+               ', '.join(skipped) or 'nothing')
+  return {k[len(head):]: v for k, v in flat.items() if k.startswith(head)}
+
+
+def detect_layout(flat: Mapping[str, Any]) -> str:
+  """Which layout a flat {'a/b/c': array} checkpoint is in.
+
+  Args:
+    flat: Keys without the `params/` (or `opt/target/`) prefix.
+
+  Returns:
+    `LAYOUT_BIG_VISION`, `LAYOUT_PUBLISHED` or `LAYOUT_LINEN`.
+  """
+  if _BIG_VISION_POSEMB in flat or any(
+      k.startswith(_MAP_HEAD + '/') for k in flat):
+    return LAYOUT_BIG_VISION
+  published = set(_PUBLISHED_BLOCK_NAMES.values()) - {'LayerNorm_0'}
+  for key in flat:
+    parts = key.split('/')
+    if (len(parts) > 2 and parts[0] == 'Transformer'
+        and (_BLOCK_RE.match(parts[1]) or parts[1] == _SCANNED_BLOCK)
+        and parts[2] in published):
+      return LAYOUT_PUBLISHED
+  return LAYOUT_LINEN
+
+
+def _from_big_vision(flat: dict[str, Any]) -> dict[str, Any]:
+  """big_vision names -> vit_jax names (same numbers for every input).
+
+  big_vision adds `pos_embedding` (1, h*w, D) to the patches and then
+  prepends the class token; vit_jax adds (1, 1 + h*w, D) after it. A zero
+  class slot makes the two the same sums: cls + 0 is cls.
+  """
+  flat = dict(flat)
+  posemb = flat.pop(_BIG_VISION_POSEMB, None)
+  if posemb is not None:
+    posemb = np.asarray(posemb)
+    if 'cls' in flat:
+      posemb = np.concatenate(
+          [np.zeros_like(posemb[:, :1]), posemb], axis=1)
+    flat['/'.join(_POSEMB_PATH)] = posemb
+  return flat
+
+
+def load(path: str, tower: str | None = None) -> dict[str, Any]:
+  """Loads parameters from an `.npz` in any supported layout.
+
+  Published gs://vit_models files (pre-Linen numbering), Linen-numbered and
+  scan-stacked files, big_vision classification files and the towers of
+  SigLIP two-tower files all load into the tree of `vit_jax.models`; the
+  layout found is logged. big_vision's learned position embeddings get a
+  zero class slot when the file has a class token (same numbers, see
+  `_from_big_vision`); a file without position embeddings (big_vision's
+  'sincos2d', or none) needs a model built with that `posemb`.
 
   Args:
     path: Local path, a remote path readable by tf.io.gfile (gs://...) or
-      an http(s) URL (downloaded once, see `download`).
+      an http(s) URL (downloaded once, see `download`). big_vision's
+      'file.npz:img' form names a tower.
+    tower: For two-tower (SigLIP) files: 'img' for the image tower (the text
+      tower, temperature and bias are skipped).
 
   Returns:
     Nested dict of numpy arrays with the parameter names of `vit_jax.models`
@@ -358,10 +457,19 @@ def load(path: str) -> dict[str, Any]:
   Raises:
     FileNotFoundError: The file does not exist.
     CheckpointError: The file is not a readable npz, is truncated, or holds
-      pickled object arrays (never unpickled).
+      pickled object arrays (never unpickled); a two-tower file without
+      `tower`, or a tower it does not have.
   """
+  path, tower = _split_tower_suffix(path, tower)
   flat = _strip_known_prefix(_read_npz(path))
+  flat = _select_tower(flat, tower, path)
   flat = _squeeze_groupnorm(flat)
+  layout = detect_layout(flat)
+  stacked = any(k.startswith(f'Transformer/{_SCANNED_BLOCK}/') for k in flat)
+  logging.info('checkpoint.load: %s: %s layout%s', path, layout,
+               ', stacked (scan) blocks' if stacked else '')
+  if layout == LAYOUT_BIG_VISION:
+    flat = _from_big_vision(flat)
   params = to_linen_names(unflatten(flat))
   return unstack_encoder_blocks(params)
 

@@ -77,6 +77,12 @@ _CONFIGS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
         hidden=1408, mlp=6144, heads=16, layers=40, patch=14)),
     'ViT-G_14': (vit.VisionTransformer, _vit(
         hidden=1664, mlp=8192, heads=16, layers=48, patch=14)),
+    # The shape-optimised ViT of "Getting ViT in Shape" (Alabdulmohsin et
+    # al., 2023; big_vision's 'So400m'), SigLIP's largest image tower, which
+    # pools with a MAP head.
+    'ViT-So400m_14': (vit.VisionTransformer, _vit(
+        hidden=1152, mlp=4304, heads=16, layers=27, patch=14,
+        classifier='map')),
     # Hybrids: total stride = 4 (root) * 2**(stages - 1) * patch.
     'R+ViT-Ti_16': (vit.VisionTransformer, _hybrid(
         _vit(**_TI, patch=16), num_layers=(), patch=8)),

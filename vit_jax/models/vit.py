@@ -27,6 +27,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vit_jax.models import resnet
 
@@ -39,8 +40,21 @@ _MLP_BIAS_INIT = nn.initializers.normal(stddev=1e-6)
 _POSEMB_INIT = nn.initializers.normal(stddev=0.02)
 _LAYER_NORM_EPSILON = 1e-6
 
-CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
+CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
 OUTPUTS = ('logits', 'tokens')
+# Position embeddings (paper Appendix D.4; big_vision's sine-cosine table):
+#   'learn':    learned, one per token of the sequence, class token included
+#               (`Transformer/posembed_input/pos_embedding`, the published
+#               layout; big_vision's files, whose class token has none, load
+#               into it with a zero class slot, the same sums);
+#   'learn2d':  learned row and column embeddings of D/2 each, concatenated
+#               per patch (`posembed_2d/{row,column}`);
+#   'sincos2d': big_vision's fixed 2-D sine-cosine table, no parameters;
+#   'none':     none.
+# The kinds other than 'learn' are added to the patches before the class
+# token and any registers join the sequence, as big_vision does, so those
+# tokens have no position.
+POSEMB_KINDS = ('learn', 'learn2d', 'sincos2d', 'none')
 
 # How attention is computed (the parameters are the same for all):
 #   'einsum': heads-major einsums, the fastest measured on CPU;
@@ -286,7 +300,18 @@ class MultiHeadDotProductAttention(nn.Module):
   attention_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array,
+               inputs_kv: jax.Array | None = None) -> jax.Array:
+    """Attention of `x` over itself, or over `inputs_kv` when given.
+
+    Args:
+      x: Queries' inputs [B, Tq, D] (and keys' and values' by default).
+      inputs_kv: Keys' and values' inputs [B, Tk, D] (cross-attention, e.g.
+        the MAP head's probe over the tokens): computed with einsums.
+
+    Returns:
+      [B, Tq, D].
+    """
     hidden = x.shape[-1]
     if hidden % self.num_heads:
       raise ValueError(f'hidden size {hidden} is not divisible by num_heads '
@@ -311,6 +336,17 @@ class MultiHeadDotProductAttention(nn.Module):
         kernel_shape=(*heads, hidden), bias_shape=(hidden,),
         fan_in_axes=(0, 1), fan_out_axes=(2,), param_dtype=self.param_dtype,
         name='out')()
+    if inputs_kv is not None:
+      q, k, v = (
+          jnp.einsum('btd,dnh->bnth', y.astype(self.dtype),
+                     w.astype(self.dtype)) + b.astype(self.dtype)[:, None]
+          for y, w, b in ((x, wq, bq), (inputs_kv, wk, bk),
+                          (inputs_kv, wv, bv)))
+      weights = self._weights(q, k, scale=head_dim**-0.5)
+      self.sow('intermediates', 'attention_weights', weights)
+      out = jnp.einsum('bhqk,bhkd->bhqd', weights, v)
+      out = jnp.einsum('bhqd,hdo->bqo', out, wo.astype(self.dtype))
+      return out + bo.astype(self.dtype)
 
     # One [B*T, D] x [D, 3D] matmul for q, k and v, written straight into the
     # heads-major layout [B, 3, H, T, D/H] that the einsums and the TPU kernel
@@ -370,6 +406,8 @@ class MlpBlock(nn.Module):
     out_dim: Output width; defaults to the input width.
     dtype: Computation dtype.
     param_dtype: Parameter dtype.
+    gelu_approximate: tanh GELU (the paper's and big_vision's code) or, when
+      False, the exact erf GELU (transformers' `hidden_act='gelu'`).
   """
   mlp_dim: int
   dropout_rate: float = 0.0
@@ -377,6 +415,7 @@ class MlpBlock(nn.Module):
   out_dim: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -384,7 +423,8 @@ class MlpBlock(nn.Module):
     dense = lambda n, name: nn.Dense(  # pylint: disable=g-long-lambda
         n, kernel_init=_MLP_KERNEL_INIT, bias_init=_MLP_BIAS_INIT,
         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    x = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))
+    x = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x),
+                approximate=self.gelu_approximate)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=self.deterministic)
     x = dense(out_dim, 'Dense_1')(x)
     return nn.Dropout(rate=self.dropout_rate)(
@@ -405,6 +445,8 @@ class Encoder1DBlock(nn.Module):
     dtype: Computation dtype.
     param_dtype: Parameter dtype.
     attention_impl: See `MultiHeadDotProductAttention`.
+    layer_norm_epsilon: LayerNorm epsilon.
+    gelu_approximate: See `MlpBlock`.
   """
   mlp_dim: int
   num_heads: int
@@ -414,11 +456,42 @@ class Encoder1DBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = 'auto'
+  layer_norm_epsilon: float = _LAYER_NORM_EPSILON
+  gelu_approximate: bool = True
+
+  def _drop_path(self, x: jax.Array, rate: Any) -> jax.Array:
+    """Stochastic depth: drops the residual branch `x` per example.
+
+    Args:
+      x: A residual branch's output [B, ...].
+      rate: Drop probability (a float, or a traced scalar under `nn.scan`);
+        None for none.
+
+    Returns:
+      `x` zeroed for the dropped examples and scaled by 1 / (1 - rate) for
+      the others (the expectation is unchanged), or `x` at evaluation.
+    """
+    if rate is None or self.deterministic:
+      return x
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    kept = jax.random.bernoulli(self.make_rng('dropout'), keep,
+                                (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(kept, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
   @nn.compact
-  def __call__(self, inputs: jax.Array) -> tuple[jax.Array, None]:
+  def __call__(self, inputs: jax.Array,
+               drop_path_rate: Any = None) -> tuple[jax.Array, None]:
+    """One block.
+
+    Args:
+      inputs: Tokens [B, T, D].
+      drop_path_rate: This block's stochastic-depth rate (None: off).
+
+    Returns:
+      (outputs [B, T, D], None).
+    """
     norm = lambda name: nn.LayerNorm(  # pylint: disable=g-long-lambda
-        epsilon=_LAYER_NORM_EPSILON, dtype=self.dtype,
+        epsilon=self.layer_norm_epsilon, dtype=self.dtype,
         param_dtype=self.param_dtype, name=name)
     # Block boundaries: the activations are split over the batch only (whole
     # on every device of a 'model' axis). A no-op unless the caller sets
@@ -431,12 +504,14 @@ class Encoder1DBlock(nn.Module):
         param_dtype=self.param_dtype, attention_impl=self.attention_impl,
         name='MultiHeadDotProductAttention_0')(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=self.deterministic)
-    x = x + inputs
+    x = self._drop_path(x, drop_path_rate) + inputs
     y = norm('LayerNorm_1')(x)
     y = MlpBlock(
         mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
         deterministic=self.deterministic, dtype=self.dtype,
-        param_dtype=self.param_dtype, name='MlpBlock_0')(y)
+        param_dtype=self.param_dtype, gelu_approximate=self.gelu_approximate,
+        name='MlpBlock_0')(y)
+    y = self._drop_path(y, drop_path_rate)
     outputs = nn.with_logical_constraint(x + y, ACTIVATION_AXES)
     self.sow('intermediates', 'block_output', outputs)
     return outputs, None
@@ -465,6 +540,100 @@ class AddPositionEmbs(nn.Module):
     return x + posemb.astype(x.dtype)
 
 
+def posemb_sincos_2d(h: int, w: int, width: int,
+                     temperature: float = 10_000.) -> np.ndarray:
+  """The fixed 2-D sine-cosine position embeddings of big_vision.
+
+  A patch at row y, column x gets [sin(x w_k), cos(x w_k), sin(y w_k),
+  cos(y w_k)] over k = 0..width/4-1, with frequencies w_k =
+  temperature^(-k / (width/4 - 1)) (MoCo v3's table, as big_vision writes it).
+
+  Args:
+    h: Rows of the patch grid.
+    w: Columns.
+    width: Token width D, a multiple of 4.
+    temperature: Longest wavelength.
+
+  Returns:
+    float64 [1, h * w, width], row-major over the grid.
+  """
+  if width % 4:
+    raise ValueError(f"posemb='sincos2d' needs a hidden size divisible by 4, "
+                     f'got {width}.')
+  quarter = width // 4
+  omega = 1.0 / temperature**(np.arange(quarter) / max(quarter - 1, 1))
+  y, x = np.mgrid[:h, :w]
+  x = np.outer(x.reshape(-1), omega)
+  y = np.outer(y.reshape(-1), omega)
+  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)],
+                        axis=1)[None]
+
+
+class PositionEmbedding2D(nn.Module):
+  """Learned row and column embeddings of D/2 each (paper Appendix D.4).
+
+  The patch in row i, column j gets [row_i, column_j].
+
+  Attributes:
+    param_dtype: Parameter dtype.
+  """
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, h: int, w: int) -> jax.Array:
+    """Patch tokens [B, h*w, D] (row-major) plus their embeddings."""
+    d = x.shape[-1]
+    if d % 2:
+      raise ValueError(f"posemb='learn2d' needs an even hidden size, got {d}.")
+    rows = self.param('row', _POSEMB_INIT, (h, d // 2), self.param_dtype)
+    cols = self.param('column', _POSEMB_INIT, (w, d // 2), self.param_dtype)
+    table = jnp.concatenate([
+        jnp.broadcast_to(rows[:, None], (h, w, d // 2)),
+        jnp.broadcast_to(cols[None, :], (h, w, d // 2))], axis=-1)
+    return x + jnp.reshape(table, (h * w, d)).astype(x.dtype)
+
+
+class MAPHead(nn.Module):
+  """Multi-head attention pooling (big_vision's MAPHead).
+
+  A learned probe attends over the tokens with the model's head count, then
+  a residual MLP block on its LayerNorm: probe' = a + MLP(LN(a)).
+
+  Attributes:
+    num_heads: Attention heads.
+    mlp_dim: MLP hidden width.
+    dtype: Computation dtype.
+    param_dtype: Parameter dtype.
+    layer_norm_epsilon: LayerNorm epsilon.
+    gelu_approximate: See `MlpBlock`.
+  """
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  layer_norm_epsilon: float = _LAYER_NORM_EPSILON
+  gelu_approximate: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Pools tokens [B, T, D] into [B, D]."""
+    n, _, d = x.shape
+    probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, d),
+                       self.param_dtype)
+    probe = jnp.tile(probe.astype(self.dtype), (n, 1, 1))
+    x = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype,
+        param_dtype=self.param_dtype, attention_impl='einsum',
+        name='MultiHeadDotProductAttention_0')(probe, inputs_kv=x)
+    y = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name='LayerNorm_0')(x)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype,
+                     param_dtype=self.param_dtype,
+                     gelu_approximate=self.gelu_approximate,
+                     name='MlpBlock_0')(y)
+    return x[:, 0]
+
+
 class Encoder(nn.Module):
   """Position embeddings, `num_layers` blocks and a final LayerNorm.
 
@@ -484,6 +653,9 @@ class Encoder(nn.Module):
     attention_impl: See `MultiHeadDotProductAttention`.
     remat_policy: One of `REMAT_POLICIES`; None: 'full' with `remat`, else
       'none'.
+    stochastic_depth: See `VisionTransformer`.
+    layer_norm_epsilon: LayerNorm epsilon.
+    gelu_approximate: See `MlpBlock`.
   """
   num_layers: int
   mlp_dim: int
@@ -498,14 +670,38 @@ class Encoder(nn.Module):
   scan: bool = False
   attention_impl: str = 'auto'
   remat_policy: str | None = None
+  stochastic_depth: float = 0.0
+  layer_norm_epsilon: float = _LAYER_NORM_EPSILON
+  gelu_approximate: bool = True
+
+  def drop_path_rates(self) -> list[float]:
+    """Each block's stochastic-depth rate: 0 at the first, linear up to
+    `stochastic_depth` at the last (Huang et al., 2016)."""
+    if self.num_layers == 1:
+      return [self.stochastic_depth]
+    return [self.stochastic_depth * i / (self.num_layers - 1)
+            for i in range(self.num_layers)]
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array,
+               extra_tokens: jax.Array | None = None) -> jax.Array:
+    """Position embeddings, the blocks and the final LayerNorm.
+
+    Args:
+      x: Tokens [B, T, D].
+      extra_tokens: [B, R, D] appended to the sequence after the position
+        embeddings (e.g. registers, which have no position).
+
+    Returns:
+      [B, T (+ R), D].
+    """
     if self.add_position_embedding:
       x = AddPositionEmbs(param_dtype=self.param_dtype,
                           name='posembed_input')(x)
       x = nn.Dropout(rate=self.dropout_rate)(
           x, deterministic=self.deterministic)
+    if extra_tokens is not None:
+      x = jnp.concatenate([x, extra_tokens.astype(x.dtype)], axis=1)
     x = x.astype(self.dtype)
     block_cls = Encoder1DBlock
     policy = remat_policy_of(self.remat, self.remat_policy)
@@ -521,19 +717,29 @@ class Encoder(nn.Module):
         dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
         deterministic=self.deterministic, dtype=self.dtype,
-        param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+        param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+        layer_norm_epsilon=self.layer_norm_epsilon,
+        gelu_approximate=self.gelu_approximate)
+    # Without stochastic depth the blocks take no rate: the same program as
+    # before the option existed.
+    rates = self.drop_path_rates() if self.stochastic_depth else None
     if self.scan:
       block_cls = nn.scan(
           block_cls,
           variable_axes={'params': 0, 'intermediates': 0},
           split_rngs={'params': True, 'dropout': True},
-          length=self.num_layers)
-      x, _ = block_cls(name='encoderblock', **block_kwargs)(x)
+          in_axes=0, length=self.num_layers)
+      block = block_cls(name='encoderblock', **block_kwargs)
+      if rates is None:
+        x, _ = block(x)
+      else:  # Each iteration gets its layer's rate.
+        x, _ = block(x, jnp.asarray(rates, jnp.float32))
     else:
       for i in range(self.num_layers):
-        x, _ = block_cls(name=f'encoderblock_{i}', **block_kwargs)(x)
+        block = block_cls(name=f'encoderblock_{i}', **block_kwargs)
+        x, _ = block(x) if rates is None else block(x, rates[i])
     return nn.LayerNorm(
-        epsilon=_LAYER_NORM_EPSILON, dtype=self.dtype,
+        epsilon=self.layer_norm_epsilon, dtype=self.dtype,
         param_dtype=self.param_dtype, name='encoder_norm')(x)
 
 
@@ -553,9 +759,10 @@ class VisionTransformer(nn.Module):
     hidden_size: Token width D.
     resnet: `{'num_layers': (3, 4, 9), 'width_factor': 1}` for hybrids.
     representation_size: Width of the tanh pre-logits layer; None for none.
-    classifier: 'token' (class token), 'gap' (mean of tokens), 'unpooled'
-      (all tokens, for dense tasks) or 'token_unpooled' (class token kept in
-      the sequence).
+    classifier: 'token' (class token), 'gap' (mean of the patch tokens),
+      'map' (multi-head attention pooling, `MAPHead_0`), 'unpooled' (all
+      patch tokens, for dense tasks) or 'token_unpooled' (class token kept
+      in the sequence).
     head_bias_init: Initial value of the head bias.
     model_name: Registry name, informational.
     dtype: Computation dtype (e.g. jnp.bfloat16).
@@ -566,6 +773,17 @@ class VisionTransformer(nn.Module):
       ('auto': per backend, logged); the parameters are the same for all.
     remat_policy: What the backward pass recomputes, one of
       `REMAT_POLICIES` (None: 'full' with `remat`, else 'none').
+    posemb: Position embeddings, one of `POSEMB_KINDS`.
+    stochastic_depth: Drop-path rate of the last block in training; block i
+      of L drops its residual branches with probability
+      `stochastic_depth * i / (L - 1)`: 0 for the first, rising linearly
+      (Huang et al., 2016's rule, as DeiT and timm use it), since early
+      blocks' features feed every later one. 0 turns it off.
+    num_registers: Learned register tokens (Darcet et al., 2023) appended to
+      the sequence after the position embeddings; no pooling sees them.
+    layer_norm_epsilon: Epsilon of every LayerNorm (1e-6 in the paper's and
+      big_vision's code; transformers' google/vit-* configs use 1e-12).
+    gelu_approximate: tanh GELU (default, the paper's code) or exact GELU.
   """
   num_classes: int | None
   patches: Any
@@ -582,6 +800,11 @@ class VisionTransformer(nn.Module):
   scan: bool = False
   attention_impl: str = 'auto'
   remat_policy: str | None = None
+  posemb: str = 'learn'
+  stochastic_depth: float = 0.0
+  num_registers: int = 0
+  layer_norm_epsilon: float = _LAYER_NORM_EPSILON
+  gelu_approximate: bool = True
 
   @property
   def total_stride(self) -> tuple[int, int]:
@@ -631,6 +854,14 @@ class VisionTransformer(nn.Module):
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f'Unknown classifier {self.classifier!r}; use one of '
                        f'{CLASSIFIERS}.')
+    if self.posemb not in POSEMB_KINDS:
+      raise ValueError(f'Unknown posemb {self.posemb!r}; use one of '
+                       f'{POSEMB_KINDS}.')
+    if not 0.0 <= self.stochastic_depth < 1.0:
+      raise ValueError(f'stochastic_depth={self.stochastic_depth}: a drop '
+                       'probability in [0, 1).')
+    if self.num_registers < 0:
+      raise ValueError(f'num_registers={self.num_registers} is negative.')
     self._check_image(inputs)
     x = inputs.astype(self.dtype)
     if self.resnet is not None:
@@ -650,14 +881,6 @@ class VisionTransformer(nn.Module):
                        'transformer (this model has none).')
     if self.transformer is not None:
       n, h, w, c = x.shape
-      x = jnp.reshape(x, (n, h * w, c))
-      if patch_transform is not None:
-        x = patch_transform(x)
-      if self.classifier in ('token', 'token_unpooled'):
-        cls = self.param('cls', nn.initializers.zeros, (1, 1, c),
-                         self.param_dtype)
-        x = jnp.concatenate(
-            [jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
       encoder_fields = {
           k: config_value(self.transformer, k)
           for k in ('num_layers', 'mlp_dim', 'num_heads')}
@@ -665,12 +888,41 @@ class VisionTransformer(nn.Module):
                          ('attention_dropout_rate', 0.1),
                          ('add_position_embedding', True)):
         encoder_fields[k] = config_value(self.transformer, k, default)
+      x = jnp.reshape(x, (n, h * w, c))
+      if patch_transform is not None:
+        x = patch_transform(x)
+      if self.posemb == 'learn2d':
+        x = PositionEmbedding2D(param_dtype=self.param_dtype,
+                                name='posembed_2d')(x, h, w)
+      elif self.posemb == 'sincos2d':
+        x = x + jnp.asarray(posemb_sincos_2d(h, w, c), x.dtype)
+      if self.posemb != 'learn':
+        # Added here, before the class token: the encoder adds none.
+        encoder_fields['add_position_embedding'] = False
+        if self.posemb != 'none':
+          x = nn.Dropout(rate=encoder_fields['dropout_rate'])(
+              x, deterministic=not train)
+      if self.classifier in ('token', 'token_unpooled'):
+        cls = self.param('cls', nn.initializers.zeros, (1, 1, c),
+                         self.param_dtype)
+        x = jnp.concatenate(
+            [jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
+      registers = None
+      if self.num_registers:
+        registers = self.param('registers', _POSEMB_INIT,
+                               (1, self.num_registers, c), self.param_dtype)
+        registers = jnp.tile(registers, (n, 1, 1))
       x = Encoder(
           deterministic=not train, dtype=self.dtype,
           param_dtype=self.param_dtype, remat=self.remat, scan=self.scan,
           attention_impl=self.attention_impl,
-          remat_policy=self.remat_policy, name='Transformer',
-          **encoder_fields)(x)
+          remat_policy=self.remat_policy,
+          stochastic_depth=self.stochastic_depth,
+          layer_norm_epsilon=self.layer_norm_epsilon,
+          gelu_approximate=self.gelu_approximate, name='Transformer',
+          **encoder_fields)(x, extra_tokens=registers)
+      if self.num_registers:  # Registers are working memory, not output.
+        x = x[:, :-self.num_registers]
       if output == 'tokens':
         return x
 
@@ -678,6 +930,15 @@ class VisionTransformer(nn.Module):
       x = x[:, 0]
     elif self.classifier == 'gap':
       x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+    elif self.classifier == 'map':
+      if self.transformer is None:
+        raise ValueError("classifier='map' needs a transformer.")
+      x = MAPHead(
+          num_heads=config_value(self.transformer, 'num_heads'),
+          mlp_dim=config_value(self.transformer, 'mlp_dim'), dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          layer_norm_epsilon=self.layer_norm_epsilon,
+          gelu_approximate=self.gelu_approximate, name='MAPHead_0')(x)
 
     if self.representation_size is not None:
       x = nn.Dense(
@@ -695,7 +956,8 @@ class VisionTransformer(nn.Module):
 
 
 __all__ = [
-    'AddPositionEmbs', 'CLASSIFIERS', 'Encoder', 'Encoder1DBlock', 'MlpBlock',
-    'MultiHeadDotProductAttention', 'OUTPUTS', 'VisionTransformer',
-    'config_value', 'patch_size_of',
+    'AddPositionEmbs', 'CLASSIFIERS', 'Encoder', 'Encoder1DBlock', 'MAPHead',
+    'MlpBlock', 'MultiHeadDotProductAttention', 'OUTPUTS', 'POSEMB_KINDS',
+    'PositionEmbedding2D', 'VisionTransformer', 'config_value',
+    'patch_size_of', 'posemb_sincos_2d',
 ]
