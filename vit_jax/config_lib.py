@@ -222,12 +222,14 @@ class ObjectiveSection:
     objective: 'classification' or 'mpp'.
     loss: Classification loss, 'softmax_xent' or 'sigmoid_xent'.
     label_smoothing: Label-smoothing factor of the classification loss.
+    mixup_alpha: Mixup's Beta(alpha, alpha) parameter; 0 for none.
     mpp: Masked patch prediction settings
       (`vit_jax.objectives.mpp.MppConfig`).
   """
   objective: str
   loss: str
   label_smoothing: float
+  mixup_alpha: float
   mpp: Any = dataclasses.field(metadata={'parse': _mpp_config})
 
   def __post_init__(self):
@@ -242,6 +244,13 @@ class ObjectiveSection:
     if not 0 <= self.label_smoothing < 1:
       raise ValueError(f'config.label_smoothing={self.label_smoothing} must '
                        'be in [0, 1).')
+    if self.mixup_alpha < 0:
+      raise ValueError(f'config.mixup_alpha={self.mixup_alpha} must be >= 0 '
+                       '(0 turns mixup off).')
+    if self.mixup_alpha and self.objective != 'classification':
+      raise ValueError(
+          f'config.mixup_alpha={self.mixup_alpha} mixes class labels: it '
+          f'needs objective=\'classification\', not {self.objective!r}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -490,6 +499,9 @@ def get_base() -> ml_collections.ConfigDict:
   c.mpp.random_prob = 0.1  # by a random patch's (the rest are kept).
   c.mpp.bits = 3  # Bits per colour channel of the targets.
   c.label_smoothing = 0.0  # Label-smoothing factor.
+  # Mixup (classification): Beta(a, a) mixing of each batch's images and
+  # labels with the batch rolled by one; 0 turns it off.
+  c.mixup_alpha = 0.0
   c.ema_decay = ml_collections.config_dict.placeholder(float)  # Polyak, [0, 1).
   # Sharding.
   c.mesh = (('data', -1), ('fsdp', 1))  # Mesh axes; fsdp > 1 shards params.

@@ -9,7 +9,8 @@ description (`run_meta`). `train.py` picks one by `config.objective`, once
 (`get`).
 
   classification  supervised cross-entropy (`config.loss`,
-                  `config.label_smoothing`); top-1 / top-5 evaluation.
+                  `config.label_smoothing`, `config.mixup_alpha`); top-1 /
+                  top-5 evaluation.
   mpp             masked patch prediction (paper §4.6; `config.mpp`).
 """
 
@@ -34,4 +35,5 @@ def get(section: config_lib.ObjectiveSection
   if section.objective == mpp.NAME:
     return mpp.MaskedPatchPrediction(section.mpp)
   return classification.Classification(
-      loss=section.loss, label_smoothing=float(section.label_smoothing))
+      loss=section.loss, label_smoothing=float(section.label_smoothing),
+      mixup_alpha=float(section.mixup_alpha))
