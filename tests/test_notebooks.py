@@ -263,5 +263,9 @@ def test_inspect_notebook_falls_back_to_random_init(tmp_path, monkeypatch):
   assert 'NOTE' in text and 'RANDOMLY INITIALISED' in text
   from vit_jax import analysis  # pylint: disable=g-import-not-at-top
   assert sorted(os.listdir(out)) == sorted(
-      [*analysis.FIGURES, analysis.RESULTS_FILE])
-  assert _count_images(notebook) == len(analysis.FIGURES)
+      [*analysis.FIGURES, analysis.RESULTS_FILE, 'cka'])
+  # The CKA cell: one model, so its heatmap and the sheet (shown).
+  assert sorted(os.listdir(out / 'cka')) == sorted(
+      ['cka_within_a.png', 'cka_sheet.png', analysis.CKA_RESULTS_FILE])
+  assert 'CKA of each block with its input: [' in text
+  assert _count_images(notebook) == len(analysis.FIGURES) + 1

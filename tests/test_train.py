@@ -33,6 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
 CONFIG_ARGS = {
     'digits.py': [None, 'runlocal'],
+    'digits_resnet.py': [None, 'runlocal'],
     'finetune.py': ['b16,cifar10', 'ViT-L_16,imagenet2012', 'r50_b16,pets',
                     'ti16,digits,runlocal'],
     'pretrain_imagenet21k.py': ['b16', 'b16,runlocal'],

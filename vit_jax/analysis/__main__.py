@@ -1,14 +1,23 @@
-r"""Writes the paper's inspection figures for a trained model.
+r"""Writes the paper's inspection figures for a trained model, or CKA.
 
   python -m vit_jax.analysis --workdir=/tmp/vit_digits --images=digits \
       --out=/tmp/vit_digits/analysis
   python -m vit_jax.analysis --pretrained_path=ViT-B_16.npz --model=ViT-B_16 \
       --images=/path/to/jpegs --out=/tmp/b16_analysis
+  python -m vit_jax.analysis cka --workdir=/tmp/vit_digits \
+      [--workdir_b=/tmp/resnet_digits | --pretrained_path_b=X.npz \
+      --model_b=NAME] --images=digits --out=/tmp/cka
 
 With --workdir the model, image size and classes come from the run's
 config.json and the parameters from its newest checkpoint (EMA parameters if
 the run kept them). Figures: filters.png, position_similarity.png,
 attention_distance.png, rollout.png; numbers: analysis.json.
+
+`cka`: minibatch CKA between the layers of the model (default out:
+<workdir>/cka), and with a second model (--workdir_b, or --pretrained_path_b
+with --model_b) between the two, on the same images (each model's
+resolution). Figures: cka_within_a.png, cka_within_b.png, cka_between.png,
+cka_sheet.png; numbers: cka.json.
 """
 
 import json
@@ -37,8 +46,26 @@ flags.DEFINE_string('images', 'digits',
 flags.DEFINE_string('tfds_data_dir', None, 'tfds directory for digits.')
 flags.DEFINE_integer('num_images', 128,
                      'Images averaged over (the paper uses 128).')
-flags.DEFINE_string('out', None, 'Output folder (default: <workdir>/analysis).')
+flags.DEFINE_string('out', None, 'Output folder (default: <workdir>/analysis, '
+                    'or <workdir>/cka for cka).')
+# The cka subcommand's own flags.
+flags.DEFINE_string('workdir_b', None, 'cka: a second training run.')
+flags.DEFINE_string('pretrained_path_b', None,
+                    'cka: a second model as an .npz (instead of --workdir_b).')
+flags.DEFINE_string('model_b', None,
+                    'cka: registry name of --pretrained_path_b.')
+flags.DEFINE_list('layers', None,
+                  'cka: layer names of the model (default: the first '
+                  "block's input and every block's output).")
+flags.DEFINE_list('layers_b', None, 'cka: layer names of the second model.')
+flags.DEFINE_enum('cka_pooling', 'flatten', ['flatten', 'mean'],
+                  'cka: compare every token / position (flatten) or their '
+                  'mean.')
+flags.DEFINE_integer('cka_batch', 64, 'cka: minibatch size of the estimator.')
 FLAGS = flags.FLAGS
+COMMANDS = ('cka',)
+_CKA_FLAGS = ('workdir_b', 'pretrained_path_b', 'model_b', 'layers',
+              'layers_b', 'cka_pooling', 'cka_batch')
 
 
 def model_from_workdir(workdir: str):
@@ -75,22 +102,97 @@ def model_from_npz(path: str, name: str):
   return model, params, side * model.total_stride[0], None
 
 
+def _load_images(size: int):
+  try:
+    return images_lib.load_images(FLAGS.images, size, FLAGS.num_images,
+                                  FLAGS.tfds_data_dir)
+  except FileNotFoundError as e:
+    raise app.UsageError(f'--images={FLAGS.images}: {e}') from e
+
+
+def _name(workdir: str | None, model: str | None) -> str:
+  return os.path.basename(os.path.normpath(workdir)) if workdir else model
+
+
+def run_cka() -> dict[str, object]:
+  """The cka subcommand: the flags checked, the models loaded, CKA written.
+
+  Raises:
+    app.UsageError: contradictory or incomplete flags, naming them.
+  """
+  if FLAGS.workdir_b and FLAGS.pretrained_path_b:
+    raise app.UsageError('Pass at most one of --workdir_b or '
+                         '--pretrained_path_b (the second model).')
+  if FLAGS.model_b and not FLAGS.pretrained_path_b:
+    raise app.UsageError('--model_b names the model of --pretrained_path_b; '
+                         'pass --pretrained_path_b too (or --workdir_b).')
+  if FLAGS.layers_b and not (FLAGS.workdir_b or FLAGS.pretrained_path_b):
+    raise app.UsageError('--layers_b needs a second model (--workdir_b or '
+                         '--pretrained_path_b).')
+  if FLAGS.workdir:
+    model, params, size, _ = model_from_workdir(FLAGS.workdir)
+  else:
+    model, params, size, _ = model_from_npz(FLAGS.pretrained_path,
+                                            FLAGS.model)
+  images, _ = _load_images(size)
+  second = {}
+  if FLAGS.workdir_b or FLAGS.pretrained_path_b:
+    if FLAGS.workdir_b:
+      model_b, params_b, size_b, _ = model_from_workdir(FLAGS.workdir_b)
+    else:
+      if not FLAGS.model_b:
+        raise app.UsageError('--pretrained_path_b needs --model_b (e.g. '
+                             'ViT-B_16).')
+      model_b, params_b, size_b, _ = model_from_npz(FLAGS.pretrained_path_b,
+                                                    FLAGS.model_b)
+    second = dict(model_b=model_b, params_b=jax.device_put(params_b),
+                  images_b=(images if size_b == size
+                            else _load_images(size_b)[0]),
+                  name_b=_name(FLAGS.workdir_b, FLAGS.model_b),
+                  layers_b=FLAGS.layers_b)
+  out = FLAGS.out or os.path.join(FLAGS.workdir or '.', 'cka')
+  try:
+    results = analysis.analyze_cka(
+        model, jax.device_put(params), images, out,
+        name_a=_name(FLAGS.workdir, FLAGS.model), layers_a=FLAGS.layers,
+        pooling=FLAGS.cka_pooling, batch_size=FLAGS.cka_batch, **second)
+  except ValueError as e:
+    # Argument names in the library's messages -> the flags that set them.
+    message = str(e)
+    for argument, flag in (('layers_a', '--layers'), ('layers_b', '--layers_b'),
+                           ('batch_size', '--cka_batch')):
+      message = message.replace(f'{argument}:', f'{flag}:').replace(
+          f'{argument}=', f'{flag}=')
+    raise app.UsageError(message) from e
+  logging.info('Wrote %s and %s to %s', ', '.join(results['figures']),
+               analysis.CKA_RESULTS_FILE, out)
+  return results
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if len(argv) > 2 or (len(argv) == 2 and argv[1] not in COMMANDS):
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]} (the one '
+                         f'subcommand is {" / ".join(COMMANDS)}).')
+  command = argv[1] if len(argv) == 2 else None
   if bool(FLAGS.workdir) == bool(FLAGS.pretrained_path):
     raise app.UsageError('Pass exactly one of --workdir or --pretrained_path.')
+  if command == 'cka':
+    results = run_cka()
+    print(json.dumps({'figures': results['figures'],
+                      'num_images': results['num_images'],
+                      'between': results.get('between')}, indent=1))
+    return
+  given = [f'--{name}' for name in _CKA_FLAGS if FLAGS[name].present]
+  if given:
+    raise app.UsageError(f'{", ".join(given)}: only for the cka subcommand '
+                         '(python -m vit_jax.analysis cka ...).')
   if FLAGS.workdir:
     model, params, size, class_names = model_from_workdir(FLAGS.workdir)
   else:
     model, params, size, class_names = model_from_npz(FLAGS.pretrained_path,
                                                       FLAGS.model)
   out = FLAGS.out or os.path.join(FLAGS.workdir or '.', 'analysis')
-  try:
-    images, labels = images_lib.load_images(
-        FLAGS.images, size, FLAGS.num_images, FLAGS.tfds_data_dir)
-  except FileNotFoundError as e:
-    raise app.UsageError(f'--images={FLAGS.images}: {e}') from e
+  images, labels = _load_images(size)
   titles = None
   if labels is not None:
     titles = [class_names[l] if class_names else str(l) for l in labels]

@@ -105,3 +105,95 @@ def plot_rollout(images: np.ndarray, maps: np.ndarray, path: str,
       ax.axis('off')
   fig.suptitle('Attention rollout (bottom: image x class-token map)')
   return _save(fig, path)
+
+
+def _cka_heatmap(ax, matrix: np.ndarray, row_labels: list[str],
+                 col_labels: list[str], title: str, ylabel: str,
+                 xlabel: str):
+  """Draws one CKA matrix on `ax`: rows bottom-up (depth grows upwards)."""
+  image = ax.imshow(matrix, origin='lower', vmin=0, vmax=1, cmap='magma',
+                    interpolation='nearest', aspect='auto')
+  # Every label while they fit; every k-th for deep models.
+  rows = max(1, len(row_labels) // 16)
+  cols = max(1, len(col_labels) // 16)
+  ax.set_yticks(np.arange(0, len(row_labels), rows), row_labels[::rows],
+                fontsize=6)
+  ax.set_xticks(np.arange(0, len(col_labels), cols), col_labels[::cols],
+                fontsize=6, rotation=90)
+  ax.set_title(title, fontsize=8)
+  ax.set_ylabel(ylabel, fontsize=7)
+  ax.set_xlabel(xlabel, fontsize=7)
+  return image
+
+
+def plot_cka(matrix: np.ndarray, path: str, row_labels: list[str],
+             col_labels: list[str], *, title: str, ylabel: str = 'layer',
+             xlabel: str = 'layer') -> str:
+  """A layer-by-layer CKA heatmap (Raghu et al. 2021, Figure 1 style)."""
+  plt = _pyplot()
+  rows, cols = matrix.shape
+  fig, ax = plt.subplots(figsize=(1.5 + 0.22 * cols, 1.2 + 0.22 * rows))
+  image = _cka_heatmap(ax, matrix, row_labels, col_labels, title, ylabel,
+                       xlabel)
+  fig.colorbar(image, ax=ax, shrink=0.8, label='CKA')
+  return _save(fig, path)
+
+
+def plot_cka_sheet(heatmaps: list[dict], with_input: list[dict],
+                   distances: list[dict], path: str) -> str:
+  """One sheet: CKA heatmaps, each block's CKA with its input, and the mean
+  attention distance of each head by depth.
+
+  Args:
+    heatmaps: [{'matrix', 'rows', 'cols' (tick labels), 'title', 'ylabel',
+      'xlabel'}], one panel each (within A, within B, A vs B).
+    with_input: [{'name', 'values'}]: per model, its blocks' CKA
+      with their inputs (one line each).
+    distances: [{'name', 'distance' ([layers, heads] pixels)}] for the
+      models with attention (may be empty).
+    path: The PNG.
+
+  Returns:
+    `path`.
+  """
+  plt = _pyplot()
+  top = max(len(heatmaps), 1)
+  bottom = 1 + len(distances)
+  cols = max(top, bottom)
+  fig = plt.figure(figsize=(3.4 * cols, 6.4))
+  grid = fig.add_gridspec(2, cols, height_ratios=(1.15, 1), hspace=0.55,
+                          wspace=0.45)
+  image = None
+  for i, panel in enumerate(heatmaps):
+    image = _cka_heatmap(fig.add_subplot(grid[0, i]), panel['matrix'],
+                         panel['rows'], panel['cols'], panel['title'],
+                         panel['ylabel'], panel['xlabel'])
+  if image is not None:
+    fig.colorbar(image, ax=fig.axes[:len(heatmaps)], shrink=0.8,
+                 label='CKA')
+  ax = fig.add_subplot(grid[1, 0])
+  for line in with_input:
+    ax.plot(np.arange(len(line['values'])) + 1, line['values'], 'o-',
+            markersize=3, label=line['name'])
+  ax.set_ylim(0, 1.05)
+  ax.xaxis.get_major_locator().set_params(integer=True)
+  ax.set_xlabel('block (in depth order)', fontsize=7)
+  ax.set_ylabel('CKA(block output, block input)', fontsize=7)
+  ax.set_title('How much of its input a block keeps', fontsize=8)
+  ax.tick_params(labelsize=6)
+  if with_input:
+    ax.legend(fontsize=6)
+  for i, panel in enumerate(distances):
+    ax = fig.add_subplot(grid[1, 1 + i])
+    layers, heads = panel['distance'].shape
+    for h in range(heads):
+      ax.scatter(np.arange(layers) + 1, panel['distance'][:, h], s=10,
+                 label=f'head {h + 1}')
+    ax.set_xticks(np.arange(layers) + 1)
+    ax.set_xlabel('encoder block', fontsize=7)
+    ax.set_ylabel('mean attention distance (px)', fontsize=7)
+    ax.set_title(f'{panel["name"]}: attention distance', fontsize=8)
+    ax.tick_params(labelsize=6)
+    if heads <= 8:
+      ax.legend(fontsize=5)
+  return _save(fig, path)

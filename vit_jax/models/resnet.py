@@ -6,6 +6,11 @@ ResNet v1.5 with Group Normalisation and weight standardisation ("ResNet
 calling module, so their parameters sit at the top of the model's tree
 (`conv_root`, `gn_root`, `block1/unit1/conv1`, ...) as in the published
 hybrid checkpoints.
+
+Each residual unit sows its output into `intermediates`
+(`block{k}/unit{j}/unit_output`; a stage's output is its last unit's), as
+the ViT blocks sow theirs, for `vit_jax.analysis`; nothing is stored unless
+that collection is mutable.
 """
 
 from collections.abc import Mapping, Sequence
@@ -71,7 +76,9 @@ class ResidualUnit(nn.Module):
     y = conv(out_features, (1, 1), 'conv3')(y)
     # Zero-initialised last norm: each unit starts as the identity.
     y = norm('gn3', scale_init=nn.initializers.zeros)(y)
-    return nn.relu(residual + y)
+    outputs = nn.relu(residual + y)
+    self.sow('intermediates', 'unit_output', outputs)
+    return outputs
 
 
 class ResNetStage(nn.Module):
