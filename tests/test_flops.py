@@ -58,6 +58,7 @@ def _xla_flops(model, size):
 @pytest.mark.parametrize('name,size,overrides', [
     ('ViT-Ti_16', 224, {}),
     ('ViT-Ti_16', 224, dict(classifier='gap', representation_size=32)),
+    ('ViT-Ti_16', 224, dict(classifier='map', num_registers=4)),
     ('R+ViT-Ti_16', 224, {}),
     ('R50+ViT-B_16', 224, dict(
         hidden_size=64, resnet={'num_layers': (1, 1, 1)},
@@ -228,3 +229,20 @@ def test_bad_names_and_overrides():
     flops.forward_flops('ViT-B_16', hidden_dim=8)
   with pytest.raises(ValueError, match='positive'):
     flops.forward_flops('ViT-B_16', 0)
+
+
+def test_map_head_and_registers_cost_what_xla_counts():
+  # Differences isolate each addition (a few percent of the whole model, so
+  # the whole-model check above could not see it); XLA adds its elementwise
+  # work (softmax, LayerNorm, GELU), hence the 10%.
+  def both(**overrides):
+    model = vit_jax.models.get_model('ViT-Ti_16', num_classes=10, **overrides)
+    return (_xla_flops(model, 64),
+            flops.forward_flops('ViT-Ti_16', 64, num_classes=10, **overrides))
+  gap_xla, gap = both(classifier='gap')
+  map_xla, map_ = both(classifier='map')
+  reg_xla, reg = both(classifier='gap', num_registers=8)
+  assert map_ - gap == flops.forward_flops_breakdown(
+      'ViT-Ti_16', 64, num_classes=10, classifier='map')['map_head']
+  assert map_xla - gap_xla == pytest.approx(map_ - gap, rel=0.1)
+  assert reg_xla - gap_xla == pytest.approx(reg - gap, rel=0.1)

@@ -164,3 +164,15 @@ def test_model_table_gflops_are_the_flops_module():
   assert sorted(name for name, _ in rows) == sorted(vit_jax.models.MODEL_NAMES)
   for name, gflops in rows:
     assert abs(flops.forward_flops(name) / 1e9 - float(gflops)) <= 0.005, name
+
+
+def test_big_vision_example_runs(tmp_path, monkeypatch):
+  (example,) = _code_blocks(_section('big_vision and SigLIP checkpoints'),
+                            'python')
+  monkeypatch.chdir(tmp_path)
+  namespace = {}
+  exec(compile(example, 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
+  assert namespace['embeddings'].shape == (2, 768)
+  posemb = namespace['params']['Transformer']['posembed_input'][
+      'pos_embedding']
+  assert posemb.shape == (1, 576, 768)  # 24 x 24 patches, no class token.

@@ -101,9 +101,10 @@ def _head_positions(classifier: str, shape: tuple[int, ...]) -> int:
   size = 1
   for s in shape[1:] if classifier == 'token' else shape:
     size *= s
-  # 'token' keeps index 0 of the first axis, 'gap' averages all positions,
-  # the unpooled classifiers keep every position.
-  return 1 if classifier == 'gap' else size
+  # 'token' keeps index 0 of the first axis, 'gap' averages all positions
+  # and 'map' pools them into one, the unpooled classifiers keep every
+  # position.
+  return 1 if classifier in ('gap', 'map') else size
 
 
 def _vit_breakdown(model: vit.VisionTransformer, height: int,
@@ -122,7 +123,8 @@ def _vit_breakdown(model: vit.VisionTransformer, height: int,
   shape: tuple[int, ...] = (grid_h, grid_w)
   if model.transformer is not None:
     with_token = model.classifier in ('token', 'token_unpooled')
-    tokens = grid_h * grid_w + int(with_token)
+    # Registers run through every block but leave before pooling.
+    tokens = grid_h * grid_w + int(with_token) + model.num_registers
     layers = vit.config_value(model.transformer, 'num_layers')
     mlp_dim = vit.config_value(model.transformer, 'mlp_dim')
     # Per layer: q, k, v and out are D x D maps of every token; the scores and
@@ -132,7 +134,15 @@ def _vit_breakdown(model: vit.VisionTransformer, height: int,
     counts['attention_scores'] = layers * _dense(tokens, hidden, tokens)
     counts['attention_values'] = layers * _dense(tokens, tokens, hidden)
     counts['mlp'] = layers * 2 * _dense(tokens, hidden, mlp_dim)
-    shape = (tokens,)
+    shape = (tokens - model.num_registers,)
+    if model.classifier == 'map':
+      # One probe query attends over the tokens (their keys and values are
+      # projected), then the residual MLP of the probe.
+      pooled = shape[0]
+      counts['map_head'] = (
+          2 * _dense(1, hidden, hidden) + 2 * _dense(pooled, hidden, hidden)
+          + _dense(1, hidden, pooled) + _dense(1, pooled, hidden)
+          + 2 * _dense(1, hidden, mlp_dim))
   positions = _head_positions(model.classifier, shape)
   features = hidden
   if model.representation_size is not None:
