@@ -4,13 +4,17 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from vit_jax import runtime
 
 
 def test_tuned_environment_adds_huge_pages_and_keeps_user_settings():
-  env = runtime.tuned_environment({'PATH': '/bin'})
+  env = runtime.tuned_environment({'PATH': '/bin',
+                                   'VIT_JAX_CPU_DEVICES': '1'})
   assert env['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1'
   assert env['PATH'] == '/bin'
+  assert 'XLA_FLAGS' not in env  # One CPU device asked for: no flag.
   mine = runtime.tuned_environment(
       {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'})
   assert mine['GLIBC_TUNABLES'] == (
@@ -20,6 +24,26 @@ def test_tuned_environment_adds_huge_pages_and_keeps_user_settings():
   assert off['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=0'
   assert runtime.tuned_environment({'VIT_JAX_TUNE': '0'}) == {
       'VIT_JAX_TUNE': '0'}
+
+
+def test_host_is_split_into_one_cpu_device_per_core(monkeypatch):
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2},
+                      raising=False)
+  flag = '--xla_force_host_platform_device_count'
+  assert runtime.tuned_environment({})['XLA_FLAGS'] == f'{flag}=3'
+  # Other XLA flags stay; a device count the user set wins.
+  env = runtime.tuned_environment({'XLA_FLAGS': '--xla_cpu_ftz=true'})
+  assert env['XLA_FLAGS'] == f'--xla_cpu_ftz=true {flag}=3'
+  assert runtime.tuned_environment({'XLA_FLAGS': f'{flag}=8'})[
+      'XLA_FLAGS'] == f'{flag}=8'
+  assert runtime.tuned_environment({'VIT_JAX_CPU_DEVICES': '2'})[
+      'XLA_FLAGS'] == f'{flag}=2'
+  assert 'XLA_FLAGS' not in runtime.tuned_environment({'VIT_JAX_TUNE': '0'})
+  with pytest.raises(ValueError, match="VIT_JAX_CPU_DEVICES='two'"):
+    runtime.tuned_environment({'VIT_JAX_CPU_DEVICES': 'two'})
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0},
+                      raising=False)
+  assert 'XLA_FLAGS' not in runtime.tuned_environment({})  # One core.
 
 
 def _run_probe(tmp_path, **env):

@@ -31,6 +31,7 @@ from vit_jax import fileio
 from vit_jax import input_pipeline
 from vit_jax import objectives
 from vit_jax import optim
+from vit_jax import runtime
 from vit_jax import sharding
 from vit_jax import writers as writers_lib
 from vit_jax.evaluators import fewshot as fewshot_lib
@@ -221,12 +222,17 @@ def check_batches(run: config_lib.Run, mesh: jax.sharding.Mesh) -> None:
         f'with {devices} devices use one of {fits[:8]}.')
   if (batch // accum) % devices:
     multiple = devices * accum
+    cpu_hint = ''
+    if mesh.devices.flat[0].platform == 'cpu':
+      cpu_hint = (' (On CPU, python -m vit_jax.main splits the host into one '
+                  f'device per core; {runtime.CPU_DEVICES_VARIABLE}=1 runs on '
+                  'one.)')
     raise ValueError(
         f'config.batch={batch} is not divisible by devices x accum_steps = '
         f'{devices} x {accum}: each micro-batch of {batch // accum} must '
         f'split evenly over the {devices} devices. Use a multiple of '
         f'{multiple} (e.g. config.batch='
-        f'{max(1, round(batch / multiple)) * multiple}).')
+        f'{max(1, round(batch / multiple)) * multiple}).{cpu_hint}')
   sharding.check_batch_size(run.data.batch_eval, mesh,
                             what='config.batch_eval')
 
