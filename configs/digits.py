@@ -9,6 +9,13 @@ The main job: a few minutes on a 2-core CPU, no download.
 
 from vit_jax import config_lib
 
+# Options declared with their defaults so that the command line can change
+# them (`--config.model.posemb=sincos2d`, `--config.pp.randaugment='(2, 10)'`;
+# only declared fields can be overridden): the position-embedding study and
+# the AugReg recipe of benchmarks/augreg_digits.py.
+_SWITCHES = {'model': {'posemb': 'learn', 'stochastic_depth': 0.0},
+             'pp': {'randaugment': ()}}
+
 
 def get_config(arg=None):
   """Returns the config; arg 'runlocal' makes it tiny."""
@@ -20,10 +27,11 @@ def get_config(arg=None):
   # patch sees 2x2 original pixels. Two blocks trained twice as long beat
   # four blocks in the same time (README: expected results).
   c.model = {'patches': {'size': (4, 4)},
-             'transformer': {'num_layers': 2, 'dropout_rate': 0.1}}
+             'transformer': {'num_layers': 2, 'dropout_rate': 0.1},
+             **_SWITCHES['model']}
   c.image_size = 16
   c.pp = {'inception_crop': True, 'crop_area_range': (0.7, 1.0),
-          'flip': False}
+          'flip': False, **_SWITCHES['pp']}
   c.shuffle_buffer = 2000
   c.batch = 128
   c.batch_eval = 300
@@ -42,4 +50,6 @@ def get_config(arg=None):
   c.evals.fewshot.every = 600
   if runlocal:
     config_lib.set_runlocal(c)
+    c.model = {**c.model, **_SWITCHES['model']}
+    c.pp = {**c.pp, **_SWITCHES['pp']}
   return c

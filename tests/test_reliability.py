@@ -35,12 +35,15 @@ PREEMPTED_RE = re.compile(r'Preemption notice \(SIGTERM\): saved checkpoint '
 
 
 def cli_args(workdir, tfds_dir, *extra):
-  """A seconds-long digits run: tiny model, dropout, augmentation, EMA."""
+  """A seconds-long digits run: tiny model, dropout, augmentation, EMA, and
+  the AugReg recipe (RandAugment, Mixup, stochastic depth)."""
   return [sys.executable, '-m', 'vit_jax.main',
           '--config=configs/digits.py:runlocal',
           f'--workdir={workdir}', f'--config.tfds_data_dir={tfds_dir}',
           '--config.model_name=testing',
           '--config.pp.inception_crop=True',
+          '--config.pp.randaugment=(2, 10)', '--config.mixup_alpha=0.2',
+          '--config.model.stochastic_depth=0.1',
           f'--config.total_steps={TOTAL_STEPS}',
           '--config.log_every=1', '--config.eval_every=20',
           f'--config.checkpoint_every={CHECKPOINT_EVERY}',
@@ -128,7 +131,8 @@ def tfds_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
-  """One CPU device; restarts reuse compiled programs (JAX's disk cache)."""
+  """vit_jax.main's own CPU devices (one per core); restarts reuse compiled
+  programs (JAX's disk cache)."""
   cache = str(tmp_path_factory.mktemp('jax_cache'))
   return dict({k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
               JAX_COMPILATION_CACHE_DIR=cache,

@@ -41,6 +41,8 @@ CONFIG_ARGS = {
     'pretrain_jft.py': ['l16', 'l16,runlocal'],
     'mpp_pretrain.py': ['b16', 'b16,target=4x4', 'runlocal'],
     'pretrain_vit_g14_pod.py': [None, 'runlocal'],
+    'augreg.py': ['b16,i21k', 's16,i1k,medium2', 'l16,i21k',
+                  'ti16,i1k,runlocal'],
 }
 
 
@@ -1002,3 +1004,30 @@ def test_progress_bar_follows_written_steps():
   bar.write_scalars(50, {'train/loss': 0.25})  # Never moves backwards.
   assert bar._bar.n == 50 and 'loss=0.25' in bar._bar.postfix
   bar.close()
+
+
+@pytest.mark.parametrize('arg,randaugment,mixup,regularisation,decay', [
+    # (The AugReg paper's levels; big_vision's default level per model.)
+    ('b16,i21k', (2, 10), 0.2, 0.0, 0.1),      # light2
+    ('ti16,i21k', (), 0.0, 0.0, 0.03),         # none
+    ('l16,i21k,strong1', (2, 20), 0.5, 0.0, 0.1),
+    ('s16,i1k', (2, 15), 0.5, 0.1, 0.1),       # medium2
+    ('ti16,i1k', (2, 0), 0.0, 0.1, 0.1),       # light1
+])
+def test_augreg_recipe_values(arg, randaugment, mixup, regularisation,
+                              decay):
+  config = load_config('augreg.py', arg)
+  run = config_lib.parse(config)
+  assert tuple(run.data.pp['randaugment']) == randaugment
+  assert run.objective.mixup_alpha == mixup
+  assert run.model.model['stochastic_depth'] == regularisation
+  assert run.model.model['transformer']['dropout_rate'] == regularisation
+  assert run.optim.weight_decay == decay
+  assert (run.optim.optimizer, run.optim.base_lr, run.data.batch) == (
+      'adam', 1e-3, 4096)
+  assert run.optim.decay_type == 'cosine' and run.optim.warmup_steps == 10_000
+  assert run.objective.loss == 'sigmoid_xent'
+  images = 14_197_122 if 'i21k' in arg else 1_281_167
+  assert run.optim.total_steps == 300 * images // 4096
+  with pytest.raises(ValueError, match='unknown augmentation level'):
+    load_config('augreg.py', 'b16,i21k,medium9')

@@ -11,7 +11,7 @@ uninterrupted one.
 mini-language):
 
   train: decode -> to_rgb -> [inception_crop] -> resize -> [flip]
-         -> value_range(-1, 1) -> one_hot
+         -> [uint8 -> randaugment] -> value_range(-1, 1) -> one_hot
   eval:  decode -> to_rgb -> resize (or resize_small + central_crop)
          -> value_range(-1, 1) -> one_hot
 """
@@ -22,7 +22,12 @@ from typing import Any
 
 import tensorflow as tf
 
+from vit_jax import randaugment as randaugment_lib
+
 Features = dict[str, tf.Tensor]
+
+# Folded into an example's seed to give RandAugment's seed.
+_RANDAUGMENT_STREAM = 1
 
 
 def decode(data: tf.Tensor) -> tf.Tensor:
@@ -118,6 +123,9 @@ class PreprocessConfig:
     eval_crop_fraction: Eval: 1.0 resizes to `image_size` directly (the
       paper's fine-tuning evaluation); < 1 resizes the shorter side to
       `image_size / eval_crop_fraction` and takes a central crop.
+    randaugment: Train: `(num_layers, magnitude)` of RandAugment as the
+      AugReg recipe runs it (`vit_jax.randaugment`), on the uint8 image
+      after the crop, resize and flip; `()` turns it off.
   """
   image_size: int
   num_classes: int
@@ -125,6 +133,27 @@ class PreprocessConfig:
   crop_area_range: tuple[float, float] = (0.05, 1.0)
   flip: bool = True
   eval_crop_fraction: float = 1.0
+  randaugment: tuple[int, int] | tuple[()] = ()
+
+  def __post_init__(self):
+    value = self.randaugment
+    if value is None:
+      value = ()
+    if isinstance(value, (list, tuple)):
+      value = tuple(value)
+      object.__setattr__(self, 'randaugment', value)
+    if value == ():
+      return
+    limit = randaugment_lib.MAX_MAGNITUDE
+    ints = isinstance(value, tuple) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ints or value[0] < 0 or not 0 <= value[1] <= limit:
+      raise ValueError(
+          f'config.pp.randaugment={self.randaugment!r} must be () (off) or '
+          f'(num_layers, magnitude): ints with num_layers >= 0 and '
+          f'0 <= magnitude <= {limit} (the AugReg configs use magnitudes '
+          f'0, 10, 15 and 20; big_vision sets no bound, but above {limit} '
+          f'its Posterize would need more than 8 bits).')
 
   @classmethod
   def from_config(cls, pp: Mapping[str, Any] | Any, *, image_size: int,
@@ -160,6 +189,16 @@ def make_preprocess_fn(pp: PreprocessConfig, *,
       image = resize(image, pp.image_size)
       if pp.flip:
         image = flip(image, flip_seed)
+      if pp.randaugment and pp.randaugment[0] > 0:
+        # Its own stream, folded in rather than a third split, so that the
+        # crop and flip of every example are those of a run without it.
+        randaugment_seed = tf.random.experimental.stateless_fold_in(
+            features['seed'], tf.constant(_RANDAUGMENT_STREAM, tf.int64))
+        # RandAugment's ops are defined on uint8 (big_vision runs it on
+        # the uint8 image its resize returns); round, not truncate.
+        image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        image = randaugment_lib.randaugment(
+            image, *pp.randaugment, seed=randaugment_seed)
     elif pp.eval_crop_fraction < 1.0:
       image = resize_small(image, round(pp.image_size / pp.eval_crop_fraction))
       image = central_crop(image, pp.image_size)
