@@ -280,3 +280,19 @@ def test_exact_gelu_and_layer_norm_epsilon_reach_every_layer():
   assert sorted(seen).count(('norm', 1e-12)) == 2 * 2 + 1 + 1
   assert sorted(seen).count(('mlp', False)) == 2 + 1
   assert len(seen) == 9
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(classifier='map'), dict(posemb='learn2d'), dict(posemb='sincos2d'),
+    dict(num_registers=2, classifier='gap'), dict(stochastic_depth=0.3),
+    dict(layer_norm_epsilon=1e-12, gelu_approximate=False)])
+def test_scan_gives_the_loops_logits_with_the_options(overrides):
+  tiny = dict(hidden_size=12, transformer={'num_layers': 3, 'num_heads': 2,
+                                           'mlp_dim': 16})
+  loop, size = tiny_model('vit', **tiny, **overrides)
+  scanned, _ = tiny_model('vit', scan=True, **tiny, **overrides)
+  x = random_images((2, size, size, 3))
+  params = randomize(init_params(loop, x))
+  np.testing.assert_allclose(
+      _apply(scanned, checkpoint.stack_encoder_blocks(params), x),
+      _apply(loop, params, x), atol=1e-5, rtol=1e-5)
