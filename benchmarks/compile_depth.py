@@ -35,25 +35,12 @@ def compile_seconds(model_name: str, layers: int, variant: str, batch: int,
   import jax
   import jax.numpy as jnp
   from benchmarks import run as suite
-  from vit_jax import config_lib
-  from vit_jax import objectives
-  from vit_jax import optim
-  from vit_jax import sharding
-  from vit_jax import train
   # pylint: enable=g-import-not-at-top
   overrides = {'transformer': {'dropout_rate': 0.0, 'num_layers': layers}}
-  run = config_lib.parse(suite._config(model_name, variant, batch, res,  # pylint: disable=protected-access
-                                       overrides))
-  mesh = sharding.mesh_from_config(run.mesh)
-  objective = objectives.get(run.objective)
-  model = train.build_model(run.model, objective, 1000)
-  tx, _ = optim.make_optimizer(run.optim)
-  state, shardings, _ = train.create_train_state(
-      run, objective, model, tx, mesh, jax.random.key(0))
+  *_, state, _, step = suite.product_train_setup(model_name, variant, batch,
+                                                  res, overrides)
   if wait:
     jax.block_until_ready(state)
-  step = train.make_train_step(run.loop, objective, model, tx, mesh,
-                               shardings)
   data = {'image': jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32),
           'labels': jax.ShapeDtypeStruct((batch, 1000), jnp.float32)}
   key = jax.eval_shape(lambda: jax.random.key(1))

@@ -42,27 +42,16 @@ def measure(model_name: str, batch: int, res: int, steps: int) -> dict:
   import jax
   import numpy as np
   from benchmarks import run as suite
-  from vit_jax import config_lib
-  from vit_jax import objectives
-  from vit_jax import optim
   from vit_jax import sharding
-  from vit_jax import train
   # pylint: enable=g-import-not-at-top
-  run = config_lib.parse(suite._config(model_name, 'base', batch, res))  # pylint: disable=protected-access
-  mesh = sharding.mesh_from_config(run.mesh)
-  objective = objectives.get(run.objective)
-  model = train.build_model(run.model, objective, 1000)
-  tx, _ = optim.make_optimizer(run.optim)
-  state, shardings, _ = train.create_train_state(
-      run, objective, model, tx, mesh, jax.random.key(0))
+  _, mesh, _, _, _, state, _, step = suite.product_train_setup(
+      model_name, 'base', batch, res)
   rng = np.random.default_rng(0)
   data = sharding.put_global({
       'image': rng.uniform(-1, 1, (batch, res, res, 3)).astype(np.float32),
       'labels': np.eye(1000, dtype=np.float32)[
           rng.integers(0, 1000, batch)]}, sharding.batch_sharding(mesh))
   key = sharding.put_global(jax.random.key(1), sharding.replicated(mesh))
-  step = train.make_train_step(run.loop, objective, model, tx, mesh,
-                               shardings)
   for _ in range(2):
     state, metrics = step(state, data, key)
     jax.block_until_ready(metrics)

@@ -117,20 +117,23 @@ def _config(model_name: str, variant: str, batch: int, res: int,
   return config
 
 
-def measure_step(model_name: str, variant: str, mode: str, batch: int,
-                 res: int, steps: int, compile_only: bool = False,
-                 model_overrides: dict | None = None) -> dict:
-  """One row: a model's train step or forward pass in one variant."""
-  from benchmarks import inference  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from vit_jax import flops  # pylint: disable=g-import-not-at-top
-  from vit_jax import objectives  # pylint: disable=g-import-not-at-top
-  from vit_jax import optim  # pylint: disable=g-import-not-at-top
-  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
-  num_classes = 1000
+def product_train_setup(model_name: str, variant: str, batch: int, res: int,
+                        model_overrides: dict | None = None,
+                        num_classes: int = 1000):
+  """The product's pieces for one benchmark row, the state initialised.
+
+  Returns:
+    (run, mesh, objective, model, tx, state, shardings, step): `step` the
+    jitted `vit_jax.train.make_train_step`.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from vit_jax import config_lib
+  from vit_jax import objectives
+  from vit_jax import optim
+  from vit_jax import sharding
+  from vit_jax import train
+  # pylint: enable=g-import-not-at-top
   run = config_lib.parse(_config(model_name, variant, batch, res,
                                  model_overrides))
   mesh = sharding.mesh_from_config(run.mesh)
@@ -139,6 +142,23 @@ def measure_step(model_name: str, variant: str, mode: str, batch: int,
   tx, _ = optim.make_optimizer(run.optim)
   state, shardings, _ = train.create_train_state(
       run, objective, model, tx, mesh, jax.random.key(0))
+  step = train.make_train_step(run.loop, objective, model, tx, mesh,
+                               shardings)
+  return run, mesh, objective, model, tx, state, shardings, step
+
+
+def measure_step(model_name: str, variant: str, mode: str, batch: int,
+                 res: int, steps: int, compile_only: bool = False,
+                 model_overrides: dict | None = None) -> dict:
+  """One row: a model's train step or forward pass in one variant."""
+  from benchmarks import inference  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vit_jax import flops  # pylint: disable=g-import-not-at-top
+  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+  num_classes = 1000
+  _, mesh, _, model, _, state, shardings, train_step = product_train_setup(
+      model_name, variant, batch, res, model_overrides, num_classes)
   # Initialisation runs asynchronously: wait for it, or the timed compile
   # below shares the cores with it (more layers, longer overlap).
   jax.block_until_ready(state)
@@ -150,8 +170,7 @@ def measure_step(model_name: str, variant: str, mode: str, batch: int,
           rng.integers(0, num_classes, batch)]}, batch_sharding)
   key = sharding.put_global(jax.random.key(1), sharding.replicated(mesh))
   if mode == 'train':
-    fn = train.make_train_step(run.loop, objective, model, tx, mesh,
-                               shardings)
+    fn = train_step
     args = (state, data, key)
   else:
     fn = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False),
