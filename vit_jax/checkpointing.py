@@ -197,14 +197,21 @@ def load_params(workdir: str, *, ema: bool = True,
   directory = os.path.join(workdir, CHECKPOINT_DIR)
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True),
-      item_names=('state',))
+      item_names=('state',),
+      item_handlers={'state': ocp.StandardCheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(
         f'No checkpoint in {directory}: point --workdir at a training run '
         '(or pass an .npz).')
+  # Restored onto this process's first device, whatever mesh saved it (a
+  # run trained on several devices is inspected or evaluated on one).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      manager.item_metadata(step)['state'])
   state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))['state']
+      state=ocp.args.StandardRestore(target)))['state']
   manager.close()
   params = state.get('ema_params') if ema else None
   if params is None:
