@@ -29,6 +29,7 @@ def test_tuned_environment_adds_huge_pages_and_keeps_user_settings():
 def test_host_is_split_into_one_cpu_device_per_core(monkeypatch):
   monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2},
                       raising=False)
+  monkeypatch.setattr(runtime.glob, 'glob', lambda pattern: [])
   flag = '--xla_force_host_platform_device_count'
   assert runtime.tuned_environment({})['XLA_FLAGS'] == f'{flag}=3'
   # Other XLA flags stay; a device count the user set wins.
@@ -71,3 +72,14 @@ def test_entry_point_reexecutes_itself_once_with_the_settings(tmp_path):
   assert args == "['--a=1', 'b']"
   _, _, tunables, _ = _run_probe(tmp_path, VIT_JAX_TUNE='0')
   assert tunables == 'None'
+
+
+def test_hosts_with_an_accelerator_keep_their_cpu_platform(monkeypatch):
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3},
+                      raising=False)
+  monkeypatch.setattr(runtime.glob, 'glob', lambda pattern: (
+      ['/dev/nvidia0'] if pattern.startswith('/dev/nvidia') else []))
+  assert 'XLA_FLAGS' not in runtime.tuned_environment({})
+  monkeypatch.setattr(runtime.glob, 'glob', lambda pattern: [])
+  assert 'XLA_FLAGS' not in runtime.tuned_environment({'JAX_PLATFORMS': 'tpu'})
+  assert 'XLA_FLAGS' in runtime.tuned_environment({'JAX_PLATFORMS': 'cpu'})

@@ -22,12 +22,14 @@ twice as large, and 8 devices were slower than one. Data parallelism changes
 the order of the gradient sums, not what is computed; a CPU run's batch must
 then divide by the device count (the run says so before it starts).
 `VIT_JAX_CPU_DEVICES=N` sets the count (1: one device); a device count
-already in `XLA_FLAGS` is kept. The flag only shapes the CPU platform: GPU
-and TPU devices are unaffected.
+already in `XLA_FLAGS` is kept. Hosts with an accelerator (an NVIDIA or
+TPU device node, or `JAX_PLATFORMS` naming another platform) are left
+alone: their CPU devices hold no training work.
 
 `VIT_JAX_TUNE=0` turns all of this off.
 """
 
+import glob
 import os
 import sys
 from collections.abc import Mapping
@@ -56,12 +58,22 @@ def tuned_environment(environ: Mapping[str, str]) -> dict[str, str]:
     tunables.append(_HUGE_PAGES)
   env['GLIBC_TUNABLES'] = ':'.join(tunables)
   xla_flags = env.get('XLA_FLAGS', '')
-  if _DEVICE_COUNT_FLAG not in xla_flags:
+  if _DEVICE_COUNT_FLAG not in xla_flags and not _has_accelerator(env):
     devices = cpu_device_count(env)
     if devices > 1:
       env['XLA_FLAGS'] = f'{xla_flags} {_DEVICE_COUNT_FLAG}={devices}'.strip()
   env[_MARKER] = '1'
   return env
+
+
+def _has_accelerator(environ: Mapping[str, str]) -> bool:
+  """Whether this host's runs will not be on the CPU (checked cheaply,
+  before jax is imported)."""
+  platforms = environ.get('JAX_PLATFORMS', '')
+  if platforms and set(platforms.split(',')) - {'cpu'}:
+    return True
+  return bool(glob.glob('/dev/nvidia[0-9]*') or glob.glob('/dev/accel*')
+              or glob.glob('/dev/vfio/[0-9]*'))
 
 
 def cpu_device_count(environ: Mapping[str, str]) -> int:
