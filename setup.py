@@ -39,7 +39,15 @@ DEV_REQUIRES = [
     'nbformat',
     'ipykernel',
     'pytest',
+    # vit_jax.convert's files (the interop extra); in the tests' set so that
+    # the round trips through transformers' and timm's layouts run in CI.
+    'safetensors',
 ]
+
+# transformers / timm interchange (vit_jax.convert). torch, transformers and
+# timm are needed only to load the converted files in PyTorch (and by the
+# opt-in tests/test_convert_torch.py), never by vit_jax itself.
+INTEROP_REQUIRES = ['safetensors', 'torch', 'transformers', 'timm']
 
 setuptools.setup(
     name='vit_jax',
@@ -50,11 +58,14 @@ setuptools.setup(
     long_description_content_type='text/markdown',
     license='Apache 2.0',
     packages=setuptools.find_packages(include=['vit_jax', 'vit_jax.*']),
+    # The ImageNet label lists of `python -m vit_jax.predict --labels=...`.
+    package_data={'vit_jax': ['labels/*.txt', 'labels/*.md']},
     python_requires='>=3.11',  # jax, flax and orbax-checkpoint need it.
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'dev': DEV_REQUIRES,
         'test': DEV_REQUIRES,
         'plot': ['matplotlib'],
+        'interop': INTEROP_REQUIRES,
     },
 )

@@ -17,6 +17,12 @@ def gelu(x):
   return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
+def gelu_exact(x):
+  # The erf GELU (torch.nn.GELU(), transformers' hidden_act='gelu').
+  import scipy.special  # pylint: disable=g-import-not-at-top
+  return 0.5 * x * (1 + scipy.special.erf(x / np.sqrt(2)))
+
+
 def layer_norm(x, p, prefix, eps=1e-6):
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean)**2).mean(-1, keepdims=True)
@@ -117,8 +123,14 @@ def attention(x, p, prefix, num_heads, kv=None):
       prefix + '/out/bias']
 
 
-def vit_logits(p, images, *, num_heads, classifier='token', resnet=None):
-  """ViT / hybrid forward pass from published-layout parameters."""
+def vit_logits(p, images, *, num_heads, classifier='token', resnet=None,
+               gelu_approximate=True, eps=1e-6):
+  """ViT / hybrid forward pass from published-layout parameters.
+
+  `gelu_approximate=False` is the exact erf GELU and `eps` the LayerNorm
+  epsilon (transformers' configs: hidden_act='gelu', layer_norm_eps=1e-12).
+  """
+  act = gelu if gelu_approximate else gelu_exact
   x = images.astype(np.float64)
   p = {k: v.astype(np.float64) for k, v in p.items()}
   if resnet is not None:
@@ -133,15 +145,15 @@ def vit_logits(p, images, *, num_heads, classifier='token', resnet=None):
   layer = 0
   while f'Transformer/encoderblock_{layer}/LayerNorm_0/scale' in p:
     pre = f'Transformer/encoderblock_{layer}/'
-    y = layer_norm(x, p, pre + 'LayerNorm_0')
+    y = layer_norm(x, p, pre + 'LayerNorm_0', eps)
     x = x + attention(y, p, pre + 'MultiHeadDotProductAttention_1', num_heads)
-    y = layer_norm(x, p, pre + 'LayerNorm_2')
-    y = dense(gelu(dense(y, p, pre + 'MlpBlock_3/Dense_0')), p,
+    y = layer_norm(x, p, pre + 'LayerNorm_2', eps)
+    y = dense(act(dense(y, p, pre + 'MlpBlock_3/Dense_0')), p,
               pre + 'MlpBlock_3/Dense_1')
     x = x + y
     layer += 1
   assert layer > 0, 'no encoder blocks in published layout'
-  x = layer_norm(x, p, 'Transformer/encoder_norm')
+  x = layer_norm(x, p, 'Transformer/encoder_norm', eps)
   x = x[:, 0] if classifier == 'token' else x.mean(axis=1)
   if 'pre_logits/kernel' in p:
     x = np.tanh(dense(x, p, 'pre_logits'))
@@ -245,3 +257,137 @@ def big_vision_logits(p, images, *, pool='tok', posemb='learn'):
   if 'pre_logits/kernel' in p:
     x = np.tanh(dense(x, p, 'pre_logits'))
   return dense(x, p, 'head') if 'head/kernel' in p else x
+
+
+# ----------------------------------------------------------------------------
+# PyTorch-layout forward passes, written from transformers' modeling_vit.py
+# and timm's vision_transformer.py (state-dict names, Linear weights
+# (out, in), OIHW patch convolution on NCHW images), to check converted files
+# without torch.
+# ----------------------------------------------------------------------------
+
+
+def _torch_linear(x, sd, name):
+  return x @ sd[name + '.weight'].T + sd[name + '.bias']
+
+
+def _torch_layer_norm(x, sd, name, eps):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean)**2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * sd[name + '.weight'] + sd[
+      name + '.bias']
+
+
+def _torch_patches(sd, name, images_nchw):
+  """Conv2d(kernel = stride = patch) as a matmul over flattened patches."""
+  w, b = sd[name + '.weight'], sd[name + '.bias']  # (D, C, ph, pw)
+  d, c, ph, pw = w.shape
+  n, _, h, wd = images_nchw.shape
+  gh, gw = h // ph, wd // pw
+  x = images_nchw.reshape(n, c, gh, ph, gw, pw).transpose(0, 2, 4, 1, 3, 5)
+  return x.reshape(n, gh * gw, c * ph * pw) @ w.reshape(d, -1).T + b
+
+
+def _heads_attention(q, k, v, num_heads):
+  """softmax(q k^T / sqrt(d)) v over heads; q [n, tq, D], k, v [n, tk, D]."""
+  n, tq, d = q.shape
+  split = lambda x: x.reshape(n, x.shape[1], num_heads, -1).transpose(
+      0, 2, 1, 3)
+  q, k, v = split(q), split(k), split(v)
+  logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d // num_heads)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights = weights / weights.sum(-1, keepdims=True)
+  return (weights @ v).transpose(0, 2, 1, 3).reshape(n, tq, d)
+
+
+def transformers_vit_logits(sd, hf_config, images_nchw):
+  """transformers' ViTForImageClassification (or ViTModel) forward pass.
+
+  Args:
+    sd: {key: array} as in its model.safetensors.
+    hf_config: Its config.json (dict).
+    images_nchw: [n, 3, h, w].
+
+  Returns:
+    Logits (ViTForImageClassification), else the pooler's output when the
+    file has one, else the class token's final embedding.
+  """
+  sd = {k: v.astype(np.float64) for k, v in sd.items()}
+  prefix = 'vit.' if any(k.startswith('vit.') for k in sd) else ''
+  eps = hf_config['layer_norm_eps']
+  act = {'gelu': gelu_exact, 'gelu_pytorch_tanh': gelu,
+         'gelu_new': gelu}[hf_config['hidden_act']]
+  heads = hf_config['num_attention_heads']
+  e = prefix + 'embeddings.'
+  x = _torch_patches(sd, e + 'patch_embeddings.projection',
+                     images_nchw.astype(np.float64))
+  n, _, d = x.shape
+  x = np.concatenate([np.broadcast_to(sd[e + 'cls_token'], (n, 1, d)), x],
+                     axis=1) + sd[e + 'position_embeddings']
+  for i in range(hf_config['num_hidden_layers']):
+    layer = f'{prefix}encoder.layer.{i}.'
+    y = _torch_layer_norm(x, sd, layer + 'layernorm_before', eps)
+    a = layer + 'attention.attention.'
+    y = _heads_attention(_torch_linear(y, sd, a + 'query'),
+                         _torch_linear(y, sd, a + 'key'),
+                         _torch_linear(y, sd, a + 'value'), heads)
+    x = x + _torch_linear(y, sd, layer + 'attention.output.dense')
+    y = _torch_layer_norm(x, sd, layer + 'layernorm_after', eps)
+    y = act(_torch_linear(y, sd, layer + 'intermediate.dense'))
+    x = x + _torch_linear(y, sd, layer + 'output.dense')
+  x = _torch_layer_norm(x, sd, prefix + 'layernorm', eps)[:, 0]
+  if 'classifier.weight' in sd:
+    return _torch_linear(x, sd, 'classifier')
+  if 'pooler.dense.weight' in sd:
+    return np.tanh(_torch_linear(x, sd, 'pooler.dense'))
+  return x
+
+
+def timm_vit_logits(sd, images_nchw, *, num_heads, global_pool='token',
+                    act_layer='gelu', eps=1e-6):
+  """timm's VisionTransformer forward pass (fc_norm=False, no registers).
+
+  Args:
+    sd: Its state dict {key: array}.
+    images_nchw: [n, 3, h, w].
+    num_heads: Attention heads.
+    global_pool: 'token', 'avg' or 'map' (AttentionPoolLatent).
+    act_layer: 'gelu' (erf) or 'gelu_tanh'.
+    eps: LayerNorm epsilon.
+
+  Returns:
+    Logits, or the pooled features without a head.
+  """
+  sd = {k: v.astype(np.float64) for k, v in sd.items()}
+  act = {'gelu': gelu_exact, 'gelu_tanh': gelu}[act_layer]
+  x = _torch_patches(sd, 'patch_embed.proj', images_nchw.astype(np.float64))
+  n, _, d = x.shape
+  if 'cls_token' in sd:
+    x = np.concatenate([np.broadcast_to(sd['cls_token'], (n, 1, d)), x],
+                       axis=1)
+  x = x + sd['pos_embed']
+  mlp = lambda y, name: _torch_linear(  # pylint: disable=g-long-lambda
+      act(_torch_linear(y, sd, name + '.fc1')), sd, name + '.fc2')
+  i = 0
+  while f'blocks.{i}.norm1.weight' in sd:
+    b = f'blocks.{i}.'
+    y = _torch_layer_norm(x, sd, b + 'norm1', eps)
+    q, k, v = np.split(_torch_linear(y, sd, b + 'attn.qkv'), 3, axis=-1)
+    x = x + _torch_linear(_heads_attention(q, k, v, num_heads), sd,
+                          b + 'attn.proj')
+    x = x + mlp(_torch_layer_norm(x, sd, b + 'norm2', eps), b + 'mlp')
+    i += 1
+  x = _torch_layer_norm(x, sd, 'norm', eps)
+  if global_pool == 'token':
+    x = x[:, 0]
+  elif global_pool == 'avg':
+    x = x.mean(axis=1)
+  else:
+    latent = np.broadcast_to(sd['attn_pool.latent'], (n, 1, d))
+    k, v = np.split(_torch_linear(x, sd, 'attn_pool.kv'), 2, axis=-1)
+    y = _heads_attention(_torch_linear(latent, sd, 'attn_pool.q'), k, v,
+                         num_heads)
+    y = _torch_linear(y, sd, 'attn_pool.proj')
+    x = (y + mlp(_torch_layer_norm(y, sd, 'attn_pool.norm', eps),
+                 'attn_pool.mlp'))[:, 0]
+  return _torch_linear(x, sd, 'head') if 'head.weight' in sd else x

@@ -243,7 +243,7 @@ def test_model_from_a_workdir_of_either_objective(tmp_path, objective):
   checkpoint.save(params, os.path.join(workdir,
                                        checkpointing.FINAL_PARAMS_FILE))
   model, loaded, size, names = cli.model_from_workdir(workdir)
-  assert (size, names) == (16, list('abc'))
+  assert (size, names) == (16, tuple('abc'))
   assert model.num_classes == (None if objective == 'mpp' else 3)
   assert analysis.attention_weights(model, loaded, images).shape == (
       1, 2, 2, 17, 17)

@@ -27,16 +27,10 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import numpy as np
 
 from vit_jax import analysis
 from vit_jax.analysis import images as images_lib
-from vit_jax import checkpoint
-from vit_jax import checkpointing
-from vit_jax import config_lib
-from vit_jax import input_pipeline
-from vit_jax import objectives
-import vit_jax.models
+from vit_jax import convert
 
 flags.DEFINE_string('workdir', None, 'A training run directory.')
 flags.DEFINE_string('pretrained_path', None, 'An .npz (instead of --workdir).')
@@ -70,36 +64,17 @@ _CKA_FLAGS = ('workdir_b', 'pretrained_path_b', 'model_b', 'layers',
 
 def model_from_workdir(workdir: str):
   """(model, params, image_size, class names) of a training run."""
-  run = config_lib.parse(config_lib.load_run_config(workdir))
-  names_path = os.path.join(workdir, input_pipeline.CLASS_NAMES_FILE)
-  with open(names_path) as f:
-    class_names = json.load(f)['class_names']
-  # The backbone with the head its objective gives it (none after masked
-  # patch prediction, whose own head is not used here).
-  num_classes = objectives.get(run.objective).num_classes(len(class_names))
-  model = vit_jax.models.get_model(num_classes=num_classes,
-                                   **run.model.model_args())
-  try:
-    step, params = checkpointing.load_params(workdir)
-    logging.info('Parameters of step %d from %s', step, workdir)
-  except FileNotFoundError:
-    params = checkpoint.load(
-        os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE))
-  return model, params, run.data.image_size, class_names
+  loaded = convert.load_run(workdir)
+  logging.info('Parameters from %s', loaded.source)
+  return loaded.model, loaded.params, loaded.image_size[0], loaded.class_names
 
 
 def model_from_npz(path: str, name: str):
   """(model, params, image_size, None) of a published-layout .npz."""
   if not name:
     raise app.UsageError('--pretrained_path needs --model (e.g. ViT-B_16).')
-  params = checkpoint.load(path)
-  head = params.get('head', {}).get('kernel')
-  model = vit_jax.models.get_model(
-      name, num_classes=None if head is None else head.shape[-1])
-  tokens = params['Transformer']['posembed_input']['pos_embedding'].shape[1]
-  has_cls = model.classifier in ('token', 'token_unpooled')
-  side = int(round(np.sqrt(tokens - has_cls)))
-  return model, params, side * model.total_stride[0], None
+  loaded = convert.load_npz(path, name)
+  return loaded.model, loaded.params, loaded.image_size[0], None
 
 
 def _load_images(size: int):
