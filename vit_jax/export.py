@@ -1,0 +1,240 @@
+r"""Serving artefacts: StableHLO (`jax.export`) and a TF SavedModel.
+
+  python -m vit_jax.export --workdir=/tmp/vit_digits --format=stablehlo \
+      --out=/tmp/vit_digits_hlo
+  python -m vit_jax.export --workdir=/tmp/vit_digits --format=savedmodel \
+      --out=/tmp/vit_digits_tf
+  python -m vit_jax.export --pretrained_path=ViT-B_16.npz --model=ViT-B_16 \
+      --format=savedmodel --out=/tmp/b16_tf
+
+StableHLO: `<out>/model.jax_exported`, a serialised `jax.export.Exported`
+whose batch dimension is symbolic, with the parameters inside:
+
+  exported = jax.export.deserialize(open(path, 'rb').read())
+  logits = exported.call(images)   # images [N, H, W, 3] float32 in [-1, 1]
+
+SavedModel (through jax2tf, the parameters as TF variables), for TF
+Serving: signature `serving_default` takes `images` [N, H, W, 3] float32 in
+[-1, 1] and returns `logits` [N, classes]; `serving_uint8` takes raw
+`images` [N, h, w, 3] uint8 of any one size and applies the evaluation
+preprocessing first (bilinear resize to H x W, then to [-1, 1]).
+
+Both write `<out>/serving.json` (input size, classes, platforms) and, when
+the source has class names, `<out>/labels.txt`.
+"""
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import fileio
+
+FORMATS = ('stablehlo', 'savedmodel')
+STABLEHLO_FILE = 'model.jax_exported'
+SERVING_FILE = 'serving.json'
+LABELS_FILE = 'labels.txt'
+# jax.export lowers for platforms it does not run on, so one artefact can
+# serve on any of them.
+DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
+
+
+def _portable(model: Any) -> Any:
+  # attention_impl='auto' picks per the tracing backend (fused kernels on
+  # GPU and TPU); an artefact for several platforms needs the one every
+  # platform runs.
+  if hasattr(model, 'attention_impl'):
+    return model.clone(attention_impl='einsum')
+  return model
+
+
+def _host(params: Any) -> Any:
+  return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)),
+                                params)
+
+
+def _write_side_files(out_dir: str, *, fmt: str, image_size: Sequence[int],
+                      num_classes: int, platforms: Sequence[str],
+                      class_names: Sequence[str] | None) -> None:
+  h, w = image_size
+  info = {
+      'format': fmt, 'platforms': list(platforms),
+      'inputs': {'images': {'shape': [None, h, w, 3], 'dtype': 'float32',
+                            'range': [-1.0, 1.0]}},
+      'outputs': {'logits': {'shape': [None, num_classes],
+                             'dtype': 'float32'}},
+  }
+  if fmt == 'savedmodel':
+    info['signatures'] = {
+        'serving_default': 'images float32 [N, H, W, 3] in [-1, 1] -> logits',
+        'serving_uint8': 'images uint8 [N, h, w, 3] -> resize to H x W '
+                         '(bilinear), [-1, 1] -> logits'}
+  fileio.write_text_atomic(os.path.join(out_dir, SERVING_FILE),
+                           json.dumps(info, indent=1))
+  if class_names:
+    fileio.write_text_atomic(os.path.join(out_dir, LABELS_FILE),
+                             ''.join(f'{n}\n' for n in class_names))
+
+
+def _num_classes(model: Any, params: Any, image_size: Sequence[int]) -> int:
+  shape = jax.eval_shape(
+      lambda p: model.apply({'params': p}, jnp.zeros((1, *image_size, 3)),
+                            train=False), params)
+  return int(shape.shape[-1])
+
+
+def export_stablehlo(model: Any, params: Any, image_size: Sequence[int],
+                     out_dir: str, *,
+                     platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                     class_names: Sequence[str] | None = None) -> str:
+  """Serialises `images -> logits` with a symbolic batch dimension.
+
+  Args:
+    model: A flax module (`model.apply(..., train=False)` gives logits).
+    params: Its parameters (embedded as constants).
+    image_size: (height, width) of the inputs.
+    out_dir: Output directory (created).
+    platforms: jax.export platforms ('cpu', 'cuda', 'rocm', 'tpu').
+    class_names: Written to labels.txt when given.
+
+  Returns:
+    The path of the `.jax_exported` file.
+  """
+  model = _portable(model)
+  params = _host(params)
+  h, w = image_size
+
+  def serve(images):
+    logits = model.apply({'params': params}, images, train=False)
+    return logits.astype(jnp.float32)
+
+  batch, = jax.export.symbolic_shape('batch')
+  exported = jax.export.export(jax.jit(serve), platforms=tuple(platforms))(
+      jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32))
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, STABLEHLO_FILE)
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(exported.serialize())
+  os.replace(tmp, path)
+  _write_side_files(out_dir, fmt='stablehlo', image_size=image_size,
+                    num_classes=int(exported.out_avals[0].shape[-1]),
+                    platforms=platforms, class_names=class_names)
+  return path
+
+
+def load_stablehlo(out_dir: str) -> jax.export.Exported:
+  """The `Exported` of `export_stablehlo` (call it: `.call(images)`)."""
+  with open(os.path.join(out_dir, STABLEHLO_FILE), 'rb') as f:
+    return jax.export.deserialize(bytearray(f.read()))
+
+
+def export_savedmodel(model: Any, params: Any, image_size: Sequence[int],
+                      out_dir: str, *,
+                      platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                      class_names: Sequence[str] | None = None) -> str:
+  """Writes a TF SavedModel with the serving signatures (module docstring).
+
+  Args:
+    model: A flax module.
+    params: Its parameters (stored as TF variables).
+    image_size: (height, width) of the model's inputs.
+    out_dir: SavedModel directory.
+    platforms: Platforms of the embedded StableHLO ('cpu', 'cuda', 'tpu').
+    class_names: Written to labels.txt when given.
+
+  Returns:
+    `out_dir`.
+  """
+  # pylint: disable=g-import-not-at-top
+  from jax.experimental import jax2tf
+  import tensorflow as tf
+  from vit_jax import preprocess
+  # pylint: enable=g-import-not-at-top
+  model = _portable(model)
+  params = _host(params)
+  h, w = image_size
+  num_classes = _num_classes(model, params, image_size)
+  predict = jax2tf.convert(
+      lambda p, images: model.apply({'params': p}, images,
+                                    train=False).astype(jnp.float32),
+      polymorphic_shapes=[None, '(batch, ...)'], with_gradient=False,
+      native_serialization_platforms=tuple(platforms))
+  module = tf.Module()
+  # Variables, not constants: a graph proto holds at most 2 GB.
+  module.params = tf.nest.map_structure(
+      lambda x: tf.Variable(x, trainable=False), params)
+  variables = module.params
+
+  @tf.function(autograph=False, input_signature=[
+      tf.TensorSpec([None, h, w, 3], tf.float32, name='images')])
+  def serve(images):
+    return {'logits': predict(variables, images)}
+
+  @tf.function(autograph=False, input_signature=[
+      tf.TensorSpec([None, None, None, 3], tf.uint8, name='images')])
+  def serve_uint8(images):
+    # The evaluation preprocessing (vit_jax.preprocess), batched.
+    x = preprocess.value_range(preprocess.resize(images, (h, w)))
+    return {'logits': predict(variables, x)}
+
+  module.serve, module.serve_uint8 = serve, serve_uint8
+  tf.saved_model.save(module, out_dir, signatures={
+      'serving_default': serve, 'serving_uint8': serve_uint8})
+  _write_side_files(out_dir, fmt='savedmodel', image_size=image_size,
+                    num_classes=num_classes, platforms=platforms,
+                    class_names=class_names)
+  return out_dir
+
+
+def export(loaded: Any, fmt: str, out_dir: str, *,
+           platforms: Sequence[str] = DEFAULT_PLATFORMS) -> str:
+  """Exports a `vit_jax.convert.Loaded` model in format `fmt`."""
+  if fmt not in FORMATS:
+    raise ValueError(f'--format={fmt!r}; use one of {FORMATS}.')
+  fn = export_stablehlo if fmt == 'stablehlo' else export_savedmodel
+  return fn(loaded.model, loaded.params, loaded.image_size, out_dir,
+            platforms=platforms, class_names=loaded.class_names)
+
+
+def main(argv: Sequence[str]) -> None:
+  # pylint: disable=g-import-not-at-top
+  from absl import app
+  from absl import flags
+  from vit_jax import convert
+  # pylint: enable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  try:
+    loaded = convert.load_from_flags()
+    path = export(loaded, f.format, f.out, platforms=f.platforms)
+  except (convert.ConversionError, FileNotFoundError, ValueError) as e:
+    raise app.UsageError(str(e)) from None
+  print(f'Wrote {path} ({f.format}, {loaded.image_size[0]}x'
+        f'{loaded.image_size[1]} inputs, platforms '
+        f'{",".join(f.platforms)}) from {loaded.source}.')
+
+
+def _define_flags() -> None:
+  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  from vit_jax import convert
+  # pylint: enable=g-import-not-at-top
+  convert.define_model_flags()
+  flags.DEFINE_enum('format', 'stablehlo', list(FORMATS), 'What to write.')
+  flags.DEFINE_string('out', None, 'Output directory.')
+  flags.DEFINE_list('platforms', list(DEFAULT_PLATFORMS),
+                    'Platforms to lower for (cpu, cuda, rocm, tpu).')
+  flags.mark_flags_as_required(['out'])
+
+
+if __name__ == '__main__':
+  # pylint: disable-next=g-import-not-at-top
+  from absl import app as _app
+  _define_flags()
+  _app.run(main)
