@@ -1,0 +1,212 @@
+"""python -m vit_jax.predict (and the run-directory paths of convert and
+export): a short digits run, and a folder of images."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+import helpers
+from vit_jax import checkpoint
+from vit_jax import checkpointing
+from vit_jax import config_lib
+from vit_jax import convert
+from vit_jax import export
+from vit_jax import predict
+import vit_jax.models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+
+
+def run_module(module, *args):
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=600, env=ENV)
+
+
+def softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+@pytest.fixture(scope='module')
+def digits_run(tmp_path_factory):
+  """configs/digits.py:runlocal through the CLI, and 16x16 digit PNGs."""
+  workdir = str(tmp_path_factory.mktemp('digits_run'))
+  result = run_module(
+      'vit_jax.main', '--config=configs/digits.py:runlocal',
+      f'--workdir={workdir}',
+      f'--config.tfds_data_dir={tmp_path_factory.mktemp("tfds")}',
+      '--config.evals.fewshot.every=0')
+  assert result.returncode == 0, result.stderr[-4000:]
+  import sklearn.datasets  # pylint: disable=g-import-not-at-top
+  digits = sklearn.datasets.load_digits()
+  folder = tmp_path_factory.mktemp('digit_images')
+  paths = []
+  for i in range(5):
+    # 8x8 values 0..16 -> 16x16 grey PNGs: the model's own size, so the
+    # bilinear resize is the identity and the input is known exactly.
+    pixels = np.kron(digits.images[i], np.ones((2, 2))) * 255 / 16
+    path = str(folder / f'digit_{i}_is_{digits.target[i]}.png')
+    Image.fromarray(np.round(pixels).astype(np.uint8), mode='L').save(path)
+    paths.append(path)
+  return workdir, str(folder), paths
+
+
+def run_model(workdir):
+  """The run's model and final parameters, built here from its config."""
+  run = config_lib.parse(config_lib.load_run_config(workdir))
+  params = checkpoint.load(os.path.join(workdir,
+                                        checkpointing.FINAL_PARAMS_FILE))
+  model = vit_jax.models.get_model(num_classes=10, **run.model.model_args())
+  return model, params
+
+
+def test_predict_on_a_digits_run(digits_run):
+  workdir, folder, paths = digits_run
+  result = run_module('vit_jax.predict', f'--workdir={workdir}',
+                      f'--images={folder}', '--top_k=3', '--json')
+  assert result.returncode == 0, result.stderr[-4000:]
+  out = json.loads(result.stdout)
+  assert [p['image'] for p in out['predictions']] == paths  # Sorted.
+  model, params = run_model(workdir)
+  images = np.stack([
+      np.repeat(np.asarray(Image.open(p), np.float32)[..., None], 3, -1)
+      / 127.5 - 1 for p in paths])
+  probs = softmax(np.asarray(model.apply({'params': params}, images,
+                                         train=False), np.float64))
+  for prediction, p in zip(out['predictions'], probs):
+    top = prediction['top_k']
+    assert [t['rank'] for t in top] == [1, 2, 3]
+    assert [t['index'] for t in top] == list(np.argsort(-p)[:3])
+    # The run's class names are the digits themselves.
+    assert [t['label'] for t in top] == [str(t['index']) for t in top]
+    np.testing.assert_allclose([t['probability'] for t in top],
+                               np.sort(p)[::-1][:3], atol=1e-5)
+  # The table: one block per image, rank / probability / index / label.
+  result = run_module('vit_jax.predict', f'--workdir={workdir}', paths[0],
+                      '--top_k=2')
+  assert result.returncode == 0, result.stderr[-4000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[0] == paths[0] and len(lines) == 3
+  first = out['predictions'][0]['top_k'][0]
+  assert lines[1].split() == ['1', f"{first['probability']:.4f}",
+                              str(first['index']), first['label']]
+
+
+def test_convert_and_export_read_a_run(digits_run, tmp_path):
+  workdir, _, paths = digits_run
+  convert.convert(workdir, str(tmp_path / 'hf'))
+  hf = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert hf['id2label'] == {str(d): str(d) for d in range(10)}
+  assert hf['image_size'] == 16 and hf['patch_size'] == 4
+  result = run_module('vit_jax.export', f'--workdir={workdir}',
+                      '--format=stablehlo', f'--out={tmp_path}/hlo',
+                      '--platforms=cpu')
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert 'stablehlo, 16x16 inputs' in result.stdout
+  exported = export.load_stablehlo(str(tmp_path / 'hlo'))
+  model, params = run_model(workdir)
+  images = helpers.random_images((3, 16, 16, 3))
+  np.testing.assert_allclose(
+      np.asarray(exported.call(images)),
+      np.asarray(model.apply({'params': params}, images, train=False)),
+      atol=1e-5, rtol=0)
+  assert (tmp_path / 'hlo' / 'labels.txt').read_text().split() == [
+      str(d) for d in range(10)]
+
+
+@pytest.fixture(scope='module')
+def folder_model(tmp_path_factory):
+  """A 3-class 'testing' ViT at 32 px saved as an .npz, and a label file."""
+  root = tmp_path_factory.mktemp('folder_model')
+  model = vit_jax.models.get_model('testing', num_classes=3)
+  params = helpers.randomize(helpers.init_params(
+      model, np.zeros((1, 32, 32, 3), np.float32)), scale=0.5)
+  checkpoint.save(params, root / 'model.npz')
+  (root / 'labels.txt').write_text('cat\ndog\nfox\n')
+  return model, params, root
+
+
+def test_predict_on_a_folder_of_images(folder_model, tmp_path):
+  model, params, root = folder_model
+  paths = helpers.make_image_folder(str(tmp_path / 'images'), per_class=2)
+  # Plus two with spatial structure (non-square, a gradient one way, stripes
+  # the other), so that a transposed or mis-aligned resize shows.
+  y, x = np.mgrid[:20, :28]
+  for i, image in enumerate([
+      np.stack([x * 9, (y // 4 % 2) * 255, 255 - x * 9], -1),
+      np.stack([(x // 3 % 2) * 255, y * 12, 255 - y * 12], -1)]):
+    path = str(tmp_path / 'images' / 'fox' / f'structured_{i}.png')
+    Image.fromarray(image.astype(np.uint8)).save(path)
+    paths.append(path)
+  result = run_module(
+      'vit_jax.predict', f'--pretrained_path={root}/model.npz',
+      '--model=testing', f'--labels={root}/labels.txt',
+      f'--images={tmp_path}/images', '--json')
+  assert result.returncode == 0, result.stderr[-4000:]
+  predictions = json.loads(result.stdout)['predictions']
+  assert sorted(p['image'] for p in predictions) == sorted(paths)
+  checked = 0
+  for prediction in predictions:
+    top = prediction['top_k']
+    assert len(top) == 3  # top_k=5 capped at the 3 classes.
+    assert sorted(t['label'] for t in top) == ['cat', 'dog', 'fox']
+    probs = [t['probability'] for t in top]
+    assert probs == sorted(probs, reverse=True)
+    assert abs(sum(probs) - 1) < 1e-5
+    if not prediction['image'].lower().endswith('.png'):
+      continue  # JPEG decoders differ in their last bits.
+    # An independent resize: PIL's bilinear upsampling (20x24 -> 32x32),
+    # per channel in float, equals TF's half-pixel bilinear.
+    image = Image.open(prediction['image']).convert('RGB')
+    x = np.stack([np.asarray(c.resize((32, 32), Image.BILINEAR))
+                  for c in (band.convert('F') for band in image.split())],
+                 axis=-1) / 127.5 - 1
+    p = softmax(np.asarray(model.apply({'params': params}, x[None],
+                                       train=False), np.float64))[0]
+    np.testing.assert_allclose(
+        [t['probability'] for t in top], p[[t['index'] for t in top]],
+        atol=1e-4)
+    checked += 1
+  assert checked >= 4
+
+
+def test_predict_errors_name_the_problem(folder_model, tmp_path):
+  model, _, root = folder_model
+  loaded = convert.load_model(str(root / 'model.npz'), model_name='testing')
+  assert loaded.image_size == (32, 32)
+  good = helpers.make_image_folder(str(tmp_path / 'ok'), per_class=1)[:1]
+  bad = tmp_path / 'broken.png'
+  bad.write_bytes(b'\x89PNG\r\n\x1a\n truncated')
+  with pytest.raises(predict.PredictError,
+                     match=f'Cannot read image {bad}'):
+    predict.predict(loaded, good + [str(bad)])
+  with pytest.raises(predict.PredictError,
+                     match=r"has 1000 names but the model's head has 3 "
+                     'classes'):
+    predict.predict(loaded, good, class_names=predict.read_labels(
+        'imagenet1k'))
+  with pytest.raises(predict.PredictError, match='does not exist'):
+    predict.list_images([str(tmp_path / 'nope')])
+  with pytest.raises(predict.PredictError, match='no such file'):
+    predict.read_labels('imagenet5k')
+  headless = convert.Loaded(model.clone(num_classes=0), loaded.params,
+                            (32, 32), None, 'headless')
+  with pytest.raises(predict.PredictError, match='no classification head'):
+    predict.predict(headless, good)
+
+
+def test_shipped_label_lists():
+  imagenet1k = predict.read_labels('imagenet1k')
+  imagenet21k = predict.read_labels('imagenet21k')
+  # The heads of the published imagenet2012 and imagenet21k checkpoints.
+  assert (len(imagenet1k), len(imagenet21k)) == (1000, 21843)
+  assert imagenet1k[0] == 'tench, Tinca tinca'
+  assert imagenet1k[281] == 'tabby, tabby cat'
+  assert imagenet1k[999].startswith('toilet tissue')
+  assert len(set(imagenet21k)) > 21000

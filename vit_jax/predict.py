@@ -1,0 +1,257 @@
+r"""Top-k predictions of a model on image files: a table, or JSON.
+
+  # A training run (its final parameters, class names and preprocessing):
+  python -m vit_jax.predict --workdir=/tmp/vit_digits --images=/tmp/digits
+  # A published checkpoint with the ImageNet class names shipped here:
+  python -m vit_jax.predict --pretrained_path=ViT-B_16.npz --model=ViT-B_16 \
+      --labels=imagenet1k --images=cat.jpg,dog.png --top_k=5 --json
+
+`--images` (and paths after the flags) takes files and directories
+(searched recursively for .jpg, .jpeg and .png). Images go through the
+evaluation preprocessing (decode, RGB, bilinear resize, or the run's central
+crop, then [-1, 1]) and are batched and sharded over all devices like
+evaluation batches.
+
+`--labels`: `imagenet1k` or `imagenet21k` (the lists shipped in
+`vit_jax/labels/`, see SOURCE.md there), or a file with one name per line;
+by default the run's class names (or a transformers directory's
+`id2label`). The list must have one name per class of the head.
+"""
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+LABEL_LISTS = ('imagenet1k', 'imagenet21k')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+_LABELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           'labels')
+
+
+class PredictError(ValueError):
+  """Inputs predict cannot use (names the file or the mismatch)."""
+
+
+def read_labels(spec: str) -> tuple[str, ...]:
+  """Class names: a shipped list ('imagenet1k', 'imagenet21k') or a file.
+
+  A line may be `<id><TAB><name>` (the shipped lists: WordNet synset and
+  lemmas); the name is what is returned.
+  """
+  path = (os.path.join(_LABELS_DIR, f'{spec}.txt') if spec in LABEL_LISTS
+          else spec)
+  if not os.path.isfile(path):
+    raise PredictError(f'--labels={spec}: no such file; use '
+                       f'{" or ".join(LABEL_LISTS)} or a file with one '
+                       'class name per line.')
+  with open(path, encoding='utf-8') as f:
+    lines = [line.rstrip('\n') for line in f]
+  while lines and not lines[-1].strip():
+    lines.pop()
+  return tuple(line.split('\t', 1)[-1] for line in lines)
+
+
+def list_images(paths: Sequence[str]) -> list[str]:
+  """Files as given; directories searched recursively (sorted)."""
+  found = []
+  for path in paths:
+    if os.path.isdir(path):
+      for root, dirs, files in os.walk(path):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files)
+                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+    elif os.path.isfile(path):
+      found.append(path)
+    else:
+      raise PredictError(f'--images: {path} does not exist.')
+  if not found:
+    raise PredictError(f'--images={",".join(paths)}: no .jpg, .jpeg or .png '
+                       'files.')
+  return found
+
+
+def _check_readable(path: str) -> None:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as image:
+      image.load()
+  except Exception as e:  # pylint: disable=broad-except
+    raise PredictError(f'Cannot read image {path} ({type(e).__name__}: '
+                       f'{e}): remove it or pass only images.') from None
+
+
+def load_image(path: str, image_size: tuple[int, int],
+               crop_fraction: float = 1.0) -> np.ndarray:
+  """One image through the evaluation preprocessing: [H, W, 3] in [-1, 1]."""
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from vit_jax import preprocess
+  # pylint: enable=g-import-not-at-top
+  image = preprocess.to_rgb(preprocess.decode(tf.io.read_file(path)))
+  if crop_fraction < 1.0:
+    if image_size[0] != image_size[1]:
+      raise PredictError('A central crop needs a square image size.')
+    image = preprocess.central_crop(preprocess.resize_small(
+        image, round(image_size[0] / crop_fraction)), image_size[0])
+  else:
+    image = preprocess.resize(image, image_size)
+  return preprocess.value_range(image).numpy().astype(np.float32)
+
+
+def _crop_fraction(loaded: Any) -> float:
+  """The run's evaluation crop (1: the whole image, resized)."""
+  if loaded.run is None:
+    return 1.0
+  # pylint: disable-next=g-import-not-at-top
+  from vit_jax import preprocess
+  return preprocess.PreprocessConfig.from_config(
+      loaded.run.data.pp, image_size=loaded.image_size[0],
+      num_classes=1).eval_crop_fraction
+
+
+def _mesh_and_shardings(loaded: Any):
+  # pylint: disable=g-import-not-at-top
+  from vit_jax import sharding
+  import vit_jax.models
+  # pylint: enable=g-import-not-at-top
+  shapes = jax.eval_shape(lambda: loaded.params)
+  if loaded.run is not None:  # As the run evaluated.
+    mesh = sharding.mesh_from_config(loaded.run.mesh)
+    return mesh, sharding.shardings_from_config(shapes, mesh, loaded.run.mesh)
+  mesh = sharding.make_mesh()
+  return mesh, sharding.tree_shardings(shapes, mesh,
+                                       param_axes=vit_jax.models.PARAM_AXES)
+
+
+def predict(loaded: Any, paths: Sequence[str], *, top_k: int = 5,
+            class_names: Sequence[str] | None = None,
+            batch_size: int = 64) -> list[dict[str, Any]]:
+  """Top-k classes (softmax probabilities) of each image.
+
+  Args:
+    loaded: A `vit_jax.convert.Loaded` model.
+    paths: Image files.
+    top_k: Classes per image (at most the head's size).
+    class_names: One name per class, or None (indices only).
+    batch_size: Images per step (rounded up to a multiple of the batch
+      shards; the last batch is padded).
+
+  Returns:
+    [{'image': path, 'top_k': [{'rank', 'index', 'label', 'probability'}]}].
+
+  Raises:
+    PredictError: no head, label count != classes, unreadable image.
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from vit_jax import sharding
+  model = loaded.model
+  h, w = loaded.image_size
+  num_classes = int(jax.eval_shape(
+      lambda p: model.apply({'params': p}, np.zeros((1, h, w, 3), np.float32),
+                            train=False), loaded.params).shape[-1])
+  if not getattr(model, 'num_classes', None):
+    raise PredictError(f'{loaded.source} has no classification head '
+                       f'(num_classes={model.num_classes}): nothing to '
+                       'predict.')
+  if class_names is not None and len(class_names) != num_classes:
+    raise PredictError(
+        f'The label list has {len(class_names)} names but the model\'s head '
+        f'has {num_classes} classes ({loaded.source}).')
+  for path in paths:  # Every image, before any work is done.
+    _check_readable(path)
+  mesh, param_shardings = _mesh_and_shardings(loaded)
+  params = sharding.put_global(loaded.params, param_shardings)
+  shards = sharding.batch_shards(mesh)
+  batch_size = -(-max(1, batch_size) // shards) * shards
+  batches = sharding.batch_sharding(mesh)
+  fn = jax.jit(
+      lambda p, x: jax.nn.softmax(model.apply({'params': p}, x, train=False)
+                                  .astype(np.float32), axis=-1),
+      in_shardings=(param_shardings, batches),
+      out_shardings=sharding.replicated(mesh))
+  crop = _crop_fraction(loaded)
+  k = min(top_k, num_classes)
+  results = []
+  for start in range(0, len(paths), batch_size):
+    chunk = paths[start:start + batch_size]
+    images = np.zeros((batch_size, h, w, 3), np.float32)  # Padding.
+    for i, path in enumerate(chunk):
+      images[i] = load_image(path, (h, w), crop)
+    probs = np.asarray(jax.device_get(
+        fn(params, sharding.put_global(images, batches))))[:len(chunk)]
+    for path, p in zip(chunk, probs):
+      order = np.argsort(-p, kind='stable')[:k]
+      results.append({'image': path, 'top_k': [
+          {'rank': r + 1, 'index': int(i),
+           'label': class_names[i] if class_names is not None else str(i),
+           'probability': float(p[i])} for r, i in enumerate(order)]})
+  return results
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+  """One block per image: rank, probability, class index and label."""
+  lines = []
+  for result in results:
+    lines.append(result['image'])
+    for entry in result['top_k']:
+      lines.append(f"  {entry['rank']:>2}  {entry['probability']:.4f}  "
+                   f"{entry['index']:>5}  {entry['label']}")
+  return '\n'.join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  # pylint: disable=g-import-not-at-top
+  from absl import app
+  from absl import flags
+  from vit_jax import checkpoint
+  from vit_jax import convert
+  # pylint: enable=g-import-not-at-top
+  f = flags.FLAGS
+  images = list(f.images or []) + list(argv[1:])  # Shell globs too.
+  if not images:
+    raise app.UsageError('Pass --images=FILE|DIR,... (or paths after the '
+                         'flags).')
+  try:
+    loaded = convert.load_from_flags()
+    names = read_labels(f.labels) if f.labels else loaded.class_names
+    batch_size = f.batch_size or (loaded.run.data.batch_eval
+                                  if loaded.run is not None else 64)
+    results = predict(loaded, list_images(images), top_k=f.top_k,
+                      class_names=names, batch_size=batch_size)
+  except (PredictError, convert.ConversionError, checkpoint.CheckpointError,
+          FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from None
+  if jax.process_index() != 0:
+    return
+  if f.json:
+    print(json.dumps({'source': loaded.source, 'predictions': results},
+                     indent=1))
+  else:
+    print(format_table(results))
+
+
+def _define_flags() -> None:
+  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  from vit_jax import convert
+  # pylint: enable=g-import-not-at-top
+  convert.define_model_flags()
+  flags.DEFINE_list('images', None, 'Image files and directories (paths '
+                    'after the flags are added).')
+  flags.DEFINE_integer('top_k', 5, 'Classes shown per image.')
+  flags.DEFINE_string('labels', None, 'imagenet1k, imagenet21k or a file '
+                      '(one name per line); default: the run\'s names.')
+  flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
+  flags.DEFINE_integer('batch_size', None, 'Images per step (default: the '
+                       'run\'s batch_eval, else 64).')
+
+
+if __name__ == '__main__':
+  # pylint: disable-next=g-import-not-at-top
+  from absl import app as _app
+  _define_flags()
+  _app.run(main)
