@@ -86,6 +86,10 @@ _FLAG_SOURCES = {
     'vit_jax.main': 'vit_jax/main.py',
     'vit_jax.evaluate': 'vit_jax/evaluate.py',
     'vit_jax.analysis': 'vit_jax/analysis/__main__.py',
+    'vit_jax.convert': 'vit_jax/convert.py',
+    # Their model flags: convert.define_model_flags.
+    'vit_jax.export': ('vit_jax/export.py', 'vit_jax/convert.py'),
+    'vit_jax.predict': ('vit_jax/predict.py', 'vit_jax/convert.py'),
     'launch/tpu_run.sh': 'vit_jax/main.py',
     'launch/local.sh': 'vit_jax/main.py',
 }
@@ -120,7 +124,9 @@ def test_readme_commands_use_real_configs_fields_and_flags():
   checked_configs = 0
   for command in commands:
     program = _program(command)
-    source = (README.parent / _FLAG_SOURCES[program]).read_text()
+    files = _FLAG_SOURCES[program]
+    source = ''.join((README.parent / f).read_text() for f in (
+        (files,) if isinstance(files, str) else files))
     defined = set(re.findall(r"DEFINE_\w+\(\s*'(\w+)'", source))
     for flag, value in re.findall(r'--([\w.]+)(?:=(\S+))?', command):
       if flag.startswith('config.'):
