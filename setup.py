@@ -39,6 +39,9 @@ DEV_REQUIRES = [
     'nbformat',
     'ipykernel',
     'pytest',
+    # Two test processes (README's `-n 2`): much of the suite is compiling and
+    # process start-up, which use one core each.
+    'pytest-xdist',
     # vit_jax.convert's files (the interop extra); in the tests' set so that
     # the round trips through transformers' and timm's layouts run in CI.
     'safetensors',
