@@ -1,8 +1,9 @@
 r"""A small BiT ResNet classifier trained from scratch on the bundled digits.
 
 The convolutional counterpart of configs/digits.py for comparing what the
-two learn (`python -m vit_jax.analysis cka`, benchmarks/cka_digits.py): the
-same images, preprocessing, optimiser and schedule; the model is the BiT
+two learn (`python -m vit_jax.analysis cka`, benchmarks/cka_digits.py): its
+config with another model (the same images, preprocessing, optimiser and
+schedule; no few-shot probe). The model is the BiT
 ResNet of the hybrids (weight-standardised convs, GroupNorm) without a
 Transformer: root block, three stages of two bottleneck units, a 1x1
 projection, global average pooling and the head. A few minutes on a 2-core
@@ -14,7 +15,17 @@ CPU, no download.
 `configs/digits_resnet.py:runlocal` is a seconds-long smoke run.
 """
 
+import importlib.util
+import os
+
 from vit_jax import config_lib
+
+# configs/ is not a package: digits.py is loaded from beside this file.
+_SPEC = importlib.util.spec_from_file_location(
+    'digits_config', os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                  'digits.py'))
+digits = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(digits)
 
 # The registry has no ResNet-only entry: a hybrid's config with the
 # Transformer removed (`transformer=None`: ResNet features only) is one.
@@ -32,34 +43,15 @@ _RESNET = {
 
 def get_config(arg=None):
   """Returns the config; arg 'runlocal' makes it tiny."""
+  # digits.py's data, preprocessing, optimiser, schedule and runlocal sizes
+  # (16 px like the ViT: the root block's stride 4 gives stage 1 the ViT's
+  # 4x4 grid, each position 4x4 pixels, then 2x2 and 1x1).
   _, runlocal = config_lib.parse_args(arg)
-  c = config_lib.get_base()
-  c.dataset = 'digits'
+  c = digits.get_config(arg)
   c.model_name = 'R26+ViT-S_32'
   c.model = dict(_RESNET)
-  # 16 px like the ViT: the root block's stride 4 gives stage 1 the ViT's
-  # 4x4 grid (each position 4x4 pixels), then 2x2 and 1x1.
-  c.image_size = 16
-  c.pp = {'inception_crop': True, 'crop_area_range': (0.7, 1.0),
-          'flip': False}
-  c.shuffle_buffer = 2000
-  c.batch = 128
-  c.batch_eval = 300
-  c.optimizer = 'adam'
-  c.base_lr = 1e-3
-  c.weight_decay = 0.05
-  c.warmup_steps = 50
-  c.total_steps = 1200
-  c.decay_type = 'cosine'
-  c.label_smoothing = 0.1
-  c.ema_decay = 0.99  # Evaluate (and export) the Polyak average.
-  c.log_every = 20
-  c.eval_every = 300
-  c.checkpoint_every = 300
-  if runlocal:
-    config_lib.set_runlocal(c)
-    # set_runlocal makes a hybrid of a hybrid's name: keep the ResNet only,
-    # with one unit per stage.
+  if runlocal:  # One unit per stage.
     c.model = dict(_RESNET, resnet={'num_layers': (1, 1),
                                     'width_factor': 0.5})
+  c.evals.fewshot.every = 0  # No few-shot probe.
   return c
