@@ -102,21 +102,6 @@ def _program(command):
   return None
 
 
-def _assign(config, dotted, value):
-  """`--config.<dotted>=<value>` as config_flags does; KeyError if unknown."""
-  import ast  # pylint: disable=g-import-not-at-top
-  *parents, leaf = dotted.split('.')
-  for name in parents:
-    config = config[name]
-  if leaf not in config:
-    raise KeyError(f'--config.{dotted}: no such field')
-  try:
-    value = ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    pass  # A string.
-  config[leaf] = value  # ConfigDict refuses a value of the wrong type.
-
-
 def test_readme_commands_use_real_configs_fields_and_flags():
   from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
   commands = [c for c in _readme_commands() if _program(c)]
@@ -136,8 +121,8 @@ def test_readme_commands_use_real_configs_fields_and_flags():
     if not spec or '<' in spec.group(1):
       continue  # The README's generic form `configs/<experiment>.py[:arg]`.
     config = config_lib.load_config_file(str(README.parent / spec.group(1)))
-    for dotted, value in re.findall(r'--config\.([\w.]+)=(\S+)', command):
-      _assign(config, dotted, value)
+    config_lib.apply_overrides(
+        config, re.findall(r'--config\.([\w.]+)=(\S+)', command))
     checked_configs += 1
   assert checked_configs >= 10
 

@@ -531,6 +531,285 @@ def get_base() -> ml_collections.ConfigDict:
   return c
 
 
+# ----------------------------------------------------------------------------
+# Command-line overrides (`--config.<field>=<value>`) and the field listing.
+# ----------------------------------------------------------------------------
+
+# Model fields a run sets through config fields of its own.
+_MODEL_FIELDS_SET_ELSEWHERE = {
+    'dtype': 'config.compute_dtype', 'param_dtype': None,
+    'remat': 'config.remat', 'scan': 'config.scan'}
+# Preprocessing fields the input pipeline sets itself.
+_PP_FIELDS_SET_ELSEWHERE = {'image_size': 'config.image_size',
+                            'num_classes': 'config.num_classes'}
+_TRUE = ('true', 't', 'yes', 'y', '1', 'on')
+_FALSE = ('false', 'f', 'no', 'n', '0', 'off')
+
+
+def _dotted_names(config: Any, prefix: str = '') -> list[str]:
+  """Every leaf field of a ConfigDict as a dotted name, in declared order."""
+  names = []
+  for key in config.keys():
+    value = config[key]
+    if (isinstance(value, ml_collections.ConfigDict)
+        and prefix + key not in _FREE_FORM):
+      names.extend(_dotted_names(value, f'{prefix}{key}.'))
+    else:
+      names.append(prefix + key)
+  return names
+
+
+def _nested_names(fields: Mapping[str, Any], prefix: str) -> list[str]:
+  """Dotted names of the leaves of a nested mapping."""
+  names = []
+  for key, value in fields.items():
+    if isinstance(value, Mapping):
+      names.extend(_nested_names(value, f'{prefix}{key}.'))
+    else:
+      names.append(prefix + key)
+  return names
+
+
+def _unknown(name: str, known: list[str], where: str) -> ValueError:
+  close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+  if not close:  # A typo in the last part only: compare that part.
+    last = name.rpartition('.')[2]
+    by_last = {k.rpartition('.')[2]: k for k in known}
+    close = [by_last[k] for k in difflib.get_close_matches(
+        last, list(by_last), n=3, cutoff=0.6)]
+  hint = f' Did you mean {", ".join("config." + c for c in close)}?' if (
+      close) else ''
+  return ValueError(f'config.{name} is not a field {where}.{hint} '
+                    '(--print_config lists every field.)')
+
+
+def parse_value(text: str, current: Any, kind: type[Any] | None,
+                name: str) -> Any:
+  """A command-line value as the type of the field it sets.
+
+  Args:
+    text: The text after `=`.
+    current: The field's value now (its type decides when `kind` is None).
+    kind: The field's declared type, if known (placeholders have one).
+    name: Dotted field name, for the error message.
+
+  Returns:
+    The typed value; 'None' gives None.
+
+  Raises:
+    ValueError: naming the field, the text and the type expected.
+  """
+  import ast  # pylint: disable=g-import-not-at-top
+  kind = kind or (type(current) if current is not None else None)
+  if kind is ml_collections.ConfigDict:
+    kind = dict
+  if text.strip() in ('None', 'none', 'null'):
+    return None
+  try:
+    if kind is bool:
+      if text.lower() in _TRUE:
+        return True
+      if text.lower() in _FALSE:
+        return False
+      raise ValueError
+    if kind is int:
+      return int(text)
+    if kind is float:
+      return float(text)
+    if kind is str:
+      if len(text) >= 2 and text[0] == text[-1] and text[0] in '\'"':
+        return text[1:-1]
+      return text
+    if kind in (tuple, list):
+      value = ast.literal_eval(text) if text.strip() else ()
+      if not isinstance(value, (tuple, list)):
+        value = (value,)
+      return tuple(value)
+    if kind is dict:
+      value = ast.literal_eval(text)
+      if not isinstance(value, Mapping):
+        raise ValueError
+      return value
+  except (ValueError, SyntaxError):
+    raise ValueError(
+        f'config.{name}={text!r}: expected {kind.__name__} (e.g. '
+        f'{current!r}).') from None
+  try:  # Type unknown (a field whose value is None): a Python literal.
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _set(config: Any, parts: list[str], value: Any) -> None:
+  """Sets a dotted field, creating the groups on the way."""
+  node = config
+  for part in parts[:-1]:
+    if part not in node or node[part] is None:
+      node[part] = ml_collections.ConfigDict()
+    node = node[part]
+  try:
+    node[parts[-1]] = value
+  except TypeError as e:  # ConfigDict's own type check.
+    raise ValueError(f'config.{".".join(parts)}={value!r}: {e}') from None
+
+
+def _free_form_fields(config: Any, group: str) -> tuple[dict[str, Any],
+                                                        dict[str, str]]:
+  """(fields with values, fields set elsewhere) of `model` or `pp`."""
+  if group == 'model':
+    from vit_jax import models  # pylint: disable=g-import-not-at-top
+    fields = models.model_fields(config.model_name)
+    values = models.get_config(config.model_name,
+                               **_plain(config.get('model') or {}))
+    merged = {}
+    for key, default in fields.items():
+      value = values.get(key, default)
+      if isinstance(default, Mapping):
+        value = {**default, **(value or {})}
+      merged[key] = value
+    return merged, _MODEL_FIELDS_SET_ELSEWHERE
+  # pylint: disable-next=g-import-not-at-top
+  from vit_jax.preprocess import PreprocessConfig
+  fields = {f.name: f.default for f in dataclasses.fields(PreprocessConfig)
+            if f.default is not dataclasses.MISSING}
+  return ({**fields, **_plain(config.get('pp') or {})},
+          _PP_FIELDS_SET_ELSEWHERE)
+
+
+def _override_free_form(config: Any, name: str, text: str) -> None:
+  group, _, rest = name.partition('.')
+  if not rest:  # The whole group: `--config.model="{...}"`.
+    value = parse_value(text, {}, dict, name)
+    for key, inner in _flatten(value).items():
+      _override_free_form(config, f'{group}.{key}', repr(inner))
+    return
+  fields, elsewhere = _free_form_fields(config, group)
+  parts = rest.split('.')
+  what = (f'of {config.model_name} (vit_jax.models.model_fields)'
+          if group == 'model' else 'of preprocess.PreprocessConfig')
+  if parts[0] in elsewhere:
+    other = elsewhere[parts[0]]
+    raise ValueError(
+        f'config.{name} is set by {other} (override that).' if other else
+        f'config.{name} cannot be set from a config.')
+  node = fields
+  for i, part in enumerate(parts):
+    if not isinstance(node, Mapping) or part not in node:
+      raise _unknown(name, _nested_names(fields, f'{group}.'), what)
+    if i == len(parts) - 1 and isinstance(node[part], Mapping):
+      keys = _nested_names(node[part], f'{group}.{".".join(parts)}.')
+      raise ValueError(f'config.{name} is a group of fields: set one of '
+                       f'them (e.g. config.{keys[0]}).')
+    if i < len(parts) - 1 and not isinstance(node[part], Mapping):
+      raise ValueError(f'config.{group}.{".".join(parts[:i + 1])} is not a '
+                       f'group of fields {what}.')
+    node = node[part]
+  value = parse_value(text, node, None, name)
+  _set(config, [group] + parts, value)
+
+
+def _flatten(value: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, inner in value.items():
+    if isinstance(inner, Mapping):
+      out.update(_flatten(inner, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = inner
+  return out
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: list[tuple[str, str]]) -> None:
+  """Applies `--config.<field>=<value>` overrides to a config, in place.
+
+  Any field `get_base()` declares can be set, whether or not the config file
+  set it; so can any field of the model (`model.transformer.dropout_rate`,
+  `model.classifier`, `model.attention_impl`: `vit_jax.models.model_fields`
+  of the final `model_name`) and of the preprocessing (`pp.flip`). Values
+  are read as the field's type. Model and preprocessing fields are applied
+  after the others, so `--config.model_name` decides which model's fields
+  exist.
+
+  Args:
+    config: The loaded experiment config.
+    overrides: (dotted field name without `config.`, text) pairs, in command
+      line order.
+
+  Raises:
+    ValueError: an unknown field (naming the closest ones) or a value that
+      does not parse as the field's type; nothing has been changed then
+      only if it is the first override.
+  """
+  base = get_base()
+  declared = _dotted_names(base)
+  ordered = ([o for o in overrides if o[0].split('.')[0] not in _FREE_FORM]
+             + [o for o in overrides if o[0].split('.')[0] in _FREE_FORM])
+  for name, text in ordered:
+    if name.split('.')[0] in _FREE_FORM:
+      _override_free_form(config, name, text)
+      continue
+    found, default = _walk(base, name)
+    if not found:
+      raise _unknown(name, declared, 'of vit_jax.config_lib.get_base()')
+    if isinstance(default, ml_collections.ConfigDict):
+      raise ValueError(f'config.{name} is a group of fields: set one of them '
+                       f'(e.g. config.{_dotted_names(default, name + ".")[0]})'
+                       '.')
+    parent, _, last = name.rpartition('.')
+    kind = (_walk(base, parent)[1] if parent else base).get_type(last)
+    found, current = _walk(config, name)
+    value = parse_value(text, current if found else default, kind, name)
+    _set(config, name.split('.'), value)
+
+
+def _base_comments() -> dict[str, str]:
+  """{dotted field: its comment} read from `get_base()`'s source."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  comments, block = {}, []
+  for line in inspect.getsource(get_base).splitlines():
+    stripped = line.strip()
+    if stripped.startswith('#'):
+      block.append(stripped.lstrip('# '))
+      continue
+    match = re.match(r'c\.([\w.]+) = .*?(?:#\s*(.*))?$', stripped)
+    if match:
+      comments[match.group(1)] = match.group(2) or ' '.join(block)
+    block = []
+  return comments
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """Every field a command line can set, with its value and comment.
+
+  What `--print_config` prints: the fields of `get_base()` (the config's
+  values), then every field of the config's model and preprocessing.
+
+  Args:
+    config: An experiment config (after overrides).
+
+  Returns:
+    Text, one `config.<field> = <value>  # comment` line per field.
+  """
+  comments = _base_comments()
+  lines = []
+  for name in _dotted_names(get_base()):
+    if name in _FREE_FORM:
+      continue
+    found, value = _walk(config, name)
+    value = _plain(value) if found else _plain(_walk(get_base(), name)[1])
+    comment = comments.get(name, '')
+    lines.append(f'config.{name} = {value!r}' + (f'  # {comment}' if comment
+                                                  else ''))
+  for group in sorted(_FREE_FORM):
+    fields, elsewhere = _free_form_fields(config, group)
+    lines.append(f'# config.{group}.*: {comments.get(group, "")}')
+    for name, value in _flatten(fields).items():
+      if name.split('.')[0] not in elsewhere:
+        lines.append(f'config.{group}.{name} = {value!r}')
+  return '\n'.join(lines)
+
+
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was trained with (`<workdir>/config.json`).
 

@@ -4,8 +4,17 @@
   python -m vit_jax.main --config=configs/finetune.py:b16,cifar10 \\
       --workdir=gs://bucket/run --config.pretrained_path=gs://vit_models/imagenet21k/ViT-B_16.npz
 
-Any config field can be overridden with `--config.<field>=<value>`; unknown
-fields are refused. Multi-host: on a Cloud TPU pod or under SLURM pass
+Any config field can be overridden with `--config.<field>=<value>`, nested
+model fields included (`--config.model.transformer.dropout_rate=0.1`);
+unknown fields are refused with the closest names. `--print_config` lists
+every field with its value and comment, for the config given, and exits.
+
+The workdir is the run's identity: the same command again resumes the run
+(or says it is finished); a command that would train something else there
+is refused, naming each field that differs. `--overwrite` starts the run in
+that workdir from scratch, deleting what an earlier run wrote there.
+Ctrl-C (like SIGTERM) saves a checkpoint at the next step and exits;
+a second Ctrl-C stops at once. Multi-host: on a Cloud TPU pod or under SLURM pass
 `--distributed` (JAX finds the coordinator itself; see launch/slurm.sbatch);
 for local multi-process rehearsals pass `--coordinator_address`,
 `--num_processes` and `--process_id` (see launch/local.sh). All logic lives in `vit_jax.train.train_and_evaluate`.
@@ -23,15 +32,21 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
+from vit_jax import cli
+from vit_jax import config_lib
 from vit_jax import train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config: configs/<file>.py[:arg].',
-    lock_config=True)
+flags.DEFINE_string(
+    'config', None, 'Experiment config: configs/<file>.py[:arg]; then '
+    '--config.<field>=<value> for any field (--print_config lists them).')
 flags.DEFINE_string('workdir', None, 'Run directory (local or gs://).')
+flags.DEFINE_bool('print_config', False, 'Print every config field with its '
+                  'value and comment (after the overrides) and exit.')
+flags.DEFINE_bool('overwrite', False, 'Start from scratch in a --workdir '
+                  'that holds a run, deleting its checkpoints, metrics and '
+                  'final parameters.')
 flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() (TPU pods: automatic).')
 flags.DEFINE_string('coordinator_address', None,
@@ -42,7 +57,7 @@ flags.DEFINE_list('local_device_ids', None,
                   'Devices this process drives, e.g. 0,1,2,3 (SLURM with one '
                   'process per node: all the node\'s GPUs; default: what '
                   'jax.distributed detects).')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['config'])
 
 
 def _quiet_orbax(record) -> bool:
@@ -50,9 +65,17 @@ def _quiet_orbax(record) -> bool:
   return 'orbax' not in record.pathname or record.levelno >= pylogging.WARNING
 
 
-def main(argv):
+def main(argv, overrides):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = config_lib.load_config_file(FLAGS.config)
+  config_lib.apply_overrides(config, overrides)
+  if FLAGS.print_config:
+    print(config_lib.describe(config))
+    return
+  if not FLAGS.workdir:
+    raise app.UsageError('--workdir is required: the run directory '
+                         '(local or gs://).')
   logging.get_absl_handler().addFilter(_quiet_orbax)
   # Global JAX flags belong to the program, not the library. Random bits
   # independent of the sharding (jax's default since 0.5; explicit here so
@@ -71,7 +94,8 @@ def main(argv):
   logging.info('JAX process %d/%d, %d local / %d global devices',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  metrics = train.train_and_evaluate(config, FLAGS.workdir,
+                                     overwrite=FLAGS.overwrite)
   if 'preempted_at_step' in metrics:
     # Exit 0: the scheduler restarts the job, which then resumes.
     logging.info('Stopped for preemption at step %d.',
@@ -81,4 +105,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, config_flag='config')

@@ -19,6 +19,7 @@ from vit_jax.models.registry import get_config
 from vit_jax.models.registry import get_model
 from vit_jax.models.registry import MODEL_NAMES
 from vit_jax.models.registry import model_class
+from vit_jax.models.registry import model_fields
 from vit_jax.models.registry import UnknownModelError
 from vit_jax.models.resnet import ResNetStage
 from vit_jax.models.resnet import StdConv

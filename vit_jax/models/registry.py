@@ -146,6 +146,50 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> None:
       base[key] = copy.deepcopy(value) if isinstance(value, Mapping) else value
 
 
+# Keys a dict-valued field reads (`VisionTransformer.__call__`,
+# `resnet.ResNetStage`), with the value used when a config omits one.
+_NESTED_FIELDS = {
+    'patches': {'size': None},
+    'transformer': {'num_layers': None, 'mlp_dim': None, 'num_heads': None,
+                    'dropout_rate': 0.1, 'attention_dropout_rate': 0.1,
+                    'add_position_embedding': True},
+    'resnet': {'num_layers': (), 'width_factor': 1},
+}
+# Fields a run sets through its own config fields, not through overrides.
+_NOT_OVERRIDES = frozenset({'parent', 'name', 'num_classes', 'model_name'})
+
+
+def model_fields(name: str) -> dict[str, Any]:
+  """Every field `get_model(name, **overrides)` accepts, with its value.
+
+  The values are the named model's (its registry config, else the module's
+  default); dict-valued fields (`patches`, `transformer`, `resnet`) list
+  every key they read (`resnet` is None for a plain ViT). Command lines use this to check and type an override
+  such as `model.transformer.dropout_rate=0.1` before building anything.
+
+  Args:
+    name: A name from `MODEL_NAMES`.
+
+  Returns:
+    {field: value, or {key: value} for dict-valued fields}.
+
+  Raises:
+    UnknownModelError: `name` is not registered.
+  """
+  cls = model_class(name)
+  config = get_config(name)
+  fields = {}
+  for f in dataclasses.fields(cls):
+    if f.name in _NOT_OVERRIDES:
+      continue
+    default = None if f.default is dataclasses.MISSING else f.default
+    value = config.get(f.name, default)
+    if f.name in _NESTED_FIELDS and value is not None:
+      value = {**_NESTED_FIELDS[f.name], **value}
+    fields[f.name] = value
+  return fields
+
+
 def get_model(name: str, *, num_classes: int | None,
               **overrides: Any) -> nn.Module:
   """Builds a registered model.
