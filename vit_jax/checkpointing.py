@@ -11,8 +11,10 @@ orbax writes each step to a temporary directory and renames it when complete,
 so a run killed mid-save leaves the previous steps intact (the temporary
 directory is removed at the next start). A step directory that cannot be read
 (damaged disk, files deleted by hand) is moved to
-`<workdir>/corrupt_checkpoints/` and the previous step is used instead, with a
-warning.
+`<workdir>/corrupt_checkpoints/` when an older step can be read instead, with
+a warning; when no step can be read nothing is moved and the run is refused.
+A checkpoint of another structure (another model or optimizer) is never
+called damaged or moved: the run is refused, naming what differs.
 
 `PreemptionWatcher` turns SIGTERM (what Cloud TPU maintenance events and most
 schedulers send before killing a job) into "save at the next step boundary";
@@ -54,6 +56,18 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
       abstract, shardings)
 
 
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'opt_state/1/0/mu/...': shape}: the same names for a TrainState and
+  for orbax's metadata of it (dicts where the state has attributes)."""
+  def name(key):
+    for attr in ('key', 'idx', 'name'):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  return {'/'.join(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 class Checkpointer:
   """Saves and restores (state, data-iterator state) for one workdir.
 
@@ -77,7 +91,11 @@ class Checkpointer:
             create=True,
             # Leftovers of a save that was killed half-way.
             cleanup_tmp_directories=True),
-        item_names=('state', 'data', 'meta'))
+        # Registered up front so that a step's metadata can be read
+        # before anything is saved or restored (`check_structure`).
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -108,19 +126,52 @@ class Checkpointer:
               ) -> tuple[Any, dict[str, Any]]:
     """Restores `step` into the shardings carried by `abstract_state`."""
     self._check_meta(step)
+    self.check_structure(step, abstract_state)
     logging.info('Restoring checkpoint step %d from %s', step, self.directory)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore()))
     return restored['state'], dict(restored['data'])
 
+  def check_structure(self, step: int, abstract_state: Any) -> None:
+    """Refuses a checkpoint whose arrays are not the state's (no restore).
+
+    Raises:
+      IncompatibleCheckpointError: naming the first paths that differ.
+    """
+    metadata = self.manager.item_metadata(step)['state']
+    if metadata is None:  # Nothing to compare: the restore will tell.
+      return
+    saved = _shapes_by_path(metadata)
+    wanted = _shapes_by_path(abstract_state)
+    if saved == wanted:
+      return
+    only_saved = sorted(set(saved) - set(wanted))
+    only_wanted = sorted(set(wanted) - set(saved))
+    shapes = sorted(k for k in set(saved) & set(wanted)
+                    if saved[k] != wanted[k])
+    parts = []
+    for what, keys in (('only in the checkpoint', only_saved),
+                       ('only in this config\'s state', only_wanted),
+                       ('of another shape', shapes)):
+      if keys:
+        parts.append(f'{len(keys)} array(s) {what}, e.g. {keys[0]}')
+    raise IncompatibleCheckpointError(
+        f'{self.directory} step {step} holds the train state of another '
+        f'model or optimizer ({"; ".join(parts)}); it is not damaged and '
+        'was left as it is. Use a new --workdir for this config, or restore '
+        'the run\'s own config to resume it.')
+
   def restore_latest(self, abstract_state: Any
                      ) -> tuple[int, Any, dict[str, Any]] | None:
     """Restores the newest readable step; None when there is no checkpoint.
 
-    A step that fails to restore is moved to `corrupt_checkpoints/` (kept,
-    not deleted, so nothing is lost if the failure was not the files' fault)
-    and the next older step is tried, with a warning.
+    A step of another structure is refused (`check_structure`). A step
+    that fails to restore is skipped for the next older one; once one is
+    restored, the newer unreadable steps are moved to `corrupt_checkpoints/`
+    (kept, not deleted, so nothing is lost if the failure was not the
+    files' fault), with a warning. When no step can be read, nothing is
+    moved.
 
     Returns:
       (step, state, data-iterator state), or None for a fresh workdir.
@@ -138,24 +189,25 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         # orbax / tensorstore raise many types (KeyError, ValueError,
         # JSONDecodeError, OSError) for missing or damaged files.
-        failures.append(f'step {step}: {type(e).__name__}: {e}'[:500])
-        self._move_aside(step)
-        logging.warning(
-            'Checkpoint step %d in %s cannot be read (%s); moved it to %s and '
-            'falling back to the previous step.', step, self.directory,
-            failures[-1], self.corrupt_directory)
+        failures.append((step, f'{type(e).__name__}: {e}'[:300]))
+        logging.warning('Checkpoint step %d in %s cannot be read (%s); trying '
+                        'the previous step.', step, self.directory,
+                        failures[-1][1])
         continue
+      for failed, _ in failures:
+        self._move_aside(failed)
       if failures:
-        logging.warning('Resuming from step %d; the newer step(s) that could '
-                        'not be read are in %s.', step, self.corrupt_directory)
+        logging.warning('Resuming from step %d; the newer step(s) %s that '
+                        'could not be read were moved to %s.', step,
+                        [f for f, _ in failures], self.corrupt_directory)
       return step, state, data
     if failures:
+      first = ' '.join(failures[0][1].split())
       raise NoReadableCheckpointError(
-          f'No checkpoint in {self.directory} could be read; the damaged '
-          f'steps were moved to {self.corrupt_directory}:\n  '
-          + '\n  '.join(failures) + '\nRunning the same command again '
-          'starts this run from scratch; to keep the damaged steps out of the '
-          'way for good, delete that directory or use a new --workdir.')
+          f'No checkpoint in {self.directory} can be read (steps '
+          f'{[f for f, _ in failures]}; step {failures[0][0]}: {first}); '
+          'nothing was moved. Fix or remove the damaged steps, or use a new '
+          '--workdir (--overwrite starts over here).')
     return None
 
   def _move_aside(self, step: int) -> None:
@@ -220,38 +272,56 @@ def load_params(workdir: str, *, ema: bool = True,
 
 
 class PreemptionWatcher:
-  """Tells the training loop when to save and stop because of a SIGTERM.
+  """Tells the training loop when to save and stop because of a signal.
 
-  Single process: a SIGTERM handler sets a flag, read at the next step
-  boundary. Several processes (after `jax.distributed.initialize`): JAX's
-  preemption service receives the SIGTERM on any host, and
-  `reached_preemption_sync_point` becomes true on every host at the same step.
-  `reached(step)` must be called at every step, on every process.
+  Single process: SIGTERM (a scheduler's or Cloud TPU's preemption notice)
+  and SIGINT (Ctrl-C) set a flag, read at the next step boundary; a second
+  SIGINT stops the process at once (exit 130). Several processes (after
+  `jax.distributed.initialize`): JAX's preemption service receives the
+  SIGTERM on any host, and `reached_preemption_sync_point` becomes true on
+  every host at the same step. `reached(step)` must be called at every step,
+  on every process.
 
-  Use as a context manager; the previous SIGTERM handler is restored on exit.
+  Use as a context manager; the previous handlers are restored on exit.
   """
+
+  # Shown in the log line of the save, e.g. 'Preemption notice (SIGTERM)'.
+  _REASONS = {signal.SIGTERM: 'Preemption notice (SIGTERM)',
+              signal.SIGINT: 'Interrupted (Ctrl-C)'}
 
   def __init__(self):
     self._requested = threading.Event()
-    self._previous = None
+    self._previous = {}
     self._distributed = jax.distributed.is_initialized()
+    self.reason = self._REASONS[signal.SIGTERM]
 
   def __enter__(self) -> 'PreemptionWatcher':
     # Signal handlers can only be set from the main thread; elsewhere (e.g. a
     # notebook's worker thread) the run simply is not preemption-aware.
-    if (not self._distributed
-        and threading.current_thread() is threading.main_thread()):
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    # Several processes: JAX's preemption service owns SIGTERM, and a Ctrl-C
+    # reaches one host only (it could not make the others stop at the same
+    # step), so both keep their usual meaning there.
+    for signum in ([] if self._distributed else list(self._REASONS)):
+      self._previous[signum] = signal.signal(signum, self._on_signal)
     return self
 
   def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
-  def _on_sigterm(self, signum, frame) -> None:
-    del signum, frame
+  def _on_signal(self, signum, frame) -> None:
+    del frame
+    if signum == signal.SIGINT and self._requested.is_set():
+      os.write(2, b'\nSecond Ctrl-C: stopping now, without saving.\n')
+      os._exit(130)  # pylint: disable=protected-access
+    self.reason = self._REASONS[signum]
     self._requested.set()
+    if signum == signal.SIGINT:
+      os.write(2, b'\nCtrl-C: saving a checkpoint at the next step, then '
+               b'stopping (Ctrl-C again stops at once).\n')
 
   def reached(self, step: int) -> bool:
     """True when the run should save at `step` and stop."""

@@ -133,5 +133,11 @@ def run(main: Callable[..., Any], *, config_flag: str | None = None) -> None:
       if _traceback_wanted():
         raise
       refuse(one_line(e))
+    except KeyboardInterrupt:  # Outside the training loop's own handler.
+      if _traceback_wanted():
+        raise
+      sys.stdout.flush()
+      print('Interrupted (Ctrl-C).', file=sys.stderr)
+      os._exit(130)  # pylint: disable=protected-access
 
   app.run(guarded, argv=argv, flags_parser=parse)

@@ -810,6 +810,80 @@ def describe(config: ml_collections.ConfigDict) -> str:
   return '\n'.join(lines)
 
 
+# ----------------------------------------------------------------------------
+# Run identity: which fields may differ between two commands of one run.
+# ----------------------------------------------------------------------------
+
+# Fields that change only how a run is watched, laid out or read, never what
+# it trains: a resumed run may change them (its log says so).
+RUN_WATCH_FIELDS = frozenset({
+    'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
+    'async_checkpoints', 'profile', 'prefetch', 'batch_eval', 'tfds_data_dir',
+    'tfds_download', 'mesh', 'sharding_rules', 'fsdp_min_size', 'remat',
+    'model.remat_policy', 'model.attention_impl'})
+# Prefixes of such fields (every few-shot evaluator setting).
+_RUN_WATCH_PREFIXES = ('evals.',)
+# May grow or shrink while a run lives (the schedule follows); said in the
+# log. Everything else is the run's identity.
+RUN_EXTENDABLE_FIELDS = frozenset({'total_steps'})
+
+
+def run_fields(config: Any) -> dict[str, Any]:
+  """Every field's effective value, by dotted name, as JSON would store it.
+
+  Omitted fields take `get_base()`'s value and the model and preprocessing
+  groups are expanded to all their fields (`model.transformer.dropout_rate`
+  of the model's own config when the config file does not set it), so two
+  configs that train the same thing compare equal however they were written.
+
+  Args:
+    config: An experiment config, or a mapping of some fields (e.g. a run's
+      `config.json`).
+
+  Returns:
+    {dotted field name: value (tuples as lists)}.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  base = get_base()
+  full = get_base()
+  full.update(_plain(config) if not isinstance(
+      config, ml_collections.ConfigDict) else config.to_dict())
+  fields = {}
+  for name in _dotted_names(base):
+    if name in _FREE_FORM:
+      continue
+    fields[name] = _plain(_walk(full, name)[1])
+  for group in sorted(_FREE_FORM):
+    values, _ = _free_form_fields(full, group)
+    fields.update({f'{group}.{k}': v for k, v in _flatten(values).items()})
+  return json.loads(json.dumps(fields, default=str))
+
+
+def run_differences(saved: Any, requested: Any
+                    ) -> tuple[dict[str, tuple[Any, Any]],
+                               dict[str, tuple[Any, Any]]]:
+  """What differs between a run's config and a command's, and may it.
+
+  Args:
+    saved: The config the run was started with (its `config.json`).
+    requested: The config of the new command.
+
+  Returns:
+    (differences that change what is trained, differences allowed for a
+    resumed run: watch fields and `total_steps`), each {field: (saved,
+    requested)}.
+  """
+  old, new = run_fields(saved), run_fields(requested)
+  identity, allowed = {}, {}
+  for name in sorted(set(old) | set(new)):
+    if old.get(name) == new.get(name):
+      continue
+    watch = (name in RUN_WATCH_FIELDS or name in RUN_EXTENDABLE_FIELDS
+             or name.startswith(_RUN_WATCH_PREFIXES))
+    (allowed if watch else identity)[name] = (old.get(name), new.get(name))
+  return identity, allowed
+
+
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was trained with (`<workdir>/config.json`).
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 import contextlib
 import functools
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -33,11 +34,12 @@ from vit_jax import objectives
 from vit_jax import optim
 from vit_jax import runtime
 from vit_jax import sharding
+from vit_jax import workdir as workdir_lib
 from vit_jax import writers as writers_lib
 from vit_jax.evaluators import fewshot as fewshot_lib
 import vit_jax.models
 
-METRICS_FILE = 'metrics.jsonl'
+METRICS_FILE = workdir_lib.METRICS_FILE
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -237,6 +239,23 @@ def check_batches(run: config_lib.Run, mesh: jax.sharding.Mesh) -> None:
                             what='config.batch_eval')
 
 
+def _init_fn(run: config_lib.Run, objective: Any, model: flax.linen.Module,
+             tx: optax.GradientTransformation) -> Callable[[jax.Array],
+                                                           TrainState]:
+  """`init(rng) -> TrainState` of a run (step 0, fresh optimizer state)."""
+  size = run.data.image_size
+  use_ema = run.loop.use_ema
+
+  def init(rng):
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    params = objective.init(model, rng, images)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params),
+                      ema_params=params if use_ema else None)
+
+  return init
+
+
 def create_train_state(run: config_lib.Run, objective: Any,
                        model: flax.linen.Module,
                        tx: optax.GradientTransformation,
@@ -259,16 +278,7 @@ def create_train_state(run: config_lib.Run, objective: Any,
   Returns:
     (state, its shardings, its abstract shapes).
   """
-  size = run.data.image_size
-  use_ema = run.loop.use_ema
-
-  def init(rng):
-    images = jnp.zeros((1, size, size, 3), jnp.float32)
-    params = objective.init(model, rng, images)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params),
-                      ema_params=params if use_ema else None)
-
+  init = _init_fn(run, objective, model, tx)
   abstract = jax.eval_shape(init, rng)
   shardings = sharding.shardings_from_config(abstract, mesh, run.mesh)
   state = jax.jit(init, out_shardings=shardings)(rng)
@@ -382,6 +392,61 @@ def _check_writable(workdir: str) -> None:
         'directory you can write to, or fix its permissions.') from e
 
 
+def _pretrained_file(path: str) -> str:
+  """The .npz a `pretrained_path` names; a finished run's directory names
+  its `final_params.npz`."""
+  if not tf.io.gfile.isdir(path):
+    return path
+  final = os.path.join(path, checkpointing.FINAL_PARAMS_FILE)
+  if tf.io.gfile.exists(final):
+    logging.info('config.pretrained_path=%s is a training run: fine-tuning '
+                 'its %s.', path, checkpointing.FINAL_PARAMS_FILE)
+    return final
+  raise FileNotFoundError(
+      f'config.pretrained_path={path} is a directory without '
+      f'{checkpointing.FINAL_PARAMS_FILE}: give an .npz file, or a finished '
+      'training run (python -m vit_jax.convert --input=<run> '
+      '--output=<file>.npz exports an unfinished one).')
+
+
+def load_pretrained_checked(run: config_lib.Run, model: flax.linen.Module,
+                            abstract_params: Any) -> tuple[Any, set[int]]:
+  """Reads and checks `config.pretrained_path` before any state exists.
+
+  The file is read and matched against the model's parameter shapes
+  (`checkpoint.load_pretrained`) with zero-cost placeholders instead of
+  initialised parameters, so a missing, corrupt or mismatched checkpoint is
+  refused before the (possibly minutes-long) initialisation.
+
+  Args:
+    run: The parsed config.
+    model: The module being trained.
+    abstract_params: The parameters' shapes (`jax.eval_shape`).
+
+  Returns:
+    (parameters as host arrays, ids of the leaves that are placeholders
+    for freshly initialised values: the head), for `_with_fresh_leaves`.
+  """
+  placeholders = jax.tree_util.tree_map(
+      lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape),
+      abstract_params)
+  fresh = {id(x) for x in jax.tree_util.tree_leaves(placeholders)}
+  path = _pretrained_file(run.model.pretrained_path)
+  logging.info('Fine-tuning from %s', path)
+  params = checkpoint.load_pretrained(
+      pretrained_path=path, init_params=placeholders, model_config=model,
+      patch_shape=getattr(model, 'total_stride', None))
+  return params, fresh
+
+
+def _with_fresh_leaves(loaded: Any, fresh: set[int], initialised: Any) -> Any:
+  """`loaded` with its placeholder leaves taken from `initialised`."""
+  initialised = checkpoint.flatten(flax.core.unfreeze(initialised))
+  return checkpoint.unflatten({
+      k: initialised[k] if id(v) in fresh else v
+      for k, v in checkpoint.flatten(loaded).items()})
+
+
 def _run_meta(run: config_lib.Run, objective: Any,
               num_classes: int) -> dict[str, Any]:
   return {'model_name': run.model.model_name, 'num_classes': int(num_classes),
@@ -398,6 +463,7 @@ def _run_meta(run: config_lib.Run, objective: Any,
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *,
     extra_writers: Sequence[metric_writers.MetricWriter] = (),
+    overwrite: bool = False,
 ) -> dict[str, float]:
   """Trains (or fine-tunes, or resumes) and evaluates; the main job.
 
@@ -406,10 +472,13 @@ def train_and_evaluate(
   `class_names.json` and, at the end, `final_params.npz` in the published
   checkpoint layout (EMA parameters when `ema_decay` is set).
 
-  Every check of the config, data and pretrained weights runs before the
-  first write. A SIGTERM makes the run save a checkpoint at the next step
-  boundary and return early (see `checkpointing.PreemptionWatcher`); running
-  the same call again resumes it.
+  The workdir is the run's identity (`vit_jax.workdir`): a workdir that
+  holds a run is continued only by a config that trains the same thing, and
+  a finished run is left as it is. Every check of the config, the workdir,
+  the data and the pretrained weights runs before the first write. A
+  SIGTERM or SIGINT (Ctrl-C) makes the run save a checkpoint at the next
+  step boundary and return early (see `checkpointing.PreemptionWatcher`);
+  running the same call again resumes it.
 
   Args:
     config: Experiment config (see configs/).
@@ -417,18 +486,22 @@ def train_and_evaluate(
     extra_writers: More clu metric writers that receive every scalar the run
       writes, e.g. `writers.ProgressBar` in a notebook. They are closed when
       the run ends, also when it ends with an error.
+    overwrite: Start from scratch even if `workdir` holds a run, deleting
+      the files that run wrote (`workdir.clear`).
 
   Returns:
     The final evaluation metrics; after a SIGTERM, the last evaluation's
-    metrics (if any) plus `preempted_at_step`.
+    metrics (if any) plus `preempted_at_step`; for a run already finished,
+    its last evaluation in `metrics.jsonl` plus `finished_at_step`.
 
   Raises:
     NonFiniteLossError: the loss became NaN/inf; names the step and the last
       good checkpoint.
+    workdir.WorkdirError: the workdir holds a run of another config.
   """
   check_jax_flags()
   run = config_lib.parse(config)  # Every field checked, once.
-  _check_writable(workdir)
+  held = workdir_lib.read(workdir)  # Nothing is written before the checks.
   mesh = sharding.mesh_from_config(run.mesh)
   check_batches(run, mesh)
   source = input_pipeline.get_source(run.data)
@@ -438,13 +511,32 @@ def train_and_evaluate(
         f'The evaluation split {info.eval_split!r} of {info.name!r} is empty '
         '(config.eval_split): choose a split with examples, or give an image '
         'folder more images per class (config.image_folder_test_percent).')
+  total_steps = run.loop.total_steps
+  decision = workdir_lib.decide(
+      held, config, class_names=info.class_names, total_steps=total_steps,
+      checkpoint_every=run.loop.checkpoint_every, overwrite=overwrite)
+  if decision.finished:
+    logging.info(
+        'The run in %s is finished (checkpoint step %d, total_steps=%d): '
+        'nothing to train, nothing written. Evaluate it with python -m '
+        'vit_jax.evaluate --workdir=%s, or raise --config.total_steps to '
+        'train it further.', workdir, decision.resume_step, total_steps,
+        workdir)
+    return {**workdir_lib.last_evaluation(workdir),
+            'finished_at_step': float(decision.resume_step)}
   objective = objectives.get(run.objective)
   model = build_model(run.model, objective, info.num_classes)
   tx, schedule = optim.make_optimizer(run.optim)
-  total_steps = run.loop.total_steps
   use_ema = run.loop.use_ema
 
   init_rng, train_rng = jax.random.split(jax.random.key(run.loop.seed))
+  abstract = jax.eval_shape(_init_fn(run, objective, model, tx), init_rng)
+  pretrained = None
+  if decision.resume_step is None and run.model.pretrained_path:
+    pretrained = load_pretrained_checked(run, model, abstract.params)
+  _check_writable(workdir)
+  if overwrite:
+    workdir_lib.clear(held)
   state, shardings, abstract = create_train_state(run, objective, model, tx,
                                                   mesh, init_rng)
   fewshot_every = run.evals.fewshot.every
@@ -466,27 +558,28 @@ def train_and_evaluate(
         keep=run.loop.keep_checkpoints,
         async_save=bool(run.loop.async_checkpoints))
     stack.callback(ckpt.close)
-    restored = ckpt.restore_latest(
-        checkpointing.abstract_with_shardings(abstract, shardings))
+    restored = None
+    if decision.resume_step is not None:
+      restored = ckpt.restore_latest(
+          checkpointing.abstract_with_shardings(abstract, shardings))
     data_state = None
     if restored is not None:
       start, state, data_state = restored
     else:
       start = 0
-      if run.model.pretrained_path:
-        logging.info('Fine-tuning from %s', run.model.pretrained_path)
-        params = checkpoint.load_pretrained(
-            pretrained_path=run.model.pretrained_path,
-            init_params=state.params,
-            model_config=model,
-            patch_shape=getattr(model, 'total_stride', None))
+      if pretrained is not None:
+        params = _with_fresh_leaves(*pretrained, state.params)
         state = state_from_params(params, tx, shardings, use_ema)
 
     is_writer = jax.process_index() == 0
     if is_writer:
-      input_pipeline.write_class_names(workdir, info)
-      fileio.write_text_atomic(os.path.join(workdir, config_lib.CONFIG_FILE),
-                               config.to_json_best_effort(indent=1))
+      if restored is None:
+        input_pipeline.write_class_names(workdir, info)
+        fileio.write_text_atomic(
+            os.path.join(workdir, config_lib.CONFIG_FILE),
+            config.to_json_best_effort(indent=1))
+      else:
+        workdir_lib.record_changes(workdir, start, decision.changes)
     all_writers = [metric_writers.create_default_writer(
         workdir, just_logging=not is_writer, asynchronous=False)]
     if is_writer:
@@ -570,10 +663,15 @@ def train_and_evaluate(
     if start >= total_steps:
       logging.info('Checkpoint step %d >= total_steps %d: nothing to train.',
                    start, total_steps)
+    progress = writers_lib.ProgressLog(start, total_steps, run.data.batch)
     with checkpointing.PreemptionWatcher() as preemption:
       for step in range(start + 1, total_steps + 1):
+        first_step_start = time.monotonic()
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
           state, step_metrics = step_fn(state, next(batches), train_rng)
+        if step == start + 1:  # Once: how long compiling took.
+          jax.block_until_ready(step_metrics)
+          progress.first_step(step, time.monotonic() - first_step_start)
         pending.append((step, step_metrics))
         for hook in hooks:
           hook(step)
@@ -584,6 +682,7 @@ def train_and_evaluate(
         do_checkpoint = step % checkpoint_every == 0 or last or preempted
         if step % log_every == 0 or do_eval or do_checkpoint:
           flush_train_metrics()  # Never checkpoint an unchecked state.
+          progress.update(step)
         # Checkpoint (and at the end, final parameters) before evaluating: an
         # evaluator that fails must not cost the run its training.
         if do_checkpoint:
@@ -598,8 +697,8 @@ def train_and_evaluate(
         if preempted:
           ckpt.wait()
           logging.warning(
-              'Preemption notice (SIGTERM): saved checkpoint step %d in %s and '
-              'stopped. Run the same command again to resume from it.', step,
+              '%s: saved checkpoint step %d in %s and stopped. Run the same '
+              'command again to resume from it.', preemption.reason, step,
               ckpt.directory)
           return {**metrics, 'preempted_at_step': float(step)}
       if start >= total_steps:
@@ -607,4 +706,3 @@ def train_and_evaluate(
         metrics = run_evals(total_steps, last=True)
       ckpt.wait()
       return metrics
-

@@ -1,12 +1,18 @@
-"""Metric writers of a run: `metrics.jsonl` and a notebook progress bar.
+"""Metric writers of a run: `metrics.jsonl`, a notebook progress bar, and
+the console's progress lines.
 
-Both are clu `MetricWriter`s, so `train_and_evaluate` hands them the same
-scalars as the console and TensorBoard writers, at the same moments (every
-`log_every` steps, at evaluations and from clu's progress report).
+The first two are clu `MetricWriter`s, so `train_and_evaluate` hands them the
+same scalars as the console and TensorBoard writers, at the same moments
+(every `log_every` steps, at evaluations and from clu's progress report).
+`ProgressLog` writes the lines a person watching a run reads: speed and the
+time left.
 """
 
 import json
+import time
 from typing import Any
+
+from absl import logging
 
 from clu import metric_writers
 import tensorflow as tf
@@ -135,3 +141,62 @@ class ProgressBar(ScalarWriter):
 
   def close(self):
     self._bar.close()
+
+
+def format_duration(seconds: float) -> str:
+  """'42s', '3m07s', '2h05m' (a person's reading of a duration)."""
+  seconds = max(0, int(round(seconds)))
+  if seconds < 60:
+    return f'{seconds}s'
+  if seconds < 3600:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+
+
+class ProgressLog:
+  """Logs training speed and the time left, at most every `every_secs`.
+
+  `update(step)` is called where the loop has fetched the step's metrics
+  from the devices (the steps before it are then complete), so the speed is
+  of finished steps, not of asynchronous dispatch.
+
+  Args:
+    start_step: The step the run starts (or resumes) from.
+    total_steps: The run's last step.
+    batch: Global batch size (images per step).
+    every_secs: Seconds between lines.
+    clock: Time source (tests pass a fake one).
+  """
+
+  def __init__(self, start_step: int, total_steps: int, batch: int, *,
+               every_secs: float = 30.0, clock=time.monotonic):
+    self._total = total_steps
+    self._batch = batch
+    self._every = every_secs
+    self._clock = clock
+    self._last_step = start_step
+    self._last_time = clock()
+    self._first_done = False
+
+  def first_step(self, step: int, seconds: float) -> None:
+    """Logs the first step's time (compilation included); restarts the
+    speed measurement after it."""
+    logging.info('Step %d took %.1f s (compiling the train step included).',
+                 step, seconds)
+    self._first_done = True
+    self._last_step, self._last_time = step, self._clock()
+
+  def update(self, step: int) -> str | None:
+    """Logs (and returns) a progress line if one is due."""
+    now = self._clock()
+    elapsed = now - self._last_time
+    steps = step - self._last_step
+    if steps <= 0 or (elapsed < self._every and step < self._total):
+      return None
+    per_step = elapsed / steps
+    line = (f'step {step}/{self._total} ({100 * step / self._total:.0f}%): '
+            f'{self._batch / per_step:,.1f} images/s, {per_step:.3f} s/step, '
+            f'ETA {format_duration(per_step * (self._total - step))}')
+    logging.info('%s', line)
+    self._last_step, self._last_time = step, now
+    return line

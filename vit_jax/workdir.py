@@ -1,0 +1,246 @@
+"""The workdir is the run's identity: what it holds, and what may continue it.
+
+`train.train_and_evaluate` calls `read` and then `decide` before it does any
+work or writes anything. A workdir that holds a run (checkpoints,
+`final_params.npz`, `metrics.jsonl`) is continued only by a command that
+trains the same thing: every field of `config.json` that changes what is
+trained (model, image size, optimizer and its state, objective, data) must
+be the same, and the class names of the data too. Fields that change only how
+the run is watched or laid out (`config_lib.RUN_WATCH_FIELDS`) and
+`total_steps` may differ; the differences are logged and appended to
+`config_changes.jsonl`, never written over `config.json`. A finished run
+run again does nothing (and writes nothing). `--overwrite` (`overwrite=True`)
+is the one way to start from scratch in a workdir that holds a run: it
+deletes the files an earlier run wrote there (`clear`), nothing else.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from absl import logging
+import tensorflow as tf
+
+from vit_jax import checkpointing
+from vit_jax import config_lib
+from vit_jax import fileio
+from vit_jax import input_pipeline
+
+METRICS_FILE = 'metrics.jsonl'
+CONFIG_CHANGES_FILE = 'config_changes.jsonl'
+# Everything a run writes into its workdir, deleted by `clear`.
+RUN_OUTPUTS = (checkpointing.CHECKPOINT_DIR, checkpointing.CORRUPT_DIR,
+               checkpointing.FINAL_PARAMS_FILE, METRICS_FILE,
+               config_lib.CONFIG_FILE, CONFIG_CHANGES_FILE,
+               input_pipeline.CLASS_NAMES_FILE)
+_SUMMARY_PREFIX = 'events.out.tfevents.'
+
+
+class WorkdirError(ValueError):
+  """The workdir holds a run that this command must not continue."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Contents:
+  """What a workdir holds of a run (read without changing anything).
+
+  Attributes:
+    path: The workdir.
+    config: The run's `config.json` fields, or None.
+    steps: Complete checkpoint steps, oldest first.
+    final_params: Whether `final_params.npz` exists.
+    last_metrics_step: Highest step in `metrics.jsonl`, or None.
+    class_names: The run's `class_names.json`, or None.
+    outputs: Names of the run outputs present (`RUN_OUTPUTS` and summaries).
+  """
+  path: str
+  config: dict[str, Any] | None
+  steps: tuple[int, ...]
+  final_params: bool
+  last_metrics_step: int | None
+  class_names: tuple[str, ...] | None
+  outputs: tuple[str, ...]
+
+  @property
+  def holds_run(self) -> bool:
+    """Whether anything a run must not lose is here."""
+    return bool(self.steps or self.final_params
+                or self.last_metrics_step is not None)
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      return json.load(f)
+  except (ValueError, tf.errors.OpError, OSError) as e:
+    raise WorkdirError(f'{path} cannot be read ({e}); a run\'s files must not '
+                       'be edited by hand. Use a new --workdir.') from None
+
+
+def _last_step(path: str) -> int | None:
+  last = None
+  with tf.io.gfile.GFile(path) as f:
+    for line in f:
+      try:
+        last = max(last or 0, int(json.loads(line)['step']))
+      except (ValueError, KeyError, TypeError):
+        continue  # A line cut short by a kill: the writer drops it.
+  return last
+
+
+def read(workdir: str) -> Contents:
+  """Reads what `workdir` holds of a run; an absent workdir holds nothing."""
+  names = (tf.io.gfile.listdir(workdir) if tf.io.gfile.isdir(workdir)
+           else [])
+  names = [n.rstrip('/') for n in names]
+  join = lambda name: os.path.join(workdir, name)
+  steps = ()
+  if checkpointing.CHECKPOINT_DIR in names:
+    steps = tuple(sorted(
+        int(n.rstrip('/')) for n in tf.io.gfile.listdir(
+            join(checkpointing.CHECKPOINT_DIR)) if n.rstrip('/').isdigit()))
+  config = (_read_json(join(config_lib.CONFIG_FILE))
+            if config_lib.CONFIG_FILE in names else None)
+  class_names = None
+  if input_pipeline.CLASS_NAMES_FILE in names:
+    class_names = tuple(_read_json(join(
+        input_pipeline.CLASS_NAMES_FILE)).get('class_names', ()))
+  metrics = (_last_step(join(METRICS_FILE)) if METRICS_FILE in names
+             else None)
+  outputs = tuple(n for n in names
+                  if n in RUN_OUTPUTS or n.startswith(_SUMMARY_PREFIX))
+  return Contents(workdir, config, steps,
+                  checkpointing.FINAL_PARAMS_FILE in names, metrics,
+                  class_names, outputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+  """What a command does with a workdir.
+
+  Attributes:
+    resume_step: The newest checkpoint to resume from, or None to start at
+      step 0.
+    finished: The run is complete: nothing to train, nothing to write.
+    changes: Allowed differences {field: (run's value, command's value)}.
+  """
+  resume_step: int | None
+  finished: bool
+  changes: dict[str, tuple[Any, Any]]
+
+
+def _values(differences: Mapping[str, tuple[Any, Any]]) -> str:
+  return '; '.join(f'{name}: run {old!r}, command {new!r}'
+                   for name, (old, new) in differences.items())
+
+
+def decide(contents: Contents, config: Any, *, class_names: Sequence[str],
+           total_steps: int, checkpoint_every: int,
+           overwrite: bool) -> Decision:
+  """Whether a command may continue the run `contents` describes.
+
+  Args:
+    contents: `read(workdir)`.
+    config: The command's experiment config.
+    class_names: The classes of the command's data.
+    total_steps: The command's `total_steps`.
+    checkpoint_every: The command's `checkpoint_every`.
+    overwrite: The command asks to start from scratch (`--overwrite`).
+
+  Returns:
+    The decision.
+
+  Raises:
+    WorkdirError: one line naming each field that differs (both values) or
+      what the workdir holds, and what to do.
+  """
+  where = contents.path
+  fix = (f'Use a new --workdir for this command (or --overwrite to delete '
+         f'the run in {where} and start over).')
+  if overwrite or not contents.holds_run:
+    return Decision(None, False, {})
+  if contents.config is None:
+    raise WorkdirError(
+        f'{where} holds run files ({", ".join(contents.outputs)}) but no '
+        f'{config_lib.CONFIG_FILE} saying what they are. {fix}')
+  identity, allowed = config_lib.run_differences(contents.config, config)
+  if identity:
+    raise WorkdirError(
+        f'{where} holds a run of another config ({_values(identity)}). '
+        f'{fix} To resume the run, repeat its own command.')
+  if (contents.class_names is not None
+      and tuple(contents.class_names) != tuple(class_names)):
+    raise WorkdirError(
+        f'{where} holds a run on classes {list(contents.class_names)[:8]}; '
+        f'the data now has {list(class_names)[:8]} '
+        f'({len(contents.class_names)} vs {len(class_names)} classes). {fix}')
+  latest = contents.steps[-1] if contents.steps else None
+  if latest is None:
+    if contents.final_params:
+      raise WorkdirError(
+          f'{where} holds {checkpointing.FINAL_PARAMS_FILE} of a finished run '
+          f'but no checkpoint to continue from. {fix}')
+    # Killed before a checkpoint completed: at most one save is in flight,
+    # so nothing beyond the second checkpoint's step can have been logged.
+    # Restarting recomputes exactly the steps metrics.jsonl holds.
+    if contents.last_metrics_step > 2 * checkpoint_every:
+      raise WorkdirError(
+          f'{where}/{METRICS_FILE} records {contents.last_metrics_step} steps '
+          f'but no checkpoint is left to resume from. {fix}')
+  if latest is not None and latest >= total_steps and contents.final_params:
+    return Decision(latest, True, allowed)
+  return Decision(latest, False, allowed)
+
+
+def record_changes(workdir: str, step: int,
+                   changes: Mapping[str, tuple[Any, Any]]) -> None:
+  """Logs allowed differences and appends them to `config_changes.jsonl`."""
+  if not changes:
+    return
+  logging.info('Continuing the run in %s from step %d with changed fields '
+               '(how it is watched, or total_steps): %s; recorded in %s.',
+               workdir, step, _values(changes), CONFIG_CHANGES_FILE)
+  path = os.path.join(workdir, CONFIG_CHANGES_FILE)
+  old = ''
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      old = f.read()
+  record = {'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'step': step,
+            'changes': {k: list(v) for k, v in changes.items()}}
+  fileio.write_text_atomic(path, old + json.dumps(record) + '\n')
+
+
+def clear(contents: Contents) -> None:
+  """Deletes the run outputs `contents` lists (`--overwrite`), nothing else."""
+  if not contents.outputs:
+    return
+  logging.warning('--overwrite: deleting the earlier run in %s (%s).',
+                  contents.path, ', '.join(contents.outputs))
+  for name in contents.outputs:
+    path = os.path.join(contents.path, name)
+    if tf.io.gfile.isdir(path):
+      tf.io.gfile.rmtree(path)
+    else:
+      tf.io.gfile.remove(path)
+
+
+def last_evaluation(workdir: str) -> dict[str, float]:
+  """The newest evaluation metrics `metrics.jsonl` holds ({} if none)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  found = {}
+  with tf.io.gfile.GFile(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      evaluated = {k: v for k, v in record.items()
+                   if k.startswith(('eval/', 'fewshot/'))}
+      if evaluated:
+        if found and record['step'] != found.get('step'):
+          found = {}
+        found.update(step=record['step'], **evaluated)
+  return found
