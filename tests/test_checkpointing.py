@@ -60,15 +60,36 @@ def test_corrupt_step_falls_back_to_the_previous_one(tmp_path, caplog):
   reader.close()
 
 
-def test_no_readable_step_is_an_error_that_says_what_happens_next(tmp_path):
+def test_no_readable_step_is_refused_and_nothing_is_moved(tmp_path):
   save_steps(tmp_path, [1])
   shutil.rmtree(tmp_path / checkpointing.CHECKPOINT_DIR / '1' / 'state')
   reader = checkpointing.Checkpointer(str(tmp_path), {'model_name': 'A'})
-  with pytest.raises(checkpointing.NoReadableCheckpointError,
-                     match=r'(?s)No checkpoint in .* could be read.*step 1: '
-                     r'.*starts this run from scratch'):
-    reader.restore_latest(abstract())
-  assert reader.restore_latest(abstract()) is None
+  for _ in range(2):  # Asking again finds the same step, not an empty run.
+    with pytest.raises(checkpointing.NoReadableCheckpointError,
+                       match=r'No checkpoint in .* can be read \(steps \[1\]; '
+                       r'step 1: .*nothing was moved.*--overwrite') as e:
+      reader.restore_latest(abstract())
+    assert '\n' not in str(e.value)  # One line for the command line.
+  assert reader.manager.all_steps() == [1]
+  assert not (tmp_path / checkpointing.CORRUPT_DIR).exists()
+
+
+@pytest.mark.parametrize('other', [
+    {'w': jnp.arange(100.0), 'b': jnp.ones(3), 'extra': jnp.ones(2)},
+    {'w': jnp.arange(100.0)},
+    {'w': jnp.arange(50.0), 'b': jnp.ones(3)},
+], ids=['extra_array', 'missing_array', 'other_shape'])
+def test_a_checkpoint_of_another_structure_is_refused_and_left_in_place(
+    tmp_path, other):
+  save_steps(tmp_path, [1, 2])
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*'))
+  reader = checkpointing.Checkpointer(str(tmp_path), {'model_name': 'A'})
+  with pytest.raises(checkpointing.IncompatibleCheckpointError,
+                     match=r'step 2 holds the train state of another model or '
+                     r'optimizer .*it is not damaged and was left as it is'):
+    reader.restore_latest(jax.eval_shape(lambda: other))
+  reader.close()
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*')) == before
 
 
 def test_a_field_only_the_checkpoint_has_also_counts(tmp_path):
