@@ -24,6 +24,7 @@ from vit_jax import checkpoint
 from vit_jax import checkpointing
 from vit_jax import input_pipeline
 from vit_jax import train
+from vit_jax import workdir as workdir_lib
 from vit_jax.evaluators import classification
 import vit_jax.models
 
@@ -192,7 +193,8 @@ def test_config_and_data_mistakes(existing_run, tfds_dir, tmp_path, changes,
       section = section[parent]
     section[name] = value
   with pytest.raises(error) as e:
-    train.train_and_evaluate(config, workdir)
+    # Even a command that asks to start over deletes nothing when refused.
+    train.train_and_evaluate(config, workdir, overwrite=True)
   for message in messages:
     assert re.search(message, str(e.value)), (message, str(e.value))
   assert snapshot(workdir) == before
@@ -202,11 +204,11 @@ def test_workdir_of_a_different_model(existing_run, tfds_dir):
   workdir, before = existing_run
   config = tiny_config(tfds_dir)
   config.model_name = 'ViT-Ti_16'
-  with pytest.raises(checkpointing.IncompatibleCheckpointError) as e:
+  with pytest.raises(workdir_lib.WorkdirError) as e:
     train.train_and_evaluate(config, workdir)
   message = str(e.value)
-  assert 'holds a checkpoint (step 4) of a different run' in message
-  assert "model_name: checkpoint 'testing' vs config 'ViT-Ti_16'" in message
+  assert 'holds a run of another config' in message
+  assert "model_name: run 'testing', command 'ViT-Ti_16'" in message
   assert 'Use a new --workdir' in message
   assert snapshot(workdir) == before
 
@@ -230,6 +232,9 @@ def test_corrupt_newest_step_falls_back_to_the_previous_one(
       with open(path, 'r+b') as f:
         f.truncate(16)
   damaged = snapshot(newest)
+  # As if killed before the final parameters were written (a finished run
+  # is not trained again, damaged checkpoint or not).
+  os.remove(os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE))
   caplog.set_level(logging.WARNING)
   metrics = train.train_and_evaluate(tiny_config(tfds_dir), workdir)
   assert re.search(r'Checkpoint step 4 in .* cannot be read', caplog.text)
@@ -351,7 +356,8 @@ def test_pretrained_npz_mistakes(tmp_path, tfds_dir, make, error, messages):
   config.pretrained_path = path
   workdir = str(tmp_path / 'run')
   with pytest.raises(error) as e:
-    train.train_and_evaluate(config, workdir)
+    # Even a command that asks to start over deletes nothing when refused.
+    train.train_and_evaluate(config, workdir, overwrite=True)
   for message in messages:
     assert re.search(message, str(e.value)), (message, str(e.value))
   assert not os.path.exists(path + '.pwned')  # Nothing was unpickled.

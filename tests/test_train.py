@@ -248,9 +248,9 @@ def test_resume_refuses_a_workdir_of_another_model(digits_run, tmp_path):
                     f'--workdir={workdir}', f'--config.tfds_data_dir={tfds_dir}',
                     '--config.model_name=ViT-S_16')
   assert result.returncode != 0
-  assert 'holds a checkpoint (step 4) of a different run' in result.stderr
-  assert "model_name: checkpoint 'ViT-Ti_16' vs config 'ViT-S_16'" in \
-      result.stderr
+  assert 'holds a run of another config' in result.stderr
+  assert "model_name: run 'ViT-Ti_16', command 'ViT-S_16'" in result.stderr
+  assert 'Traceback' not in result.stderr
 
 
 # ----------------------------------------------------------------------------
@@ -1004,6 +1004,34 @@ def test_progress_bar_follows_written_steps():
   bar.write_scalars(50, {'train/loss': 0.25})  # Never moves backwards.
   assert bar._bar.n == 50 and 'loss=0.25' in bar._bar.postfix
   bar.close()
+
+
+def test_progress_log_speed_eta_and_first_step(caplog):
+  now = [100.0]
+  progress = writers.ProgressLog(10, 1010, 64, every_secs=30,
+                                 clock=lambda: now[0])
+  caplog.set_level('INFO')
+  now[0] += 12.5  # Step 11 compiled and ran.
+  progress.first_step(11, 12.5)
+  assert 'Step 11 took 12.5 s (compiling the train step included)' in \
+      caplog.text
+  now[0] += 10
+  assert progress.update(61) is None  # Not due yet.
+  now[0] += 30  # 100 steps of 64 images in 40 s since step 11.
+  line = progress.update(111)
+  # 0.4 s/step, 160 images/s, 899 steps left: 359.6 s.
+  assert line == ('step 111/1010 (11%): 160.0 images/s, 0.400 s/step, '
+                  'ETA 6m00s'), line
+  assert line in caplog.text
+  now[0] += 1
+  assert progress.update(1010) is not None  # The last step always logs.
+
+
+@pytest.mark.parametrize('seconds,text', [
+    (0.4, '0s'), (42, '42s'), (60, '1m00s'), (187, '3m07s'),
+    (7500, '2h05m')])
+def test_durations_read_as_a_person_would(seconds, text):
+  assert writers.format_duration(seconds) == text
 
 
 @pytest.mark.parametrize('arg,randaugment,mixup,regularisation,decay', [

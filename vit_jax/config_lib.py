@@ -432,6 +432,14 @@ def parse(config: Any) -> Run:
   run = Run(**{name: _build(cls, config, base, prefix)
                for name, (cls, prefix) in _SECTIONS.items()})
   check_image_size(run.model, run.data.image_size)
+  image_folder_used = 'image_folder' in (run.data.dataset,
+                                         run.evals.fewshot.dataset)
+  if run.data.image_folder and not image_folder_used:
+    raise ValueError(
+        f'config.image_folder={run.data.image_folder!r} is set but '
+        f'config.dataset={run.data.dataset!r}: add '
+        "--config.dataset=image_folder to train on the folder (or leave "
+        'image_folder empty).')
   return run
 
 

@@ -76,6 +76,7 @@ def main(argv, overrides):
   if not FLAGS.workdir:
     raise app.UsageError('--workdir is required: the run directory '
                          '(local or gs://).')
+  config_lib.parse(config)  # A config mistake is refused before all else.
   logging.get_absl_handler().addFilter(_quiet_orbax)
   # Global JAX flags belong to the program, not the library. Random bits
   # independent of the sharding (jax's default since 0.5; explicit here so

@@ -501,7 +501,12 @@ def train_and_evaluate(
   """
   check_jax_flags()
   run = config_lib.parse(config)  # Every field checked, once.
-  held = workdir_lib.read(workdir)  # Nothing is written before the checks.
+  # Nothing is written before every check has passed.
+  held = workdir_lib.read(workdir)
+  total_steps = run.loop.total_steps
+  decision = workdir_lib.decide(
+      held, config, total_steps=total_steps,
+      checkpoint_every=run.loop.checkpoint_every, overwrite=overwrite)
   mesh = sharding.mesh_from_config(run.mesh)
   check_batches(run, mesh)
   source = input_pipeline.get_source(run.data)
@@ -511,10 +516,7 @@ def train_and_evaluate(
         f'The evaluation split {info.eval_split!r} of {info.name!r} is empty '
         '(config.eval_split): choose a split with examples, or give an image '
         'folder more images per class (config.image_folder_test_percent).')
-  total_steps = run.loop.total_steps
-  decision = workdir_lib.decide(
-      held, config, class_names=info.class_names, total_steps=total_steps,
-      checkpoint_every=run.loop.checkpoint_every, overwrite=overwrite)
+  workdir_lib.check_classes(held, info.class_names, overwrite=overwrite)
   if decision.finished:
     logging.info(
         'The run in %s is finished (checkpoint step %d, total_steps=%d): '
@@ -530,20 +532,23 @@ def train_and_evaluate(
   use_ema = run.loop.use_ema
 
   init_rng, train_rng = jax.random.split(jax.random.key(run.loop.seed))
-  abstract = jax.eval_shape(_init_fn(run, objective, model, tx), init_rng)
-  pretrained = None
-  if decision.resume_step is None and run.model.pretrained_path:
-    pretrained = load_pretrained_checked(run, model, abstract.params)
-  _check_writable(workdir)
-  if overwrite:
-    workdir_lib.clear(held)
-  state, shardings, abstract = create_train_state(run, objective, model, tx,
-                                                  mesh, init_rng)
+  init = _init_fn(run, objective, model, tx)
+  abstract = jax.eval_shape(init, init_rng)
+  shardings = sharding.shardings_from_config(abstract, mesh, run.mesh)
   fewshot_every = run.evals.fewshot.every
-  # The linear probe reads the backbone's features (pre-logits).
+  # The linear probe reads the backbone's features (pre-logits); building
+  # it checks that the dataset has enough images per class.
   fewshot = fewshot_lib.FewShotEvaluator(
       run.evals.fewshot, run.data, objective.backbone(model), mesh,
       shardings.params) if fewshot_every > 0 else None
+  pretrained = None
+  if decision.resume_step is None and run.model.pretrained_path:
+    pretrained = load_pretrained_checked(run, model, abstract.params)
+  # Every check has passed: from here on the workdir is written.
+  _check_writable(workdir)
+  if overwrite:
+    workdir_lib.clear(held)
+  state = jax.jit(init, out_shardings=shardings)(init_rng)
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
   logging.info('Model %s: %s parameters; mesh %s', run.model.model_name,
                f'{num_params:,}', dict(mesh.shape))
@@ -701,8 +706,10 @@ def train_and_evaluate(
               'command again to resume from it.', preemption.reason, step,
               ckpt.directory)
           return {**metrics, 'preempted_at_step': float(step)}
-      if start >= total_steps:
-        write_final_params()
+      if start >= total_steps:  # Trained; the final evaluation is missing.
+        if not tf.io.gfile.exists(final_params_path):
+          write_final_params()
         metrics = run_evals(total_steps, last=True)
+        writer.write_scalars(start, metrics)
       ckpt.wait()
       return metrics

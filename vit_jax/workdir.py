@@ -53,6 +53,7 @@ class Contents:
     steps: Complete checkpoint steps, oldest first.
     final_params: Whether `final_params.npz` exists.
     last_metrics_step: Highest step in `metrics.jsonl`, or None.
+    last_eval_step: Highest step with evaluation metrics there, or None.
     class_names: The run's `class_names.json`, or None.
     outputs: Names of the run outputs present (`RUN_OUTPUTS` and summaries).
   """
@@ -61,6 +62,7 @@ class Contents:
   steps: tuple[int, ...]
   final_params: bool
   last_metrics_step: int | None
+  last_eval_step: int | None
   class_names: tuple[str, ...] | None
   outputs: tuple[str, ...]
 
@@ -80,15 +82,20 @@ def _read_json(path: str) -> Any:
                        'be edited by hand. Use a new --workdir.') from None
 
 
-def _last_step(path: str) -> int | None:
-  last = None
+def _metrics_steps(path: str) -> tuple[int | None, int | None]:
+  """(highest step, highest step with evaluation metrics) of metrics.jsonl."""
+  last = last_eval = None
   with tf.io.gfile.GFile(path) as f:
     for line in f:
       try:
-        last = max(last or 0, int(json.loads(line)['step']))
+        record = json.loads(line)
+        step = int(record['step'])
       except (ValueError, KeyError, TypeError):
         continue  # A line cut short by a kill: the writer drops it.
-  return last
+      last = step if last is None else max(last, step)
+      if any(k.startswith('eval/') for k in record):
+        last_eval = step if last_eval is None else max(last_eval, step)
+  return last, last_eval
 
 
 def read(workdir: str) -> Contents:
@@ -108,13 +115,13 @@ def read(workdir: str) -> Contents:
   if input_pipeline.CLASS_NAMES_FILE in names:
     class_names = tuple(_read_json(join(
         input_pipeline.CLASS_NAMES_FILE)).get('class_names', ()))
-  metrics = (_last_step(join(METRICS_FILE)) if METRICS_FILE in names
-             else None)
+  metrics, evaluated = (_metrics_steps(join(METRICS_FILE))
+                        if METRICS_FILE in names else (None, None))
   outputs = tuple(n for n in names
                   if n in RUN_OUTPUTS or n.startswith(_SUMMARY_PREFIX))
   return Contents(workdir, config, steps,
                   checkpointing.FINAL_PARAMS_FILE in names, metrics,
-                  class_names, outputs)
+                  evaluated, class_names, outputs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,15 +144,38 @@ def _values(differences: Mapping[str, tuple[Any, Any]]) -> str:
                    for name, (old, new) in differences.items())
 
 
-def decide(contents: Contents, config: Any, *, class_names: Sequence[str],
-           total_steps: int, checkpoint_every: int,
-           overwrite: bool) -> Decision:
+def _fix(where: str) -> str:
+  return (f'Use a new --workdir for this command (or --overwrite to delete '
+          f'the run in {where} and start over).')
+
+
+def check_classes(contents: Contents, class_names: Sequence[str], *,
+                  overwrite: bool) -> None:
+  """Refuses data whose classes differ from those the run was trained on.
+
+  Raises:
+    WorkdirError: naming both lists (the first few names) and the counts.
+  """
+  if (overwrite or not contents.holds_run or contents.class_names is None
+      or tuple(contents.class_names) == tuple(class_names)):
+    return
+  raise WorkdirError(
+      f'{contents.path} holds a run on classes '
+      f'{list(contents.class_names)[:8]}; the data now has '
+      f'{list(class_names)[:8]} ({len(contents.class_names)} vs '
+      f'{len(class_names)} classes). {_fix(contents.path)}')
+
+
+def decide(contents: Contents, config: Any, *, total_steps: int,
+           checkpoint_every: int, overwrite: bool) -> Decision:
   """Whether a command may continue the run `contents` describes.
+
+  Reads only the config: call it before the data is opened, then
+  `check_classes` once the data's classes are known.
 
   Args:
     contents: `read(workdir)`.
     config: The command's experiment config.
-    class_names: The classes of the command's data.
     total_steps: The command's `total_steps`.
     checkpoint_every: The command's `checkpoint_every`.
     overwrite: The command asks to start from scratch (`--overwrite`).
@@ -158,8 +188,7 @@ def decide(contents: Contents, config: Any, *, class_names: Sequence[str],
       what the workdir holds, and what to do.
   """
   where = contents.path
-  fix = (f'Use a new --workdir for this command (or --overwrite to delete '
-         f'the run in {where} and start over).')
+  fix = _fix(where)
   if overwrite or not contents.holds_run:
     return Decision(None, False, {})
   if contents.config is None:
@@ -171,12 +200,6 @@ def decide(contents: Contents, config: Any, *, class_names: Sequence[str],
     raise WorkdirError(
         f'{where} holds a run of another config ({_values(identity)}). '
         f'{fix} To resume the run, repeat its own command.')
-  if (contents.class_names is not None
-      and tuple(contents.class_names) != tuple(class_names)):
-    raise WorkdirError(
-        f'{where} holds a run on classes {list(contents.class_names)[:8]}; '
-        f'the data now has {list(class_names)[:8]} '
-        f'({len(contents.class_names)} vs {len(class_names)} classes). {fix}')
   latest = contents.steps[-1] if contents.steps else None
   if latest is None:
     if contents.final_params:
@@ -190,7 +213,10 @@ def decide(contents: Contents, config: Any, *, class_names: Sequence[str],
       raise WorkdirError(
           f'{where}/{METRICS_FILE} records {contents.last_metrics_step} steps '
           f'but no checkpoint is left to resume from. {fix}')
-  if latest is not None and latest >= total_steps and contents.final_params:
+  # Finished: trained, final parameters written, and evaluated at the end
+  # (else the same command evaluates again; nothing is retrained).
+  if (latest is not None and latest >= total_steps and contents.final_params
+      and (contents.last_eval_step or -1) >= latest):
     return Decision(latest, True, allowed)
   return Decision(latest, False, allowed)
 
