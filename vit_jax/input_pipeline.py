@@ -7,7 +7,9 @@ Selected by `config.dataset`:
   * `digits`: scikit-learn's handwritten digits, a local tfds builder (the
     same code path as any tfds dataset, prepared on first use, no network);
   * `image_folder`: `config.image_folder` holds one sub-folder per class (or
-    `train/` and `test/` folders that do), with .jpg/.jpeg/.png files.
+    `train/` and `test/` folders that do), with .jpg/.jpeg/.png files;
+    which of them decode is checked once and then read from an index
+    (`datasets.folder_index`) while the files are unchanged.
 
 Config fields read here (all optional except `dataset`, `image_size` and
 `batch`): `tfds_data_dir`, `tfds_download`, `train_split`, `eval_split`
@@ -48,6 +50,7 @@ from vit_jax import fileio
 from vit_jax import preprocess
 from vit_jax import sharding as sharding_lib
 from vit_jax import datasets as local_datasets
+from vit_jax.datasets import folder_index
 
 IMAGE_FOLDER = 'image_folder'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
@@ -186,17 +189,6 @@ class TfdsSource:
     return Shard(ds, sizes[process_index], max(sizes))
 
 
-def _check_image(path: str) -> str | None:
-  """Returns None if `path` decodes, else the reason."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  try:
-    with Image.open(path) as image:
-      image.load()
-    return None
-  except Exception as e:  # pylint: disable=broad-except
-    return f'{type(e).__name__}: {e}'
-
-
 class ImageFolderSource:
   """Images in one sub-folder per class (optionally under train/ and test/).
 
@@ -206,7 +198,20 @@ class ImageFolderSource:
   """
 
   def __init__(self, root: str, *, test_percent: int = 10,
-               skip_bad_images: bool = False):
+               skip_bad_images: bool = False,
+               write_index: bool | None = None):
+    """Lists the folder and finds its unreadable images.
+
+    Which files decode is kept in an index (`folder_index`) and reused while
+    a file's size and mtime are unchanged, so only the first start of a run
+    (and files added or changed since) pays for decoding.
+
+    Args:
+      root: The image folder.
+      test_percent: Percentage of each class in the automatic test split.
+      skip_bad_images: Leave unreadable files out (else BadImageError).
+      write_index: Whether to write the index (default: in JAX process 0).
+    """
     if not root:
       raise ValueError("config.dataset='image_folder' needs "
                        'config.image_folder (a directory path).')
@@ -216,9 +221,11 @@ class ImageFolderSource:
     self.root = root
     self.skip_bad_images = skip_bad_images
     self.num_skipped = 0  # Unreadable files left out (skip_bad_images).
+    # Path (as in self.files) -> (path relative to root, stat).
+    self._stats: dict[str, tuple[str, folder_index.Stat]] = {}
     split_dirs = {s: os.path.join(root, s) for s in ('train', 'test')}
     if all(os.path.isdir(d) for d in split_dirs.values()):
-      files = {s: self._scan(d) for s, d in split_dirs.items()}
+      files = {s: self._scan(d, s) for s, d in split_dirs.items()}
       names = sorted(files['train'])
       extra = sorted(set(files['test']) - set(names))
       if extra:
@@ -227,7 +234,7 @@ class ImageFolderSource:
       self.files = {s: [(p, names.index(c)) for c, ps in f.items() for p in ps]
                     for s, f in files.items()}
     else:
-      per_class = self._scan(root)
+      per_class = self._scan(root, '')
       names = sorted(per_class)
       self.files = {'train': [], 'test': []}
       for label, name in enumerate(names):
@@ -241,37 +248,48 @@ class ImageFolderSource:
           f'{root} has {self.num_classes} class folder(s) ({names}); a '
           'classifier needs at least 2: add one sub-folder of images per '
           'class.')
-    readable = self._readable({p for f in self.files.values() for p, _ in f})
+    if write_index is None:
+      write_index = jax.process_index() == 0
+    readable = self._readable(write_index)
     self.files = {split: sorted(f for f in files if f[0] in readable)
                   for split, files in self.files.items()}
 
-  @staticmethod
-  def _scan(directory: str) -> dict[str, list[str]]:
+  def _scan(self, directory: str, relative: str) -> dict[str, list[str]]:
+    """Class name -> sorted image paths; records each file's stat."""
     classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
     if not classes:
       raise ValueError(
           f'{directory} has no class sub-folders: put the images of each '
           f'class in {directory}/<class name>/ (.jpg, .jpeg or .png).')
+    folders = [os.path.join(directory, name) for name in classes]
+    # Threads: on a network file system listing and stat'ing a million
+    # files one at a time takes minutes; the calls release the GIL.
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+      listings = list(pool.map(
+          lambda f: folder_index.scan(f, IMAGE_EXTENSIONS), folders))
     files = {}
-    for name in classes:
-      folder = os.path.join(directory, name)
-      files[name] = sorted(
-          os.path.join(folder, f) for f in os.listdir(folder)
-          if f.lower().endswith(IMAGE_EXTENSIONS))
-      if not files[name]:
+    for name, folder, listing in zip(classes, folders, listings):
+      if not listing:
         raise ValueError(
             f'Class folder {folder} contains no images (.jpg, .jpeg, .png in '
             'any letter case): add images or remove the folder.')
+      prefix = f'{relative}/{name}/' if relative else f'{name}/'
+      files[name] = []
+      for file_name, stat in listing:
+        path = os.path.join(folder, file_name)
+        files[name].append(path)
+        self._stats[path] = (prefix + file_name, stat)
     return files
 
-  def _readable(self, paths: set[str]) -> set[str]:
+  def _readable(self, write_index: bool) -> set[str]:
     """Returns the paths that decode; raises on others unless skipping."""
-    # Decode every file once up front, so that a bad file is named here
-    # rather than failing deep inside tf.data without its path.
-    paths = sorted(paths)
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-      errors = list(pool.map(_check_image, paths))
-    bad = [(p, e) for p, e in zip(paths, errors) if e is not None]
+    # Every file is checked once (then known from the index), so that a bad
+    # file is named here rather than failing deep inside tf.data without
+    # its path.
+    errors = folder_index.verdicts(
+        self.root, dict(self._stats.values()), write=write_index)
+    bad = sorted((p, errors[rel]) for p, (rel, _) in self._stats.items()
+                 if errors[rel] is not None)
     if bad and not self.skip_bad_images:
       path, error = bad[0]
       raise BadImageError(
@@ -282,7 +300,7 @@ class ImageFolderSource:
       self.num_skipped = len(bad)
       logging.warning('Skipping %d unreadable image(s), e.g. %s', len(bad),
                       [p for p, _ in bad[:5]])
-    return {p for p, e in zip(paths, errors) if e is None}
+    return {p for p, (rel, _) in self._stats.items() if errors[rel] is None}
 
   def split_size(self, split: str) -> int:
     return len(self._files(split))
