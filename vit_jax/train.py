@@ -548,7 +548,6 @@ def train_and_evaluate(
   _check_writable(workdir)
   if overwrite:
     workdir_lib.clear(held)
-  state = jax.jit(init, out_shardings=shardings)(init_rng)
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
   logging.info('Model %s: %s parameters; mesh %s', run.model.model_name,
                f'{num_params:,}', dict(mesh.shape))
@@ -567,11 +566,11 @@ def train_and_evaluate(
     if decision.resume_step is not None:
       restored = ckpt.restore_latest(
           checkpointing.abstract_with_shardings(abstract, shardings))
-    data_state = None
-    if restored is not None:
+    if restored is not None:  # Restored straight into its shardings.
       start, state, data_state = restored
     else:
-      start = 0
+      start, data_state = 0, None
+      state = jax.jit(init, out_shardings=shardings)(init_rng)
       if pretrained is not None:
         params = _with_fresh_leaves(*pretrained, state.params)
         state = state_from_params(params, tx, shardings, use_ema)

@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
 import tensorflow as tf
 
 from vit_jax import checkpointing
@@ -240,17 +242,23 @@ def record_changes(workdir: str, step: int,
 
 
 def clear(contents: Contents) -> None:
-  """Deletes the run outputs `contents` lists (`--overwrite`), nothing else."""
+  """Deletes the run outputs `contents` lists (`--overwrite`), nothing else.
+
+  Process 0 deletes; every process waits until it has.
+  """
   if not contents.outputs:
     return
-  logging.warning('--overwrite: deleting the earlier run in %s (%s).',
-                  contents.path, ', '.join(contents.outputs))
-  for name in contents.outputs:
-    path = os.path.join(contents.path, name)
-    if tf.io.gfile.isdir(path):
-      tf.io.gfile.rmtree(path)
-    else:
-      tf.io.gfile.remove(path)
+  if jax.process_index() == 0:
+    logging.warning('--overwrite: deleting the earlier run in %s (%s).',
+                    contents.path, ', '.join(contents.outputs))
+    for name in contents.outputs:
+      path = os.path.join(contents.path, name)
+      if tf.io.gfile.isdir(path):
+        tf.io.gfile.rmtree(path)
+      else:
+        tf.io.gfile.remove(path)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('vit_jax:workdir:clear')
 
 
 def last_evaluation(workdir: str) -> dict[str, float]:
