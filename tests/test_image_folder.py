@@ -253,7 +253,7 @@ def test_progress_line_while_checking(tmp_path, monkeypatch, caplog):
   root = tmp_path / 'images'
   make_image_folder(root)
   monkeypatch.setattr(folder_index, 'PROGRESS_SECONDS', 0.0)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     source(root)
   assert f'Checking images in {root}: 21 / 21 (' in caplog.text
   assert f'Checked 21 images in {root} in ' in caplog.text

@@ -1010,7 +1010,7 @@ def test_progress_log_speed_eta_and_first_step(caplog):
   now = [100.0]
   progress = writers.ProgressLog(10, 1010, 64, every_secs=30,
                                  clock=lambda: now[0])
-  caplog.set_level('INFO')
+  caplog.set_level('INFO', logger='absl')
   now[0] += 12.5  # Step 11 compiled and ran.
   progress.first_step(11, 12.5)
   assert 'Step 11 took 12.5 s (compiling the train step included)' in \

@@ -221,7 +221,7 @@ def test_a_missing_pretrained_file_is_refused_before_anything_is_written(
 
 def test_a_run_directory_as_pretrained_path_fine_tunes_its_final_params(
     finished_run, folders, tmp_path, caplog):
-  caplog.set_level('INFO')
+  caplog.set_level('INFO', logger='absl')
   config = folder_config(folders[0], folders[2])
   config.pretrained_path = finished_run
   config.total_steps = 2
