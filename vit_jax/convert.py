@@ -55,7 +55,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import checkpoint
-from vit_jax import fileio
 import vit_jax.models
 from vit_jax.models import vit as vit_lib
 
@@ -997,6 +996,8 @@ def to_transformers(model: Any, params: Params, out_dir: str, *,
   tensors = _to_torch(flat, _transformers_rules(spec, prefix))
   hf = transformers_config(spec, class_names=class_names,
                            architecture=architecture)
+  # fileio imports TensorFlow (seconds): only when writing.
+  from vit_jax import fileio  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   _write_safetensors(tensors, os.path.join(out_dir, TRANSFORMERS_WEIGHTS),
                      {'format': 'pt'})

@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import fileio
 
 FORMATS = ('stablehlo', 'savedmodel')
 STABLEHLO_FILE = 'model.jax_exported'
@@ -61,6 +60,8 @@ def _host(params: Any) -> Any:
 def _write_side_files(out_dir: str, *, fmt: str, image_size: Sequence[int],
                       num_classes: int, platforms: Sequence[str],
                       class_names: Sequence[str] | None) -> None:
+  # fileio imports TensorFlow (seconds): not for --help or a refusal.
+  from vit_jax import fileio  # pylint: disable=g-import-not-at-top
   h, w = image_size
   info = {
       'format': fmt, 'platforms': list(platforms),

@@ -307,17 +307,17 @@ class FewShotEvaluator:
                    per_class_limit=self.pool_per_class,
                    num_classes=self.info.num_classes,
                    num_batches=train_batches,
-                   what=f'fewshot {self.name}: pool')
+                   what=f'fewshot {self.name} pool')
     test = extract(self.feature_fn, params, test_ds, self.mesh,
                    max_examples=self.max_test_examples,
                    num_batches=test_most,
-                   what=f'fewshot {self.name}: test')
+                   what=f'fewshot {self.name} test')
     return pool, test
 
   def run(self, params: Any) -> dict[str, float]:
     """Few-shot metrics for `params`.
 
-    Logs the featurising progress (`fewshot <dataset>: pool 3/12 batches
+    Logs the featurising progress (`fewshot <dataset> pool: 3/12 batches
     (1.2 s)`) and the total, e.g. `fewshot digits: 1,000 pool and 299 test
     images featurised in 2.1 s, 2 shots x 3 seeds solved in 0.3 s`.
     """
