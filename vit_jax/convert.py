@@ -645,8 +645,9 @@ def write_output(path: str, write: Callable[[str], Any]) -> Any:
   What was at `path` (a file, or a directory and everything in it) is
   replaced only once the new output is complete: an interrupted or failed
   write leaves the old output as it was, and a replaced directory holds
-  only the new files afterwards. The new files get the umask's modes
-  (`follow_umask`). Call `check_output` first: this replaces anything.
+  only the new files afterwards (with the modes `write` gave them; the
+  writers here follow the umask). Call `check_output` first: this replaces
+  anything.
 
   Args:
     path: The output (local).
@@ -663,7 +664,6 @@ def write_output(path: str, write: Callable[[str], Any]) -> Any:
   _remove(stage)
   try:
     result = write(stage)
-    follow_umask(stage)
     if os.path.isfile(stage) and not os.path.isdir(path):
       os.replace(stage, path)  # Atomic, over a file or nothing.
     else:
