@@ -24,9 +24,10 @@ import vit_jax.models
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
 MODEL_FLAGS = ('--workdir', '--pretrained_path', '--model', '--image_size')
-# A umask other than the usual 022, so that fixed modes (0600 files, 0755
-# directories) differ from what it gives.
-UMASK = 0o027
+# A umask other than the usual 022, under which fixed modes differ from
+# what it gives: 0600 files (0664 here) and 0755 directories (0775 here;
+# mkdir(0755) under 027 would give 0750 like a plain directory).
+UMASK = 0o002
 # absl's log lines (I1207 03:12:46.48 ... file.py:12] ...): not the refusal.
 _LOG_LINE = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d')
 
