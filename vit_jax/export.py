@@ -185,6 +185,7 @@ def export_savedmodel(model: Any, params: Any, image_size: Sequence[int],
     return {'logits': predict(variables, x)}
 
   module.serve, module.serve_uint8 = serve, serve_uint8
+  os.makedirs(out_dir, exist_ok=True)  # Made here: with the umask's mode.
   tf.saved_model.save(module, out_dir, signatures={
       'serving_default': serve, 'serving_uint8': serve_uint8})
   # TensorFlow makes its directories 0755 whatever the umask; give what it
