@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -157,6 +158,11 @@ def test_analysis_and_evaluate_clis_on_a_training_run(tmp_path):
       cwd=REPO, env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   saved = json.load(open(os.path.join(workdir, 'eval_results.json')))
+  # Its progress: the final line of the top-1 pass and the few-shot total.
+  assert re.search(r'eval: 5 batches, 299 images in \d+\.\d s\n',
+                   result.stderr), result.stderr[-3000:]
+  assert re.search(r'fewshot digits: [\d,]+ pool and 299 test images '
+                   r'featurised in \d+\.\d s', result.stderr)
   assert saved['params'].endswith('step 4')
   assert saved['eval/examples'] == 299
   assert 0 <= saved['eval/accuracy'] <= saved['eval/top5'] <= 1

@@ -1,5 +1,8 @@
 """Few-shot linear probe and classification evaluator."""
 
+import logging
+import re
+
 import jax
 import ml_collections
 import numpy as np
@@ -192,7 +195,7 @@ def test_unknown_representation_lists_the_sown_names(tmp_path):
     evaluator.features(params)
 
 
-def test_classification_top1_and_top5(tmp_path):
+def test_classification_top1_and_top5(tmp_path, caplog):
   config = ml_collections.ConfigDict({
       'dataset': 'digits', 'tfds_data_dir': str(tmp_path), 'image_size': 16,
       'batch': 16, 'batch_eval': 64, 'model_name': 'testing',
@@ -204,8 +207,12 @@ def test_classification_top1_and_top5(tmp_path):
                                      params)
   eval_fn = classification.make_eval_fn(model, mesh, shardings)
   ds, _ = input_pipeline.eval_dataset(config_lib.section(config, 'data'))
+  caplog.set_level(logging.INFO, logger='absl')
   metrics = classification.evaluate(params, eval_fn, ds,
                                     sharding.batch_sharding(mesh))
+  # The final progress line: 299 test digits in ceil(299 / 64) batches.
+  assert any(re.fullmatch(r'eval: 5 batches, 299 images in \d+\.\d s', m)
+             for m in caplog.messages), caplog.messages
   # Recompute on the host from the logits.
   images, labels = [], []
   for batch in ds.as_numpy_iterator():
@@ -242,3 +249,19 @@ def test_fewshot_on_another_dataset_uses_its_own_splits(tmp_path):
                           'fewshot/image_folder_2shot'}
   # The folder's colours are trivially separable.
   assert metrics['fewshot/image_folder_2shot'] > 0.5
+
+
+def test_progress_lines_every_tenth_of_the_batches(caplog):
+  caplog.set_level(logging.INFO, logger='absl')
+  progress = classification.Progress('eval', 20, quiet_s=0.0)
+  for _ in range(20):
+    progress.step()
+  lines = [re.fullmatch(r'eval: (\d+)/20 batches \(\d+\.\d s\)', m)
+           for m in caplog.messages]
+  assert [m and m[1] for m in lines] == [str(i) for i in range(2, 21, 2)]
+  caplog.clear()
+  # Unknown total: by time only (here never within quiet_s).
+  progress = classification.Progress('eval', None, quiet_s=60.0)
+  for _ in range(5):
+    progress.step()
+  assert progress.done == 5 and not caplog.messages

@@ -55,7 +55,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import checkpoint
-from vit_jax import fileio
 import vit_jax.models
 from vit_jax.models import vit as vit_lib
 
@@ -551,6 +550,138 @@ def _names(keys: Sequence[str], limit: int = 12) -> str:
 
 
 # ----------------------------------------------------------------------------
+# Output files: never overwritten by surprise, permissions of the umask.
+# ----------------------------------------------------------------------------
+
+
+def _umask() -> int:
+  try:  # Linux says it without changing it.
+    with open('/proc/self/status', encoding='ascii') as f:
+      for line in f:
+        if line.startswith('Umask:'):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o22)
+  os.umask(mask)
+  return mask
+
+
+def follow_umask(path: str) -> None:
+  """Gives `path` (and, for a directory, all inside) the umask's modes.
+
+  What `open()` and `os.mkdir()` create: 0666 / 0777 less the umask. Some
+  writers use fixed modes instead (safetensors 0600 files, TensorFlow's
+  SavedModel 0755 directories), which would make one export's files
+  readable by the group and another's not.
+  """
+  mask = _umask()
+  for root, dirs, files in os.walk(path) if os.path.isdir(path) else ():
+    for name in dirs:
+      os.chmod(os.path.join(root, name), 0o777 & ~mask)
+    for name in files:
+      os.chmod(os.path.join(root, name), 0o666 & ~mask)
+  os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+
+
+def check_output(path: str, *, overwrite: bool,
+                 flag: str = '--output') -> None:
+  """Refuses, before any work, an output that would replace something.
+
+  An existing file or a directory with files in it is replaced only with
+  `overwrite`; a missing path or an empty directory is fine. A local path
+  must also be creatable (its nearest existing parent a writable
+  directory).
+
+  Args:
+    path: The output (file or directory; local or gs://).
+    overwrite: The user asked to replace what is there.
+    flag: The command line flag that gave `path` (for the message).
+
+  Raises:
+    FileExistsError: the output exists (names it and `--overwrite`).
+    NotADirectoryError: a parent is a file.
+    PermissionError: the parent directory is not writable.
+  """
+  path = str(path)
+  if '://' in path:
+    # pylint: disable-next=g-import-not-at-top
+    import tensorflow as tf
+    exists = tf.io.gfile.exists(path)
+    full = exists and (not tf.io.gfile.isdir(path)
+                       or bool(tf.io.gfile.listdir(path)))
+  else:
+    exists = os.path.lexists(path)
+    full = exists and (not os.path.isdir(path) or bool(os.listdir(path)))
+  if full and not overwrite:
+    what = 'a directory with files' if os.path.isdir(path) else 'a file'
+    raise FileExistsError(
+        f'{flag}={path} exists ({what}): pass --overwrite to replace it, or '
+        'choose another path.')
+  if '://' in path or exists:
+    return
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise NotADirectoryError(f'{flag}={path}: {parent} is a file, not a '
+                             'directory.')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise PermissionError(f'{flag}={path}: cannot create it, {parent} is '
+                          'not writable.')
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(path)
+  elif os.path.lexists(path):
+    os.remove(path)
+
+
+def write_output(path: str, write: Callable[[str], Any]) -> Any:
+  """`write(stage)` on a new path beside `path`, then moved to `path`.
+
+  What was at `path` (a file, or a directory and everything in it) is
+  replaced only once the new output is complete: an interrupted or failed
+  write leaves the old output as it was, and a replaced directory holds
+  only the new files afterwards (with the modes `write` gave them; the
+  writers here follow the umask). Call `check_output` first: this replaces
+  anything.
+
+  Args:
+    path: The output (local).
+    write: Writes a file or a directory at the path it is given.
+
+  Returns:
+    What `write` returns.
+  """
+  path = os.path.abspath(str(path))
+  parent, name = os.path.split(path)
+  os.makedirs(parent, exist_ok=True)
+  stage = os.path.join(parent, f'.{name}.new-{os.getpid()}')
+  old = os.path.join(parent, f'.{name}.old-{os.getpid()}')
+  _remove(stage)
+  try:
+    result = write(stage)
+    if os.path.isfile(stage) and not os.path.isdir(path):
+      os.replace(stage, path)  # Atomic, over a file or nothing.
+    else:
+      if os.path.lexists(path):
+        os.rename(path, old)
+      try:
+        os.rename(stage, path)
+      except OSError:
+        if os.path.lexists(old):
+          os.rename(old, path)  # The old output back where it was.
+        raise
+      _remove(old)
+  finally:
+    _remove(stage)
+  return result
+
+
+# ----------------------------------------------------------------------------
 # safetensors files.
 # ----------------------------------------------------------------------------
 
@@ -593,6 +724,9 @@ def _write_safetensors(tensors: Mapping[str, np.ndarray], path: str,
   tmp = f'{path}.tmp-{os.getpid()}'
   try:
     safetensors.numpy.save_file(dict(tensors), tmp, metadata=dict(metadata))
+    # safetensors creates its files 0600 whatever the umask; the weights
+    # are shared like every other file written here.
+    follow_umask(tmp)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -862,6 +996,8 @@ def to_transformers(model: Any, params: Params, out_dir: str, *,
   tensors = _to_torch(flat, _transformers_rules(spec, prefix))
   hf = transformers_config(spec, class_names=class_names,
                            architecture=architecture)
+  # fileio imports TensorFlow (seconds): only when writing.
+  from vit_jax import fileio  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   _write_safetensors(tensors, os.path.join(out_dir, TRANSFORMERS_WEIGHTS),
                      {'format': 'pt'})
@@ -1227,29 +1363,51 @@ def output_format(output: str, to: str | None) -> str:
 def convert(input_path: str, output: str, *, to: str | None = None,
             model_name: str | None = None,
             gelu_approximate: bool = True,
-            layer_norm_epsilon: float = 1e-6) -> str:
+            layer_norm_epsilon: float = 1e-6,
+            overwrite: bool = False) -> str:
   """What `python -m vit_jax.convert` does: any input to any format.
+
+  Args:
+    input_path: A run directory, an `.npz`, a transformers directory or a
+      timm `.safetensors` (see `load_model`).
+    output: An `.npz`, a `.safetensors` (timm) or a directory
+      (transformers); see `output_format`.
+    to: The output format, instead of the one `output`'s name implies.
+    model_name: For an `.npz` input: see `load_npz`.
+    gelu_approximate: For an `.npz` input without `model_name`.
+    layer_norm_epsilon: Likewise.
+    overwrite: Replace an existing `output` (a file, or a directory and
+      all the files in it); without it an existing output is refused
+      before anything is read.
 
   Returns:
     The format written.
+
+  Raises:
+    FileExistsError: `output` exists and `overwrite` is False.
   """
   fmt = output_format(output, to)
+  check_output(output, overwrite=overwrite)
   loaded = load_model(input_path, model_name=model_name,
                       gelu_approximate=gelu_approximate,
                       layer_norm_epsilon=layer_norm_epsilon)
   if fmt == 'npz':
-    checkpoint.save(loaded.params, output)
+    if '://' in str(output):  # checkpoint.save replaces it atomically.
+      checkpoint.save(loaded.params, output)
+    else:
+      write_output(output, lambda path: checkpoint.save(loaded.params, path))
   elif fmt == 'timm':
-    to_timm(loaded.model, loaded.params, output,
-            image_size=loaded.image_size)
+    write_output(output, lambda path: to_timm(
+        loaded.model, loaded.params, path, image_size=loaded.image_size))
   else:
     names = loaded.class_names
     spec = spec_from_model(loaded.model, loaded.params,
                            image_size=loaded.image_size)
     if names is not None and len(names) != spec.num_classes:
       names = None  # e.g. a run whose head was fine-tuned elsewhere.
-    to_transformers(loaded.model, loaded.params, output, class_names=names,
-                    image_size=loaded.image_size)
+    write_output(output, lambda path: to_transformers(
+        loaded.model, loaded.params, path, class_names=names,
+        image_size=loaded.image_size))
   return fmt
 
 
@@ -1261,14 +1419,11 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   flag_values = flags.FLAGS
-  try:
-    fmt = convert(flag_values.input, flag_values.output, to=flag_values.to,
-                  model_name=flag_values.model,
-                  gelu_approximate=flag_values.gelu_approximate,
-                  layer_norm_epsilon=flag_values.layer_norm_epsilon)
-  except (ConversionError, checkpoint.CheckpointError,
-          FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
+  fmt = convert(flag_values.input, flag_values.output, to=flag_values.to,
+                model_name=flag_values.model,
+                gelu_approximate=flag_values.gelu_approximate,
+                layer_norm_epsilon=flag_values.layer_norm_epsilon,
+                overwrite=flag_values.overwrite)
   print(f'Wrote {flag_values.output} ({fmt}) from {flag_values.input}.')
 
 
@@ -1280,6 +1435,8 @@ def _define_flags() -> None:
                       'transformers directory or a timm .safetensors.')
   flags.DEFINE_string('output', None, 'An .npz, a directory (transformers) '
                       'or a .safetensors (timm).')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing --output (a '
+                    'file, or a directory and every file in it).')
   flags.DEFINE_enum('to', None, list(_FORMATS),
                     'Output format (default: from the output\'s name).')
   flags.DEFINE_string('model', None, 'Registry name for an .npz input '
@@ -1291,7 +1448,8 @@ def _define_flags() -> None:
 
 
 if __name__ == '__main__':
-  # pylint: disable-next=g-import-not-at-top
-  from absl import app as _app
+  # pylint: disable=g-import-not-at-top
+  from vit_jax import cli as _cli
+  # pylint: enable=g-import-not-at-top
   _define_flags()
-  _app.run(main)
+  _cli.run(main)

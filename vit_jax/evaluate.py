@@ -6,8 +6,11 @@ r"""Evaluates a trained model: top-1 / top-5 and few-shot linear accuracy.
   python -m vit_jax.evaluate --config=configs/finetune.py:b16,cifar10 \
       --params=/tmp/b16_c10/final_params.npz --out=/tmp/b16_c10_eval
 
-Few-shot shots, seeds and representation come from `config.evals.fewshot`
-(override with --config.evals.fewshot.shots=...). Results are printed and
+Any config field can be overridden with `--config.<field>=<value>`, with
+--config or --workdir (e.g. `--config.evals.fewshot.shots=1,5` or
+`--config.batch_eval=256`); `--print_config` lists every field and exits.
+Few-shot shots, seeds and representation come from `config.evals.fewshot`;
+`--nofewshot` skips the few-shot evaluation. Results are printed and
 written to `<out>/eval_results.json` (default out: the workdir).
 """
 
@@ -20,11 +23,11 @@ from absl import flags
 from absl import logging
 import jax
 import ml_collections
-from ml_collections import config_flags
 import tensorflow as tf
 
 from vit_jax import checkpoint
 from vit_jax import checkpointing
+from vit_jax import cli
 from vit_jax import config_lib
 from vit_jax import fileio
 from vit_jax import input_pipeline
@@ -37,16 +40,21 @@ RESULTS_FILE = 'eval_results.json'
 
 
 def evaluate_params(config: ml_collections.ConfigDict, params: Any, *,
-                    fewshot: bool = True) -> dict[str, float]:
+                    fewshot: bool = True,
+                    fewshot_off_switch: str = '--nofewshot'
+                    ) -> dict[str, float]:
   """Classification (and few-shot) metrics of `params` on the config's data.
 
   The parameters are placed with the config's sharding rules on all devices,
-  so models that needed FSDP to train evaluate the same way.
+  so models that needed FSDP to train evaluate the same way. The config,
+  the batch size and the few-shot data are checked before they are.
 
   Args:
     config: Experiment config (model, dataset, image size, mesh, evals).
     params: Parameters (host arrays), e.g. from `checkpoint.load`.
     fewshot: Also run the few-shot linear evaluator.
+    fewshot_off_switch: How the caller turns the few-shot evaluation off
+      (named when its data does not fit the shots).
 
   Returns:
     `eval/accuracy`, `eval/top5`, `eval/loss`, `eval/examples` and, with
@@ -62,47 +70,66 @@ def evaluate_params(config: ml_collections.ConfigDict, params: Any, *,
                                    **run.model.model_args())
   shardings = sharding.shardings_from_config(
       jax.eval_shape(lambda: params), mesh, run.mesh)
+  evaluator = None
+  if fewshot:  # Checks its dataset against the shots: before any work.
+    evaluator = fewshot_lib.FewShotEvaluator(
+        run.evals.fewshot, run.data, model, mesh, shardings,
+        off_switch=fewshot_off_switch)
+  dataset, num_batches = input_pipeline.eval_dataset(run.data, source=source)
   params = sharding.put_global(params, shardings)
   eval_fn = classification.make_eval_fn(model, mesh, shardings,
                                         run.objective.loss)
-  dataset, _ = input_pipeline.eval_dataset(run.data, source=source)
   metrics = classification.evaluate(params, eval_fn, dataset,
-                                    sharding.batch_sharding(mesh))
-  if fewshot:
-    evaluator = fewshot_lib.FewShotEvaluator(run.evals.fewshot, run.data,
-                                             model, mesh, shardings)
+                                    sharding.batch_sharding(mesh),
+                                    num_batches=num_batches)
+  if evaluator is not None:
     metrics.update(evaluator.run(params))
   return metrics
 
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A training run directory.')
-config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config (instead of --workdir).',
-    lock_config=False)
+flags.DEFINE_string(
+    'config', None, 'Experiment config (instead of --workdir): '
+    'configs/<file>.py[:arg]; then --config.<field>=<value> for any field '
+    '(also with --workdir).')
+flags.DEFINE_bool('print_config', False, 'Print every config field with its '
+                  'value and comment (after the overrides) and exit.')
 flags.DEFINE_string('params', None,
                     '.npz to evaluate (default: the run\'s newest checkpoint).')
-flags.DEFINE_bool('fewshot', True, 'Also run the few-shot linear evaluator.')
-flags.DEFINE_string('out', None, f'Folder for {RESULTS_FILE}.')
+flags.DEFINE_bool('fewshot', True, 'Also run the few-shot linear evaluator '
+                  '(--nofewshot: only top-1 / top-5).')
+flags.DEFINE_string('out', None, f'Folder for {RESULTS_FILE} (default: the '
+                    'workdir).')
 
 
-def main(argv):
+def main(argv, overrides):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if bool(FLAGS.workdir) == bool(FLAGS.config):
     raise app.UsageError('Pass exactly one of --workdir or --config.')
   config = (config_lib.load_run_config(FLAGS.workdir) if FLAGS.workdir
-            else FLAGS.config)
+            else config_lib.load_config_file(FLAGS.config))
+  config_lib.apply_overrides(config, overrides)
+  if FLAGS.print_config:
+    print(config_lib.describe(config))
+    return
+  if not FLAGS.params and not FLAGS.workdir:
+    raise app.UsageError('--config needs --params=<npz>.')
+  out = FLAGS.out or FLAGS.workdir
+  if out and tf.io.gfile.exists(out) and not tf.io.gfile.isdir(out):
+    raise app.UsageError(f'--out={out} is a file: give a folder for '
+                         f'{RESULTS_FILE}.')
+  # The config's own checks (and the few-shot data's, in evaluate_params)
+  # before the parameters are placed on the devices.
+  config_lib.parse(config)
   if FLAGS.params:
     params, source = checkpoint.load(FLAGS.params), FLAGS.params
-  elif FLAGS.workdir:
+  else:
     step, params = checkpointing.load_params(FLAGS.workdir)
     source = f'{FLAGS.workdir} step {step}'
-  else:
-    raise app.UsageError('--config needs --params=<npz>.')
   metrics = evaluate_params(config, params, fewshot=FLAGS.fewshot)
   metrics = {'params': source, **metrics}
-  out = FLAGS.out or FLAGS.workdir
   if out and jax.process_index() == 0:
     tf.io.gfile.makedirs(out)
     fileio.write_text_atomic(os.path.join(out, RESULTS_FILE),
@@ -112,4 +139,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, config_flag='config')

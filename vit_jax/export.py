@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import fileio
 
 FORMATS = ('stablehlo', 'savedmodel')
 STABLEHLO_FILE = 'model.jax_exported'
@@ -41,6 +40,7 @@ LABELS_FILE = 'labels.txt'
 # jax.export lowers for platforms it does not run on, so one artefact can
 # serve on any of them.
 DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
 
 def _portable(model: Any) -> Any:
@@ -60,6 +60,8 @@ def _host(params: Any) -> Any:
 def _write_side_files(out_dir: str, *, fmt: str, image_size: Sequence[int],
                       num_classes: int, platforms: Sequence[str],
                       class_names: Sequence[str] | None) -> None:
+  # fileio imports TensorFlow (seconds): not for --help or a refusal.
+  from vit_jax import fileio  # pylint: disable=g-import-not-at-top
   h, w = image_size
   info = {
       'format': fmt, 'platforms': list(platforms),
@@ -183,22 +185,58 @@ def export_savedmodel(model: Any, params: Any, image_size: Sequence[int],
     return {'logits': predict(variables, x)}
 
   module.serve, module.serve_uint8 = serve, serve_uint8
+  os.makedirs(out_dir, exist_ok=True)  # Made here: with the umask's mode.
   tf.saved_model.save(module, out_dir, signatures={
       'serving_default': serve, 'serving_uint8': serve_uint8})
+  # TensorFlow makes its directories 0755 whatever the umask; give what it
+  # wrote the modes of the other files.
+  from vit_jax import convert  # pylint: disable=g-import-not-at-top
+  for name in ('saved_model.pb', 'fingerprint.pb', 'variables', 'assets'):
+    if os.path.exists(os.path.join(out_dir, name)):
+      convert.follow_umask(os.path.join(out_dir, name))
   _write_side_files(out_dir, fmt='savedmodel', image_size=image_size,
                     num_classes=num_classes, platforms=platforms,
                     class_names=class_names)
   return out_dir
 
 
+def check_platforms(platforms: Sequence[str]) -> None:
+  """Refuses platform names `jax.export` does not lower for."""
+  unknown = [p for p in platforms if p not in PLATFORMS]
+  if unknown or not platforms:
+    raise ValueError(f'--platforms={",".join(platforms)}: use one or more '
+                     f'of {",".join(PLATFORMS)}.')
+
+
 def export(loaded: Any, fmt: str, out_dir: str, *,
-           platforms: Sequence[str] = DEFAULT_PLATFORMS) -> str:
-  """Exports a `vit_jax.convert.Loaded` model in format `fmt`."""
+           platforms: Sequence[str] = DEFAULT_PLATFORMS,
+           overwrite: bool = False) -> str:
+  """Exports a `vit_jax.convert.Loaded` model in format `fmt`.
+
+  Args:
+    loaded: The model (`vit_jax.convert.load_model`).
+    fmt: One of `FORMATS`.
+    out_dir: Output directory; written beside it and moved into place once
+      complete, so it ends up holding only this export's files.
+    platforms: Platforms to lower for (`PLATFORMS`).
+    overwrite: Replace an existing `out_dir` that holds files (refused
+      otherwise, before any work).
+
+  Returns:
+    The path of the StableHLO file, or the SavedModel directory.
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from vit_jax import convert
   if fmt not in FORMATS:
     raise ValueError(f'--format={fmt!r}; use one of {FORMATS}.')
+  check_platforms(platforms)
+  convert.check_output(out_dir, overwrite=overwrite, flag='--out')
   fn = export_stablehlo if fmt == 'stablehlo' else export_savedmodel
-  return fn(loaded.model, loaded.params, loaded.image_size, out_dir,
-            platforms=platforms, class_names=loaded.class_names)
+  convert.write_output(out_dir, lambda stage: fn(
+      loaded.model, loaded.params, loaded.image_size, stage,
+      platforms=platforms, class_names=loaded.class_names))
+  return (os.path.join(out_dir, STABLEHLO_FILE) if fmt == 'stablehlo'
+          else out_dir)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -210,11 +248,12 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  try:
-    loaded = convert.load_from_flags()
-    path = export(loaded, f.format, f.out, platforms=f.platforms)
-  except (convert.ConversionError, FileNotFoundError, ValueError) as e:
-    raise app.UsageError(str(e)) from None
+  # Every refusal before the model is read, lowered or written.
+  check_platforms(f.platforms)
+  convert.check_output(f.out, overwrite=f.overwrite, flag='--out')
+  loaded = convert.load_from_flags()
+  path = export(loaded, f.format, f.out, platforms=f.platforms,
+                overwrite=f.overwrite)
   print(f'Wrote {path} ({f.format}, {loaded.image_size[0]}x'
         f'{loaded.image_size[1]} inputs, platforms '
         f'{",".join(f.platforms)}) from {loaded.source}.')
@@ -226,8 +265,12 @@ def _define_flags() -> None:
   from vit_jax import convert
   # pylint: enable=g-import-not-at-top
   convert.define_model_flags()
+  # --help lists them with this program's own flags.
+  flags.adopt_module_key_flags(convert)
   flags.DEFINE_enum('format', 'stablehlo', list(FORMATS), 'What to write.')
   flags.DEFINE_string('out', None, 'Output directory.')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing --out that '
+                    'holds files (everything in it is deleted).')
   flags.DEFINE_list('platforms', list(DEFAULT_PLATFORMS),
                     'Platforms to lower for (cpu, cuda, rocm, tpu).')
   flags.mark_flags_as_required(['out'])
@@ -235,6 +278,6 @@ def _define_flags() -> None:
 
 if __name__ == '__main__':
   # pylint: disable-next=g-import-not-at-top
-  from absl import app as _app
+  from vit_jax import cli as _cli
   _define_flags()
-  _app.run(main)
+  _cli.run(main)

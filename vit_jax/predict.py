@@ -207,7 +207,6 @@ def main(argv: Sequence[str]) -> None:
   # pylint: disable=g-import-not-at-top
   from absl import app
   from absl import flags
-  from vit_jax import checkpoint
   from vit_jax import convert
   # pylint: enable=g-import-not-at-top
   f = flags.FLAGS
@@ -215,16 +214,19 @@ def main(argv: Sequence[str]) -> None:
   if not images:
     raise app.UsageError('Pass --images=FILE|DIR,... (or paths after the '
                          'flags).')
-  try:
-    loaded = convert.load_from_flags()
-    names = read_labels(f.labels) if f.labels else loaded.class_names
-    batch_size = f.batch_size or (loaded.run.data.batch_eval
-                                  if loaded.run is not None else 64)
-    results = predict(loaded, list_images(images), top_k=f.top_k,
-                      class_names=names, batch_size=batch_size)
-  except (PredictError, convert.ConversionError, checkpoint.CheckpointError,
-          FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
+  if f.top_k < 1:
+    raise app.UsageError(f'--top_k={f.top_k}: give 1 or more.')
+  if f.batch_size is not None and f.batch_size < 1:
+    raise app.UsageError(f'--batch_size={f.batch_size}: give 1 or more.')
+  # The cheap refusals (paths, label file) before the model is read.
+  paths = list_images(images)
+  labels = read_labels(f.labels) if f.labels else None
+  loaded = convert.load_from_flags()
+  names = labels if labels is not None else loaded.class_names
+  batch_size = f.batch_size or (loaded.run.data.batch_eval
+                                if loaded.run is not None else 64)
+  results = predict(loaded, paths, top_k=f.top_k, class_names=names,
+                    batch_size=batch_size)
   if jax.process_index() != 0:
     return
   if f.json:
@@ -240,6 +242,8 @@ def _define_flags() -> None:
   from vit_jax import convert
   # pylint: enable=g-import-not-at-top
   convert.define_model_flags()
+  # --help lists them with this program's own flags.
+  flags.adopt_module_key_flags(convert)
   flags.DEFINE_list('images', None, 'Image files and directories (paths '
                     'after the flags are added).')
   flags.DEFINE_integer('top_k', 5, 'Classes shown per image.')
@@ -252,6 +256,6 @@ def _define_flags() -> None:
 
 if __name__ == '__main__':
   # pylint: disable-next=g-import-not-at-top
-  from absl import app as _app
+  from vit_jax import cli as _cli
   _define_flags()
-  _app.run(main)
+  _cli.run(main)

@@ -30,6 +30,7 @@ import jax
 
 from vit_jax import analysis
 from vit_jax.analysis import images as images_lib
+from vit_jax import cli
 from vit_jax import convert
 
 flags.DEFINE_string('workdir', None, 'A training run directory.')
@@ -151,6 +152,15 @@ def main(argv):
   command = argv[1] if len(argv) == 2 else None
   if bool(FLAGS.workdir) == bool(FLAGS.pretrained_path):
     raise app.UsageError('Pass exactly one of --workdir or --pretrained_path.')
+  if FLAGS.num_images < 1:
+    raise app.UsageError(f'--num_images={FLAGS.num_images}: give 1 or more.')
+  if FLAGS.images != 'digits' and not os.path.isdir(FLAGS.images):
+    raise app.UsageError(f'--images={FLAGS.images}: no such folder (give '
+                         "'digits' or a folder of images).")
+  out = FLAGS.out or os.path.join(FLAGS.workdir or '.', command or 'analysis')
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise app.UsageError(f'--out={out} is a file: give a folder for the '
+                         'figures.')
   if command == 'cka':
     results = run_cka()
     print(json.dumps({'figures': results['figures'],
@@ -166,7 +176,6 @@ def main(argv):
   else:
     model, params, size, class_names = model_from_npz(FLAGS.pretrained_path,
                                                       FLAGS.model)
-  out = FLAGS.out or os.path.join(FLAGS.workdir or '.', 'analysis')
   images, labels = _load_images(size)
   titles = None
   if labels is not None:
@@ -180,4 +189,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

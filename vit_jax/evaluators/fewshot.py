@@ -12,8 +12,11 @@ shots (seeds) and averaged.
 
 from collections.abc import Callable, Iterable, Sequence
 import dataclasses
+import math
+import time
 from typing import Any
 
+from absl import logging
 import flax
 import jax
 import numpy as np
@@ -21,6 +24,7 @@ import numpy as np
 from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax import sharding
+from vit_jax.evaluators import classification
 
 DEFAULT_L2_GRID = tuple(2.0 ** e for e in range(-10, 11, 2))
 
@@ -171,18 +175,23 @@ def extract(feature_fn: Callable[[Any, Any], dict[str, jax.Array]],
             dataset: Any, mesh: jax.sharding.Mesh, *,
             per_class_limit: int | None = None,
             num_classes: int | None = None,
-            max_examples: int | None = None
+            max_examples: int | None = None,
+            num_batches: int | None = None,
+            what: str = 'fewshot features'
             ) -> tuple[np.ndarray, np.ndarray]:
   """Features and integer labels of the real (mask 1) examples.
 
   Stops early once every class has `per_class_limit` examples or
   `max_examples` were read (the same decision on every process: features
-  are replicated).
+  are replicated). Progress is logged as `<what>: 3/12 batches (1.2 s)`
+  (`num_batches`: the most there can be, when known).
   """
   feats, labels = [], []
   counts = np.zeros(num_classes or 0, np.int64)
+  progress = classification.Progress(what, num_batches)
   for batch in input_pipeline.prefetch_to_device(
       dataset.as_numpy_iterator(), sharding.batch_sharding(mesh)):
+    progress.step()
     out = jax.device_get(feature_fn(params, batch))
     mask = np.asarray(out['mask']) > 0
     y = np.asarray(out['labels'])[mask]
@@ -214,12 +223,16 @@ class FewShotEvaluator:
     model: The model being trained.
     mesh: Device mesh.
     param_shardings: Shardings of the parameters.
+    off_switch: How the user turns the evaluation off, named when the data
+      does not fit the shots (training: the config field; the evaluate
+      command: its flag).
   """
   section: config_lib.FewShotSection
   data: config_lib.DataSection
   model: flax.linen.Module
   mesh: jax.sharding.Mesh
   param_shardings: Any
+  off_switch: str = 'evals.fewshot.every=0'
 
   def __post_init__(self):
     fs = self.section
@@ -274,28 +287,52 @@ class FewShotEvaluator:
           f'of evals.fewshot.shots={self.shots} ({short.size} class(es) '
           f'short of {most}). Lower evals.fewshot.shots to at most '
           f'{int(counts.min())}, add examples to that class, or turn the '
-          'few-shot evaluation off with evals.fewshot.every=0.')
+          f'few-shot evaluation off with {self.off_switch}.')
 
   def features(self, params: Any) -> tuple[tuple[np.ndarray, np.ndarray],
                                            tuple[np.ndarray, np.ndarray]]:
     """((pool features, labels), (test features, labels))."""
-    train_ds, _ = input_pipeline.eval_dataset(
+    train_ds, train_batches = input_pipeline.eval_dataset(
         self.probe_data, split=self.info.train_split, source=self.source)
-    test_ds, _ = input_pipeline.eval_dataset(
+    test_ds, test_batches = input_pipeline.eval_dataset(
         self.probe_data, split=self.info.eval_split, source=self.source)
+    # The pool stops once every class has pool_per_class examples, the
+    # test features after max_test_examples: the splits' batches are the
+    # most they read.
+    test_most = test_batches
+    if self.max_test_examples:
+      test_most = min(test_batches, math.ceil(
+          self.max_test_examples / max(1, self.probe_data.batch_eval)))
     pool = extract(self.feature_fn, params, train_ds, self.mesh,
                    per_class_limit=self.pool_per_class,
-                   num_classes=self.info.num_classes)
+                   num_classes=self.info.num_classes,
+                   num_batches=train_batches,
+                   what=f'fewshot {self.name} pool')
     test = extract(self.feature_fn, params, test_ds, self.mesh,
-                   max_examples=self.max_test_examples)
+                   max_examples=self.max_test_examples,
+                   num_batches=test_most,
+                   what=f'fewshot {self.name} test')
     return pool, test
 
   def run(self, params: Any) -> dict[str, float]:
-    """Few-shot metrics for `params`."""
+    """Few-shot metrics for `params`.
+
+    Logs the featurising progress (`fewshot <dataset> pool: 3/12 batches
+    (1.2 s)`) and the total, e.g. `fewshot digits: 1,000 pool and 299 test
+    images featurised in 2.1 s, 2 shots x 3 seeds solved in 0.3 s`.
+    """
+    start = time.perf_counter()
     (x, y), (tx, ty) = self.features(params)
+    featurised = time.perf_counter()
     results = few_shot_accuracies(
         x, y, tx, ty, self.info.num_classes, shots=self.shots,
         seeds=self.seeds, l2_grid=self.l2_grid, default_l2=self.default_l2)
+    if jax.process_index() == 0:
+      logging.info(
+          'fewshot %s: %s pool and %s test images featurised in %.1f s, '
+          '%d shots x %d seeds solved in %.1f s', self.name, f'{len(y):,}',
+          f'{len(ty):,}', featurised - start, len(self.shots), self.seeds,
+          time.perf_counter() - featurised)
     metrics = {}
     for k, accs in results.items():
       metrics[f'fewshot/{self.name}_{k}shot'] = float(np.mean(accs))
