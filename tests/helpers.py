@@ -1,5 +1,7 @@
 """Helpers shared by the tests: random weights, tiny models, test files."""
 
+import glob
+import hashlib
 import os
 
 import jax
@@ -122,3 +124,27 @@ class PickleExploit:
 
   def __reduce__(self):
     return (open, (self.marker, 'w'))
+
+
+def snapshot(directory):
+  """{relative path: sha256} of every file below `directory`."""
+  out = {}
+  for path in glob.glob(os.path.join(directory, '**'), recursive=True):
+    if os.path.isfile(path):
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha256(
+            f.read()).hexdigest()
+  return out
+
+
+def write_testing_npz(path, num_classes=3, size=32):
+  """A 'testing' ViT with random parameters, saved as an .npz at `path`.
+
+  Returns:
+    (the model, its parameters).
+  """
+  model = vit_jax.models.get_model('testing', num_classes=num_classes)
+  params = randomize(init_params(
+      model, np.zeros((1, size, size, 3), np.float32)), scale=0.5)
+  checkpoint.save(params, path)
+  return model, params

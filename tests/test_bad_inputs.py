@@ -9,7 +9,6 @@ new.
 """
 
 import glob
-import hashlib
 import logging
 import os
 import re
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from helpers import make_image_folder
+from helpers import snapshot
 from helpers import PickleExploit
 from vit_jax import checkpoint
 from vit_jax import checkpointing
@@ -36,17 +36,6 @@ def tiny_config(tfds_dir):
   config.model_name = 'testing'
   config.tfds_data_dir = tfds_dir
   return config
-
-
-def snapshot(directory):
-  """{relative path: sha256} of every file below `directory`."""
-  out = {}
-  for path in glob.glob(os.path.join(directory, '**'), recursive=True):
-    if os.path.isfile(path):
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, directory)] = hashlib.sha256(
-            f.read()).hexdigest()
-  return out
 
 
 @pytest.fixture(scope='module')

@@ -14,12 +14,10 @@ from PIL import Image
 import pytest
 
 import helpers
-from vit_jax import checkpoint
 from vit_jax import config_lib
 from vit_jax import convert
 from vit_jax import export
 from vit_jax import input_pipeline
-import vit_jax.models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
@@ -93,10 +91,7 @@ def assert_modes(root, tmp_path):
 def npz(tmp_path_factory):
   """A 3-class 'testing' ViT at 32 px as an .npz, and one image file."""
   root = tmp_path_factory.mktemp('cli_tools')
-  model = vit_jax.models.get_model('testing', num_classes=3)
-  params = helpers.randomize(helpers.init_params(
-      model, np.zeros((1, 32, 32, 3), np.float32)), scale=0.5)
-  checkpoint.save(params, root / 'model.npz')
+  helpers.write_testing_npz(root / 'model.npz')
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / 'image.png')
   return str(root / 'model.npz')
 

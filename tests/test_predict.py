@@ -124,10 +124,7 @@ def test_convert_and_export_read_a_run(digits_run, tmp_path):
 def folder_model(tmp_path_factory):
   """A 3-class 'testing' ViT at 32 px saved as an .npz, and a label file."""
   root = tmp_path_factory.mktemp('folder_model')
-  model = vit_jax.models.get_model('testing', num_classes=3)
-  params = helpers.randomize(helpers.init_params(
-      model, np.zeros((1, 32, 32, 3), np.float32)), scale=0.5)
-  checkpoint.save(params, root / 'model.npz')
+  model, params = helpers.write_testing_npz(root / 'model.npz')
   (root / 'labels.txt').write_text('cat\ndog\nfox\n')
   return model, params, root
 

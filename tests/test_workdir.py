@@ -7,7 +7,6 @@ traceback, nothing written.
 """
 
 import glob
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from helpers import make_image_folder
+from helpers import snapshot
 from vit_jax import checkpointing
 from vit_jax import cli
 from vit_jax import config_lib
@@ -30,17 +30,6 @@ from vit_jax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_LINE = re.compile(r'^[IWEF]\d{4} ')
-
-
-def snapshot(directory):
-  """{relative path: sha256} of every file below `directory`."""
-  out = {}
-  for path in glob.glob(os.path.join(directory, '**'), recursive=True):
-    if os.path.isfile(path):
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, directory)] = hashlib.sha256(
-            f.read()).hexdigest()
-  return out
 
 
 def folder_config(folder, tfds_dir):
