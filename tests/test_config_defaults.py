@@ -231,3 +231,34 @@ def test_optimizer_of_a_partial_config_is_that_of_get_base():
   unit = 1 / np.sqrt(8)
   np.testing.assert_allclose(update['kernel'], -(0.1 / 500) * unit * 1.9,
                              rtol=1e-4)
+
+
+@pytest.mark.parametrize('model,expected', [
+    ({'transformer': {'dropout': 0.1}},
+     r'config\.model\.transformer\.dropout is not a field of ViT-Ti_16 .*Did '
+     r'you mean config\.model\.transformer\.dropout_rate'),
+    ({'clasifier': 'map'}, r'Did you mean config\.model\.classifier'),
+    ({'dtype': 'bfloat16'}, r'config\.model\.dtype is set by '
+     r'config\.compute_dtype'),
+])
+def test_model_keys_a_config_file_writes_are_checked_when_parsed(model,
+                                                                 expected):
+  with pytest.raises(ValueError, match=expected):
+    config_lib.section({'model': model}, 'model')
+
+
+def test_command_line_overrides_reach_fields_the_config_file_never_set():
+  config = config_lib.load_config_file('configs/finetune.py:b16,cifar10')
+  assert 'transformer' not in config.model
+  config_lib.apply_overrides(config, [
+      ('model.transformer.dropout_rate', '0.1'), ('model.classifier', 'map'),
+      ('model.remat_policy', 'dots_saveable'), ('ema_decay', '0.99'),
+      ('evals.fewshot.shots', '(1, 5)'), ('pp.flip', 'false')])
+  run = config_lib.parse(config)
+  assert run.model.model == {'transformer': {'dropout_rate': 0.1},
+                             'classifier': 'map',
+                             'remat_policy': 'dots_saveable'}
+  assert run.loop.ema_decay == 0.99 and run.evals.fewshot.shots == (1, 5)
+  assert run.data.pp['flip'] is False
+  with pytest.raises(ValueError, match=r"config\.batch='x': expected int"):
+    config_lib.apply_overrides(config, [('batch', 'x')])

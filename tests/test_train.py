@@ -908,8 +908,9 @@ def test_a_mixer_config_builds_and_refuses_remat():
       jnp.zeros((2, 16, 16, 3)), train=False)
   assert logits.shape == (2, 10)
   config.remat = True
-  with pytest.raises(TypeError, match=r"no field\(s\) \['remat'\]"):
-    _model(config, 10)
+  with pytest.raises(ValueError, match=r'config.remat=True: Mixer-B_16 '
+                     r'\(MlpMixer\) has no remat option'):
+    config_lib.parse(config)
 
 
 def test_bfloat16_and_scan_remat_train_steps():

@@ -98,6 +98,27 @@ class ModelSection:
   def __post_init__(self):
     from vit_jax import models  # pylint: disable=g-import-not-at-top
     models.get_config(self.model_name)  # Raises with the known names.
+    # Override keys a config file wrote, checked here as the command line's
+    # are (else get_model's TypeError would come after the data is read).
+    fields = models.model_fields(self.model_name)
+    where = f'of {self.model_name} (vit_jax.models.model_fields)'
+    for key, value in self.model.items():
+      if key in _MODEL_FIELDS_SET_ELSEWHERE:
+        raise ValueError(f'config.model.{key} is set by '
+                         f'{_MODEL_FIELDS_SET_ELSEWHERE[key] or "the run"}.')
+      known_names = _nested_names(fields, 'model.')
+      if key not in fields:
+        raise _unknown(f'model.{key}', known_names, where)
+      if isinstance(value, Mapping) and isinstance(fields[key], Mapping):
+        for inner in value:
+          if inner not in fields[key]:
+            raise _unknown(f'model.{key}.{inner}', known_names, where)
+    for option in ('remat', 'scan'):
+      if getattr(self, option) and option not in fields:
+        raise ValueError(
+            f'config.{option}=True: {self.model_name} '
+            f'({models.model_class(self.model_name).__name__}) has no '
+            f'{option} option; set config.{option}=False.')
 
   def model_args(self) -> dict[str, Any]:
     """This model as keyword arguments of `vit_jax.models.get_model`.
