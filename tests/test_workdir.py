@@ -373,12 +373,11 @@ def test_print_config_lists_every_field_with_value_and_comment():
   assert 'config.pp.flip = True' in lines
 
 
-README_MODEL_OVERRIDES = [
-    '--config.model.transformer.dropout_rate=0.1',
-    '--config.model.attention_impl=xla',
-    '--config.model.remat_policy=dots_with_no_batch_dims_saveable',
-    '--config.model.classifier=map',
-]
+def readme_model_overrides():
+  """Every `--config.model.<field>=<value>` README shows (one per field)."""
+  with open(os.path.join(REPO, 'README.md')) as f:
+    found = re.findall(r'(--config\.model\.[\w.]+)=([^\s`),;]+)', f.read())
+  return [f'{flag}={value}' for flag, value in dict(found).items()]
 
 
 @pytest.mark.slow
@@ -388,10 +387,11 @@ README_MODEL_OVERRIDES = [
     'configs/digits.py:runlocal',
 ])
 def test_readme_model_overrides_run_on_every_kind_of_config(spec, tmp_path):
+  overrides = readme_model_overrides()
+  assert len(overrides) >= 5  # classifier, dropout, attention, remat, layers
   result = run_main(f'--config={spec}', f'--workdir={tmp_path / "run"}',
                     '--config.total_steps=2', '--config.eval_every=2',
-                    '--config.evals.fewshot.every=0',
-                    *README_MODEL_OVERRIDES)
+                    '--config.evals.fewshot.every=0', *overrides)
   assert result.returncode == 0, result.stderr[-3000:]
   saved = json.load(open(tmp_path / 'run' / config_lib.CONFIG_FILE))
   assert saved['model']['classifier'] == 'map'
