@@ -3,6 +3,7 @@
 import glob
 import hashlib
 import os
+import re
 
 import jax
 import numpy as np
@@ -148,3 +149,24 @@ def write_testing_npz(path, num_classes=3, size=32):
       model, np.zeros((1, size, size, 3), np.float32)), scale=0.5)
   checkpoint.save(params, path)
   return model, params
+
+
+_LOG_LINE = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d')
+
+
+def assert_refused(result, *expected):
+  """A CLI refusal: one `error:` line (and at most one hint line) besides
+  log lines, exit 2, no traceback; each `expected` text in the error line.
+
+  Returns:
+    The non-log lines of stderr.
+  """
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = [l for l in result.stderr.splitlines()
+           if l.strip() and not _LOG_LINE.match(l)]
+  assert 1 <= len(lines) <= 2, result.stderr[-3000:]
+  assert lines[0].startswith('error: '), lines
+  for text in expected:
+    assert text in lines[0], lines
+  return lines

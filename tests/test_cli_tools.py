@@ -27,7 +27,6 @@ MODEL_FLAGS = ('--workdir', '--pretrained_path', '--model', '--image_size')
 # mkdir(0755) under 027 would give 0750 like a plain directory).
 UMASK = 0o002
 # absl's log lines (I1207 03:12:46.48 ... file.py:12] ...): not the refusal.
-_LOG_LINE = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d')
 
 
 def run_module(module, *args, umask=None):
@@ -36,19 +35,6 @@ def run_module(module, *args, umask=None):
     command = ['sh', '-c', f'umask {umask:03o} && exec "$@"', 'sh', *command]
   return subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                         timeout=600, env=ENV)
-
-
-def assert_refused(result, *expected):
-  """One `error:` line (and at most one hint), exit 2, no traceback."""
-  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
-  assert result.returncode == 2, result.stderr[-3000:]
-  lines = [l for l in result.stderr.splitlines()
-           if l.strip() and not _LOG_LINE.match(l)]
-  assert 1 <= len(lines) <= 2, result.stderr[-3000:]
-  assert lines[0].startswith('error: '), lines
-  for text in expected:
-    assert text in lines[0], lines
-  return lines
 
 
 def listing(root):
@@ -130,10 +116,10 @@ def test_refusals_are_one_line_and_write_nothing(npz, tmp_path):
        (f'--images={missing}',)),
   ]
   for args, expected in cases:
-    assert_refused(run_module(*args), *expected)
+    helpers.assert_refused(run_module(*args), *expected)
     assert not out.exists(), args
   # A flag absl rejects: the error and a hint, no usage dump.
-  lines = assert_refused(run_module('vit_jax.predict', '--top_k=many'),
+  lines = helpers.assert_refused(run_module('vit_jax.predict', '--top_k=many'),
                          '--top_k')
   assert lines[1:] == ['predict.py: --help lists the flags.'], lines
 
@@ -150,7 +136,7 @@ def test_evaluate_names_its_own_fewshot_switch(npz, tmp_path):
       f'--config.tfds_data_dir={tfds_dir}', f'--params={npz}',
       '--config.evals.fewshot.shots=200',
       '--config.evals.fewshot.pool_per_class=200', f'--out={tmp_path}/out')
-  lines = assert_refused(result, "few-shot dataset 'digits'",
+  lines = helpers.assert_refused(result, "few-shot dataset 'digits'",
                          'off with --nofewshot')
   assert 'every=0' not in lines[0]
   assert not (tmp_path / 'out').exists()
@@ -165,7 +151,7 @@ def test_export_replaces_an_output_only_with_overwrite(npz, tmp_path):
   args = ('vit_jax.export', f'--pretrained_path={npz}', '--model=testing',
           f'--out={out}', '--platforms=cpu')
   result = run_module(*args, umask=UMASK)
-  assert_refused(result, f'--out={out} exists', '--overwrite')
+  helpers.assert_refused(result, f'--out={out} exists', '--overwrite')
   assert listing(out) == before
   # Over the user's file, then a SavedModel over the StableHLO export:
   # only the new export's files each time.
@@ -190,7 +176,7 @@ def test_convert_replaces_an_output_only_with_overwrite(npz, tmp_path):
   timm.write_bytes(b'the user\'s file\n')
   args = ('vit_jax.convert', f'--input={npz}', '--model=testing')
   result = run_module(*args, f'--output={timm}', umask=UMASK)
-  assert_refused(result, f'--output={timm} exists', '--overwrite')
+  helpers.assert_refused(result, f'--output={timm} exists', '--overwrite')
   assert timm.read_bytes() == b'the user\'s file\n'
   result = run_module(*args, f'--output={timm}', '--overwrite', umask=UMASK)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -201,7 +187,7 @@ def test_convert_replaces_an_output_only_with_overwrite(npz, tmp_path):
   hf.mkdir()
   (hf / 'mine.txt').write_text('x')
   result = run_module(*args, f'--output={hf}', umask=UMASK)
-  assert_refused(result, f'--output={hf} exists', '--overwrite')
+  helpers.assert_refused(result, f'--output={hf} exists', '--overwrite')
   assert sorted(listing(hf)) == ['mine.txt']
   result = run_module(*args, f'--output={hf}', '--overwrite', umask=UMASK)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from helpers import assert_refused
 from helpers import make_image_folder
 from helpers import snapshot
 from vit_jax import checkpointing
@@ -29,7 +30,6 @@ from vit_jax import train
 from vit_jax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOG_LINE = re.compile(r'^[IWEF]\d{4} ')
 
 
 def folder_config(folder, tfds_dir):
@@ -300,12 +300,9 @@ def run_main(*args, timeout=600):
 
 
 def refusal(result):
-  """The refusal line; asserts it is the only line that is not a log line."""
-  assert result.returncode == cli.EXIT_REFUSED, result.stderr[-3000:]
-  assert 'Traceback' not in result.stderr
-  lines = [l for l in result.stderr.splitlines()
-           if l.strip() and not LOG_LINE.match(l)]
-  assert len(lines) == 1 and lines[0].startswith('error: '), lines
+  """The refusal line, with no hint line after it."""
+  lines = assert_refused(result)
+  assert len(lines) == 1, lines
   return lines[0]
 
 
