@@ -1,6 +1,8 @@
 """Tests of the orbax checkpointer: run description, damaged steps."""
 
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -101,3 +103,24 @@ def test_a_field_only_the_checkpoint_has_also_counts(tmp_path):
                      match="objective: checkpoint 'mpp' vs config None"):
     reader.restore_latest(abstract())
   assert not (tmp_path / checkpointing.CORRUPT_DIR).exists()
+
+
+@pytest.mark.slow
+def test_first_ctrl_c_asks_for_a_save_the_second_stops_at_once():
+  script = (
+      'import os, signal, time\n'
+      'from vit_jax import checkpointing\n'
+      'with checkpointing.PreemptionWatcher() as watcher:\n'
+      '  os.kill(os.getpid(), signal.SIGINT)\n'
+      '  print("saving at the next step:", watcher.reached(1), watcher.reason,'
+      ' flush=True)\n'
+      '  os.kill(os.getpid(), signal.SIGINT)\n'
+      '  time.sleep(30)\n'
+      '  print("still running")\n')
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True,
+                          text=True, timeout=120)
+  assert result.stdout.splitlines() == [
+      'saving at the next step: True Interrupted (Ctrl-C)'], result.stdout
+  assert result.returncode == 130, result.stderr[-2000:]
+  assert 'Second Ctrl-C: stopping now, without saving.' in result.stderr
+  assert 'Traceback' not in result.stderr
