@@ -666,15 +666,15 @@ def test_tpu_launch_scripts_issue_the_expected_commands():
 _RECORD_DISTRIBUTED_INIT = """
 import json, sys
 import jax
-from absl import app
 def record(**kwargs):  # Stands for jax.distributed.initialize: no cluster.
   print('INIT ' + json.dumps(kwargs))
   raise SystemExit(0)
 jax.distributed.initialize = record
+from vit_jax import cli
 from vit_jax import main
 sys.argv = ['vit_jax.main', '--config=configs/digits.py',
             '--workdir=unused', *sys.argv[1:]]
-app.run(main.main)
+cli.run(main.main, config_flag='config')
 """
 
 
