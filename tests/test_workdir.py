@@ -378,10 +378,9 @@ def readme_model_overrides():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('spec', [
+@pytest.mark.parametrize('spec', [  # Both are :runlocal configs too.
     'configs/finetune.py:b16,cifar10,runlocal',
     'configs/pretrain_imagenet.py:b16,runlocal',
-    'configs/digits.py:runlocal',
 ])
 def test_readme_model_overrides_run_on_every_kind_of_config(spec, tmp_path):
   overrides = readme_model_overrides()
