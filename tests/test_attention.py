@@ -195,6 +195,31 @@ def test_tpu_kernels_run_per_shard_on_a_mesh_and_match_einsum(
   assert calls and set(calls) == {((batch, heads, 128, 5), (batch, 128))}
 
 
+@pytest.mark.parametrize('mesh_name', [None, 'data_model'])
+def test_the_splash_kernel_itself_in_the_pallas_interpreter(
+    monkeypatch, mesh_reference, mesh_name):
+  """Not a reference: jax's splash kernel, interpreted on CPU, built as the
+  model builds it (full mask, padding as a segment, mapped over examples)."""
+  kernel = vit._tpu_splash_attention  # pylint: disable=protected-access
+  calls = []
+
+  def interpreted(q, k, v, segment_ids):
+    calls.append(q.shape)
+    return kernel(q, k, v, segment_ids, interpret=True)
+
+  monkeypatch.setattr(vit, '_tpu_splash_attention', interpreted)
+  monkeypatch.setattr(vit, '_backend', lambda: 'tpu')
+  model = _model(attention_impl='splash')
+  if mesh_name is None:
+    _assert_same(_logits_and_grads(model), REFERENCE)
+    assert calls == [(3, 2, 128, 5)] * 2  # Two layers.
+  else:
+    axes, _, _, (batch, heads) = MESHES[mesh_name]
+    _assert_same(_mesh_logits_and_grads(model, sharding.make_mesh(axes)),
+                 mesh_reference)
+    assert set(calls) == {(batch, heads, 128, 5)}
+
+
 def test_auto_chooses_per_backend():
   choose = lambda backend, dtype=jnp.bfloat16, head_dim=64, dropout=False: (
       vit.resolve_attention_impl('auto', backend=backend, dtype=dtype,

@@ -191,7 +191,7 @@ def _tpu_flash_attention(q, k, v, segment_ids, sm_scale):
       sm_scale=sm_scale)
 
 
-def _tpu_splash_attention(q, k, v, segment_ids):
+def _tpu_splash_attention(q, k, v, segment_ids, interpret=False):
   """The Pallas TPU splash-attention kernel (replaceable by tests, as flash).
 
   Args:
@@ -200,6 +200,8 @@ def _tpu_splash_attention(q, k, v, segment_ids):
     k: Keys.
     v: Values.
     segment_ids: [B, T] int32: tokens attend within their own segment.
+    interpret: Run the kernel in Pallas' interpreter (on any backend: how
+      the tests run this very kernel on CPU).
 
   Returns:
     [B, H, T, D].
@@ -215,7 +217,8 @@ def _tpu_splash_attention(q, k, v, segment_ids):
   # covers this shard's heads only. Every token may attend to every token;
   # padding is excluded by the segment ids, as in flash.
   mask = mask_lib.MultiHeadMask([mask_lib.FullMask((t, t))] * heads)
-  kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
+  kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
   # The kernel takes one example [H, T, D]: mapped over the batch.
   return jax.vmap(kernel)(
       q, k, v, splash.SegmentIds(q=segment_ids, kv=segment_ids))
