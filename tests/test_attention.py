@@ -195,6 +195,22 @@ def test_tpu_kernels_run_per_shard_on_a_mesh_and_match_einsum(
   assert calls and set(calls) == {((batch, heads, 128, 5), (batch, 128))}
 
 
+def test_tpu_kernel_inside_a_users_shard_map_runs_as_is(monkeypatch,
+                                                       mesh_reference):
+  """Axes an enclosing `shard_map` already made manual are left to it."""
+  calls = []
+  _use_references(monkeypatch, calls)
+  mesh = sharding.make_mesh((('data', 8),))
+  model = _model(attention_impl='flash')
+  apply = jax.shard_map(
+      lambda p, x: model.apply({'params': p}, x, train=False), mesh=mesh,
+      in_specs=(jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(
+          'data')), out_specs=jax.sharding.PartitionSpec('data'))
+  logits = jax.jit(apply)(PARAMS, MESH_IMAGES)
+  _assert_close(np.asarray(logits), mesh_reference[0])
+  assert set(calls) == {((1, 2, 128, 5), (1, 128))}
+
+
 @pytest.mark.parametrize('mesh_name', [None, 'data_model'])
 def test_the_splash_kernel_itself_in_the_pallas_interpreter(
     monkeypatch, mesh_reference, mesh_name):
