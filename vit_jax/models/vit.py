@@ -27,6 +27,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from vit_jax.models import resnet
@@ -61,8 +62,12 @@ POSEMB_KINDS = ('learn', 'learn2d', 'sincos2d', 'none')
 #   'xla':    jax.nn.dot_product_attention's XLA implementation;
 #   'cudnn':  its cuDNN fused (flash) kernel, NVIDIA GPUs, bfloat16/float16;
 #   'flash':  the Pallas TPU flash-attention kernel that jax ships;
+#   'splash': the Pallas TPU splash-attention kernel that jax ships;
 #   'auto':   per backend (see `resolve_attention_impl`).
-ATTENTION_IMPLS = ('auto', 'einsum', 'xla', 'cudnn', 'flash')
+# The two Pallas kernels run once per shard of the current mesh (see
+# `_per_shard`): XLA cannot partition a Mosaic kernel itself.
+ATTENTION_IMPLS = ('auto', 'einsum', 'xla', 'cudnn', 'flash', 'splash')
+_TPU_KERNELS = ('flash', 'splash')
 # Memory controls of the encoder blocks: 'none' keeps every activation, 'full'
 # recomputes each block in the backward pass, the others are the
 # `jax.checkpoint_policies` of the same name (what is saved, not recomputed).
@@ -71,7 +76,9 @@ REMAT_POLICIES = ('none', 'full', 'dots_saveable',
                   'everything_saveable')
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _CUDNN_MAX_HEAD_DIM = 128  # cuDNN's fused attention kernels go up to 128.
-_FLASH_BLOCK = 128  # The TPU kernel's sequence block; sequences are padded.
+# The TPU kernels' sequence block (flash's and splash's default block sizes);
+# sequences are padded to a multiple of it.
+_FLASH_BLOCK = 128
 _logged_choices: set[tuple[Any, ...]] = set()  # Say each choice once.
 
 # Logical axes of the parameters that tensor parallelism splits, one name per
@@ -132,8 +139,8 @@ def resolve_attention_impl(requested: str, *, backend: str, dtype: Any,
           f'compute dtype and a head size <= {_CUDNN_MAX_HEAD_DIM} divisible '
           f'by 8 (backend {backend!r}, dtype {jnp.dtype(dtype).name}, head '
           f"size {head_dim}): use 'auto' or 'xla'.")
-    if requested == 'flash' and backend != 'tpu':
-      raise ValueError(f"attention_impl='flash' is the TPU kernel; the "
+    if requested in _TPU_KERNELS and backend != 'tpu':
+      raise ValueError(f'attention_impl={requested!r} is a TPU kernel; the '
                        f"backend is {backend!r}: use 'auto' or 'xla'.")
     return requested, 'asked for'
   if dropout:
@@ -184,12 +191,115 @@ def _tpu_flash_attention(q, k, v, segment_ids, sm_scale):
       sm_scale=sm_scale)
 
 
-def _flash_attention(q, k, v, scale):
-  """TPU flash attention on heads-major [B, H, T, D], any sequence length.
+def _tpu_splash_attention(q, k, v, segment_ids, interpret=False):
+  """The Pallas TPU splash-attention kernel (replaceable by tests, as flash).
 
-  The kernel works on whole blocks of the sequence, so T is padded to a
+  Args:
+    q: Queries [B, H, T, D], already scaled (splash has no logit scale);
+      `k`, `v` alike.
+    k: Keys.
+    v: Values.
+    segment_ids: [B, T] int32: tokens attend within their own segment.
+    interpret: Run the kernel in Pallas' interpreter (on any backend: how
+      the tests run this very kernel on CPU).
+
+  Returns:
+    [B, H, T, D].
+  """
+  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as splash)
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_mask as mask_lib)
+  # pylint: enable=g-import-not-at-top
+  heads, t = q.shape[1], q.shape[2]
+  # Built from the shapes it is given, so that under `_per_shard` the mask
+  # covers this shard's heads only. Every token may attend to every token;
+  # padding is excluded by the segment ids, as in flash.
+  mask = mask_lib.MultiHeadMask([mask_lib.FullMask((t, t))] * heads)
+  kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
+  # The kernel takes one example [H, T, D]: mapped over the batch.
+  return jax.vmap(kernel)(
+      q, k, v, splash.SegmentIds(q=segment_ids, kv=segment_ids))
+
+
+def _mesh_axes_for(logical_name, size, mesh, free, taken=()):
+  """The mesh axes that split a dimension of `size` named `logical_name`.
+
+  Read from flax's logical-axis rules in force (`vit_jax.sharding`'s
+  `activation_sharding` sets them with the mesh): the axes the model's
+  activations are already split over, so entering the kernel moves no data.
+  Only axes of `free` not in `taken`, and only as many as divide `size`
+  (a dimension they do not divide is kept whole: correct, if slower).
+  """
+  spec = nn.logical_to_mesh_axes((logical_name,))[0]
+  if spec is None or spec is P.UNCONSTRAINED:
+    return ()
+  axes = [spec] if isinstance(spec, str) else list(spec)
+  axes = [a for a in axes if a in free and a not in taken]
+  while axes and size % math.prod(mesh.shape[a] for a in axes):
+    axes.pop()
+  return tuple(axes)
+
+
+def _per_shard(kernel, q, k, v, segment_ids):
+  """`kernel(q, k, v, segment_ids)` run once per shard of the current mesh.
+
+  XLA cannot partition a Mosaic (Pallas TPU) kernel ("Mosaic kernels cannot
+  be automatically partitioned"), so on a mesh the kernel runs under
+  `jax.shard_map`, each device on its own examples (the axes of the logical
+  'batch' axis) and heads ('heads'); attention needs nothing from other
+  examples or heads, so there are no collectives. The mesh is the abstract
+  mesh in force while tracing (`jax.sharding.get_abstract_mesh()`, set by
+  `jax.sharding.use_abstract_mesh` / `jax.set_mesh`): the model takes no
+  mesh argument and needs none without one (a plain `apply` on one device).
+  Axes the logical rules do not map (no rules in force) see whole,
+  replicated operands; axes already manual (inside an enclosing
+  `shard_map`) are left to it.
+
+  Args:
+    kernel: f(q, k, v, segment_ids) on [B, H, T, D] and [B, T].
+    q: Queries [B, H, T, D]; `k`, `v` alike.
+    k: Keys.
+    v: Values.
+    segment_ids: [B, T] int32.
+
+  Returns:
+    [B, H, T, D].
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  free = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+  if not free:
+    return kernel(q, k, v, segment_ids)
+  batch = _mesh_axes_for('batch', q.shape[0], mesh, free)
+  heads = _mesh_axes_for('heads', q.shape[1], mesh, free, taken=batch)
+  spec = P(batch or None, heads or None)
+  # check_vma=False: pallas_call's outputs carry no varying-axes type, which
+  # the check would require. Replication is what the specs say: operands and
+  # result are whole over every axis not in `spec`.
+  return jax.shard_map(
+      kernel, mesh=mesh, in_specs=(spec, spec, spec, P(batch or None)),
+      out_specs=spec, axis_names=frozenset(free),
+      check_vma=False)(q, k, v, segment_ids)
+
+
+def _kernel_attention(impl, q, k, v, scale):
+  """A TPU kernel's attention on heads-major [B, H, T, D], any length T.
+
+  The kernels work on whole blocks of the sequence, so T is padded to a
   multiple of the block; padded keys get another segment id, so no real
   query attends to them, and padded queries are cut off again.
+
+  Args:
+    impl: 'flash' or 'splash'.
+    q: Queries [B, H, T, D]; `k`, `v` alike.
+    k: Keys.
+    v: Values.
+    scale: Logit scale.
+
+  Returns:
+    [B, H, T, D].
   """
   t = q.shape[2]
   padded = math.ceil(t / _FLASH_BLOCK) * _FLASH_BLOCK
@@ -197,10 +307,15 @@ def _flash_attention(q, k, v, scale):
   q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
   ids = jnp.broadcast_to((jnp.arange(padded) >= t).astype(jnp.int32),
                          (q.shape[0], padded))
-  # Scaled here, as the einsum path scales, and so that the kernel (and its
-  # reference, whose backward pass has no scale) runs at scale 1.
+  # Scaled here, as the einsum path scales, so that the kernels (splash has
+  # no scale, flash's reference backward pass ignores it) run at scale 1.
   q = q * jnp.asarray(scale, q.dtype)
-  out = _tpu_flash_attention(q, k, v, ids, 1.0)
+  if impl == 'flash':
+    # Looked up when called, not bound at import: tests replace the kernels.
+    kernel = lambda *args: _tpu_flash_attention(*args, 1.0)
+  else:
+    kernel = lambda *args: _tpu_splash_attention(*args)
+  out = _per_shard(kernel, q, k, v, ids)
   return out[:, :, :t]
 
 
@@ -372,8 +487,8 @@ class MultiHeadDotProductAttention(nn.Module):
     qkv = jnp.einsum('btd,dsnh->bsnth', x, w_qkv)
     qkv = qkv + b_qkv[None, :, :, None, :]
     q, k, v = (qkv[:, i] for i in range(3))
-    if impl == 'flash':
-      out = _flash_attention(q, k, v, scale)
+    if impl in _TPU_KERNELS:
+      out = _kernel_attention(impl, q, k, v, scale)
       if self.is_mutable_collection('intermediates'):
         self.sow('intermediates', 'attention_weights',
                  self._weights(q, k, scale))
