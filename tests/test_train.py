@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import helpers
-import hlo
+from vit_jax import hlo
 import train_worker
 from vit_jax import checkpoint
 from vit_jax import checkpointing

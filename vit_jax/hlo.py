@@ -1,4 +1,4 @@
-"""Reads the collectives of a compiled program from its HLO text.
+"""Reads the collectives and custom calls of a compiled program's HLO text.
 
 XLA prints the device groups of a collective in one of three forms: explicit
 (`replica_groups={{0,1},{2,3}}`), iota (`replica_groups=[2,2]<=[4]` or
@@ -67,3 +67,51 @@ def result_shapes(type_text):
   """'(f32[2,3]{1,0}, f32[])' -> [(2, 3), ()]."""
   return [tuple(int(d) for d in dims.split(',') if d)
           for dims in re.findall(r'[a-z]+\d*\[([\d,]*)\]', type_text)]
+
+
+_DTYPE_BYTES = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1,
+                'f8e4m3fn': 1, 'f8e5m2': 1, 's16': 2, 'u16': 2, 'f16': 2,
+                'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8,
+                'f64': 8, 'c64': 8, 'c128': 16}
+
+
+def result_bytes(type_text):
+  """Bytes of the arrays in a result type, e.g. '(f32[2,3]{1,0}, bf16[4])'."""
+  total = 0.0
+  for dtype, dims in re.findall(r'([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]',
+                                type_text):
+    size = int(np.prod([int(d) for d in dims.split(',') if d]))
+    total += size * _DTYPE_BYTES.get(dtype, 4)
+  return int(total)
+
+
+def collective_summary(hlo):
+  """{op: (count, bytes)} of the collectives in `hlo`, by kind.
+
+  An asynchronous pair (`collective-permute-start` / `-done`) counts once,
+  by its start. Bytes are the size of each collective's result on one device
+  (for a start, its largest buffer): a measure of the traffic, not of the
+  time it takes.
+  """
+  summary = {}
+  pattern = r'= (.*?) (' + '|'.join(OPS) + r')(-start)?\('
+  for line in hlo.splitlines():
+    m = re.search(pattern, line)
+    if not m:
+      continue
+    type_text, op, start = m.groups()
+    if start:
+      size = max(result_bytes(t) for t in type_text.strip('()').split(', '))
+    else:
+      size = result_bytes(type_text)
+    count, total = summary.get(op, (0, 0))
+    summary[op] = (count + 1, total + size)
+  return summary
+
+
+def custom_calls(hlo):
+  """{custom_call_target: count} of the custom calls in `hlo`."""
+  found = {}
+  for target in re.findall(r'custom_call_target="([^"]*)"', hlo):
+    found[target] = found.get(target, 0) + 1
+  return found
