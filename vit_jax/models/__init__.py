@@ -23,6 +23,7 @@ from vit_jax.models.registry import model_fields
 from vit_jax.models.registry import UnknownModelError
 from vit_jax.models.resnet import ResNetStage
 from vit_jax.models.resnet import StdConv
+from vit_jax.models.vit import compiling_for
 from vit_jax.models.vit import Encoder
 from vit_jax.models.vit import Encoder1DBlock
 from vit_jax.models.vit import MultiHeadDotProductAttention
@@ -42,6 +43,6 @@ def __getattr__(name):
 __all__ = [
     'Encoder', 'Encoder1DBlock', 'MODEL_CONFIGS', 'MODEL_NAMES', 'MixerBlock',
     'MlpMixer', 'MultiHeadDotProductAttention', 'PARAM_AXES', 'ResNetStage',
-    'StdConv', 'UnknownModelError', 'VisionTransformer', 'get_config',
-    'get_model', 'model_class',
+    'StdConv', 'UnknownModelError', 'VisionTransformer', 'compiling_for',
+    'get_config', 'get_model', 'model_class', 'model_fields',
 ]

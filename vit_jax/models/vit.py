@@ -19,7 +19,9 @@ carry a leading axis of length `num_layers`; `vit_jax.checkpoint` converts
 between the two layouts.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+import contextlib
+import contextvars
 import logging
 import math
 from typing import Any
@@ -157,9 +159,37 @@ def resolve_attention_impl(requested: str, *, backend: str, dtype: Any,
   return 'xla', f'no fused kernel on backend {backend!r}'
 
 
+# The platform being compiled for, when it is not this host's (set by
+# `compiling_for`, e.g. while `vit_jax.aot` compiles for a TPU slice on a CPU).
+_target_platform: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    'vit_jax_target_platform', default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str | None) -> Iterator[None]:
+  """Models traced inside resolve their attention for `platform`.
+
+  'auto' and the checks of an explicit `attention_impl` read the backend a
+  program is compiled for; that is `jax.default_backend()` unless this
+  context names another (ahead-of-time compilation for a TPU slice on a CPU
+  host). None changes nothing.
+
+  Args:
+    platform: 'cpu', 'gpu' or 'tpu', or None.
+
+  Yields:
+    Nothing.
+  """
+  token = _target_platform.set(platform)
+  try:
+    yield
+  finally:
+    _target_platform.reset(token)
+
+
 def _backend() -> str:
   """The platform attention is compiled for (a function: tests replace it)."""
-  return jax.default_backend()
+  return _target_platform.get() or jax.default_backend()
 
 
 def _log_choice(requested, impl, reason, backend):
