@@ -41,8 +41,9 @@ gives every parameter of the scanned module one extra leading axis of the
 same length, which no unscanned module has (see `stacked_paths`).
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 import contextlib
+import functools
 import math
 import re
 from typing import Any
@@ -418,6 +419,19 @@ def activation_sharding(mesh: Mesh) -> Iterator[None]:
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
       nn.logical_axis_rules(logical_axis_rules(mesh)):
     yield
+
+
+def on_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+  """`fn` run inside `activation_sharding(mesh)`: what every jitted model
+  call on a mesh traces, so that the activation constraints resolve and the
+  TPU kernels find the mesh they run per shard on."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with activation_sharding(mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def _logical_names(path: str,

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 import tensorflow as tf
 
+from vit_jax import attention_choice
 from vit_jax import checkpoint
 from vit_jax import checkpointing
 from vit_jax import config_lib
@@ -239,10 +240,14 @@ def check_batches(run: config_lib.Run, mesh: jax.sharding.Mesh) -> None:
                             what='config.batch_eval')
 
 
-def _init_fn(run: config_lib.Run, objective: Any, model: flax.linen.Module,
+def init_fn(run: config_lib.Run, objective: Any, model: flax.linen.Module,
              tx: optax.GradientTransformation) -> Callable[[jax.Array],
                                                            TrainState]:
-  """`init(rng) -> TrainState` of a run (step 0, fresh optimizer state)."""
+  """`init(rng) -> TrainState` of a run (step 0, fresh optimizer state).
+
+  Under `jax.eval_shape` it gives the state's shapes without computing it
+  (`vit_jax.aot` compiles steps from them).
+  """
   size = run.data.image_size
   use_ema = run.loop.use_ema
 
@@ -278,7 +283,7 @@ def create_train_state(run: config_lib.Run, objective: Any,
   Returns:
     (state, its shardings, its abstract shapes).
   """
-  init = _init_fn(run, objective, model, tx)
+  init = init_fn(run, objective, model, tx)
   abstract = jax.eval_shape(init, rng)
   shardings = sharding.shardings_from_config(abstract, mesh, run.mesh)
   state = jax.jit(init, out_shardings=shardings)(rng)
@@ -347,14 +352,10 @@ def make_train_step(loop: config_lib.LoopSection, objective: Any,
       accum_steps=accum, ema_decay=loop.ema_decay,
       micro_batch_sharding=micro if accum > 1 else None)
   replicated = sharding.replicated(mesh)
-
-  def step_on_mesh(*args):
-    # The model's activation constraints (block boundaries) resolve here.
-    with sharding.activation_sharding(mesh):
-      return step(*args)
-
-  return jax.jit(step_on_mesh, in_shardings=(state_shardings, batch_sharding,
-                                             replicated),
+  # On the mesh: the model's activation constraints (block boundaries)
+  # resolve, and the TPU kernels run per shard.
+  return jax.jit(sharding.on_mesh(step, mesh),
+                 in_shardings=(state_shardings, batch_sharding, replicated),
                  out_shardings=(state_shardings, replicated),
                  donate_argnums=(0,))
 
@@ -526,13 +527,15 @@ def train_and_evaluate(
         workdir)
     return {**workdir_lib.last_evaluation(workdir),
             'finished_at_step': float(decision.resume_step)}
+  # 'auto' attention on a TPU: what the compiler estimates fastest.
+  run = attention_choice.resolve(run, mesh)
   objective = objectives.get(run.objective)
   model = build_model(run.model, objective, info.num_classes)
   tx, schedule = optim.make_optimizer(run.optim)
   use_ema = run.loop.use_ema
 
   init_rng, train_rng = jax.random.split(jax.random.key(run.loop.seed))
-  init = _init_fn(run, objective, model, tx)
+  init = init_fn(run, objective, model, tx)
   abstract = jax.eval_shape(init, init_rng)
   shardings = sharding.shardings_from_config(abstract, mesh, run.mesh)
   fewshot_every = run.evals.fewshot.every

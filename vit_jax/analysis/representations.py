@@ -256,9 +256,9 @@ def make_model_hsic_fn(model_a: flax.linen.Module, layers_a: Sequence[str],
   shard_a, shard_b = param_shardings or (replicated, replicated)
   rep_a = representation_fn(model_a, layers_a, pooling)
   if model_b is None:
-    return jax.jit(
+    return jax.jit(sharding.on_mesh(
         lambda params, images, mask: cka.hsic_sums(
-            rep_a(params, images), None, mask),
+            rep_a(params, images), None, mask), mesh),
         in_shardings=(shard_a, batch, batch), out_shardings=replicated)
   rep_b = representation_fn(model_b, layers_b, pooling)
 
@@ -267,7 +267,8 @@ def make_model_hsic_fn(model_a: flax.linen.Module, layers_a: Sequence[str],
     # free with the between-model one (each Gram is computed once).
     return cka.hsic_sums(rep_a(params_a, images_a) +
                          rep_b(params_b, images_b), None, mask)
-  return jax.jit(fn, in_shardings=(shard_a, shard_b, batch, batch, batch),
+  return jax.jit(sharding.on_mesh(fn, mesh),
+                 in_shardings=(shard_a, shard_b, batch, batch, batch),
                  out_shardings=replicated)
 
 

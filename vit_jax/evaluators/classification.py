@@ -36,7 +36,8 @@ def make_eval_fn(model: flax.linen.Module, mesh: jax.sharding.Mesh,
                  param_shardings: Any, loss: str = 'softmax_xent'
                  ) -> Callable[[Any, Any], dict[str, jax.Array]]:
   """`eval_step` jitted with the training shardings (replicated sums)."""
-  return jax.jit(functools.partial(eval_step, model=model, loss=loss),
+  return jax.jit(sharding.on_mesh(
+      functools.partial(eval_step, model=model, loss=loss), mesh),
                  in_shardings=(param_shardings,
                                sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))

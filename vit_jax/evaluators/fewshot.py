@@ -165,7 +165,7 @@ def make_feature_fn(model: flax.linen.Module, representation: str,
                                         representation).astype(np.float32),
             'labels': batch['labels'].argmax(-1), 'mask': batch['mask']}
 
-  return jax.jit(features,
+  return jax.jit(sharding.on_mesh(features, mesh),
                  in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
 

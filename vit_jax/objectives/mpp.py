@@ -306,7 +306,7 @@ def make_eval_fn(model: MaskedPatchPredictor, cfg: MppConfig,
     return {'loss': loss * patches, 'correct': accuracy * patches,
             'patches': patches, 'count': batch['mask'].sum()}
 
-  return jax.jit(eval_step,
+  return jax.jit(sharding.on_mesh(eval_step, mesh),
                  in_shardings=(param_shardings,
                                sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
