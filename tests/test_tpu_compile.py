@@ -73,3 +73,92 @@ def test_tpu_kernels_compile_for_a_v5e_slice_on_every_mesh(
   # The kernel is in the program, not an XLA fallback: its forward pass and
   # the two kernels of its backward pass (dq, dk/dv) of the one layer.
   assert hlo.count('tpu_custom_call') == 3, hlo.count('tpu_custom_call')
+
+
+# ----------------------------------------------------------------------------
+# vit_jax.aot: a run's train and eval steps, as vit_jax.main builds them.
+# ----------------------------------------------------------------------------
+
+# The digits config with a one-block ViT whose attention is a real ViT's
+# (head size 64, bfloat16), 32 px, 8x8 patches.
+AOT_TINY = [
+    ('image_size', '32'), ('model.patches.size', '(8, 8)'),
+    ('model.hidden_size', '128'), ('model.transformer.num_heads', '2'),
+    ('model.transformer.mlp_dim', '128'), ('model.transformer.num_layers', '1'),
+    ('model.transformer.attention_dropout_rate', '0.0'),
+    ('compute_dtype', "'bfloat16'"), ('batch', '32'), ('batch_eval', '32'),
+    ('fsdp_min_size', '16')]
+AOT_MESHES = {
+    'data': (('data', -1),),
+    'fsdp': (('fsdp', -1),),
+    'data_model': (('data', -1), ('model', 2)),
+    'data_fsdp_model': (('data', -1), ('fsdp', 2), ('model', 2)),
+}
+
+
+def _aot_report(topology, impl, mesh_name):
+  # pylint: disable-next=g-import-not-at-top
+  from vit_jax import aot
+  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file('configs/digits.py')
+  config_lib.apply_overrides(config, AOT_TINY + [
+      ('model.attention_impl', repr(impl)),
+      ('mesh', repr(AOT_MESHES[mesh_name]))])
+  return aot.compile_run(config, topology=topology, num_classes=10)
+
+
+def _check_scheme(report, mesh_name):
+  """The collectives each parallelism scheme implies, in both steps."""
+  train = report['train_step']['collectives']
+  evaluate = report['eval_step']['collectives']
+  # Gradients (and the eval sums) are reduced over the batch shards.
+  assert 'all-reduce' in train and 'all-reduce' in evaluate, (train,
+                                                              evaluate)
+  if 'fsdp' in mesh_name:  # Parameters gathered just in time.
+    assert 'all-gather' in train and 'all-gather' in evaluate
+  else:  # Data and tensor parallelism gather no weight.
+    assert 'all-gather' not in train and 'all-gather' not in evaluate
+
+
+@pytest.mark.parametrize('mesh_name', list(AOT_MESHES))
+@pytest.mark.parametrize('impl', ['einsum', 'xla', 'flash', 'splash'])
+def test_train_and_eval_steps_compile_and_fit_a_v5e_slice(impl, mesh_name):
+  report = _aot_report('v5e:2x2', impl, mesh_name)
+  assert report['devices'] == 4 and report['device_kind'] == 'TPU v5 lite'
+  assert report['fits'] and report['margin_bytes'] > 15 * 2**30
+  assert report['attention']['impl'] == impl
+  kernels = [report[s]['custom_calls'].get('tpu_custom_call', 0)
+             for s in ('train_step', 'eval_step')]
+  # One block: the kernel forward, and its two backward kernels (dq, dk/dv)
+  # in the train step; the forward alone in the eval step.
+  assert kernels == ([3, 1] if impl in ('flash', 'splash') else [0, 0])
+  _check_scheme(report, mesh_name)
+  assert report['per_step']['flops'] > 0
+  assert report['estimate']['step_seconds'] > 0
+
+
+@pytest.mark.parametrize('topology,devices,processes', [
+    ('v4:2x2x1', 4, 1),  # One device per chip (megacore), as on a v4 VM.
+    ('v5e:2x4', 8, 2),  # A slice of two hosts.
+])
+@pytest.mark.parametrize('impl', ['flash', 'splash'])
+def test_kernels_compile_on_a_v4_and_a_two_host_slice(topology, devices,
+                                                      processes, impl):
+  report = _aot_report(topology, impl, 'data_fsdp_model')
+  assert (report['devices'], report['processes']) == (devices, processes)
+  assert report['fits']
+  assert report['train_step']['custom_calls']['tpu_custom_call'] == 3
+  assert report['eval_step']['custom_calls']['tpu_custom_call'] == 1
+  _check_scheme(report, 'data_fsdp_model')
+
+
+def test_auto_on_a_tpu_takes_the_compilers_fastest_estimate():
+  report = _aot_report('v5e:2x2', 'auto', 'data_model')
+  attention = report['attention']
+  estimates = attention['estimates']
+  assert set(estimates) == {'flash', 'splash', 'xla'}
+  assert all(v is not None and v > 0 for v in estimates.values())
+  assert attention['impl'] == min(estimates, key=estimates.get)
+  assert "compiler's estimate" in attention['reason']
+  kernels = report['train_step']['custom_calls'].get('tpu_custom_call', 0)
+  assert kernels == (3 if attention['impl'] in ('flash', 'splash') else 0)

@@ -27,6 +27,9 @@ import vit_jax.models
 from vit_jax.models import vit
 
 TPU_CANDIDATES = ('flash', 'splash', 'xla')
+# Custom calls libtpu's cost model gives a cost (the others count -1).
+COSTED_CUSTOM_CALLS = ('tpu_custom_call', 'AsyncCollectiveStart',
+                       'AsyncCollectiveDone')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +52,11 @@ class Choice:
 def estimated_seconds(compiled: Any) -> float | None:
   """The compiler's estimated run time of a compiled program, or None.
 
-  libtpu's cost model returns -1 for each `ConcatBitcast` custom call it
-  does not cost (what `optimal_seconds` of a ViT shows: minus the count of
-  those calls, plus the time); those are added back. Any other negative
-  result means the estimate is missing.
+  libtpu's cost model counts -1 for each custom call it does not cost (the
+  `optimal_seconds` of a ViT is minus the number of its `ConcatBitcast`
+  calls, plus the time; `X64Combine`, from the 'rbg' PRNG, does the same),
+  so those are added back. Pallas kernels and asynchronous collectives are
+  costed. A result still negative means there is no estimate.
 
   Args:
     compiled: A `jax.stages.Compiled`.
@@ -66,7 +70,8 @@ def estimated_seconds(compiled: Any) -> float | None:
   seconds = (cost or {}).get('optimal_seconds')
   if seconds is None:
     return None
-  seconds += hlo.custom_calls(compiled.as_text()).get('ConcatBitcast', 0)
+  seconds += sum(n for target, n in hlo.custom_calls(compiled.as_text())
+                 .items() if target not in COSTED_CUSTOM_CALLS)
   return float(seconds) if seconds > 0 else None
 
 
