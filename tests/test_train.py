@@ -659,7 +659,11 @@ def test_tpu_launch_scripts_issue_the_expected_commands():
   assert 'tpu-vm ssh pod' in run and '--worker=all' in run
   assert 'vit_jax.main' in run and 'distributed' in run
   assert 'gs://bucket/run' in run
-  assert '--worker=all' in dry('tpu_setup.sh')
+  setup = dry('tpu_setup.sh')
+  assert '--worker=all' in setup
+  assert ' archive ' in setup and ' HEAD' not in setup  # The working tree.
+  assert "pip install -q -c constraints.txt -e '.[tpu]'" in shlex.split(
+      setup.splitlines()[-1])[-1]
   assert 'tpu-vm delete pod' in dry('tpu_delete.sh')
 
 
