@@ -24,8 +24,11 @@ run git -C "$root" archive --format=tar.gz -o "$archive" "$tree"
 [ "$DRY_RUN" = 1 ] || echo "Archive: $(du -h "$archive" | cut -f1)"
 run gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:~/vit_jax.tar.gz" \
   --zone="$ZONE" --project="$PROJECT" --worker=all
+# .deployed_tree, written once the install succeeded, is how tpu_run.sh knows
+# which checkout the workers run.
 on_all_workers "rm -rf ~/$REPO_DIR && mkdir -p ~/$REPO_DIR && \
 tar -xzf ~/vit_jax.tar.gz -C ~/$REPO_DIR && cd ~/$REPO_DIR && \
 python3 -m pip install -q -c constraints.txt -e '.[tpu]' && \
+echo $tree > .deployed_tree && \
 python3 -c 'import jax; print(jax.__version__, jax.process_index(), \
 jax.device_count())'"
