@@ -52,6 +52,11 @@ DEV_REQUIRES = [
 # opt-in tests/test_convert_torch.py), never by vit_jax itself.
 INTEROP_REQUIRES = ['safetensors', 'torch', 'transformers', 'timm']
 
+# A Cloud TPU VM (launch/tpu_setup.sh; also what vit_jax.aot compiles with):
+# jax's own `tpu` extra, which pins the libtpu built for that jax. Same range
+# as jax above; constraints.txt pins the three (jax, jaxlib, libtpu).
+TPU_REQUIRES = ['jax[tpu]>=0.10.2,<0.11']
+
 setuptools.setup(
     name='vit_jax',
     version='0.1.0',
@@ -70,5 +75,6 @@ setuptools.setup(
         'test': DEV_REQUIRES,
         'plot': ['matplotlib'],
         'interop': INTEROP_REQUIRES,
+        'tpu': TPU_REQUIRES,
     },
 )

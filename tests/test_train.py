@@ -655,11 +655,27 @@ def test_tpu_launch_scripts_issue_the_expected_commands():
   assert 'tpu-vm create pod' in dry('tpu_create.sh')
   assert '--accelerator-type=v4-32' in dry('tpu_create.sh')
   run = dry('tpu_run.sh', '--config=configs/finetune.py:b16,cifar10',
-            '--workdir=gs://bucket/run')
+            '--workdir=gs://bucket/run', '--config.batch=512')
   assert 'tpu-vm ssh pod' in run and '--worker=all' in run
   assert 'vit_jax.main' in run and 'distributed' in run
   assert 'gs://bucket/run' in run
-  assert '--worker=all' in dry('tpu_setup.sh')
+  # Worker 0 first: is a run going, then does the config fit the slice.
+  check, aot, start = [shlex.split(l)[-1] for l in run.splitlines()
+                       if l.startswith('gcloud ')]
+  assert check.endswith("pgrep -af 'vit_jax[.]main' || true")
+  assert '--worker=0' in run.splitlines()[0]
+  assert aot.endswith('python3 -m vit_jax.aot --topology=v4:2x2x4 '
+                      r'--config=configs/finetune.py:b16\,cifar10 '
+                      '--config.batch=512 ')
+  assert 'vit_jax.main' in start and 'vit_jax.aot' not in start
+  setup = dry('tpu_setup.sh')
+  assert '--worker=all' in setup
+  assert ' archive ' in setup and ' HEAD' not in setup  # The working tree.
+  assert "pip install -q -c constraints.txt -e '.[tpu]'" in shlex.split(
+      setup.splitlines()[-1])[-1]
+  stop = shlex.split(dry('tpu_stop.sh').splitlines()[0])
+  assert '--worker=all' in stop
+  assert stop[-1].startswith("--command=pkill -TERM -f 'vit_jax[.]main'")
   assert 'tpu-vm delete pod' in dry('tpu_delete.sh')
 
 
