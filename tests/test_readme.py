@@ -32,9 +32,9 @@ def _setup_commands():
 
 
 def test_ci_runs_the_readme_install_and_test_commands():
-  install, main_job, tests = _setup_commands()
+  install, main_job, tpu_compiler, tests = _setup_commands()
   ci = (README.parent / '.ci' / 'run').read_text()
-  assert install in ci and tests in ci
+  assert install in ci and tpu_compiler in ci and tests in ci
   assert main_job.startswith('python -m vit_jax.main --config=configs/')
 
 
