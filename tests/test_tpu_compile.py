@@ -162,3 +162,19 @@ def test_auto_on_a_tpu_takes_the_compilers_fastest_estimate():
   assert "compiler's estimate" in attention['reason']
   kernels = report['train_step']['custom_calls'].get('tpu_custom_call', 0)
   assert kernels == (3 if attention['impl'] in ('flash', 'splash') else 0)
+
+
+def test_a_step_the_compiler_cannot_fit_is_refused_in_one_line():
+  # pylint: disable-next=g-import-not-at-top
+  from vit_jax import aot
+  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file('configs/digits.py')
+  # About 45 GiB of activations per chip of 16.
+  config_lib.apply_overrides(config, AOT_TINY + [('batch', '1048576')])
+  with pytest.raises(aot.AotError) as refused:
+    aot.compile_run(config, topology='v5e:2x2', num_classes=10)
+  message = str(refused.value)
+  assert '\n' not in message
+  assert message.startswith('ViT-Ti_16 on v5e:2x2 does not fit, the compiler '
+                            'says of the train step: "Ran out of memory')
+  assert 'lower config.batch (1048576)' in message

@@ -364,13 +364,17 @@ def compile_run(config: Any, *, topology: str | None = None,
   with vit.compiling_for(platform):
     steps = _Steps(run, mesh, classes)
     started = time.monotonic()
-    compiled = steps.train()
+    where = topology or 'this host'
+    compiled = _compile_or_refuse(steps.train, 'train step', run, config,
+                                  where)
     train_report = _step_report(compiled, time.monotonic() - started)
     if hlo_path:
       fileio.write_text_atomic(hlo_path, compiled.as_text())
     del compiled
     started = time.monotonic()
-    eval_report = _step_report(steps.eval(), time.monotonic() - started)
+    eval_report = _step_report(
+        _compile_or_refuse(steps.eval, 'eval step', run, config, where),
+        time.monotonic() - started)
     per_step = _per_step_cost(config, run, choice, mesh, classes,
                               train_report)
   state_shapes = steps.state_shapes
@@ -517,28 +521,48 @@ def format_report(report: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def _fit_hints(run: config_lib.Run, config: Any) -> str:
+  """The fields that change what a device holds, with their values."""
+  mesh = tuple(config.get('mesh') or ())
+  hints = [
+      f'lower config.batch ({run.data.batch}) or raise config.accum_steps '
+      f'({run.loop.accum_steps})',
+      f'shard more: config.mesh fsdp or model axes (now {mesh})',
+  ]
+  remat = _remat_policy(run)
+  if remat != 'full':
+    hints.append(f"config.model.remat_policy='full' (now {remat!r})")
+  if not run.model.scan:
+    hints.append('config.scan=True')
+  if config.get('mu_dtype') != 'bfloat16':
+    hints.append("config.mu_dtype='bfloat16'")
+  return '; '.join(hints) + '.'
+
+
 def refusal(report: dict[str, Any], config: Any) -> str | None:
   """The one-line refusal of a run that does not fit, or None."""
   if report['fits'] is not False:
     return None
   excess = -report['margin_bytes']
-  mesh = tuple(config.get('mesh') or ())
-  hints = [
-      f"lower config.batch ({report['batch']}) or raise config.accum_steps "
-      f"({report['accum_steps']})",
-      f'shard more: config.mesh fsdp or model axes (now {mesh})',
-  ]
-  if report['remat_policy'] != 'full':
-    hints.append("config.model.remat_policy='full' (now "
-                 f"{report['remat_policy']!r})")
-  if not report['scan']:
-    hints.append('config.scan=True')
-  if config.get('mu_dtype') != 'bfloat16':
-    hints.append("config.mu_dtype='bfloat16'")
   return (f"{report['model']} on {report['topology']} needs "
           f"{_gib(report['bytes_per_device'])} per device, {_gib(excess)} "
           f"more than the {_gib(report['hbm_bytes_per_device'])} of a "
-          f"{report['device']}: " + '; '.join(hints) + '.')
+          f"{report['device']}: "
+          + _fit_hints(config_lib.parse(config), config))
+
+
+def _compile_or_refuse(compile_step: Any, what: str, run: config_lib.Run,
+                       config: Any, where: str) -> Any:
+  """`compile_step()`; the compiler's out-of-memory as a one-line refusal."""
+  try:
+    return compile_step()
+  except Exception as e:  # pylint: disable=broad-except
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    said = cli.one_line(e).split('RESOURCE_EXHAUSTED: ')[-1].rstrip('.')
+    raise AotError(
+        f'{run.model.model_name} on {where} does not fit, the compiler says '
+        f'of the {what}: "{said}". Change: {_fit_hints(run, config)}') from e
 
 
 FLAGS = flags.FLAGS
