@@ -365,15 +365,14 @@ def compile_run(config: Any, *, topology: str | None = None,
     steps = _Steps(run, mesh, classes)
     started = time.monotonic()
     where = topology or 'this host'
-    compiled = _compile_or_refuse(steps.train, 'train step', run, config,
-                                  where)
+    compiled = _compile_or_refuse(steps.train, 'train step', run, where)
     train_report = _step_report(compiled, time.monotonic() - started)
     if hlo_path:
       fileio.write_text_atomic(hlo_path, compiled.as_text())
     del compiled
     started = time.monotonic()
     eval_report = _step_report(
-        _compile_or_refuse(steps.eval, 'eval step', run, config, where),
+        _compile_or_refuse(steps.eval, 'eval step', run, where),
         time.monotonic() - started)
     per_step = _per_step_cost(config, run, choice, mesh, classes,
                               train_report)
@@ -521,9 +520,9 @@ def format_report(report: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def _fit_hints(run: config_lib.Run, config: Any) -> str:
+def _fit_hints(run: config_lib.Run) -> str:
   """The fields that change what a device holds, with their values."""
-  mesh = tuple(config.get('mesh') or ())
+  mesh = run.mesh.mesh
   hints = [
       f'lower config.batch ({run.data.batch}) or raise config.accum_steps '
       f'({run.loop.accum_steps})',
@@ -534,7 +533,7 @@ def _fit_hints(run: config_lib.Run, config: Any) -> str:
     hints.append(f"config.model.remat_policy='full' (now {remat!r})")
   if not run.model.scan:
     hints.append('config.scan=True')
-  if config.get('mu_dtype') != 'bfloat16':
+  if run.optim.mu_dtype != 'bfloat16':
     hints.append("config.mu_dtype='bfloat16'")
   return '; '.join(hints) + '.'
 
@@ -548,11 +547,11 @@ def refusal(report: dict[str, Any], config: Any) -> str | None:
           f"{_gib(report['bytes_per_device'])} per device, {_gib(excess)} "
           f"more than the {_gib(report['hbm_bytes_per_device'])} of a "
           f"{report['device']}: "
-          + _fit_hints(config_lib.parse(config), config))
+          + _fit_hints(config_lib.parse(config)))
 
 
 def _compile_or_refuse(compile_step: Any, what: str, run: config_lib.Run,
-                       config: Any, where: str) -> Any:
+                       where: str) -> Any:
   """`compile_step()`; the compiler's out-of-memory as a one-line refusal."""
   try:
     return compile_step()
@@ -562,7 +561,7 @@ def _compile_or_refuse(compile_step: Any, what: str, run: config_lib.Run,
     said = cli.one_line(e).split('RESOURCE_EXHAUSTED: ')[-1].rstrip('.')
     raise AotError(
         f'{run.model.model_name} on {where} does not fit, the compiler says '
-        f'of the {what}: "{said}". Change: {_fit_hints(run, config)}') from e
+        f'of the {what}: "{said}". Change: {_fit_hints(run)}') from e
 
 
 FLAGS = flags.FLAGS
