@@ -146,6 +146,8 @@ def test_topology_that_cannot_be_mapped_falls_back_to_device_order(
     raise NotImplementedError('Failed to find assignment for logical axis')
 
   monkeypatch.setattr(jax, 'make_mesh', unmappable)
+  # Nor with a physical axis split (tests/test_tpu_compile.py: when it can).
+  monkeypatch.setattr(sharding.mesh_utils, 'create_device_mesh', unmappable)
   with caplog.at_level(logging.WARNING):
     mesh = sharding.make_mesh((('data', 4), ('fsdp', 2)))
   assert dict(mesh.shape) == {'data': 4, 'fsdp': 2}

@@ -178,3 +178,31 @@ def test_a_step_the_compiler_cannot_fit_is_refused_in_one_line():
   assert message.startswith('ViT-Ti_16 on v5e:2x2 does not fit, the compiler '
                             'says of the train step: "Ran out of memory')
   assert 'lower config.batch (1048576)' in message
+
+
+def _is_box(coords):
+  """Whether a set of (x, y, z) chip coordinates fills a box: neighbours."""
+  coords = {tuple(c) for c in coords}
+  spans = [sorted({c[i] for c in coords}) for i in range(3)]
+  dense = all(s == list(range(s[0], s[-1] + 1)) for s in spans)
+  return dense and len(coords) == len(spans[0]) * len(spans[1]) * len(
+      spans[2])
+
+
+def test_a_mesh_axis_that_splits_a_physical_axis_stays_on_neighbours(caplog):
+  # G/14's mesh on a v4 8x8x4 slice: fsdp 16 is no product of whole physical
+  # axes (8, 8, 4), so jax.make_mesh gives up; splitting one (8 = 2 x 4)
+  # still lays every fsdp group and every model group on a box of chips.
+  devices = topologies.get_topology_desc(
+      platform='tpu', topology_name='v4:8x8x4',
+      chip_config_name='megacore').devices
+  mesh = sharding.make_mesh((('data', 4), ('fsdp', 16), ('model', 4)),
+                            devices)
+  assert 'plain device order' not in caplog.text
+  array = mesh.devices
+  assert sorted(d.id for d in array.flat) == sorted(d.id for d in devices)
+  for d in range(4):
+    for m in range(4):
+      assert _is_box(device.coords for device in array[d, :, m])
+    for f in range(16):
+      assert _is_box(device.coords for device in array[d, f, :])

@@ -166,8 +166,16 @@ def _device_array(names: tuple[str, ...], sizes: tuple[int, ...],
   try:
     if len(slice_sizes) == 1:
       # CPU / GPU: process-major (GPU: by id); TPU: physical topology.
-      return jax.make_mesh(sizes, names, (AxisType.Auto,) * len(names),
-                           devices=devices).devices
+      try:
+        return jax.make_mesh(sizes, names, (AxisType.Auto,) * len(names),
+                             devices=devices).devices
+      except NotImplementedError:
+        # An axis size that is no product of whole physical axes (fsdp 16
+        # on a v4 8x8x4 slice): splitting a physical axis keeps each mesh
+        # axis on a box of neighbouring chips, which the plain device order
+        # below does not.
+        return mesh_utils.create_device_mesh(
+            sizes, devices, allow_split_physical_axes=True)
     array = _multi_slice_devices(names, sizes, devices,
                                  list(slice_sizes.values()))
     why = (f'no data-like axis of {dict(zip(names, sizes))} splits evenly '
