@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -132,14 +133,11 @@ def test_analyze_writes_figures_and_numbers(tmp_path):
 
 
 @pytest.mark.slow
-def test_analysis_and_evaluate_clis_on_a_training_run(tmp_path):
+def test_analysis_and_evaluate_clis_on_a_training_run(digits_run, tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  workdir, tfds_dir = str(tmp_path / 'run'), str(tmp_path / 'tfds')
-  subprocess.run([sys.executable, '-m', 'vit_jax.main',
-                  '--config=configs/digits.py:runlocal',
-                  f'--workdir={workdir}',
-                  f'--config.tfds_data_dir={tfds_dir}'],
-                 cwd=REPO, env=env, check=True, capture_output=True)
+  # A copy of the shared run (conftest): both CLIs write into the workdir.
+  workdir, tfds_dir = str(tmp_path / 'run'), digits_run.tfds_dir
+  shutil.copytree(digits_run.workdir, workdir)
   result = subprocess.run(
       [sys.executable, '-m', 'vit_jax.analysis', f'--workdir={workdir}',
        '--images=digits', f'--tfds_data_dir={tfds_dir}', '--num_images=16'],
@@ -203,6 +201,7 @@ def test_model_from_a_published_npz(tmp_path):
       1, 1, 2, 5, 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('module', ['vit_jax.evaluate',
                                     'vit_jax.analysis.__main__'])
 def test_evaluate_and_analysis_do_not_import_the_training_loop(module):

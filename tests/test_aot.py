@@ -149,6 +149,7 @@ def test_estimated_seconds_adds_back_the_uncosted_concat_bitcasts():
   assert estimate(Compiled(-2.5, ConcatBitcast=1)) is None
 
 
+@pytest.mark.slow
 def test_command_line_writes_the_json_and_refuses_in_one_line(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env['VIT_JAX_CPU_DEVICES'] = '2'

@@ -424,6 +424,7 @@ def run_convert(*args):
       env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'})
 
 
+@pytest.mark.slow
 def test_cli_converts_npz_to_transformers_and_back(tmp_path):
   _, params = tiny_vit(gelu_approximate=False)
   checkpoint.save(params, tmp_path / 'a.npz')

@@ -17,6 +17,9 @@ import sys
 
 import pytest
 
+# Every test runs the scripts (bash, a fake gcloud, git): processes.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _GCLOUD = f"""#!{sys.executable}

@@ -289,6 +289,7 @@ def test_params_for_another_resolution_say_how_to_resize():
     model.apply(variables, jnp.zeros((1, 2 * size, 2 * size, 3)), train=False)
 
 
+@pytest.mark.slow
 def test_models_package_does_not_import_tensorflow():
   code = ('import sys, vit_jax.models, vit_jax.checkpoint; '
           'assert "tensorflow" not in sys.modules, "tensorflow imported"')

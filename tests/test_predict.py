@@ -34,15 +34,8 @@ def softmax(x):
 
 
 @pytest.fixture(scope='module')
-def digits_run(tmp_path_factory):
-  """configs/digits.py:runlocal through the CLI, and 16x16 digit PNGs."""
-  workdir = str(tmp_path_factory.mktemp('digits_run'))
-  result = run_module(
-      'vit_jax.main', '--config=configs/digits.py:runlocal',
-      f'--workdir={workdir}',
-      f'--config.tfds_data_dir={tmp_path_factory.mktemp("tfds")}',
-      '--config.evals.fewshot.every=0')
-  assert result.returncode == 0, result.stderr[-4000:]
+def digits_images(digits_run, tmp_path_factory):
+  """The shared digits run (conftest), and 16x16 digit PNGs."""
   import sklearn.datasets  # pylint: disable=g-import-not-at-top
   digits = sklearn.datasets.load_digits()
   folder = tmp_path_factory.mktemp('digit_images')
@@ -54,7 +47,7 @@ def digits_run(tmp_path_factory):
     path = str(folder / f'digit_{i}_is_{digits.target[i]}.png')
     Image.fromarray(np.round(pixels).astype(np.uint8), mode='L').save(path)
     paths.append(path)
-  return workdir, str(folder), paths
+  return digits_run.workdir, str(folder), paths
 
 
 def run_model(workdir):
@@ -66,8 +59,9 @@ def run_model(workdir):
   return model, params
 
 
-def test_predict_on_a_digits_run(digits_run):
-  workdir, folder, paths = digits_run
+@pytest.mark.slow
+def test_predict_on_a_digits_run(digits_images):
+  workdir, folder, paths = digits_images
   result = run_module('vit_jax.predict', f'--workdir={workdir}',
                       f'--images={folder}', '--top_k=3', '--json')
   assert result.returncode == 0, result.stderr[-4000:]
@@ -98,8 +92,9 @@ def test_predict_on_a_digits_run(digits_run):
                               str(first['index']), first['label']]
 
 
-def test_convert_and_export_read_a_run(digits_run, tmp_path):
-  workdir, _, paths = digits_run
+@pytest.mark.slow
+def test_convert_and_export_read_a_run(digits_images, tmp_path):
+  workdir, _, paths = digits_images
   convert.convert(workdir, str(tmp_path / 'hf'))
   hf = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   assert hf['id2label'] == {str(d): str(d) for d in range(10)}
@@ -129,6 +124,7 @@ def folder_model(tmp_path_factory):
   return model, params, root
 
 
+@pytest.mark.slow
 def test_predict_on_a_folder_of_images(folder_model, tmp_path):
   model, params, root = folder_model
   paths = helpers.make_image_folder(str(tmp_path / 'images'), per_class=2)

@@ -65,6 +65,7 @@ def _run_probe(tmp_path, **env):
   return process.pid, int(pid), tunables, args
 
 
+@pytest.mark.slow
 def test_entry_point_reexecutes_itself_once_with_the_settings(tmp_path):
   started, pid, tunables, args = _run_probe(tmp_path)
   assert pid == started  # execve: same process, so signals still reach it.

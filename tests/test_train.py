@@ -106,12 +106,14 @@ def test_finetune_config_follows_the_paper_recipe():
   assert load_config('finetune.py', 'b16,pets').total_steps == 500
 
 
+@pytest.mark.slow
 def test_unknown_config_field_is_refused_by_the_cli(tmp_path):
   result = run_main('--config=configs/digits.py:runlocal',
                     f'--workdir={tmp_path}', '--config.no_such_field=3')
   helpers.assert_refused(result, 'config.no_such_field is not a field')
 
 
+@pytest.mark.slow
 def test_the_cli_sets_threefry_partitionable_itself(tmp_path):
   # Turned off in the environment, the program turns it on: the error is the
   # config's, not the library's refusal of the flag.
@@ -146,22 +148,12 @@ def test_the_library_refuses_threefry_partitionable_off(tmp_path):
 # ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope='module')
-def digits_run(tmp_path_factory):
-  """configs/digits.py:runlocal through the CLI (16 px)."""
-  workdir = str(tmp_path_factory.mktemp('digits_run'))
-  tfds_dir = str(tmp_path_factory.mktemp('tfds'))
-  result = run_main('--config=configs/digits.py:runlocal',
-                    f'--workdir={workdir}',
-                    f'--config.tfds_data_dir={tfds_dir}')
-  assert result.returncode == 0, result.stderr[-4000:]
-  return workdir, tfds_dir, result
-
-
+@pytest.mark.slow
 def test_main_job_writes_everything(digits_run):
-  workdir, _, result = digits_run
-  assert 'steps/s' in result.stderr  # Progress with ETA.
-  assert 'eval/accuracy' in result.stderr
+  # `digits_run` (conftest): configs/digits.py:runlocal through the CLI.
+  workdir, _, stderr = digits_run
+  assert 'steps/s' in stderr  # Progress with ETA.
+  assert 'eval/accuracy' in stderr
   lines = [json.loads(l) for l in open(os.path.join(workdir,
                                                     train.METRICS_FILE))]
   train_lines = [l for l in lines if 'train/loss' in l]
@@ -183,12 +175,13 @@ def test_main_job_writes_everything(digits_run):
   # the one device.
   n = sum(v.size for v in checkpoint.flatten(params).values())
   size = re.search(r'train state: ([\d.]+) MiB per device of ([\d.]+) MiB',
-                   result.stderr)
+                   stderr)
   assert size, 'no train-state size line'
   assert float(size.group(1)) == float(size.group(2))
   assert abs(float(size.group(2)) - 16 * n / 2**20) <= 0.051
 
 
+@pytest.mark.slow
 def test_finetune_from_npz_at_higher_resolution_through_the_cli(digits_run,
                                                                  tmp_path):
   workdir, tfds_dir, _ = digits_run
@@ -241,6 +234,7 @@ def test_finetune_resizes_a_non_square_patch_grid_by_its_real_shape(
   np.testing.assert_allclose(new[:, 1:], expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_workdir_of_another_model(digits_run, tmp_path):
   workdir, tfds_dir, _ = digits_run
   result = run_main('--config=configs/digits.py:runlocal',
@@ -640,6 +634,7 @@ def test_batch_not_divisible_by_devices_times_accum():
     train.check_batches(config_lib.parse(config), mesh)
 
 
+@pytest.mark.slow
 def test_tpu_launch_scripts_issue_the_expected_commands():
   env = dict(os.environ, DRY_RUN='1', PROJECT='my-project', TPU_NAME='pod',
              ACCELERATOR='v4-32')
@@ -694,6 +689,7 @@ cli.run(main.main, config_flag='config')
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flags, expected', [
     (['--distributed', '--local_device_ids=0,1,2,3'], [0, 1, 2, 3]),
     (['--distributed'], None)])
@@ -708,6 +704,7 @@ def test_local_device_ids_reach_jax_distributed(flags, expected):
   assert json.loads(line[5:])['local_device_ids'] == expected
 
 
+@pytest.mark.slow
 def test_slurm_launch_issues_the_expected_commands():
   launch = os.path.join(REPO, 'launch')
   for script in ('slurm.sbatch', 'slurm_submit.sh'):

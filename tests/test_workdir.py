@@ -306,6 +306,7 @@ def refusal(result):
   return lines[0]
 
 
+@pytest.mark.slow
 def test_config_refusals_are_one_line_before_anything(tmp_path):
   workdir = str(tmp_path / 'new')
   for args, expected in [
@@ -348,6 +349,7 @@ def test_identity_refusal_on_the_command_line(finished_run, folders,
   assert 'Traceback' in result.stderr and 'batchsize' in result.stderr
 
 
+@pytest.mark.slow
 def test_help_exits_0_and_says_how_to_list_every_field():
   result = run_main('--help')
   assert result.returncode == 0, result.stderr
@@ -355,6 +357,7 @@ def test_help_exits_0_and_says_how_to_list_every_field():
   assert '--config.<field>=<value>' in result.stdout
 
 
+@pytest.mark.slow
 def test_print_config_lists_every_field_with_value_and_comment():
   result = run_main('--config=configs/finetune.py:b16,cifar10',
                     '--config.model.classifier=map', '--print_config')
