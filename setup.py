@@ -47,6 +47,14 @@ DEV_REQUIRES = [
     'safetensors',
 ]
 
+# The documentation site (docs/, built by .ci/run with warnings as errors):
+# Sphinx with MyST pages and autodoc, and the theme flax and optax use.
+DOCS_REQUIRES = [
+    'furo>=2025.12.19',
+    'myst-parser>=5.2,<5.3',
+    'sphinx>=9.0.4,<9.1',
+]
+
 # transformers / timm interchange (vit_jax.convert). torch, transformers and
 # timm are needed only to load the converted files in PyTorch (and by the
 # opt-in tests/test_convert_torch.py), never by vit_jax itself.
@@ -73,6 +81,7 @@ setuptools.setup(
     extras_require={
         'dev': DEV_REQUIRES,
         'test': DEV_REQUIRES,
+        'docs': DOCS_REQUIRES,
         'plot': ['matplotlib'],
         'interop': INTEROP_REQUIRES,
         'tpu': TPU_REQUIRES,
