@@ -48,9 +48,10 @@ DEV_REQUIRES = [
 ]
 
 # The documentation site (docs/, built by .ci/run with warnings as errors):
-# Sphinx with MyST pages and autodoc, and the theme flax and optax use.
+# Sphinx with MyST pages (as jax, flax, optax and orbax) and autodoc, and the
+# furo theme.
 DOCS_REQUIRES = [
-    'furo>=2025.12.19',
+    'furo>=2025.12.19,<2027',  # Calendar versions: within a year.
     'myst-parser>=5.2,<5.3',
     'sphinx>=9.0.4,<9.1',
 ]
