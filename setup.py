@@ -47,6 +47,15 @@ DEV_REQUIRES = [
     'safetensors',
 ]
 
+# The documentation site (docs/, built by .ci/run with warnings as errors):
+# Sphinx with MyST pages (as jax, flax, optax and orbax) and autodoc, and the
+# furo theme.
+DOCS_REQUIRES = [
+    'furo>=2025.12.19,<2027',  # Calendar versions: within a year.
+    'myst-parser>=5.2,<5.3',
+    'sphinx>=9.0.4,<9.1',
+]
+
 # transformers / timm interchange (vit_jax.convert). torch, transformers and
 # timm are needed only to load the converted files in PyTorch (and by the
 # opt-in tests/test_convert_torch.py), never by vit_jax itself.
@@ -73,6 +82,7 @@ setuptools.setup(
     extras_require={
         'dev': DEV_REQUIRES,
         'test': DEV_REQUIRES,
+        'docs': DOCS_REQUIRES,
         'plot': ['matplotlib'],
         'interop': INTEROP_REQUIRES,
         'tpu': TPU_REQUIRES,

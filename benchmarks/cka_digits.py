@@ -12,7 +12,7 @@ r"""Do a ViT and a BiT ResNet trained on the same digits learn alike? (CKA)
    digits test split (299 images, minibatches of 64).
 3. Copies the figures and cka.json to `--figures` (as cka_vit.png,
    cka_resnet.png, cka_vit_vs_resnet.png, cka_sheet.png, cka_digits.json)
-   and prints the numbers the README quotes.
+   and prints the numbers docs/evaluation.md quotes.
 """
 
 import argparse
@@ -53,7 +53,7 @@ def train(config, workdir, steps, *extra):
 
 
 def summary(saved):
-  """The numbers the README's paragraph quotes, from cka.json."""
+  """The numbers docs/evaluation.md's paragraph quotes, from cka.json."""
   out = {}
   for key in ('a', 'b'):
     model = saved['models'][key]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU run (under ten minutes on one H100/H200-class GPU): the
-# accelerator table for README. Writes $OUT/gpu_table.txt and .json.
+# accelerator table for docs/performance.md. Writes $OUT/gpu_table.txt and .json.
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh
 set -euo pipefail
 OUT=${OUT:-/tmp/vit_jax_gpu}

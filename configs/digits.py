@@ -25,7 +25,7 @@ def get_config(arg=None):
   c.model_name = 'ViT-Ti_16'
   # Ti width (192, 3 heads) with 4x4 patches on 16x16 upsampled digits: each
   # patch sees 2x2 original pixels. Two blocks trained twice as long beat
-  # four blocks in the same time (README: expected results).
+  # four blocks in the same time (docs/results.md).
   c.model = {'patches': {'size': (4, 4)},
              'transformer': {'num_layers': 2, 'dropout_rate': 0.1},
              **_SWITCHES['model']}

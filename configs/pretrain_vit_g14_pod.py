@@ -2,7 +2,7 @@ r"""ViT-G/14 pre-training on a TPU pod slice: the mesh of a 1.8B-parameter ViT.
 
 ViT-G/14 ("Scaling Vision Transformers", Zhai et al. 2021, Table 2): width
 1664, depth 48, MLP 8192, 16 heads, 1.84B parameters with a 1000-class head
-(README's parameter table). This config documents the mesh; its optimiser
+(docs/models.md's table). This config documents the mesh; its optimiser
 values are this library's paper recipe for large-scale pre-training
 (`pretrain_jft.py`: Adam, batch 4096, 10k warm-up, linear decay, weight decay
 0.1), not the modified Adafactor of Zhai et al., which vit_jax does not

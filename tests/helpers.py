@@ -170,3 +170,17 @@ def assert_refused(result, *expected):
   for text in expected:
     assert text in lines[0], lines
   return lines
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def doc_files():
+  """README.md and the documentation site's pages (docs/*.md), as paths."""
+  return [os.path.join(_REPO, 'README.md')] + sorted(
+      glob.glob(os.path.join(_REPO, 'docs', '*.md')))
+
+
+def doc_text():
+  """The text of README.md and every documentation page, joined."""
+  return '\n'.join(open(f, encoding='utf-8').read() for f in doc_files())

@@ -55,3 +55,15 @@ def test_constraints_pin_what_jaxs_tpu_extra_installs():
   for requirement in wanted:
     pin = pins.get(utils.canonicalize_name(requirement.name))
     assert pin and requirement.specifier.contains(pin), (requirement, pin)
+
+
+def test_constraints_pin_the_docs_extra_within_its_ranges(monkeypatch):
+  # .ci/run builds the site from `pip install -e ".[docs]" -c constraints.txt`:
+  # each requirement pinned, the pin inside setup.py's tested range.
+  pins = _constraints()
+  docs = list(map(requirements.Requirement,
+                  _setup_kwargs(monkeypatch)['extras_require']['docs']))
+  assert {r.name for r in docs} >= {'sphinx', 'myst-parser'}
+  for requirement in docs:
+    pin = pins.get(utils.canonicalize_name(requirement.name))
+    assert pin and requirement.specifier.contains(pin), (requirement, pin)

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from helpers import assert_refused
+from helpers import doc_text
 from helpers import make_image_folder
 from helpers import snapshot
 from vit_jax import checkpointing
@@ -374,9 +375,9 @@ def test_print_config_lists_every_field_with_value_and_comment():
 
 
 def readme_model_overrides():
-  """Every `--config.model.<field>=<value>` README shows (one per field)."""
-  with open(os.path.join(REPO, 'README.md')) as f:
-    found = re.findall(r'(--config\.model\.[\w.]+)=([^\s`),;]+)', f.read())
+  """Every `--config.model.<field>=<value>` README and the documentation
+  pages show (one per field)."""
+  found = re.findall(r'(--config\.model\.[\w.]+)=([^\s`),;]+)', doc_text())
   return [f'{flag}={value}' for flag, value in dict(found).items()]
 
 

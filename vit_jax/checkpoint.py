@@ -551,7 +551,8 @@ def inspect_params(params: Params, expected: Params, *,
 
   Args:
     params: Parameters to check (e.g. from `load`).
-    expected: Reference tree; leaves may be arrays or `jax.ShapeDtypeStruct`s.
+    expected: Reference tree; leaves may be arrays or
+      `jax.ShapeDtypeStruct` objects.
     fail_if_extra: Raise on keys absent from `expected`.
     fail_if_missing: Raise on keys of `expected` absent from `params`.
     fail_if_shape_mismatch: Raise on keys whose shapes differ.
@@ -697,6 +698,7 @@ def load_pretrained(*, pretrained_path: str, init_params: Params,
     when it has one the checkpoint lacks, the fresh one is used.
   * Position embeddings are interpolated to the new patch grid.
   * Scanned and unscanned layouts are converted to match `init_params`.
+
   Every other parameter must be present with the expected shape.
 
   Args:

@@ -20,7 +20,7 @@ Config fields read here (all optional except `dataset`, `image_size` and
 
 Multi-process: each JAX process reads a disjoint shard (an even split of the
 tfds split, or every n-th file) and produces its part of the global batch,
-which `prefetch_to_device` assembles into global `jax.Array`s.
+which `prefetch_to_device` assembles into global `jax.Array` values.
 
 Resumable order: epoch `e` is shuffled with a seed derived from
 (`config.seed`, e) and every example's augmentation is seeded by (seed,
@@ -610,7 +610,7 @@ def eval_dataset(data: config_lib.DataSection, split: str | None = None, *,
 
 def prefetch_to_device(batches: Iterator[Any], sharding: Any,
                        size: int = 2) -> Iterator[Any]:
-  """Turns local numpy batches into global `jax.Array`s, `size` ahead.
+  """Turns local numpy batches into global `jax.Array` values, `size` ahead.
 
   Transfers are asynchronous, so keeping `size` batches in flight overlaps
   the host->device copy of the next batches with the current step.

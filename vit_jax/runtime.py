@@ -5,7 +5,7 @@ at every step; without huge pages each step page-faults through gigabytes of
 fresh memory (measured: a fifth to a quarter of the step's CPU time in the
 kernel). glibc's `glibc.malloc.hugetlb=1` tunable makes malloc ask for
 transparent huge pages, which cut the ViT-S_16 train step on a 2-core CPU
-from 6.7 s to 4.6-4.8 s (README, Performance). glibc reads tunables only at
+from 6.7 s to 4.6-4.8 s (docs/performance.md). glibc reads tunables only at
 process start, so the command-line entry points re-execute themselves once
 with the setting (same PID, same arguments) before importing anything heavy.
 
@@ -16,7 +16,7 @@ user already set in `GLIBC_TUNABLES` is kept.
 The host is also split into one XLA CPU device per usable core
 (`--xla_force_host_platform_device_count`), so a CPU run is data parallel
 over its cores: the ViT-S_16 train step ran 9-12% faster on 2 devices than
-on one on a 2-core machine, alternating (README, Performance), where one
+on one on a 2-core machine, alternating (docs/performance.md), where one
 device already kept both cores busy (1.92 cores) but worked on buffers
 twice as large, and 8 devices were slower than one. Data parallelism changes
 the order of the gradient sums, not what is computed; a CPU run's batch must

@@ -300,7 +300,7 @@ def check_batch_size(global_batch: int, mesh: Mesh, *,
 
 
 def make_global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
-  """Assembles per-process numpy batches into global `jax.Array`s.
+  """Assembles per-process numpy batches into global `jax.Array` values.
 
   Each process passes its own slice (leading axis = global / processes); the
   result is one array per leaf with the global leading dimension, sharded by
@@ -311,7 +311,7 @@ def make_global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
     sharding: Usually `batch_sharding(mesh)`.
 
   Returns:
-    Pytree of global `jax.Array`s.
+    Pytree of global `jax.Array` values.
   """
   def to_global(x):
     global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
@@ -327,11 +327,11 @@ def put_global(tree: Any, shardings: Any) -> Any:
 
   Args:
     tree: Pytree of numpy (or host) arrays, identical on every process; it
-      may also hold global `jax.Array`s (they are resharded if needed).
-    shardings: Matching pytree (or prefix) of `jax.sharding.Sharding`s.
+      may also hold global `jax.Array` values (they are resharded if needed).
+    shardings: Matching pytree (or prefix) of `jax.sharding.Sharding` objects.
 
   Returns:
-    Pytree of global `jax.Array`s.
+    Pytree of global `jax.Array` values.
   """
   def put(x, sharding):
     if isinstance(x, jax.Array):
@@ -372,7 +372,7 @@ def stacked_paths(tree: Any) -> frozenset[str]:
   no parameter name is assumed.
 
   Args:
-    tree: Pytree of arrays or `jax.ShapeDtypeStruct`s.
+    tree: Pytree of arrays or `jax.ShapeDtypeStruct` objects.
 
   Returns:
     The leaves' paths inside a stack.
@@ -597,7 +597,7 @@ def tree_shardings(tree: Any, mesh: Mesh,
     param_axes: The model's logical axes (see `partition_spec`).
 
   Returns:
-    A matching tree of `NamedSharding`s.
+    A matching tree of `NamedSharding` objects.
   """
   stacked = stacked_paths(tree)
 

@@ -175,7 +175,8 @@ def make_hsic_fn(mesh: jax.sharding.Mesh
 class MinibatchCKA:
   """Accumulates HSIC_1 over minibatches; `result()` is the CKA matrix.
 
-  Example:
+  Example::
+
     acc = MinibatchCKA()
     for xs, ys in batches:  # Lists of [batch, ...] arrays, same examples.
       acc.update(xs, ys)
