@@ -9,6 +9,8 @@ import pathlib
 import re
 import subprocess
 
+import pytest
+
 from helpers import doc_files
 
 README = pathlib.Path(__file__).resolve().parent.parent / 'README.md'
@@ -218,6 +220,7 @@ _NOT_CHECKED = {
 }
 
 
+@pytest.mark.slow
 def test_every_doc_command_is_checked_or_says_why_not():
   ci = (REPO / '.ci' / 'run').read_text()
   exported = {}
