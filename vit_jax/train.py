@@ -599,7 +599,7 @@ def train_and_evaluate(
                                                source=source)
     start_position = train_iter.position
     batch_sharding = sharding.batch_sharding(mesh)
-    batches = input_pipeline.prefetch_to_device(
+    batches = sharding.prefetch_to_device(
         train_iter, batch_sharding,
         size=run.loop.prefetch)
     step_fn = make_train_step(run.loop, objective, model, tx, mesh,
