@@ -69,20 +69,20 @@ def load_run(workdir: str) -> Loaded:
     FileNotFoundError: neither a checkpoint nor final parameters.
   """
   # pylint: disable=g-import-not-at-top
-  from vit_jax import checkpointing
+  from vit_jax import run_checkpoints
   from vit_jax import config_lib
   from vit_jax import input_pipeline
   # pylint: enable=g-import-not-at-top
   run = config_lib.parse(config_lib.load_run_config(workdir))
   try:
-    step, params = checkpointing.load_params(workdir)
+    step, params = run_checkpoints.load_params(workdir)
     source = f'{workdir} step {step}'
   except FileNotFoundError:
-    source = os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE)
+    source = os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE)
     if not os.path.exists(source):
       raise FileNotFoundError(
           f'{workdir} has neither a checkpoint nor '
-          f'{checkpointing.FINAL_PARAMS_FILE}: nothing to load.') from None
+          f'{run_checkpoints.FINAL_PARAMS_FILE}: nothing to load.') from None
     params = checkpoint.load(source)
   params = checkpoint.unstack_encoder_blocks(params)
   class_names = None
