@@ -72,7 +72,7 @@ def train_step_rates(data, model_name, steps):
     return optax.apply_updates(params, updates), opt_state, loss
 
   step = jax.jit(step, donate_argnums=(0, 1))
-  batches = input_pipeline.prefetch_to_device(
+  batches = sharding.prefetch_to_device(
       input_pipeline.train_iterator(data), batch_sharding)
   fixed = next(batches)
   t0 = time.perf_counter()

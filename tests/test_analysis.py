@@ -215,7 +215,7 @@ def test_evaluate_and_analysis_do_not_import_the_training_loop(module):
 def test_model_from_a_workdir_of_either_objective(tmp_path, objective):
   """The model of a run's config.json, with or without its classifier."""
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from vit_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from vit_jax import run_checkpoints  # pylint: disable=g-import-not-at-top
   from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
   from vit_jax.objectives import mpp  # pylint: disable=g-import-not-at-top
   from vit_jax.analysis import __main__ as cli  # pylint: disable=g-import-not-at-top
@@ -246,7 +246,7 @@ def test_model_from_a_workdir_of_either_objective(tmp_path, objective):
     params = init_params(vit_jax.models.get_model(num_classes=3, **args),
                          images)
   checkpoint.save(params, os.path.join(workdir,
-                                       checkpointing.FINAL_PARAMS_FILE))
+                                       run_checkpoints.FINAL_PARAMS_FILE))
   model, loaded, size, names = cli.model_from_workdir(workdir)
   assert (size, names) == (16, tuple('abc'))
   assert model.num_classes == (None if objective == 'mpp' else 3)

@@ -21,7 +21,7 @@ from helpers import make_image_folder
 from helpers import snapshot
 from helpers import PickleExploit
 from vit_jax import checkpoint
-from vit_jax import checkpointing
+from vit_jax import run_checkpoints
 from vit_jax import input_pipeline
 from vit_jax import train
 from vit_jax import workdir as workdir_lib
@@ -215,7 +215,7 @@ def test_workdir_not_writable(tmp_path, tfds_dir):
 def test_corrupt_newest_step_falls_back_to_the_previous_one(
     finished_run, existing_run, tfds_dir, caplog):
   workdir, _ = existing_run
-  newest = os.path.join(workdir, checkpointing.CHECKPOINT_DIR, '4')
+  newest = os.path.join(workdir, run_checkpoints.CHECKPOINT_DIR, '4')
   for path in glob.glob(os.path.join(newest, 'state', '**'), recursive=True):
     if os.path.isfile(path) and os.path.getsize(path) > 16:
       with open(path, 'r+b') as f:
@@ -223,7 +223,7 @@ def test_corrupt_newest_step_falls_back_to_the_previous_one(
   damaged = snapshot(newest)
   # As if killed before the final parameters were written (a finished run
   # is not trained again, damaged checkpoint or not).
-  os.remove(os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE))
+  os.remove(os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE))
   caplog.set_level(logging.WARNING)
   metrics = train.train_and_evaluate(tiny_config(tfds_dir), workdir)
   assert re.search(r'Checkpoint step 4 in .* cannot be read', caplog.text)
@@ -231,15 +231,15 @@ def test_corrupt_newest_step_falls_back_to_the_previous_one(
   # Resumed from step 2, trained steps 3 and 4 again, finished.
   assert metrics['eval/examples'] == 299
   steps = sorted(int(s) for s in os.listdir(
-      os.path.join(workdir, checkpointing.CHECKPOINT_DIR)) if s.isdigit())
+      os.path.join(workdir, run_checkpoints.CHECKPOINT_DIR)) if s.isdigit())
   assert steps == [2, 4]
   # The damaged step is kept, byte for byte, for inspection.
-  assert snapshot(os.path.join(workdir, checkpointing.CORRUPT_DIR, '4')) == \
+  assert snapshot(os.path.join(workdir, run_checkpoints.CORRUPT_DIR, '4')) == \
       damaged
   # The retrained steps equal the original ones (same seed, same data order).
   def final(run):
     return checkpoint.flatten(checkpoint.load(
-        os.path.join(run, checkpointing.FINAL_PARAMS_FILE)))
+        os.path.join(run, run_checkpoints.FINAL_PARAMS_FILE)))
   original, retrained = final(finished_run), final(workdir)
   for key in original:
     np.testing.assert_array_equal(original[key], retrained[key], err_msg=key)
@@ -263,13 +263,13 @@ def test_failing_final_evaluation_keeps_the_final_parameters(
   # and the last step's checkpoint is complete.
   def final(run):
     return checkpoint.flatten(checkpoint.load(
-        os.path.join(run, checkpointing.FINAL_PARAMS_FILE)))
+        os.path.join(run, run_checkpoints.FINAL_PARAMS_FILE)))
   expected, saved = final(finished_run), final(workdir)
   assert sorted(saved) == sorted(expected)
   for key in expected:
     np.testing.assert_array_equal(saved[key], expected[key], err_msg=key)
   assert os.path.isdir(
-      os.path.join(workdir, checkpointing.CHECKPOINT_DIR, '4'))
+      os.path.join(workdir, run_checkpoints.CHECKPOINT_DIR, '4'))
   # Once the evaluator works, the same call evaluates without training.
   monkeypatch.undo()
   metrics = train.train_and_evaluate(tiny_config(tfds_dir), workdir)

@@ -476,7 +476,7 @@ def test_analyze_cka_writes_heatmaps_and_numbers(two_models, tmp_path):
 def _workdir(path, model_overrides, params, image_size):
   """A training run's files as vit_jax.main leaves them (no training)."""
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from vit_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from vit_jax import run_checkpoints  # pylint: disable=g-import-not-at-top
   from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.get_base()
   config.model_name, config.model = model_overrides
@@ -486,7 +486,7 @@ def _workdir(path, model_overrides, params, image_size):
     f.write(config.to_json_best_effort())
   with open(os.path.join(path, 'class_names.json'), 'w') as f:
     json.dump({'class_names': list('abc')}, f)
-  checkpoint.save(params, os.path.join(path, checkpointing.FINAL_PARAMS_FILE))
+  checkpoint.save(params, os.path.join(path, run_checkpoints.FINAL_PARAMS_FILE))
   return str(path)
 
 

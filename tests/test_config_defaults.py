@@ -183,19 +183,84 @@ def test_no_module_below_the_top_receives_the_whole_config():
           n.split('.')[0] for n in names], f'{rel}:{node.lineno}'
 
 
-def test_mpp_dataclass_defaults_are_get_base_values():
-  """MppConfig (public, constructible on its own) keeps get_base().mpp's."""
-  base = config_lib.get_base().mpp.to_dict()
-  defaults = {f.name: f.default for f in dataclasses.fields(mpp.MppConfig)}
-  assert base == {name: defaults[name] for name in base}
-  assert mpp.MppConfig.from_dict({}) == mpp.MppConfig(**base)
+# Every field's effective default, written out by hand: what a config that
+# sets nothing trains (the model's fields: ViT-Ti_16's registry config).
+EXPECTED_DEFAULTS = {
+    'accum_steps': 1, 'async_checkpoints': True, 'base_lr': 0.03,
+    'batch': 512, 'batch_eval': 512, 'beta1': 0.9, 'beta2': 0.999,
+    'checkpoint_every': 1000, 'compute_dtype': 'float32',
+    'dataset': 'digits', 'decay_type': 'cosine', 'ema_decay': None,
+    'eval_every': 1000, 'eval_split': None, 'evals.fewshot.dataset': '',
+    'evals.fewshot.default_l2': 1.0, 'evals.fewshot.every': 0,
+    'evals.fewshot.l2_grid': [], 'evals.fewshot.max_test_examples': 10000,
+    'evals.fewshot.pool_per_class': 100,
+    'evals.fewshot.representation': 'pre_logits', 'evals.fewshot.seeds': 3,
+    'evals.fewshot.shots': [1, 5, 10, 25], 'fsdp_min_size': 16384,
+    'grad_clip_norm': 1.0, 'image_folder': '', 'image_folder_test_percent': 10,
+    'image_size': 224, 'keep_checkpoints': 3, 'label_smoothing': 0.0,
+    'log_every': 50, 'loss': 'softmax_xent',
+    'mesh': [['data', -1], ['fsdp', 1]], 'mixup_alpha': 0.0,
+    'model_name': 'ViT-Ti_16', 'momentum': 0.9, 'mpp.bits': 3,
+    'mpp.corruption_rate': 0.5, 'mpp.mask_prob': 0.8, 'mpp.random_prob': 0.1,
+    'mpp.target': '3bit', 'mu_dtype': None, 'num_classes': None,
+    'objective': 'classification', 'optimizer': 'sgd', 'prefetch': 2,
+    'pretrained_path': '', 'profile': False, 'remat': False, 'scan': False,
+    'seed': 0, 'sharding_rules': [['.*', 'auto']], 'shuffle_buffer': 50000,
+    'skip_bad_images': False, 'tfds_data_dir': None, 'tfds_download': False,
+    'total_steps': 10000, 'train_split': None, 'warmup_steps': 500,
+    'weight_decay': 0.0,
+    'model.patches.size': [16, 16], 'model.transformer.num_layers': 12,
+    'model.transformer.mlp_dim': 768, 'model.transformer.num_heads': 3,
+    'model.transformer.dropout_rate': 0.0,
+    'model.transformer.attention_dropout_rate': 0.0,
+    'model.transformer.add_position_embedding': True,
+    'model.hidden_size': 192, 'model.resnet': None,
+    'model.representation_size': None, 'model.classifier': 'token',
+    'model.head_bias_init': 0.0, 'model.remat': False, 'model.scan': False,
+    'model.attention_impl': 'auto', 'model.remat_policy': None,
+    'model.posemb': 'learn', 'model.stochastic_depth': 0.0,
+    'model.num_registers': 0, 'model.layer_norm_epsilon': 1e-06,
+    'model.gelu_approximate': True,
+    'pp.inception_crop': True, 'pp.crop_area_range': [0.05, 1.0],
+    'pp.flip': True, 'pp.eval_crop_fraction': 1.0, 'pp.randaugment': [],
+}
+# Set through config fields of their own (compute_dtype).
+_DTYPES = ('model.dtype', 'model.param_dtype')
 
 
-def test_sharding_constants_are_get_base_values():
-  base = config_lib.get_base()
-  assert tuple(map(tuple, base.mesh)) == sharding.DEFAULT_MESH
-  assert tuple(map(tuple, base.sharding_rules)) == sharding.DEFAULT_RULES
-  assert base.fsdp_min_size == sharding.DEFAULT_FSDP_MIN_SIZE
+def test_every_effective_default_has_its_value():
+  """One value per field, wherever it is declared (get_base, the mpp
+  objective's dataclass, the sharding constants, the preprocessing and the
+  registry for the free-form groups)."""
+  fields = config_lib.run_fields(config_lib.get_base())
+  assert {k: v for k, v in fields.items()
+          if k not in _DTYPES} == EXPECTED_DEFAULTS
+  assert config_lib.run_fields({}) == fields  # A config that sets nothing.
+
+
+def test_get_base_documents_the_defaults_declared_elsewhere():
+  """get_base()'s docstring lists the values of the fields it reads from
+  other modules and of the free-form preprocessing group."""
+  doc = ' '.join(config_lib.get_base.__doc__.split())
+  for name in ('target', 'corruption_rate', 'mask_prob', 'random_prob',
+               'bits', 'inception_crop', 'crop_area_range', 'flip',
+               'eval_crop_fraction', 'randaugment'):
+    group = 'mpp' if f'mpp.{name}' in EXPECTED_DEFAULTS else 'pp'
+    value = EXPECTED_DEFAULTS[f'{group}.{name}']
+    value = tuple(value) if isinstance(value, list) else value
+    assert f'{name}={value!r}' in doc, name
+  for name in ('mesh', 'sharding_rules', 'fsdp_min_size'):
+    value = EXPECTED_DEFAULTS[name]
+    if isinstance(value, list):
+      value = tuple(tuple(v) for v in value)
+    assert f'{name} {"`"}' in doc and repr(value) in doc, name
+  # The constructible-on-their-own types agree with what get_base lists.
+  assert mpp.MppConfig() == mpp.MppConfig(
+      target='3bit', corruption_rate=0.5, mask_prob=0.8, random_prob=0.1,
+      bits=3)
+  assert mpp.MppConfig.from_dict({}) == mpp.MppConfig()
+  assert sharding.DEFAULT_MESH == (('data', -1), ('fsdp', 1))
+  assert sharding.DEFAULT_RULES == (('.*', 'auto'),)
 
 
 def test_optimizer_of_a_partial_config_is_that_of_get_base():

@@ -152,7 +152,7 @@ def test_eval_yields_each_example_once_on_1_2_8_devices(tfds_dir,
   config = digits_config(tfds_dir, batch_eval=8 * 7)
   mesh = sharding.make_mesh(devices=jax.devices()[:num_devices])
   ds, num_batches = input_pipeline.eval_dataset(data(config))
-  batches = list(input_pipeline.prefetch_to_device(
+  batches = list(sharding.prefetch_to_device(
       ds.as_numpy_iterator(), sharding.batch_sharding(mesh)))
   assert len(batches) == num_batches == 6  # ceil(299 / 56)
   assert all(len(b['image'].sharding.device_set) == num_devices
@@ -220,13 +220,13 @@ _WORKER = textwrap.dedent('''
               (batch['image'].sum((1, 2, 3)) * mask).sum())
 
     total, counts, checksum = 0.0, np.zeros(10), 0.0
-    for batch in input_pipeline.prefetch_to_device(ds.as_numpy_iterator(),
-                                                   batch_sharding):
+    for batch in sharding.prefetch_to_device(ds.as_numpy_iterator(),
+                                             batch_sharding):
       assert batch['image'].shape[0] == config.batch_eval
       m, c, s = stats(batch)
       total, counts, checksum = total + float(m), counts + np.asarray(c), (
           checksum + float(s))
-    train = next(input_pipeline.prefetch_to_device(
+    train = next(sharding.prefetch_to_device(
         input_pipeline.train_iterator(data(config)), batch_sharding))
     print('RESULT ' + json.dumps({
         'devices': jax.device_count(), 'num_batches': num_batches,
@@ -442,7 +442,7 @@ def test_image_folder_trains_and_evaluates(tmp_path):
     return optax.apply_updates(p, updates), o, loss
 
   losses = []
-  train = input_pipeline.prefetch_to_device(
+  train = sharding.prefetch_to_device(
       input_pipeline.train_iterator(data(config)), batch_sharding)
   for _ in range(40):
     params, opt_state, loss = step(params, opt_state, next(train))
@@ -457,8 +457,8 @@ def test_image_folder_trains_and_evaluates(tmp_path):
 
   ds, _ = input_pipeline.eval_dataset(data(config))
   hits = count = 0.0
-  for batch in input_pipeline.prefetch_to_device(ds.as_numpy_iterator(),
-                                                 batch_sharding):
+  for batch in sharding.prefetch_to_device(ds.as_numpy_iterator(),
+                                           batch_sharding):
     h, c = correct(params, batch)
     hits, count = hits + float(h), count + float(c)
   assert count == 9  # 30% of 12 images per class are test images.

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import random_images
 from vit_jax import checkpoint
-from vit_jax import checkpointing
+from vit_jax import run_checkpoints
 from vit_jax.objectives import mpp
 from vit_jax import train
 import vit_jax.models
@@ -197,7 +197,7 @@ def test_an_mpp_checkpoint_from_before_objectives_loads_and_fine_tunes(
   workdir = str(tmp_path / 'tuned')
   train.train_and_evaluate(config, workdir)
   tuned = checkpoint.flatten(checkpoint.load(
-      os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE)))
+      os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE)))
   assert not any(k.startswith('mpp_') for k in tuned)
   for key, value in checkpoint.flatten(old).items():
     if not key.startswith('mpp_'):
@@ -231,15 +231,15 @@ def test_mpp_pretraining_on_digits_then_finetuning_through_the_cli(tmp_path):
        '--config=configs/finetune.py:ti16,digits,runlocal',
        f'--workdir={tuned}', f'--config.tfds_data_dir={tfds_dir}',
        f'--config.pretrained_path={pretrain}/'
-       f'{checkpointing.FINAL_PARAMS_FILE}'],
+       f'{run_checkpoints.FINAL_PARAMS_FILE}'],
       cwd=REPO, env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'load_pretrained: dropping' in result.stderr
   assert 'mpp_head' in result.stderr and 'mpp_mask_token' in result.stderr
   a = checkpoint.flatten(checkpoint.load(
-      os.path.join(pretrain, checkpointing.FINAL_PARAMS_FILE)))
+      os.path.join(pretrain, run_checkpoints.FINAL_PARAMS_FILE)))
   b = checkpoint.flatten(checkpoint.load(
-      os.path.join(tuned, checkpointing.FINAL_PARAMS_FILE)))
+      os.path.join(tuned, run_checkpoints.FINAL_PARAMS_FILE)))
   assert 'head/kernel' in b and not any(k.startswith('mpp_') for k in b)
   # Fine-tuning started from the pre-trained encoder (4 steps move it a
   # little, not back to a random initialisation).

@@ -12,7 +12,7 @@ import pytest
 
 import helpers
 from vit_jax import checkpoint
-from vit_jax import checkpointing
+from vit_jax import run_checkpoints
 from vit_jax import config_lib
 from vit_jax import convert
 from vit_jax import export
@@ -54,7 +54,7 @@ def run_model(workdir):
   """The run's model and final parameters, built here from its config."""
   run = config_lib.parse(config_lib.load_run_config(workdir))
   params = checkpoint.load(os.path.join(workdir,
-                                        checkpointing.FINAL_PARAMS_FILE))
+                                        run_checkpoints.FINAL_PARAMS_FILE))
   model = vit_jax.models.get_model(num_classes=10, **run.model.model_args())
   return model, params
 

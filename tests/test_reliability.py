@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
-from vit_jax import checkpointing
+from vit_jax import run_checkpoints
 from vit_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,14 +73,14 @@ def read(path):
 
 
 def complete_steps(workdir):
-  directory = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+  directory = os.path.join(workdir, run_checkpoints.CHECKPOINT_DIR)
   if not os.path.isdir(directory):
     return []
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
 def partial_saves(workdir):
-  directory = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+  directory = os.path.join(workdir, run_checkpoints.CHECKPOINT_DIR)
   if not os.path.isdir(directory):
     return []
   return [d for d in os.listdir(directory) if 'tmp' in d]
@@ -104,7 +104,7 @@ def metric_lines(workdir):
 
 def final_params(workdir):
   return checkpoint.flatten(checkpoint.load(
-      os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE)))
+      os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE)))
 
 
 def assert_bit_identical_params(a, b):
@@ -232,7 +232,7 @@ def test_sigterm_saves_at_the_next_step_exits_0_and_resumes(
   assert len(saved) == 1 and 7 <= saved[0] < TOTAL_STEPS
   assert complete_steps(workdir) == saved
   assert not os.path.exists(
-      os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE))
+      os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE))
 
   log_path = str(tmp_path / 'second.log')
   proc = start(args, log_path, env)
@@ -287,7 +287,8 @@ def test_sigterm_to_one_host_of_two_saves_the_same_step_on_both(
   logs = [read(str(tmp_path / f'second_{i}.log')) for i in range(2)]
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   assert [RESTORE_RE.findall(log) for log in logs] == [[str(step)]] * 2
-  assert os.path.exists(os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE))
+  assert os.path.exists(
+      os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE))
 
 
 # ----------------------------------------------------------------------------

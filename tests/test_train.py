@@ -20,7 +20,7 @@ import helpers
 from vit_jax import hlo
 import train_worker
 from vit_jax import checkpoint
-from vit_jax import checkpointing
+from vit_jax import run_checkpoints
 from vit_jax import config_lib
 from vit_jax import objectives
 from vit_jax import optim
@@ -166,7 +166,7 @@ def test_main_job_writes_everything(digits_run):
                  if s.isdigit())
   assert steps == [2, 4]
   params = checkpoint.load(
-      os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE))
+      os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE))
   assert params['Transformer']['posembed_input']['pos_embedding'].shape == (
       1, 17, 192)
   assert json.load(open(os.path.join(workdir, 'class_names.json')))[
@@ -185,7 +185,7 @@ def test_main_job_writes_everything(digits_run):
 def test_finetune_from_npz_at_higher_resolution_through_the_cli(digits_run,
                                                                  tmp_path):
   workdir, tfds_dir, _ = digits_run
-  pretrained = os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE)
+  pretrained = os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE)
   result = run_main('--config=configs/finetune.py:ti16,digits,runlocal',
                     f'--workdir={tmp_path}', f'--config.tfds_data_dir={tfds_dir}',
                     f'--config.pretrained_path={pretrained}',
@@ -194,7 +194,7 @@ def test_finetune_from_npz_at_higher_resolution_through_the_cli(digits_run,
   assert 'resizing position embeddings (1, 17, 192) -> (1, 65, 192)' in \
       result.stderr
   tuned = checkpoint.load(
-      os.path.join(str(tmp_path), checkpointing.FINAL_PARAMS_FILE))
+      os.path.join(str(tmp_path), run_checkpoints.FINAL_PARAMS_FILE))
   assert tuned['Transformer']['posembed_input']['pos_embedding'].shape == (
       1, 65, 192)
 
@@ -224,7 +224,7 @@ def test_finetune_resizes_a_non_square_patch_grid_by_its_real_shape(
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
   tuned = checkpoint.load(
-      os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE))
+      os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE))
   old = params['Transformer']['posembed_input']['pos_embedding']
   grid = np.asarray(old)[0, 1:].reshape(4, 16, -1)
   expected = scipy.ndimage.zoom(grid, (2, 2, 1), order=1).reshape(1, 256, -1)
@@ -759,7 +759,7 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path):
                  if s.isdigit())
   assert saved and max(saved) == bad_step - 1
   assert not os.path.exists(
-      os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE))
+      os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE))
   logged = [json.loads(l)['step'] for l in open(os.path.join(
       workdir, train.METRICS_FILE))]
   assert logged and max(logged) == bad_step - 1
@@ -770,13 +770,13 @@ def test_an_error_mid_run_still_closes_the_writers_and_the_checkpointer(
     tmp_path, monkeypatch, where):
   """Whatever raises in the middle of a run, nothing is left open."""
   closed = []
-  close_checkpointer = checkpointing.Checkpointer.close
+  close_checkpointer = run_checkpoints.Checkpointer.close
 
   def spy_close(self):
     closed.append(self.directory)
     close_checkpointer(self)
 
-  monkeypatch.setattr(checkpointing.Checkpointer, 'close', spy_close)
+  monkeypatch.setattr(run_checkpoints.Checkpointer, 'close', spy_close)
   jsonl_writers = []
 
   class SpyJsonlWriter(writers.JsonlWriter):
@@ -841,9 +841,9 @@ def test_an_error_mid_run_still_closes_the_writers_and_the_checkpointer(
   extra = ExtraWriter()
   with pytest.raises(RuntimeError, match=f'{where} broke'):
     train.train_and_evaluate(config, workdir, extra_writers=[extra])
-  assert closed == [os.path.join(workdir, checkpointing.CHECKPOINT_DIR)]
+  assert closed == [os.path.join(workdir, run_checkpoints.CHECKPOINT_DIR)]
   assert os.path.isdir(
-      os.path.join(workdir, checkpointing.CHECKPOINT_DIR, '2'))
+      os.path.join(workdir, run_checkpoints.CHECKPOINT_DIR, '2'))
   assert extra.closed
   assert len(jsonl_writers) == 1
   assert jsonl_writers[0]._file.closed  # pylint: disable=protected-access
@@ -865,7 +865,7 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
   train.train_and_evaluate(config, resumed)
   # As if killed after the checkpoint of step 4 was written.
   shutil.rmtree(os.path.join(resumed, 'checkpoints', '6'))
-  os.remove(os.path.join(resumed, checkpointing.FINAL_PARAMS_FILE))
+  os.remove(os.path.join(resumed, run_checkpoints.FINAL_PARAMS_FILE))
   train.train_and_evaluate(config, resumed)
 
   def train_lines(workdir):
@@ -876,9 +876,9 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
   assert train_lines(resumed) == train_lines(straight)
   assert [s for s, _ in train_lines(resumed)] == [1, 2, 3, 4, 5, 6]
   a = checkpoint.flatten(checkpoint.load(os.path.join(
-      straight, checkpointing.FINAL_PARAMS_FILE)))
+      straight, run_checkpoints.FINAL_PARAMS_FILE)))
   b = checkpoint.flatten(checkpoint.load(os.path.join(
-      resumed, checkpointing.FINAL_PARAMS_FILE)))
+      resumed, run_checkpoints.FINAL_PARAMS_FILE)))
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 

@@ -20,7 +20,7 @@ import pytest
 
 import helpers
 from vit_jax import checkpoint
-from vit_jax import checkpointing
+from vit_jax import run_checkpoints
 from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax import optim
@@ -321,13 +321,13 @@ def test_evaluation_and_final_params_use_ema_only_when_it_is_on(
   workdir = str(tmp_path / 'run')
   metrics = train.train_and_evaluate(config, workdir)
   final = checkpoint.flatten(checkpoint.load(
-      os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE)))
-  _, raw = checkpointing.load_params(workdir, ema=False)
+      os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE)))
+  _, raw = run_checkpoints.load_params(workdir, ema=False)
   raw = checkpoint.flatten(raw)
   if ema_decay is None:
     expected = raw
   else:
-    _, ema = checkpointing.load_params(workdir, ema=True)
+    _, ema = run_checkpoints.load_params(workdir, ema=True)
     expected = checkpoint.flatten(ema)
     assert any(not np.allclose(raw[k], expected[k]) for k in raw)
   assert sorted(final) == sorted(expected)

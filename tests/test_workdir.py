@@ -24,7 +24,7 @@ from helpers import assert_refused
 from helpers import doc_text
 from helpers import make_image_folder
 from helpers import snapshot
-from vit_jax import checkpointing
+from vit_jax import run_checkpoints
 from vit_jax import cli
 from vit_jax import config_lib
 from vit_jax import train
@@ -184,7 +184,7 @@ def test_metrics_without_checkpoints_are_never_truncated(run_copy, folders):
   config = folder_config(folders[0], folders[2])
   config_lib.apply_overrides(config, [('checkpoint_every', '1')])
   shutil.rmtree(os.path.join(workdir, 'checkpoints'))
-  os.remove(os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE))
+  os.remove(os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE))
   before = snapshot(workdir)
   # 4 steps logged, checkpoints every step: checkpoints were lost, not
   # still being written: starting at 0 would truncate the metrics.
@@ -234,7 +234,7 @@ def test_a_run_directory_as_pretrained_path_fine_tunes_its_final_params(
 
 def read_checkpoints(workdir):
   """{step: ({'state path': array}, data item)} of every checkpoint."""
-  directory = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+  directory = os.path.join(workdir, run_checkpoints.CHECKPOINT_DIR)
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True),
       item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -264,7 +264,7 @@ def test_resumed_twice_writes_the_same_checkpoints_and_positions(
   train.train_and_evaluate(config, straight)
   # Stopped at steps 3 and 5 (the preemption save), resumed each time.
   for stop in (3, 5):
-    monkeypatch.setattr(checkpointing.PreemptionWatcher, 'reached',
+    monkeypatch.setattr(run_checkpoints.PreemptionWatcher, 'reached',
                         lambda self, step, stop=stop: step == stop)
     metrics = train.train_and_evaluate(config, resumed)
     assert metrics['preempted_at_step'] == stop
@@ -281,7 +281,7 @@ def test_resumed_twice_writes_the_same_checkpoints_and_positions(
     for key in a[step][0]:
       np.testing.assert_array_equal(a[step][0][key], b[step][0][key],
                                     err_msg=f'step {step} {key}')
-  final = [np.load(os.path.join(w, checkpointing.FINAL_PARAMS_FILE))
+  final = [np.load(os.path.join(w, run_checkpoints.FINAL_PARAMS_FILE))
            for w in (straight, resumed)]
   for key in final[0].files:
     np.testing.assert_array_equal(final[0][key], final[1][key], err_msg=key)

@@ -20,6 +20,25 @@ from typing import Any
 
 import ml_collections
 
+from vit_jax import config_errors
+from vit_jax import input_pipeline
+from vit_jax import models
+from vit_jax import objectives
+from vit_jax import optim
+from vit_jax import preprocess
+from vit_jax import sharding
+from vit_jax.evaluators import fewshot
+from vit_jax.models import registry
+
+# The sections the modules below own, composed here into a `Run` (and still
+# importable from here, where they were first declared).
+ModelSection = registry.ModelSection
+DataSection = input_pipeline.DataSection
+OptimSection = optim.OptimSection
+ObjectiveSection = objectives.ObjectiveSection
+FewShotSection = fewshot.FewShotSection
+MeshSection = sharding.MeshSection
+
 
 CONFIG_FILE = 'config.json'  # A run's config, in its workdir.
 
@@ -70,210 +89,6 @@ def _check_fields(config: Any, base: ml_collections.ConfigDict,
       _check_fields(config[key], base[key], f'{prefix}{key}.')
 
 
-def _positive(**values: Any) -> None:
-  for name, value in values.items():
-    if value is None or value <= 0:
-      raise ValueError(f'config.{name}={value!r} must be positive.')
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSection:
-  """What model is trained (fields `model_name`, `model`, ...).
-
-  Attributes:
-    model_name: Registry name (`vit_jax.models.MODEL_NAMES`).
-    model: `get_model` overrides (nested dict).
-    compute_dtype: Activation dtype name ('float32', 'bfloat16').
-    remat: Recompute encoder blocks in the backward pass.
-    scan: `nn.scan` over the encoder blocks.
-    pretrained_path: Checkpoint to fine-tune from ('' for none).
-  """
-  model_name: str
-  model: Mapping[str, Any]
-  compute_dtype: str
-  remat: bool
-  scan: bool
-  pretrained_path: str
-
-  def __post_init__(self):
-    from vit_jax import models  # pylint: disable=g-import-not-at-top
-    models.get_config(self.model_name)  # Raises with the known names.
-    # Override keys a config file wrote, checked here as the command line's
-    # are (else get_model's TypeError would come after the data is read).
-    fields = models.model_fields(self.model_name)
-    where = f'of {self.model_name} (vit_jax.models.model_fields)'
-    for key, value in self.model.items():
-      if key in _MODEL_FIELDS_SET_ELSEWHERE:
-        raise ValueError(f'config.model.{key} is set by '
-                         f'{_MODEL_FIELDS_SET_ELSEWHERE[key] or "the run"}.')
-      known_names = _nested_names(fields, 'model.')
-      if key not in fields:
-        raise _unknown(f'model.{key}', known_names, where)
-      if isinstance(value, Mapping) and isinstance(fields[key], Mapping):
-        for inner in value:
-          if inner not in fields[key]:
-            raise _unknown(f'model.{key}.{inner}', known_names, where)
-    for option in ('remat', 'scan'):
-      if getattr(self, option) and option not in fields:
-        raise ValueError(
-            f'config.{option}=True: {self.model_name} '
-            f'({models.model_class(self.model_name).__name__}) has no '
-            f'{option} option; set config.{option}=False.')
-
-  def model_args(self) -> dict[str, Any]:
-    """This model as keyword arguments of `vit_jax.models.get_model`.
-
-    `vit_jax.models.get_model(num_classes=n, **section.model_args())` is the
-    model a run trains (objective-specific heads aside: see
-    `train.build_model`).
-
-    Returns:
-      {'name': registry name, 'dtype': compute dtype, the `model`
-      overrides, and 'remat' / 'scan' when they are on}.
-    """
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    args = {'name': self.model_name, 'dtype': jnp.dtype(self.compute_dtype),
-            **self.model}
-    # Only when on: families without the option (MlpMixer has neither) build
-    # with the defaults, and asking them for it names the field.
-    for option in ('remat', 'scan'):
-      if getattr(self, option):
-        args[option] = True
-    return args
-
-  def total_stride(self) -> tuple[int, str]:
-    """(pixels per token along the height, 'patch size' or 'total stride')."""
-    from vit_jax import models  # pylint: disable=g-import-not-at-top
-    # pylint: disable-next=g-import-not-at-top
-    from vit_jax.models import resnet, vit
-    # The overrides (e.g. 4x4 patches) decide, not the name.
-    model_config = models.get_config(self.model_name, **self.model)
-    ph, _ = vit.patch_size_of(model_config['patches'])
-    if model_config.get('resnet') is None:
-      return ph, 'patch size'
-    return ph * resnet.total_stride(model_config['resnet']), 'total stride'
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSection:
-  """Where the images come from and how they are batched.
-
-  Attributes mirror the config fields of the same names (see `get_base()`).
-  `train_split`, `eval_split` and `num_classes` may be None: the dataset's
-  preset (or the data itself) decides.
-  """
-  dataset: str
-  tfds_data_dir: str | None
-  tfds_download: bool
-  image_folder: str
-  image_folder_test_percent: int
-  skip_bad_images: bool
-  train_split: str | None
-  eval_split: str | None
-  num_classes: int | None
-  image_size: int
-  pp: Mapping[str, Any]
-  shuffle_buffer: int
-  batch: int
-  batch_eval: int
-  seed: int
-
-  def __post_init__(self):
-    if not self.dataset:
-      raise ValueError("config.dataset is not set: use a tfds name, 'digits' "
-                       "or 'image_folder'.")
-    if not isinstance(self.image_size, int) or self.image_size <= 0:
-      raise ValueError(f'config.image_size={self.image_size!r} must be a '
-                       'positive number of pixels.')
-    _positive(batch=self.batch, batch_eval=self.batch_eval,
-              shuffle_buffer=self.shuffle_buffer)
-    if self.num_classes is not None and self.num_classes <= 0:
-      raise ValueError(f'config.num_classes={self.num_classes} must be '
-                       'positive (or None: from the dataset).')
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimSection:
-  """The optimizer and its learning-rate schedule (`vit_jax.optim`)."""
-  optimizer: str
-  base_lr: float
-  total_steps: int
-  warmup_steps: int
-  decay_type: str
-  weight_decay: float
-  momentum: float
-  beta1: float
-  beta2: float
-  grad_clip_norm: float
-  mu_dtype: str | None
-
-  def __post_init__(self):
-    from vit_jax import optim  # pylint: disable=g-import-not-at-top
-    if self.optimizer not in optim.OPTIMIZERS:
-      raise ValueError(f'config.optimizer={self.optimizer!r}; use one of '
-                       f'{optim.OPTIMIZERS}.')
-    _positive(base_lr=self.base_lr, total_steps=self.total_steps)
-    if not 0 <= self.warmup_steps < self.total_steps:
-      raise ValueError(f'config.warmup_steps={self.warmup_steps} must be in '
-                       f'[0, total_steps={self.total_steps}).')
-    if self.decay_type not in optim.DECAY_TYPES:
-      raise ValueError(f'config.decay_type={self.decay_type!r}; use one of '
-                       f'{optim.DECAY_TYPES}.')
-    if self.weight_decay < 0:
-      raise ValueError(f'config.weight_decay={self.weight_decay} must be '
-                       '>= 0.')
-    if self.mu_dtype is not None and self.mu_dtype not in optim.MU_DTYPES:
-      raise ValueError(f'config.mu_dtype={self.mu_dtype!r}; use one of '
-                       f'{optim.MU_DTYPES} or None (the parameters\' dtype).')
-    if self.grad_clip_norm is not None and self.grad_clip_norm < 0:
-      raise ValueError(f'config.grad_clip_norm={self.grad_clip_norm} must be '
-                       '>= 0 (0 disables clipping).')
-
-
-def _mpp_config(fields: Mapping[str, Any]) -> Any:
-  from vit_jax.objectives import mpp  # pylint: disable=g-import-not-at-top
-  return mpp.MppConfig.from_dict(fields)
-
-
-@dataclasses.dataclass(frozen=True)
-class ObjectiveSection:
-  """What the model learns (`vit_jax.objectives.get`).
-
-  Attributes:
-    objective: 'classification' or 'mpp'.
-    loss: Classification loss, 'softmax_xent' or 'sigmoid_xent'.
-    label_smoothing: Label-smoothing factor of the classification loss.
-    mixup_alpha: Mixup's Beta(alpha, alpha) parameter; 0 for none.
-    mpp: Masked patch prediction settings
-      (`vit_jax.objectives.mpp.MppConfig`).
-  """
-  objective: str
-  loss: str
-  label_smoothing: float
-  mixup_alpha: float
-  mpp: Any = dataclasses.field(metadata={'parse': _mpp_config})
-
-  def __post_init__(self):
-    from vit_jax import losses  # pylint: disable=g-import-not-at-top
-    from vit_jax import objectives  # pylint: disable=g-import-not-at-top
-    if self.objective not in objectives.NAMES:
-      raise ValueError(f'config.objective={self.objective!r}; use one of '
-                       f'{objectives.NAMES}.')
-    if self.loss not in losses.LOSSES:
-      raise ValueError(f'config.loss={self.loss!r}; use one of '
-                       f'{losses.LOSSES}.')
-    if not 0 <= self.label_smoothing < 1:
-      raise ValueError(f'config.label_smoothing={self.label_smoothing} must '
-                       'be in [0, 1).')
-    if self.mixup_alpha < 0:
-      raise ValueError(f'config.mixup_alpha={self.mixup_alpha} must be >= 0 '
-                       '(0 turns mixup off).')
-    if self.mixup_alpha and self.objective != 'classification':
-      raise ValueError(
-          f'config.mixup_alpha={self.mixup_alpha} mixes class labels: it '
-          f'needs objective=\'classification\', not {self.objective!r}.')
-
-
 @dataclasses.dataclass(frozen=True)
 class LoopSection:
   """Steps, averaging, logging and checkpointing of the training loop."""
@@ -293,9 +108,10 @@ class LoopSection:
     if self.accum_steps < 1:
       raise ValueError(f'config.accum_steps={self.accum_steps} must be '
                        '>= 1.')
-    _positive(log_every=self.log_every, eval_every=self.eval_every,
-              checkpoint_every=self.checkpoint_every,
-              keep_checkpoints=self.keep_checkpoints, prefetch=self.prefetch)
+    config_errors.check_positive(
+        log_every=self.log_every, eval_every=self.eval_every,
+        checkpoint_every=self.checkpoint_every,
+        keep_checkpoints=self.keep_checkpoints, prefetch=self.prefetch)
     if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
       raise ValueError(f'config.ema_decay={self.ema_decay} must be in '
                        '[0, 1).')
@@ -307,59 +123,10 @@ class LoopSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class FewShotSection:
-  """The few-shot linear evaluator (fields `evals.fewshot.*`)."""
-  every: int
-  dataset: str
-  shots: tuple[int, ...]
-  seeds: int
-  representation: str
-  l2_grid: tuple[float, ...]
-  default_l2: float
-  pool_per_class: int
-  max_test_examples: int
-
-  def __post_init__(self):
-    if not self.shots or min(self.shots) < 1:
-      raise ValueError(f'config.evals.fewshot.shots={self.shots} must be a '
-                       'non-empty list of positive image counts per class.')
-    if self.seeds < 1:
-      raise ValueError(f'config.evals.fewshot.seeds={self.seeds} must be '
-                       '>= 1.')
-    if self.pool_per_class < max(self.shots):
-      raise ValueError(
-          f'config.evals.fewshot.pool_per_class={self.pool_per_class} is '
-          f'smaller than the largest shot count {max(self.shots)} '
-          f'(evals.fewshot.shots={self.shots}): raise it to at least '
-          f'{max(self.shots)}.')
-    if self.every < 0:
-      raise ValueError(f'config.evals.fewshot.every={self.every} must be '
-                       '>= 0 (0: off).')
-
-
-@dataclasses.dataclass(frozen=True)
 class EvalsSection:
   """Evaluators beside the objective's own (`vit_jax/evaluators`)."""
   fewshot: FewShotSection = dataclasses.field(
       metadata={'section': FewShotSection})
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshSection:
-  """Device mesh and parameter sharding (`vit_jax.sharding`).
-
-  Attributes:
-    mesh: ((axis name, size), ...); one size may be -1 (the rest).
-    sharding_rules: ((regex, spec), ...) per parameter path.
-    fsdp_min_size: Smaller tensors are replicated under FSDP.
-  """
-  mesh: tuple[tuple[str, int], ...]
-  sharding_rules: tuple[tuple[str, Any], ...]
-  fsdp_min_size: int
-
-  def __post_init__(self):
-    from vit_jax import sharding  # pylint: disable=g-import-not-at-top
-    sharding.check_rules(self.sharding_rules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,7 +246,32 @@ def check_image_size(model: ModelSection, image_size: int) -> None:
 
 
 def get_base() -> ml_collections.ConfigDict:
-  """Returns the base config (digits, a small ViT, 2-core CPU friendly)."""
+  """Returns the base config (digits, a small ViT, 2-core CPU friendly).
+
+  Every field is declared here with a one-line comment. A default another
+  module needs on its own (a public dataclass or function constructible
+  without a config) is declared once, there, and read here:
+    mpp.*           `objectives.mpp.MppConfig`: target='3bit',
+                    corruption_rate=0.5, mask_prob=0.8, random_prob=0.1,
+                    bits=3.
+    mesh            `sharding.DEFAULT_MESH`: (('data', -1), ('fsdp', 1)).
+    sharding_rules  `sharding.DEFAULT_RULES`: (('.*', 'auto'),).
+    fsdp_min_size   `sharding.DEFAULT_FSDP_MIN_SIZE`: 16384 (2**14).
+
+  The two free-form groups are empty here; their fields take these values
+  when a config leaves them out:
+    model.*  the registry's config of `model_name`
+             (`vit_jax.models.model_fields(model_name)`).
+    pp.*     `preprocess.PreprocessConfig`: inception_crop=True,
+             crop_area_range=(0.05, 1.0), flip=True, eval_crop_fraction=1.0,
+             randaugment=(); a dataset preset may set others
+             (`input_pipeline.DATASET_PRESETS`: 'digits' turns
+             inception_crop and flip off).
+
+  Returns:
+    A new ConfigDict (callers change their copy).
+  """
+  mpp_defaults = objectives.mpp.MppConfig()
   c = ml_collections.ConfigDict()
   # Model.
   c.model_name = 'ViT-Ti_16'  # Registry name (vit_jax.models.MODEL_NAMES).
@@ -522,20 +314,26 @@ def get_base() -> ml_collections.ConfigDict:
   c.loss = 'softmax_xent'  # Or 'sigmoid_xent'.
   c.objective = 'classification'  # Or 'mpp': masked patch prediction.
   c.mpp = ml_collections.ConfigDict()  # objectives.mpp.MppConfig fields.
-  c.mpp.target = '3bit'  # '3bit' mean colour, '4x4' colours, 'l2' pixels.
-  c.mpp.corruption_rate = 0.5  # Fraction of patches corrupted per image.
-  c.mpp.mask_prob = 0.8  # Of those: replaced by the [mask] embedding,
-  c.mpp.random_prob = 0.1  # by a random patch's (the rest are kept).
-  c.mpp.bits = 3  # Bits per colour channel of the targets.
+  # '3bit' mean colour, '4x4' colours, 'l2' pixels.
+  c.mpp.target = mpp_defaults.target
+  # Fraction of patches corrupted per image.
+  c.mpp.corruption_rate = mpp_defaults.corruption_rate
+  # Of those: replaced by the [mask] embedding,
+  c.mpp.mask_prob = mpp_defaults.mask_prob
+  # by a random patch's (the rest are kept).
+  c.mpp.random_prob = mpp_defaults.random_prob
+  c.mpp.bits = mpp_defaults.bits  # Bits per colour channel of the targets.
   c.label_smoothing = 0.0  # Label-smoothing factor.
   # Mixup (classification): Beta(a, a) mixing of each batch's images and
   # labels with the batch rolled by one; 0 turns it off.
   c.mixup_alpha = 0.0
   c.ema_decay = ml_collections.config_dict.placeholder(float)  # Polyak, [0, 1).
   # Sharding.
-  c.mesh = (('data', -1), ('fsdp', 1))  # Mesh axes; fsdp > 1 shards params.
-  c.sharding_rules = (('.*', 'auto'),)  # (regex, spec) per parameter path.
-  c.fsdp_min_size = 2**14  # Smaller tensors are replicated under FSDP.
+  c.mesh = sharding.DEFAULT_MESH  # Mesh axes; fsdp > 1 shards params.
+  # (regex, spec) per parameter path.
+  c.sharding_rules = sharding.DEFAULT_RULES
+  # Smaller tensors are replicated under FSDP.
+  c.fsdp_min_size = sharding.DEFAULT_FSDP_MIN_SIZE
   # Loop.
   c.seed = 0  # Run seed (init, dropout, data order).
   c.log_every = 50  # Steps between training-metric writes.
@@ -564,10 +362,6 @@ def get_base() -> ml_collections.ConfigDict:
 # Command-line overrides (`--config.<field>=<value>`) and the field listing.
 # ----------------------------------------------------------------------------
 
-# Model fields a run sets through config fields of its own.
-_MODEL_FIELDS_SET_ELSEWHERE = {
-    'dtype': 'config.compute_dtype', 'param_dtype': None,
-    'remat': 'config.remat', 'scan': 'config.scan'}
 # Preprocessing fields the input pipeline sets itself.
 _PP_FIELDS_SET_ELSEWHERE = {'image_size': 'config.image_size',
                             'num_classes': 'config.num_classes'}
@@ -586,30 +380,6 @@ def _dotted_names(config: Any, prefix: str = '') -> list[str]:
     else:
       names.append(prefix + key)
   return names
-
-
-def _nested_names(fields: Mapping[str, Any], prefix: str) -> list[str]:
-  """Dotted names of the leaves of a nested mapping."""
-  names = []
-  for key, value in fields.items():
-    if isinstance(value, Mapping):
-      names.extend(_nested_names(value, f'{prefix}{key}.'))
-    else:
-      names.append(prefix + key)
-  return names
-
-
-def _unknown(name: str, known: list[str], where: str) -> ValueError:
-  close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-  if not close:  # A typo in the last part only: compare that part.
-    last = name.rpartition('.')[2]
-    by_last = {k.rpartition('.')[2]: k for k in known}
-    close = [by_last[k] for k in difflib.get_close_matches(
-        last, list(by_last), n=3, cutoff=0.6)]
-  hint = f' Did you mean {", ".join("config." + c for c in close)}?' if (
-      close) else ''
-  return ValueError(f'config.{name} is not a field {where}.{hint} '
-                    '(--print_config lists every field.)')
 
 
 def parse_value(text: str, current: Any, kind: type[Any] | None,
@@ -686,7 +456,6 @@ def _free_form_fields(config: Any, group: str) -> tuple[dict[str, Any],
                                                         dict[str, str]]:
   """(fields with values, fields set elsewhere) of `model` or `pp`."""
   if group == 'model':
-    from vit_jax import models  # pylint: disable=g-import-not-at-top
     fields = models.model_fields(config.model_name)
     values = models.get_config(config.model_name,
                                **_plain(config.get('model') or {}))
@@ -696,10 +465,9 @@ def _free_form_fields(config: Any, group: str) -> tuple[dict[str, Any],
       if isinstance(default, Mapping):
         value = {**default, **(value or {})}
       merged[key] = value
-    return merged, _MODEL_FIELDS_SET_ELSEWHERE
-  # pylint: disable-next=g-import-not-at-top
-  from vit_jax.preprocess import PreprocessConfig
-  fields = {f.name: f.default for f in dataclasses.fields(PreprocessConfig)
+    return merged, registry.MODEL_FIELDS_SET_ELSEWHERE
+  fields = {f.name: f.default
+            for f in dataclasses.fields(preprocess.PreprocessConfig)
             if f.default is not dataclasses.MISSING}
   return ({**fields, **_plain(config.get('pp') or {})},
           _PP_FIELDS_SET_ELSEWHERE)
@@ -724,9 +492,11 @@ def _override_free_form(config: Any, name: str, text: str) -> None:
   node = fields
   for i, part in enumerate(parts):
     if not isinstance(node, Mapping) or part not in node:
-      raise _unknown(name, _nested_names(fields, f'{group}.'), what)
+      raise config_errors.unknown_field(
+          name, config_errors.nested_names(fields, f'{group}.'), what)
     if i == len(parts) - 1 and isinstance(node[part], Mapping):
-      keys = _nested_names(node[part], f'{group}.{".".join(parts)}.')
+      keys = config_errors.nested_names(node[part],
+                                        f'{group}.{".".join(parts)}.')
       raise ValueError(f'config.{name} is a group of fields: set one of '
                        f'them (e.g. config.{keys[0]}).')
     if i < len(parts) - 1 and not isinstance(node[part], Mapping):
@@ -779,7 +549,8 @@ def apply_overrides(config: ml_collections.ConfigDict,
       continue
     found, default = _walk(base, name)
     if not found:
-      raise _unknown(name, declared, 'of vit_jax.config_lib.get_base()')
+      raise config_errors.unknown_field(name, declared,
+                                        'of vit_jax.config_lib.get_base()')
     if isinstance(default, ml_collections.ConfigDict):
       raise ValueError(f'config.{name} is a group of fields: set one of them '
                        f'(e.g. config.{_dotted_names(default, name + ".")[0]})'
@@ -987,7 +758,6 @@ MODEL_ALIASES = {
 
 def resolve_model(name: str) -> str:
   """Maps a short name ('b16') or a registry name to the registry name."""
-  from vit_jax import models  # pylint: disable=g-import-not-at-top
   full = MODEL_ALIASES.get(name, name)
   models.get_config(full)  # Raises with the list of known names.
   return full
@@ -999,7 +769,6 @@ def set_runlocal(c: ml_collections.ConfigDict) -> None:
   The model keeps its family and width but gets 4x4 patches and one block,
   so a 16-pixel run exercises the real code path in a few seconds.
   """
-  from vit_jax import models  # pylint: disable=g-import-not-at-top
   if models.model_class(c.model_name) is models.MlpMixer:
     c.model = {'patches': {'size': (4, 4)}, 'num_blocks': 1}
   elif models.get_config(c.model_name).get('resnet') is not None:
@@ -1045,7 +814,6 @@ def pretraining_base(model_arg: str, *, dropout: float
   Returns:
     A base config; the caller sets dataset, lr, decay, weight decay, steps.
   """
-  from vit_jax import models  # pylint: disable=g-import-not-at-top
   c = get_base()
   c.model_name = resolve_model(model_arg)
   hidden = models.get_config(c.model_name).get('hidden_size')

@@ -26,7 +26,7 @@ import ml_collections
 import tensorflow as tf
 
 from vit_jax import checkpoint
-from vit_jax import checkpointing
+from vit_jax import run_checkpoints
 from vit_jax import cli
 from vit_jax import config_lib
 from vit_jax import fileio
@@ -126,7 +126,7 @@ def main(argv, overrides):
   if FLAGS.params:
     params, source = checkpoint.load(FLAGS.params), FLAGS.params
   else:
-    step, params = checkpointing.load_params(FLAGS.workdir)
+    step, params = run_checkpoints.load_params(FLAGS.workdir)
     source = f'{FLAGS.workdir} step {step}'
   metrics = evaluate_params(config, params, fewshot=FLAGS.fewshot)
   metrics = {'params': source, **metrics}

@@ -190,10 +190,10 @@ def export_savedmodel(model: Any, params: Any, image_size: Sequence[int],
       'serving_default': serve, 'serving_uint8': serve_uint8})
   # TensorFlow makes its directories 0755 whatever the umask; give what it
   # wrote the modes of the other files.
-  from vit_jax import convert  # pylint: disable=g-import-not-at-top
+  from vit_jax import interop  # pylint: disable=g-import-not-at-top
   for name in ('saved_model.pb', 'fingerprint.pb', 'variables', 'assets'):
     if os.path.exists(os.path.join(out_dir, name)):
-      convert.follow_umask(os.path.join(out_dir, name))
+      interop.follow_umask(os.path.join(out_dir, name))
   _write_side_files(out_dir, fmt='savedmodel', image_size=image_size,
                     num_classes=num_classes, platforms=platforms,
                     class_names=class_names)
@@ -211,10 +211,10 @@ def check_platforms(platforms: Sequence[str]) -> None:
 def export(loaded: Any, fmt: str, out_dir: str, *,
            platforms: Sequence[str] = DEFAULT_PLATFORMS,
            overwrite: bool = False) -> str:
-  """Exports a `vit_jax.convert.Loaded` model in format `fmt`.
+  """Exports a `vit_jax.loading.Loaded` model in format `fmt`.
 
   Args:
-    loaded: The model (`vit_jax.convert.load_model`).
+    loaded: The model (`vit_jax.loading.load_model`).
     fmt: One of `FORMATS`.
     out_dir: Output directory; written beside it and moved into place once
       complete, so it ends up holding only this export's files.
@@ -226,13 +226,13 @@ def export(loaded: Any, fmt: str, out_dir: str, *,
     The path of the StableHLO file, or the SavedModel directory.
   """
   # pylint: disable-next=g-import-not-at-top
-  from vit_jax import convert
+  from vit_jax import interop
   if fmt not in FORMATS:
     raise ValueError(f'--format={fmt!r}; use one of {FORMATS}.')
   check_platforms(platforms)
-  convert.check_output(out_dir, overwrite=overwrite, flag='--out')
+  interop.check_output(out_dir, overwrite=overwrite, flag='--out')
   fn = export_stablehlo if fmt == 'stablehlo' else export_savedmodel
-  convert.write_output(out_dir, lambda stage: fn(
+  interop.write_output(out_dir, lambda stage: fn(
       loaded.model, loaded.params, loaded.image_size, stage,
       platforms=platforms, class_names=loaded.class_names))
   return (os.path.join(out_dir, STABLEHLO_FILE) if fmt == 'stablehlo'
@@ -243,15 +243,16 @@ def main(argv: Sequence[str]) -> None:
   # pylint: disable=g-import-not-at-top
   from absl import app
   from absl import flags
-  from vit_jax import convert
+  from vit_jax import interop
+  from vit_jax import loading
   # pylint: enable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   # Every refusal before the model is read, lowered or written.
   check_platforms(f.platforms)
-  convert.check_output(f.out, overwrite=f.overwrite, flag='--out')
-  loaded = convert.load_from_flags()
+  interop.check_output(f.out, overwrite=f.overwrite, flag='--out')
+  loaded = loading.load_from_flags()
   path = export(loaded, f.format, f.out, platforms=f.platforms,
                 overwrite=f.overwrite)
   print(f'Wrote {path} ({f.format}, {loaded.image_size[0]}x'
@@ -262,11 +263,11 @@ def main(argv: Sequence[str]) -> None:
 def _define_flags() -> None:
   # pylint: disable=g-import-not-at-top
   from absl import flags
-  from vit_jax import convert
+  from vit_jax import loading
   # pylint: enable=g-import-not-at-top
-  convert.define_model_flags()
+  loading.define_model_flags()
   # --help lists them with this program's own flags.
-  flags.adopt_module_key_flags(convert)
+  flags.adopt_module_key_flags(loading)
   flags.DEFINE_enum('format', 'stablehlo', list(FORMATS), 'What to write.')
   flags.DEFINE_string('out', None, 'Output directory.')
   flags.DEFINE_bool('overwrite', False, 'Replace an existing --out that '

@@ -20,7 +20,7 @@ Config fields read here (all optional except `dataset`, `image_size` and
 
 Multi-process: each JAX process reads a disjoint shard (an even split of the
 tfds split, or every n-th file) and produces its part of the global batch,
-which `prefetch_to_device` assembles into global `jax.Array` values.
+which `sharding.prefetch_to_device` assembles into global `jax.Array` values.
 
 Resumable order: epoch `e` is shuffled with a seed derived from
 (`config.seed`, e) and every example's augmentation is seeded by (seed,
@@ -29,10 +29,8 @@ config. A `TrainIterator`'s state is therefore one integer, the number of
 examples it has produced; restoring rebuilds the stream at that position.
 """
 
-import collections
 import concurrent.futures
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -45,12 +43,15 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax import config_lib
+from vit_jax import config_errors
 from vit_jax import fileio
 from vit_jax import preprocess
-from vit_jax import sharding as sharding_lib
 from vit_jax import datasets as local_datasets
+from vit_jax import sharding as sharding_lib
 from vit_jax.datasets import folder_index
+
+# Still importable from here, where the pipeline's users first found it.
+prefetch_to_device = sharding_lib.prefetch_to_device
 
 IMAGE_FOLDER = 'image_folder'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
@@ -83,6 +84,49 @@ class DatasetNotPreparedError(RuntimeError):
 
 class BadImageError(ValueError):
   """An image file that cannot be decoded."""
+
+
+# ----------------------------------------------------------------------------
+# The data section of a run's config (composed by `vit_jax.config_lib`).
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+  """Where the images come from and how they are batched.
+
+  Attributes mirror the config fields of the same names (see `get_base()`).
+  `train_split`, `eval_split` and `num_classes` may be None: the dataset's
+  preset (or the data itself) decides.
+  """
+  dataset: str
+  tfds_data_dir: str | None
+  tfds_download: bool
+  image_folder: str
+  image_folder_test_percent: int
+  skip_bad_images: bool
+  train_split: str | None
+  eval_split: str | None
+  num_classes: int | None
+  image_size: int
+  pp: Mapping[str, Any]
+  shuffle_buffer: int
+  batch: int
+  batch_eval: int
+  seed: int
+
+  def __post_init__(self):
+    if not self.dataset:
+      raise ValueError("config.dataset is not set: use a tfds name, 'digits' "
+                       "or 'image_folder'.")
+    if not isinstance(self.image_size, int) or self.image_size <= 0:
+      raise ValueError(f'config.image_size={self.image_size!r} must be a '
+                       'positive number of pixels.')
+    config_errors.check_positive(batch=self.batch, batch_eval=self.batch_eval,
+                                 shuffle_buffer=self.shuffle_buffer)
+    if self.num_classes is not None and self.num_classes <= 0:
+      raise ValueError(f'config.num_classes={self.num_classes} must be '
+                       'positive (or None: from the dataset).')
 
 
 # ----------------------------------------------------------------------------
@@ -361,7 +405,7 @@ class DatasetInfo:
   num_eval_examples: int
 
 
-def get_source(data: config_lib.DataSection
+def get_source(data: DataSection
                ) -> 'TfdsSource | ImageFolderSource':
   """Returns the data source named by `data.dataset`."""
   if data.dataset == IMAGE_FOLDER:
@@ -371,7 +415,7 @@ def get_source(data: config_lib.DataSection
   return TfdsSource(data.dataset, data.tfds_data_dir, data.tfds_download)
 
 
-def _splits(data: config_lib.DataSection) -> tuple[str, str]:
+def _splits(data: DataSection) -> tuple[str, str]:
   preset = DATASET_PRESETS.get(data.dataset, {})
   # None: the dataset's preset decides.
   train = data.train_split or preset.get('train', 'train')
@@ -386,7 +430,7 @@ def _splits(data: config_lib.DataSection) -> tuple[str, str]:
   return train, evaluation
 
 
-def get_dataset_info(data: config_lib.DataSection,
+def get_dataset_info(data: DataSection,
                      source: Any = None) -> DatasetInfo:
   """Describes the configured dataset (classes, splits, sizes)."""
   source = source or get_source(data)
@@ -419,7 +463,7 @@ def write_class_names(workdir: str, info: DatasetInfo) -> str | None:
   return path
 
 
-def _preprocess_config(data: config_lib.DataSection, num_classes: int
+def _preprocess_config(data: DataSection, num_classes: int
                        ) -> preprocess.PreprocessConfig:
   pp = dict(DATASET_PRESETS.get(data.dataset, {}).get('pp', {}))
   pp.update(data.pp)
@@ -461,7 +505,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
   `p / process_count` examples of its own shard.
   """
 
-  def __init__(self, data: config_lib.DataSection, *, position: int = 0,
+  def __init__(self, data: DataSection, *, position: int = 0,
                process_index: int | None = None,
                process_count: int | None = None, source: Any = None):
     process_index, process_count = _process(process_index, process_count)
@@ -530,7 +574,7 @@ def _train_dataset(shard: Shard, pp: preprocess.PreprocessConfig, *,
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def train_iterator(data: config_lib.DataSection, *,
+def train_iterator(data: DataSection, *,
                    state: Mapping[str, Any] | None = None,
                    **kwargs) -> TrainIterator:
   """Builds the training iterator, resuming from `state` if given.
@@ -559,7 +603,7 @@ def train_iterator(data: config_lib.DataSection, *,
 # ----------------------------------------------------------------------------
 
 
-def eval_dataset(data: config_lib.DataSection, split: str | None = None, *,
+def eval_dataset(data: DataSection, split: str | None = None, *,
                  process_index: int | None = None,
                  process_count: int | None = None,
                  source: Any = None) -> tuple[tf.data.Dataset, int]:
@@ -601,35 +645,3 @@ def eval_dataset(data: config_lib.DataSection, split: str | None = None, *,
         'mask': tf.constant(0.0)}).repeat(padding))
   ds = ds.batch(batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE), num_batches
-
-
-# ----------------------------------------------------------------------------
-# Device side.
-# ----------------------------------------------------------------------------
-
-
-def prefetch_to_device(batches: Iterator[Any], sharding: Any,
-                       size: int = 2) -> Iterator[Any]:
-  """Turns local numpy batches into global `jax.Array` values, `size` ahead.
-
-  Transfers are asynchronous, so keeping `size` batches in flight overlaps
-  the host->device copy of the next batches with the current step.
-
-  Args:
-    batches: Iterator of this process's numpy batches.
-    sharding: Batch sharding, e.g. `sharding.batch_sharding(mesh)`.
-    size: Batches in flight.
-
-  Yields:
-    Pytrees of global arrays.
-  """
-  queue = collections.deque()
-
-  def enqueue(n):
-    for batch in itertools.islice(batches, n):
-      queue.append(sharding_lib.make_global_batch(batch, sharding))
-
-  enqueue(size)
-  while queue:
-    yield queue.popleft()
-    enqueue(1)

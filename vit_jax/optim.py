@@ -1,6 +1,6 @@
 """Optimizers and learning-rate schedules of the optimizer section (optax).
 
-Fields of `config_lib.OptimSection` (checked when the config is parsed):
+Fields of `OptimSection` (checked when the config is parsed):
 `optimizer` ('adam' | 'sgd'), `base_lr`, `total_steps`,
 `warmup_steps`, `decay_type` ('linear' | 'cosine' | 'constant'),
 `weight_decay` (of kernels only), `grad_clip_norm` (None or 0 disables),
@@ -12,18 +12,58 @@ with high decoupled weight decay; fine-tuning uses SGD with momentum 0.9, no
 weight decay, gradient clipping at global norm 1, cosine decay.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
 
-from vit_jax import config_lib
+from vit_jax import config_errors
 
 OPTIMIZERS = ('adam', 'sgd')
 DECAY_TYPES = ('linear', 'cosine', 'constant')
 MU_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
-def make_schedule(section: config_lib.OptimSection) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+  """The optimizer and its learning-rate schedule (checked when parsed)."""
+  optimizer: str
+  base_lr: float
+  total_steps: int
+  warmup_steps: int
+  decay_type: str
+  weight_decay: float
+  momentum: float
+  beta1: float
+  beta2: float
+  grad_clip_norm: float
+  mu_dtype: str | None
+
+  def __post_init__(self):
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f'config.optimizer={self.optimizer!r}; use one of '
+                       f'{OPTIMIZERS}.')
+    config_errors.check_positive(base_lr=self.base_lr,
+                                 total_steps=self.total_steps)
+    if not 0 <= self.warmup_steps < self.total_steps:
+      raise ValueError(f'config.warmup_steps={self.warmup_steps} must be in '
+                       f'[0, total_steps={self.total_steps}).')
+    if self.decay_type not in DECAY_TYPES:
+      raise ValueError(f'config.decay_type={self.decay_type!r}; use one of '
+                       f'{DECAY_TYPES}.')
+    if self.weight_decay < 0:
+      raise ValueError(f'config.weight_decay={self.weight_decay} must be '
+                       '>= 0.')
+    if self.mu_dtype is not None and self.mu_dtype not in MU_DTYPES:
+      raise ValueError(f'config.mu_dtype={self.mu_dtype!r}; use one of '
+                       f'{MU_DTYPES} or None (the parameters\' dtype).')
+    if self.grad_clip_norm is not None and self.grad_clip_norm < 0:
+      raise ValueError(f'config.grad_clip_norm={self.grad_clip_norm} must be '
+                       '>= 0 (0 disables clipping).')
+
+
+def make_schedule(section: OptimSection) -> optax.Schedule:
   """Linear warm-up from 0 to `base_lr`, then `decay_type` decay to 0.
 
   Args:
@@ -58,7 +98,7 @@ def _decay_mask(params):
       lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
 
 
-def make_optimizer(section: config_lib.OptimSection
+def make_optimizer(section: OptimSection
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (optax transformation, schedule) of the optimizer section.
 

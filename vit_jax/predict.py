@@ -133,7 +133,7 @@ def predict(loaded: Any, paths: Sequence[str], *, top_k: int = 5,
   """Top-k classes (softmax probabilities) of each image.
 
   Args:
-    loaded: A `vit_jax.convert.Loaded` model.
+    loaded: A `vit_jax.loading.Loaded` model.
     paths: Image files.
     top_k: Classes per image (at most the head's size).
     class_names: One name per class, or None (indices only).
@@ -207,7 +207,7 @@ def main(argv: Sequence[str]) -> None:
   # pylint: disable=g-import-not-at-top
   from absl import app
   from absl import flags
-  from vit_jax import convert
+  from vit_jax import loading
   # pylint: enable=g-import-not-at-top
   f = flags.FLAGS
   images = list(f.images or []) + list(argv[1:])  # Shell globs too.
@@ -221,7 +221,7 @@ def main(argv: Sequence[str]) -> None:
   # The cheap refusals (paths, label file) before the model is read.
   paths = list_images(images)
   labels = read_labels(f.labels) if f.labels else None
-  loaded = convert.load_from_flags()
+  loaded = loading.load_from_flags()
   names = labels if labels is not None else loaded.class_names
   batch_size = f.batch_size or (loaded.run.data.batch_eval
                                 if loaded.run is not None else 64)
@@ -239,11 +239,11 @@ def main(argv: Sequence[str]) -> None:
 def _define_flags() -> None:
   # pylint: disable=g-import-not-at-top
   from absl import flags
-  from vit_jax import convert
+  from vit_jax import loading
   # pylint: enable=g-import-not-at-top
-  convert.define_model_flags()
+  loading.define_model_flags()
   # --help lists them with this program's own flags.
-  flags.adopt_module_key_flags(convert)
+  flags.adopt_module_key_flags(loading)
   flags.DEFINE_list('images', None, 'Image files and directories (paths '
                     'after the flags are added).')
   flags.DEFINE_integer('top_k', 5, 'Classes shown per image.')

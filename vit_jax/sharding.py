@@ -42,8 +42,11 @@ same length, which no unscanned module has (see `stacked_paths`).
 """
 
 from collections.abc import Callable, Iterator, Sequence
+import collections
 import contextlib
+import dataclasses
 import functools
+import itertools
 import math
 import re
 from typing import Any
@@ -58,7 +61,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from vit_jax import config_lib
 from vit_jax import models
 
 DEFAULT_MESH = (('data', -1), ('fsdp', 1))
@@ -317,6 +319,33 @@ def make_global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
     global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
   return jax.tree_util.tree_map(to_global, local_batch)
+
+
+def prefetch_to_device(batches: Iterator[Any], sharding: Any,
+                       size: int = 2) -> Iterator[Any]:
+  """Turns local numpy batches into global `jax.Array`s, `size` ahead.
+
+  Transfers are asynchronous, so keeping `size` batches in flight overlaps
+  the host->device copy of the next batches with the current step.
+
+  Args:
+    batches: Iterator of this process's numpy batches.
+    sharding: Batch sharding, e.g. `sharding.batch_sharding(mesh)`.
+    size: Batches in flight.
+
+  Yields:
+    Pytrees of global arrays.
+  """
+  queue = collections.deque()
+
+  def enqueue(n):
+    for batch in itertools.islice(batches, n):
+      queue.append(make_global_batch(batch, sharding))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
 
 
 def put_global(tree: Any, shardings: Any) -> Any:
@@ -609,13 +638,30 @@ def tree_shardings(tree: Any, mesh: Mesh,
   return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
 
 
-def mesh_from_config(section: config_lib.MeshSection) -> Mesh:
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+  """Device mesh and parameter sharding (checked when a config is parsed).
+
+  Attributes:
+    mesh: ((axis name, size), ...); one size may be -1 (the rest).
+    sharding_rules: ((regex, spec), ...) per parameter path.
+    fsdp_min_size: Smaller tensors are replicated under FSDP.
+  """
+  mesh: tuple[tuple[str, int], ...]
+  sharding_rules: tuple[tuple[str, Any], ...]
+  fsdp_min_size: int
+
+  def __post_init__(self):
+    check_rules(self.sharding_rules)
+
+
+def mesh_from_config(section: MeshSection) -> Mesh:
   """The mesh of the run's mesh section (`mesh` axes) over all devices."""
   return make_mesh(section.mesh)
 
 
 def shardings_from_config(tree: Any, mesh: Mesh,
-                          section: config_lib.MeshSection) -> Any:
+                          section: MeshSection) -> Any:
   """`tree_shardings` with the section's `sharding_rules`, `fsdp_min_size`
   and the logical axes of the models' parameters."""
   return tree_shardings(tree, mesh, section.sharding_rules,

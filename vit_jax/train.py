@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from vit_jax import attention_choice
 from vit_jax import checkpoint
-from vit_jax import checkpointing
+from vit_jax import run_checkpoints
 from vit_jax import config_lib
 from vit_jax import fileio
 from vit_jax import input_pipeline
@@ -398,14 +398,14 @@ def _pretrained_file(path: str) -> str:
   its `final_params.npz`."""
   if not tf.io.gfile.isdir(path):
     return path
-  final = os.path.join(path, checkpointing.FINAL_PARAMS_FILE)
+  final = os.path.join(path, run_checkpoints.FINAL_PARAMS_FILE)
   if tf.io.gfile.exists(final):
     logging.info('config.pretrained_path=%s is a training run: fine-tuning '
-                 'its %s.', path, checkpointing.FINAL_PARAMS_FILE)
+                 'its %s.', path, run_checkpoints.FINAL_PARAMS_FILE)
     return final
   raise FileNotFoundError(
       f'config.pretrained_path={path} is a directory without '
-      f'{checkpointing.FINAL_PARAMS_FILE}: give an .npz file, or a finished '
+      f'{run_checkpoints.FINAL_PARAMS_FILE}: give an .npz file, or a finished '
       'training run (python -m vit_jax.convert --input=<run> '
       '--output=<file>.npz exports an unfinished one).')
 
@@ -478,7 +478,7 @@ def train_and_evaluate(
   a finished run is left as it is. Every check of the config, the workdir,
   the data and the pretrained weights runs before the first write. A
   SIGTERM or SIGINT (Ctrl-C) makes the run save a checkpoint at the next
-  step boundary and return early (see `checkpointing.PreemptionWatcher`);
+  step boundary and return early (see `run_checkpoints.PreemptionWatcher`);
   running the same call again resumes it.
 
   Args:
@@ -560,7 +560,7 @@ def train_and_evaluate(
   # Every exit, error paths included, closes the writers and then the
   # checkpointer (which first completes any save in flight).
   with contextlib.ExitStack() as stack:
-    ckpt = checkpointing.Checkpointer(
+    ckpt = run_checkpoints.Checkpointer(
         workdir, _run_meta(run, objective, info.num_classes),
         keep=run.loop.keep_checkpoints,
         async_save=bool(run.loop.async_checkpoints))
@@ -568,7 +568,7 @@ def train_and_evaluate(
     restored = None
     if decision.resume_step is not None:
       restored = ckpt.restore_latest(
-          checkpointing.abstract_with_shardings(abstract, shardings))
+          run_checkpoints.abstract_with_shardings(abstract, shardings))
     if restored is not None:  # Restored straight into its shardings.
       start, state, data_state = restored
     else:
@@ -599,7 +599,7 @@ def train_and_evaluate(
                                                source=source)
     start_position = train_iter.position
     batch_sharding = sharding.batch_sharding(mesh)
-    batches = input_pipeline.prefetch_to_device(
+    batches = sharding.prefetch_to_device(
         train_iter, batch_sharding,
         size=run.loop.prefetch)
     step_fn = make_train_step(run.loop, objective, model, tx, mesh,
@@ -609,7 +609,7 @@ def train_and_evaluate(
     eval_ds, _ = input_pipeline.eval_dataset(run.data, source=source)
     eval_fn = objective.make_eval_fn(model, mesh, shardings.params)
 
-    final_params_path = os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE)
+    final_params_path = os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE)
 
     def write_final_params():
       checkpoint.save(state.ema_params if use_ema else state.params,
@@ -671,7 +671,7 @@ def train_and_evaluate(
       logging.info('Checkpoint step %d >= total_steps %d: nothing to train.',
                    start, total_steps)
     progress = writers_lib.ProgressLog(start, total_steps, run.data.batch)
-    with checkpointing.PreemptionWatcher() as preemption:
+    with run_checkpoints.PreemptionWatcher() as preemption:
       for step in range(start + 1, total_steps + 1):
         first_step_start = time.monotonic()
         with jax.profiler.StepTraceAnnotation('train', step_num=step):

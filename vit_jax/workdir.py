@@ -26,7 +26,7 @@ import jax
 from jax.experimental import multihost_utils
 import tensorflow as tf
 
-from vit_jax import checkpointing
+from vit_jax import run_checkpoints
 from vit_jax import config_lib
 from vit_jax import fileio
 from vit_jax import input_pipeline
@@ -34,8 +34,8 @@ from vit_jax import input_pipeline
 METRICS_FILE = 'metrics.jsonl'
 CONFIG_CHANGES_FILE = 'config_changes.jsonl'
 # Everything a run writes into its workdir, deleted by `clear`.
-RUN_OUTPUTS = (checkpointing.CHECKPOINT_DIR, checkpointing.CORRUPT_DIR,
-               checkpointing.FINAL_PARAMS_FILE, METRICS_FILE,
+RUN_OUTPUTS = (run_checkpoints.CHECKPOINT_DIR, run_checkpoints.CORRUPT_DIR,
+               run_checkpoints.FINAL_PARAMS_FILE, METRICS_FILE,
                config_lib.CONFIG_FILE, CONFIG_CHANGES_FILE,
                input_pipeline.CLASS_NAMES_FILE)
 _SUMMARY_PREFIX = 'events.out.tfevents.'
@@ -107,10 +107,10 @@ def read(workdir: str) -> Contents:
   names = [n.rstrip('/') for n in names]
   join = lambda name: os.path.join(workdir, name)
   steps = ()
-  if checkpointing.CHECKPOINT_DIR in names:
+  if run_checkpoints.CHECKPOINT_DIR in names:
     steps = tuple(sorted(
         int(n.rstrip('/')) for n in tf.io.gfile.listdir(
-            join(checkpointing.CHECKPOINT_DIR)) if n.rstrip('/').isdigit()))
+            join(run_checkpoints.CHECKPOINT_DIR)) if n.rstrip('/').isdigit()))
   config = (_read_json(join(config_lib.CONFIG_FILE))
             if config_lib.CONFIG_FILE in names else None)
   class_names = None
@@ -122,7 +122,7 @@ def read(workdir: str) -> Contents:
   outputs = tuple(n for n in names
                   if n in RUN_OUTPUTS or n.startswith(_SUMMARY_PREFIX))
   return Contents(workdir, config, steps,
-                  checkpointing.FINAL_PARAMS_FILE in names, metrics,
+                  run_checkpoints.FINAL_PARAMS_FILE in names, metrics,
                   evaluated, class_names, outputs)
 
 
@@ -206,8 +206,8 @@ def decide(contents: Contents, config: Any, *, total_steps: int,
   if latest is None:
     if contents.final_params:
       raise WorkdirError(
-          f'{where} holds {checkpointing.FINAL_PARAMS_FILE} of a finished run '
-          f'but no checkpoint to continue from. {fix}')
+          f'{where} holds {run_checkpoints.FINAL_PARAMS_FILE} of a finished '
+          f'run but no checkpoint to continue from. {fix}')
     # Killed before a checkpoint completed: at most one save is in flight,
     # so nothing beyond the second checkpoint's step can have been logged.
     # Restarting recomputes exactly the steps metrics.jsonl holds.

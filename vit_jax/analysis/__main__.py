@@ -31,7 +31,7 @@ import jax
 from vit_jax import analysis
 from vit_jax.analysis import images as images_lib
 from vit_jax import cli
-from vit_jax import convert
+from vit_jax import loading
 
 flags.DEFINE_string('workdir', None, 'A training run directory.')
 flags.DEFINE_string('pretrained_path', None, 'An .npz (instead of --workdir).')
@@ -65,7 +65,7 @@ _CKA_FLAGS = ('workdir_b', 'pretrained_path_b', 'model_b', 'layers',
 
 def model_from_workdir(workdir: str):
   """(model, params, image_size, class names) of a training run."""
-  loaded = convert.load_run(workdir)
+  loaded = loading.load_run(workdir)
   logging.info('Parameters from %s', loaded.source)
   return loaded.model, loaded.params, loaded.image_size[0], loaded.class_names
 
@@ -74,7 +74,7 @@ def model_from_npz(path: str, name: str):
   """(model, params, image_size, None) of a published-layout .npz."""
   if not name:
     raise app.UsageError('--pretrained_path needs --model (e.g. ViT-B_16).')
-  loaded = convert.load_npz(path, name)
+  loaded = loading.load_npz(path, name)
   return loaded.model, loaded.params, loaded.image_size[0], None
 
 

@@ -10,7 +10,6 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from vit_jax import input_pipeline
 from vit_jax import losses
 from vit_jax import sharding
 
@@ -109,7 +108,7 @@ def sum_over_dataset(params: Any, eval_fn: Callable[..., Any], dataset: Any,
   # evaluation's.
   progress = Progress(what, num_batches)
   totals = None
-  for batch in input_pipeline.prefetch_to_device(
+  for batch in sharding.prefetch_to_device(
       dataset.as_numpy_iterator(), batch_sharding):
     sums = eval_fn(params, batch)
     totals = sums if totals is None else jax.tree_util.tree_map(

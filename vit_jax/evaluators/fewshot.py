@@ -21,12 +21,42 @@ import flax
 import jax
 import numpy as np
 
-from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax import sharding
 from vit_jax.evaluators import classification
 
 DEFAULT_L2_GRID = tuple(2.0 ** e for e in range(-10, 11, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShotSection:
+  """The few-shot linear evaluator (fields `evals.fewshot.*`)."""
+  every: int
+  dataset: str
+  shots: tuple[int, ...]
+  seeds: int
+  representation: str
+  l2_grid: tuple[float, ...]
+  default_l2: float
+  pool_per_class: int
+  max_test_examples: int
+
+  def __post_init__(self):
+    if not self.shots or min(self.shots) < 1:
+      raise ValueError(f'config.evals.fewshot.shots={self.shots} must be a '
+                       'non-empty list of positive image counts per class.')
+    if self.seeds < 1:
+      raise ValueError(f'config.evals.fewshot.seeds={self.seeds} must be '
+                       '>= 1.')
+    if self.pool_per_class < max(self.shots):
+      raise ValueError(
+          f'config.evals.fewshot.pool_per_class={self.pool_per_class} is '
+          f'smaller than the largest shot count {max(self.shots)} '
+          f'(evals.fewshot.shots={self.shots}): raise it to at least '
+          f'{max(self.shots)}.')
+    if self.every < 0:
+      raise ValueError(f'config.evals.fewshot.every={self.every} must be '
+                       '>= 0 (0: off).')
 
 
 def solve_least_squares(features: np.ndarray, labels: np.ndarray,
@@ -189,7 +219,7 @@ def extract(feature_fn: Callable[[Any, Any], dict[str, jax.Array]],
   feats, labels = [], []
   counts = np.zeros(num_classes or 0, np.int64)
   progress = classification.Progress(what, num_batches)
-  for batch in input_pipeline.prefetch_to_device(
+  for batch in sharding.prefetch_to_device(
       dataset.as_numpy_iterator(), sharding.batch_sharding(mesh)):
     progress.step()
     out = jax.device_get(feature_fn(params, batch))
@@ -227,8 +257,8 @@ class FewShotEvaluator:
       does not fit the shots (training: the config field; the evaluate
       command: its flag).
   """
-  section: config_lib.FewShotSection
-  data: config_lib.DataSection
+  section: FewShotSection
+  data: input_pipeline.DataSection
   model: flax.linen.Module
   mesh: jax.sharding.Mesh
   param_shardings: Any

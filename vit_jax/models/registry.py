@@ -12,8 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
+from vit_jax import config_errors
 from vit_jax.models import mixer
+from vit_jax.models import resnet
 from vit_jax.models import vit
 
 
@@ -223,3 +226,88 @@ def get_model(name: str, *, num_classes: int | None,
         f'{sorted(fields - {"num_classes", "model_name"})}.')
   return cls(num_classes=num_classes, model_name=name,
              **get_config(name, **overrides))
+
+
+# ----------------------------------------------------------------------------
+# The model section of a run's config (composed by `vit_jax.config_lib`).
+# ----------------------------------------------------------------------------
+
+# Model fields a run sets through config fields of its own (None: by the run
+# itself, never by a config).
+MODEL_FIELDS_SET_ELSEWHERE = {
+    'dtype': 'config.compute_dtype', 'param_dtype': None,
+    'remat': 'config.remat', 'scan': 'config.scan'}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+  """What model is trained (fields `model_name`, `model`, ...).
+
+  Attributes:
+    model_name: Registry name (`vit_jax.models.MODEL_NAMES`).
+    model: `get_model` overrides (nested dict).
+    compute_dtype: Activation dtype name ('float32', 'bfloat16').
+    remat: Recompute encoder blocks in the backward pass.
+    scan: `nn.scan` over the encoder blocks.
+    pretrained_path: Checkpoint to fine-tune from ('' for none).
+  """
+  model_name: str
+  model: Mapping[str, Any]
+  compute_dtype: str
+  remat: bool
+  scan: bool
+  pretrained_path: str
+
+  def __post_init__(self):
+    get_config(self.model_name)  # Raises with the known names.
+    # Override keys a config file wrote, checked here as the command line's
+    # are (else get_model's TypeError would come after the data is read).
+    fields = model_fields(self.model_name)
+    where = f'of {self.model_name} (vit_jax.models.model_fields)'
+    for key, value in self.model.items():
+      if key in MODEL_FIELDS_SET_ELSEWHERE:
+        raise ValueError(f'config.model.{key} is set by '
+                         f'{MODEL_FIELDS_SET_ELSEWHERE[key] or "the run"}.')
+      known_names = config_errors.nested_names(fields, 'model.')
+      if key not in fields:
+        raise config_errors.unknown_field(f'model.{key}', known_names, where)
+      if isinstance(value, Mapping) and isinstance(fields[key], Mapping):
+        for inner in value:
+          if inner not in fields[key]:
+            raise config_errors.unknown_field(f'model.{key}.{inner}',
+                                              known_names, where)
+    for option in ('remat', 'scan'):
+      if getattr(self, option) and option not in fields:
+        raise ValueError(
+            f'config.{option}=True: {self.model_name} '
+            f'({model_class(self.model_name).__name__}) has no '
+            f'{option} option; set config.{option}=False.')
+
+  def model_args(self) -> dict[str, Any]:
+    """This model as keyword arguments of `vit_jax.models.get_model`.
+
+    `vit_jax.models.get_model(num_classes=n, **section.model_args())` is the
+    model a run trains (objective-specific heads aside: see
+    `train.build_model`).
+
+    Returns:
+      {'name': registry name, 'dtype': compute dtype, the `model`
+      overrides, and 'remat' / 'scan' when they are on}.
+    """
+    args = {'name': self.model_name, 'dtype': jnp.dtype(self.compute_dtype),
+            **self.model}
+    # Only when on: families without the option (MlpMixer has neither) build
+    # with the defaults, and asking them for it names the field.
+    for option in ('remat', 'scan'):
+      if getattr(self, option):
+        args[option] = True
+    return args
+
+  def total_stride(self) -> tuple[int, str]:
+    """(pixels per token along the height, 'patch size' or 'total stride')."""
+    # The overrides (e.g. 4x4 patches) decide, not the name.
+    model_config = get_config(self.model_name, **self.model)
+    ph, _ = vit.patch_size_of(model_config['patches'])
+    if model_config.get('resnet') is None:
+      return ph, 'patch size'
+    return ph * resnet.total_stride(model_config['resnet']), 'total stride'

@@ -14,14 +14,56 @@ description (`run_meta`). `train.py` picks one by `config.objective`, once
   mpp             masked patch prediction (paper §4.6; `config.mpp`).
 """
 
-from vit_jax import config_lib
+import dataclasses
+
+from vit_jax import losses
 from vit_jax.objectives import classification
 from vit_jax.objectives import mpp
 
 NAMES = (classification.NAME, mpp.NAME)
 
 
-def get(section: config_lib.ObjectiveSection
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSection:
+  """What the model learns (`get`).
+
+  Attributes:
+    objective: 'classification' or 'mpp'.
+    loss: Classification loss, 'softmax_xent' or 'sigmoid_xent'.
+    label_smoothing: Label-smoothing factor of the classification loss.
+    mixup_alpha: Mixup's Beta(alpha, alpha) parameter; 0 for none.
+    mpp: Masked patch prediction settings
+      (`vit_jax.objectives.mpp.MppConfig`).
+  """
+  objective: str
+  loss: str
+  label_smoothing: float
+  mixup_alpha: float
+  # Read from the `mpp.*` fields by the objective's own type. (A string:
+  # in the class body the name `mpp` is this field once it is assigned.)
+  mpp: 'mpp.MppConfig' = dataclasses.field(
+      metadata={'parse': mpp.MppConfig.from_dict})
+
+  def __post_init__(self):
+    if self.objective not in NAMES:
+      raise ValueError(f'config.objective={self.objective!r}; use one of '
+                       f'{NAMES}.')
+    if self.loss not in losses.LOSSES:
+      raise ValueError(f'config.loss={self.loss!r}; use one of '
+                       f'{losses.LOSSES}.')
+    if not 0 <= self.label_smoothing < 1:
+      raise ValueError(f'config.label_smoothing={self.label_smoothing} must '
+                       'be in [0, 1).')
+    if self.mixup_alpha < 0:
+      raise ValueError(f'config.mixup_alpha={self.mixup_alpha} must be >= 0 '
+                       '(0 turns mixup off).')
+    if self.mixup_alpha and self.objective != 'classification':
+      raise ValueError(
+          f'config.mixup_alpha={self.mixup_alpha} mixes class labels: it '
+          f'needs objective=\'classification\', not {self.objective!r}.')
+
+
+def get(section: ObjectiveSection
         ) -> classification.Classification | mpp.MaskedPatchPrediction:
   """The objective `section.objective` names, with its settings.
 

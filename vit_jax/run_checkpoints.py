@@ -1,4 +1,7 @@
-"""Saving and resuming training runs with an orbax `CheckpointManager`.
+"""A training run's checkpoints: saving and resuming with orbax.
+
+The training state of a run in its workdir (orbax `CheckpointManager`); the
+published `.npz` files are `vit_jax.checkpoint`'s.
 
 A step directory `<workdir>/checkpoints/<step>/` holds three items:
   state: the `TrainState` (params, optimizer state, EMA params, step), saved

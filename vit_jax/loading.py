@@ -1,0 +1,199 @@
+r"""Loads a model to run from any source: a run, `.npz`, transformers, timm.
+
+  loaded = loading.load_model('/tmp/vit_digits')  # A training run directory.
+  logits = loaded.model.apply({'params': loaded.params}, images, train=False)
+
+`load_model(source)` reads a training run directory (`load_run`: its
+config, newest checkpoint and class names), a published-layout `.npz`
+(`load_npz`), a transformers directory or a timm `.safetensors` (through
+`vit_jax.interop`, whose optional dependencies are imported only for
+those). `define_model_flags` /
+`load_from_flags` are the flags the serving commands (`vit_jax.predict`,
+`vit_jax.export`, `vit_jax.analysis`) share.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from vit_jax import checkpoint
+from vit_jax import interop
+import vit_jax.models
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A model ready to run, from any supported source.
+
+  Attributes:
+    model: The flax module (unscanned: `params` has one entry per block).
+    params: Its parameters (host arrays).
+    image_size: (height, width) of its inputs.
+    class_names: Label names when the source has them, else None.
+    source: What was read (for messages).
+    run: The parsed run config (`config_lib.Run`) of a workdir, or None.
+  """
+  model: Any
+  params: interop.Params
+  image_size: tuple[int, int]
+  class_names: tuple[str, ...] | None
+  source: str
+  run: Any = None
+
+
+def _is_run_dir(path: str) -> bool:
+  # A run's config.json is the experiment config; a transformers one has
+  # model_type.
+  file = os.path.join(path, interop.TRANSFORMERS_CONFIG)
+  if not os.path.isfile(file):
+    return False
+  with open(file, encoding='utf-8') as f:
+    fields = json.load(f)
+  return 'model_name' in fields and 'model_type' not in fields
+
+
+def _head_size(params: interop.Params) -> int | None:
+  head = checkpoint.flatten(params).get('head/kernel')
+  return None if head is None else int(head.shape[-1])
+
+
+def load_run(workdir: str) -> Loaded:
+  """The model of a training run, as its `config.json` built it.
+
+  Parameters: the newest checkpoint's (EMA ones when the run kept them),
+  else `final_params.npz`. The head is the one the parameters have (none
+  after masked patch prediction, whose own head is left unused).
+
+  Raises:
+    FileNotFoundError: neither a checkpoint nor final parameters.
+  """
+  # pylint: disable=g-import-not-at-top
+  from vit_jax import run_checkpoints
+  from vit_jax import config_lib
+  from vit_jax import input_pipeline
+  # pylint: enable=g-import-not-at-top
+  run = config_lib.parse(config_lib.load_run_config(workdir))
+  try:
+    step, params = run_checkpoints.load_params(workdir)
+    source = f'{workdir} step {step}'
+  except FileNotFoundError:
+    source = os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE)
+    if not os.path.exists(source):
+      raise FileNotFoundError(
+          f'{workdir} has neither a checkpoint nor '
+          f'{run_checkpoints.FINAL_PARAMS_FILE}: nothing to load.') from None
+    params = checkpoint.load(source)
+  params = checkpoint.unstack_encoder_blocks(params)
+  class_names = None
+  names_file = os.path.join(workdir, input_pipeline.CLASS_NAMES_FILE)
+  if os.path.exists(names_file):
+    with open(names_file, encoding='utf-8') as f:
+      class_names = tuple(json.load(f)['class_names']) or None
+  args = run.model.model_args()
+  args.pop('scan', None)  # The blocks are unstacked above.
+  args.pop('remat', None)
+  model = vit_jax.models.get_model(num_classes=_head_size(params), **args)
+  size = run.data.image_size
+  return Loaded(model, params, (size, size), class_names, source, run=run)
+
+
+def load_npz(path: str, model_name: str | None = None, *,
+             gelu_approximate: bool = True,
+             layer_norm_epsilon: float = 1e-6) -> Loaded:
+  """A published-layout `.npz` (any layout `checkpoint.load` reads).
+
+  Args:
+    path: The file (local or gs://; `file.npz:img` for a SigLIP tower).
+    model_name: The registry name; without it, a plain ViT is inferred
+      from the shapes (`spec_from_params`).
+    gelu_approximate: Without `model_name`: see `VitSpec`.
+    layer_norm_epsilon: Likewise.
+
+  Returns:
+    A `Loaded` whose image size is the one the position embeddings cover.
+  """
+  params = checkpoint.unstack_encoder_blocks(checkpoint.load(path))
+  if not model_name:
+    spec = interop.spec_from_params(params,
+                                    gelu_approximate=gelu_approximate,
+                                    layer_norm_epsilon=layer_norm_epsilon)
+    return Loaded(interop.model_from_spec(spec), params, spec.image_size,
+                  None, path)
+  model = vit_jax.models.get_model(model_name, num_classes=_head_size(params))
+  flat = checkpoint.flatten(params)
+  posemb = flat.get(interop.POSEMB_PATH)
+  stride = getattr(model, 'total_stride', None)
+  if posemb is None or stride is None:
+    raise interop.ConversionError(
+        f'{path}: cannot tell the image size of {model_name} from its '
+        'parameters: pass image_size.')
+  grid = interop.square_grid(posemb.shape[1] - (1 if 'cls' in flat else 0),
+                             interop.POSEMB_PATH)
+  return Loaded(model, params, (grid[0] * stride[0], grid[1] * stride[1]),
+                None, path)
+
+
+def load_model(source: str, *, model_name: str | None = None,
+               image_size: int | None = None,
+               gelu_approximate: bool = True,
+               layer_norm_epsilon: float = 1e-6) -> Loaded:
+  """Loads a model from a run, an npz, a transformers dir or a timm file.
+
+  Args:
+    source: A training run directory (`load_run`), a transformers
+      directory (`from_transformers`), a timm `.safetensors`
+      (`from_timm`) or an `.npz` (`load_npz`).
+    model_name: For an `.npz`: see `load_npz`.
+    image_size: Input size; default: the run's, or what the position
+      embeddings cover.
+    gelu_approximate: For an `.npz` without `model_name`: see `VitSpec`.
+    layer_norm_epsilon: Likewise.
+
+  Returns:
+    A `Loaded`.
+  """
+  source = str(source)
+  if os.path.isdir(source) and _is_run_dir(source):
+    loaded = load_run(source)
+  elif os.path.isdir(source):
+    model, params = interop.from_transformers(source)
+    loaded = Loaded(model, params,
+                    interop.spec_from_model(model, params).image_size,
+                    interop.transformers_class_names(source), source)
+  elif source.endswith('.safetensors'):
+    model, params = interop.from_timm(source)
+    loaded = Loaded(model, params,
+                    interop.spec_from_model(model, params).image_size,
+                    None, source)
+  else:
+    loaded = load_npz(source, model_name, gelu_approximate=gelu_approximate,
+                      layer_norm_epsilon=layer_norm_epsilon)
+  if image_size:
+    loaded.image_size = (int(image_size), int(image_size))
+  return loaded
+
+
+def define_model_flags() -> None:
+  """The flags of `load_from_flags` (for the export and predict commands)."""
+  # pylint: disable-next=g-import-not-at-top
+  from absl import flags
+  flags.DEFINE_string('workdir', None, 'A training run directory.')
+  flags.DEFINE_string('pretrained_path', None, 'An .npz (with --model, or a '
+                      'ViT inferred from its shapes), a transformers '
+                      'directory or a timm .safetensors.')
+  flags.DEFINE_string('model', None, 'Registry name for an .npz.')
+  flags.DEFINE_integer('image_size', None, 'Input size (default: the run\'s, '
+                       'or what the position embeddings cover).')
+
+
+def load_from_flags() -> Loaded:
+  """`load_model` of --workdir or --pretrained_path (exactly one)."""
+  # pylint: disable-next=g-import-not-at-top
+  from absl import flags
+  f = flags.FLAGS
+  if bool(f.workdir) == bool(f.pretrained_path):
+    raise interop.ConversionError('Pass exactly one of --workdir or '
+                                  '--pretrained_path.')
+  return load_model(f.workdir or f.pretrained_path, model_name=f.model,
+                    image_size=f.image_size)
