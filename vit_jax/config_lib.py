@@ -250,7 +250,8 @@ def get_base() -> ml_collections.ConfigDict:
 
   Every field is declared here with a one-line comment. A default another
   module needs on its own (a public dataclass or function constructible
-  without a config) is declared once, there, and read here:
+  without a config) is declared once, there, and read here::
+
     mpp.*           `objectives.mpp.MppConfig`: target='3bit',
                     corruption_rate=0.5, mask_prob=0.8, random_prob=0.1,
                     bits=3.
@@ -259,7 +260,8 @@ def get_base() -> ml_collections.ConfigDict:
     fsdp_min_size   `sharding.DEFAULT_FSDP_MIN_SIZE`: 16384 (2**14).
 
   The two free-form groups are empty here; their fields take these values
-  when a config leaves them out:
+  when a config leaves them out::
+
     model.*  the registry's config of `model_name`
              (`vit_jax.models.model_fields(model_name)`).
     pp.*     `preprocess.PreprocessConfig`: inception_crop=True,
