@@ -45,7 +45,18 @@ def _seed(a, b=0):
 
 
 def test_the_op_list_and_level_mappings_are_big_visions():
-  assert len(ra.OPS) == 16 and set(ra.OPS) == set(ra._FUNCS) | {'Cutout'}  # pylint: disable=protected-access
+  # big_vision's `pp/autoaugment.py` (the TPU AutoAugment code): its
+  # `available_ops` in its order (an op is drawn by index), the ops it
+  # passes through `_randomly_negate_tensor`, and its RandAugment constants.
+  assert ra.OPS == (
+      'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize',
+      'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY',
+      'TranslateX', 'TranslateY', 'Cutout', 'SolarizeAdd')
+  assert ra.SIGNED_OPS == {'Rotate', 'ShearX', 'ShearY', 'TranslateX',
+                           'TranslateY'}
+  assert (ra.MAX_LEVEL, ra.TRANSLATE_CONST, ra.CUTOUT_CONST, ra.REPLACE) == (
+      10.0, 100, 40, 128)
+  assert set(ra.OPS) == set(ra._FUNCS) | {'Cutout'}  # pylint: disable=protected-access
   assert ra.level_to_arg('Rotate', 10) == 30.0
   assert ra.level_to_arg('Posterize', 10) == 4
   assert ra.level_to_arg('Posterize', 15) == 6
