@@ -38,6 +38,7 @@ from vit_jax import sharding
 from vit_jax import workdir as workdir_lib
 from vit_jax import writers as writers_lib
 from vit_jax.evaluators import fewshot as fewshot_lib
+from vit_jax.objectives import protocol
 import vit_jax.models
 
 METRICS_FILE = workdir_lib.METRICS_FILE
@@ -64,7 +65,8 @@ class TrainState:
   ema_params: Any = None
 
 
-def build_model(model: config_lib.ModelSection, objective: Any,
+def build_model(model: config_lib.ModelSection,
+                objective: protocol.Objective,
                 num_classes: int) -> flax.linen.Module:
   """The module a run trains: its objective around the model.
 
@@ -240,9 +242,9 @@ def check_batches(run: config_lib.Run, mesh: jax.sharding.Mesh) -> None:
                             what='config.batch_eval')
 
 
-def init_fn(run: config_lib.Run, objective: Any, model: flax.linen.Module,
-             tx: optax.GradientTransformation) -> Callable[[jax.Array],
-                                                           TrainState]:
+def init_fn(run: config_lib.Run, objective: protocol.Objective,
+            model: flax.linen.Module, tx: optax.GradientTransformation
+            ) -> Callable[[jax.Array], TrainState]:
   """`init(rng) -> TrainState` of a run (step 0, fresh optimizer state).
 
   Under `jax.eval_shape` it gives the state's shapes without computing it
@@ -261,7 +263,7 @@ def init_fn(run: config_lib.Run, objective: Any, model: flax.linen.Module,
   return init
 
 
-def create_train_state(run: config_lib.Run, objective: Any,
+def create_train_state(run: config_lib.Run, objective: protocol.Objective,
                        model: flax.linen.Module,
                        tx: optax.GradientTransformation,
                        mesh: jax.sharding.Mesh, rng: jax.Array
@@ -326,7 +328,8 @@ def state_from_params(params: Any, tx: optax.GradientTransformation,
   return jax.jit(make, out_shardings=shardings)(params)
 
 
-def make_train_step(loop: config_lib.LoopSection, objective: Any,
+def make_train_step(loop: config_lib.LoopSection,
+                    objective: protocol.Objective,
                     model: flax.linen.Module,
                     tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, state_shardings: Any
@@ -448,7 +451,7 @@ def _with_fresh_leaves(loaded: Any, fresh: set[int], initialised: Any) -> Any:
       for k, v in checkpoint.flatten(loaded).items()})
 
 
-def _run_meta(run: config_lib.Run, objective: Any,
+def _run_meta(run: config_lib.Run, objective: protocol.Objective,
               num_classes: int) -> dict[str, Any]:
   return {'model_name': run.model.model_name, 'num_classes': int(num_classes),
           'model': dict(run.model.model),
