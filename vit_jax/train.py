@@ -9,10 +9,11 @@ shardings and a donated state.
 
 from collections.abc import Callable, Mapping, Sequence
 import contextlib
+import dataclasses
 import functools
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 from clu import metric_writers
@@ -460,6 +461,177 @@ def _run_meta(run: config_lib.Run, objective: protocol.Objective,
 
 
 # ----------------------------------------------------------------------------
+# The loop's parts.
+# ----------------------------------------------------------------------------
+
+
+class StepPlan(NamedTuple):
+  """What the loop does after a train step (`plan_step`).
+
+  Attributes:
+    last: The step is the run's last.
+    flush: Fetch the buffered train metrics, check the loss, write them.
+    checkpoint: Save a checkpoint.
+    evaluate: Evaluate (the objective's evaluation).
+    fewshot: With `evaluate`: run the few-shot probe too.
+    preempted: Stop after the checkpoint: a preemption was requested.
+  """
+  last: bool
+  flush: bool
+  checkpoint: bool
+  evaluate: bool
+  fewshot: bool
+  preempted: bool
+
+
+def plan_step(step: int, loop: config_lib.LoopSection, fewshot_every: int,
+              preemption_requested: bool) -> StepPlan:
+  """What follows train step `step`: metrics, checkpoint, evaluations, stop.
+
+  The last step evaluates (few-shot included) and checkpoints; a requested
+  preemption checkpoints and stops, except at the last step, which ends the
+  run anyway. Metrics are fetched before every checkpoint and evaluation, so
+  that no state with a non-finite loss is saved.
+
+  Args:
+    step: The step just dispatched (1-based: updates applied).
+    loop: The run's loop section (total steps, the `*_every` periods).
+    fewshot_every: Steps between few-shot probes; 0 for none.
+    preemption_requested: `PreemptionWatcher.reached(step)`.
+
+  Returns:
+    The plan.
+  """
+  last = step == loop.total_steps
+  preempted = preemption_requested and not last
+  fewshot = fewshot_every > 0 and (last or step % fewshot_every == 0)
+  evaluate = step % loop.eval_every == 0 or last or fewshot
+  save = step % loop.checkpoint_every == 0 or last or preempted
+  return StepPlan(
+      last=last, flush=step % loop.log_every == 0 or evaluate or save,
+      checkpoint=save, evaluate=evaluate, fewshot=fewshot,
+      preempted=preempted)
+
+
+class TrainMetricsBuffer:
+  """Train-step metrics held on the devices until they are written.
+
+  The loop adds each step's metrics without waiting for the step; `flush`
+  fetches all of them in one transfer, stops the run at a non-finite loss
+  and writes their means at the newest step.
+  """
+
+  def __init__(self):
+    self._pending: list[tuple[int, dict[str, jax.Array]]] = []
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    """Buffers `train_step`'s metrics of `step` (device arrays)."""
+    self._pending.append((step, metrics))
+
+  def flush(self, writer: metric_writers.MetricWriter,
+            schedule: Callable[[int], Any],
+            ckpt: checkpointing.Checkpointer) -> None:
+    """Fetches the buffered metrics, checks the loss, writes the means.
+
+    Writes `train/<name>` (the mean over the buffered steps) and `train/lr`
+    (the learning rate of the newest step's update) at the newest step.
+
+    Args:
+      writer: Receives the scalars.
+      schedule: The learning-rate schedule (`optim.make_optimizer`).
+      ckpt: The run's checkpointer, named in the error.
+
+    Raises:
+      NonFiniteLossError: naming the first step with a non-finite loss and
+        the last checkpoint saved (after any save in flight completes).
+    """
+    if not self._pending:
+      return
+    values = jax.device_get([m for _, m in self._pending])
+    for (step, _), m in zip(self._pending, values):
+      if not np.isfinite(m['loss']):
+        ckpt.wait()
+        good = ckpt.latest_step()
+        last_good = (f'the last good checkpoint is step {good} in '
+                     f'{ckpt.directory}' if good is not None else
+                     'no checkpoint had been saved yet')
+        raise NonFiniteLossError(
+            f'Non-finite training loss ({m["loss"]}) at step {step}. '
+            f'Stopped; {last_good} (nothing newer was written). Lower '
+            'base_lr, set grad_clip_norm, or check the data.')
+    last = self._pending[-1][0]
+    writer.write_scalars(last, {
+        **{f'train/{k}': float(np.mean([m[k] for m in values]))
+           for k in values[0]},
+        'train/lr': float(schedule(last - 1))})
+    self._pending.clear()
+
+
+def eval_params(state: TrainState, use_ema: bool) -> Any:
+  """The parameters a run evaluates and exports: the EMA if it keeps one."""
+  return state.ema_params if use_ema else state.params
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluations:
+  """A run's evaluations: the objective's, and the few-shot probe.
+
+  Attributes:
+    objective: The run's objective (its evaluation).
+    eval_fn: `objective.make_eval_fn`'s step.
+    dataset: The evaluation split (`input_pipeline.eval_dataset`).
+    batch_sharding: Sharding of a global batch.
+    fewshot: The few-shot evaluator, or None.
+    ckpt: The run's checkpointer (completed when an evaluation fails).
+    final_params_path: Where the run's final parameters are saved (named
+      when the final evaluation fails).
+    workdir: The run directory (named in the same message).
+  """
+  objective: protocol.Objective
+  eval_fn: Callable[..., Any]
+  dataset: Any
+  batch_sharding: Any
+  fewshot: fewshot_lib.FewShotEvaluator | None
+  ckpt: checkpointing.Checkpointer
+  final_params_path: str
+  workdir: str
+
+  def __call__(self, params: Any, step: int, *, fewshot: bool,
+               last: bool) -> dict[str, float]:
+    """Evaluates `params` after `step`.
+
+    Args:
+      params: Parameters to evaluate (`eval_params`).
+      step: The step they are of.
+      fewshot: Whether to run the few-shot probe too (if the run has one).
+      last: The final evaluation: its failure says that training finished
+        and where its parameters are.
+
+    Returns:
+      {`eval/<name>`, `fewshot/<name>`: value}.
+
+    Raises:
+      Whatever an evaluator raises, once any checkpoint being written has
+      completed.
+    """
+    try:
+      metrics = self.objective.evaluate(params, self.eval_fn, self.dataset,
+                                        self.batch_sharding)
+      if self.fewshot and fewshot:
+        metrics.update(self.fewshot.run(params))
+    except Exception:
+      self.ckpt.wait()  # Whatever checkpoint is being written completes.
+      if last:
+        logging.error(
+            'The final evaluation failed; training finished and its '
+            'parameters are saved in %s (and the checkpoint of step %d). '
+            'Evaluate them again with python -m vit_jax.evaluate '
+            '--workdir=%s.', self.final_params_path, step, self.workdir)
+      raise
+    return metrics
+
+
+# ----------------------------------------------------------------------------
 # The main loop.
 # ----------------------------------------------------------------------------
 
@@ -611,64 +783,16 @@ def train_and_evaluate(
     train_rng = sharding.put_global(train_rng, sharding.replicated(mesh))
     eval_ds, _ = input_pipeline.eval_dataset(run.data, source=source)
     eval_fn = objective.make_eval_fn(model, mesh, shardings.params)
-
     final_params_path = os.path.join(workdir, checkpointing.FINAL_PARAMS_FILE)
+    evaluate = Evaluations(objective, eval_fn, eval_ds, batch_sharding,
+                           fewshot, ckpt, final_params_path, workdir)
 
-    def write_final_params():
-      checkpoint.save(state.ema_params if use_ema else state.params,
-                      final_params_path)
-
-    def run_evals(step: int, last: bool) -> dict[str, float]:
-      params = state.ema_params if use_ema else state.params
-      try:
-        metrics = objective.evaluate(params, eval_fn, eval_ds, batch_sharding)
-        if fewshot and (last or step % fewshot_every == 0):
-          metrics.update(fewshot.run(params))
-      except Exception:
-        ckpt.wait()  # Whatever checkpoint is being written completes.
-        if last:
-          logging.error(
-              'The final evaluation failed; training finished and its '
-              'parameters are saved in %s (and the checkpoint of step %d). '
-              'Evaluate them again with python -m vit_jax.evaluate '
-              '--workdir=%s.', final_params_path, step, workdir)
-        raise
-      return metrics
-
-    log_every = run.loop.log_every
-    eval_every = run.loop.eval_every
-    checkpoint_every = run.loop.checkpoint_every
     hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
                                              writer=writer, every_secs=30)]
     if is_writer and run.loop.profile:
       hooks.append(periodic_actions.Profile(logdir=workdir,
                                             num_profile_steps=5))
-
-    pending: list[tuple[int, dict[str, jax.Array]]] = []
-
-    def flush_train_metrics():
-      """Fetches buffered step metrics (one transfer) and checks the loss."""
-      if not pending:
-        return
-      values = jax.device_get([m for _, m in pending])
-      for (step, _), m in zip(pending, values):
-        if not np.isfinite(m['loss']):
-          ckpt.wait()
-          good = ckpt.latest_step()
-          last_good = (f'the last good checkpoint is step {good} in '
-                       f'{ckpt.directory}' if good is not None else
-                       'no checkpoint had been saved yet')
-          raise NonFiniteLossError(
-              f'Non-finite training loss ({m["loss"]}) at step {step}. '
-              f'Stopped; {last_good} (nothing newer was written). Lower '
-              'base_lr, set grad_clip_norm, or check the data.')
-      last = pending[-1][0]
-      writer.write_scalars(last, {
-          **{f'train/{k}': float(np.mean([m[k] for m in values]))
-             for k in values[0]},
-          'train/lr': float(schedule(last - 1))})
-      pending.clear()
-
+    train_metrics = TrainMetricsBuffer()
     metrics = {}
     if start >= total_steps:
       logging.info('Checkpoint step %d >= total_steps %d: nothing to train.',
@@ -682,29 +806,28 @@ def train_and_evaluate(
         if step == start + 1:  # Once: how long compiling took.
           jax.block_until_ready(step_metrics)
           progress.first_step(step, time.monotonic() - first_step_start)
-        pending.append((step, step_metrics))
+        train_metrics.add(step, step_metrics)
         for hook in hooks:
           hook(step)
-        last = step == total_steps
-        preempted = preemption.reached(step) and not last
-        do_eval = (step % eval_every == 0 or last
-                   or (fewshot is not None and step % fewshot_every == 0))
-        do_checkpoint = step % checkpoint_every == 0 or last or preempted
-        if step % log_every == 0 or do_eval or do_checkpoint:
-          flush_train_metrics()  # Never checkpoint an unchecked state.
+        plan = plan_step(step, run.loop, fewshot_every,
+                         preemption.reached(step))
+        if plan.flush:
+          # Never checkpoint an unchecked state.
+          train_metrics.flush(writer, schedule, ckpt)
           progress.update(step)
         # Checkpoint (and at the end, final parameters) before evaluating: an
         # evaluator that fails must not cost the run its training.
-        if do_checkpoint:
+        if plan.checkpoint:
           position = (start_position
                       + (step - start) * train_iter.global_batch_size)
           ckpt.save(step, state, input_pipeline.state_at(position))
-        if last:
-          write_final_params()
-        if do_eval:
-          metrics = run_evals(step, last)
+        if plan.last:
+          checkpoint.save(eval_params(state, use_ema), final_params_path)
+        if plan.evaluate:
+          metrics = evaluate(eval_params(state, use_ema), step,
+                             fewshot=plan.fewshot, last=plan.last)
           writer.write_scalars(step, metrics)
-        if preempted:
+        if plan.preempted:
           ckpt.wait()
           logging.warning(
               '%s: saved checkpoint step %d in %s and stopped. Run the same '
@@ -713,8 +836,9 @@ def train_and_evaluate(
           return {**metrics, 'preempted_at_step': float(step)}
       if start >= total_steps:  # Trained; the final evaluation is missing.
         if not tf.io.gfile.exists(final_params_path):
-          write_final_params()
-        metrics = run_evals(total_steps, last=True)
+          checkpoint.save(eval_params(state, use_ema), final_params_path)
+        metrics = evaluate(eval_params(state, use_ema), total_steps,
+                           fewshot=True, last=True)
         writer.write_scalars(start, metrics)
       ckpt.wait()
       return metrics
