@@ -452,6 +452,167 @@ def _with_fresh_leaves(loaded: Any, fresh: set[int], initialised: Any) -> Any:
       for k, v in checkpoint.flatten(loaded).items()})
 
 
+def checked_dataset_info(data: config_lib.DataSection,
+                         source: Any) -> input_pipeline.DatasetInfo:
+  """The dataset's description, refusing an empty evaluation split.
+
+  Args:
+    data: The run's data section.
+    source: Its source (`input_pipeline.get_source`).
+
+  Returns:
+    `input_pipeline.get_dataset_info`'s description.
+
+  Raises:
+    ValueError: the evaluation split has no examples (naming the fields).
+  """
+  info = input_pipeline.get_dataset_info(data, source)
+  if not info.num_eval_examples:
+    raise ValueError(
+        f'The evaluation split {info.eval_split!r} of {info.name!r} is empty '
+        '(config.eval_split): choose a split with examples, or give an image '
+        'folder more images per class (config.image_folder_test_percent).')
+  return info
+
+
+def finished_run(workdir: str, step: int, total_steps: int
+                 ) -> dict[str, float]:
+  """Says that the run in `workdir` is finished; what it returns then.
+
+  Args:
+    workdir: The run directory.
+    step: Its latest checkpoint's step.
+    total_steps: The config's `total_steps`.
+
+  Returns:
+    The last evaluation in `metrics.jsonl` plus `finished_at_step`.
+  """
+  logging.info(
+      'The run in %s is finished (checkpoint step %d, total_steps=%d): '
+      'nothing to train, nothing written. Evaluate it with python -m '
+      'vit_jax.evaluate --workdir=%s, or raise --config.total_steps to '
+      'train it further.', workdir, step, total_steps, workdir)
+  return {**workdir_lib.last_evaluation(workdir),
+          'finished_at_step': float(step)}
+
+
+def make_fewshot(run: config_lib.Run, objective: protocol.Objective,
+                 model: flax.linen.Module, mesh: jax.sharding.Mesh,
+                 param_shardings: Any
+                 ) -> fewshot_lib.FewShotEvaluator | None:
+  """The run's few-shot evaluator, or None (`config.evals.fewshot.every`).
+
+  The linear probe reads the backbone's features (pre-logits); building it
+  checks that the dataset has enough images per class.
+  """
+  if run.evals.fewshot.every <= 0:
+    return None
+  return fewshot_lib.FewShotEvaluator(
+      run.evals.fewshot, run.data, objective.backbone(model), mesh,
+      param_shardings)
+
+
+def log_model(model_name: str, mesh: jax.sharding.Mesh, abstract: Any,
+              shardings: Any) -> None:
+  """Logs the model's parameter count, the mesh and the state's memory.
+
+  Args:
+    model_name: The model's name (`config.model_name`).
+    mesh: Device mesh.
+    abstract: The train state's shapes.
+    shardings: Its shardings.
+  """
+  num_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
+  logging.info('Model %s: %s parameters; mesh %s', model_name,
+               f'{num_params:,}', dict(mesh.shape))
+  # One line to grep on any mesh (parameters + optimizer state + EMA).
+  logging.info('train state: %.1f MiB per device of %.1f MiB',
+               *state_size_mib(abstract, shardings))
+
+
+def initial_state(init: Callable[[jax.Array], TrainState], rng: jax.Array,
+                  shardings: Any, tx: optax.GradientTransformation,
+                  use_ema: bool,
+                  pretrained: tuple[Any, set[int]] | None = None
+                  ) -> TrainState:
+  """The state at step 0, initialised straight into its shardings.
+
+  Args:
+    init: `init_fn`'s function.
+    rng: Initialisation key.
+    shardings: The state's shardings.
+    tx: The optimizer.
+    use_ema: Whether the state keeps a Polyak average.
+    pretrained: `load_pretrained_checked`'s parameters, whose placeholder
+      leaves (the head) take the initialised values; None to train from
+      scratch.
+
+  Returns:
+    The state.
+  """
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  if pretrained is None:
+    return state
+  params = _with_fresh_leaves(*pretrained, state.params)
+  return state_from_params(params, tx, shardings, use_ema)
+
+
+def write_run_files(workdir: str, config: ml_collections.ConfigDict,
+                    info: input_pipeline.DatasetInfo, start: int,
+                    changes: Mapping[str, tuple[Any, Any]],
+                    resumed: bool) -> None:
+  """Writes what describes the run (process 0 calls it).
+
+  A new run writes `class_names.json` and `config.json`; a resumed run
+  keeps them as they are and appends the fields it changes to
+  `config_changes.jsonl`.
+
+  Args:
+    workdir: The run directory.
+    config: The run's config.
+    info: The dataset's description (class names).
+    start: The step the run starts from.
+    changes: The allowed changes of a resumed run
+      (`workdir.decide(...).changes`).
+    resumed: Whether the run resumes from a checkpoint.
+  """
+  if resumed:
+    workdir_lib.record_changes(workdir, start, changes)
+    return
+  input_pipeline.write_class_names(workdir, info)
+  fileio.write_text_atomic(os.path.join(workdir, config_lib.CONFIG_FILE),
+                           config.to_json_best_effort(indent=1))
+
+
+def make_writer(workdir: str, start: int,
+                extra_writers: Sequence[metric_writers.MetricWriter],
+                is_writer: bool) -> metric_writers.MetricWriter:
+  """Where the run's scalars go.
+
+  Process 0 writes TensorBoard summaries and `metrics.jsonl` (continued
+  from `start`); the others only log. Every process also writes to
+  `extra_writers`.
+  """
+  all_writers = [metric_writers.create_default_writer(
+      workdir, just_logging=not is_writer, asynchronous=False)]
+  if is_writer:
+    all_writers.append(writers_lib.JsonlWriter(
+        os.path.join(workdir, METRICS_FILE), resume_step=start))
+  return metric_writers.MultiWriter(all_writers + list(extra_writers))
+
+
+def make_hooks(writer: metric_writers.MetricWriter, total_steps: int,
+               workdir: str, profile: bool
+               ) -> list[periodic_actions.PeriodicAction]:
+  """The loop's periodic actions: progress, and a profile if asked."""
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
+                                           writer=writer, every_secs=30)]
+  if profile:
+    hooks.append(periodic_actions.Profile(logdir=workdir,
+                                          num_profile_steps=5))
+  return hooks
+
+
 def _run_meta(run: config_lib.Run, objective: protocol.Objective,
               num_classes: int) -> dict[str, Any]:
   return {'model_name': run.model.model_name, 'num_classes': int(num_classes),
@@ -686,22 +847,10 @@ def train_and_evaluate(
   mesh = sharding.mesh_from_config(run.mesh)
   check_batches(run, mesh)
   source = input_pipeline.get_source(run.data)
-  info = input_pipeline.get_dataset_info(run.data, source)
-  if not info.num_eval_examples:
-    raise ValueError(
-        f'The evaluation split {info.eval_split!r} of {info.name!r} is empty '
-        '(config.eval_split): choose a split with examples, or give an image '
-        'folder more images per class (config.image_folder_test_percent).')
+  info = checked_dataset_info(run.data, source)
   workdir_lib.check_classes(held, info.class_names, overwrite=overwrite)
   if decision.finished:
-    logging.info(
-        'The run in %s is finished (checkpoint step %d, total_steps=%d): '
-        'nothing to train, nothing written. Evaluate it with python -m '
-        'vit_jax.evaluate --workdir=%s, or raise --config.total_steps to '
-        'train it further.', workdir, decision.resume_step, total_steps,
-        workdir)
-    return {**workdir_lib.last_evaluation(workdir),
-            'finished_at_step': float(decision.resume_step)}
+    return finished_run(workdir, decision.resume_step, total_steps)
   # 'auto' attention on a TPU: what the compiler estimates fastest.
   run = attention_choice.resolve(run, mesh)
   objective = objectives.get(run.objective)
@@ -713,12 +862,7 @@ def train_and_evaluate(
   init = init_fn(run, objective, model, tx)
   abstract = jax.eval_shape(init, init_rng)
   shardings = sharding.shardings_from_config(abstract, mesh, run.mesh)
-  fewshot_every = run.evals.fewshot.every
-  # The linear probe reads the backbone's features (pre-logits); building
-  # it checks that the dataset has enough images per class.
-  fewshot = fewshot_lib.FewShotEvaluator(
-      run.evals.fewshot, run.data, objective.backbone(model), mesh,
-      shardings.params) if fewshot_every > 0 else None
+  fewshot = make_fewshot(run, objective, model, mesh, shardings.params)
   pretrained = None
   if decision.resume_step is None and run.model.pretrained_path:
     pretrained = load_pretrained_checked(run, model, abstract.params)
@@ -726,12 +870,7 @@ def train_and_evaluate(
   _check_writable(workdir)
   if overwrite:
     workdir_lib.clear(held)
-  num_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
-  logging.info('Model %s: %s parameters; mesh %s', run.model.model_name,
-               f'{num_params:,}', dict(mesh.shape))
-  # One line to grep on any mesh (parameters + optimizer state + EMA).
-  logging.info('train state: %.1f MiB per device of %.1f MiB',
-               *state_size_mib(abstract, shardings))
+  log_model(run.model.model_name, mesh, abstract, shardings)
   # Every exit, error paths included, closes the writers and then the
   # checkpointer (which first completes any save in flight).
   with contextlib.ExitStack() as stack:
@@ -748,26 +887,13 @@ def train_and_evaluate(
       start, state, data_state = restored
     else:
       start, data_state = 0, None
-      state = jax.jit(init, out_shardings=shardings)(init_rng)
-      if pretrained is not None:
-        params = _with_fresh_leaves(*pretrained, state.params)
-        state = state_from_params(params, tx, shardings, use_ema)
-
+      state = initial_state(init, init_rng, shardings, tx, use_ema,
+                            pretrained)
     is_writer = jax.process_index() == 0
     if is_writer:
-      if restored is None:
-        input_pipeline.write_class_names(workdir, info)
-        fileio.write_text_atomic(
-            os.path.join(workdir, config_lib.CONFIG_FILE),
-            config.to_json_best_effort(indent=1))
-      else:
-        workdir_lib.record_changes(workdir, start, decision.changes)
-    all_writers = [metric_writers.create_default_writer(
-        workdir, just_logging=not is_writer, asynchronous=False)]
-    if is_writer:
-      all_writers.append(writers_lib.JsonlWriter(
-          os.path.join(workdir, METRICS_FILE), resume_step=start))
-    writer = metric_writers.MultiWriter(all_writers + list(extra_writers))
+      write_run_files(workdir, config, info, start, decision.changes,
+                      resumed=restored is not None)
+    writer = make_writer(workdir, start, extra_writers, is_writer)
     stack.callback(writer.close)
 
     train_iter = input_pipeline.train_iterator(run.data, state=data_state,
@@ -787,11 +913,8 @@ def train_and_evaluate(
     evaluate = Evaluations(objective, eval_fn, eval_ds, batch_sharding,
                            fewshot, ckpt, final_params_path, workdir)
 
-    hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
-                                             writer=writer, every_secs=30)]
-    if is_writer and run.loop.profile:
-      hooks.append(periodic_actions.Profile(logdir=workdir,
-                                            num_profile_steps=5))
+    hooks = make_hooks(writer, total_steps, workdir,
+                       profile=is_writer and run.loop.profile)
     train_metrics = TrainMetricsBuffer()
     metrics = {}
     if start >= total_steps:
@@ -809,7 +932,7 @@ def train_and_evaluate(
         train_metrics.add(step, step_metrics)
         for hook in hooks:
           hook(step)
-        plan = plan_step(step, run.loop, fewshot_every,
+        plan = plan_step(step, run.loop, run.evals.fewshot.every,
                          preemption.reached(step))
         if plan.flush:
           # Never checkpoint an unchecked state.
