@@ -1,6 +1,7 @@
 """Objectives as a family: one interface, picked once by name, and neither
 the training loop nor the classifier knows any of them by name."""
 
+import inspect
 import os
 import re
 
@@ -8,10 +9,11 @@ import pytest
 
 from vit_jax import config_lib
 from vit_jax import objectives
+from vit_jax.objectives import protocol
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INTERFACE = ('num_classes', 'wrap', 'backbone', 'init', 'loss_fn',
-             'make_eval_fn', 'evaluate', 'run_meta')
+INTERFACE = tuple(name for name, _ in inspect.getmembers(
+    protocol.Objective, inspect.isfunction) if not name.startswith('_'))
 
 
 def _source(path):
@@ -25,8 +27,14 @@ def test_every_objective_offers_what_the_loop_needs(name):
   config.objective = name
   objective = objectives.get(config_lib.parse(config).objective)
   assert objective.name == name
+  assert isinstance(objective, protocol.Objective)
   for method in INTERFACE:
     assert callable(getattr(objective, method)), (name, method)
+
+
+def test_the_protocol_names_exactly_what_the_loop_uses():
+  used = set(re.findall(r'\bobjective\.(\w+)', _source('vit_jax/train.py')))
+  assert used == set(INTERFACE)
 
 
 def test_unknown_objective_and_its_fields_are_refused():

@@ -9,10 +9,11 @@ shardings and a donated state.
 
 from collections.abc import Callable, Mapping, Sequence
 import contextlib
+import dataclasses
 import functools
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 from clu import metric_writers
@@ -27,17 +28,18 @@ import tensorflow as tf
 
 from vit_jax import attention_choice
 from vit_jax import checkpoint
-from vit_jax import run_checkpoints
 from vit_jax import config_lib
 from vit_jax import fileio
 from vit_jax import input_pipeline
 from vit_jax import objectives
 from vit_jax import optim
+from vit_jax import run_checkpoints
 from vit_jax import runtime
 from vit_jax import sharding
 from vit_jax import workdir as workdir_lib
 from vit_jax import writers as writers_lib
 from vit_jax.evaluators import fewshot as fewshot_lib
+from vit_jax.objectives import protocol
 import vit_jax.models
 
 METRICS_FILE = workdir_lib.METRICS_FILE
@@ -64,7 +66,8 @@ class TrainState:
   ema_params: Any = None
 
 
-def build_model(model: config_lib.ModelSection, objective: Any,
+def build_model(model: config_lib.ModelSection,
+                objective: protocol.Objective,
                 num_classes: int) -> flax.linen.Module:
   """The module a run trains: its objective around the model.
 
@@ -240,9 +243,9 @@ def check_batches(run: config_lib.Run, mesh: jax.sharding.Mesh) -> None:
                             what='config.batch_eval')
 
 
-def init_fn(run: config_lib.Run, objective: Any, model: flax.linen.Module,
-             tx: optax.GradientTransformation) -> Callable[[jax.Array],
-                                                           TrainState]:
+def init_fn(run: config_lib.Run, objective: protocol.Objective,
+            model: flax.linen.Module, tx: optax.GradientTransformation
+            ) -> Callable[[jax.Array], TrainState]:
   """`init(rng) -> TrainState` of a run (step 0, fresh optimizer state).
 
   Under `jax.eval_shape` it gives the state's shapes without computing it
@@ -261,7 +264,7 @@ def init_fn(run: config_lib.Run, objective: Any, model: flax.linen.Module,
   return init
 
 
-def create_train_state(run: config_lib.Run, objective: Any,
+def create_train_state(run: config_lib.Run, objective: protocol.Objective,
                        model: flax.linen.Module,
                        tx: optax.GradientTransformation,
                        mesh: jax.sharding.Mesh, rng: jax.Array
@@ -326,7 +329,8 @@ def state_from_params(params: Any, tx: optax.GradientTransformation,
   return jax.jit(make, out_shardings=shardings)(params)
 
 
-def make_train_step(loop: config_lib.LoopSection, objective: Any,
+def make_train_step(loop: config_lib.LoopSection,
+                    objective: protocol.Objective,
                     model: flax.linen.Module,
                     tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, state_shardings: Any
@@ -448,12 +452,344 @@ def _with_fresh_leaves(loaded: Any, fresh: set[int], initialised: Any) -> Any:
       for k, v in checkpoint.flatten(loaded).items()})
 
 
-def _run_meta(run: config_lib.Run, objective: Any,
+def checked_dataset_info(data: config_lib.DataSection,
+                         source: Any) -> input_pipeline.DatasetInfo:
+  """The dataset's description, refusing an empty evaluation split.
+
+  Args:
+    data: The run's data section.
+    source: Its source (`input_pipeline.get_source`).
+
+  Returns:
+    `input_pipeline.get_dataset_info`'s description.
+
+  Raises:
+    ValueError: the evaluation split has no examples (naming the fields).
+  """
+  info = input_pipeline.get_dataset_info(data, source)
+  if not info.num_eval_examples:
+    raise ValueError(
+        f'The evaluation split {info.eval_split!r} of {info.name!r} is empty '
+        '(config.eval_split): choose a split with examples, or give an image '
+        'folder more images per class (config.image_folder_test_percent).')
+  return info
+
+
+def finished_run(workdir: str, step: int, total_steps: int
+                 ) -> dict[str, float]:
+  """Says that the run in `workdir` is finished; what it returns then.
+
+  Args:
+    workdir: The run directory.
+    step: Its latest checkpoint's step.
+    total_steps: The config's `total_steps`.
+
+  Returns:
+    The last evaluation in `metrics.jsonl` plus `finished_at_step`.
+  """
+  logging.info(
+      'The run in %s is finished (checkpoint step %d, total_steps=%d): '
+      'nothing to train, nothing written. Evaluate it with python -m '
+      'vit_jax.evaluate --workdir=%s, or raise --config.total_steps to '
+      'train it further.', workdir, step, total_steps, workdir)
+  return {**workdir_lib.last_evaluation(workdir),
+          'finished_at_step': float(step)}
+
+
+def make_fewshot(run: config_lib.Run, objective: protocol.Objective,
+                 model: flax.linen.Module, mesh: jax.sharding.Mesh,
+                 param_shardings: Any
+                 ) -> fewshot_lib.FewShotEvaluator | None:
+  """The run's few-shot evaluator, or None (`config.evals.fewshot.every`).
+
+  The linear probe reads the backbone's features (pre-logits); building it
+  checks that the dataset has enough images per class.
+  """
+  if run.evals.fewshot.every <= 0:
+    return None
+  return fewshot_lib.FewShotEvaluator(
+      run.evals.fewshot, run.data, objective.backbone(model), mesh,
+      param_shardings)
+
+
+def log_model(model_name: str, mesh: jax.sharding.Mesh, abstract: Any,
+              shardings: Any) -> None:
+  """Logs the model's parameter count, the mesh and the state's memory.
+
+  Args:
+    model_name: The model's name (`config.model_name`).
+    mesh: Device mesh.
+    abstract: The train state's shapes.
+    shardings: Its shardings.
+  """
+  num_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
+  logging.info('Model %s: %s parameters; mesh %s', model_name,
+               f'{num_params:,}', dict(mesh.shape))
+  # One line to grep on any mesh (parameters + optimizer state + EMA).
+  logging.info('train state: %.1f MiB per device of %.1f MiB',
+               *state_size_mib(abstract, shardings))
+
+
+def initial_state(init: Callable[[jax.Array], TrainState], rng: jax.Array,
+                  shardings: Any, tx: optax.GradientTransformation,
+                  use_ema: bool,
+                  pretrained: tuple[Any, set[int]] | None = None
+                  ) -> TrainState:
+  """The state at step 0, initialised straight into its shardings.
+
+  Args:
+    init: `init_fn`'s function.
+    rng: Initialisation key.
+    shardings: The state's shardings.
+    tx: The optimizer.
+    use_ema: Whether the state keeps a Polyak average.
+    pretrained: `load_pretrained_checked`'s parameters, whose placeholder
+      leaves (the head) take the initialised values; None to train from
+      scratch.
+
+  Returns:
+    The state.
+  """
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  if pretrained is None:
+    return state
+  params = _with_fresh_leaves(*pretrained, state.params)
+  return state_from_params(params, tx, shardings, use_ema)
+
+
+def write_run_files(workdir: str, config: ml_collections.ConfigDict,
+                    info: input_pipeline.DatasetInfo, start: int,
+                    changes: Mapping[str, tuple[Any, Any]],
+                    resumed: bool) -> None:
+  """Writes what describes the run (process 0 calls it).
+
+  A new run writes `class_names.json` and `config.json`; a resumed run
+  keeps them as they are and appends the fields it changes to
+  `config_changes.jsonl`.
+
+  Args:
+    workdir: The run directory.
+    config: The run's config.
+    info: The dataset's description (class names).
+    start: The step the run starts from.
+    changes: The allowed changes of a resumed run
+      (`workdir.decide(...).changes`).
+    resumed: Whether the run resumes from a checkpoint.
+  """
+  if resumed:
+    workdir_lib.record_changes(workdir, start, changes)
+    return
+  input_pipeline.write_class_names(workdir, info)
+  fileio.write_text_atomic(os.path.join(workdir, config_lib.CONFIG_FILE),
+                           config.to_json_best_effort(indent=1))
+
+
+def make_writer(workdir: str, start: int,
+                extra_writers: Sequence[metric_writers.MetricWriter],
+                is_writer: bool) -> metric_writers.MetricWriter:
+  """Where the run's scalars go.
+
+  Process 0 writes TensorBoard summaries and `metrics.jsonl` (continued
+  from `start`); the others only log. Every process also writes to
+  `extra_writers`.
+  """
+  all_writers = [metric_writers.create_default_writer(
+      workdir, just_logging=not is_writer, asynchronous=False)]
+  if is_writer:
+    all_writers.append(writers_lib.JsonlWriter(
+        os.path.join(workdir, METRICS_FILE), resume_step=start))
+  return metric_writers.MultiWriter(all_writers + list(extra_writers))
+
+
+def make_hooks(writer: metric_writers.MetricWriter, total_steps: int,
+               workdir: str, profile: bool
+               ) -> list[periodic_actions.PeriodicAction]:
+  """The loop's periodic actions: progress, and a profile if asked."""
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
+                                           writer=writer, every_secs=30)]
+  if profile:
+    hooks.append(periodic_actions.Profile(logdir=workdir,
+                                          num_profile_steps=5))
+  return hooks
+
+
+def _run_meta(run: config_lib.Run, objective: protocol.Objective,
               num_classes: int) -> dict[str, Any]:
   return {'model_name': run.model.model_name, 'num_classes': int(num_classes),
           'model': dict(run.model.model),
           'image_size': run.data.image_size, 'scan': bool(run.model.scan),
           'ema': run.loop.use_ema, **objective.run_meta()}
+
+
+# ----------------------------------------------------------------------------
+# The loop's parts.
+# ----------------------------------------------------------------------------
+
+
+class StepPlan(NamedTuple):
+  """What the loop does after a train step (`plan_step`).
+
+  Attributes:
+    last: The step is the run's last.
+    flush: Fetch the buffered train metrics, check the loss, write them.
+    checkpoint: Save a checkpoint.
+    evaluate: Evaluate (the objective's evaluation).
+    fewshot: With `evaluate`: run the few-shot probe too.
+    preempted: Stop after the checkpoint: a preemption was requested.
+  """
+  last: bool
+  flush: bool
+  checkpoint: bool
+  evaluate: bool
+  fewshot: bool
+  preempted: bool
+
+
+def plan_step(step: int, loop: config_lib.LoopSection, fewshot_every: int,
+              preemption_requested: bool) -> StepPlan:
+  """What follows train step `step`: metrics, checkpoint, evaluations, stop.
+
+  The last step evaluates (few-shot included) and checkpoints; a requested
+  preemption checkpoints and stops, except at the last step, which ends the
+  run anyway. Metrics are fetched before every checkpoint and evaluation, so
+  that no state with a non-finite loss is saved.
+
+  Args:
+    step: The step just dispatched (1-based: updates applied).
+    loop: The run's loop section (total steps, the `*_every` periods).
+    fewshot_every: Steps between few-shot probes; 0 for none.
+    preemption_requested: `PreemptionWatcher.reached(step)`.
+
+  Returns:
+    The plan.
+  """
+  last = step == loop.total_steps
+  preempted = preemption_requested and not last
+  fewshot = fewshot_every > 0 and (last or step % fewshot_every == 0)
+  evaluate = step % loop.eval_every == 0 or last or fewshot
+  save = step % loop.checkpoint_every == 0 or last or preempted
+  return StepPlan(
+      last=last, flush=step % loop.log_every == 0 or evaluate or save,
+      checkpoint=save, evaluate=evaluate, fewshot=fewshot,
+      preempted=preempted)
+
+
+class TrainMetricsBuffer:
+  """Train-step metrics held on the devices until they are written.
+
+  The loop adds each step's metrics without waiting for the step; `flush`
+  fetches all of them in one transfer, stops the run at a non-finite loss
+  and writes their means at the newest step.
+  """
+
+  def __init__(self):
+    self._pending: list[tuple[int, dict[str, jax.Array]]] = []
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    """Buffers `train_step`'s metrics of `step` (device arrays)."""
+    self._pending.append((step, metrics))
+
+  def flush(self, writer: metric_writers.MetricWriter,
+            schedule: Callable[[int], Any],
+            ckpt: run_checkpoints.Checkpointer) -> None:
+    """Fetches the buffered metrics, checks the loss, writes the means.
+
+    Writes `train/<name>` (the mean over the buffered steps) and `train/lr`
+    (the learning rate of the newest step's update) at the newest step.
+
+    Args:
+      writer: Receives the scalars.
+      schedule: The learning-rate schedule (`optim.make_optimizer`).
+      ckpt: The run's checkpointer, named in the error.
+
+    Raises:
+      NonFiniteLossError: naming the first step with a non-finite loss and
+        the last checkpoint saved (after any save in flight completes).
+    """
+    if not self._pending:
+      return
+    values = jax.device_get([m for _, m in self._pending])
+    for (step, _), m in zip(self._pending, values):
+      if not np.isfinite(m['loss']):
+        ckpt.wait()
+        good = ckpt.latest_step()
+        last_good = (f'the last good checkpoint is step {good} in '
+                     f'{ckpt.directory}' if good is not None else
+                     'no checkpoint had been saved yet')
+        raise NonFiniteLossError(
+            f'Non-finite training loss ({m["loss"]}) at step {step}. '
+            f'Stopped; {last_good} (nothing newer was written). Lower '
+            'base_lr, set grad_clip_norm, or check the data.')
+    last = self._pending[-1][0]
+    writer.write_scalars(last, {
+        **{f'train/{k}': float(np.mean([m[k] for m in values]))
+           for k in values[0]},
+        'train/lr': float(schedule(last - 1))})
+    self._pending.clear()
+
+
+def eval_params(state: TrainState, use_ema: bool) -> Any:
+  """The parameters a run evaluates and exports: the EMA if it keeps one."""
+  return state.ema_params if use_ema else state.params
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluations:
+  """A run's evaluations: the objective's, and the few-shot probe.
+
+  Attributes:
+    objective: The run's objective (its evaluation).
+    eval_fn: `objective.make_eval_fn`'s step.
+    dataset: The evaluation split (`input_pipeline.eval_dataset`).
+    batch_sharding: Sharding of a global batch.
+    fewshot: The few-shot evaluator, or None.
+    ckpt: The run's checkpointer (completed when an evaluation fails).
+    final_params_path: Where the run's final parameters are saved (named
+      when the final evaluation fails).
+    workdir: The run directory (named in the same message).
+  """
+  objective: protocol.Objective
+  eval_fn: Callable[..., Any]
+  dataset: Any
+  batch_sharding: Any
+  fewshot: fewshot_lib.FewShotEvaluator | None
+  ckpt: run_checkpoints.Checkpointer
+  final_params_path: str
+  workdir: str
+
+  def __call__(self, params: Any, step: int, *, fewshot: bool,
+               last: bool) -> dict[str, float]:
+    """Evaluates `params` after `step`.
+
+    Args:
+      params: Parameters to evaluate (`eval_params`).
+      step: The step they are of.
+      fewshot: Whether to run the few-shot probe too (if the run has one).
+      last: The final evaluation: its failure says that training finished
+        and where its parameters are.
+
+    Returns:
+      {`eval/<name>`, `fewshot/<name>`: value}.
+
+    Raises:
+      Whatever an evaluator raises, once any checkpoint being written has
+      completed.
+    """
+    try:
+      metrics = self.objective.evaluate(params, self.eval_fn, self.dataset,
+                                        self.batch_sharding)
+      if self.fewshot and fewshot:
+        metrics.update(self.fewshot.run(params))
+    except Exception:
+      self.ckpt.wait()  # Whatever checkpoint is being written completes.
+      if last:
+        logging.error(
+            'The final evaluation failed; training finished and its '
+            'parameters are saved in %s (and the checkpoint of step %d). '
+            'Evaluate them again with python -m vit_jax.evaluate '
+            '--workdir=%s.', self.final_params_path, step, self.workdir)
+      raise
+    return metrics
 
 
 # ----------------------------------------------------------------------------
@@ -511,22 +847,10 @@ def train_and_evaluate(
   mesh = sharding.mesh_from_config(run.mesh)
   check_batches(run, mesh)
   source = input_pipeline.get_source(run.data)
-  info = input_pipeline.get_dataset_info(run.data, source)
-  if not info.num_eval_examples:
-    raise ValueError(
-        f'The evaluation split {info.eval_split!r} of {info.name!r} is empty '
-        '(config.eval_split): choose a split with examples, or give an image '
-        'folder more images per class (config.image_folder_test_percent).')
+  info = checked_dataset_info(run.data, source)
   workdir_lib.check_classes(held, info.class_names, overwrite=overwrite)
   if decision.finished:
-    logging.info(
-        'The run in %s is finished (checkpoint step %d, total_steps=%d): '
-        'nothing to train, nothing written. Evaluate it with python -m '
-        'vit_jax.evaluate --workdir=%s, or raise --config.total_steps to '
-        'train it further.', workdir, decision.resume_step, total_steps,
-        workdir)
-    return {**workdir_lib.last_evaluation(workdir),
-            'finished_at_step': float(decision.resume_step)}
+    return finished_run(workdir, decision.resume_step, total_steps)
   # 'auto' attention on a TPU: what the compiler estimates fastest.
   run = attention_choice.resolve(run, mesh)
   objective = objectives.get(run.objective)
@@ -538,12 +862,7 @@ def train_and_evaluate(
   init = init_fn(run, objective, model, tx)
   abstract = jax.eval_shape(init, init_rng)
   shardings = sharding.shardings_from_config(abstract, mesh, run.mesh)
-  fewshot_every = run.evals.fewshot.every
-  # The linear probe reads the backbone's features (pre-logits); building
-  # it checks that the dataset has enough images per class.
-  fewshot = fewshot_lib.FewShotEvaluator(
-      run.evals.fewshot, run.data, objective.backbone(model), mesh,
-      shardings.params) if fewshot_every > 0 else None
+  fewshot = make_fewshot(run, objective, model, mesh, shardings.params)
   pretrained = None
   if decision.resume_step is None and run.model.pretrained_path:
     pretrained = load_pretrained_checked(run, model, abstract.params)
@@ -551,12 +870,7 @@ def train_and_evaluate(
   _check_writable(workdir)
   if overwrite:
     workdir_lib.clear(held)
-  num_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
-  logging.info('Model %s: %s parameters; mesh %s', run.model.model_name,
-               f'{num_params:,}', dict(mesh.shape))
-  # One line to grep on any mesh (parameters + optimizer state + EMA).
-  logging.info('train state: %.1f MiB per device of %.1f MiB',
-               *state_size_mib(abstract, shardings))
+  log_model(run.model.model_name, mesh, abstract, shardings)
   # Every exit, error paths included, closes the writers and then the
   # checkpointer (which first completes any save in flight).
   with contextlib.ExitStack() as stack:
@@ -573,26 +887,13 @@ def train_and_evaluate(
       start, state, data_state = restored
     else:
       start, data_state = 0, None
-      state = jax.jit(init, out_shardings=shardings)(init_rng)
-      if pretrained is not None:
-        params = _with_fresh_leaves(*pretrained, state.params)
-        state = state_from_params(params, tx, shardings, use_ema)
-
+      state = initial_state(init, init_rng, shardings, tx, use_ema,
+                            pretrained)
     is_writer = jax.process_index() == 0
     if is_writer:
-      if restored is None:
-        input_pipeline.write_class_names(workdir, info)
-        fileio.write_text_atomic(
-            os.path.join(workdir, config_lib.CONFIG_FILE),
-            config.to_json_best_effort(indent=1))
-      else:
-        workdir_lib.record_changes(workdir, start, decision.changes)
-    all_writers = [metric_writers.create_default_writer(
-        workdir, just_logging=not is_writer, asynchronous=False)]
-    if is_writer:
-      all_writers.append(writers_lib.JsonlWriter(
-          os.path.join(workdir, METRICS_FILE), resume_step=start))
-    writer = metric_writers.MultiWriter(all_writers + list(extra_writers))
+      write_run_files(workdir, config, info, start, decision.changes,
+                      resumed=restored is not None)
+    writer = make_writer(workdir, start, extra_writers, is_writer)
     stack.callback(writer.close)
 
     train_iter = input_pipeline.train_iterator(run.data, state=data_state,
@@ -608,64 +909,13 @@ def train_and_evaluate(
     train_rng = sharding.put_global(train_rng, sharding.replicated(mesh))
     eval_ds, _ = input_pipeline.eval_dataset(run.data, source=source)
     eval_fn = objective.make_eval_fn(model, mesh, shardings.params)
-
     final_params_path = os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE)
+    evaluate = Evaluations(objective, eval_fn, eval_ds, batch_sharding,
+                           fewshot, ckpt, final_params_path, workdir)
 
-    def write_final_params():
-      checkpoint.save(state.ema_params if use_ema else state.params,
-                      final_params_path)
-
-    def run_evals(step: int, last: bool) -> dict[str, float]:
-      params = state.ema_params if use_ema else state.params
-      try:
-        metrics = objective.evaluate(params, eval_fn, eval_ds, batch_sharding)
-        if fewshot and (last or step % fewshot_every == 0):
-          metrics.update(fewshot.run(params))
-      except Exception:
-        ckpt.wait()  # Whatever checkpoint is being written completes.
-        if last:
-          logging.error(
-              'The final evaluation failed; training finished and its '
-              'parameters are saved in %s (and the checkpoint of step %d). '
-              'Evaluate them again with python -m vit_jax.evaluate '
-              '--workdir=%s.', final_params_path, step, workdir)
-        raise
-      return metrics
-
-    log_every = run.loop.log_every
-    eval_every = run.loop.eval_every
-    checkpoint_every = run.loop.checkpoint_every
-    hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
-                                             writer=writer, every_secs=30)]
-    if is_writer and run.loop.profile:
-      hooks.append(periodic_actions.Profile(logdir=workdir,
-                                            num_profile_steps=5))
-
-    pending: list[tuple[int, dict[str, jax.Array]]] = []
-
-    def flush_train_metrics():
-      """Fetches buffered step metrics (one transfer) and checks the loss."""
-      if not pending:
-        return
-      values = jax.device_get([m for _, m in pending])
-      for (step, _), m in zip(pending, values):
-        if not np.isfinite(m['loss']):
-          ckpt.wait()
-          good = ckpt.latest_step()
-          last_good = (f'the last good checkpoint is step {good} in '
-                       f'{ckpt.directory}' if good is not None else
-                       'no checkpoint had been saved yet')
-          raise NonFiniteLossError(
-              f'Non-finite training loss ({m["loss"]}) at step {step}. '
-              f'Stopped; {last_good} (nothing newer was written). Lower '
-              'base_lr, set grad_clip_norm, or check the data.')
-      last = pending[-1][0]
-      writer.write_scalars(last, {
-          **{f'train/{k}': float(np.mean([m[k] for m in values]))
-             for k in values[0]},
-          'train/lr': float(schedule(last - 1))})
-      pending.clear()
-
+    hooks = make_hooks(writer, total_steps, workdir,
+                       profile=is_writer and run.loop.profile)
+    train_metrics = TrainMetricsBuffer()
     metrics = {}
     if start >= total_steps:
       logging.info('Checkpoint step %d >= total_steps %d: nothing to train.',
@@ -679,29 +929,28 @@ def train_and_evaluate(
         if step == start + 1:  # Once: how long compiling took.
           jax.block_until_ready(step_metrics)
           progress.first_step(step, time.monotonic() - first_step_start)
-        pending.append((step, step_metrics))
+        train_metrics.add(step, step_metrics)
         for hook in hooks:
           hook(step)
-        last = step == total_steps
-        preempted = preemption.reached(step) and not last
-        do_eval = (step % eval_every == 0 or last
-                   or (fewshot is not None and step % fewshot_every == 0))
-        do_checkpoint = step % checkpoint_every == 0 or last or preempted
-        if step % log_every == 0 or do_eval or do_checkpoint:
-          flush_train_metrics()  # Never checkpoint an unchecked state.
+        plan = plan_step(step, run.loop, run.evals.fewshot.every,
+                         preemption.reached(step))
+        if plan.flush:
+          # Never checkpoint an unchecked state.
+          train_metrics.flush(writer, schedule, ckpt)
           progress.update(step)
         # Checkpoint (and at the end, final parameters) before evaluating: an
         # evaluator that fails must not cost the run its training.
-        if do_checkpoint:
+        if plan.checkpoint:
           position = (start_position
                       + (step - start) * train_iter.global_batch_size)
           ckpt.save(step, state, input_pipeline.state_at(position))
-        if last:
-          write_final_params()
-        if do_eval:
-          metrics = run_evals(step, last)
+        if plan.last:
+          checkpoint.save(eval_params(state, use_ema), final_params_path)
+        if plan.evaluate:
+          metrics = evaluate(eval_params(state, use_ema), step,
+                             fewshot=plan.fewshot, last=plan.last)
           writer.write_scalars(step, metrics)
-        if preempted:
+        if plan.preempted:
           ckpt.wait()
           logging.warning(
               '%s: saved checkpoint step %d in %s and stopped. Run the same '
@@ -710,8 +959,9 @@ def train_and_evaluate(
           return {**metrics, 'preempted_at_step': float(step)}
       if start >= total_steps:  # Trained; the final evaluation is missing.
         if not tf.io.gfile.exists(final_params_path):
-          write_final_params()
-        metrics = run_evals(total_steps, last=True)
+          checkpoint.save(eval_params(state, use_ema), final_params_path)
+        metrics = evaluate(eval_params(state, use_ema), total_steps,
+                           fewshot=True, last=True)
         writer.write_scalars(start, metrics)
       ckpt.wait()
       return metrics

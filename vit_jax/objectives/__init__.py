@@ -5,8 +5,8 @@ An objective says how many classes the backbone's head has
 its parameters are initialised (`init`), the loss and its extra metrics
 (`loss_fn(model) -> (params, batch, rng) -> (loss, {name: scalar})`), the
 evaluation (`make_eval_fn`, `evaluate`) and what it adds to the run's
-description (`run_meta`). `train.py` picks one by `config.objective`, once
-(`get`).
+description (`run_meta`): the `typing.Protocol` `protocol.Objective`.
+`train.py` picks one by `config.objective`, once (`get`).
 
   classification  supervised cross-entropy (`config.loss`,
                   `config.label_smoothing`, `config.mixup_alpha`); top-1 /
