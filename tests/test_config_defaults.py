@@ -220,7 +220,9 @@ EXPECTED_DEFAULTS = {
     'model.attention_impl': 'auto', 'model.remat_policy': None,
     'model.posemb': 'learn', 'model.stochastic_depth': 0.0,
     'model.num_registers': 0, 'model.layer_norm_epsilon': 1e-06,
-    'model.gelu_approximate': True,
+    'model.gelu_approximate': True, 'model.dynamic_image_size': False,
+    'model.posemb_resize': 'bilinear', 'model.posemb_antialias': False,
+    'model.posemb_grid_size': None,
     'pp.inception_crop': True, 'pp.crop_area_range': [0.05, 1.0],
     'pp.flip': True, 'pp.eval_crop_fraction': 1.0, 'pp.randaugment': [],
 }

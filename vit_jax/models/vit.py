@@ -19,7 +19,7 @@ carry a leading axis of length `num_layers`; `vit_jax.checkpoint` converts
 between the two layouts.
 """
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
 import contextvars
 import logging
@@ -58,6 +58,9 @@ OUTPUTS = ('logits', 'tokens')
 # token and any registers join the sequence, as big_vision does, so those
 # tokens have no position.
 POSEMB_KINDS = ('learn', 'learn2d', 'sincos2d', 'none')
+# How `dynamic_image_size` resizes learned embeddings to the input's grid
+# (`vit_jax.checkpoint.POSEMB_METHODS`, the same numbers as its resize).
+POSEMB_RESIZE_METHODS = ('bilinear', 'bicubic')
 
 # How attention is computed (the parameters are the same for all):
 #   'einsum': heads-major einsums, the fastest measured on CPU;
@@ -662,16 +665,104 @@ class Encoder1DBlock(nn.Module):
     return outputs, None
 
 
+def _linear_taps(old: int, new: int) -> tuple[np.ndarray, np.ndarray,
+                                                np.ndarray]:
+  """Corner-aligned linear interpolation from `old` to `new` samples.
+
+  The sampling of `scipy.ndimage.zoom(order=1)` (its default, corner-aligned
+  grid mode), which `vit_jax.checkpoint.interpolate_posembed` uses: output i
+  reads input coordinate i * (old - 1) / (new - 1) (0 when new == 1).
+
+  Returns:
+    (low, high, frac): output i = (1 - frac[i]) * in[low[i]] +
+    frac[i] * in[high[i]].
+  """
+  step = (old - 1) / (new - 1) if new > 1 else 1.0
+  coords = np.arange(new) * step
+  low = np.clip(np.floor(coords).astype(np.int64), 0, old - 1)
+  high = np.minimum(low + 1, old - 1)
+  return low, high, (coords - low).astype(np.float32)
+
+
+def resize_posemb_grid(grid: jax.Array, new_size: Sequence[int], *,
+                       method: str = 'bilinear',
+                       antialias: bool = False) -> jax.Array:
+  """Resizes position embeddings laid out on a grid, in jax.
+
+  The numbers of `vit_jax.checkpoint.interpolate_posembed` (and so of
+  `load_pretrained`) for the same method, computed in the forward pass.
+
+  Args:
+    grid: [h, w, D] (or [n, D]: one axis) embeddings.
+    new_size: The new leading sizes, (h', w') (or (n',)).
+    method: 'bilinear': corner-aligned, as `scipy.ndimage.zoom(order=1)`;
+      'bicubic': half-pixel-centred, `jax.image.resize`'s (timm's).
+    antialias: With 'bicubic': `jax.image.resize`'s antialiasing, which
+      changes a shrinking resize only.
+
+  Returns:
+    [h', w', D] float32 (or [n', D]).
+  """
+  if method not in POSEMB_RESIZE_METHODS:
+    raise ValueError(f'Unknown position-embedding resize {method!r}; use one '
+                     f'of {POSEMB_RESIZE_METHODS}.')
+  if antialias and method != 'bicubic':
+    raise ValueError("posemb_antialias=True needs posemb_resize='bicubic' "
+                     '(the corner-aligned bilinear resize has none).')
+  grid = grid.astype(jnp.float32)
+  new_size = tuple(int(n) for n in new_size)
+  if new_size == tuple(grid.shape[:-1]):
+    return grid
+  if method == 'bicubic':
+    return jax.image.resize(grid, (*new_size, grid.shape[-1]),
+                            method='bicubic', antialias=antialias)
+  # One axis at a time, as scipy does; each output a two-tap blend (a gather
+  # and a lerp: exact in float32, unlike a matmul at default precision).
+  for axis, new in enumerate(new_size):
+    low, high, frac = _linear_taps(grid.shape[axis], new)
+    shape = [1] * grid.ndim
+    shape[axis] = new
+    frac = jnp.asarray(frac).reshape(shape)
+    grid = (jnp.take(grid, low, axis=axis) * (1 - frac)
+            + jnp.take(grid, high, axis=axis) * frac)
+  return grid
+
+
 class AddPositionEmbs(nn.Module):
   """Adds learned position embeddings of shape (1, tokens, hidden).
 
   Attributes:
     param_dtype: Parameter dtype.
+    grid_size: With a run-time grid (`__call__`'s `grid`): the patch grid
+      the stored table holds (and is created for); None: the input's grid
+      at initialisation, and when applied, the input's grid if the token
+      counts agree (as `load_pretrained` keeps a table of the right length),
+      else the square grid (of a square image, with non-square patches).
+    resize: See `resize_posemb_grid`'s `method`.
+    antialias: See `resize_posemb_grid`.
+    patch_shape: Input pixels per token (h, w), for inferring the grid.
   """
   param_dtype: Dtype = jnp.float32
+  grid_size: tuple[int, int] | None = None
+  resize: str = 'bilinear'
+  antialias: bool = False
+  patch_shape: tuple[int, int] = (1, 1)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array,
+               grid: tuple[int, int] | None = None) -> jax.Array:
+    """`x` plus its embeddings.
+
+    Args:
+      x: Tokens [B, T, D]: a class token (or none), then the patches.
+      grid: The patches' grid (h, w) when the stored table is resized to it
+        (`dynamic_image_size`); None: the table must fit `x` as it is.
+
+    Returns:
+      [B, T, D].
+    """
+    if grid is not None:
+      return x + self._resized(x, tuple(grid)).astype(x.dtype)
     shape = (1, x.shape[1], x.shape[2])
     if self.has_variable('params', 'pos_embedding'):
       stored = self.get_variable('params', 'pos_embedding').shape
@@ -680,9 +771,60 @@ class AddPositionEmbs(nn.Module):
             f'Position embeddings {tuple(stored)} do not match the input '
             f'sequence {shape}: the parameters were made for another image '
             'size. Resize them with vit_jax.checkpoint.load_pretrained (or '
-            'interpolate_posembed) for this resolution.')
+            'interpolate_posembed) for this resolution, or build the model '
+            'with dynamic_image_size=True.')
     posemb = self.param('pos_embedding', _POSEMB_INIT, shape, self.param_dtype)
     return x + posemb.astype(x.dtype)
+
+  def _resized(self, x: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """The table resized to `grid`, the class token's entry as it is."""
+    n_tokens, dim = x.shape[1], x.shape[2]
+    extra = n_tokens - grid[0] * grid[1]
+    if extra not in (0, 1):
+      raise ValueError(f'{n_tokens} tokens are not a {grid[0]}x{grid[1]} '
+                       'patch grid and at most one class token.')
+    if self.has_variable('params', 'pos_embedding'):  # Any length.
+      posemb = self.get_variable('params', 'pos_embedding')
+    else:
+      made_for = self.grid_size or grid
+      posemb = self.param('pos_embedding', _POSEMB_INIT,
+                          (1, extra + made_for[0] * made_for[1], dim),
+                          self.param_dtype)
+    stored = posemb.shape[1] - extra
+    old = self.grid_size
+    if old is None:
+      old = grid if stored == grid[0] * grid[1] else _square_image_grid(
+          stored, self.patch_shape)
+    if old[0] * old[1] != stored or posemb.shape[2] != dim:
+      raise ValueError(
+          f'Position embeddings {tuple(posemb.shape)} do not hold a '
+          f'{old[0]}x{old[1]} grid of width {dim} (plus {extra} class '
+          'token): set posemb_grid_size to the grid they were made for.')
+    table = resize_posemb_grid(
+        jnp.reshape(posemb[0, extra:], (*old, dim)), grid,
+        method=self.resize, antialias=self.antialias)
+    return jnp.concatenate(
+        [posemb[:, :extra].astype(jnp.float32),
+         jnp.reshape(table, (1, grid[0] * grid[1], dim))], axis=1)
+
+
+def _square_image_grid(num_tokens: int,
+                       patch_shape: tuple[int, int]) -> tuple[int, int]:
+  """The (h, w) grid of a square image of `num_tokens` patches.
+
+  As `vit_jax.checkpoint.square_image_grid` infers it for `load_pretrained`.
+
+  Raises:
+    ValueError: no square image gives that many patches.
+  """
+  ph, pw = patch_shape
+  side = math.isqrt(num_tokens * ph * pw)
+  if side * side != num_tokens * ph * pw or side % ph or side % pw:
+    raise ValueError(
+        f'Cannot infer the patch grid of {num_tokens} stored position '
+        'embeddings (not a square image): set posemb_grid_size=(h, w) to the '
+        'grid they were made for.')
+  return side // ph, side // pw
 
 
 def posemb_sincos_2d(h: int, w: int, width: int,
@@ -721,8 +863,18 @@ class PositionEmbedding2D(nn.Module):
 
   Attributes:
     param_dtype: Parameter dtype.
+    dynamic: Resize the stored rows and columns to the input's grid (each
+      along its one axis: the 2-D resize of the table they make).
+    grid_size: With `dynamic`: the grid the tables are created for (None:
+      the input's at initialisation).
+    resize: See `resize_posemb_grid`'s `method`.
+    antialias: See `resize_posemb_grid`.
   """
   param_dtype: Dtype = jnp.float32
+  dynamic: bool = False
+  grid_size: tuple[int, int] | None = None
+  resize: str = 'bilinear'
+  antialias: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, h: int, w: int) -> jax.Array:
@@ -730,8 +882,18 @@ class PositionEmbedding2D(nn.Module):
     d = x.shape[-1]
     if d % 2:
       raise ValueError(f"posemb='learn2d' needs an even hidden size, got {d}.")
-    rows = self.param('row', _POSEMB_INIT, (h, d // 2), self.param_dtype)
-    cols = self.param('column', _POSEMB_INIT, (w, d // 2), self.param_dtype)
+    made_for = (self.grid_size or (h, w)) if self.dynamic else (h, w)
+    if self.dynamic and self.has_variable('params', 'row'):  # Any length.
+      rows, cols = (self.get_variable('params', k) for k in ('row', 'column'))
+    else:
+      rows = self.param('row', _POSEMB_INIT, (made_for[0], d // 2),
+                        self.param_dtype)
+      cols = self.param('column', _POSEMB_INIT, (made_for[1], d // 2),
+                        self.param_dtype)
+    if self.dynamic:
+      rows, cols = (resize_posemb_grid(t, (n,), method=self.resize,
+                                       antialias=self.antialias)
+                    for t, n in ((rows, h), (cols, w)))
     table = jnp.concatenate([
         jnp.broadcast_to(rows[:, None], (h, w, d // 2)),
         jnp.broadcast_to(cols[None, :], (h, w, d // 2))], axis=-1)
@@ -801,6 +963,10 @@ class Encoder(nn.Module):
     stochastic_depth: See `VisionTransformer`.
     layer_norm_epsilon: LayerNorm epsilon.
     gelu_approximate: See `MlpBlock`.
+    posemb_grid_size: See `AddPositionEmbs.grid_size`.
+    posemb_resize: See `AddPositionEmbs.resize`.
+    posemb_antialias: See `AddPositionEmbs.antialias`.
+    patch_shape: See `AddPositionEmbs.patch_shape`.
   """
   num_layers: int
   mlp_dim: int
@@ -818,6 +984,10 @@ class Encoder(nn.Module):
   stochastic_depth: float = 0.0
   layer_norm_epsilon: float = _LAYER_NORM_EPSILON
   gelu_approximate: bool = True
+  posemb_grid_size: tuple[int, int] | None = None
+  posemb_resize: str = 'bilinear'
+  posemb_antialias: bool = False
+  patch_shape: tuple[int, int] = (1, 1)
 
   def drop_path_rates(self) -> list[float]:
     """Each block's stochastic-depth rate: 0 at the first, linear up to
@@ -829,20 +999,27 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array,
-               extra_tokens: jax.Array | None = None) -> jax.Array:
+               extra_tokens: jax.Array | None = None,
+               grid: tuple[int, int] | None = None) -> jax.Array:
     """Position embeddings, the blocks and the final LayerNorm.
 
     Args:
       x: Tokens [B, T, D].
       extra_tokens: [B, R, D] appended to the sequence after the position
         embeddings (e.g. registers, which have no position).
+      grid: The patch grid (h, w) of `x` when the position embeddings are
+        resized to it in the forward pass; None: they fit `x` as stored.
 
     Returns:
       [B, T (+ R), D].
     """
     if self.add_position_embedding:
       x = AddPositionEmbs(param_dtype=self.param_dtype,
-                          name='posembed_input')(x)
+                          grid_size=self.posemb_grid_size,
+                          resize=self.posemb_resize,
+                          antialias=self.posemb_antialias,
+                          patch_shape=self.patch_shape,
+                          name='posembed_input')(x, grid)
       x = nn.Dropout(rate=self.dropout_rate)(
           x, deterministic=self.deterministic)
     if extra_tokens is not None:
@@ -929,6 +1106,22 @@ class VisionTransformer(nn.Module):
     layer_norm_epsilon: Epsilon of every LayerNorm (1e-6 in the paper's and
       big_vision's code; transformers' google/vit-* configs use 1e-12).
     gelu_approximate: tanh GELU (default, the paper's code) or exact GELU.
+    dynamic_image_size: Apply to images of any size whose sides are
+      multiples of the patch size (total stride), square or not: learned
+      position embeddings are resized to the input's patch grid in the
+      forward pass (the class token's kept as is), with the numbers
+      `vit_jax.checkpoint.load_pretrained` gives for that grid. The
+      parameters are those of the fixed-size model, so any checkpoint
+      applies. False: the input must fit the embeddings as they are.
+    posemb_resize: With `dynamic_image_size`, how embeddings are resized,
+      one of `POSEMB_RESIZE_METHODS` ('bilinear': `load_pretrained`'s
+      default, corner-aligned; 'bicubic': its `posemb_method='bicubic'`).
+    posemb_antialias: With 'bicubic': antialias a shrinking resize
+      (`jax.image.resize`'s; `load_pretrained` has none).
+    posemb_grid_size: With `dynamic_image_size`, the patch grid (h, w) the
+      learned embeddings are made for; None: the grid of the images `init`
+      sees, and for a stored table of another length than the input's
+      grid, the grid of a square image.
   """
   num_classes: int | None
   patches: Any
@@ -950,6 +1143,10 @@ class VisionTransformer(nn.Module):
   num_registers: int = 0
   layer_norm_epsilon: float = _LAYER_NORM_EPSILON
   gelu_approximate: bool = True
+  dynamic_image_size: bool = False
+  posemb_resize: str = 'bilinear'
+  posemb_antialias: bool = False
+  posemb_grid_size: tuple[int, int] | None = None
 
   @property
   def total_stride(self) -> tuple[int, int]:
@@ -1007,6 +1204,12 @@ class VisionTransformer(nn.Module):
                        'probability in [0, 1).')
     if self.num_registers < 0:
       raise ValueError(f'num_registers={self.num_registers} is negative.')
+    if self.posemb_resize not in POSEMB_RESIZE_METHODS:
+      raise ValueError(f'Unknown posemb_resize {self.posemb_resize!r}; use '
+                       f'one of {POSEMB_RESIZE_METHODS}.')
+    if self.posemb_antialias and self.posemb_resize != 'bicubic':
+      raise ValueError("posemb_antialias=True needs posemb_resize='bicubic' "
+                       '(the corner-aligned bilinear resize has none).')
     self._check_image(inputs)
     x = inputs.astype(self.dtype)
     if self.resnet is not None:
@@ -1036,8 +1239,14 @@ class VisionTransformer(nn.Module):
       x = jnp.reshape(x, (n, h * w, c))
       if patch_transform is not None:
         x = patch_transform(x)
+      posemb_grid_size = (None if self.posemb_grid_size is None
+                          else tuple(self.posemb_grid_size))
       if self.posemb == 'learn2d':
         x = PositionEmbedding2D(param_dtype=self.param_dtype,
+                                dynamic=self.dynamic_image_size,
+                                grid_size=posemb_grid_size,
+                                resize=self.posemb_resize,
+                                antialias=self.posemb_antialias,
                                 name='posembed_2d')(x, h, w)
       elif self.posemb == 'sincos2d':
         x = x + jnp.asarray(posemb_sincos_2d(h, w, c), x.dtype)
@@ -1064,8 +1273,14 @@ class VisionTransformer(nn.Module):
           remat_policy=self.remat_policy,
           stochastic_depth=self.stochastic_depth,
           layer_norm_epsilon=self.layer_norm_epsilon,
-          gelu_approximate=self.gelu_approximate, name='Transformer',
-          **encoder_fields)(x, extra_tokens=registers)
+          gelu_approximate=self.gelu_approximate,
+          posemb_grid_size=posemb_grid_size,
+          posemb_resize=self.posemb_resize,
+          posemb_antialias=self.posemb_antialias,
+          patch_shape=self.total_stride, name='Transformer',
+          **encoder_fields)(
+              x, extra_tokens=registers,
+              grid=(h, w) if self.dynamic_image_size else None)
       if self.num_registers:  # Registers are working memory, not output.
         x = x[:, :-self.num_registers]
       if output == 'tokens':
@@ -1103,6 +1318,7 @@ class VisionTransformer(nn.Module):
 __all__ = [
     'AddPositionEmbs', 'CLASSIFIERS', 'Encoder', 'Encoder1DBlock', 'MAPHead',
     'MlpBlock', 'MultiHeadDotProductAttention', 'OUTPUTS', 'POSEMB_KINDS',
-    'PositionEmbedding2D', 'VisionTransformer', 'config_value',
-    'patch_size_of', 'posemb_sincos_2d',
+    'POSEMB_RESIZE_METHODS', 'PositionEmbedding2D', 'VisionTransformer',
+    'config_value', 'patch_size_of', 'posemb_sincos_2d',
+    'resize_posemb_grid',
 ]
