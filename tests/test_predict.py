@@ -194,6 +194,43 @@ def test_predict_errors_name_the_problem(folder_model, tmp_path):
     predict.predict(headless, good)
 
 
+def test_predict_at_each_images_own_size(folder_model, tmp_path):
+  """`dynamic_image_size`: each image at the nearest multiple of the 16 px
+  patches, equal to the 32 px checkpoint loaded at that size."""
+  model, _, root = folder_model
+  loaded = convert.load_model(str(root / 'model.npz'), model_name='testing')
+  y, x = np.mgrid[:50, :28]
+  paths, sizes = [], {}
+  for i, (height, width, grid) in enumerate([(20, 28, (1, 2)),
+                                             (50, 20, (3, 1))]):
+    image = np.stack([x * 9, (y // 4 % 2) * 255, 255 - y * 5], -1)
+    paths.append(str(tmp_path / f'{i}.png'))
+    Image.fromarray(image[:height, :width].astype(np.uint8)).save(paths[-1])
+    sizes[paths[-1]] = grid
+  results = predict.predict(loaded, paths, dynamic_image_size=True)
+  assert [r['image'] for r in results] == paths
+  for result in results:
+    grid = sizes[result['image']]
+    size = (16 * grid[0], 16 * grid[1])
+    assert predict.own_size(result['image'], (16, 16)) == size
+    image = predict.load_image(result['image'], size)[None]
+    params = checkpoint.load_pretrained(
+        pretrained_path=str(root / 'model.npz'),
+        init_params=helpers.init_params(model, image), model_config=model,
+        new_grid_size=grid)
+    params['head'] = loaded.params['head']
+    p = softmax(np.asarray(model.apply({'params': params}, image,
+                                       train=False), np.float64))[0]
+    top = result['top_k']
+    np.testing.assert_allclose([t['probability'] for t in top],
+                               p[[t['index'] for t in top]], atol=1e-5)
+  mixer = convert.Loaded(vit_jax.models.get_model('Mixer-B_16',
+                                                  num_classes=3), {},
+                         (32, 32), None, 'a mixer')
+  with pytest.raises(predict.PredictError, match='no dynamic_image_size'):
+    predict.predict(mixer, paths, dynamic_image_size=True)
+
+
 def test_shipped_label_lists():
   imagenet1k = predict.read_labels('imagenet1k')
   imagenet21k = predict.read_labels('imagenet21k')

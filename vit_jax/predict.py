@@ -16,8 +16,14 @@ evaluation batches.
 `vit_jax/labels/`, see SOURCE.md there), or a file with one name per line;
 by default the run's class names (or a transformers directory's
 `id2label`). The list must have one name per class of the head.
+
+`--dynamic_image_size` (ViTs): each image at its own size, rounded to the
+nearest multiple of the patch size (total stride), resized whole (no central
+crop); the position embeddings are resized to its grid in the forward pass
+(`get_model(..., dynamic_image_size=True)`).
 """
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -102,6 +108,26 @@ def load_image(path: str, image_size: tuple[int, int],
   return preprocess.value_range(image).numpy().astype(np.float32)
 
 
+def own_size(path: str, stride: tuple[int, int]) -> tuple[int, int]:
+  """An image's (height, width), each the nearest multiple of `stride`
+  (at least one)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as image:
+    width, height = image.size
+  return tuple(max(1, round(n / s)) * s
+               for n, s in zip((height, width), stride))
+
+
+def _dynamic(loaded: Any) -> Any:
+  """`loaded.model` taking images at their own size."""
+  model = loaded.model
+  if 'dynamic_image_size' not in {f.name for f in dataclasses.fields(model)}:
+    raise PredictError(
+        f'{loaded.source}: {type(model).__name__} has no dynamic_image_size '
+        'option (ViTs only): leave --dynamic_image_size off.')
+  return model.clone(dynamic_image_size=True)
+
+
 def _crop_fraction(loaded: Any) -> float:
   """The run's evaluation crop (1: the whole image, resized)."""
   if loaded.run is None:
@@ -129,7 +155,8 @@ def _mesh_and_shardings(loaded: Any):
 
 def predict(loaded: Any, paths: Sequence[str], *, top_k: int = 5,
             class_names: Sequence[str] | None = None,
-            batch_size: int = 64) -> list[dict[str, Any]]:
+            batch_size: int = 64,
+            dynamic_image_size: bool = False) -> list[dict[str, Any]]:
   """Top-k classes (softmax probabilities) of each image.
 
   Args:
@@ -139,16 +166,20 @@ def predict(loaded: Any, paths: Sequence[str], *, top_k: int = 5,
     class_names: One name per class, or None (indices only).
     batch_size: Images per step (rounded up to a multiple of the batch
       shards; the last batch is padded).
+    dynamic_image_size: Each image at its own size (`own_size`: the nearest
+      multiple of the patch size), resized whole, the position embeddings
+      resized to its grid; batches hold images of one size.
 
   Returns:
     [{'image': path, 'top_k': [{'rank', 'index', 'label', 'probability'}]}].
 
   Raises:
-    PredictError: no head, label count != classes, unreadable image.
+    PredictError: no head, label count != classes, unreadable image, a
+      model without `dynamic_image_size` asked for it.
   """
   # pylint: disable-next=g-import-not-at-top
   from vit_jax import sharding
-  model = loaded.model
+  model = _dynamic(loaded) if dynamic_image_size else loaded.model
   h, w = loaded.image_size
   num_classes = int(jax.eval_shape(
       lambda p: model.apply({'params': p}, np.zeros((1, h, w, 3), np.float32),
@@ -173,23 +204,29 @@ def predict(loaded: Any, paths: Sequence[str], *, top_k: int = 5,
                                   .astype(np.float32), axis=-1), mesh),
       in_shardings=(param_shardings, batches),
       out_shardings=sharding.replicated(mesh))
-  crop = _crop_fraction(loaded)
+  crop = 1.0 if dynamic_image_size else _crop_fraction(loaded)
   k = min(top_k, num_classes)
-  results = []
-  for start in range(0, len(paths), batch_size):
-    chunk = paths[start:start + batch_size]
-    images = np.zeros((batch_size, h, w, 3), np.float32)  # Padding.
-    for i, path in enumerate(chunk):
-      images[i] = load_image(path, (h, w), crop)
-    probs = np.asarray(jax.device_get(
-        fn(params, sharding.put_global(images, batches))))[:len(chunk)]
-    for path, p in zip(chunk, probs):
-      order = np.argsort(-p, kind='stable')[:k]
-      results.append({'image': path, 'top_k': [
-          {'rank': r + 1, 'index': int(i),
-           'label': class_names[i] if class_names is not None else str(i),
-           'probability': float(p[i])} for r, i in enumerate(order)]})
-  return results
+  by_size = {}  # One compiled program per size.
+  for path in paths:
+    size = own_size(path, model.total_stride) if dynamic_image_size else (
+        h, w)
+    by_size.setdefault(size, []).append(path)
+  found = {}
+  for size, group in by_size.items():
+    for start in range(0, len(group), batch_size):
+      chunk = group[start:start + batch_size]
+      images = np.zeros((batch_size, *size, 3), np.float32)  # Padding.
+      for i, path in enumerate(chunk):
+        images[i] = load_image(path, size, crop)
+      probs = np.asarray(jax.device_get(
+          fn(params, sharding.put_global(images, batches))))[:len(chunk)]
+      for path, p in zip(chunk, probs):
+        order = np.argsort(-p, kind='stable')[:k]
+        found[path] = {'image': path, 'top_k': [
+            {'rank': r + 1, 'index': int(i),
+             'label': class_names[i] if class_names is not None else str(i),
+             'probability': float(p[i])} for r, i in enumerate(order)]}
+  return [found[path] for path in paths]
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
@@ -226,7 +263,8 @@ def main(argv: Sequence[str]) -> None:
   batch_size = f.batch_size or (loaded.run.data.batch_eval
                                 if loaded.run is not None else 64)
   results = predict(loaded, paths, top_k=f.top_k, class_names=names,
-                    batch_size=batch_size)
+                    batch_size=batch_size,
+                    dynamic_image_size=f.dynamic_image_size)
   if jax.process_index() != 0:
     return
   if f.json:
@@ -252,6 +290,9 @@ def _define_flags() -> None:
   flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
   flags.DEFINE_integer('batch_size', None, 'Images per step (default: the '
                        'run\'s batch_eval, else 64).')
+  flags.DEFINE_bool('dynamic_image_size', False, 'Each image at its own '
+                    'size (the nearest multiple of the patch size), the '
+                    'position embeddings resized to it (ViTs).')
 
 
 if __name__ == '__main__':
