@@ -147,9 +147,9 @@ _FLAG_SOURCES = {
     'vit_jax.analysis': 'vit_jax/analysis/__main__.py',
     'vit_jax.aot': 'vit_jax/aot.py',
     'vit_jax.convert': 'vit_jax/convert.py',
-    # Their model flags: convert.define_model_flags.
-    'vit_jax.export': ('vit_jax/export.py', 'vit_jax/convert.py'),
-    'vit_jax.predict': ('vit_jax/predict.py', 'vit_jax/convert.py'),
+    # Their model flags: loading.define_model_flags.
+    'vit_jax.export': ('vit_jax/export.py', 'vit_jax/loading.py'),
+    'vit_jax.predict': ('vit_jax/predict.py', 'vit_jax/loading.py'),
     'launch/tpu_run.sh': 'vit_jax/main.py',
     'launch/local.sh': 'vit_jax/main.py',
     'launch/slurm_submit.sh': 'vit_jax/main.py',
