@@ -23,6 +23,7 @@ are pixels (tuned for 224 px images).
 
 from collections.abc import Callable
 import math
+from typing import cast
 
 import tensorflow as tf
 
@@ -334,8 +335,9 @@ def apply_op(name: str, image: tf.Tensor, magnitude: float,
   sign_seed, cutout_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 2))
   if name == 'Cutout':
-    return cutout(image, arg, cutout_seed)
+    return cutout(image, cast(int, arg), cutout_seed)
   if name in SIGNED_OPS:
+    assert arg is not None  # Every signed op takes a number.
     negate = tf.random.stateless_uniform([], sign_seed) < 0.5
     arg = tf.where(negate, -arg, arg)
   if arg is None:

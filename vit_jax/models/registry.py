@@ -151,7 +151,7 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> None:
 
 # Keys a dict-valued field reads (`VisionTransformer.__call__`,
 # `resnet.ResNetStage`), with the value used when a config omits one.
-_NESTED_FIELDS = {
+_NESTED_FIELDS: dict[str, dict[str, Any]] = {
     'patches': {'size': None},
     'transformer': {'num_layers': None, 'mlp_dim': None, 'num_heads': None,
                     'dropout_rate': 0.1, 'attention_dropout_rate': 0.1,
