@@ -371,8 +371,8 @@ def randaugment(image: tf.Tensor, num_layers: int, magnitude: float,
     index = tf.random.stateless_uniform([], choice_seed, 0, len(OPS),
                                         tf.int32)
     branches = [
-        lambda name=name, image=image: apply_op(name, image, magnitude,
-                                                op_seed)
+        lambda name=name, image=image, op_seed=op_seed: apply_op(
+            name, image, magnitude, op_seed)
         for name in OPS]
     image = tf.ensure_shape(tf.switch_case(index, branches), image.shape)
   return image

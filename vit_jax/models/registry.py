@@ -167,8 +167,9 @@ def model_fields(name: str) -> dict[str, Any]:
 
   The values are the named model's (its registry config, else the module's
   default); dict-valued fields (`patches`, `transformer`, `resnet`) list
-  every key they read (`resnet` is None for a plain ViT). Command lines use this to check and type an override
-  such as `model.transformer.dropout_rate=0.1` before building anything.
+  every key they read (`resnet` is None for a plain ViT). Command lines use
+  this to check and type an override such as
+  `model.transformer.dropout_rate=0.1` before building anything.
 
   Args:
     name: A name from `MODEL_NAMES`.
