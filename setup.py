@@ -1,4 +1,4 @@
-"""Packaging for vit_jax: Vision Transformers in JAX/Flax, from one CPU to a pod."""
+"""Packaging for vit_jax: Vision Transformers in JAX/Flax, one CPU to a pod."""
 
 import setuptools
 
@@ -56,6 +56,15 @@ DOCS_REQUIRES = [
     'sphinx>=9.0.4,<9.1',
 ]
 
+# The formatter, linter and type checker (settings in pyproject.toml), which
+# .ci/run runs before the tests: `pyink --check .`, `ruff check .`, `mypy`.
+# Exact versions: their output changes between releases.
+LINT_REQUIRES = [
+    'mypy>=2.4.1,<2.5',
+    'pyink>=26.5.1,<26.6',
+    'ruff>=0.17.6,<0.18',
+]
+
 # transformers / timm interchange (vit_jax.convert). torch, transformers and
 # timm are needed only to load the converted files in PyTorch (and by the
 # opt-in tests/test_convert_torch.py), never by vit_jax itself.
@@ -83,6 +92,7 @@ setuptools.setup(
         'dev': DEV_REQUIRES,
         'test': DEV_REQUIRES,
         'docs': DOCS_REQUIRES,
+        'lint': LINT_REQUIRES,
         'plot': ['matplotlib'],
         'interop': INTEROP_REQUIRES,
         'tpu': TPU_REQUIRES,

@@ -99,7 +99,8 @@ def measure_matmul_peak(steps: int = 5) -> dict:
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     matmul = jax.jit(jnp.matmul)
     seconds = inference.median_seconds(
-        lambda: matmul(a, b).block_until_ready(), steps, warmup=2)
+        lambda f=matmul, a=a, b=b: f(a, b).block_until_ready(), steps,
+        warmup=2)
     rates[n] = 2 * n**3 / seconds / 1e9
   return {'gflops_by_size': rates, 'peak_gflops': max(rates.values())}
 

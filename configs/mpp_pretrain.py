@@ -10,7 +10,8 @@ Fine-tune the result with configs/finetune.py and
 [mask] token are dropped, a zero head is attached).
 
   python -m vit_jax.main --config=configs/mpp_pretrain.py:b16 \
-      --workdir=gs://bucket/b16_mpp --config.image_folder=/data/images --distributed
+      --workdir=gs://bucket/b16_mpp --config.image_folder=/data/images \
+      --distributed
 
 `configs/mpp_pretrain.py:runlocal` pre-trains the digits model (Ti width,
 2 blocks, 4x4 patches, 16 px) on the bundled digits, without labels, in a

@@ -7,7 +7,8 @@ LR by model: B 8e-4, L/32 6e-4, L/16 4e-4, H/14 3e-4. JFT is private: point
 `image_folder` (or `dataset`) at your own large labelled collection.
 
   python -m vit_jax.main --config=configs/pretrain_jft.py:l16 \
-      --workdir=gs://bucket/l16_jft --config.image_folder=/data/jft --distributed
+      --workdir=gs://bucket/l16_jft --config.image_folder=/data/jft \
+      --distributed
 """
 
 from vit_jax import config_lib

@@ -1,7 +1,8 @@
 """Starts N local CPU processes that form one JAX job, to rehearse a pod run.
 
   python launch/local.py --num_processes=2 --devices_per_process=4 -- \\
-      python -m vit_jax.main --config=configs/digits.py:runlocal --workdir=/tmp/run
+      python -m vit_jax.main --config=configs/digits.py:runlocal \\
+      --workdir=/tmp/run
 
 Each process gets `--coordinator_address=127.0.0.1:<free port>
 --num_processes=N --process_id=i` appended and

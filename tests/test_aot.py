@@ -1,6 +1,7 @@
 """vit_jax.aot on this host's devices (CPU): the report, its figures, refusals.
 
-The TPU side (compiling for TPU slices with libtpu) is tests/test_tpu_compile.py.
+The TPU side (compiling for TPU slices with libtpu) is
+tests/test_tpu_compile.py.
 """
 
 import json

@@ -91,7 +91,8 @@ CONFIG_AND_DATA_CASES = [
      [r"Unknown model 'ViT-Q_16'", r'Known models: .*ViT-B_16',
       r'Pass one of these names']),
     ('batch_vs_devices', {'batch': 12}, ValueError,
-     [r'config.batch=12 is not divisible by devices x accum_steps = 8 x 1',
+     [r'config.batch=12 is not divisible by devices x accum_steps '
+      r'= 8 x 1',
       r'Use a multiple of 8 \(e.g. config.batch=16\)']),
     ('accum_vs_batch', {'batch': 32, 'accum_steps': 3}, ValueError,
      [r'config.accum_steps=3 does not divide config.batch=32',
@@ -142,7 +143,8 @@ CONFIG_AND_DATA_CASES = [
     ('fewshot_more_shots_than_digits',
      {'evals.fewshot.every': 4, 'evals.fewshot.shots': (5, 200),
       'evals.fewshot.pool_per_class': 300}, ValueError,
-     [fr"class 0 \('0'\) has {_digits_train_count_of_class_0()} examples in "
+     [fr"class 0 \('0'\) has "
+      fr"{_digits_train_count_of_class_0()} examples in "
       r"split 'train' of the few-shot dataset 'digits'",
       r'10 class\(es\) short of 200']),
     ('fewshot_pool_smaller_than_shots',

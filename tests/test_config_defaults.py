@@ -302,7 +302,8 @@ def test_optimizer_of_a_partial_config_is_that_of_get_base():
 
 @pytest.mark.parametrize('model,expected', [
     ({'transformer': {'dropout': 0.1}},
-     r'config\.model\.transformer\.dropout is not a field of ViT-Ti_16 .*Did '
+     r'config\.model\.transformer\.dropout is not a field of '
+     r'ViT-Ti_16 .*Did '
      r'you mean config\.model\.transformer\.dropout_rate'),
     ({'clasifier': 'map'}, r'Did you mean config\.model\.classifier'),
     ({'dtype': 'bfloat16'}, r'config\.model\.dtype is set by '

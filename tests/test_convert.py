@@ -33,7 +33,7 @@ NUMERICS = [(True, 1e-6), (False, 1e-12)]
 TOL = 1e-5
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_vit(classifier, num_classes, gelu_approximate, eps, seed, extra):
   model = vit_jax.models.get_model(
       'testing', num_classes=num_classes, patches={'size': (4, 4)},
@@ -247,7 +247,8 @@ def _rewrite(path, drop=(), config=None):
     (('vit.encoder.layer.1.output.dense.bias',), None,
      r'missing weights \[vit.encoder.layer.1.output.dense.bias\]'),
     ((), {'intermediate_size': 7}, r'shape mismatch: '
-     r'vit.encoder.layer.0.intermediate.dense.bias: found \(12,\), expected '
+     r'vit.encoder.layer.0.intermediate.dense.bias: '
+     r'found \(12,\), expected '
      r'\(7,\)'),
     ((), {'num_hidden_layers': 1}, r'unexpected weights \['
      r'vit.encoder.layer.1.attention'),

@@ -178,13 +178,16 @@ def test_run_checks_the_slice_compiles_for_it_then_starts(slice_):
 
 
 @pytest.mark.parametrize('running, message', [
-    ('4242 python3 -m vit_jax.main --distributed --config=configs/tiny.py:b16'
+    ('4242 python3 -m vit_jax.main --distributed '
+     '--config=configs/tiny.py:b16'
      ' --workdir=gs://bucket/run/\n',
-     'error: a run is already running into gs://bucket/run on pod (pid 4242):'
+     'error: a run is already running into gs://bucket/run on pod '
+     '(pid 4242):'
      ' follow it with launch/tpu_logs.sh, or stop it first with '
      'launch/tpu_stop.sh\n'),
     ('4343 python3 -m vit_jax.main --distributed --workdir gs://bucket/other\n',
-     'error: pod is busy with another run (pid 4343: python3 -m vit_jax.main '
+     'error: pod is busy with another run '
+     '(pid 4343: python3 -m vit_jax.main '
      '--distributed --workdir gs://bucket/other): stop it with '
      'launch/tpu_stop.sh, or use another TPU_NAME\n')])
 def test_run_refuses_while_a_run_is_running(slice_, running, message):

@@ -6,6 +6,7 @@ import runpy
 
 from packaging import requirements
 from packaging import utils
+import pytest
 import setuptools
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,13 +58,19 @@ def test_constraints_pin_what_jaxs_tpu_extra_installs():
     assert pin and requirement.specifier.contains(pin), (requirement, pin)
 
 
-def test_constraints_pin_the_docs_extra_within_its_ranges(monkeypatch):
-  # .ci/run builds the site from `pip install -e ".[docs]" -c constraints.txt`:
-  # each requirement pinned, the pin inside setup.py's tested range.
+@pytest.mark.parametrize('extra, names', [
+    ('docs', {'sphinx', 'myst-parser'}),
+    ('lint', {'pyink', 'ruff', 'mypy'}),
+])
+def test_constraints_pin_the_ci_extras_within_their_ranges(monkeypatch, extra,
+                                                           names):
+  # .ci/run builds the site from `pip install -e ".[docs]" -c constraints.txt`
+  # and checks the code with the `lint` extra's tools, installed the same
+  # way: each requirement pinned, the pin inside setup.py's tested range.
   pins = _constraints()
-  docs = list(map(requirements.Requirement,
-                  _setup_kwargs(monkeypatch)['extras_require']['docs']))
-  assert {r.name for r in docs} >= {'sphinx', 'myst-parser'}
-  for requirement in docs:
+  wanted = list(map(requirements.Requirement,
+                    _setup_kwargs(monkeypatch)['extras_require'][extra]))
+  assert {r.name for r in wanted} >= names
+  for requirement in wanted:
     pin = pins.get(utils.canonicalize_name(requirement.name))
     assert pin and requirement.specifier.contains(pin), (requirement, pin)

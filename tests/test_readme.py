@@ -211,12 +211,14 @@ _NOT_CHECKED = {
                    'README\'s, checked against .ci/run)',
     'git clone': 'needs the network (the opt-in parity tests it prepares '
                  'are checked to exist below)',
-    'python -c "import jax, numpy as np, vit_jax.models;':
+    'python -c "import jax, numpy as np, vit_jax.models;': (
         'writes a random checkpoint for the fine-tuning example; '
-        'tests/test_checkpoint.py covers checkpoint.save and load_pretrained',
-    'python -c "\nimport os, numpy as np, sklearn.datasets':
+        'tests/test_checkpoint.py covers checkpoint.save and load_pretrained'
+    ),
+    'python -c "\nimport os, numpy as np, sklearn.datasets': (
         'writes digit PNGs for the predict example; tests/test_predict.py '
-        'predicts on such images',
+        'predicts on such images'
+    ),
 }
 
 
@@ -303,14 +305,16 @@ def test_big_vision_example_runs(tmp_path, monkeypatch):
 # The Python examples of the pages that no test above runs, by the heading
 # they are under, and why.
 _PYTHON_NOT_RUN = {
-    'Convert: transformers and timm':
+    'Convert: transformers and timm': (
         'they read the files of the commands above it; tests/test_convert.py '
         'runs the same functions (tests/test_convert_torch.py the PyTorch '
-        'side, opt-in)',
-    'Export for serving':
+        'side, opt-in)'
+    ),
+    'Export for serving': (
         'they read the exported files; tests/test_export.py reloads each '
         'artefact the same way. The ONNX call needs jax2onnx, which vit_jax '
-        'does not install',
+        'does not install'
+    ),
 }
 _PYTHON_RUN = ('Use the models from your own JAX code', 'Checkpoints',
                'big_vision and SigLIP checkpoints')

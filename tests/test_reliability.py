@@ -174,10 +174,13 @@ def test_sigkill_at_10_random_moments_then_resume_is_bit_identical(
     proc = start(cli_args(workdir, tfds_dir), log_path, env)
     if mode == 'during_save':
       alive = wait_for(
-          lambda: set(partial_saves(workdir)) - known_partial, proc)
+          lambda known=known_partial: set(partial_saves(workdir)) - known,
+          proc)
     else:
       target = resume_from + rng.randint(1, 5)
-      alive = wait_for(lambda: last_logged_step(log_path) >= target, proc)
+      alive = wait_for(
+          lambda path=log_path, step=target: last_logged_step(path) >= step,
+          proc)
       time.sleep(rng.uniform(0, 0.2))
     assert alive and proc.poll() is None, (
         f'trial {trial}: the run ended before the kill:\n'

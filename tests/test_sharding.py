@@ -79,7 +79,8 @@ def test_batch_sizes_are_checked_against_the_data_like_axes():
     sharding.check_batch_size(10, mesh, what='config.batch_eval')
   # Where the data-like axes are every device, today's message.
   with pytest.raises(ValueError, match=re.escape(
-      'config.batch=12 is not divisible by the 8 devices of the mesh; use a '
+      'config.batch=12 is not divisible by the 8 devices of the mesh; '
+      'use a '
       'multiple of 8 (e.g. 16)')):
     sharding.check_batch_size(12, sharding.make_mesh())
 
@@ -332,7 +333,7 @@ def test_every_logical_axes_rule_of_the_model_names_real_parameters():
     paths = [sharding.path_str(p)
              for p, _ in jax.tree_util.tree_flatten_with_path(
                  state['params'])[0]]
-    for pattern, names in vit_jax.models.PARAM_AXES:
+    for pattern, _ in vit_jax.models.PARAM_AXES:
       matched = [p for p in paths if re.fullmatch(pattern, 'params/' + p)]
       # Each of the 3 blocks (or the one stack) has its q, k, v or one of
       # each other parameter.

@@ -167,7 +167,7 @@ def test_tiny_vit_gradient_matches_finite_differences_in_every_layer():
             ('Transformer', 'encoderblock_1'),
             ('Transformer', 'encoder_norm')]
   for layer in layers:
-    def pick(tree):
+    def pick(tree, layer=layer):
       for key in layer:
         tree = tree[key]
       return tree
@@ -176,9 +176,9 @@ def test_tiny_vit_gradient_matches_finite_differences_in_every_layer():
         lambda x: rng.normal(size=x.shape), pick(params))
     norm = np.sqrt(sum((d ** 2).sum()
                        for d in jax.tree_util.tree_leaves(direction)))
-    direction = jax.tree_util.tree_map(lambda d: d / norm, direction)
+    direction = jax.tree_util.tree_map(lambda d, n=norm: d / n, direction)
 
-    def moved(sign):
+    def moved(sign, layer=layer, direction=direction):
       flat = checkpoint.flatten(params)
       prefix = '/'.join(layer)
       for key, d in checkpoint.flatten({prefix: direction}).items():

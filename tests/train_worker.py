@@ -2,8 +2,8 @@
 
 Used by test_train.py to check that losses and parameters do not depend on
 the device count, the sharding (data parallel / FSDP / tensor parallel) or
-the process count. As a script (started by launch/local.py) it takes the coordinator flags and
-writes the losses and parameters of process 0 to --out.
+the process count. As a script (started by launch/local.py) it takes the
+coordinator flags and writes the losses and parameters of process 0 to --out.
 """
 
 import argparse

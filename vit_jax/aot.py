@@ -30,7 +30,7 @@ import importlib.util
 import json
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
 from absl import app
 from absl import flags
@@ -229,7 +229,9 @@ class _Steps:
                classes: int):
     self.run, self.mesh = run, mesh
     self.objective = objectives.get(run.objective)
-    self.model = train.build_model(run.model, self.objective, classes)
+    # Any: the objective's own model class, which mypy cannot pair with
+    # the objective (a union).
+    self.model: Any = train.build_model(run.model, self.objective, classes)
     self.tx, _ = optim.make_optimizer(run.optim)
     init_rng, train_rng = jax.random.split(jax.random.key(run.loop.seed))
     self.state_shapes = jax.eval_shape(
@@ -252,16 +254,17 @@ class _Steps:
 
   def train(self) -> Any:
     """The compiled train step."""
-    step = train.make_train_step(self.run.loop, self.objective, self.model,
-                                 self.tx, self.mesh, self.shardings)
+    step = cast(jax.stages.Wrapped, train.make_train_step(
+        self.run.loop, self.objective, self.model, self.tx, self.mesh,
+        self.shardings))
     return step.lower(self.state, self.batch(self.run.data.batch),
                       self.rng).compile()
 
   def eval(self) -> Any:
     """The compiled eval step."""
     n = self.run.data.batch_eval
-    eval_fn = self.objective.make_eval_fn(self.model, self.mesh,
-                                          self.shardings.params)
+    eval_fn = cast(jax.stages.Wrapped, self.objective.make_eval_fn(
+        self.model, self.mesh, self.shardings.params))
     batch = {**self.batch(n), 'mask': jax.ShapeDtypeStruct(
         (n,), jnp.float32, sharding=self.on_batch)}
     return eval_fn.lower(self.state.params, batch).compile()
@@ -462,7 +465,7 @@ def _seconds(s: float) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
   """The report in words, as the console shows it."""
-  lines = []
+  lines: list[str] = []
   add = lines.append
   topo = report['topology']
   add(f"{report['model']} ({report['parameters']:,} parameters), "

@@ -13,7 +13,7 @@ a simulation of their code.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 from absl import logging
 import flax.linen as nn
@@ -77,7 +77,7 @@ def estimated_seconds(compiled: Any) -> float | None:
 
 def _attention_call(model: nn.Module, image_size: int) -> dict[str, Any]:
   """The shapes of the model's first self-attention call, from a trace."""
-  found = {}
+  found: dict[str, Any] = {}
 
   def record(next_fun, args, kwargs, context):
     module = context.module
@@ -115,7 +115,7 @@ def _compile_attention(impl: str, call: dict[str, Any], batch: int,
     def loss(params, x):
       with sharding.activation_sharding(mesh):
         out = layer.apply(params, x)
-      return jnp.sum(out.astype(jnp.float32))
+      return jnp.sum(cast(jax.Array, out).astype(jnp.float32))
 
     return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
 
@@ -160,7 +160,7 @@ def choose(run: config_lib.Run, mesh: jax.sharding.Mesh) -> Choice:
     why = ('no compiler estimate' if estimates else
            f'no candidate compiled ({failed})')
     return Choice(impl, f'{why}; the first that compiled', estimates)
-  impl = min(timed, key=timed.get)
+  impl = min(timed, key=lambda k: timed[k])
   ranking = ', '.join(f'{k} {v * 1e3:.3g} ms'
                       for k, v in sorted(timed.items(), key=lambda kv: kv[1]))
   _, tokens, hidden = call['shape']

@@ -28,7 +28,7 @@ import math
 import os
 import re
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from absl import logging
@@ -201,16 +201,17 @@ def to_linen_names(tree: Params) -> dict[str, Any]:
   """
   if not isinstance(tree, Mapping):
     return tree
-  numbered = {}
+  numbered: dict[str, list[tuple[int, str]]] = {}
   for key in tree:
     match = _NUMBERED_RE.match(key)
     if match:
       numbered.setdefault(match.group(1), []).append((int(match.group(2)), key))
-  renamed = {}
+  renamed: dict[str, str] = {}
   for prefix, items in numbered.items():
     for new_index, (_, key) in enumerate(sorted(items)):
       renamed[key] = f'{prefix}_{new_index}'
-  return {renamed.get(k, k): to_linen_names(v) for k, v in tree.items()}
+  return {renamed[k] if k in renamed else k: to_linen_names(v)
+          for k, v in tree.items()}
 
 
 def to_published_names(params: Params) -> dict[str, Any]:
@@ -500,7 +501,8 @@ def save(params: Params, path: str) -> None:
     path: Destination (local or gs://).
   """
   params = to_published_names(unstack_encoder_blocks(_to_dict(params)))
-  flat = {k: _to_host(v) for k, v in flatten(params).items()}
+  flat: dict[str, Any] = {
+      k: _to_host(v) for k, v in flatten(params).items()}
   if jax.process_index() != 0:
     return
   directory = os.path.dirname(str(path))
@@ -537,7 +539,7 @@ def _shape(x: Any) -> tuple[int, ...]:
   return tuple(getattr(x, 'shape', np.shape(x)))
 
 
-def _format_keys(keys: Sequence[str], limit: int = 20) -> str:
+def _format_keys(keys: Iterable[str], limit: int = 20) -> str:
   keys = sorted(keys)
   shown = ', '.join(keys[:limit])
   more = f' ... and {len(keys) - limit} more' if len(keys) > limit else ''
@@ -663,11 +665,11 @@ def interpolate_posembed(posemb: np.ndarray, num_tokens: int,
       len(posemb_grid), 'checkpoint')
   new = tuple(new_grid_size) if new_grid_size else _infer_grid(
       num_tokens - extra, 'new')
-  for grid, count, what in ((old, len(posemb_grid), 'checkpoint'),
+  for size, count, what in ((old, len(posemb_grid), 'checkpoint'),
                             (new, num_tokens - extra, 'new')):
-    if grid[0] * grid[1] != count:
+    if size[0] * size[1] != count:
       raise CheckpointError(
-          f'The {what} grid {grid} does not hold {count} patch embeddings.')
+          f'The {what} grid {size} does not hold {count} patch embeddings.')
   dim = posemb.shape[-1]
   grid = posemb_grid.reshape(old[0], old[1], dim)
   if old != new:

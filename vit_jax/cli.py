@@ -115,7 +115,7 @@ def run(main: Callable[..., Any], *, config_flag: str | None = None) -> None:
   if any(a in _HELP_FLAGS for a in argv[1:]):
     sys.stdout.write(_usage(full='--helpfull' in argv))
     sys.exit(0)
-  overrides = []
+  overrides: list[tuple[str, str]] = []
   if config_flag:
     argv, overrides = split_overrides(argv, config_flag)
 

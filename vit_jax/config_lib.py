@@ -432,6 +432,7 @@ def parse_value(text: str, current: Any, kind: type[Any] | None,
         raise ValueError
       return value
   except (ValueError, SyntaxError):
+    assert kind is not None  # Only the typed branches above raise.
     raise ValueError(
         f'config.{name}={text!r}: expected {kind.__name__} (e.g. '
         f'{current!r}).') from None
@@ -454,8 +455,8 @@ def _set(config: Any, parts: list[str], value: Any) -> None:
     raise ValueError(f'config.{".".join(parts)}={value!r}: {e}') from None
 
 
-def _free_form_fields(config: Any, group: str) -> tuple[dict[str, Any],
-                                                        dict[str, str]]:
+def _free_form_fields(config: Any, group: str
+                      ) -> tuple[dict[str, Any], Mapping[str, str | None]]:
   """(fields with values, fields set elsewhere) of `model` or `pp`."""
   if group == 'model':
     fields = models.model_fields(config.model_name)
@@ -676,7 +677,8 @@ def run_differences(saved: Any, requested: Any
     requested)}.
   """
   old, new = run_fields(saved), run_fields(requested)
-  identity, allowed = {}, {}
+  identity: dict[str, tuple[Any, Any]] = {}
+  allowed: dict[str, tuple[Any, Any]] = {}
   for name in sorted(set(old) | set(new)):
     if old.get(name) == new.get(name):
       continue
@@ -734,6 +736,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
         'of a file in configs/, e.g. configs/finetune.py:b16,cifar10.')
   module_name = os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(module_name, path)
+  assert module_spec is not None and module_spec.loader is not None, path
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if sep else module.get_config()

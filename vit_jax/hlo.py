@@ -19,6 +19,7 @@ OPS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
 def _iota(text):
   """'[2,4]T(1,0)' or '[8]' -> the device ids in that order."""
   m = re.fullmatch(r'\[([\d,]+)\](?:T\(([\d,]+)\))?', text)
+  assert m, text  # The callers' patterns match only this form.
   dims = [int(d) for d in m.group(1).split(',')]
   ids = np.arange(int(np.prod(dims))).reshape(dims)
   if m.group(2):
@@ -93,7 +94,7 @@ def collective_summary(hlo):
   (for a start, its largest buffer): a measure of the traffic, not of the
   time it takes.
   """
-  summary = {}
+  summary: dict[str, tuple[int, int]] = {}
   pattern = r'= (.*?) (' + '|'.join(OPS) + r')(-start)?\('
   for line in hlo.splitlines():
     m = re.search(pattern, line)
@@ -111,7 +112,7 @@ def collective_summary(hlo):
 
 def custom_calls(hlo):
   """{custom_call_target: count} of the custom calls in `hlo`."""
-  found = {}
+  found: dict[str, int] = {}
   for target in re.findall(r'custom_call_target="([^"]*)"', hlo):
     found[target] = found.get(target, 0) + 1
   return found

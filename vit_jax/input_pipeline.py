@@ -311,7 +311,7 @@ class ImageFolderSource:
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
       listings = list(pool.map(
           lambda f: folder_index.scan(f, IMAGE_EXTENSIONS), folders))
-    files = {}
+    files: dict[str, list[str]] = {}
     for name, folder, listing in zip(classes, folders, listings):
       if not listing:
         raise ValueError(

@@ -14,10 +14,11 @@ The workdir is the run's identity: the same command again resumes the run
 is refused, naming each field that differs. `--overwrite` starts the run in
 that workdir from scratch, deleting what an earlier run wrote there.
 Ctrl-C (like SIGTERM) saves a checkpoint at the next step and exits;
-a second Ctrl-C stops at once. Multi-host: on a Cloud TPU pod or under SLURM pass
-`--distributed` (JAX finds the coordinator itself; see launch/slurm.sbatch);
-for local multi-process rehearsals pass `--coordinator_address`,
-`--num_processes` and `--process_id` (see launch/local.sh). All logic lives in `vit_jax.train.train_and_evaluate`.
+a second Ctrl-C stops at once. Multi-host: on a Cloud TPU pod or under
+SLURM pass `--distributed` (JAX finds the coordinator itself; see
+launch/slurm.sbatch); for local multi-process rehearsals pass
+`--coordinator_address`, `--num_processes` and `--process_id` (see
+launch/local.sh). All logic lives in `vit_jax.train.train_and_evaluate`.
 """
 
 # Before anything heavy is imported: restart once with the process settings

@@ -73,8 +73,8 @@ def inception_crop(image: tf.Tensor, seed: tf.Tensor,
 
 def resize(image: tf.Tensor, size: int | tuple[int, int]) -> tf.Tensor:
   """Bilinear resize to `size` (int: square); returns float32."""
-  size = (size, size) if isinstance(size, int) else tuple(size)
-  return tf.image.resize(tf.cast(image, tf.float32), size, method='bilinear')
+  hw = (size, size) if isinstance(size, int) else tuple(size)
+  return tf.image.resize(tf.cast(image, tf.float32), hw, method='bilinear')
 
 
 def resize_small(image: tf.Tensor, smaller_size: int) -> tf.Tensor:
@@ -136,7 +136,7 @@ class PreprocessConfig:
   randaugment: tuple[int, int] | tuple[()] = ()
 
   def __post_init__(self):
-    value = self.randaugment
+    value: Any = self.randaugment  # Any: what the user gave, checked below.
     if value is None:
       value = ()
     if isinstance(value, (list, tuple)):

@@ -23,6 +23,7 @@ are pixels (tuned for 224 px images).
 
 from collections.abc import Callable
 import math
+from typing import cast
 
 import tensorflow as tf
 
@@ -334,8 +335,9 @@ def apply_op(name: str, image: tf.Tensor, magnitude: float,
   sign_seed, cutout_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 2))
   if name == 'Cutout':
-    return cutout(image, arg, cutout_seed)
+    return cutout(image, cast(int, arg), cutout_seed)
   if name in SIGNED_OPS:
+    assert arg is not None  # Every signed op takes a number.
     negate = tf.random.stateless_uniform([], sign_seed) < 0.5
     arg = tf.where(negate, -arg, arg)
   if arg is None:
@@ -369,8 +371,8 @@ def randaugment(image: tf.Tensor, num_layers: int, magnitude: float,
     index = tf.random.stateless_uniform([], choice_seed, 0, len(OPS),
                                         tf.int32)
     branches = [
-        lambda name=name, image=image: apply_op(name, image, magnitude,
-                                                op_seed)
+        lambda name=name, image=image, op_seed=op_seed: apply_op(
+            name, image, magnitude, op_seed)
         for name in OPS]
     image = tf.ensure_shape(tf.switch_case(index, branches), image.shape)
   return image

@@ -161,7 +161,7 @@ def _multi_slice_devices(names: tuple[str, ...], sizes: tuple[int, ...],
 def _device_array(names: tuple[str, ...], sizes: tuple[int, ...],
                   devices: Sequence[Any]) -> np.ndarray:
   """Devices in mesh order: topology-aware where possible, else plain."""
-  slice_sizes = {}
+  slice_sizes: dict[int, int] = {}
   for device in devices:
     key = getattr(device, 'slice_index', 0)
     slice_sizes[key] = slice_sizes.get(key, 0) + 1
@@ -336,7 +336,7 @@ def prefetch_to_device(batches: Iterator[Any], sharding: Any,
   Yields:
     Pytrees of global arrays.
   """
-  queue = collections.deque()
+  queue: collections.deque[Any] = collections.deque()
 
   def enqueue(n):
     for batch in itertools.islice(batches, n):
@@ -408,7 +408,7 @@ def stacked_paths(tree: Any) -> frozenset[str]:
   """
   leaves = [(tuple(_key_str(k) for k in path), tuple(np.shape(x)))
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  nodes = {}
+  nodes: dict[tuple[str, ...], list[tuple[int, ...]]] = {}
   for keys, shape in leaves:
     for depth in range(1, len(keys)):
       nodes.setdefault(keys[:depth], []).append(shape)
@@ -480,9 +480,13 @@ def _logical_names(path: str,
   return None
 
 
+# One dimension's entry of a PartitionSpec: a mesh axis, several, or None.
+_AxisSpec = str | tuple[str, ...] | None
+
+
 def _tensor_parallel_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
                           names: tuple[str, ...] | None,
-                          stacked: bool) -> list[str | None]:
+                          stacked: bool) -> list[_AxisSpec]:
   """Per-dimension mesh axes of the leaf's logical names (None: not split).
 
   Only axes of size > 1 split anything. A leaf the model names no axes of
@@ -492,7 +496,7 @@ def _tensor_parallel_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
     ValueError: the names do not fit the leaf's rank, or a split dimension
       is not divisible by its axis (naming the leaf, dimension and axis).
   """
-  spec = [None] * len(shape)
+  spec: list[_AxisSpec] = [None] * len(shape)
   if names is None:
     return spec
   offset = 1 if stacked else 0  # The layer axis of a scanned stack.
@@ -518,9 +522,10 @@ def _tensor_parallel_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
 
 def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int,
                stacked: bool,
-               taken: Sequence[str | None] | None = None) -> P:
+               taken: Sequence[_AxisSpec] | None = None) -> P:
   """'fsdp' on the dimensions that `taken` (an existing spec) leaves free."""
-  spec = list(taken) if taken is not None else [None] * len(shape)
+  spec: list[_AxisSpec] = (list(taken) if taken is not None
+                           else [None] * len(shape))
   size = dict(mesh.shape).get(FSDP_AXIS, 1)
   # Never the leading layer axis of stacked blocks: each scan iteration
   # would then gather a whole layer from a single device.

@@ -106,7 +106,7 @@ def read(workdir: str) -> Contents:
            else [])
   names = [n.rstrip('/') for n in names]
   join = lambda name: os.path.join(workdir, name)
-  steps = ()
+  steps: tuple[int, ...] = ()
   if run_checkpoints.CHECKPOINT_DIR in names:
     steps = tuple(sorted(
         int(n.rstrip('/')) for n in tf.io.gfile.listdir(
@@ -211,6 +211,8 @@ def decide(contents: Contents, config: Any, *, total_steps: int,
     # Killed before a checkpoint completed: at most one save is in flight,
     # so nothing beyond the second checkpoint's step can have been logged.
     # Restarting recomputes exactly the steps metrics.jsonl holds.
+    # (holds_run without steps or final params: metrics.jsonl has steps.)
+    assert contents.last_metrics_step is not None
     if contents.last_metrics_step > 2 * checkpoint_every:
       raise WorkdirError(
           f'{where}/{METRICS_FILE} records {contents.last_metrics_step} steps '
@@ -264,7 +266,7 @@ def clear(contents: Contents) -> None:
 def last_evaluation(workdir: str) -> dict[str, float]:
   """The newest evaluation metrics `metrics.jsonl` holds ({} if none)."""
   path = os.path.join(workdir, METRICS_FILE)
-  found = {}
+  found: dict[str, Any] = {}
   with tf.io.gfile.GFile(path) as f:
     for line in f:
       try:

@@ -96,6 +96,7 @@ class JsonlWriter(ScalarWriter):
       self._lines.append(line)
       self._rewrite()
     else:
+      assert self._file is not None  # Opened in __init__ when local.
       self._file.write(line + '\n')
       self._file.flush()
 

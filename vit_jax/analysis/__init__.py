@@ -222,6 +222,6 @@ __all__ = [
     'CKA_FIGURES', 'CKA_RESULTS_FILE', 'FIGURES', 'MinibatchCKA',
     'RESULTS_FILE', 'analyze', 'analyze_cka', 'attention_rollout',
     'attention_weights', 'class_token_map', 'cka', 'embedding_filters',
-    'linear_cka', 'mean_attention_distance', 'minibatch_cka',
+    'grid_of', 'linear_cka', 'mean_attention_distance', 'minibatch_cka',
     'position_embedding_similarity', 'representations',
 ]

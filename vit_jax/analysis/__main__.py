@@ -22,6 +22,7 @@ cka_sheet.png; numbers: cka.json.
 
 import json
 import os
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -87,10 +88,11 @@ def _load_images(size: int):
 
 
 def _name(workdir: str | None, model: str | None) -> str:
-  return os.path.basename(os.path.normpath(workdir)) if workdir else model
+  # Without a workdir, model_from_npz has refused a missing --model already.
+  return os.path.basename(os.path.normpath(workdir)) if workdir else str(model)
 
 
-def run_cka() -> dict[str, object]:
+def run_cka() -> dict[str, Any]:
   """The cka subcommand: the flags checked, the models loaded, CKA written.
 
   Raises:

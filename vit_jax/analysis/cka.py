@@ -57,8 +57,8 @@ def _offdiagonal_grams(xs: Sequence[jax.Array], mask: jax.Array) -> jax.Array:
   for x in xs:
     x = _centred(x, mask)
     grams.append(x @ x.T)
-  grams = jnp.stack(grams)
-  return grams * (1.0 - jnp.eye(grams.shape[-1], dtype=grams.dtype))
+  stacked = jnp.stack(grams)
+  return stacked * (1.0 - jnp.eye(stacked.shape[-1], dtype=stacked.dtype))
 
 
 def _hsic1(k: jax.Array, l: jax.Array, n: jax.Array,
@@ -200,7 +200,7 @@ class MinibatchCKA:
         batch over a mesh).
     """
     self._fn = hsic_fn or jax.jit(hsic_sums)
-    self.sums = None
+    self.sums: dict[str, jax.Array] | None = None
 
   def add(self, sums: dict[str, jax.Array]) -> None:
     """Adds one batch's `hsic_sums` (computed elsewhere, e.g. with a model)."""

@@ -53,6 +53,6 @@ def load_images(spec: str, image_size: int, num: int,
   if not paths:
     raise FileNotFoundError(f'No .png/.jpg images found in {spec}.')
   images = [np.asarray(Image.open(p).convert('RGB').resize(
-      (image_size, image_size), Image.BILINEAR), np.float32) / 127.5 - 1.0
+      (image_size, image_size), Image.Resampling.BILINEAR), np.float32) / 127.5 - 1.0
             for p in paths]
   return np.stack(images), None

@@ -260,6 +260,7 @@ def make_model_hsic_fn(model_a: flax.linen.Module, layers_a: Sequence[str],
         lambda params, images, mask: cka.hsic_sums(
             rep_a(params, images), None, mask), mesh),
         in_shardings=(shard_a, batch, batch), out_shardings=replicated)
+  assert layers_b is not None, 'model_b needs layers_b'
   rep_b = representation_fn(model_b, layers_b, pooling)
 
   def fn(params_a, params_b, images_a, images_b, mask):

@@ -185,7 +185,7 @@ def _lookup(index: _Index | None, files: Mapping[str, Stat],
 
 def _build(files: Mapping[str, Stat],
            found: Mapping[str, str | None]) -> _Index:
-  index = {}
+  index: _Index = {}
   for rel, stat in files.items():
     if stat is not None:
       directory, _, name = rel.rpartition('/')
@@ -235,7 +235,7 @@ def verdicts(root: str, files: Mapping[str, Stat], *,
     Relative path -> None if the file decodes, else the reason.
   """
   root_path = os.path.join(root, INDEX_NAME)
-  out = {}
+  out: dict[str, str | None] = {}
   root_index = _load(root_path)
   _lookup(root_index, files, out)
   stored = sum(stat is not None for stat in files.values())

@@ -3,7 +3,7 @@
 from collections.abc import Callable, Mapping
 import functools
 import time
-from typing import Any
+from typing import Any, cast
 
 from absl import logging
 import flax
@@ -18,7 +18,8 @@ def eval_step(params: Any, batch: Mapping[str, jax.Array], *,
               model: flax.linen.Module,
               loss: str = 'softmax_xent') -> dict[str, jax.Array]:
   """Masked sums of loss, top-1 / top-5 hits and examples over a batch."""
-  logits = model.apply({'params': params}, batch['image'], train=False)
+  logits = cast(jax.Array, model.apply({'params': params}, batch['image'],
+                                       train=False))
   mask = batch['mask']
   per_example = losses.per_example_loss(logits, batch['labels'], kind=loss)
   # A prediction is a hit when it is (one of) the labels.

@@ -155,7 +155,7 @@ def few_shot_accuracies(train_features: np.ndarray, train_labels: np.ndarray,
   Returns:
     {k: [accuracy of seed 0, seed 1, ...]}.
   """
-  out = {}
+  out: dict[int, list[float]] = {}
   for k in shots:
     out[k] = []
     for seed in range(seeds):

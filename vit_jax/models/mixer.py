@@ -4,6 +4,8 @@
   MixerBlock_{i}/LayerNorm_0, token_mixing/Dense_{0,1},
                  LayerNorm_1, channel_mixing/Dense_{0,1}
   pre_head_layer_norm, head
+
+These names load the published Mixer checkpoints unchanged.
 """
 
 from typing import Any

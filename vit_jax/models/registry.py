@@ -151,7 +151,7 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> None:
 
 # Keys a dict-valued field reads (`VisionTransformer.__call__`,
 # `resnet.ResNetStage`), with the value used when a config omits one.
-_NESTED_FIELDS = {
+_NESTED_FIELDS: dict[str, dict[str, Any]] = {
     'patches': {'size': None},
     'transformer': {'num_layers': None, 'mlp_dim': None, 'num_heads': None,
                     'dropout_rate': 0.1, 'attention_dropout_rate': 0.1,
@@ -167,8 +167,9 @@ def model_fields(name: str) -> dict[str, Any]:
 
   The values are the named model's (its registry config, else the module's
   default); dict-valued fields (`patches`, `transformer`, `resnet`) list
-  every key they read (`resnet` is None for a plain ViT). Command lines use this to check and type an override
-  such as `model.transformer.dropout_rate=0.1` before building anything.
+  every key they read (`resnet` is None for a plain ViT). Command lines use
+  this to check and type an override such as
+  `model.transformer.dropout_rate=0.1` before building anything.
 
   Args:
     name: A name from `MODEL_NAMES`.

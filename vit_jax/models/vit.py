@@ -266,7 +266,9 @@ def _mesh_axes_for(logical_name, size, mesh, free, taken=()):
   Only axes of `free` not in `taken`, and only as many as divide `size`
   (a dimension they do not divide is kept whole: correct, if slower).
   """
-  spec = nn.logical_to_mesh_axes((logical_name,))[0]
+  mesh_axes = nn.logical_to_mesh_axes((logical_name,))
+  assert mesh_axes is not None  # A PartitionSpec whenever names are given.
+  spec = mesh_axes[0]
   if spec is None or spec is P.UNCONSTRAINED:
     return ()
   axes = [spec] if isinstance(spec, str) else list(spec)
@@ -345,7 +347,7 @@ def _kernel_attention(impl, q, k, v, scale):
   q = q * jnp.asarray(scale, q.dtype)
   if impl == 'flash':
     # Looked up when called, not bound at import: tests replace the kernels.
-    kernel = lambda *args: _tpu_flash_attention(*args, 1.0)
+    kernel = lambda q, k, v, ids: _tpu_flash_attention(q, k, v, ids, 1.0)
   else:
     kernel = lambda *args: _tpu_splash_attention(*args)
   out = _per_shard(kernel, q, k, v, ids)
@@ -509,11 +511,12 @@ class MultiHeadDotProductAttention(nn.Module):
     if impl in ('xla', 'cudnn'):
       qkv = jnp.einsum('btd,dsnh->btsnh', x, w_qkv) + b_qkv
       q, k, v = (qkv[:, :, i] for i in range(3))
-      out = jax.nn.dot_product_attention(q, k, v, scale=scale,
-                                         implementation=impl)
+      out = jax.nn.dot_product_attention(
+          q, k, v, scale=scale,
+          implementation='cudnn' if impl == 'cudnn' else 'xla')
       if self.is_mutable_collection('intermediates'):
         self.sow('intermediates', 'attention_weights', self._weights(
-            *(y.swapaxes(1, 2) for y in (q, k)), scale))
+            q.swapaxes(1, 2), k.swapaxes(1, 2), scale))
       out = jnp.einsum('bqhd,hdo->bqo', out, wo.astype(self.dtype))
       return out + bo.astype(self.dtype)
 
@@ -765,7 +768,8 @@ class AddPositionEmbs(nn.Module):
       return x + self._resized(x, tuple(grid)).astype(x.dtype)
     shape = (1, x.shape[1], x.shape[2])
     if self.has_variable('params', 'pos_embedding'):
-      stored = self.get_variable('params', 'pos_embedding').shape
+      stored: tuple[int, ...] = self.get_variable('params',
+                                                  'pos_embedding').shape
       if tuple(stored) != shape:
         raise ValueError(
             f'Position embeddings {tuple(stored)} do not match the input '

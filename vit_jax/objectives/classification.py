@@ -3,7 +3,7 @@ objective), with top-1 / top-5 evaluation."""
 
 from collections.abc import Callable
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -67,8 +67,8 @@ def loss_fn(model: nn.Module, *, loss: str = 'softmax_xent',
       images, labels, lam = mixup(jax.random.fold_in(rng, _MIXUP_SALT),
                                   images, labels, mixup_alpha)
       extras['mixup_lambda'] = lam
-    logits = model.apply({'params': params}, images, train=True,
-                         rngs={'dropout': rng})
+    logits = cast(jax.Array, model.apply({'params': params}, images,
+                                         train=True, rngs={'dropout': rng}))
     return losses.per_example_loss(
         logits, labels, kind=loss,
         label_smoothing=label_smoothing).mean(), extras

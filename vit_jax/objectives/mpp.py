@@ -22,7 +22,7 @@ embeddings and its encoder's output tokens.
 
 from collections.abc import Callable, Mapping
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -272,8 +272,9 @@ def objective(model: MaskedPatchPredictor, cfg: MppConfig):
     corruption = sample_corruption(
         corruption_rng, images.shape[0],
         patch_count(images.shape, patch_px), cfg)
-    predictions = model.apply({'params': params}, images, corruption,
-                              train=True, rngs={'dropout': dropout_rng})
+    predictions = cast(jax.Array, model.apply(
+        {'params': params}, images, corruption, train=True,
+        rngs={'dropout': dropout_rng}))
     loss, accuracy = loss_and_accuracy(
         predictions, targets(images, patch_px, cfg), corruption['corrupted'],
         cfg)
@@ -298,8 +299,8 @@ def make_eval_fn(model: MaskedPatchPredictor, cfg: MppConfig,
         jax.random.key(seed), images.shape[0],
         patch_count(images.shape, patch_px), cfg)
     corrupted = corruption['corrupted'] & (batch['mask'][:, None] > 0)
-    predictions = model.apply({'params': params}, images, corruption,
-                              train=False)
+    predictions = cast(jax.Array, model.apply(
+        {'params': params}, images, corruption, train=False))
     loss, accuracy = loss_and_accuracy(
         predictions, targets(images, patch_px, cfg), corrupted, cfg)
     patches = corrupted.sum().astype(jnp.float32)
