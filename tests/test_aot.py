@@ -17,6 +17,9 @@ from vit_jax import attention_choice
 from vit_jax import config_lib
 from vit_jax import sharding
 
+# The slow tier: whole train and eval steps compiled, and the command line.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny ViT of the digits config: two blocks, 16 px, 4x4 patches.
 TINY = [('model.hidden_size', '32'), ('model.transformer.mlp_dim', '64'),

@@ -309,6 +309,7 @@ def test_remat_policies_keep_the_gradients(policy, scan):
   _assert_same(result, REFERENCE, rtol=1e-4 if scan else 1e-5)
 
 
+@pytest.mark.slow
 def test_remat_policy_changes_what_the_backward_pass_saves():
   """Residuals kept for the backward pass: all with 'none', fewer with
   'dots_saveable' (matmul outputs only), fewest with 'full'."""

@@ -28,6 +28,9 @@ from vit_jax import workdir as workdir_lib
 from vit_jax.evaluators import classification
 import vit_jax.models
 
+# The slow tier: training runs.
+pytestmark = pytest.mark.slow
+
 
 def tiny_config(tfds_dir):
   """configs/digits.py:runlocal with the 'testing' model (8 devices)."""

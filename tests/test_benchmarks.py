@@ -5,6 +5,9 @@ import pytest
 from benchmarks import inference
 import vit_jax.models
 
+# The slow tier: the benchmark scripts run their measurements.
+pytestmark = pytest.mark.slow
+
 
 def test_inference_row_and_largest_batch():
   row = inference.measure('testing', 16, 2, repeats=1)

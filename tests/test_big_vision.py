@@ -18,6 +18,9 @@ import numpy_reference
 from vit_jax import checkpoint
 import vit_jax.models
 
+# The slow tier: a model per layout compiled twice (ours, the reference).
+pytestmark = pytest.mark.slow
+
 _POOL = {'tok': 'token', 'gap': 'gap', 'map': 'map'}
 _SIZE = 16  # 4x4 patches of 4 pixels.
 

@@ -376,6 +376,7 @@ def _by_hand(model, params, images, layers, pooling):
       params, images)
 
 
+@pytest.mark.slow
 def test_model_cka_on_1_and_8_devices_is_the_array_estimator(two_models):
   vit, vit_params, images, resnet, resnet_params, _ = two_models
   # The default batch (64) is cut to the 10 images: one batch of 10 on one

@@ -231,6 +231,7 @@ def test_bad_names_and_overrides():
     flops.forward_flops('ViT-B_16', 0)
 
 
+@pytest.mark.slow
 def test_map_head_and_registers_cost_what_xla_counts():
   # Differences isolate each addition (a few percent of the whole model, so
   # the whole-model check above could not see it); XLA adds its elementwise

@@ -354,6 +354,7 @@ def test_two_process_positions_count_global_examples_and_resume(tmp_path):
         process_count=2)
 
 
+@pytest.mark.slow
 def test_checkpoint_position_resumes_both_of_two_processes(tfds_dir, tmp_path,
                                                            monkeypatch):
   """Pins the position train.py writes: steps * config.batch (global).
@@ -418,6 +419,7 @@ def test_image_folder_with_train_and_test_folders(tmp_path):
   assert (info.num_train_examples, info.num_eval_examples) == (18, 6)
 
 
+@pytest.mark.slow
 def test_image_folder_trains_and_evaluates(tmp_path):
   make_image_folder(tmp_path, per_class=12)
   config = folder_config(tmp_path, batch=24, batch_eval=16,

@@ -157,6 +157,7 @@ def test_classifier_output_shapes(classifier, num_classes, shape):
   assert model.apply(variables, x, train=False).shape == shape
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('remat', [False, True])
 def test_scan_gives_the_same_logits_and_gradients_as_the_loop(remat):
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -181,6 +182,7 @@ def test_scan_gives_the_same_logits_and_gradients_as_the_loop(remat):
       ['kernel'], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients():
   plain, size = tiny_model('vit')
   remat, _ = tiny_model('vit', remat=True)

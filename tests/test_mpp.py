@@ -162,6 +162,7 @@ BEFORE_OBJECTIVES = os.path.join(REPO, 'tests', 'data',
                                  'mpp_before_objectives.npz')
 
 
+@pytest.mark.slow
 def test_an_mpp_checkpoint_from_before_objectives_loads_and_fine_tunes(
     tmp_path):
   """Its keys are exactly the new MaskedPatchPredictor's; the predictor runs

@@ -23,6 +23,9 @@ from helpers import write_published_npz
 from vit_jax import checkpoint
 import vit_jax.models
 
+# The slow tier: notebook kernels.
+pytestmark = pytest.mark.slow
+
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / 'notebooks'
 # The CI-sized model: ViT 'testing' (1 block, width 10) on 16-pixel images.
 TINY = dict(MODEL='testing', IMAGE_SIZE=16,

@@ -60,6 +60,7 @@ def _run_example(title):
   return namespace
 
 
+@pytest.mark.slow
 def test_models_example_runs():
   namespace = _run_example('Use the models from your own JAX code')
   assert namespace['logits'].shape == (2, 10)
@@ -89,6 +90,7 @@ def test_readme_main_job_is_the_digits_config_command():
   assert main_job.split(' --workdir')[0] in docstring
 
 
+@pytest.mark.slow
 def test_checkpoints_example_runs(tmp_path, monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -293,6 +295,7 @@ def test_model_table_gflops_are_the_flops_module():
     assert abs(flops.forward_flops(name) / 1e9 - float(gflops)) <= 0.005, name
 
 
+@pytest.mark.slow
 def test_big_vision_example_runs(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   namespace = _run_example('big_vision and SigLIP checkpoints')

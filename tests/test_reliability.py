@@ -22,6 +22,9 @@ from vit_jax import checkpoint
 from vit_jax import run_checkpoints
 from vit_jax import train
 
+# The slow tier: training processes killed and restarted.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 60
 CHECKPOINT_EVERY = 3

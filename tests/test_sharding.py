@@ -104,6 +104,7 @@ def test_train_step_uses_the_micro_batch_sharding(monkeypatch):
   assert calls == [mesh]
 
 
+@pytest.mark.slow
 def test_same_steps_with_a_model_axis_as_on_one_device():
   # Tensor parallel over 'model', FSDP over 'fsdp', with accumulation: same
   # numbers as one device, with micro-batches split over data x fsdp only.

@@ -21,6 +21,9 @@ pytest.importorskip('libtpu')
 # pylint: disable-next=g-import-not-at-top,g-bad-import-order
 from jax.experimental import topologies
 
+# The slow tier: TPU compiles (libtpu), seconds each.
+pytestmark = pytest.mark.slow
+
 BATCH = 8
 IMAGE = 32  # 8-pixel patches: 16 tokens and the class token, padded to 128.
 MESHES = {

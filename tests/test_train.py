@@ -199,6 +199,7 @@ def test_finetune_from_npz_at_higher_resolution_through_the_cli(digits_run,
       1, 65, 192)
 
 
+@pytest.mark.slow
 def test_finetune_resizes_a_non_square_patch_grid_by_its_real_shape(
     tmp_path):
   """4x1 patches: a 16 px image has a 4x16 grid (64 tokens, which read as a
@@ -278,6 +279,7 @@ def _assert_same_run(run, reference):
       assert np.abs(flat[key] - ref[key]).max() <= 1e-4 * scale, key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     'mesh', [DATA_PARALLEL, FSDP, TENSOR_PARALLEL, TENSOR_PARALLEL_FSDP],
     ids=['dp', 'fsdp', 'data2_model4', 'data2_fsdp2_model2'])
@@ -347,6 +349,7 @@ def _compiled_step(mesh_axes):
   return compiled.as_text(), state
 
 
+@pytest.mark.slow
 def test_data_parallel_step_only_reduces_gradients():
   hlo, state = _compiled_step(DATA_PARALLEL)
   assert 'all-reduce' in hlo
@@ -355,6 +358,7 @@ def test_data_parallel_step_only_reduces_gradients():
     assert leaf.sharding.is_fully_replicated
 
 
+@pytest.mark.slow
 def test_fsdp_shards_parameters_and_optimizer_state():
   hlo, state = _compiled_step(FSDP)
   del hlo  # XLA picks the collectives; what FSDP promises is the memory.
@@ -413,6 +417,7 @@ def test_hlo_device_groups_are_read_in_each_print_format():
       (7, 16), (), (3,)]
 
 
+@pytest.mark.slow
 def test_tensor_parallel_step_reduces_each_block_twice_and_gathers_nothing():
   text, state = _compiled_step(TENSOR_PARALLEL)
   ops = hlo.collectives(text)
@@ -434,6 +439,7 @@ def test_tensor_parallel_step_reduces_each_block_twice_and_gathers_nothing():
   assert all(g in (MODEL_GROUPS_OF_4, DATA_GROUPS_OF_2) for _, _, g in ops)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_with_fsdp_gathers_over_fsdp_and_reduces_over_model():
   text, state = _compiled_step(TENSOR_PARALLEL_FSDP)
   ops = hlo.collectives(text)
@@ -590,6 +596,7 @@ def test_train_state_size_is_what_the_devices_hold(mesh_axes):
     assert per_device == total
 
 
+@pytest.mark.slow
 def test_accum_steps_equals_one_batch_of_four_times_the_size():
   config = train_worker.config_for(DATA_PARALLEL)
   config.warmup_steps = 0  # A non-zero learning rate at the first step.
@@ -738,6 +745,7 @@ def test_slurm_launch_issues_the_expected_commands():
   assert 'XLA_FLAGS=--mine' in dry('slurm.sbatch', XLA_FLAGS='--mine')
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_names_the_step(tmp_path):
   config = load_config('digits.py', 'runlocal')
   config.tfds_data_dir = str(tmp_path / 'tfds')
@@ -765,6 +773,7 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path):
   assert logged and max(logged) == bad_step - 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('where', ['evaluator', 'step'])
 def test_an_error_mid_run_still_closes_the_writers_and_the_checkpointer(
     tmp_path, monkeypatch, where):
@@ -850,6 +859,7 @@ def test_an_error_mid_run_still_closes_the_writers_and_the_checkpointer(
   assert closed_default_writers == 1  # Console and TensorBoard summaries.
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_where_it_stopped(tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   config = load_config('digits.py', 'runlocal')
@@ -923,6 +933,7 @@ def test_a_mixer_config_builds_and_refuses_remat():
     config_lib.parse(config)
 
 
+@pytest.mark.slow
 def test_bfloat16_and_scan_remat_train_steps():
   mesh = sharding.make_mesh(DATA_PARALLEL)
   batch = next(train_worker.global_batches())

@@ -27,6 +27,9 @@ from vit_jax import optim
 from vit_jax import train
 import vit_jax.models
 
+# The slow tier: train steps compiled per case.
+pytestmark = pytest.mark.slow
+
 
 class Linear(nn.Module):
   """Flattened pixels -> logits: a model whose gradient numpy can write."""

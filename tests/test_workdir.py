@@ -30,6 +30,9 @@ from vit_jax import config_lib
 from vit_jax import train
 from vit_jax import workdir as workdir_lib
 
+# The slow tier: training runs and the command line.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
