@@ -229,9 +229,7 @@ class _Steps:
                classes: int):
     self.run, self.mesh = run, mesh
     self.objective = objectives.get(run.objective)
-    # Any: the objective's own model class, which mypy cannot pair with
-    # the objective (a union).
-    self.model: Any = train.build_model(run.model, self.objective, classes)
+    self.model = train.build_model(run.model, self.objective, classes)
     self.tx, _ = optim.make_optimizer(run.optim)
     init_rng, train_rng = jax.random.split(jax.random.key(run.loop.seed))
     self.state_shapes = jax.eval_shape(

@@ -114,8 +114,8 @@ def own_size(path: str, stride: tuple[int, int]) -> tuple[int, int]:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(path) as image:
     width, height = image.size
-  return tuple(max(1, round(n / s)) * s
-               for n, s in zip((height, width), stride))
+  return (max(1, round(height / stride[0])) * stride[0],
+          max(1, round(width / stride[1])) * stride[1])
 
 
 def _dynamic(loaded: Any) -> Any:
@@ -206,7 +206,8 @@ def predict(loaded: Any, paths: Sequence[str], *, top_k: int = 5,
       out_shardings=sharding.replicated(mesh))
   crop = 1.0 if dynamic_image_size else _crop_fraction(loaded)
   k = min(top_k, num_classes)
-  by_size = {}  # One compiled program per size.
+  # One compiled program per size.
+  by_size: dict[tuple[int, int], list[str]] = {}
   for path in paths:
     size = own_size(path, model.total_stride) if dynamic_image_size else (
         h, w)

@@ -49,8 +49,7 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
-@flax.struct.dataclass
-class TrainState:
+class TrainState(flax.struct.PyTreeNode):
   """Everything a training step reads and writes.
 
   Attributes:
@@ -375,7 +374,7 @@ def check_jax_flags() -> None:
   Raises:
     RuntimeError: naming the flag, when it has been turned off.
   """
-  if not jax.config.jax_threefry_partitionable:
+  if not jax.config.values['jax_threefry_partitionable']:
     raise RuntimeError(
         'jax_threefry_partitionable is off (JAX_THREEFRY_PARTITIONABLE=0 or '
         "jax.config.update('jax_threefry_partitionable', False)): random "
@@ -850,6 +849,8 @@ def train_and_evaluate(
   info = checked_dataset_info(run.data, source)
   workdir_lib.check_classes(held, info.class_names, overwrite=overwrite)
   if decision.finished:
+    # `workdir.decide` finishes a run only at its latest checkpoint.
+    assert decision.resume_step is not None, decision
     return finished_run(workdir, decision.resume_step, total_steps)
   # 'auto' attention on a TPU: what the compiler estimates fastest.
   run = attention_choice.resolve(run, mesh)

@@ -725,9 +725,9 @@ def resize_posemb_grid(grid: jax.Array, new_size: Sequence[int], *,
     low, high, frac = _linear_taps(grid.shape[axis], new)
     shape = [1] * grid.ndim
     shape[axis] = new
-    frac = jnp.asarray(frac).reshape(shape)
-    grid = (jnp.take(grid, low, axis=axis) * (1 - frac)
-            + jnp.take(grid, high, axis=axis) * frac)
+    weight = jnp.asarray(frac).reshape(shape)
+    grid = (jnp.take(grid, low, axis=axis) * (1 - weight)
+            + jnp.take(grid, high, axis=axis) * weight)
   return grid
 
 
@@ -765,7 +765,8 @@ class AddPositionEmbs(nn.Module):
       [B, T, D].
     """
     if grid is not None:
-      return x + self._resized(x, tuple(grid)).astype(x.dtype)
+      gh, gw = grid  # A list, too.
+      return x + self._resized(x, (gh, gw)).astype(x.dtype)
     shape = (1, x.shape[1], x.shape[2])
     if self.has_variable('params', 'pos_embedding'):
       stored: tuple[int, ...] = self.get_variable('params',
@@ -787,6 +788,7 @@ class AddPositionEmbs(nn.Module):
     if extra not in (0, 1):
       raise ValueError(f'{n_tokens} tokens are not a {grid[0]}x{grid[1]} '
                        'patch grid and at most one class token.')
+    posemb: jax.Array
     if self.has_variable('params', 'pos_embedding'):  # Any length.
       posemb = self.get_variable('params', 'pos_embedding')
     else:
@@ -887,6 +889,8 @@ class PositionEmbedding2D(nn.Module):
     if d % 2:
       raise ValueError(f"posemb='learn2d' needs an even hidden size, got {d}.")
     made_for = (self.grid_size or (h, w)) if self.dynamic else (h, w)
+    rows: jax.Array
+    cols: jax.Array
     if self.dynamic and self.has_variable('params', 'row'):  # Any length.
       rows, cols = (self.get_variable('params', k) for k in ('row', 'column'))
     else:
@@ -1243,8 +1247,11 @@ class VisionTransformer(nn.Module):
       x = jnp.reshape(x, (n, h * w, c))
       if patch_transform is not None:
         x = patch_transform(x)
-      posemb_grid_size = (None if self.posemb_grid_size is None
-                          else tuple(self.posemb_grid_size))
+      # A tuple (hashable) when the config gives a list.
+      posemb_grid_size: tuple[int, int] | None = None
+      if self.posemb_grid_size is not None:
+        gh, gw = self.posemb_grid_size
+        posemb_grid_size = (gh, gw)
       if self.posemb == 'learn2d':
         x = PositionEmbedding2D(param_dtype=self.param_dtype,
                                 dynamic=self.dynamic_image_size,

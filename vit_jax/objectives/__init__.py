@@ -19,6 +19,7 @@ import dataclasses
 from vit_jax import losses
 from vit_jax.objectives import classification
 from vit_jax.objectives import mpp
+from vit_jax.objectives import protocol
 
 NAMES = (classification.NAME, mpp.NAME)
 
@@ -63,8 +64,7 @@ class ObjectiveSection:
           f'needs objective=\'classification\', not {self.objective!r}.')
 
 
-def get(section: ObjectiveSection
-        ) -> classification.Classification | mpp.MaskedPatchPrediction:
+def get(section: ObjectiveSection) -> protocol.Objective:
   """The objective `section.objective` names, with its settings.
 
   Args:

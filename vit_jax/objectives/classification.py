@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from vit_jax import losses
 from vit_jax.evaluators import classification as evaluator
+from vit_jax.objectives import protocol
 
 NAME = 'classification'
 # Folded into a micro-batch's key for mixup, so that the dropout keys (the
@@ -104,7 +105,7 @@ class Classification:
   def init(self, model: nn.Module, rng: jax.Array, images: jax.Array) -> Any:
     return model.init(rng, images, train=False)['params']
 
-  def loss_fn(self, model: nn.Module) -> Callable[..., Any]:
+  def loss_fn(self, model: nn.Module) -> protocol.LossFn:
     return loss_fn(model, loss=self.loss,
                    label_smoothing=self.label_smoothing,
                    mixup_alpha=self.mixup_alpha)

@@ -31,6 +31,7 @@ import optax
 
 from vit_jax import sharding
 from vit_jax.evaluators import classification
+from vit_jax.objectives import protocol
 
 NAME = 'mpp'
 
@@ -327,6 +328,15 @@ def evaluate(params: Any, eval_fn, dataset: Any,
           'eval/examples': totals['count']}
 
 
+def _predictor(model: nn.Module) -> MaskedPatchPredictor:
+  """`model`, the `MaskedPatchPredictor` that `MaskedPatchPrediction.wrap`
+  made (the training loop passes it back as an `nn.Module`)."""
+  if not isinstance(model, MaskedPatchPredictor):
+    raise TypeError('Masked patch prediction trains the module its wrap() '
+                    f'returns, a MaskedPatchPredictor, not {type(model)}.')
+  return model
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskedPatchPrediction:
   """The objective as the training loop uses it (see `vit_jax.objectives`).
@@ -348,22 +358,22 @@ class MaskedPatchPrediction:
 
   def backbone(self, model: nn.Module) -> nn.Module:
     """The model without the objective's parts (for feature evaluators)."""
-    return model.vit
+    return _predictor(model).vit
 
-  def init(self, model: MaskedPatchPredictor, rng: jax.Array,
-           images: jax.Array) -> Any:
+  def init(self, model: nn.Module, rng: jax.Array, images: jax.Array) -> Any:
     """Parameters, through the masked path (which creates the head)."""
+    model = _predictor(model)
     corruption = sample_corruption(
         rng, images.shape[0], patch_count(images.shape, model.total_stride),
         self.cfg)
     return model.init(rng, images, corruption, train=False)['params']
 
-  def loss_fn(self, model: MaskedPatchPredictor) -> Callable[..., Any]:
-    return objective(model, self.cfg)
+  def loss_fn(self, model: nn.Module) -> protocol.LossFn:
+    return objective(_predictor(model), self.cfg)
 
-  def make_eval_fn(self, model: MaskedPatchPredictor, mesh: jax.sharding.Mesh,
+  def make_eval_fn(self, model: nn.Module, mesh: jax.sharding.Mesh,
                    param_shardings: Any) -> Callable[..., Any]:
-    return make_eval_fn(model, self.cfg, mesh, param_shardings)
+    return make_eval_fn(_predictor(model), self.cfg, mesh, param_shardings)
 
   def evaluate(self, params: Any, eval_fn: Callable[..., Any], dataset: Any,
                batch_sharding: Any) -> dict[str, float]:
