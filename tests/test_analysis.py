@@ -93,6 +93,7 @@ def test_embedding_filters_are_orthonormal_principal_components():
   assert abs(abs(top @ flat[0]) - 1) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan', [False, True])
 def test_attention_weights_of_a_model(scan):
   model, size = tiny_model('vit', scan=scan)
@@ -110,6 +111,7 @@ def test_attention_weights_of_a_model(scan):
         weights, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mixer_has_no_attention_weights():
   model, size = tiny_model('mixer')
   images = random_images((1, size, size, 3))
@@ -117,6 +119,7 @@ def test_mixer_has_no_attention_weights():
     analysis.attention_weights(model, init_params(model, images), images)
 
 
+@pytest.mark.slow
 def test_analyze_writes_figures_and_numbers(tmp_path):
   model, size = tiny_model('vit')
   images = random_images((4, size, size, 3))
@@ -187,6 +190,7 @@ def test_analysis_and_evaluate_clis_on_a_training_run(digits_run, tmp_path):
   assert not any(k.startswith('fewshot/') for k in from_npz)
 
 
+@pytest.mark.slow
 def test_model_from_a_published_npz(tmp_path):
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vit_jax.analysis import __main__ as cli  # pylint: disable=g-import-not-at-top
@@ -211,6 +215,7 @@ def test_evaluate_and_analysis_do_not_import_the_training_loop(module):
   subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('objective', ['classification', 'mpp'])
 def test_model_from_a_workdir_of_either_objective(tmp_path, objective):
   """The model of a run's config.json, with or without its classifier."""

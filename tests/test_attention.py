@@ -72,6 +72,7 @@ def _assert_same(result, expected, rtol=1e-5):
 REFERENCE = _logits_and_grads(_model(attention_impl='einsum'))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('impl', ['xla', 'auto'])
 def test_cpu_implementations_give_einsum_logits_and_gradients(impl):
   _assert_same(_logits_and_grads(_model(attention_impl=impl)), REFERENCE)
@@ -107,6 +108,7 @@ def _use_references(monkeypatch, calls):
   monkeypatch.setattr(vit, '_backend', lambda: 'tpu')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('impl', ['flash', 'splash'])
 def test_tpu_kernel_paths_pad_mask_and_lay_out_like_einsum(monkeypatch, impl):
   """The kernel's reference in place of the kernel: 17 tokens are padded to
@@ -179,6 +181,7 @@ MESHES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh_name', list(MESHES))
 @pytest.mark.parametrize('impl', ['flash', 'splash'])
 def test_tpu_kernels_run_per_shard_on_a_mesh_and_match_einsum(
@@ -211,6 +214,7 @@ def test_tpu_kernel_inside_a_users_shard_map_runs_as_is(monkeypatch,
   assert set(calls) == {((1, 2, 128, 5), (1, 128))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh_name', [None, 'data_model'])
 def test_the_splash_kernel_itself_in_the_pallas_interpreter(
     monkeypatch, mesh_reference, mesh_name):
@@ -294,6 +298,7 @@ def test_attention_weights_only_when_asked_and_the_same_for_every_impl():
   assert not isinstance(out, tuple)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('policy,scan', [
     *((p, False) for p in vit.REMAT_POLICIES),
     ('full', True), ('dots_with_no_batch_dims_saveable', True)])

@@ -62,6 +62,7 @@ def test_save_writes_the_published_layout(tmp_path):
                  for f in os.listdir(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['vit', 'vit_rep', 'hybrid', 'mixer'])
 def test_save_load_round_trip_is_bit_exact(tmp_path, kind):
   _, _, params = _random_model_params(kind)
@@ -70,6 +71,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, kind):
   _assert_trees_equal(checkpoint.load(path), params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('prefix,old_groupnorm', [
     ('', False), ('', True), ('opt/target/', True), ('params/', False)])
 def test_load_published_layout_is_bit_exact(tmp_path, prefix, old_groupnorm):
@@ -139,6 +141,7 @@ def test_bfloat16_params_are_saved_as_float32(tmp_path):
 _MAX_ABS_DIFF = 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['vit', 'vit_rep', 'vit_gap', 'hybrid',
                                   'hybrid_root', 'mixer'])
 def test_logits_of_a_published_file_match_numpy_reference(tmp_path, kind):
@@ -232,6 +235,7 @@ def test_interpolate_posembed_non_square_grid_needs_its_shape():
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_load_pretrained_resets_head_drops_pre_logits_and_resizes(tmp_path):
   _, _, pretrained = _random_model_params('vit_rep')
   path = str(tmp_path / 'pretrained.npz')
@@ -271,6 +275,7 @@ def test_load_pretrained_resets_head_drops_pre_logits_and_resizes(tmp_path):
   np.testing.assert_allclose(logits, expected, atol=_MAX_ABS_DIFF, rtol=0)
 
 
+@pytest.mark.slow
 def test_load_pretrained_keeps_a_matching_representation_layer(tmp_path):
   _, _, pretrained = _random_model_params('vit_rep')
   path = str(tmp_path / 'pretrained.npz')
@@ -284,6 +289,7 @@ def test_load_pretrained_keeps_a_matching_representation_layer(tmp_path):
   np.testing.assert_array_equal(params['head']['kernel'], 0)
 
 
+@pytest.mark.slow
 def test_load_pretrained_into_scanned_model(tmp_path):
   _, _, pretrained = _random_model_params('vit')
   path = str(tmp_path / 'pretrained.npz')
@@ -298,6 +304,7 @@ def test_load_pretrained_into_scanned_model(tmp_path):
       pretrained['Transformer']['encoderblock_1']['LayerNorm_1']['scale'])
 
 
+@pytest.mark.slow
 def test_load_pretrained_from_another_architecture_lists_keys(tmp_path):
   _, _, deeper = _random_model_params('vit', transformer={'num_layers': 3})
   path = str(tmp_path / 'deeper.npz')
@@ -395,6 +402,7 @@ def test_object_arrays_are_refused_and_never_unpickled(tmp_path):
   assert not os.path.exists(marker)  # ...that was never executed.
 
 
+@pytest.mark.slow
 def test_failed_save_keeps_the_existing_file(tmp_path, monkeypatch):
   _, _, params = _random_model_params('vit')
   path = str(tmp_path / 'model.npz')
@@ -420,6 +428,7 @@ def test_config_value_reads_dicts_and_objects():
   assert vit.config_value(None, 'size', 5) == 5
 
 
+@pytest.mark.slow
 def test_load_pretrained_class_token_checkpoint_into_gap_model(tmp_path):
   _, _, pretrained = _random_model_params('vit')
   path = str(tmp_path / 'token.npz')
@@ -444,6 +453,7 @@ def test_load_pretrained_class_token_checkpoint_into_gap_model(tmp_path):
                                model_config=token_model)
 
 
+@pytest.mark.slow
 def test_load_from_url_downloads_once_into_the_cache(tmp_path, monkeypatch):
   import functools  # pylint: disable=g-import-not-at-top
   import http.server  # pylint: disable=g-import-not-at-top

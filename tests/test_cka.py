@@ -166,6 +166,7 @@ def test_a_batch_of_fewer_than_4_examples_is_left_out():
     _minibatch(x[:3], y[:3], 8)
 
 
+@pytest.mark.slow
 def test_minibatch_estimate_is_the_full_batch_one_on_1_and_8_devices():
   # Linearly related Gaussians: the estimator's spread over draws of the
   # data is a few 1e-4 here, so 1e-3 tests the estimator, not luck.
@@ -183,6 +184,7 @@ def test_minibatch_estimate_is_the_full_batch_one_on_1_and_8_devices():
   assert abs(on_one - cka.linear_cka(x, y, unbiased=True)) < 1e-3
 
 
+@pytest.mark.slow
 def test_several_layers_at_once_are_each_pair():
   x, y = _related(48, seed=6)
   z = x[:, :3] ** 2
@@ -213,6 +215,7 @@ def test_mismatched_example_counts_are_refused():
 # ---------------------------------------------------------------------------
 # The models' layers.
 
+@pytest.mark.slow
 def test_resnet_sows_its_unit_outputs_only_on_request():
   model, size = _resnet_classifier()
   x = random_images((2, size, size, 3))
@@ -277,6 +280,7 @@ def test_depth_order_is_numeric_not_alphabetical():
       'Transformer/encoderblock_10/block_output', 'pre_logits']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['hybrid', 'mixer'])
 def test_block_inputs_are_the_encoder_input_and_the_previous_outputs(kind):
   """The block inputs the analysis sows (the models do not): the first is
@@ -309,6 +313,7 @@ def test_block_inputs_are_the_encoder_input_and_the_previous_outputs(kind):
     np.testing.assert_array_equal(got[later], got[earlier])
 
 
+@pytest.mark.slow
 def test_vit_options_without_posembed_input_or_class_token():
   """Registers, the MAP head and a fixed 2-D position table: the encoder
   input is still the first layer, and the registers (which follow the
@@ -331,6 +336,7 @@ def test_vit_options_without_posembed_input_or_class_token():
       rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_scanned_layers_have_the_unrolled_names_and_values():
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   scanned, size = tiny_model('vit', scan=True)
@@ -405,6 +411,7 @@ def test_model_cka_on_1_and_8_devices_is_the_array_estimator(two_models):
                              atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mean_pooled_model_cka_matches_the_numpy_reference(two_models):
   """Batches of 8 + 2 (the second has too few examples and is left out)."""
   vit, vit_params, images, resnet, resnet_params, _ = two_models
@@ -447,6 +454,7 @@ def test_model_cka_refuses_bad_inputs(two_models):
                                   layers_b=['block1/unit1/unit_input'])
 
 
+@pytest.mark.slow
 def test_analyze_cka_writes_heatmaps_and_numbers(two_models, tmp_path):
   vit, vit_params, images, resnet, resnet_params, _ = two_models
   saved = analysis.analyze_cka(vit, vit_params, images, str(tmp_path),

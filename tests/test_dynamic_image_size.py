@@ -51,6 +51,7 @@ def _zoom_reference(posemb, old, new, extra):
                          grid.reshape(1, new[0] * new[1], dim)], axis=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('posemb', ['learn', 'learn2d', 'sincos2d', 'none'])
 def test_off_or_at_the_trained_size_nothing_changes(posemb):
   """The parameter tree is the fixed-size model's; at its size, the logits
@@ -73,6 +74,7 @@ def test_off_or_at_the_trained_size_nothing_changes(posemb):
                                   _logits(fixed, params, x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan,classifier,height,width', [
     (False, 'token', 32, 32), (True, 'token', 32, 32),
     (False, 'token', 16, 32), (True, 'token', 16, 32),
@@ -94,6 +96,7 @@ def test_equals_load_pretrained_at_the_new_size(tmp_path, scan, classifier,
                              _logits(fixed, loaded, x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_bicubic_equals_load_pretrained_bicubic(tmp_path):
   params, path = _trained(tmp_path)
   dynamic, _ = tiny_model('vit', dynamic_image_size=True,
@@ -141,6 +144,7 @@ def test_antialias_is_jax_image_resize_antialiased_bicubic():
   assert np.abs(out - plain).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_learn2d_resizes_rows_and_columns():
   """Each of the D/2-wide tables along its own axis, as scipy would."""
   model, _ = tiny_model('vit', posemb='learn2d', dynamic_image_size=True)
@@ -157,6 +161,7 @@ def test_learn2d_resizes_rows_and_columns():
                              _logits(fixed, resized, x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_posemb_grid_size_names_the_stored_grid(tmp_path):
   """A model made for 4x4 grids, first seen at a 4x8 one."""
   params, path = _trained(tmp_path)

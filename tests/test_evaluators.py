@@ -155,6 +155,7 @@ def _evaluator(config, model, mesh, shardings):
                                   shardings)
 
 
+@pytest.mark.slow
 def test_fewshot_evaluator_on_digits_replicated_and_fsdp(tmp_path):
   config = _digits_config(str(tmp_path), shots=(1, 5), seeds=2,
                           pool_per_class=10, every=1)
@@ -182,6 +183,7 @@ def test_fewshot_evaluator_on_digits_replicated_and_fsdp(tmp_path):
   np.testing.assert_allclose(tx, ftx, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_unknown_representation_lists_the_sown_names(tmp_path):
   config = _digits_config(str(tmp_path), representation='nope')
   model, _ = tiny_model('vit', num_classes=10)
@@ -195,6 +197,7 @@ def test_unknown_representation_lists_the_sown_names(tmp_path):
     evaluator.features(params)
 
 
+@pytest.mark.slow
 def test_classification_top1_and_top5(tmp_path, caplog):
   config = ml_collections.ConfigDict({
       'dataset': 'digits', 'tfds_data_dir': str(tmp_path), 'image_size': 16,
@@ -228,6 +231,7 @@ def test_classification_top1_and_top5(tmp_path, caplog):
   assert metrics['eval/top5'] > metrics['eval/accuracy']
 
 
+@pytest.mark.slow
 def test_fewshot_on_another_dataset_uses_its_own_splits(tmp_path):
   from helpers import make_image_folder  # pylint: disable=g-import-not-at-top
   make_image_folder(tmp_path / 'images')

@@ -34,6 +34,7 @@ def vit(tmp_path_factory):
   return model, params, images, logits
 
 
+@pytest.mark.slow
 def test_stablehlo_reloads_and_runs_at_two_batch_sizes(vit, tmp_path):
   model, params, images, logits = vit
   path = export.export_stablehlo(model, params, (IMAGE, IMAGE), tmp_path,
@@ -52,6 +53,7 @@ def test_stablehlo_reloads_and_runs_at_two_batch_sizes(vit, tmp_path):
   assert (tmp_path / export.LABELS_FILE).read_text() == 'a\nb\nc\nd\ne\n'
 
 
+@pytest.mark.slow
 def test_savedmodel_serves_logits_in_tensorflow(vit, tmp_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   model, params, images, logits = vit

@@ -55,6 +55,7 @@ def _xla_flops(model, size):
 
 # XLA also counts elementwise work (~1-2% here) and skips the zero padding
 # of the hybrids' convolutions, so the two agree closely but not exactly.
+@pytest.mark.slow
 @pytest.mark.parametrize('name,size,overrides', [
     ('ViT-Ti_16', 224, {}),
     ('ViT-Ti_16', 224, dict(classifier='gap', representation_size=32)),

@@ -280,6 +280,7 @@ def test_eval_exactly_once_with_two_jax_processes(tfds_dir, tmp_path):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_restored_iterator_continues_with_the_same_next_batch(tmp_path):
   make_image_folder(tmp_path, per_class=7)  # 15 train images, batch 6.
   config = folder_config(tmp_path)  # Inception crop and flips are on.
@@ -317,6 +318,7 @@ def _assert_same_batches(got, want):
     np.testing.assert_array_equal(g['labels'], w['labels'])
 
 
+@pytest.mark.slow
 def test_two_process_positions_count_global_examples_and_resume(tmp_path):
   """Pins `position` = examples of the global batches (all processes).
 

@@ -192,6 +192,7 @@ def tiny_vit():
   return model, params, images, logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['softmax_xent', 'sigmoid_xent'])
 def test_evaluation_ignores_padded_examples(tiny_vit, kind):
   """Padding (mask 0, garbage images, all-ones labels) changes nothing.

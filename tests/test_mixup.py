@@ -36,6 +36,7 @@ def test_mixed_labels_sum_to_one_and_each_example_mixes_its_neighbour():
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_lambda_is_a_function_of_the_key_with_the_folded_beta_law():
   images, labels = _batch()
   draw = lambda key, alpha=1.0: float(classification.mixup(  # pylint: disable=g-long-lambda
@@ -63,6 +64,7 @@ class _Linear(nn.Module):
         x.reshape(x.shape[0], -1))
 
 
+@pytest.mark.slow
 def test_train_step_mixes_with_a_key_of_the_run_and_the_step():
   model = _Linear()
   images, labels = _batch(seed=1)

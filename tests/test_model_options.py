@@ -55,6 +55,7 @@ def _count(model, size):
              for x in jax.tree_util.tree_leaves(params['params']))
 
 
+@pytest.mark.slow
 def test_so400m_size_and_parameter_count():
   model = vit_jax.models.get_model('ViT-So400m_14', num_classes=1000)
   assert model.hidden_size == 1152 and model.classifier == 'map'
@@ -91,6 +92,7 @@ def test_parameter_counts_of_the_options(overrides, extra):
   assert _count(model, 224) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('overrides,shape', [
     (dict(classifier='map'), (2, 5)),
     (dict(classifier='map', num_classes=0), (2, 12)),
@@ -199,6 +201,7 @@ def test_drop_path_drops_whole_examples_and_rescales_the_rest():
       {}, x, 0.25, method=lambda m, x, r: m._drop_path(x, r)), x)  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan', [False, True])
 def test_stochastic_depth_skips_each_block_at_its_rate(scan):
   # Rates 0, 0.4, 0.8 over 3 blocks; a block whose two branches are both
@@ -251,6 +254,7 @@ def test_registers_join_attention_but_no_pooling():
                          atol=1e-3)
 
 
+@pytest.mark.slow
 def test_exact_gelu_and_layer_norm_epsilon_reach_every_layer():
   import scipy.special  # pylint: disable=g-import-not-at-top
   mlp = vit.MlpBlock(mlp_dim=6, gelu_approximate=False)
@@ -282,6 +286,7 @@ def test_exact_gelu_and_layer_norm_epsilon_reach_every_layer():
   assert len(seen) == 9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('overrides', [
     dict(classifier='map'), dict(posemb='learn2d'), dict(posemb='sincos2d'),
     dict(num_registers=2, classifier='gap'), dict(stochastic_depth=0.3),

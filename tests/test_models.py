@@ -59,6 +59,7 @@ def test_every_registered_model_has_a_parameter_count():
       'Add the exact parameter count of every newly registered model here.')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(EXPECTED_PARAM_COUNTS))
 def test_parameter_count(name):
   model = vit_jax.models.get_model(name, num_classes=1000)
@@ -109,6 +110,7 @@ def test_hybrid_and_mixer_parameter_names():
   assert mixer['MixerBlock_0/token_mixing/Dense_0/kernel'].shape == (196, 384)
 
 
+@pytest.mark.slow
 def test_initialisers_follow_the_paper_code():
   model = vit_jax.models.get_model('ViT-S_16', num_classes=10,
                                    head_bias_init=-3.0)
@@ -134,6 +136,7 @@ def test_initialisers_follow_the_paper_code():
   assert abs(emb_std - np.sqrt(1 / (16 * 16 * 3))) < 0.1 * emb_std
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind,shape', [
     ('vit', (2, 7)), ('vit_gap', (2, 7)), ('vit_rep', (2, 7)),
     ('hybrid', (2, 7)), ('hybrid_root', (2, 7)), ('mixer', (2, 7))])
@@ -195,6 +198,7 @@ def test_remat_gives_the_same_gradients():
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params():
   model, size = tiny_model('vit', dtype=jnp.bfloat16)
   ref, _ = tiny_model('vit')

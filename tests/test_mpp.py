@@ -72,6 +72,7 @@ def test_4x4_and_l2_targets():
     mpp.targets(jnp.asarray(image), (2, 2), mpp.MppConfig(target='4x4'))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('target', ['3bit', '4x4', 'l2'])
 def test_only_corrupted_patches_contribute_to_the_loss(target):
   cfg = mpp.MppConfig(target=target)

@@ -194,6 +194,7 @@ def test_predict_errors_name_the_problem(folder_model, tmp_path):
     predict.predict(headless, good)
 
 
+@pytest.mark.slow
 def test_predict_at_each_images_own_size(folder_model, tmp_path):
   """`dynamic_image_size`: each image at the nearest multiple of the 16 px
   patches, equal to the 32 px checkpoint loaded at that size."""
