@@ -17,6 +17,7 @@ os.environ.setdefault('JAX_DEFAULT_PRNG_IMPL', 'rbg')
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 import collections
 import fcntl
+import platform
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,11 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _Popen = subprocess.Popen
+# The standard library starts `uname -p` the first time anything asks for
+# the processor (`platform.processor()`, then cached): ask here, before the
+# guard below, so that the first test to ask is not taken for one that
+# starts processes.
+platform.processor()
 
 
 class _RefusedPopen(_Popen):
