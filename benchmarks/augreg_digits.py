@@ -24,15 +24,23 @@ import os
 from benchmarks.mpp_digits import run
 
 POSEMBS = ('none', 'learn', 'learn2d', 'sincos2d')
-RECIPE = ('--config.pp.randaugment=(2, 10)', '--config.mixup_alpha=0.2',
-          '--config.model.stochastic_depth=0.1')
+RECIPE = (
+    '--config.pp.randaugment=(2, 10)',
+    '--config.mixup_alpha=0.2',
+    '--config.model.stochastic_depth=0.1',
+)
 
 
 def _common(steps, seed):
-  return ['--config=configs/digits.py', f'--config.total_steps={steps}',
-          f'--config.warmup_steps={max(1, steps // 10)}',
-          f'--config.eval_every={steps}', f'--config.checkpoint_every={steps}',
-          '--config.evals.fewshot.every=0', f'--config.seed={seed}']
+  return [
+      '--config=configs/digits.py',
+      f'--config.total_steps={steps}',
+      f'--config.warmup_steps={max(1, steps // 10)}',
+      f'--config.eval_every={steps}',
+      f'--config.checkpoint_every={steps}',
+      '--config.evals.fewshot.every=0',
+      f'--config.seed={seed}',
+  ]
 
 
 def _row(name, accuracies):
@@ -41,8 +49,12 @@ def _row(name, accuracies):
   spread = max(values) - min(values)
   seeds = ', '.join(f'{a:.4f}' for _, a in accuracies)
   print(f'{name:<28} {mean:.4f} ± {spread / 2:.4f}   ({seeds})', flush=True)
-  return {'setting': name, 'mean': mean, 'spread': spread,
-          'per_seed': dict(accuracies)}
+  return {
+      'setting': name,
+      'mean': mean,
+      'spread': spread,
+      'per_seed': dict(accuracies),
+  }
 
 
 def main():
@@ -59,16 +71,26 @@ def main():
   for part in parts:
     settings = (
         [(f'posemb={p}', [f'--config.model.posemb={p}']) for p in POSEMBS]
-        if part == 'posemb' else
-        [(f'{args.labelled} images, plain', []),
-         (f'{args.labelled} images, AugReg', list(RECIPE))])
+        if part == 'posemb'
+        else [
+            (f'{args.labelled} images, plain', []),
+            (f'{args.labelled} images, AugReg', list(RECIPE)),
+        ]
+    )
     for name, extra in settings:
       accuracies = []
       for seed in seeds:
-        workdir = os.path.join(args.out, part, name.replace(' ', '_')
-                               .replace(',', ''), f'seed{seed}')
-        split = ([f'--config.train_split=train[:{args.labelled}]']
-                 if part == 'recipe' else [])
+        workdir = os.path.join(
+            args.out,
+            part,
+            name.replace(' ', '_').replace(',', ''),
+            f'seed{seed}',
+        )
+        split = (
+            [f'--config.train_split=train[:{args.labelled}]']
+            if part == 'recipe'
+            else []
+        )
         final = run(_common(args.steps, seed) + split + extra, workdir)
         accuracies.append((seed, final['eval/accuracy']))
       table.setdefault(part, []).append((name, accuracies))
@@ -78,8 +100,16 @@ def main():
     print(f'-- {part}, {args.steps} steps, seeds {args.seeds}')
     results[part] = [_row(name, accuracies) for name, accuracies in rows]
   with open(os.path.join(args.out, 'results.json'), 'w') as f:
-    json.dump({'steps': args.steps, 'labelled': args.labelled,
-               'seeds': seeds, 'results': results}, f, indent=1)
+    json.dump(
+        {
+            'steps': args.steps,
+            'labelled': args.labelled,
+            'seeds': seeds,
+            'results': results,
+        },
+        f,
+        indent=1,
+    )
 
 
 if __name__ == '__main__':

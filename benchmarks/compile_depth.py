@@ -19,8 +19,9 @@ import argparse
 import time
 
 
-def compile_seconds(model_name: str, layers: int, variant: str, batch: int,
-                    res: int, wait: bool) -> tuple[float, float]:
+def compile_seconds(
+    model_name: str, layers: int, variant: str, batch: int, res: int, wait: bool
+) -> tuple[float, float]:
   """(seconds to lower and compile, seconds the initialisation ran after).
 
   Args:
@@ -34,15 +35,19 @@ def compile_seconds(model_name: str, layers: int, variant: str, batch: int,
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
+
   from benchmarks import run as suite
   # pylint: enable=g-import-not-at-top
   overrides = {'transformer': {'dropout_rate': 0.0, 'num_layers': layers}}
-  *_, state, _, step = suite.product_train_setup(model_name, variant, batch,
-                                                  res, overrides)
+  *_, state, _, step = suite.product_train_setup(
+      model_name, variant, batch, res, overrides
+  )
   if wait:
     jax.block_until_ready(state)
-  data = {'image': jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32),
-          'labels': jax.ShapeDtypeStruct((batch, 1000), jnp.float32)}
+  data = {
+      'image': jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32),
+      'labels': jax.ShapeDtypeStruct((batch, 1000), jnp.float32),
+  }
   key = jax.eval_shape(lambda: jax.random.key(1))
   start = time.perf_counter()
   step.lower(state, data, key).compile()
@@ -66,17 +71,28 @@ def main(argv=None):
     if not layers.isdigit():
       parser.error(f'--specs: {spec!r} is not MODEL:LAYERS.')
     specs.append((name, int(layers)))
-  print(f'# {args.variant}, batch {args.batch}, {args.res} px, dropout off; '
-        + ('initialisation overlapping the compile' if args.no_wait else
-           'initialisation finished before the compile'))
+  print(
+      f'# {args.variant}, batch {args.batch}, {args.res} px, dropout off; '
+      + (
+          'initialisation overlapping the compile'
+          if args.no_wait
+          else 'initialisation finished before the compile'
+      )
+  )
   print(f'{"model":<12} {"layers":>6} {"compile s":>9} {"init ran on s":>13}')
   for _ in range(args.repeats):
     for name, layers in specs:
-      seconds, after = compile_seconds(name, layers, args.variant,
-                                       args.batch, args.res,
-                                       wait=not args.no_wait)
-      print(f'{name:<12} {layers:>6} {seconds:>9.2f} {after:>13.2f}',
-            flush=True)
+      seconds, after = compile_seconds(
+          name,
+          layers,
+          args.variant,
+          args.batch,
+          args.res,
+          wait=not args.no_wait,
+      )
+      print(
+          f'{name:<12} {layers:>6} {seconds:>9.2f} {after:>13.2f}', flush=True
+      )
 
 
 if __name__ == '__main__':

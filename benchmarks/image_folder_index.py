@@ -34,20 +34,27 @@ from vit_jax.datasets import folder_index
 def make_jpeg_folder(root, num_images, classes, width, height):
   """Writes `num_images` JPEGs of smooth colour fields with noise."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   for i in range(num_images):
     folder = os.path.join(root, f'class_{i % classes:03d}')
     os.makedirs(folder, exist_ok=True)
     coarse = rng.uniform(0, 255, size=(height // 25 + 2, width // 25 + 2, 3))
-    image = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize(
-        (width, height), Image.BICUBIC), np.float32)
+    image = np.asarray(
+        Image.fromarray(coarse.astype(np.uint8)).resize(
+            (width, height), Image.BICUBIC
+        ),
+        np.float32,
+    )
     image += rng.normal(0, 12, image.shape)  # Texture: photo-like sizes.
     Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
-        os.path.join(folder, f'{i:07d}.jpg'), quality=92)
+        os.path.join(folder, f'{i:07d}.jpg'), quality=92
+    )
 
 
 def full_decode(path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   with Image.open(path) as image:
     image.load()
 
@@ -64,19 +71,27 @@ def main():
   parser.add_argument('--classes', type=int, default=10)
   parser.add_argument('--width', type=int, default=500)
   parser.add_argument('--height', type=int, default=375)
-  parser.add_argument('--folder', help='an existing image folder to time '
-                      '(its index is deleted and rewritten)')
+  parser.add_argument(
+      '--folder',
+      help='an existing image folder to time '
+      '(its index is deleted and rewritten)',
+  )
   parser.add_argument('--restarts', type=int, default=3)
-  parser.add_argument('--full_decode', action=argparse.BooleanOptionalAction,
-                      default=True)
+  parser.add_argument(
+      '--full_decode', action=argparse.BooleanOptionalAction, default=True
+  )
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     root = args.folder or os.path.join(tmp, 'images')
     if not args.folder:
-      print(f'Writing {args.num_images:,} {args.width}x{args.height} JPEGs '
-            f'in {args.classes} classes...', flush=True)
-      make_jpeg_folder(root, args.num_images, args.classes, args.width,
-                       args.height)
+      print(
+          f'Writing {args.num_images:,} {args.width}x{args.height} JPEGs '
+          f'in {args.classes} classes...',
+          flush=True,
+      )
+      make_jpeg_folder(
+          root, args.num_images, args.classes, args.width, args.height
+      )
     index = os.path.join(root, folder_index.INDEX_NAME)
     if os.path.exists(index):
       os.remove(index)
@@ -93,23 +108,38 @@ def main():
     restarts = [timed(build) for _ in range(args.restarts)]
     os.utime(paths[0])  # A new mtime: checked again.
     changed = timed(build)
-    rows = [('first start (check all, write index)', first),
-            ('restart (index, median of '
-             f'{args.restarts})', statistics.median(restarts)),
-            ('restart after 1 file changed', changed)]
+    rows = [
+        ('first start (check all, write index)', first),
+        (
+            'restart (index, median of ' f'{args.restarts})',
+            statistics.median(restarts),
+        ),
+        ('restart after 1 file changed', changed),
+    ]
     if args.full_decode:
       import concurrent.futures  # pylint: disable=g-import-not-at-top
+
       with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        rows.append(('full decode of every file, 8 threads (before)',
-                     timed(lambda: list(pool.map(full_decode, paths)))))
-    print(f'{n:,} images ({megabytes / n * 1e3:.0f} KB each on average), '
-          f'{os.cpu_count()} CPUs, index '
-          f'{os.path.getsize(index) / n:.0f} bytes per image.')
-    print(f'{"":48s} {"seconds":>9s} {"s / 100k images":>16s} '
-          f'{"images/s":>10s}')
+        rows.append(
+            (
+                'full decode of every file, 8 threads (before)',
+                timed(lambda: list(pool.map(full_decode, paths))),
+            )
+        )
+    print(
+        f'{n:,} images ({megabytes / n * 1e3:.0f} KB each on average), '
+        f'{os.cpu_count()} CPUs, index '
+        f'{os.path.getsize(index) / n:.0f} bytes per image.'
+    )
+    print(
+        f'{"":48s} {"seconds":>9s} {"s / 100k images":>16s} '
+        f'{"images/s":>10s}'
+    )
     for name, seconds in rows:
-      print(f'{name:48s} {seconds:9.2f} {seconds * 1e5 / n:16.1f} '
-            f'{n / seconds:10,.0f}')
+      print(
+          f'{name:48s} {seconds:9.2f} {seconds * 1e5 / n:16.1f} '
+          f'{n / seconds:10,.0f}'
+      )
 
 
 if __name__ == '__main__':

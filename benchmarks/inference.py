@@ -37,15 +37,21 @@ def device_memory_bytes(override_gb: float | None) -> int:
 
 
 def forward_fn(model):
-  return jax.jit(lambda params, images: model.apply(
-      {'params': params}, images, train=False))
+  return jax.jit(
+      lambda params, images: model.apply(
+          {'params': params}, images, train=False
+      )
+  )
 
 
 def abstract_params(model, resolution):
   return jax.eval_shape(
-      lambda: model.init(jax.random.key(0),
-                         jnp.zeros((1, resolution, resolution, 3)),
-                         train=False))['params']
+      lambda: model.init(
+          jax.random.key(0),
+          jnp.zeros((1, resolution, resolution, 3)),
+          train=False,
+      )
+  )['params']
 
 
 def median_seconds(fn, steps: int, warmup: int) -> float:
@@ -66,15 +72,17 @@ def compiled_program_bytes(compiled) -> int | None:
   analysis = compiled.memory_analysis()
   if analysis is None:
     return None
-  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-             + analysis.temp_size_in_bytes
-             - analysis.alias_size_in_bytes)
+  return int(
+      analysis.argument_size_in_bytes
+      + analysis.output_size_in_bytes
+      + analysis.temp_size_in_bytes
+      - analysis.alias_size_in_bytes
+  )
 
 
 def program_bytes(fn, params, batch, resolution) -> int | None:
   """Device bytes the compiled forward pass needs (None if unknown)."""
-  images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3),
-                                jnp.float32)
+  images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.float32)
   return compiled_program_bytes(fn.lower(params, images).compile())
 
 
@@ -93,20 +101,32 @@ def measure(name, resolution, batch, repeats):
   """One row: compile seconds and images/s of the forward pass."""
   model = vit_jax.models.get_model(name, num_classes=1000)
   fn = forward_fn(model)
-  params = jax.jit(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, resolution, resolution, 3)),
-      train=False)['params'])()
-  images = jnp.asarray(np.random.default_rng(0).uniform(
-      -1, 1, (batch, resolution, resolution, 3)).astype(np.float32))
+  params = jax.jit(
+      lambda: model.init(
+          jax.random.key(0),
+          jnp.zeros((1, resolution, resolution, 3)),
+          train=False,
+      )['params']
+  )()
+  images = jnp.asarray(
+      np.random.default_rng(0)
+      .uniform(-1, 1, (batch, resolution, resolution, 3))
+      .astype(np.float32)
+  )
   start = time.perf_counter()
   compiled = fn.lower(params, images).compile()
   compile_s = time.perf_counter() - start
   median = median_seconds(
-      lambda: compiled(params, images).block_until_ready(), repeats,
-      warmup=1)
-  return {'model': name, 'resolution': resolution, 'batch': batch,
-          'compile_s': round(compile_s, 2), 'step_s': round(median, 4),
-          'images_per_s': round(batch / median, 2)}
+      lambda: compiled(params, images).block_until_ready(), repeats, warmup=1
+  )
+  return {
+      'model': name,
+      'resolution': resolution,
+      'batch': batch,
+      'compile_s': round(compile_s, 2),
+      'step_s': round(median, 4),
+      'images_per_s': round(batch / median, 2),
+  }
 
 
 def main():
@@ -120,32 +140,46 @@ def main():
   args = parser.parse_args()
   limit = device_memory_bytes(args.memory_gb)
   device = jax.devices()[0]
-  print(f'# {device.platform} {device.device_kind}, {jax.device_count()} '
-        f'device(s); memory per device {limit / 2**30:.1f} GiB; '
-        f'jax {jax.__version__}')
+  print(
+      f'# {device.platform} {device.device_kind}, {jax.device_count()} '
+      f'device(s); memory per device {limit / 2**30:.1f} GiB; '
+      f'jax {jax.__version__}'
+  )
   rows, fits = [], []
-  print(f'{"model":<14} {"res":>4} {"batch":>5} {"compile s":>9} '
-        f'{"step s":>8} {"img/s":>8}')
+  print(
+      f'{"model":<14} {"res":>4} {"batch":>5} {"compile s":>9} '
+      f'{"step s":>8} {"img/s":>8}'
+  )
   for name in args.models.split(','):
     for res in (int(r) for r in args.resolutions.split(',')):
       for batch in (int(b) for b in args.batches.split(',')):
         row = measure(name, res, batch, args.repeats)
         rows.append(row)
-        print(f'{name:<14} {res:>4} {batch:>5} {row["compile_s"]:>9.2f} '
-              f'{row["step_s"]:>8.4f} {row["images_per_s"]:>8.2f}',
-              flush=True)
+        print(
+            f'{name:<14} {res:>4} {batch:>5} {row["compile_s"]:>9.2f} '
+            f'{row["step_s"]:>8.4f} {row["images_per_s"]:>8.2f}',
+            flush=True,
+        )
       model = vit_jax.models.get_model(name, num_classes=1000)
-      best = largest_batch(forward_fn(model), abstract_params(model, res),
-                           res, limit)
+      best = largest_batch(
+          forward_fn(model), abstract_params(model, res), res, limit
+      )
       fits.append({'model': name, 'resolution': res, 'largest_batch': best})
   print(f'\n{"model":<14} {"res":>4} {"largest batch that fits":>24}')
   for f in fits:
     print(f'{f["model"]:<14} {f["resolution"]:>4} {f["largest_batch"]:>24}')
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump({'device': f'{device.platform} {device.device_kind}',
-                 'memory_bytes': limit, 'throughput': rows,
-                 'largest_batch': fits}, f, indent=1)
+      json.dump(
+          {
+              'device': f'{device.platform} {device.device_kind}',
+              'memory_bytes': limit,
+              'throughput': rows,
+              'largest_batch': fits,
+          },
+          f,
+          indent=1,
+      )
 
 
 if __name__ == '__main__':

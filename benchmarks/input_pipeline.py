@@ -31,14 +31,18 @@ import vit_jax.models
 def make_jpeg_folder(root, num_images=512, classes=8, size=(375, 500)):
   """Writes `num_images` JPEGs of smooth random colour fields."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   for i in range(num_images):
     folder = os.path.join(root, f'class_{i % classes}')
     os.makedirs(folder, exist_ok=True)
-    coarse = rng.integers(0, 255, size=(size[0] // 25 + 1, size[1] // 25 + 1, 3))
-    image = np.kron(coarse, np.ones((25, 25, 1)))[:size[0], :size[1]]
+    coarse = rng.integers(
+        0, 255, size=(size[0] // 25 + 1, size[1] // 25 + 1, 3)
+    )
+    image = np.kron(coarse, np.ones((25, 25, 1)))[: size[0], : size[1]]
     Image.fromarray(image.astype(np.uint8)).save(
-        os.path.join(folder, f'{i:05d}.jpg'), quality=90)
+        os.path.join(folder, f'{i:05d}.jpg'), quality=90
+    )
 
 
 def pipeline_rate(data, batches):
@@ -58,8 +62,11 @@ def train_step_rates(data, model_name, steps):
   info = input_pipeline.get_dataset_info(data)
   model = vit_jax.models.get_model(model_name, num_classes=info.num_classes)
   size = data.image_size
-  params = jax.jit(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))()
+  params = jax.jit(
+      lambda: model.init(
+          jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False
+      )
+  )()
   tx = optax.sgd(0.01, momentum=0.9)
   opt_state = tx.init(params)
 
@@ -67,13 +74,15 @@ def train_step_rates(data, model_name, steps):
     def loss_fn(p):
       logits = model.apply(p, batch['image'], train=False)
       return optax.softmax_cross_entropy(logits, batch['labels']).mean()
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   step = jax.jit(step, donate_argnums=(0, 1))
   batches = sharding.prefetch_to_device(
-      input_pipeline.train_iterator(data), batch_sharding)
+      input_pipeline.train_iterator(data), batch_sharding
+  )
   fixed = next(batches)
   t0 = time.perf_counter()
   params, opt_state, loss = step(params, opt_state, fixed)
@@ -105,42 +114,63 @@ def main():
   parser.add_argument('--res', type=int, default=224)
   parser.add_argument('--batches', type=int, default=20)
   parser.add_argument('--model', default='ViT-S_16')
-  parser.add_argument('--steps', type=int, default=4,
-                      help='train steps per variant (0 skips the model)')
+  parser.add_argument(
+      '--steps',
+      type=int,
+      default=4,
+      help='train steps per variant (0 skips the model)',
+  )
   parser.add_argument('--tfds_data_dir', default=None)
   parser.add_argument('--json', default=None)
   args = parser.parse_args()
 
-  results = {'device': str(jax.devices()[0]), 'cpus': os.cpu_count(),
-             'batch': args.batch, 'res': args.res}
+  results = {
+      'device': str(jax.devices()[0]),
+      'cpus': os.cpu_count(),
+      'batch': args.batch,
+      'res': args.res,
+  }
   folder = args.folder
   tmp = None
   if folder is None:
     tmp = tempfile.TemporaryDirectory()
     folder = tmp.name
     make_jpeg_folder(folder)
-  common = dict(image_size=args.res, batch=args.batch, seed=0,
-                shuffle_buffer=10_000)
-  folder_config = config_lib.section(dict(
-      dataset='image_folder', image_folder=folder, **common), 'data')
-  digits_config = config_lib.section(dict(
-      dataset='digits', tfds_data_dir=args.tfds_data_dir, **common), 'data')
-  for name, config in (('jpeg_folder', folder_config),
-                       ('digits', digits_config)):
+  common = dict(
+      image_size=args.res, batch=args.batch, seed=0, shuffle_buffer=10_000
+  )
+  folder_config = config_lib.section(
+      dict(dataset='image_folder', image_folder=folder, **common), 'data'
+  )
+  digits_config = config_lib.section(
+      dict(dataset='digits', tfds_data_dir=args.tfds_data_dir, **common), 'data'
+  )
+  for name, config in (
+      ('jpeg_folder', folder_config),
+      ('digits', digits_config),
+  ):
     rate = pipeline_rate(config, args.batches)
     results[f'pipeline_{name}_img_per_s'] = rate
     print(f'train pipeline {name:12s} {args.res}px: {rate:8.1f} images/s')
   if args.steps:
-    compile_s, fixed_s, fed_s = train_step_rates(folder_config, args.model,
-                                                 args.steps)
-    results.update({
-        'model': args.model, 'compile_s': compile_s,
-        'step_s_constant_batch': fixed_s, 'step_s_pipeline_fed': fed_s,
-        'step_img_per_s': args.batch / fixed_s})
-    print(f'{args.model} train step (batch {args.batch}): compile '
-          f'{compile_s:.1f} s; {fixed_s:.2f} s/step on a constant batch = '
-          f'{args.batch / fixed_s:.1f} images/s consumed; {fed_s:.2f} s/step '
-          f'fed by the pipeline ({100 * (fed_s / fixed_s - 1):+.1f}%).')
+    compile_s, fixed_s, fed_s = train_step_rates(
+        folder_config, args.model, args.steps
+    )
+    results.update(
+        {
+            'model': args.model,
+            'compile_s': compile_s,
+            'step_s_constant_batch': fixed_s,
+            'step_s_pipeline_fed': fed_s,
+            'step_img_per_s': args.batch / fixed_s,
+        }
+    )
+    print(
+        f'{args.model} train step (batch {args.batch}): compile '
+        f'{compile_s:.1f} s; {fixed_s:.2f} s/step on a constant batch = '
+        f'{args.batch / fixed_s:.1f} images/s consumed; {fed_s:.2f} s/step '
+        f'fed by the pipeline ({100 * (fed_s / fixed_s - 1):+.1f}%).'
+    )
     ratio = results['pipeline_jpeg_folder_img_per_s'] / (args.batch / fixed_s)
     print(f'pipeline / consumption = {ratio:.1f}x')
   if args.json:

@@ -23,14 +23,22 @@ import sys
 def run(args, workdir):
   """Runs vit_jax.main unless `workdir` already finished; final metrics."""
   final = os.path.join(workdir, 'final_params.npz')
-  command = [sys.executable, '-m', 'vit_jax.main', *args,
-             f'--workdir={workdir}']
+  command = [
+      sys.executable,
+      '-m',
+      'vit_jax.main',
+      *args,
+      f'--workdir={workdir}',
+  ]
   print('$', ' '.join(command[1:]), flush=True)
   if not os.path.exists(final):
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-  lines = [json.loads(l) for l in open(os.path.join(workdir,
-                                                    'metrics.jsonl'))]
+    subprocess.run(
+        command,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+  lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
   return [l for l in lines if 'eval/examples' in l][-1]
 
 
@@ -43,34 +51,59 @@ def main():
   args = parser.parse_args()
   pretrained = os.path.join(args.out, 'mpp_pretrain')
   pre = run(['--config=configs/mpp_pretrain.py:runlocal'], pretrained)
-  print(f'MPP pre-training: eval/mpp_accuracy {pre["eval/mpp_accuracy"]:.4f}'
-        + ''.join(f', {k} {v:.4f}' for k, v in sorted(pre.items())
-                  if k.startswith('fewshot/') and not k.endswith('_std')))
+  print(
+      f'MPP pre-training: eval/mpp_accuracy {pre["eval/mpp_accuracy"]:.4f}'
+      + ''.join(
+          f', {k} {v:.4f}'
+          for k, v in sorted(pre.items())
+          if k.startswith('fewshot/') and not k.endswith('_std')
+      )
+  )
   results = {'pretraining': pre, 'runs': []}
   for n in (int(x) for x in args.labelled.split(',')):
     for seed in (int(s) for s in args.seeds.split(',')):
-      common = ['--config=configs/digits.py', f'--config.train_split=train[:{n}]',
-                f'--config.total_steps={args.steps}',
-                f'--config.warmup_steps={max(1, args.steps // 10)}',
-                f'--config.eval_every={args.steps}',
-                f'--config.checkpoint_every={args.steps}',
-                '--config.evals.fewshot.every=0', f'--config.seed={seed}']
+      common = [
+          '--config=configs/digits.py',
+          f'--config.train_split=train[:{n}]',
+          f'--config.total_steps={args.steps}',
+          f'--config.warmup_steps={max(1, args.steps // 10)}',
+          f'--config.eval_every={args.steps}',
+          f'--config.checkpoint_every={args.steps}',
+          '--config.evals.fewshot.every=0',
+          f'--config.seed={seed}',
+      ]
       for init in ('scratch', 'mpp'):
-        extra = ([f'--config.pretrained_path={pretrained}/final_params.npz']
-                 if init == 'mpp' else [])
-        metrics = run(common + extra, os.path.join(
-            args.out, f'{init}_n{n}_seed{seed}'))
-        results['runs'].append({'labelled': n, 'seed': seed, 'init': init,
-                                'accuracy': metrics['eval/accuracy']})
+        extra = (
+            [f'--config.pretrained_path={pretrained}/final_params.npz']
+            if init == 'mpp'
+            else []
+        )
+        metrics = run(
+            common + extra, os.path.join(args.out, f'{init}_n{n}_seed{seed}')
+        )
+        results['runs'].append(
+            {
+                'labelled': n,
+                'seed': seed,
+                'init': init,
+                'accuracy': metrics['eval/accuracy'],
+            }
+        )
   print('\n| labelled images | from scratch | MPP pre-trained |')
   print('|---|---|---|')
   for n in sorted({r['labelled'] for r in results['runs']}):
     cells = []
     for init in ('scratch', 'mpp'):
-      accs = [r['accuracy'] for r in results['runs']
-              if r['labelled'] == n and r['init'] == init]
-      cells.append(f'{100 * sum(accs) / len(accs):.2f}% ('
-                   + ', '.join(f'{100 * a:.1f}' for a in accs) + ')')
+      accs = [
+          r['accuracy']
+          for r in results['runs']
+          if r['labelled'] == n and r['init'] == init
+      ]
+      cells.append(
+          f'{100 * sum(accs) / len(accs):.2f}% ('
+          + ', '.join(f'{100 * a:.1f}' for a in accs)
+          + ')'
+      )
     print(f'| {n} | {cells[0]} | {cells[1]} |')
   with open(os.path.join(args.out, 'results.json'), 'w') as f:
     json.dump(results, f, indent=1)

@@ -52,9 +52,14 @@ AUGMENTATIONS = {  # level: (RandAugment (layers, magnitude), Mixup alpha)
     'strong2': ((2, 20), 0.8),
 }
 DEFAULT_AUGMENTATION = {
-    'i21k': {'ViT-Ti_16': 'none', 'ViT-S_32': 'none', 'ViT-S_16': 'light1',
-             'ViT-B_32': 'light2', 'ViT-B_16': 'light2',
-             'ViT-L_16': 'medium2'},
+    'i21k': {
+        'ViT-Ti_16': 'none',
+        'ViT-S_32': 'none',
+        'ViT-S_16': 'light1',
+        'ViT-B_32': 'light2',
+        'ViT-B_16': 'light2',
+        'ViT-L_16': 'medium2',
+    },
     'i1k': {'ViT-Ti_16': 'light1', 'ViT-S_32': 'medium1'},
 }
 _SMALL_DECAY_I21K = ('ViT-Ti_16', 'ViT-S_16')
@@ -67,23 +72,31 @@ def get_config(arg='b16,i21k'):
     raise ValueError(
         f'configs/augreg.py:{arg}: use <model>,<dataset>[,<aug>] with '
         f'dataset one of {sorted(IMAGES)} and aug one of '
-        f'{sorted(AUGMENTATIONS)} (e.g. configs/augreg.py:b16,i21k).')
+        f'{sorted(AUGMENTATIONS)} (e.g. configs/augreg.py:b16,i21k).'
+    )
   model = config_lib.resolve_model(args[0])
   dataset = args[1]
-  aug = args[2] if len(args) == 3 else DEFAULT_AUGMENTATION[dataset].get(
-      model, 'medium2')
+  aug = (
+      args[2]
+      if len(args) == 3
+      else DEFAULT_AUGMENTATION[dataset].get(model, 'medium2')
+  )
   if aug not in AUGMENTATIONS:
-    raise ValueError(f'configs/augreg.py:{arg}: unknown augmentation level '
-                     f'{aug!r}; use one of {sorted(AUGMENTATIONS)}.')
+    raise ValueError(
+        f'configs/augreg.py:{arg}: unknown augmentation level '
+        f'{aug!r}; use one of {sorted(AUGMENTATIONS)}.'
+    )
   randaugment, mixup_alpha = AUGMENTATIONS[aug]
   scratch = dataset == 'i1k'
   regularisation = 0.1 if scratch else 0.0
 
   c = config_lib.pretraining_base(model, dropout=regularisation)
-  c.model = {'transformer': {'dropout_rate': regularisation},
-             'stochastic_depth': regularisation,
-             'classifier': 'token' if scratch else 'gap',
-             'head_bias_init': -6.9 if scratch else -10.0}
+  c.model = {
+      'transformer': {'dropout_rate': regularisation},
+      'stochastic_depth': regularisation,
+      'classifier': 'token' if scratch else 'gap',
+      'head_bias_init': -6.9 if scratch else -10.0,
+  }
   if scratch:
     c.model['representation_size'] = _width(model)
     c.dataset = 'imagenet2012'
@@ -108,4 +121,5 @@ def get_config(arg='b16,i21k'):
 
 def _width(model):
   from vit_jax import models  # pylint: disable=g-import-not-at-top
+
   return models.get_config(model)['hidden_size']

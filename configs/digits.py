@@ -13,8 +13,10 @@ from vit_jax import config_lib
 # them (`--config.model.posemb=sincos2d`, `--config.pp.randaugment='(2, 10)'`;
 # only declared fields can be overridden): the position-embedding study and
 # the AugReg recipe of benchmarks/augreg_digits.py.
-_SWITCHES = {'model': {'posemb': 'learn', 'stochastic_depth': 0.0},
-             'pp': {'randaugment': ()}}
+_SWITCHES = {
+    'model': {'posemb': 'learn', 'stochastic_depth': 0.0},
+    'pp': {'randaugment': ()},
+}
 
 
 def get_config(arg=None):
@@ -26,12 +28,18 @@ def get_config(arg=None):
   # Ti width (192, 3 heads) with 4x4 patches on 16x16 upsampled digits: each
   # patch sees 2x2 original pixels. Two blocks trained twice as long beat
   # four blocks in the same time (docs/results.md).
-  c.model = {'patches': {'size': (4, 4)},
-             'transformer': {'num_layers': 2, 'dropout_rate': 0.1},
-             **_SWITCHES['model']}
+  c.model = {
+      'patches': {'size': (4, 4)},
+      'transformer': {'num_layers': 2, 'dropout_rate': 0.1},
+      **_SWITCHES['model'],
+  }
   c.image_size = 16
-  c.pp = {'inception_crop': True, 'crop_area_range': (0.7, 1.0),
-          'flip': False, **_SWITCHES['pp']}
+  c.pp = {
+      'inception_crop': True,
+      'crop_area_range': (0.7, 1.0),
+      'flip': False,
+      **_SWITCHES['pp'],
+  }
   c.shuffle_buffer = 2000
   c.batch = 128
   c.batch_eval = 300

@@ -22,8 +22,9 @@ from vit_jax import config_lib
 
 # configs/ is not a package: digits.py is loaded from beside this file.
 _SPEC = importlib.util.spec_from_file_location(
-    'digits_config', os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                  'digits.py'))
+    'digits_config',
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), 'digits.py'),
+)
 digits = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(digits)
 
@@ -51,7 +52,6 @@ def get_config(arg=None):
   c.model_name = 'R26+ViT-S_32'
   c.model = dict(_RESNET)
   if runlocal:  # One unit per stage.
-    c.model = dict(_RESNET, resnet={'num_layers': (1, 1),
-                                    'width_factor': 0.5})
+    c.model = dict(_RESNET, resnet={'num_layers': (1, 1), 'width_factor': 0.5})
   c.evals.fewshot.every = 0  # No few-shot probe.
   return c

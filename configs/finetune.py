@@ -18,19 +18,29 @@ digits or a tfds name. The paper sweeps base_lr over {0.001, 0.003, 0.01,
 
 from vit_jax import config_lib
 
-DATASETS = {'imagenet': 'imagenet2012', 'pets': 'oxford_iiit_pet',
-            'flowers': 'oxford_flowers102'}
+DATASETS = {
+    'imagenet': 'imagenet2012',
+    'pets': 'oxford_iiit_pet',
+    'flowers': 'oxford_flowers102',
+}
 # Fine-tuning steps (paper Table 4).
-STEPS = {'imagenet2012': 20_000, 'cifar10': 10_000, 'cifar100': 10_000,
-         'oxford_iiit_pet': 500, 'oxford_flowers102': 500, 'digits': 500}
+STEPS = {
+    'imagenet2012': 20_000,
+    'cifar10': 10_000,
+    'cifar100': 10_000,
+    'oxford_iiit_pet': 500,
+    'oxford_flowers102': 500,
+    'digits': 500,
+}
 
 
 def get_config(arg='b16,cifar10'):
   """Returns the config for `<model>,<dataset>[,runlocal]`."""
   args, runlocal = config_lib.parse_args(arg)
   if len(args) != 2:
-    raise ValueError(f'finetune.py takes "<model>,<dataset>[,runlocal]", got '
-                     f'{arg!r}.')
+    raise ValueError(
+        f'finetune.py takes "<model>,<dataset>[,runlocal]", got ' f'{arg!r}.'
+    )
   c = config_lib.get_base()
   c.model_name = config_lib.resolve_model(args[0])
   c.dataset = DATASETS.get(args[1], args[1])

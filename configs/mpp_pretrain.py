@@ -28,7 +28,8 @@ STEPS = 1_000_000
 def _sibling_config(name):
   """get_config() of another file in configs/ (found next to this one)."""
   return config_lib.load_config_file(
-      os.path.join(os.path.dirname(os.path.abspath(__file__)), name))
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+  )
 
 
 def get_config(arg='b16'):
@@ -59,9 +60,19 @@ def get_config(arg='b16'):
     # The digits model and data of configs/digits.py, pre-trained without
     # labels (no dropout: the corruption is the regulariser).
     digits = _sibling_config('digits.py')
-    for field in ('model_name', 'model', 'dataset', 'image_folder',
-                  'image_size', 'pp', 'shuffle_buffer', 'batch', 'batch_eval',
-                  'base_lr', 'warmup_steps'):
+    for field in (
+        'model_name',
+        'model',
+        'dataset',
+        'image_folder',
+        'image_size',
+        'pp',
+        'shuffle_buffer',
+        'batch',
+        'batch_eval',
+        'base_lr',
+        'warmup_steps',
+    ):
       c[field] = digits[field]
     c.model.transformer.dropout_rate = 0.0
     c.total_steps = 1000

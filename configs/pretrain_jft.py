@@ -14,8 +14,13 @@ LR by model: B 8e-4, L/32 6e-4, L/16 4e-4, H/14 3e-4. JFT is private: point
 from vit_jax import config_lib
 
 JFT_IMAGES = 303_000_000
-BASE_LR = {'ViT-B_16': 8e-4, 'ViT-B_32': 8e-4, 'ViT-L_32': 6e-4,
-           'ViT-L_16': 4e-4, 'ViT-H_14': 3e-4}
+BASE_LR = {
+    'ViT-B_16': 8e-4,
+    'ViT-B_32': 8e-4,
+    'ViT-L_32': 6e-4,
+    'ViT-L_16': 4e-4,
+    'ViT-H_14': 3e-4,
+}
 EPOCHS = {'ViT-L_16': 7, 'ViT-H_14': 14}
 
 

@@ -65,8 +65,9 @@ def get_config(arg=''):
   """Returns the config for `[runlocal]`."""
   args, runlocal = config_lib.parse_args(arg)
   if args:
-    raise ValueError(f'pretrain_vit_g14_pod.py takes only runlocal, not '
-                     f'{args}.')
+    raise ValueError(
+        f'pretrain_vit_g14_pod.py takes only runlocal, not ' f'{args}.'
+    )
   c = config_lib.pretraining_base('ViT-G_14', dropout=0.0)
   c.dataset = 'image_folder'
   c.image_folder_test_percent = 1

@@ -77,11 +77,14 @@ html_title = 'vit_jax'
 # names docstrings mention in backquotes (config fields, array names) stay
 # plain text instead of failing the nitpicky build.
 nitpick_ignore_regex = [
-    ('py:.*', r'(jax|jaxlib|flax|optax|orbax|ml_collections|numpy|np|jnp|tf|'
-     r'tensorflow|tensorflow_datasets|tfds|clu|absl|scipy|PIL|torch|'
-     r'transformers|safetensors|collections|typing|concurrent|os|pathlib|'
-     r'dataclasses|enum|abc|io|json|logging|functools|types|re|'
-     r'contextlib)(\..*)?'),
+    (
+        'py:.*',
+        r'(jax|jaxlib|flax|optax|orbax|ml_collections|numpy|np|jnp|tf|'
+        r'tensorflow|tensorflow_datasets|tfds|clu|absl|scipy|PIL|torch|'
+        r'transformers|safetensors|collections|typing|concurrent|os|pathlib|'
+        r'dataclasses|enum|abc|io|json|logging|functools|types|re|'
+        r'contextlib)(\..*)?',
+    ),
 ]
 
 _LIST_ITEM = re.compile(r'([*+-]|\d+[.)]) ')
@@ -121,5 +124,6 @@ def _preformat_indented_blocks(app, what, name, obj, options, lines):
 
 def setup(app):
   # Before napoleon (priority 500) reads the sections.
-  app.connect('autodoc-process-docstring', _preformat_indented_blocks,
-              priority=400)
+  app.connect(
+      'autodoc-process-docstring', _preformat_indented_blocks, priority=400
+  )

@@ -27,22 +27,38 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(command: list[str], num_processes: int, devices_per_process: int,
-           log_dir: str | None = None) -> int:
+def launch(
+    command: list[str],
+    num_processes: int,
+    devices_per_process: int,
+    log_dir: str | None = None,
+) -> int:
   """Runs `command` N times as one multi-process JAX job; returns exit code."""
   port = free_port()
   env = dict(os.environ)
-  env['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count='
-                      f'{devices_per_process}')
+  env['XLA_FLAGS'] = (
+      f'--xla_force_host_platform_device_count=' f'{devices_per_process}'
+  )
   env.setdefault('JAX_PLATFORMS', 'cpu')
   procs, threads = [], []
   for i in range(num_processes):
-    args = command + [f'--coordinator_address=127.0.0.1:{port}',
-                      f'--num_processes={num_processes}', f'--process_id={i}']
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    log = open(os.path.join(log_dir, f'process_{i}.log'), 'w') if log_dir \
+    args = command + [
+        f'--coordinator_address=127.0.0.1:{port}',
+        f'--num_processes={num_processes}',
+        f'--process_id={i}',
+    ]
+    proc = subprocess.Popen(
+        args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    log = (
+        open(os.path.join(log_dir, f'process_{i}.log'), 'w')
+        if log_dir
         else None
+    )
 
     def pump(proc=proc, i=i, log=log):
       for line in proc.stdout:
@@ -74,8 +90,11 @@ def main():
     parser.error('give the command to run after --')
   if args.log_dir:
     os.makedirs(args.log_dir, exist_ok=True)
-  sys.exit(launch(command, args.num_processes, args.devices_per_process,
-                  args.log_dir))
+  sys.exit(
+      launch(
+          command, args.num_processes, args.devices_per_process, args.log_dir
+      )
+  )
 
 
 if __name__ == '__main__':

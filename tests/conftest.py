@@ -42,7 +42,8 @@ class _RefusedPopen(_Popen):
     raise AssertionError(
         f'this test starts a process ({args!r:.80}): mark it (or the test '
         'using its fixture) @pytest.mark.slow, which keeps it out of '
-        '`-m "not slow"`.')
+        '`-m "not slow"`.'
+    )
 
 
 def _guard_processes(item):
@@ -92,11 +93,20 @@ def digits_run(tmp_path_factory):
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not log.exists():
       result = subprocess.run(
-          [sys.executable, '-m', 'vit_jax.main',
-           '--config=configs/digits.py:runlocal', f'--workdir={workdir}',
-           f'--config.tfds_data_dir={tfds_dir}'],
-          cwd=REPO, capture_output=True, text=True, timeout=900,
-          env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'})
+          [
+              sys.executable,
+              '-m',
+              'vit_jax.main',
+              '--config=configs/digits.py:runlocal',
+              f'--workdir={workdir}',
+              f'--config.tfds_data_dir={tfds_dir}',
+          ],
+          cwd=REPO,
+          capture_output=True,
+          text=True,
+          timeout=900,
+          env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
+      )
       if result.returncode:
         shutil.rmtree(workdir, ignore_errors=True)
       assert result.returncode == 0, result.stderr[-4000:]

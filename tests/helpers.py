@@ -28,45 +28,87 @@ def randomize(params, seed=0, scale=0.2):
 
 
 def random_images(shape, seed=0):
-  return np.random.default_rng(seed).uniform(-1, 1, size=shape).astype(
-      np.float32)
+  return (
+      np.random.default_rng(seed).uniform(-1, 1, size=shape).astype(np.float32)
+  )
 
 
 # name -> (registered base model, overrides, image size). Tiny versions of each
 # model family with the real structure (class token, hybrid stages, Mixer
 # token mixing), small enough for fast CPU tests.
 TINY_MODELS = {
-    'vit': ('testing', dict(patches={'size': (4, 4)},
-                            transformer={'num_layers': 2}), 16),
-    'vit_rep': ('testing', dict(patches={'size': (4, 4)},
-                                representation_size=6,
-                                transformer={'num_layers': 2}), 16),
-    'vit_gap': ('testing', dict(patches={'size': (4, 4)}, classifier='gap',
-                                transformer={'num_layers': 2}), 16),
-    'hybrid': ('R50+ViT-B_16', dict(
-        hidden_size=16, resnet={'num_layers': (1, 1), 'width_factor': 0.5},
-        transformer={'num_layers': 2, 'mlp_dim': 32, 'num_heads': 2}), 32),
-    'hybrid_root': ('R+ViT-Ti_16', dict(
-        hidden_size=16, patches={'size': (2, 2)},
-        resnet={'num_layers': (), 'width_factor': 0.5},
-        transformer={'num_layers': 1, 'mlp_dim': 32, 'num_heads': 2}), 16),
-    'mixer': ('Mixer-B_16', dict(
-        patches={'size': (4, 4)}, hidden_dim=16, num_blocks=2,
-        tokens_mlp_dim=8, channels_mlp_dim=32), 16),
+    'vit': (
+        'testing',
+        dict(patches={'size': (4, 4)}, transformer={'num_layers': 2}),
+        16,
+    ),
+    'vit_rep': (
+        'testing',
+        dict(
+            patches={'size': (4, 4)},
+            representation_size=6,
+            transformer={'num_layers': 2},
+        ),
+        16,
+    ),
+    'vit_gap': (
+        'testing',
+        dict(
+            patches={'size': (4, 4)},
+            classifier='gap',
+            transformer={'num_layers': 2},
+        ),
+        16,
+    ),
+    'hybrid': (
+        'R50+ViT-B_16',
+        dict(
+            hidden_size=16,
+            resnet={'num_layers': (1, 1), 'width_factor': 0.5},
+            transformer={'num_layers': 2, 'mlp_dim': 32, 'num_heads': 2},
+        ),
+        32,
+    ),
+    'hybrid_root': (
+        'R+ViT-Ti_16',
+        dict(
+            hidden_size=16,
+            patches={'size': (2, 2)},
+            resnet={'num_layers': (), 'width_factor': 0.5},
+            transformer={'num_layers': 1, 'mlp_dim': 32, 'num_heads': 2},
+        ),
+        16,
+    ),
+    'mixer': (
+        'Mixer-B_16',
+        dict(
+            patches={'size': (4, 4)},
+            hidden_dim=16,
+            num_blocks=2,
+            tokens_mlp_dim=8,
+            channels_mlp_dim=32,
+        ),
+        16,
+    ),
 }
 
 
 def tiny_model(kind, num_classes=7, **extra):
   """Returns (model, image_size) for a TINY_MODELS entry."""
   base, overrides, size = TINY_MODELS[kind]
-  return vit_jax.models.get_model(
-      base, num_classes=num_classes, **{**overrides, **extra}), size
+  return (
+      vit_jax.models.get_model(
+          base, num_classes=num_classes, **{**overrides, **extra}
+      ),
+      size,
+  )
 
 
 def init_params(model, images, seed=0):
   """Jitted `model.init(...)['params']` (eager init compiles op by op)."""
   return jax.jit(lambda x: model.init(jax.random.key(seed), x, train=False))(
-      images)['params']
+      images
+  )['params']
 
 
 def write_published_npz(params, path, *, prefix='', old_groupnorm=False):
@@ -75,8 +117,11 @@ def write_published_npz(params, path, *, prefix='', old_groupnorm=False):
   The renaming is spelled out here (pre-Linen numbering inside encoder
   blocks; old hybrids' GroupNorm parameters as (1, 1, 1, C)).
   """
-  renames = {'/MultiHeadDotProductAttention_0/': '/MultiHeadDotProductAttention_1/',
-             '/LayerNorm_1/': '/LayerNorm_2/', '/MlpBlock_0/': '/MlpBlock_3/'}
+  renames = {
+      '/MultiHeadDotProductAttention_0/': '/MultiHeadDotProductAttention_1/',
+      '/LayerNorm_1/': '/LayerNorm_2/',
+      '/MlpBlock_0/': '/MlpBlock_3/',
+  }
   flat = {}
   for key, value in checkpoint.flatten(params).items():
     value = np.asarray(value)
@@ -87,11 +132,17 @@ def write_published_npz(params, path, *, prefix='', old_groupnorm=False):
       value = value.reshape(1, 1, 1, -1)
     flat[prefix + key] = value
   np.savez(path, **flat)
-  return {k[len(prefix):]: v for k, v in flat.items()}
+  return {k[len(prefix) :]: v for k, v in flat.items()}
 
 
-def make_image_folder(root, *, classes=('cat', 'dog', 'fox'), per_class=7,
-                      split_dirs=False, seed=0):
+def make_image_folder(
+    root,
+    *,
+    classes=('cat', 'dog', 'fox'),
+    per_class=7,
+    split_dirs=False,
+    seed=0,
+):
   """Writes small, distinct PNG and JPEG images (mixed-case extensions).
 
   Each class has its own colour, so a tiny model can learn them.
@@ -111,8 +162,8 @@ def make_image_folder(root, *, classes=('cat', 'dog', 'fox'), per_class=7,
       ext = extensions[(c + i) % len(extensions)]
       path = os.path.join(folder, f'img_{i:03d}{ext}')
       Image.fromarray(image).save(
-          path, format='PNG' if ext.lower() == '.png' else 'JPEG',
-          quality=95)
+          path, format='PNG' if ext.lower() == '.png' else 'JPEG', quality=95
+      )
       paths.append(path)
   return paths
 
@@ -134,7 +185,8 @@ def snapshot(directory):
     if os.path.isfile(path):
       with open(path, 'rb') as f:
         out[os.path.relpath(path, directory)] = hashlib.sha256(
-            f.read()).hexdigest()
+            f.read()
+        ).hexdigest()
   return out
 
 
@@ -145,8 +197,9 @@ def write_testing_npz(path, num_classes=3, size=32):
     (the model, its parameters).
   """
   model = vit_jax.models.get_model('testing', num_classes=num_classes)
-  params = randomize(init_params(
-      model, np.zeros((1, size, size, 3), np.float32)), scale=0.5)
+  params = randomize(
+      init_params(model, np.zeros((1, size, size, 3), np.float32)), scale=0.5
+  )
   checkpoint.save(params, path)
   return model, params
 
@@ -163,8 +216,11 @@ def assert_refused(result, *expected):
   """
   assert 'Traceback' not in result.stderr, result.stderr[-3000:]
   assert result.returncode == 2, result.stderr[-3000:]
-  lines = [l for l in result.stderr.splitlines()
-           if l.strip() and not _LOG_LINE.match(l)]
+  lines = [
+      l
+      for l in result.stderr.splitlines()
+      if l.strip() and not _LOG_LINE.match(l)
+  ]
   assert 1 <= len(lines) <= 2, result.stderr[-3000:]
   assert lines[0].startswith('error: '), lines
   for text in expected:
@@ -178,7 +234,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def doc_files():
   """README.md and the documentation site's pages (docs/*.md), as paths."""
   return [os.path.join(_REPO, 'README.md')] + sorted(
-      glob.glob(os.path.join(_REPO, 'docs', '*.md')))
+      glob.glob(os.path.join(_REPO, 'docs', '*.md'))
+  )
 
 
 def doc_text():

@@ -20,14 +20,16 @@ def gelu(x):
 def gelu_exact(x):
   # The erf GELU (torch.nn.GELU(), transformers' hidden_act='gelu').
   import scipy.special  # pylint: disable=g-import-not-at-top
+
   return 0.5 * x * (1 + scipy.special.erf(x / np.sqrt(2)))
 
 
 def layer_norm(x, p, prefix, eps=1e-6):
   mean = x.mean(-1, keepdims=True)
-  var = ((x - mean)**2).mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
   return (x - mean) / np.sqrt(var + eps) * p[prefix + '/scale'] + p[
-      prefix + '/bias']
+      prefix + '/bias'
+  ]
 
 
 def dense(x, p, prefix):
@@ -49,8 +51,14 @@ def conv2d(x, w, stride, padding, pad_value=0.0):
     x = np.pad(x, ((0, 0), ph, pw, (0, 0)), constant_values=pad_value)
   n, h, wd, c = x.shape
   oh, ow = (h - kh) // stride + 1, (wd - kw) // stride + 1
-  cols = np.stack([x[:, i:i + stride * oh:stride, j:j + stride * ow:stride]
-                   for i in range(kh) for j in range(kw)], axis=3)
+  cols = np.stack(
+      [
+          x[:, i : i + stride * oh : stride, j : j + stride * ow : stride]
+          for i in range(kh)
+          for j in range(kw)
+      ],
+      axis=3,
+  )
   return cols.reshape(n, oh, ow, kh * kw * c) @ w.reshape(kh * kw * c, -1)
 
 
@@ -59,8 +67,11 @@ def max_pool_3x3_s2_same(x):
   ph, pw = _same_padding(h, 3, 2), _same_padding(w, 3, 2)
   x = np.pad(x, ((0, 0), ph, pw, (0, 0)), constant_values=-np.inf)
   oh, ow = -(-h // 2), -(-w // 2)
-  windows = [x[:, i:i + 2 * oh:2, j:j + 2 * ow:2] for i in range(3)
-             for j in range(3)]
+  windows = [
+      x[:, i : i + 2 * oh : 2, j : j + 2 * ow : 2]
+      for i in range(3)
+      for j in range(3)
+  ]
   return np.max(np.stack(windows), axis=0)
 
 
@@ -68,7 +79,7 @@ def group_norm(x, p, prefix, groups=32, eps=1e-6):
   n, h, w, c = x.shape
   g = x.reshape(n, h, w, groups, c // groups)
   mean = g.mean(axis=(1, 2, 4), keepdims=True)
-  var = ((g - mean)**2).mean(axis=(1, 2, 4), keepdims=True)
+  var = ((g - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
   g = (g - mean) / np.sqrt(var + eps)
   scale = p[prefix + '/scale'].reshape(-1)
   bias = p[prefix + '/bias'].reshape(-1)
@@ -94,11 +105,13 @@ def bit_resnet(x, p, num_layers, width_factor):
       stride = 2 if (s > 0 and u == 0) else 1
       residual = x
       if x.shape[-1] != 4 * features or stride != 1:
-        residual = group_norm(std_conv(x, p, pre + 'conv_proj', stride), p,
-                              pre + 'gn_proj')
+        residual = group_norm(
+            std_conv(x, p, pre + 'conv_proj', stride), p, pre + 'gn_proj'
+        )
       y = relu(group_norm(std_conv(x, p, pre + 'conv1', 1), p, pre + 'gn1'))
-      y = relu(group_norm(std_conv(y, p, pre + 'conv2', stride), p,
-                          pre + 'gn2'))
+      y = relu(
+          group_norm(std_conv(y, p, pre + 'conv2', stride), p, pre + 'gn2')
+      )
       y = group_norm(std_conv(y, p, pre + 'conv3', 1), p, pre + 'gn3')
       x = relu(residual + y)
   return x
@@ -119,12 +132,22 @@ def attention(x, p, prefix, num_heads, kv=None):
   weights = np.exp(logits)
   weights = weights / weights.sum(-1, keepdims=True)
   out = np.einsum('nhqt,nhtk->nhqk', weights, v)
-  return np.einsum('nhqk,hkd->nqd', out, p[prefix + '/out/kernel']) + p[
-      prefix + '/out/bias']
+  return (
+      np.einsum('nhqk,hkd->nqd', out, p[prefix + '/out/kernel'])
+      + p[prefix + '/out/bias']
+  )
 
 
-def vit_logits(p, images, *, num_heads, classifier='token', resnet=None,
-               gelu_approximate=True, eps=1e-6):
+def vit_logits(
+    p,
+    images,
+    *,
+    num_heads,
+    classifier='token',
+    resnet=None,
+    gelu_approximate=True,
+    eps=1e-6,
+):
   """ViT / hybrid forward pass from published-layout parameters.
 
   `gelu_approximate=False` is the exact erf GELU and `eps` the LayerNorm
@@ -148,8 +171,11 @@ def vit_logits(p, images, *, num_heads, classifier='token', resnet=None,
     y = layer_norm(x, p, pre + 'LayerNorm_0', eps)
     x = x + attention(y, p, pre + 'MultiHeadDotProductAttention_1', num_heads)
     y = layer_norm(x, p, pre + 'LayerNorm_2', eps)
-    y = dense(act(dense(y, p, pre + 'MlpBlock_3/Dense_0')), p,
-              pre + 'MlpBlock_3/Dense_1')
+    y = dense(
+        act(dense(y, p, pre + 'MlpBlock_3/Dense_0')),
+        p,
+        pre + 'MlpBlock_3/Dense_1',
+    )
     x = x + y
     layer += 1
   assert layer > 0, 'no encoder blocks in published layout'
@@ -164,12 +190,12 @@ def mixer_logits(p, images):
   """MLP-Mixer forward pass from published-layout parameters."""
   p = {k: v.astype(np.float64) for k, v in p.items()}
   w = p['stem/kernel']
-  x = conv2d(images.astype(np.float64), w, w.shape[0], 'VALID') + p[
-      'stem/bias']
+  x = conv2d(images.astype(np.float64), w, w.shape[0], 'VALID') + p['stem/bias']
   n, gh, gw, d = x.shape
   x = x.reshape(n, gh * gw, d)
-  mlp = lambda v, pre: dense(gelu(dense(v, p, pre + '/Dense_0')), p,
-                             pre + '/Dense_1')
+  mlp = lambda v, pre: dense(
+      gelu(dense(v, p, pre + '/Dense_0')), p, pre + '/Dense_1'
+  )
   block = 0
   while f'MixerBlock_{block}/LayerNorm_0/scale' in p:
     pre = f'MixerBlock_{block}/'
@@ -181,7 +207,7 @@ def mixer_logits(p, images):
   return dense(x, p, 'head')
 
 
-def sincos_2d(h, w, width, temperature=10_000.):
+def sincos_2d(h, w, width, temperature=10_000.0):
   """big_vision's fixed table: [sin x w, cos x w, sin y w, cos y w] per patch
   (row-major), w_k = temperature ** -(k / (width / 4 - 1))."""
   quarter = width // 4
@@ -189,8 +215,16 @@ def sincos_2d(h, w, width, temperature=10_000.):
   table = []
   for y in range(h):
     for x in range(w):
-      table.append(np.concatenate([np.sin(x * omega), np.cos(x * omega),
-                                   np.sin(y * omega), np.cos(y * omega)]))
+      table.append(
+          np.concatenate(
+              [
+                  np.sin(x * omega),
+                  np.cos(x * omega),
+                  np.sin(y * omega),
+                  np.cos(y * omega),
+              ]
+          )
+      )
   return np.stack(table)[None]
 
 
@@ -214,34 +248,46 @@ def big_vision_logits(p, images, *, pool='tok', posemb='learn'):
   """
   p = {k: v.astype(np.float64) for k, v in p.items()}
   w = p['embedding/kernel']
-  x = conv2d(images.astype(np.float64), w, w.shape[0], 'VALID') + p[
-      'embedding/bias']
+  x = (
+      conv2d(images.astype(np.float64), w, w.shape[0], 'VALID')
+      + p['embedding/bias']
+  )
   n, gh, gw, d = x.shape
   x = x.reshape(n, gh * gw, d)
-  x = x + (p['pos_embedding'] if posemb == 'learn' else
-           sincos_2d(gh, gw, d))
+  x = x + (p['pos_embedding'] if posemb == 'learn' else sincos_2d(gh, gw, d))
   if pool == 'tok':
     x = np.concatenate([np.broadcast_to(p['cls'], (n, 1, d)), x], axis=1)
   stacked = 'Transformer/encoderblock/LayerNorm_0/scale' in p
-  depth = (p['Transformer/encoderblock/LayerNorm_0/scale'].shape[0]
-           if stacked else sum(1 for k in p if k.startswith(
-               'Transformer/encoderblock_') and k.endswith(
-                   'LayerNorm_0/scale')))
+  depth = (
+      p['Transformer/encoderblock/LayerNorm_0/scale'].shape[0]
+      if stacked
+      else sum(
+          1
+          for k in p
+          if k.startswith('Transformer/encoderblock_')
+          and k.endswith('LayerNorm_0/scale')
+      )
+  )
   assert depth > 0, 'no encoder blocks in big_vision layout'
   for layer in range(depth):
     if stacked:
       pre = 'block/'
-      block = {pre + k[len('Transformer/encoderblock/'):]: v[layer]
-               for k, v in p.items()
-               if k.startswith('Transformer/encoderblock/')}
+      block = {
+          pre + k[len('Transformer/encoderblock/') :]: v[layer]
+          for k, v in p.items()
+          if k.startswith('Transformer/encoderblock/')
+      }
     else:
       pre = f'Transformer/encoderblock_{layer}/'
       block = p
     y = layer_norm(x, block, pre + 'LayerNorm_0')
     x = x + attention(y, block, pre + 'MultiHeadDotProductAttention_0', None)
     y = layer_norm(x, block, pre + 'LayerNorm_1')
-    x = x + dense(gelu(dense(y, block, pre + 'MlpBlock_0/Dense_0')), block,
-                  pre + 'MlpBlock_0/Dense_1')
+    x = x + dense(
+        gelu(dense(y, block, pre + 'MlpBlock_0/Dense_0')),
+        block,
+        pre + 'MlpBlock_0/Dense_1',
+    )
   x = layer_norm(x, p, 'Transformer/encoder_norm')
   if pool == 'tok':
     x = x[:, 0]
@@ -249,11 +295,18 @@ def big_vision_logits(p, images, *, pool='tok', posemb='learn'):
     x = x.mean(axis=1)
   else:
     probe = np.broadcast_to(p['MAPHead_0/probe'], (n, 1, d))
-    a = attention(probe, p, 'MAPHead_0/MultiHeadDotProductAttention_0', None,
-                  kv=x)
+    a = attention(
+        probe, p, 'MAPHead_0/MultiHeadDotProductAttention_0', None, kv=x
+    )
     y = layer_norm(a, p, 'MAPHead_0/LayerNorm_0')
-    x = (a + dense(gelu(dense(y, p, 'MAPHead_0/MlpBlock_0/Dense_0')), p,
-                   'MAPHead_0/MlpBlock_0/Dense_1'))[:, 0]
+    x = (
+        a
+        + dense(
+            gelu(dense(y, p, 'MAPHead_0/MlpBlock_0/Dense_0')),
+            p,
+            'MAPHead_0/MlpBlock_0/Dense_1',
+        )
+    )[:, 0]
   if 'pre_logits/kernel' in p:
     x = np.tanh(dense(x, p, 'pre_logits'))
   return dense(x, p, 'head') if 'head/kernel' in p else x
@@ -273,9 +326,10 @@ def _torch_linear(x, sd, name):
 
 def _torch_layer_norm(x, sd, name, eps):
   mean = x.mean(-1, keepdims=True)
-  var = ((x - mean)**2).mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
   return (x - mean) / np.sqrt(var + eps) * sd[name + '.weight'] + sd[
-      name + '.bias']
+      name + '.bias'
+  ]
 
 
 def _torch_patches(sd, name, images_nchw):
@@ -292,7 +346,8 @@ def _heads_attention(q, k, v, num_heads):
   """softmax(q k^T / sqrt(d)) v over heads; q [n, tq, D], k, v [n, tk, D]."""
   n, tq, d = q.shape
   split = lambda x: x.reshape(n, x.shape[1], num_heads, -1).transpose(
-      0, 2, 1, 3)
+      0, 2, 1, 3
+  )
   q, k, v = split(q), split(k), split(v)
   logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d // num_heads)
   weights = np.exp(logits - logits.max(-1, keepdims=True))
@@ -315,22 +370,31 @@ def transformers_vit_logits(sd, hf_config, images_nchw):
   sd = {k: v.astype(np.float64) for k, v in sd.items()}
   prefix = 'vit.' if any(k.startswith('vit.') for k in sd) else ''
   eps = hf_config['layer_norm_eps']
-  act = {'gelu': gelu_exact, 'gelu_pytorch_tanh': gelu,
-         'gelu_new': gelu}[hf_config['hidden_act']]
+  act = {'gelu': gelu_exact, 'gelu_pytorch_tanh': gelu, 'gelu_new': gelu}[
+      hf_config['hidden_act']
+  ]
   heads = hf_config['num_attention_heads']
   e = prefix + 'embeddings.'
-  x = _torch_patches(sd, e + 'patch_embeddings.projection',
-                     images_nchw.astype(np.float64))
+  x = _torch_patches(
+      sd, e + 'patch_embeddings.projection', images_nchw.astype(np.float64)
+  )
   n, _, d = x.shape
-  x = np.concatenate([np.broadcast_to(sd[e + 'cls_token'], (n, 1, d)), x],
-                     axis=1) + sd[e + 'position_embeddings']
+  x = (
+      np.concatenate(
+          [np.broadcast_to(sd[e + 'cls_token'], (n, 1, d)), x], axis=1
+      )
+      + sd[e + 'position_embeddings']
+  )
   for i in range(hf_config['num_hidden_layers']):
     layer = f'{prefix}encoder.layer.{i}.'
     y = _torch_layer_norm(x, sd, layer + 'layernorm_before', eps)
     a = layer + 'attention.attention.'
-    y = _heads_attention(_torch_linear(y, sd, a + 'query'),
-                         _torch_linear(y, sd, a + 'key'),
-                         _torch_linear(y, sd, a + 'value'), heads)
+    y = _heads_attention(
+        _torch_linear(y, sd, a + 'query'),
+        _torch_linear(y, sd, a + 'key'),
+        _torch_linear(y, sd, a + 'value'),
+        heads,
+    )
     x = x + _torch_linear(y, sd, layer + 'attention.output.dense')
     y = _torch_layer_norm(x, sd, layer + 'layernorm_after', eps)
     y = act(_torch_linear(y, sd, layer + 'intermediate.dense'))
@@ -343,8 +407,15 @@ def transformers_vit_logits(sd, hf_config, images_nchw):
   return x
 
 
-def timm_vit_logits(sd, images_nchw, *, num_heads, global_pool='token',
-                    act_layer='gelu', eps=1e-6):
+def timm_vit_logits(
+    sd,
+    images_nchw,
+    *,
+    num_heads,
+    global_pool='token',
+    act_layer='gelu',
+    eps=1e-6,
+):
   """timm's VisionTransformer forward pass (fc_norm=False, no registers).
 
   Args:
@@ -363,18 +434,19 @@ def timm_vit_logits(sd, images_nchw, *, num_heads, global_pool='token',
   x = _torch_patches(sd, 'patch_embed.proj', images_nchw.astype(np.float64))
   n, _, d = x.shape
   if 'cls_token' in sd:
-    x = np.concatenate([np.broadcast_to(sd['cls_token'], (n, 1, d)), x],
-                       axis=1)
+    x = np.concatenate([np.broadcast_to(sd['cls_token'], (n, 1, d)), x], axis=1)
   x = x + sd['pos_embed']
   mlp = lambda y, name: _torch_linear(  # pylint: disable=g-long-lambda
-      act(_torch_linear(y, sd, name + '.fc1')), sd, name + '.fc2')
+      act(_torch_linear(y, sd, name + '.fc1')), sd, name + '.fc2'
+  )
   i = 0
   while f'blocks.{i}.norm1.weight' in sd:
     b = f'blocks.{i}.'
     y = _torch_layer_norm(x, sd, b + 'norm1', eps)
     q, k, v = np.split(_torch_linear(y, sd, b + 'attn.qkv'), 3, axis=-1)
-    x = x + _torch_linear(_heads_attention(q, k, v, num_heads), sd,
-                          b + 'attn.proj')
+    x = x + _torch_linear(
+        _heads_attention(q, k, v, num_heads), sd, b + 'attn.proj'
+    )
     x = x + mlp(_torch_layer_norm(x, sd, b + 'norm2', eps), b + 'mlp')
     i += 1
   x = _torch_layer_norm(x, sd, 'norm', eps)
@@ -385,9 +457,12 @@ def timm_vit_logits(sd, images_nchw, *, num_heads, global_pool='token',
   else:
     latent = np.broadcast_to(sd['attn_pool.latent'], (n, 1, d))
     k, v = np.split(_torch_linear(x, sd, 'attn_pool.kv'), 2, axis=-1)
-    y = _heads_attention(_torch_linear(latent, sd, 'attn_pool.q'), k, v,
-                         num_heads)
+    y = _heads_attention(
+        _torch_linear(latent, sd, 'attn_pool.q'), k, v, num_heads
+    )
     y = _torch_linear(y, sd, 'attn_pool.proj')
-    x = (y + mlp(_torch_layer_norm(y, sd, 'attn_pool.norm', eps),
-                 'attn_pool.mlp'))[:, 0]
+    x = (
+        y
+        + mlp(_torch_layer_norm(y, sd, 'attn_pool.norm', eps), 'attn_pool.mlp')
+    )[:, 0]
   return _torch_linear(x, sd, 'head') if 'head.weight' in sd else x

@@ -33,8 +33,9 @@ def run_module(module, *args, umask=None):
   command = [sys.executable, '-m', module, *args]
   if umask is not None:  # Through a shell: no fork hook in a JAX process.
     command = ['sh', '-c', f'umask {umask:03o} && exec "$@"', 'sh', *command]
-  return subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                        timeout=600, env=ENV)
+  return subprocess.run(
+      command, cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV
+  )
 
 
 def listing(root):
@@ -59,18 +60,22 @@ def plain_modes(tmp_path):
     (plain / 'file').write_text('x')
   finally:
     os.umask(old)
-  return (os.stat(plain / 'file').st_mode & 0o777,
-          os.stat(plain).st_mode & 0o777)
+  return (
+      os.stat(plain / 'file').st_mode & 0o777,
+      os.stat(plain).st_mode & 0o777,
+  )
 
 
 def assert_modes(root, tmp_path):
   file_mode, dir_mode = plain_modes(tmp_path)
-  paths = [root] + [os.path.join(p, n) for p, ds, fs in os.walk(root)
-                    for n in ds + fs]
-  modes = {os.path.relpath(p, root): os.stat(p).st_mode & 0o777
-           for p in paths}
-  assert modes == {p: dir_mode if os.path.isdir(os.path.join(root, p))
-                   else file_mode for p in modes}, (oct(file_mode), modes)
+  paths = [root] + [
+      os.path.join(p, n) for p, ds, fs in os.walk(root) for n in ds + fs
+  ]
+  modes = {os.path.relpath(p, root): os.stat(p).st_mode & 0o777 for p in paths}
+  assert modes == {
+      p: dir_mode if os.path.isdir(os.path.join(root, p)) else file_mode
+      for p in modes
+  }, (oct(file_mode), modes)
 
 
 @pytest.fixture(scope='module')
@@ -83,10 +88,14 @@ def npz(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('module,own', [
-    ('vit_jax.predict', ('--images', '--labels', '--top_k')),
-    ('vit_jax.export', ('--format', '--out', '--overwrite', '--platforms')),
-    ('vit_jax.convert', ('--input', '--output', '--overwrite', '--to'))])
+@pytest.mark.parametrize(
+    'module,own',
+    [
+        ('vit_jax.predict', ('--images', '--labels', '--top_k')),
+        ('vit_jax.export', ('--format', '--out', '--overwrite', '--platforms')),
+        ('vit_jax.convert', ('--input', '--output', '--overwrite', '--to')),
+    ],
+)
 def test_help_lists_the_flags(module, own):
   result = run_module(module, '--help')
   assert result.returncode == 0, result.stderr[-3000:]
@@ -94,7 +103,9 @@ def test_help_lists_the_flags(module, own):
   for flag in own + model_flags:
     name = flag.removeprefix('--')
     assert re.search(rf'^  --(\[no\])?{name}:', result.stdout, re.M), (
-        flag, result.stdout)
+        flag,
+        result.stdout,
+    )
 
 
 @pytest.mark.slow
@@ -103,24 +114,44 @@ def test_refusals_are_one_line_and_write_nothing(npz, tmp_path):
   missing = str(tmp_path / 'missing')
   model = [f'--pretrained_path={npz}', '--model=testing']
   cases = [
-      (('vit_jax.convert', f'--input={missing}.npz',
-        f'--output={out}/x.safetensors'), (f'{missing}.npz',)),
-      (('vit_jax.export', *model, f'--out={out}', '--platforms=gpu'),
-       ('--platforms=gpu',)),
-      (('vit_jax.predict', *model, f'--images={missing}'),
-       (f'--images: {missing} does not exist',)),
-      (('vit_jax.evaluate', '--config=configs/digits.py:runlocal',
-        f'--params={npz}', '--config.batch_evall=8', f'--out={out}'),
-       ('config.batch_evall', 'config.batch_eval')),
-      (('vit_jax.analysis', *model, f'--images={missing}', f'--out={out}'),
-       (f'--images={missing}',)),
+      (
+          (
+              'vit_jax.convert',
+              f'--input={missing}.npz',
+              f'--output={out}/x.safetensors',
+          ),
+          (f'{missing}.npz',),
+      ),
+      (
+          ('vit_jax.export', *model, f'--out={out}', '--platforms=gpu'),
+          ('--platforms=gpu',),
+      ),
+      (
+          ('vit_jax.predict', *model, f'--images={missing}'),
+          (f'--images: {missing} does not exist',),
+      ),
+      (
+          (
+              'vit_jax.evaluate',
+              '--config=configs/digits.py:runlocal',
+              f'--params={npz}',
+              '--config.batch_evall=8',
+              f'--out={out}',
+          ),
+          ('config.batch_evall', 'config.batch_eval'),
+      ),
+      (
+          ('vit_jax.analysis', *model, f'--images={missing}', f'--out={out}'),
+          (f'--images={missing}',),
+      ),
   ]
   for args, expected in cases:
     helpers.assert_refused(run_module(*args), *expected)
     assert not out.exists(), args
   # A flag absl rejects: the error and a hint, no usage dump.
-  lines = helpers.assert_refused(run_module('vit_jax.predict', '--top_k=many'),
-                         '--top_k')
+  lines = helpers.assert_refused(
+      run_module('vit_jax.predict', '--top_k=many'), '--top_k'
+  )
   assert lines[1:] == ['predict.py: --help lists the flags.'], lines
 
 
@@ -128,16 +159,24 @@ def test_refusals_are_one_line_and_write_nothing(npz, tmp_path):
 def test_evaluate_names_its_own_fewshot_switch(npz, tmp_path):
   # Prepared here: tfds's progress bars are no part of the refusal.
   tfds_dir = str(tmp_path / 'tfds')
-  input_pipeline.get_source(config_lib.section(
-      {'dataset': 'digits', 'tfds_data_dir': tfds_dir}, 'data'))
+  input_pipeline.get_source(
+      config_lib.section(
+          {'dataset': 'digits', 'tfds_data_dir': tfds_dir}, 'data'
+      )
+  )
   # digits has ~150 training images per class: 200 shots cannot be drawn.
   result = run_module(
-      'vit_jax.evaluate', '--config=configs/digits.py:runlocal',
-      f'--config.tfds_data_dir={tfds_dir}', f'--params={npz}',
+      'vit_jax.evaluate',
+      '--config=configs/digits.py:runlocal',
+      f'--config.tfds_data_dir={tfds_dir}',
+      f'--params={npz}',
       '--config.evals.fewshot.shots=200',
-      '--config.evals.fewshot.pool_per_class=200', f'--out={tmp_path}/out')
-  lines = helpers.assert_refused(result, "few-shot dataset 'digits'",
-                         'off with --nofewshot')
+      '--config.evals.fewshot.pool_per_class=200',
+      f'--out={tmp_path}/out',
+  )
+  lines = helpers.assert_refused(
+      result, "few-shot dataset 'digits'", 'off with --nofewshot'
+  )
   assert 'every=0' not in lines[0]
   assert not (tmp_path / 'out').exists()
 
@@ -146,10 +185,15 @@ def test_evaluate_names_its_own_fewshot_switch(npz, tmp_path):
 def test_export_replaces_an_output_only_with_overwrite(npz, tmp_path):
   out = tmp_path / 'out'
   out.mkdir()
-  (out / 'mine.txt').write_bytes(b'the user\'s file\n')
+  (out / 'mine.txt').write_bytes(b"the user's file\n")
   before = listing(out)
-  args = ('vit_jax.export', f'--pretrained_path={npz}', '--model=testing',
-          f'--out={out}', '--platforms=cpu')
+  args = (
+      'vit_jax.export',
+      f'--pretrained_path={npz}',
+      '--model=testing',
+      f'--out={out}',
+      '--platforms=cpu',
+  )
   result = run_module(*args, umask=UMASK)
   helpers.assert_refused(result, f'--out={out} exists', '--overwrite')
   assert listing(out) == before
@@ -160,12 +204,15 @@ def test_export_replaces_an_output_only_with_overwrite(npz, tmp_path):
   assert sorted(listing(out)) == [export.STABLEHLO_FILE, export.SERVING_FILE]
   assert export.load_stablehlo(str(out)).out_avals[0].shape[-1] == 3
   assert_modes(out, tmp_path)
-  result = run_module(*args, '--overwrite', '--format=savedmodel',
-                      umask=UMASK)
+  result = run_module(*args, '--overwrite', '--format=savedmodel', umask=UMASK)
   assert result.returncode == 0, result.stderr[-3000:]
   assert {p.split('/')[0] for p in listing(out)} == {
-      'saved_model.pb', 'fingerprint.pb', 'variables', 'assets',
-      export.SERVING_FILE}
+      'saved_model.pb',
+      'fingerprint.pb',
+      'variables',
+      'assets',
+      export.SERVING_FILE,
+  }
   assert_modes(out, tmp_path)
   assert sorted(os.listdir(tmp_path)) == ['out', 'plain']  # Nothing staged.
 
@@ -173,11 +220,11 @@ def test_export_replaces_an_output_only_with_overwrite(npz, tmp_path):
 @pytest.mark.slow
 def test_convert_replaces_an_output_only_with_overwrite(npz, tmp_path):
   timm = tmp_path / 'model.safetensors'
-  timm.write_bytes(b'the user\'s file\n')
+  timm.write_bytes(b"the user's file\n")
   args = ('vit_jax.convert', f'--input={npz}', '--model=testing')
   result = run_module(*args, f'--output={timm}', umask=UMASK)
   helpers.assert_refused(result, f'--output={timm} exists', '--overwrite')
-  assert timm.read_bytes() == b'the user\'s file\n'
+  assert timm.read_bytes() == b"the user's file\n"
   result = run_module(*args, f'--output={timm}', '--overwrite', umask=UMASK)
   assert result.returncode == 0, result.stderr[-3000:]
   model, _ = convert.from_timm(str(timm))
@@ -191,6 +238,8 @@ def test_convert_replaces_an_output_only_with_overwrite(npz, tmp_path):
   assert sorted(listing(hf)) == ['mine.txt']
   result = run_module(*args, f'--output={hf}', '--overwrite', umask=UMASK)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert sorted(listing(hf)) == [convert.TRANSFORMERS_CONFIG,
-                                 convert.TRANSFORMERS_WEIGHTS]
+  assert sorted(listing(hf)) == [
+      convert.TRANSFORMERS_CONFIG,
+      convert.TRANSFORMERS_WEIGHTS,
+  ]
   assert_modes(hf, tmp_path)

@@ -51,7 +51,8 @@ def test_every_page_is_in_a_toctree():
 def _links(path):
   text = _prose(path.read_text(encoding='utf-8'))
   return _LINK.findall(text) + _DOWNLOAD.findall(
-      _FENCE.sub('', path.read_text(encoding='utf-8')))
+      _FENCE.sub('', path.read_text(encoding='utf-8'))
+  )
 
 
 def test_every_link_of_readme_and_the_pages_resolves():
@@ -112,4 +113,5 @@ def test_api_reference_lists_every_module_once():
     parts = path.relative_to(REPO).with_suffix('').parts
     modules.add('.'.join(parts[:-1] if parts[-1] == '__init__' else parts))
   assert set(listed) | set(_NOT_IN_API) == modules, (
-      (set(listed) | set(_NOT_IN_API)) ^ modules)
+      set(listed) | set(_NOT_IN_API)
+  ) ^ modules

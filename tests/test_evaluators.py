@@ -31,9 +31,11 @@ def test_solver_matches_numpy_lstsq():
   design = np.concatenate([x, np.ones((30, 1))], axis=1)
   reg = np.concatenate([np.sqrt(l2) * np.eye(12), np.zeros((12, 1))], axis=1)
   targets = 2.0 * np.eye(4)[y] - 1.0
-  reference = np.linalg.lstsq(np.concatenate([design, reg]),
-                              np.concatenate([targets, np.zeros((12, 4))]),
-                              rcond=None)[0]
+  reference = np.linalg.lstsq(
+      np.concatenate([design, reg]),
+      np.concatenate([targets, np.zeros((12, 4))]),
+      rcond=None,
+  )[0]
   np.testing.assert_allclose(w, reference[:-1], atol=1e-5)
   np.testing.assert_allclose(b, reference[-1], atol=1e-5)
 
@@ -45,8 +47,9 @@ def test_separable_problem_is_solved_exactly():
   test_y = np.repeat(np.arange(5), 40)
   train_x = centres[train_y] + rng.normal(size=(150, 16)) * 0.1
   test_x = centres[test_y] + rng.normal(size=(200, 16)) * 0.1
-  results = fewshot.few_shot_accuracies(train_x, train_y, test_x, test_y, 5,
-                                        shots=(1, 5, 10), seeds=3)
+  results = fewshot.few_shot_accuracies(
+      train_x, train_y, test_x, test_y, 5, shots=(1, 5, 10), seeds=3
+  )
   assert results == {1: [1.0] * 3, 5: [1.0] * 3, 10: [1.0] * 3}
 
 
@@ -57,8 +60,10 @@ def test_shots_are_k_per_class_and_depend_on_the_seed():
   assert len(a) == 12 and len(set(a)) == 12
   np.testing.assert_array_equal(labels[a], np.tile(np.arange(3), 4))
   assert set(a) != set(b)
-  with pytest.raises(ValueError, match='class 0 has 10 examples in the pool, '
-                     'fewer than 11 shots'):
+  with pytest.raises(
+      ValueError,
+      match='class 0 has 10 examples in the pool, ' 'fewer than 11 shots',
+  ):
     fewshot.draw_shots(labels, 11, 3, seed=0)
 
 
@@ -121,13 +126,21 @@ def test_l2_selection_matches_leave_one_shot_out_in_numpy():
       hits = 0
       for f in range(shots):
         held = np.zeros(len(y), bool)
-        held[f * k:(f + 1) * k] = True
+        held[f * k : (f + 1) * k] = True
         design = np.concatenate([x[~held], np.ones((len(x) - k, 1))], 1)
         design = np.concatenate(
-            [design, np.concatenate([np.sqrt(l2) * np.eye(2),
-                                     np.zeros((2, 1))], 1)], 0)
-        targets = np.concatenate([np.where(
-            y[~held, None] == np.arange(k), 1.0, -1.0), np.zeros((2, k))])
+            [
+                design,
+                np.concatenate([np.sqrt(l2) * np.eye(2), np.zeros((2, 1))], 1),
+            ],
+            0,
+        )
+        targets = np.concatenate(
+            [
+                np.where(y[~held, None] == np.arange(k), 1.0, -1.0),
+                np.zeros((2, k)),
+            ]
+        )
         sol = np.linalg.lstsq(design, targets, rcond=None)[0]
         scores = x[held] @ sol[:2] + sol[2]
         hits += int(np.sum(scores.argmax(1) == y[held]))
@@ -151,14 +164,16 @@ def _digits_config(tfds_dir, **fewshot_fields):
 
 def _evaluator(config, model, mesh, shardings):
   run = config_lib.parse(config)
-  return fewshot.FewShotEvaluator(run.evals.fewshot, run.data, model, mesh,
-                                  shardings)
+  return fewshot.FewShotEvaluator(
+      run.evals.fewshot, run.data, model, mesh, shardings
+  )
 
 
 @pytest.mark.slow
 def test_fewshot_evaluator_on_digits_replicated_and_fsdp(tmp_path):
-  config = _digits_config(str(tmp_path), shots=(1, 5), seeds=2,
-                          pool_per_class=10, every=1)
+  config = _digits_config(
+      str(tmp_path), shots=(1, 5), seeds=2, pool_per_class=10, every=1
+  )
   model, _ = tiny_model('vit', num_classes=10)
   params = randomize(init_params(model, random_images((1, 16, 16, 3))))
   runs = []
@@ -172,8 +187,12 @@ def test_fewshot_evaluator_on_digits_replicated_and_fsdp(tmp_path):
   assert x.shape[1] == tx.shape[1] == 10  # pre_logits of 'testing'
   assert np.bincount(y, minlength=10).min() >= 10
   assert len(tx) == 299
-  assert set(metrics) == {'fewshot/digits_1shot', 'fewshot/digits_1shot_std',
-                          'fewshot/digits_5shot', 'fewshot/digits_5shot_std'}
+  assert set(metrics) == {
+      'fewshot/digits_1shot',
+      'fewshot/digits_1shot_std',
+      'fewshot/digits_5shot',
+      'fewshot/digits_5shot_std',
+  }
   # Random features still beat chance (10%) on digits with 5 shots.
   assert metrics['fewshot/digits_5shot'] > 0.2
   # FSDP-sharded parameters give the same features (to float rounding).
@@ -189,33 +208,46 @@ def test_unknown_representation_lists_the_sown_names(tmp_path):
   model, _ = tiny_model('vit', num_classes=10)
   mesh = sharding.make_mesh()
   params = init_params(model, random_images((1, 16, 16, 3)))
-  shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh),
-                                     params)
+  shardings = jax.tree_util.tree_map(
+      lambda _: sharding.replicated(mesh), params
+  )
   evaluator = _evaluator(config, model, mesh, shardings)
-  with pytest.raises(ValueError, match=r"representation='nope' is not sown.*"
-                     r'pre_logits'):
+  with pytest.raises(
+      ValueError, match=r"representation='nope' is not sown.*" r'pre_logits'
+  ):
     evaluator.features(params)
 
 
 @pytest.mark.slow
 def test_classification_top1_and_top5(tmp_path, caplog):
-  config = ml_collections.ConfigDict({
-      'dataset': 'digits', 'tfds_data_dir': str(tmp_path), 'image_size': 16,
-      'batch': 16, 'batch_eval': 64, 'model_name': 'testing',
-      'model': {'patches': {'size': (4, 4)}}})
+  config = ml_collections.ConfigDict(
+      {
+          'dataset': 'digits',
+          'tfds_data_dir': str(tmp_path),
+          'image_size': 16,
+          'batch': 16,
+          'batch_eval': 64,
+          'model_name': 'testing',
+          'model': {'patches': {'size': (4, 4)}},
+      }
+  )
   model, _ = tiny_model('vit', num_classes=10)
   mesh = sharding.make_mesh()
   params = randomize(init_params(model, random_images((1, 16, 16, 3))))
-  shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh),
-                                     params)
+  shardings = jax.tree_util.tree_map(
+      lambda _: sharding.replicated(mesh), params
+  )
   eval_fn = classification.make_eval_fn(model, mesh, shardings)
   ds, _ = input_pipeline.eval_dataset(config_lib.section(config, 'data'))
   caplog.set_level(logging.INFO, logger='absl')
-  metrics = classification.evaluate(params, eval_fn, ds,
-                                    sharding.batch_sharding(mesh))
+  metrics = classification.evaluate(
+      params, eval_fn, ds, sharding.batch_sharding(mesh)
+  )
   # The final progress line: 299 test digits in ceil(299 / 64) batches.
-  assert any(re.fullmatch(r'eval: 5 batches, 299 images in \d+\.\d s', m)
-             for m in caplog.messages), caplog.messages
+  assert any(
+      re.fullmatch(r'eval: 5 batches, 299 images in \d+\.\d s', m)
+      for m in caplog.messages
+  ), caplog.messages
   # Recompute on the host from the logits.
   images, labels = [], []
   for batch in ds.as_numpy_iterator():
@@ -234,23 +266,33 @@ def test_classification_top1_and_top5(tmp_path, caplog):
 @pytest.mark.slow
 def test_fewshot_on_another_dataset_uses_its_own_splits(tmp_path):
   from helpers import make_image_folder  # pylint: disable=g-import-not-at-top
+
   make_image_folder(tmp_path / 'images')
   # Trained on 100 digits; probed on a 3-class image folder.
-  config = _digits_config(str(tmp_path), shots=(1, 2), seeds=2,
-                          pool_per_class=3, every=1, dataset='image_folder')
+  config = _digits_config(
+      str(tmp_path),
+      shots=(1, 2),
+      seeds=2,
+      pool_per_class=3,
+      every=1,
+      dataset='image_folder',
+  )
   config.train_split = 'train[:100]'
   config.image_folder = str(tmp_path / 'images')
   config.image_folder_test_percent = 30
   model, _ = tiny_model('vit', num_classes=10)
   mesh = sharding.make_mesh()
   params = randomize(init_params(model, random_images((1, 16, 16, 3))))
-  shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh),
-                                     params)
+  shardings = jax.tree_util.tree_map(
+      lambda _: sharding.replicated(mesh), params
+  )
   evaluator = _evaluator(config, model, mesh, shardings)
   assert evaluator.info.num_classes == 3
   metrics = evaluator.run(params)
-  assert set(metrics) >= {'fewshot/image_folder_1shot',
-                          'fewshot/image_folder_2shot'}
+  assert set(metrics) >= {
+      'fewshot/image_folder_1shot',
+      'fewshot/image_folder_2shot',
+  }
   # The folder's colours are trivially separable.
   assert metrics['fewshot/image_folder_2shot'] > 0.5
 
@@ -260,8 +302,10 @@ def test_progress_lines_every_tenth_of_the_batches(caplog):
   progress = classification.Progress('eval', 20, quiet_s=0.0)
   for _ in range(20):
     progress.step()
-  lines = [re.fullmatch(r'eval: (\d+)/20 batches \(\d+\.\d s\)', m)
-           for m in caplog.messages]
+  lines = [
+      re.fullmatch(r'eval: (\d+)/20 batches \(\d+\.\d s\)', m)
+      for m in caplog.messages
+  ]
   assert [m and m[1] for m in lines] == [str(i) for i in range(2, 21, 2)]
   caplog.clear()
   # Unknown total: by time only (here never within quiet_s).

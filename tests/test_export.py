@@ -20,10 +20,15 @@ IMAGE = 16
 def vit(tmp_path_factory):
   """A tiny ViT with random weights, its logits and the NumPy reference's."""
   model = vit_jax.models.get_model(
-      'testing', num_classes=5, patches={'size': (4, 4)},
-      transformer={'num_layers': 2, 'mlp_dim': 12})
-  params = helpers.randomize(helpers.init_params(
-      model, np.zeros((1, IMAGE, IMAGE, 3), np.float32)), scale=0.5)
+      'testing',
+      num_classes=5,
+      patches={'size': (4, 4)},
+      transformer={'num_layers': 2, 'mlp_dim': 12},
+  )
+  params = helpers.randomize(
+      helpers.init_params(model, np.zeros((1, IMAGE, IMAGE, 3), np.float32)),
+      scale=0.5,
+  )
   images = helpers.random_images((3, IMAGE, IMAGE, 3))
   path = tmp_path_factory.mktemp('vit') / 'p.npz'
   checkpoint.save(params, path)
@@ -37,16 +42,18 @@ def vit(tmp_path_factory):
 @pytest.mark.slow
 def test_stablehlo_reloads_and_runs_at_two_batch_sizes(vit, tmp_path):
   model, params, images, logits = vit
-  path = export.export_stablehlo(model, params, (IMAGE, IMAGE), tmp_path,
-                                 class_names=list('abcde'))
+  path = export.export_stablehlo(
+      model, params, (IMAGE, IMAGE), tmp_path, class_names=list('abcde')
+  )
   # A fresh deserialisation: nothing of the exporting process is used.
   with open(path, 'rb') as f:
     exported = jax.export.deserialize(bytearray(f.read()))
   assert exported.platforms == ('cpu', 'cuda', 'tpu')
   assert not isinstance(exported.in_avals[0].shape[0], int)  # Symbolic.
   for n in (1, 3):
-    np.testing.assert_allclose(np.asarray(exported.call(images[:n])),
-                               logits[:n], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(exported.call(images[:n])), logits[:n], atol=1e-5, rtol=0
+    )
   info = json.loads((tmp_path / export.SERVING_FILE).read_text())
   assert info['inputs']['images']['shape'] == [None, IMAGE, IMAGE, 3]
   assert info['outputs']['logits']['shape'] == [None, 5]
@@ -56,20 +63,25 @@ def test_stablehlo_reloads_and_runs_at_two_batch_sizes(vit, tmp_path):
 @pytest.mark.slow
 def test_savedmodel_serves_logits_in_tensorflow(vit, tmp_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   model, params, images, logits = vit
-  export.export_savedmodel(model, params, (IMAGE, IMAGE), tmp_path / 'sm',
-                           platforms=('cpu',))
+  export.export_savedmodel(
+      model, params, (IMAGE, IMAGE), tmp_path / 'sm', platforms=('cpu',)
+  )
   loaded = tf.saved_model.load(str(tmp_path / 'sm'))
   serve = loaded.signatures['serving_default']
   for n in (2, 3):
     got = serve(images=tf.constant(images[:n]))['logits'].numpy()
     np.testing.assert_allclose(got, logits[:n], atol=1e-4, rtol=0)
   # Raw uint8 images at the model's size: only the value range changes.
-  raw = np.random.default_rng(1).integers(0, 256, (2, IMAGE, IMAGE, 3),
-                                          dtype=np.uint8)
-  want = np.asarray(model.apply({'params': params},
-                                raw.astype(np.float32) / 127.5 - 1,
-                                train=False))
+  raw = np.random.default_rng(1).integers(
+      0, 256, (2, IMAGE, IMAGE, 3), dtype=np.uint8
+  )
+  want = np.asarray(
+      model.apply(
+          {'params': params}, raw.astype(np.float32) / 127.5 - 1, train=False
+      )
+  )
   got = loaded.signatures['serving_uint8'](images=tf.constant(raw))['logits']
   np.testing.assert_allclose(got.numpy(), want, atol=1e-4, rtol=0)
   # Any input size is resized to the model's.

@@ -32,8 +32,9 @@ def test_paper_table6_pretraining_compute(name, epochs, exaflops, with_head):
   # JFT head; both are < 0.3% of the total, so the count agrees without them.
   hidden = vit_jax.models.get_config(name)['hidden_size']
   extra = dict(num_classes=_JFT_CLASSES, representation_size=hidden)
-  per_image = flops.train_flops(name, 224, **(extra if with_head else
-                                              dict(num_classes=None)))
+  per_image = flops.train_flops(
+      name, 224, **(extra if with_head else dict(num_classes=None))
+  )
   total = per_image * epochs * _JFT_IMAGES / 1e18
   printed_low, printed_high = exaflops - 0.5, exaflops + 0.5
   assert 0.98 * printed_low <= total <= 1.02 * printed_high, total
@@ -41,11 +42,16 @@ def test_paper_table6_pretraining_compute(name, epochs, exaflops, with_head):
 
 def _xla_flops(model, size):
   images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  params = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros(images.shape), train=False))['params']
-  compiled = jax.jit(
-      lambda p, x: model.apply({'params': p}, x, train=False)).lower(
-          params, images).compile()
+  params = jax.eval_shape(
+      lambda: model.init(
+          jax.random.key(0), jnp.zeros(images.shape), train=False
+      )
+  )['params']
+  compiled = (
+      jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+      .lower(params, images)
+      .compile()
+  )
   cost = compiled.cost_analysis()
   # jax has returned a dict or a one-element list of dicts, per device.
   if isinstance(cost, (list, tuple)):
@@ -56,17 +62,26 @@ def _xla_flops(model, size):
 # XLA also counts elementwise work (~1-2% here) and skips the zero padding
 # of the hybrids' convolutions, so the two agree closely but not exactly.
 @pytest.mark.slow
-@pytest.mark.parametrize('name,size,overrides', [
-    ('ViT-Ti_16', 224, {}),
-    ('ViT-Ti_16', 224, dict(classifier='gap', representation_size=32)),
-    ('ViT-Ti_16', 224, dict(classifier='map', num_registers=4)),
-    ('R+ViT-Ti_16', 224, {}),
-    ('R50+ViT-B_16', 224, dict(
-        hidden_size=64, resnet={'num_layers': (1, 1, 1)},
-        transformer={'num_layers': 1, 'mlp_dim': 128, 'num_heads': 2})),
-    ('Mixer-B_16', 224, {}),
-    ('Mixer-B_16', 64, {}),
-])
+@pytest.mark.parametrize(
+    'name,size,overrides',
+    [
+        ('ViT-Ti_16', 224, {}),
+        ('ViT-Ti_16', 224, dict(classifier='gap', representation_size=32)),
+        ('ViT-Ti_16', 224, dict(classifier='map', num_registers=4)),
+        ('R+ViT-Ti_16', 224, {}),
+        (
+            'R50+ViT-B_16',
+            224,
+            dict(
+                hidden_size=64,
+                resnet={'num_layers': (1, 1, 1)},
+                transformer={'num_layers': 1, 'mlp_dim': 128, 'num_heads': 2},
+            ),
+        ),
+        ('Mixer-B_16', 224, {}),
+        ('Mixer-B_16', 64, {}),
+    ],
+)
 def test_agrees_with_xla_cost_analysis(name, size, overrides):
   model = vit_jax.models.get_model(name, num_classes=1000, **overrides)
   analytic = flops.forward_flops(name, size, num_classes=1000, **overrides)
@@ -98,8 +113,10 @@ def test_token_count_scaling_with_resolution():
   assert rect['mlp'] == pytest.approx(small['mlp'] * 393 / 197, rel=1e-12)
   # Convolutions and Mixer layers are linear in the number of positions.
   for name in ('R50+ViT-L_32', 'R26+ViT-S_32'):
-    assert (flops.forward_flops_breakdown(name, 448)['resnet'] ==
-            4 * flops.forward_flops_breakdown(name, 224)['resnet'])
+    assert (
+        flops.forward_flops_breakdown(name, 448)['resnet']
+        == 4 * flops.forward_flops_breakdown(name, 224)['resnet']
+    )
   mixer_small = flops.forward_flops_breakdown('Mixer-B_16', 224)
   mixer_large = flops.forward_flops_breakdown('Mixer-B_16', 448)
   assert mixer_large['channel_mixing'] == 4 * mixer_small['channel_mixing']
@@ -120,23 +137,35 @@ def test_tiny_model_by_hand():
       'head': 2 * width * classes,
   }
   overrides = dict(patches={'size': (4, 4)})
-  assert flops.forward_flops_breakdown(
-      'testing', 16, num_classes=classes, **overrides) == expected
+  assert (
+      flops.forward_flops_breakdown(
+          'testing', 16, num_classes=classes, **overrides
+      )
+      == expected
+  )
   deeper = flops.forward_flops_breakdown(
-      'testing', 16, num_classes=classes, transformer={'num_layers': 3},
-      representation_size=6, **overrides)
+      'testing',
+      16,
+      num_classes=classes,
+      transformer={'num_layers': 3},
+      representation_size=6,
+      **overrides,
+  )
   assert deeper['mlp'] == 3 * expected['mlp']
   assert deeper['pre_logits'] == 2 * width * 6
   assert deeper['head'] == 2 * 6 * classes
   # 'gap' drops the class token; 'unpooled' applies the head to every token.
   gap = flops.forward_flops_breakdown(
-      'testing', 16, num_classes=classes, classifier='gap', **overrides)
+      'testing', 16, num_classes=classes, classifier='gap', **overrides
+  )
   assert gap['attention_scores'] == 2 * 16 * 16 * width
   unpooled = flops.forward_flops_breakdown(
-      'testing', 16, num_classes=classes, classifier='unpooled', **overrides)
+      'testing', 16, num_classes=classes, classifier='unpooled', **overrides
+  )
   assert unpooled['head'] == 16 * expected['head']
-  headless = flops.forward_flops_breakdown('testing', 16, num_classes=None,
-                                           **overrides)
+  headless = flops.forward_flops_breakdown(
+      'testing', 16, num_classes=None, **overrides
+  )
   assert 'head' not in headless
 
 
@@ -148,13 +177,20 @@ def test_mixer_token_and_channel_mixing_by_hand():
   """
   tokens, hidden, tokens_mlp, channels_mlp, blocks = 35, 12, 10, 18, 3
   per_block_token = hidden * (tokens * tokens_mlp + tokens_mlp * tokens) * 2
-  per_block_channel = tokens * (hidden * channels_mlp
-                                + channels_mlp * hidden) * 2
+  per_block_channel = (
+      tokens * (hidden * channels_mlp + channels_mlp * hidden) * 2
+  )
   assert (per_block_token, per_block_channel) == (16_800, 30_240)
   got = flops.forward_flops_breakdown(
-      'Mixer-B_16', (20, 28), num_classes=5, patches={'size': (4, 4)},
-      hidden_dim=hidden, num_blocks=blocks, tokens_mlp_dim=tokens_mlp,
-      channels_mlp_dim=channels_mlp)
+      'Mixer-B_16',
+      (20, 28),
+      num_classes=5,
+      patches={'size': (4, 4)},
+      hidden_dim=hidden,
+      num_blocks=blocks,
+      tokens_mlp_dim=tokens_mlp,
+      channels_mlp_dim=channels_mlp,
+  )
   assert got == {
       'patch_embedding': 2 * tokens * (4 * 4 * 3) * hidden,
       'token_mixing': blocks * per_block_token,
@@ -167,8 +203,9 @@ def _mixer_block_xla_flops(tokens_mlp_dim, channels_mlp_dim):
   """XLA's FLOPs of one MixerBlock on 224 tokens x 160 channels."""
   block = vit_jax.models.MixerBlock(tokens_mlp_dim, channels_mlp_dim)
   x = jax.ShapeDtypeStruct((1, 224, 160), jnp.float32)
-  params = jax.eval_shape(lambda: block.init(jax.random.key(0),
-                                             jnp.zeros(x.shape)))
+  params = jax.eval_shape(
+      lambda: block.init(jax.random.key(0), jnp.zeros(x.shape))
+  )
   cost = jax.jit(block.apply).lower(params, x).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
@@ -183,41 +220,57 @@ def test_mixer_mlp_widths_agree_with_xla_per_block():
   (respectively channel_mixing) adds, within 3% (XLA also counts the GELU
   and biases of the added units); the other entry must not change.
   """
+
   def breakdown(tokens_mlp_dim, channels_mlp_dim):
     # 32x28 px with 2x2 patches: 16 x 14 = 224 tokens, as in the block.
     return flops.forward_flops_breakdown(
-        'Mixer-B_16', (32, 28), num_classes=None, patches={'size': (2, 2)},
-        hidden_dim=160, num_blocks=1, tokens_mlp_dim=tokens_mlp_dim,
-        channels_mlp_dim=channels_mlp_dim)
+        'Mixer-B_16',
+        (32, 28),
+        num_classes=None,
+        patches={'size': (2, 2)},
+        hidden_dim=160,
+        num_blocks=1,
+        tokens_mlp_dim=tokens_mlp_dim,
+        channels_mlp_dim=channels_mlp_dim,
+    )
 
   base, xla_base = breakdown(48, 96), _mixer_block_xla_flops(48, 96)
   wide_tokens, wide_channels = breakdown(144, 96), breakdown(48, 240)
   assert wide_tokens['channel_mixing'] == base['channel_mixing']
   assert wide_channels['token_mixing'] == base['token_mixing']
-  assert (_mixer_block_xla_flops(144, 96) - xla_base == pytest.approx(
-      wide_tokens['token_mixing'] - base['token_mixing'], rel=0.03))
-  assert (_mixer_block_xla_flops(48, 240) - xla_base == pytest.approx(
-      wide_channels['channel_mixing'] - base['channel_mixing'], rel=0.03))
+  assert _mixer_block_xla_flops(144, 96) - xla_base == pytest.approx(
+      wide_tokens['token_mixing'] - base['token_mixing'], rel=0.03
+  )
+  assert _mixer_block_xla_flops(48, 240) - xla_base == pytest.approx(
+      wide_channels['channel_mixing'] - base['channel_mixing'], rel=0.03
+  )
   # And the block as a whole: the two MLPs are nearly all of its work.
   assert xla_base == pytest.approx(
-      base['token_mixing'] + base['channel_mixing'], rel=0.06)
+      base['token_mixing'] + base['channel_mixing'], rel=0.06
+  )
 
 
 def test_options_that_do_not_change_the_count():
   base = flops.forward_flops('ViT-B_16')
-  assert flops.forward_flops('ViT-B_16', scan=True, remat=True,
-                             dtype=jnp.bfloat16) == base
+  assert (
+      flops.forward_flops('ViT-B_16', scan=True, remat=True, dtype=jnp.bfloat16)
+      == base
+  )
   assert flops.forward_flops('ViT-B_16', transformer={'dropout_rate': 0.5}) == (
-      base)
+      base
+  )
 
 
-@pytest.mark.parametrize('name,size,stride', [
-    ('ViT-B_16', 225, '16x16'),
-    ('ViT-H_14', 224 + 7, '14x14'),
-    ('R50+ViT-B_16', 200, '16x16'),
-    ('R50+ViT-L_32', 240, '32x32'),
-    ('Mixer-B_32', 48, '32x32'),
-])
+@pytest.mark.parametrize(
+    'name,size,stride',
+    [
+        ('ViT-B_16', 225, '16x16'),
+        ('ViT-H_14', 224 + 7, '14x14'),
+        ('R50+ViT-B_16', 200, '16x16'),
+        ('R50+ViT-L_32', 240, '32x32'),
+        ('Mixer-B_32', 48, '32x32'),
+    ],
+)
 def test_image_size_not_divisible_by_stride(name, size, stride):
   with pytest.raises(ValueError, match=f'{size}x{size}.*{stride}'):
     flops.forward_flops(name, size)
@@ -239,12 +292,19 @@ def test_map_head_and_registers_cost_what_xla_counts():
   # work (softmax, LayerNorm, GELU), hence the 10%.
   def both(**overrides):
     model = vit_jax.models.get_model('ViT-Ti_16', num_classes=10, **overrides)
-    return (_xla_flops(model, 64),
-            flops.forward_flops('ViT-Ti_16', 64, num_classes=10, **overrides))
+    return (
+        _xla_flops(model, 64),
+        flops.forward_flops('ViT-Ti_16', 64, num_classes=10, **overrides),
+    )
+
   gap_xla, gap = both(classifier='gap')
   map_xla, map_ = both(classifier='map')
   reg_xla, reg = both(classifier='gap', num_registers=8)
-  assert map_ - gap == flops.forward_flops_breakdown(
-      'ViT-Ti_16', 64, num_classes=10, classifier='map')['map_head']
+  assert (
+      map_ - gap
+      == flops.forward_flops_breakdown(
+          'ViT-Ti_16', 64, num_classes=10, classifier='map'
+      )['map_head']
+  )
   assert map_xla - gap_xla == pytest.approx(map_ - gap, rel=0.1)
   assert reg_xla - gap_xla == pytest.approx(reg - gap, rel=0.1)

@@ -40,8 +40,7 @@ def decoded(monkeypatch):
 
 
 def source(root, **kwargs):
-  return input_pipeline.ImageFolderSource(str(root), test_percent=30,
-                                          **kwargs)
+  return input_pipeline.ImageFolderSource(str(root), test_percent=30, **kwargs)
 
 
 def test_index_is_written_once_and_reused(tmp_path, decoded):
@@ -104,8 +103,10 @@ def _replace(root, paths):
   return [os.path.basename(paths[2])], 21
 
 
-@pytest.mark.parametrize('change', [_add, _remove, _resize_keeping_mtime,
-                                    _touch_keeping_size, _replace])
+@pytest.mark.parametrize(
+    'change',
+    [_add, _remove, _resize_keeping_mtime, _touch_keeping_size, _replace],
+)
 def test_only_changed_files_are_checked_again(tmp_path, decoded, change):
   root = tmp_path / 'images'
   paths = make_image_folder(root)
@@ -138,15 +139,17 @@ def _refuse_writes_in(root, monkeypatch):
 
 
 def test_unwritable_folder_keeps_its_index_in_the_cache(
-    tmp_path, decoded, monkeypatch, cache_home):
+    tmp_path, decoded, monkeypatch, cache_home
+):
   root = tmp_path / 'images'
   make_image_folder(root)
   _refuse_writes_in(root, monkeypatch)
   try:
     first = source(root)
     assert not (root / INDEX).exists()
-    cached = glob.glob(str(cache_home / 'vit_jax' / 'image_folder_index' /
-                           '*.json'))
+    cached = glob.glob(
+        str(cache_home / 'vit_jax' / 'image_folder_index' / '*.json')
+    )
     assert cached == [folder_index.cache_path(str(root))]
     decoded.clear()
     second = source(root)
@@ -157,7 +160,8 @@ def test_unwritable_folder_keeps_its_index_in_the_cache(
 
 
 def test_no_writable_place_for_the_index_is_only_a_warning(
-    tmp_path, decoded, monkeypatch, caplog):
+    tmp_path, decoded, monkeypatch, caplog
+):
   root = tmp_path / 'images'
   make_image_folder(root)
   (tmp_path / 'a_file').write_text('')
@@ -176,7 +180,7 @@ def test_no_writable_place_for_the_index_is_only_a_warning(
 
 
 def _truncated(text):
-  return text[:len(text) // 2]
+  return text[: len(text) // 2]
 
 
 def _misaligned(text):
@@ -192,12 +196,22 @@ def _wrong_types(text):
   return json.dumps(data)
 
 
-@pytest.mark.parametrize('garble', [
-    _truncated, _misaligned, _wrong_types, lambda _: 'null', lambda _: '[]',
-    lambda _: '{}', lambda _: '\xff\xfe binary', lambda t: t.replace(
-        '"version":1', '"version":99')])
-def test_garbled_index_is_ignored_and_rebuilt(tmp_path, decoded, garble,
-                                              caplog):
+@pytest.mark.parametrize(
+    'garble',
+    [
+        _truncated,
+        _misaligned,
+        _wrong_types,
+        lambda _: 'null',
+        lambda _: '[]',
+        lambda _: '{}',
+        lambda _: '\xff\xfe binary',
+        lambda t: t.replace('"version":1', '"version":99'),
+    ],
+)
+def test_garbled_index_is_ignored_and_rebuilt(
+    tmp_path, decoded, garble, caplog
+):
   root = tmp_path / 'images'
   make_image_folder(root)
   first = source(root)
@@ -225,8 +239,10 @@ def test_bad_files_stay_known_across_restarts(tmp_path, decoded):
   assert len(decoded) == 22
   message = str(first.value)
   assert message.startswith(f'Cannot decode image {paths[4]} (')
-  assert '2 unreadable file(s) in all. Remove or replace it, or set ' \
+  assert (
+      '2 unreadable file(s) in all. Remove or replace it, or set '
       'config.skip_bad_images=True' in message
+  )
   decoded.clear()
   skipping = source(root, skip_bad_images=True)
   assert decoded == []
@@ -298,10 +314,12 @@ def _expected_split(names, percent):
   return [n for n in names if n not in test], sorted(test)
 
 
-@pytest.mark.parametrize('per_class,percent', [(10, 30), (13, 10), (7, 25),
-                                               (9, 50), (8, 0)])
-def test_automatic_split_follows_the_documented_rule(tmp_path, per_class,
-                                                     percent):
+@pytest.mark.parametrize(
+    'per_class,percent', [(10, 30), (13, 10), (7, 25), (9, 50), (8, 0)]
+)
+def test_automatic_split_follows_the_documented_rule(
+    tmp_path, per_class, percent
+):
   root = tmp_path / 'images'
   make_image_folder(root, classes=('b', 'a', 'C'), per_class=per_class)
   shutil.copy(glob.glob(str(root / 'a' / 'img_000.*'))[0], root / 'a' / 'Z.PNG')
@@ -310,19 +328,26 @@ def test_automatic_split_follows_the_documented_rule(tmp_path, per_class,
   assert classes == ['C', 'a', 'b']
   expected = {'train': [], 'test': []}
   for label, name in enumerate(classes):
-    files = sorted(f for f in os.listdir(root / name)
-                   if f.rsplit('.', 1)[-1].lower() in ('png', 'jpg', 'jpeg'))
+    files = sorted(
+        f
+        for f in os.listdir(root / name)
+        if f.rsplit('.', 1)[-1].lower() in ('png', 'jpg', 'jpeg')
+    )
     train, test = _expected_split(files, percent)
     expected['train'] += [(str(root / name / f), label) for f in train]
     expected['test'] += [(str(root / name / f), label) for f in test]
   if per_class == 10:  # Spelled out once: files 3, 6 and 9 of 10.
     assert [os.path.basename(p) for p, l in expected['test'] if l == 2] == [
-        'img_003.JPEG', 'img_006.PNG', 'img_009.jpeg']
+        'img_003.JPEG',
+        'img_006.PNG',
+        'img_009.jpeg',
+    ]
   for _ in range(2):  # First start, then from the index.
     got = input_pipeline.ImageFolderSource(str(root), test_percent=percent)
     assert got.class_names == ('C', 'a', 'b')
     assert {s: sorted(f) for s, f in got.files.items()} == {
-        s: sorted(f) for s, f in expected.items()}
+        s: sorted(f) for s, f in expected.items()
+    }
 
 
 def test_train_and_test_folders_from_the_index(tmp_path, decoded):
@@ -334,5 +359,6 @@ def test_train_and_test_folders_from_the_index(tmp_path, decoded):
   assert decoded == []
   assert second.files == first.files
   assert (len(second.files['train']), len(second.files['test'])) == (18, 6)
-  assert (second.files['test'][0][0] ==
-          os.path.join(str(root), 'test', 'cat', 'img_000.png'))
+  assert second.files['test'][0][0] == os.path.join(
+      str(root), 'test', 'cat', 'img_000.png'
+  )

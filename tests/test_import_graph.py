@@ -25,7 +25,7 @@ def _modules(root):
       if not name.endswith('.py'):
         continue
       path = os.path.join(folder, name)
-      parts = os.path.relpath(path, root)[:-len('.py')].split(os.sep)
+      parts = os.path.relpath(path, root)[: -len('.py')].split(os.sep)
       if parts[-1] == '__init__':
         parts = parts[:-1]
       modules['.'.join(parts)] = path
@@ -41,8 +41,11 @@ def _targets(node, importer, modules):
   if isinstance(node, ast.Import):
     return [a.name for a in node.names]
   if node.level:  # Relative: from the importer's package.
-    base = importer if _is_package(importer, modules) else (
-        importer.rpartition('.')[0])
+    base = (
+        importer
+        if _is_package(importer, modules)
+        else (importer.rpartition('.')[0])
+    )
     for _ in range(node.level - 1):
       base = base.rpartition('.')[0]
     module = f'{base}.{node.module}' if node.module else base
@@ -50,8 +53,10 @@ def _targets(node, importer, modules):
     module = node.module or ''
   # `from package import name`: the submodule when `name` is one, else the
   # package itself (a name it defines or re-exports).
-  return [f'{module}.{a.name}' if f'{module}.{a.name}' in modules else module
-          for a in node.names]
+  return [
+      f'{module}.{a.name}' if f'{module}.{a.name}' in modules else module
+      for a in node.names
+  ]
 
 
 def import_graph(root=REPO):
@@ -108,7 +113,7 @@ def find_cycle(graph):
         state[path.pop()] = 2
         stack.pop()
       elif state.get(nxt) == 1:
-        return path[path.index(nxt):] + [nxt]
+        return path[path.index(nxt) :] + [nxt]
       elif nxt not in state:
         state[nxt] = 1
         path.append(nxt)
@@ -125,8 +130,9 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
   (pkg / 'sub' / '__init__.py').write_text('from vit_jax.sub import leaf\n')
   (pkg / 'sub' / 'leaf.py').write_text('from . import other\n')
   (pkg / 'sub' / 'other.py').write_text('')
-  (pkg / 'top.py').write_text('def f():\n  if True:\n'
-                              '    from vit_jax.sub import leaf\n')
+  (pkg / 'top.py').write_text(
+      'def f():\n  if True:\n' '    from vit_jax.sub import leaf\n'
+  )
   (pkg / 'low.py').write_text('import vit_jax.top\nfrom vit_jax.sub import X\n')
   graph = import_graph(str(tmp_path))
   assert graph['vit_jax.top'] == {'vit_jax.sub', 'vit_jax.sub.leaf'}
@@ -144,18 +150,24 @@ def test_vit_jax_imports_have_no_cycle():
   assert len(graph) > 40  # The walk found the package.
   assert 'vit_jax.models' in graph['vit_jax.config_lib']  # Edges are seen.
   cycle = find_cycle(graph)
-  assert cycle is None, 'vit_jax imports go in a circle: ' + ' -> '.join(
-      cycle)
+  assert cycle is None, 'vit_jax imports go in a circle: ' + ' -> '.join(cycle)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('module', ['vit_jax.models', 'vit_jax.objectives'])
 def test_importing_light_modules_loads_no_tensorflow(module):
-  code = (f'import sys, {module}; '
-          'loaded = sorted(m for m in sys.modules '
-          "if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')); "
-          'assert not loaded, loaded[:5]')
-  result = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                          text=True, check=False, cwd=REPO,
-                          env={**os.environ, 'PYTHONPATH': REPO})
+  code = (
+      f'import sys, {module}; '
+      'loaded = sorted(m for m in sys.modules '
+      "if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')); "
+      'assert not loaded, loaded[:5]'
+  )
+  result = subprocess.run(
+      [sys.executable, '-c', code],
+      capture_output=True,
+      text=True,
+      check=False,
+      cwd=REPO,
+      env={**os.environ, 'PYTHONPATH': REPO},
+  )
   assert result.returncode == 0, result.stderr[-2000:]

@@ -29,8 +29,13 @@ import vit_jax.models
 def tfds_dir(tmp_path_factory):
   """A tfds data directory with `digits` prepared once per test session."""
   path = str(tmp_path_factory.mktemp('tfds'))
-  input_pipeline.get_source(data(ml_collections.ConfigDict(
-      {'dataset': 'digits', 'tfds_data_dir': path})))
+  input_pipeline.get_source(
+      data(
+          ml_collections.ConfigDict(
+              {'dataset': 'digits', 'tfds_data_dir': path}
+          )
+      )
+  )
   return path
 
 
@@ -40,21 +45,35 @@ TINY_MODEL = {'model_name': 'testing', 'model': {'patches': {'size': (4, 4)}}}
 
 
 def digits_config(tfds_dir, **overrides):
-  config = ml_collections.ConfigDict({
-      **TINY_MODEL,
-      'dataset': 'digits', 'tfds_data_dir': tfds_dir, 'image_size': 8,
-      'batch': 32, 'batch_eval': 64, 'seed': 0,
-      'shuffle_buffer': 2000})
+  config = ml_collections.ConfigDict(
+      {
+          **TINY_MODEL,
+          'dataset': 'digits',
+          'tfds_data_dir': tfds_dir,
+          'image_size': 8,
+          'batch': 32,
+          'batch_eval': 64,
+          'seed': 0,
+          'shuffle_buffer': 2000,
+      }
+  )
   config.update(overrides)
   return config
 
 
 def folder_config(root, **overrides):
-  config = ml_collections.ConfigDict({
-      **TINY_MODEL,
-      'dataset': 'image_folder', 'image_folder': str(root), 'image_size': 16,
-      'batch': 6, 'batch_eval': 8, 'seed': 0,
-      'image_folder_test_percent': 30})
+  config = ml_collections.ConfigDict(
+      {
+          **TINY_MODEL,
+          'dataset': 'image_folder',
+          'image_folder': str(root),
+          'image_size': 16,
+          'batch': 6,
+          'batch_eval': 8,
+          'seed': 0,
+          'image_folder_test_percent': 30,
+      }
+  )
   config.update(overrides)
   return config
 
@@ -68,11 +87,14 @@ def _fingerprints(batches):
   """Multiset of (label, image hash) of the real (mask = 1) examples."""
   out = collections.Counter()
   for batch in batches:
-    images, labels, mask = (np.asarray(batch[k])
-                            for k in ('image', 'labels', 'mask'))
+    images, labels, mask = (
+        np.asarray(batch[k]) for k in ('image', 'labels', 'mask')
+    )
     for image, label, m in zip(images, labels, mask):
       if m:
-        out[(int(label.argmax()), hashlib.sha1(image.tobytes()).hexdigest())] += 1
+        out[
+            (int(label.argmax()), hashlib.sha1(image.tobytes()).hexdigest())
+        ] += 1
   return out
 
 
@@ -83,6 +105,7 @@ def _fingerprints(batches):
 
 def test_digits_builder_yields_the_documented_split(tfds_dir):
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
   builder = tfds.builder('digits', data_dir=tfds_dir)
   assert builder.info.splits['train'].num_examples == 1498
   assert builder.info.splits['test'].num_examples == 299
@@ -94,12 +117,16 @@ def test_digits_builder_yields_the_documented_split(tfds_dir):
     examples = list(tfds.as_numpy(builder.as_dataset(split=split)))
     labels = np.array([e['label'] for e in examples])
     assert set(labels) == set(range(10))
-    np.testing.assert_array_equal(np.bincount(labels, minlength=10),
-                                  np.bincount(digits.target[indices]))
-    got = sorted(e['image'][..., 0].tobytes() + bytes([e['label']])
-                 for e in examples)
-    want = sorted(i.tobytes() + bytes([int(t)]) for i, t in zip(
-        expected_images[indices], digits.target[indices]))
+    np.testing.assert_array_equal(
+        np.bincount(labels, minlength=10), np.bincount(digits.target[indices])
+    )
+    got = sorted(
+        e['image'][..., 0].tobytes() + bytes([e['label']]) for e in examples
+    )
+    want = sorted(
+        i.tobytes() + bytes([int(t)])
+        for i, t in zip(expected_images[indices], digits.target[indices])
+    )
     assert got == want
   assert len(examples[0]['image'].shape) == 3
 
@@ -109,17 +136,24 @@ def test_digits_goes_through_the_tfds_code_path(tfds_dir):
   assert isinstance(source, input_pipeline.TfdsSource)
   assert isinstance(source.builder, tfds.core.DatasetBuilder)
   info = input_pipeline.get_dataset_info(data(digits_config(tfds_dir)))
-  assert (info.num_classes, info.num_train_examples,
-          info.num_eval_examples) == (10, 1498, 299)
+  assert (
+      info.num_classes,
+      info.num_train_examples,
+      info.num_eval_examples,
+  ) == (10, 1498, 299)
   holdout = input_pipeline.get_dataset_info(
-      data(digits_config(tfds_dir, eval_split='holdout')))
+      data(digits_config(tfds_dir, eval_split='holdout'))
+  )
   assert holdout.eval_split == 'train[90%:]'
   assert holdout.num_eval_examples == 150
 
 
 def test_train_batches_are_rgb_in_range_with_one_hot_labels(tfds_dir):
-  batch = next(input_pipeline.train_iterator(
-      data(digits_config(tfds_dir, image_size=16))))
+  batch = next(
+      input_pipeline.train_iterator(
+          data(digits_config(tfds_dir, image_size=16))
+      )
+  )
   assert batch['image'].shape == (32, 16, 16, 3)
   assert batch['image'].dtype == np.float32
   assert -1 <= batch['image'].min() and batch['image'].max() <= 1
@@ -137,26 +171,35 @@ def _single_pass_fingerprints(config, split):
   shard = source.shard(split, 0, 1)
   pp = input_pipeline._preprocess_config(  # pylint: disable=protected-access
       data(config),
-      input_pipeline.get_dataset_info(data(config), source).num_classes)
+      input_pipeline.get_dataset_info(data(config), source).num_classes,
+  )
   fn = input_pipeline.preprocess.make_preprocess_fn(pp, train=False)
   examples = list(shard.dataset.map(fn).as_numpy_iterator())
-  return _fingerprints([{
-      'image': np.stack([e['image'] for e in examples]),
-      'labels': np.stack([e['labels'] for e in examples]),
-      'mask': np.ones(len(examples))}])
+  return _fingerprints(
+      [
+          {
+              'image': np.stack([e['image'] for e in examples]),
+              'labels': np.stack([e['labels'] for e in examples]),
+              'mask': np.ones(len(examples)),
+          }
+      ]
+  )
 
 
 @pytest.mark.parametrize('num_devices', [1, 2, 8])
-def test_eval_yields_each_example_once_on_1_2_8_devices(tfds_dir,
-                                                         num_devices):
+def test_eval_yields_each_example_once_on_1_2_8_devices(tfds_dir, num_devices):
   config = digits_config(tfds_dir, batch_eval=8 * 7)
   mesh = sharding.make_mesh(devices=jax.devices()[:num_devices])
   ds, num_batches = input_pipeline.eval_dataset(data(config))
-  batches = list(sharding.prefetch_to_device(
-      ds.as_numpy_iterator(), sharding.batch_sharding(mesh)))
+  batches = list(
+      sharding.prefetch_to_device(
+          ds.as_numpy_iterator(), sharding.batch_sharding(mesh)
+      )
+  )
   assert len(batches) == num_batches == 6  # ceil(299 / 56)
-  assert all(len(b['image'].sharding.device_set) == num_devices
-             for b in batches)
+  assert all(
+      len(b['image'].sharding.device_set) == num_devices for b in batches
+  )
   assert sum(float(b['mask'].sum()) for b in batches) == 299
   np.testing.assert_array_equal(np.asarray(batches[-1]['mask'])[-37:], 0)
   assert np.asarray(batches[-1]['mask'])[-38] == 1
@@ -165,7 +208,8 @@ def test_eval_yields_each_example_once_on_1_2_8_devices(tfds_dir,
 
 @pytest.mark.parametrize('kind', ['digits', 'folder'])
 def test_two_processes_read_disjoint_shards_covering_the_data(
-    tfds_dir, tmp_path, kind):
+    tfds_dir, tmp_path, kind
+):
   if kind == 'digits':
     config = digits_config(tfds_dir, batch_eval=62)
   else:
@@ -173,30 +217,41 @@ def test_two_processes_read_disjoint_shards_covering_the_data(
     config = folder_config(tmp_path, batch_eval=4)
   parts, steps = [], []
   for index in range(2):
-    ds, n = input_pipeline.eval_dataset(data(config), process_index=index,
-                                        process_count=2)
+    ds, n = input_pipeline.eval_dataset(
+        data(config), process_index=index, process_count=2
+    )
     batches = list(ds.as_numpy_iterator())
     assert len(batches) == n
     parts.append(_fingerprints(batches))
     steps.append(n)
   assert steps[0] == steps[1]  # Same number of batches on every process.
-  full = _single_pass_fingerprints(config, input_pipeline.get_dataset_info(
-      data(config)).eval_split)
+  full = _single_pass_fingerprints(
+      config, input_pipeline.get_dataset_info(data(config)).eval_split
+  )
   assert parts[0] + parts[1] == full
   if kind == 'folder':  # Unique images: the shards share none.
     assert not set(parts[0]) & set(parts[1])
   # Training shards are disjoint too (unique images in the folder case).
   if kind == 'folder':
-    assert input_pipeline.train_iterator(
-        data(config), process_index=1, process_count=2).batch_size == 3
+    assert (
+        input_pipeline.train_iterator(
+            data(config), process_index=1, process_count=2
+        ).batch_size
+        == 3
+    )
     source = input_pipeline.get_source(data(config))
-    seen = [{e['image'] for e in source.shard(
-        'train', index, 2).dataset.as_numpy_iterator()} for index in range(2)]
+    seen = [
+        {
+            e['image']
+            for e in source.shard('train', index, 2).dataset.as_numpy_iterator()
+        }
+        for index in range(2)
+    ]
     assert not seen[0] & seen[1]
     assert len(seen[0] | seen[1]) == source.split_size('train')
 
 
-_WORKER = textwrap.dedent('''
+_WORKER = textwrap.dedent("""
     import json, os, sys
     os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
     os.environ['JAX_PLATFORMS'] = 'cpu'
@@ -233,7 +288,7 @@ _WORKER = textwrap.dedent('''
         'total': total, 'counts': counts.tolist(), 'checksum': checksum,
         'train_shape': list(train['image'].shape)}))
     jax.distributed.shutdown()
-''')
+""")
 
 
 def _free_port():
@@ -249,16 +304,22 @@ def test_eval_exactly_once_with_two_jax_processes(tfds_dir, tmp_path):
   worker.write_text(_WORKER)
   port = str(_free_port())
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  procs = [subprocess.Popen(
-      [sys.executable, str(worker), port, str(i), config.to_json()],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-           for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, str(worker), port, str(i), config.to_json()],
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+          env=env,
+      )
+      for i in range(2)
+  ]
   results = []
   for proc in procs:
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     line = [l for l in out.splitlines() if l.startswith('RESULT ')][-1]
-    results.append(json.loads(line[len('RESULT '):]))
+    results.append(json.loads(line[len('RESULT ') :]))
   expected = _single_pass_fingerprints(config, 'test')
   labels = collections.Counter(label for label, _ in expected.elements())
   for result in results:
@@ -268,10 +329,13 @@ def test_eval_exactly_once_with_two_jax_processes(tfds_dir, tmp_path):
     assert result['counts'] == [labels[i] for i in range(10)]
     assert result['train_shape'] == [16, 8, 8, 3]
   assert results[0]['checksum'] == pytest.approx(results[1]['checksum'])
-  ds, _ = input_pipeline.eval_dataset(data(config), process_index=0,
-                                      process_count=1)
-  single = sum(float((b['image'].sum((1, 2, 3)) * b['mask']).sum())
-               for b in ds.as_numpy_iterator())
+  ds, _ = input_pipeline.eval_dataset(
+      data(config), process_index=0, process_count=1
+  )
+  single = sum(
+      float((b['image'].sum((1, 2, 3)) * b['mask']).sum())
+      for b in ds.as_numpy_iterator()
+  )
   assert results[0]['checksum'] == pytest.approx(single, rel=1e-5)
 
 
@@ -292,14 +356,15 @@ def test_restored_iterator_continues_with_the_same_next_batch(tmp_path):
   assert states[-1] == {'position': 42, 'unit': 'global_examples'}
   for k in (1, 2, 5, 7):  # Mid-epoch and across epoch boundaries.
     restored = input_pipeline.train_iterator(data(config), state=states[k])
-    for expected in batches[k:k + 2]:
+    for expected in batches[k : k + 2]:
       got = next(restored)
       np.testing.assert_array_equal(got['image'], expected['image'])
       np.testing.assert_array_equal(got['labels'], expected['labels'])
   # Each epoch is a new permutation; a new seed gives another stream.
   assert not np.array_equal(batches[0]['image'], batches[3]['image'][:6])
-  other = next(input_pipeline.train_iterator(
-      data(folder_config(tmp_path, seed=1))))
+  other = next(
+      input_pipeline.train_iterator(data(folder_config(tmp_path, seed=1)))
+  )
   assert not np.array_equal(other['image'], batches[0]['image'])
 
 
@@ -330,35 +395,53 @@ def test_two_process_positions_count_global_examples_and_resume(tmp_path):
   make_image_folder(tmp_path, per_class=7)  # 15 train images, batch 6.
   config = folder_config(tmp_path)
   global_batch, local_batch = 6, 6 // 2
-  runs = [_take(input_pipeline.train_iterator(
-      data(config), process_index=p, process_count=2), 8) for p in range(2)]
+  runs = [
+      _take(
+          input_pipeline.train_iterator(
+              data(config), process_index=p, process_count=2
+          ),
+          8,
+      )
+      for p in range(2)
+  ]
   for p, (states, batches) in enumerate(runs):
     assert [s['position'] for s in states] == [
-        k * global_batch for k in range(8)]
+        k * global_batch for k in range(8)
+    ]
     assert all(len(b['image']) == local_batch for b in batches)
     for k in (1, 3, 5, 6):  # Inside epoch 0 and past the 8/7 boundaries.
       restored = input_pipeline.train_iterator(
-          data(config), state=states[k], process_index=p, process_count=2)
-      _assert_same_batches([next(restored), next(restored)],
-                           batches[k:k + 2])
+          data(config), state=states[k], process_index=p, process_count=2
+      )
+      _assert_same_batches([next(restored), next(restored)], batches[k : k + 2])
       # A checkpoint written before positions were global (no 'unit')
       # counted this process's examples; it resumes at the same batch.
       legacy = input_pipeline.train_iterator(
-          data(config), state={'position': k * local_batch}, process_index=p,
-          process_count=2)
-      _assert_same_batches([next(legacy)], batches[k:k + 1])
+          data(config),
+          state={'position': k * local_batch},
+          process_index=p,
+          process_count=2,
+      )
+      _assert_same_batches([next(legacy)], batches[k : k + 1])
   # The processes read different shards: their streams differ.
   assert not np.array_equal(runs[0][1][0]['image'], runs[1][1][0]['image'])
-  with pytest.raises(ValueError, match=r'position 9 \(global examples\) '
-                     r'does not split over 2 processes'):
+  with pytest.raises(
+      ValueError,
+      match=r'position 9 \(global examples\) '
+      r'does not split over 2 processes',
+  ):
     input_pipeline.train_iterator(
-        data(config), state=input_pipeline.state_at(9), process_index=0,
-        process_count=2)
+        data(config),
+        state=input_pipeline.state_at(9),
+        process_index=0,
+        process_count=2,
+    )
 
 
 @pytest.mark.slow
-def test_checkpoint_position_resumes_both_of_two_processes(tfds_dir, tmp_path,
-                                                           monkeypatch):
+def test_checkpoint_position_resumes_both_of_two_processes(
+    tfds_dir, tmp_path, monkeypatch
+):
   """Pins the position train.py writes: steps * config.batch (global).
 
   Training runs as process 1 of 2 (its input pipeline reads shard 1 and
@@ -368,9 +451,15 @@ def test_checkpoint_position_resumes_both_of_two_processes(tfds_dir, tmp_path,
   """
   from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
   from vit_jax import train  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_config_file(os.path.join(
-      os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-      'configs', 'digits.py') + ':runlocal')
+
+  config = config_lib.load_config_file(
+      os.path.join(
+          os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+          'configs',
+          'digits.py',
+      )
+      + ':runlocal'
+  )
   config.tfds_data_dir = tfds_dir
   config.total_steps = config.checkpoint_every = config.eval_every = 2
   config.evals.fewshot.every = 0
@@ -386,15 +475,16 @@ def test_checkpoint_position_resumes_both_of_two_processes(tfds_dir, tmp_path,
   train.train_and_evaluate(config, workdir)
   monkeypatch.undo()
   # Orbax writes the JSON item `data` as checkpoints/<step>/data/metadata.
-  with open(os.path.join(workdir, 'checkpoints', '2', 'data',
-                         'metadata')) as f:
+  with open(os.path.join(workdir, 'checkpoints', '2', 'data', 'metadata')) as f:
     saved = json.load(f)
   assert saved == {'position': 2 * 16, 'unit': 'global_examples'}
   for p in range(2):
-    _, uninterrupted = _take(original(data(config), process_index=p,
-                                      process_count=2), 3)
-    restored = original(data(config), state=saved, process_index=p,
-                        process_count=2)
+    _, uninterrupted = _take(
+        original(data(config), process_index=p, process_count=2), 3
+    )
+    restored = original(
+        data(config), state=saved, process_index=p, process_count=2
+    )
     _assert_same_batches([next(restored)], uninterrupted[2:])
 
 
@@ -424,13 +514,15 @@ def test_image_folder_with_train_and_test_folders(tmp_path):
 @pytest.mark.slow
 def test_image_folder_trains_and_evaluates(tmp_path):
   make_image_folder(tmp_path, per_class=12)
-  config = folder_config(tmp_path, batch=24, batch_eval=16,
-                         image_size=16)
+  config = folder_config(tmp_path, batch=24, batch_eval=16, image_size=16)
   mesh = sharding.make_mesh()  # 8 devices, data parallel.
   batch_sharding = sharding.batch_sharding(mesh)
   model = vit_jax.models.get_model(
-      'testing', num_classes=3, patches={'size': (4, 4)},
-      transformer={'dropout_rate': 0.0})
+      'testing',
+      num_classes=3,
+      patches={'size': (4, 4)},
+      transformer={'dropout_rate': 0.0},
+  )
   params = init_params(model, np.zeros((1, 16, 16, 3), np.float32))
   tx = optax.sgd(0.3, momentum=0.9)
   opt_state = tx.init(params)
@@ -447,7 +539,8 @@ def test_image_folder_trains_and_evaluates(tmp_path):
 
   losses = []
   train = sharding.prefetch_to_device(
-      input_pipeline.train_iterator(data(config)), batch_sharding)
+      input_pipeline.train_iterator(data(config)), batch_sharding
+  )
   for _ in range(40):
     params, opt_state, loss = step(params, opt_state, next(train))
     losses.append(float(loss))
@@ -461,8 +554,9 @@ def test_image_folder_trains_and_evaluates(tmp_path):
 
   ds, _ = input_pipeline.eval_dataset(data(config))
   hits = count = 0.0
-  for batch in sharding.prefetch_to_device(ds.as_numpy_iterator(),
-                                           batch_sharding):
+  for batch in sharding.prefetch_to_device(
+      ds.as_numpy_iterator(), batch_sharding
+  ):
     h, c = correct(params, batch)
     hits, count = hits + float(h), count + float(c)
   assert count == 9  # 30% of 12 images per class are test images.
@@ -475,27 +569,36 @@ def test_image_folder_trains_and_evaluates(tmp_path):
 
 
 def test_unknown_dataset_lists_what_is_accepted(tfds_dir):
-  with pytest.raises(ValueError, match="Unknown dataset 'cifar11'.*cifar10.*"
-                     "digits.*'image_folder'.*tensorflow-datasets"):
+  with pytest.raises(
+      ValueError,
+      match="Unknown dataset 'cifar11'.*cifar10.*"
+      "digits.*'image_folder'.*tensorflow-datasets",
+  ):
     input_pipeline.get_source(data(digits_config(tfds_dir, dataset='cifar11')))
 
 
 def test_unprepared_tfds_dataset_without_network(tmp_path, monkeypatch):
-  config = ml_collections.ConfigDict({
-      'dataset': 'cifar10', 'tfds_data_dir': str(tmp_path)})
-  with pytest.raises(input_pipeline.DatasetNotPreparedError,
-                     match=r"'cifar10' is not prepared in .*tfds build cifar10 "
-                     r'--data_dir=.*tfds_download=True'):
+  config = ml_collections.ConfigDict(
+      {'dataset': 'cifar10', 'tfds_data_dir': str(tmp_path)}
+  )
+  with pytest.raises(
+      input_pipeline.DatasetNotPreparedError,
+      match=r"'cifar10' is not prepared in .*tfds build cifar10 "
+      r'--data_dir=.*tfds_download=True',
+  ):
     input_pipeline.get_source(data(config))
 
   def no_network(self, *args, **kwargs):
     raise ConnectionError('Failed to resolve storage.googleapis.com')
 
-  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
-                      no_network)
+  monkeypatch.setattr(
+      tfds.core.DatasetBuilder, 'download_and_prepare', no_network
+  )
   config.tfds_download = True
-  with pytest.raises(input_pipeline.DatasetNotPreparedError,
-                     match='downloading it failed.*ConnectionError.*tfds build'):
+  with pytest.raises(
+      input_pipeline.DatasetNotPreparedError,
+      match='downloading it failed.*ConnectionError.*tfds build',
+  ):
     input_pipeline.get_source(data(config))
 
 
@@ -522,7 +625,7 @@ def test_corrupt_image_is_named_or_skipped(tmp_path):
   paths = make_image_folder(tmp_path)
   bad = paths[3]
   raw = open(bad, 'rb').read()
-  open(bad, 'wb').write(raw[:len(raw) // 3])
+  open(bad, 'wb').write(raw[: len(raw) // 3])
   (tmp_path / 'dog' / 'notes.JPG').write_text('not an image')
   with pytest.raises(input_pipeline.BadImageError) as e:
     input_pipeline.get_source(data(folder_config(tmp_path)))
@@ -530,22 +633,34 @@ def test_corrupt_image_is_named_or_skipped(tmp_path):
   assert '2 unreadable' in str(e.value)
   assert 'skip_bad_images=True' in str(e.value)
   source = input_pipeline.get_source(
-      data(folder_config(tmp_path, skip_bad_images=True)))
+      data(folder_config(tmp_path, skip_bad_images=True))
+  )
   assert source.num_skipped == 2
   assert source.split_size('train') + source.split_size('test') == 21 - 1
-  batch = next(input_pipeline.train_iterator(
-      data(folder_config(tmp_path, skip_bad_images=True)), source=source))
+  batch = next(
+      input_pipeline.train_iterator(
+          data(folder_config(tmp_path, skip_bad_images=True)), source=source
+      )
+  )
   assert batch['image'].shape == (6, 16, 16, 3)
 
 
 def test_batch_not_divisible_by_processes_or_devices(tfds_dir):
-  with pytest.raises(ValueError, match=r'config.batch=33 must be a '
-                     'positive multiple of the 2 JAX processes'):
-    input_pipeline.train_iterator(data(digits_config(tfds_dir, batch=33)),
-                                  process_index=0, process_count=2)
+  with pytest.raises(
+      ValueError,
+      match=r'config.batch=33 must be a '
+      'positive multiple of the 2 JAX processes',
+  ):
+    input_pipeline.train_iterator(
+        data(digits_config(tfds_dir, batch=33)),
+        process_index=0,
+        process_count=2,
+    )
   mesh = sharding.make_mesh()
-  with pytest.raises(ValueError, match=r'config.batch=12 is not '
-                     r'divisible by the 8 devices.*e.g. 16'):
+  with pytest.raises(
+      ValueError,
+      match=r'config.batch=12 is not ' r'divisible by the 8 devices.*e.g. 16',
+  ):
     sharding.check_batch_size(12, mesh)
   assert sharding.check_batch_size(16, mesh) == 16
 
@@ -557,11 +672,15 @@ def test_image_size_smaller_than_patch_size(tfds_dir):
     return config
 
   # Checked where the config is parsed (it joins the model and the data).
-  with pytest.raises(ValueError, match='config.image_size=8 is smaller than '
-                     'the patch size 16 of ViT-B_16'):
+  with pytest.raises(
+      ValueError,
+      match='config.image_size=8 is smaller than '
+      'the patch size 16 of ViT-B_16',
+  ):
     config_lib.parse(published('ViT-B_16', 8))
-  with pytest.raises(ValueError, match='not a multiple of the total stride '
-                     '16 of R50'):
+  with pytest.raises(
+      ValueError, match='not a multiple of the total stride ' '16 of R50'
+  ):
     config_lib.parse(published('R50+ViT-B_16', 40))
   config_lib.parse(published('R50+ViT-B_16', 32))
 

@@ -42,8 +42,10 @@ def _np_softmax_xent(logits, labels):
 def _np_sigmoid_xent(logits, labels):
   y = np.asarray(labels, np.float64)
   # log(1 - σ(x)) = log σ(-x).
-  return -(y * _np_log_sigmoid(logits) +
-           (1 - y) * _np_log_sigmoid(-np.asarray(logits))).sum(-1)
+  return -(
+      y * _np_log_sigmoid(logits)
+      + (1 - y) * _np_log_sigmoid(-np.asarray(logits))
+  ).sum(-1)
 
 
 def _smooth(labels, alpha):
@@ -52,9 +54,13 @@ def _smooth(labels, alpha):
 
 
 def _loss(logits, labels, **kwargs):
-  return np.asarray(losses.per_example_loss(
-      np.asarray(logits, np.float32), np.asarray(labels, np.float32),
-      **kwargs))
+  return np.asarray(
+      losses.per_example_loss(
+          np.asarray(logits, np.float32),
+          np.asarray(labels, np.float32),
+          **kwargs,
+      )
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -71,12 +77,17 @@ def test_softmax_xent_hand_values():
   logits = np.log([[1.0, 2.0, 1.0]])
   labels = [[0.0, 1.0, 0.0]]
   np.testing.assert_allclose(_loss(logits, labels), [LOG2], rtol=1e-6)
-  np.testing.assert_allclose(_loss(logits, labels, label_smoothing=0.1),
-                             [(1 + 0.2 / 3) * LOG2], rtol=1e-6)
+  np.testing.assert_allclose(
+      _loss(logits, labels, label_smoothing=0.1),
+      [(1 + 0.2 / 3) * LOG2],
+      rtol=1e-6,
+  )
   # Uniform logits cost log 3 whatever the (smoothed) target.
   np.testing.assert_allclose(
-      _loss(np.zeros((1, 3)), labels, label_smoothing=0.3), [math.log(3)],
-      rtol=1e-6)
+      _loss(np.zeros((1, 3)), labels, label_smoothing=0.3),
+      [math.log(3)],
+      rtol=1e-6,
+  )
 
 
 def test_softmax_xent_matches_numpy_and_smoothing_shifts_it_exactly():
@@ -85,12 +96,12 @@ def test_softmax_xent_matches_numpy_and_smoothing_shifts_it_exactly():
   labels = np.eye(3)[[2, 0, 1]]
   plain = _loss(logits, labels)
   assert plain.dtype == np.float32 and plain.shape == (3,)
-  np.testing.assert_allclose(plain, _np_softmax_xent(logits, labels),
-                             rtol=1e-5)
+  np.testing.assert_allclose(plain, _np_softmax_xent(logits, labels), rtol=1e-5)
   alpha = 0.1
   smoothed = _loss(logits, labels, label_smoothing=alpha)
   np.testing.assert_allclose(
-      smoothed, _np_softmax_xent(logits, _smooth(labels, alpha)), rtol=1e-5)
+      smoothed, _np_softmax_xent(logits, _smooth(labels, alpha)), rtol=1e-5
+  )
   nll = -_np_log_softmax(logits)
   shift = alpha * (nll.mean(-1) - (labels * nll).sum(-1))
   np.testing.assert_allclose(smoothed - plain, shift, rtol=1e-4, atol=1e-5)
@@ -103,8 +114,9 @@ def test_loss_is_float32_for_bfloat16_logits():
   out = losses.per_example_loss(logits.astype(jax.numpy.bfloat16), labels)
   assert out.dtype == np.float32
   # The bf16 rounding of these logits is exact, so the float32 value holds.
-  np.testing.assert_allclose(np.asarray(out),
-                             _np_softmax_xent(logits, labels), rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(out), _np_softmax_xent(logits, labels), rtol=1e-6
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -122,11 +134,14 @@ def test_sigmoid_xent_is_summed_over_classes_hand_values():
   """
   logits = [[0.0, math.log(3), -math.log(3)]]
   labels = [[1.0, 0.0, 1.0]]
-  np.testing.assert_allclose(_loss(logits, labels, kind='sigmoid_xent'),
-                             [5 * LOG2], rtol=1e-6)
+  np.testing.assert_allclose(
+      _loss(logits, labels, kind='sigmoid_xent'), [5 * LOG2], rtol=1e-6
+  )
   np.testing.assert_allclose(
       _loss(logits, labels, kind='sigmoid_xent', label_smoothing=0.3),
-      [4.4 * LOG2 - 0.3 * math.log(0.75)], rtol=1e-6)
+      [4.4 * LOG2 - 0.3 * math.log(0.75)],
+      rtol=1e-6,
+  )
 
 
 @pytest.mark.parametrize('alpha', [0.0, 0.2])
@@ -140,7 +155,8 @@ def test_sigmoid_xent_matches_numpy(alpha):
   got = _loss(logits, labels, kind='sigmoid_xent', label_smoothing=alpha)
   assert np.all(np.isfinite(got))
   np.testing.assert_allclose(
-      got, _np_sigmoid_xent(logits, _smooth(labels, alpha)), rtol=1e-5)
+      got, _np_sigmoid_xent(logits, _smooth(labels, alpha)), rtol=1e-5
+  )
   assert got[0] > 70
 
 
@@ -162,15 +178,14 @@ REAL_POSITIONS = np.array([0, 2, 3, 5, 7, 9, 12, 14])
 # (top-5 accuracy 3/4; ranks 4 and 5 are either side of the cut). Sigmoid
 # examples get a second positive class.
 SOFTMAX_RANKS = (0, 4, 0, 6, 0, 1, 0, 5)
-SIGMOID_RANKS = ((0, 6), (4, 6), (0, 6), (6, 5), (0, 6), (1, 6), (0, 6),
-                 (5, 6))
+SIGMOID_RANKS = ((0, 6), (4, 6), (0, 6), (6, 5), (0, 6), (1, 6), (0, 6), (5, 6))
 
 
 def _real_labels(logits, kind):
   """Labels whose classes sit at the given ranks of each example's logits."""
   order = np.argsort(-logits, axis=-1)
   labels = np.zeros((NUM_REAL, NUM_CLASSES), np.float32)
-  ranks = (SOFTMAX_RANKS if kind == 'softmax_xent' else SIGMOID_RANKS)
+  ranks = SOFTMAX_RANKS if kind == 'softmax_xent' else SIGMOID_RANKS
   for i, rank in enumerate(ranks):
     labels[i, order[i, list(np.atleast_1d(rank))]] = 1.0
   return labels
@@ -178,8 +193,8 @@ def _real_labels(logits, kind):
 
 def _dataset(images, labels, mask):
   return tf.data.Dataset.from_tensor_slices(
-      {'image': images, 'labels': labels,
-       'mask': mask.astype(np.float32)}).batch(8, drop_remainder=True)
+      {'image': images, 'labels': labels, 'mask': mask.astype(np.float32)}
+  ).batch(8, drop_remainder=True)
 
 
 @pytest.fixture(scope='module')
@@ -187,8 +202,12 @@ def tiny_vit():
   model, size = tiny_model('vit', num_classes=NUM_CLASSES)
   images = random_images((NUM_REAL, size, size, 3), seed=3)
   params = randomize(init_params(model, images[:1]), seed=4)
-  logits = np.asarray(jax.jit(lambda p, x: model.apply(
-      {'params': p}, x, train=False))(params, images), np.float64)
+  logits = np.asarray(
+      jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(
+          params, images
+      ),
+      np.float64,
+  )
   return model, params, images, logits
 
 
@@ -205,36 +224,51 @@ def test_evaluation_ignores_padded_examples(tiny_vit, kind):
   model, params, images, logits = tiny_vit
   labels = _real_labels(logits, kind)
   mesh = sharding.make_mesh()
-  shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh),
-                                     params)
+  shardings = jax.tree_util.tree_map(
+      lambda _: sharding.replicated(mesh), params
+  )
   eval_fn = classification.make_eval_fn(model, mesh, shardings, loss=kind)
   batch_sharding = sharding.batch_sharding(mesh)
 
   unpadded = classification.evaluate(
-      params, eval_fn, _dataset(images, labels, np.ones(NUM_REAL)),
-      batch_sharding)
+      params,
+      eval_fn,
+      _dataset(images, labels, np.ones(NUM_REAL)),
+      batch_sharding,
+  )
 
   rng = np.random.default_rng(5)
   padded_images = rng.uniform(-50, 50, size=(16,) + images.shape[1:]).astype(
-      np.float32)
+      np.float32
+  )
   padded_labels = np.ones((16, NUM_CLASSES), np.float32)
   mask = np.zeros(16)
   padded_images[REAL_POSITIONS] = images
   padded_labels[REAL_POSITIONS] = labels
   mask[REAL_POSITIONS] = 1.0
   padded = classification.evaluate(
-      params, eval_fn, _dataset(padded_images, padded_labels, mask),
-      batch_sharding)
+      params,
+      eval_fn,
+      _dataset(padded_images, padded_labels, mask),
+      batch_sharding,
+  )
 
   # Numpy on the real examples.
-  per_example = (_np_softmax_xent(logits, labels) if kind == 'softmax_xent'
-                 else _np_sigmoid_xent(logits, labels))
+  per_example = (
+      _np_softmax_xent(logits, labels)
+      if kind == 'softmax_xent'
+      else _np_sigmoid_xent(logits, labels)
+  )
   top5 = np.argsort(-logits, axis=-1)[:, :5]
   top5_hits = np.take_along_axis(labels, top5, axis=-1).max(-1) > 0
   top1_hits = labels[np.arange(NUM_REAL), logits.argmax(-1)] > 0
   assert top1_hits.mean() == 0.5 and top5_hits.mean() == 0.75
-  want = {'eval/loss': per_example.mean(), 'eval/accuracy': 0.5,
-          'eval/top5': 0.75, 'eval/examples': float(NUM_REAL)}
+  want = {
+      'eval/loss': per_example.mean(),
+      'eval/accuracy': 0.5,
+      'eval/top5': 0.75,
+      'eval/examples': float(NUM_REAL),
+  }
   for metrics in (unpadded, padded):
     assert set(metrics) == set(want)
     for key, value in want.items():

@@ -38,8 +38,9 @@ def _random_params(module, x, seed=0, tiny=(), **kwargs):
   path contains an entry of `tiny` are multiplied by 1e-3 (keeps the residual
   stream's variance ~1e-6 after that layer).
   """
-  shapes = jax.eval_shape(
-      lambda: module.init(jax.random.key(0), x, **kwargs))['params']
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x, **kwargs))[
+      'params'
+  ]
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes), sep='/')
   rng = np.random.default_rng(seed)
   out = {}
@@ -58,19 +59,27 @@ def _random_params(module, x, seed=0, tiny=(), **kwargs):
 def _tiny_variance_tokens(shape, seed=1):
   """Tokens with per-token variance ~1e-6 (and small means)."""
   return (1e-3 * np.random.default_rng(seed).normal(size=shape)).astype(
-      np.float32)
+      np.float32
+  )
 
 
 def _apply(module, params, x):
-  return np.asarray(jax.jit(lambda p, x: module.apply({'params': p}, x))(
-      params, x))
+  return np.asarray(
+      jax.jit(lambda p, x: module.apply({'params': p}, x))(params, x)
+  )
 
 
 def _apply_capturing(module, params, x, **kwargs):
   """Output and every submodule's output (`capture_intermediates`)."""
-  out, state = jax.jit(lambda p, x: module.apply(
-      {'params': p}, x, capture_intermediates=True, mutable=['intermediates'],
-      **kwargs))(params, x)
+  out, state = jax.jit(
+      lambda p, x: module.apply(
+          {'params': p},
+          x,
+          capture_intermediates=True,
+          mutable=['intermediates'],
+          **kwargs,
+      )
+  )(params, x)
   return out, state['intermediates']
 
 
@@ -94,27 +103,31 @@ def _f64(flat):
 
 def test_encoder_block_layer_norms_use_epsilon_1e6():
   """Both LayerNorms of an encoder block equal float64 LN with eps 1e-6."""
-  block = vit.Encoder1DBlock(mlp_dim=16, num_heads=2, dropout_rate=0.0,
-                             attention_dropout_rate=0.0)
+  block = vit.Encoder1DBlock(
+      mlp_dim=16, num_heads=2, dropout_rate=0.0, attention_dropout_rate=0.0
+  )
   x = _tiny_variance_tokens((2, 5, 8))
   params, flat = _random_params(
-      block, x, tiny=('MultiHeadDotProductAttention_0/out',))
+      block, x, tiny=('MultiHeadDotProductAttention_0/out',)
+  )
   _, inter = _apply_capturing(block, params, x)
   p = _f64(flat)
   x64 = x.astype(np.float64)
-  ln0 = _assert_layer_norm(inter['LayerNorm_0']['__call__'][0], x64, p,
-                           'LayerNorm_0')
+  ln0 = _assert_layer_norm(
+      inter['LayerNorm_0']['__call__'][0], x64, p, 'LayerNorm_0'
+  )
   # LayerNorm_1 sees x + attention (tiny output projection: variance ~1e-6).
-  x1 = x64 + numpy_reference.attention(ln0, p, 'MultiHeadDotProductAttention_0',
-                                       num_heads=2)
-  _assert_layer_norm(inter['LayerNorm_1']['__call__'][0], x1, p,
-                     'LayerNorm_1')
+  x1 = x64 + numpy_reference.attention(
+      ln0, p, 'MultiHeadDotProductAttention_0', num_heads=2
+  )
+  _assert_layer_norm(inter['LayerNorm_1']['__call__'][0], x1, p, 'LayerNorm_1')
 
 
 def test_encoder_final_norm_uses_epsilon_1e6():
   """`Transformer/encoder_norm` equals float64 LayerNorm with eps 1e-6."""
-  encoder = vit.Encoder(num_layers=0, mlp_dim=16, num_heads=2,
-                        add_position_embedding=False)
+  encoder = vit.Encoder(
+      num_layers=0, mlp_dim=16, num_heads=2, add_position_embedding=False
+  )
   x = _tiny_variance_tokens((2, 5, 8), seed=2)
   params, flat = _random_params(encoder, x)
   out = _apply(encoder, params, x)
@@ -131,29 +144,45 @@ def test_mixer_layer_norms_use_epsilon_1e6():
   _, inter = _apply_capturing(block, params, x)
   p = _f64(flat)
   x64 = x.astype(np.float64)
-  ln0 = _assert_layer_norm(inter['LayerNorm_0']['__call__'][0], x64, p,
-                           'LayerNorm_0')
-  y = numpy_reference.dense(numpy_reference.gelu(numpy_reference.dense(
-      ln0.transpose(0, 2, 1), p, 'token_mixing/Dense_0')), p,
-                            'token_mixing/Dense_1')
+  ln0 = _assert_layer_norm(
+      inter['LayerNorm_0']['__call__'][0], x64, p, 'LayerNorm_0'
+  )
+  y = numpy_reference.dense(
+      numpy_reference.gelu(
+          numpy_reference.dense(
+              ln0.transpose(0, 2, 1), p, 'token_mixing/Dense_0'
+          )
+      ),
+      p,
+      'token_mixing/Dense_1',
+  )
   x1 = x64 + y.transpose(0, 2, 1)
-  _assert_layer_norm(inter['LayerNorm_1']['__call__'][0], x1, p,
-                     'LayerNorm_1')
+  _assert_layer_norm(inter['LayerNorm_1']['__call__'][0], x1, p, 'LayerNorm_1')
 
   # pre_head_layer_norm, on a patch embedding made tiny by a tiny stem.
-  model = mixer.MlpMixer(num_classes=None, patches={'size': (2, 2)},
-                         num_blocks=0, hidden_dim=8, tokens_mlp_dim=4,
-                         channels_mlp_dim=8)
-  images = np.random.default_rng(4).uniform(-1, 1, (1, 4, 4, 3)).astype(
-      np.float32)
+  model = mixer.MlpMixer(
+      num_classes=None,
+      patches={'size': (2, 2)},
+      num_blocks=0,
+      hidden_dim=8,
+      tokens_mlp_dim=4,
+      channels_mlp_dim=8,
+  )
+  images = (
+      np.random.default_rng(4).uniform(-1, 1, (1, 4, 4, 3)).astype(np.float32)
+  )
   params, flat = _random_params(model, images, tiny=('stem',), train=False)
   _, inter = _apply_capturing(model, params, images, train=False)
   p = _f64(flat)
   w = p['stem/kernel']
   tokens = numpy_reference.conv2d(images.astype(np.float64), w, 2, 'VALID')
   tokens = (tokens + p['stem/bias']).reshape(1, 4, 8)
-  _assert_layer_norm(inter['pre_head_layer_norm']['__call__'][0], tokens, p,
-                     'pre_head_layer_norm')
+  _assert_layer_norm(
+      inter['pre_head_layer_norm']['__call__'][0],
+      tokens,
+      p,
+      'pre_head_layer_norm',
+  )
 
 
 def _gelu_tanh(x):
@@ -167,8 +196,10 @@ def _gelu_erf(x):
 def _identity_mlp_params(width):
   eye = np.eye(width, dtype=np.float32)
   zeros = np.zeros(width, np.float32)
-  return {'Dense_0': {'kernel': eye, 'bias': zeros},
-          'Dense_1': {'kernel': eye, 'bias': zeros}}
+  return {
+      'Dense_0': {'kernel': eye, 'bias': zeros},
+      'Dense_1': {'kernel': eye, 'bias': zeros},
+  }
 
 
 @pytest.mark.parametrize('family', ['vit', 'mixer'])
@@ -179,24 +210,29 @@ def test_mlp_gelu_is_the_tanh_approximation(family):
     mlp = vit.MlpBlock(mlp_dim=16, dropout_rate=0.0)
   else:
     mlp = mixer._MixingMlp(mlp_dim=16)  # pylint: disable=protected-access
-  out = np.asarray(mlp.apply({'params': _identity_mlp_params(16)},
-                             x.astype(np.float32)))
+  out = np.asarray(
+      mlp.apply({'params': _identity_mlp_params(16)}, x.astype(np.float32))
+  )
   np.testing.assert_allclose(out, _gelu_tanh(x), atol=2e-6, rtol=0)
-  np.testing.assert_allclose(numpy_reference.gelu(x), _gelu_tanh(x),
-                             atol=1e-15, rtol=0)
+  np.testing.assert_allclose(
+      numpy_reference.gelu(x), _gelu_tanh(x), atol=1e-15, rtol=0
+  )
   assert np.abs(_gelu_tanh(x) - _gelu_erf(x)).max() > 100 * 2e-6
 
 
 def _numpy_attention(x, p, prefix, scale):
   """Multi-head self-attention in float64 with an explicit logit scale."""
   proj = lambda n: np.einsum('ntd,dhk->nhtk', x, p[f'{prefix}/{n}/kernel']) + (
-      p[f'{prefix}/{n}/bias'][None, :, None])
+      p[f'{prefix}/{n}/bias'][None, :, None]
+  )
   q, k, v = proj('query'), proj('key'), proj('value')
   logits = np.einsum('nhqk,nhtk->nhqt', q, k) * scale
   weights = special.softmax(logits, axis=-1)
   out = np.einsum('nhqt,nhtk->nhqk', weights, v)
-  return np.einsum('nhqk,hkd->nqd', out, p[f'{prefix}/out/kernel']) + p[
-      f'{prefix}/out/bias']
+  return (
+      np.einsum('nhqk,hkd->nqd', out, p[f'{prefix}/out/kernel'])
+      + p[f'{prefix}/out/bias']
+  )
 
 
 def test_attention_scale_is_inverse_sqrt_head_dim():
@@ -208,31 +244,38 @@ def test_attention_scale_is_inverse_sqrt_head_dim():
   out = _apply(attention, params, x)
   p = {f'attn/{k}': v for k, v in _f64(flat).items()}
   x64 = x.astype(np.float64)
-  expected = _numpy_attention(x64, p, 'attn', (hidden // heads)**-0.5)
+  expected = _numpy_attention(x64, p, 'attn', (hidden // heads) ** -0.5)
   np.testing.assert_allclose(out, expected, atol=_ATOL, rtol=0)
   np.testing.assert_allclose(
-      numpy_reference.attention(x64, p, 'attn', heads), expected, atol=1e-12)
+      numpy_reference.attention(x64, p, 'attn', heads), expected, atol=1e-12
+  )
   for wrong in (hidden**-0.5, 1.0):
     assert np.abs(_numpy_attention(x64, p, 'attn', wrong) - expected).max() > (
-        100 * _ATOL)
+        100 * _ATOL
+    )
 
 
 def test_encoder_block_matches_float64_numpy_reference():
   """A whole pre-norm block (LN eps, attention scale, tanh GELU) in float64."""
-  block = vit.Encoder1DBlock(mlp_dim=16, num_heads=2, dropout_rate=0.0,
-                             attention_dropout_rate=0.0)
+  block = vit.Encoder1DBlock(
+      mlp_dim=16, num_heads=2, dropout_rate=0.0, attention_dropout_rate=0.0
+  )
   x = _tiny_variance_tokens((2, 5, 8), seed=7)
   params, flat = _random_params(
-      block, x, seed=8, tiny=('MultiHeadDotProductAttention_0/out',))
+      block, x, seed=8, tiny=('MultiHeadDotProductAttention_0/out',)
+  )
   out, _ = jax.jit(lambda p, x: block.apply({'params': p}, x))(params, x)
   p = _f64(flat)
   x64 = x.astype(np.float64)
   y = numpy_reference.layer_norm(x64, p, 'LayerNorm_0', eps=_EPS)
-  x1 = x64 + numpy_reference.attention(y, p, 'MultiHeadDotProductAttention_0',
-                                       num_heads=2)
+  x1 = x64 + numpy_reference.attention(
+      y, p, 'MultiHeadDotProductAttention_0', num_heads=2
+  )
   y = numpy_reference.layer_norm(x1, p, 'LayerNorm_1', eps=_EPS)
   y = numpy_reference.dense(
       numpy_reference.gelu(numpy_reference.dense(y, p, 'MlpBlock_0/Dense_0')),
-      p, 'MlpBlock_0/Dense_1')
+      p,
+      'MlpBlock_0/Dense_1',
+  )
   np.testing.assert_allclose(out, x1 + y, atol=_ATOL, rtol=0)
   assert np.abs(y).max() > 0.1  # The MLP branch contributes.

@@ -46,8 +46,11 @@ EXPECTED_PARAM_COUNTS = {
 
 
 def _abstract_params(model, size=224):
-  return jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))['params']
+  return jax.eval_shape(
+      lambda: model.init(
+          jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False
+      )
+  )['params']
 
 
 def _count(tree):
@@ -55,8 +58,9 @@ def _count(tree):
 
 
 def test_every_registered_model_has_a_parameter_count():
-  assert set(vit_jax.models.MODEL_NAMES) == set(EXPECTED_PARAM_COUNTS), (
-      'Add the exact parameter count of every newly registered model here.')
+  assert set(vit_jax.models.MODEL_NAMES) == set(
+      EXPECTED_PARAM_COUNTS
+  ), 'Add the exact parameter count of every newly registered model here.'
 
 
 @pytest.mark.slow
@@ -68,7 +72,8 @@ def test_parameter_count(name):
 
 def test_official_parameter_tree():
   params = _abstract_params(
-      vit_jax.models.get_model('ViT-B_16', num_classes=1000))
+      vit_jax.models.get_model('ViT-B_16', num_classes=1000)
+  )
   flat = flax.traverse_util.flatten_dict(params, sep='/')
   block = 'Transformer/encoderblock_0/'
   expected = {
@@ -93,29 +98,46 @@ def test_official_parameter_tree():
 
 
 def test_hybrid_and_mixer_parameter_names():
-  hybrid = flax.traverse_util.flatten_dict(_abstract_params(
-      vit_jax.models.get_model('R50+ViT-B_16', num_classes=10)), sep='/')
-  for key in ('conv_root/kernel', 'gn_root/scale', 'block1/unit1/conv_proj/kernel',
-              'block1/unit1/gn_proj/bias', 'block3/unit9/conv3/kernel',
-              'embedding/kernel'):
+  hybrid = flax.traverse_util.flatten_dict(
+      _abstract_params(
+          vit_jax.models.get_model('R50+ViT-B_16', num_classes=10)
+      ),
+      sep='/',
+  )
+  for key in (
+      'conv_root/kernel',
+      'gn_root/scale',
+      'block1/unit1/conv_proj/kernel',
+      'block1/unit1/gn_proj/bias',
+      'block3/unit9/conv3/kernel',
+      'embedding/kernel',
+  ):
     assert key in hybrid, key
   assert hybrid['gn_root/scale'].shape == (64,)
   assert hybrid['embedding/kernel'].shape == (1, 1, 1024, 768)
-  mixer = flax.traverse_util.flatten_dict(_abstract_params(
-      vit_jax.models.get_model('Mixer-B_16', num_classes=10)), sep='/')
-  for key in ('stem/kernel', 'MixerBlock_11/token_mixing/Dense_0/kernel',
-              'MixerBlock_0/channel_mixing/Dense_1/bias',
-              'MixerBlock_0/LayerNorm_1/scale', 'pre_head_layer_norm/scale'):
+  mixer = flax.traverse_util.flatten_dict(
+      _abstract_params(vit_jax.models.get_model('Mixer-B_16', num_classes=10)),
+      sep='/',
+  )
+  for key in (
+      'stem/kernel',
+      'MixerBlock_11/token_mixing/Dense_0/kernel',
+      'MixerBlock_0/channel_mixing/Dense_1/bias',
+      'MixerBlock_0/LayerNorm_1/scale',
+      'pre_head_layer_norm/scale',
+  ):
     assert key in mixer, key
   assert mixer['MixerBlock_0/token_mixing/Dense_0/kernel'].shape == (196, 384)
 
 
 @pytest.mark.slow
 def test_initialisers_follow_the_paper_code():
-  model = vit_jax.models.get_model('ViT-S_16', num_classes=10,
-                                   head_bias_init=-3.0)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)),
-                      train=False)['params']
+  model = vit_jax.models.get_model(
+      'ViT-S_16', num_classes=10, head_bias_init=-3.0
+  )
+  params = model.init(
+      jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False
+  )['params']
   np.testing.assert_array_equal(params['head']['kernel'], 0)
   np.testing.assert_array_equal(params['head']['bias'], -3.0)
   np.testing.assert_array_equal(params['cls'], 0)
@@ -130,16 +152,25 @@ def test_initialisers_follow_the_paper_code():
   assert float(jnp.max(jnp.abs(query))) <= bound
   assert float(jnp.max(jnp.abs(query))) > 0.95 * bound
   np.testing.assert_array_equal(
-      block['MultiHeadDotProductAttention_0']['query']['bias'], 0)
+      block['MultiHeadDotProductAttention_0']['query']['bias'], 0
+  )
   # lecun_normal patch embedding: std ~ sqrt(1 / fan_in).
   emb_std = float(jnp.std(params['embedding']['kernel']))
   assert abs(emb_std - np.sqrt(1 / (16 * 16 * 3))) < 0.1 * emb_std
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('kind,shape', [
-    ('vit', (2, 7)), ('vit_gap', (2, 7)), ('vit_rep', (2, 7)),
-    ('hybrid', (2, 7)), ('hybrid_root', (2, 7)), ('mixer', (2, 7))])
+@pytest.mark.parametrize(
+    'kind,shape',
+    [
+        ('vit', (2, 7)),
+        ('vit_gap', (2, 7)),
+        ('vit_rep', (2, 7)),
+        ('hybrid', (2, 7)),
+        ('hybrid_root', (2, 7)),
+        ('mixer', (2, 7)),
+    ],
+)
 def test_output_shapes(kind, shape):
   model, size = tiny_model(kind)
   x = random_images((2, size, size, 3))
@@ -148,13 +179,21 @@ def test_output_shapes(kind, shape):
   assert out.shape == shape
 
 
-@pytest.mark.parametrize('classifier,num_classes,shape', [
-    ('token', 5, (2, 5)), ('gap', 5, (2, 5)),
-    ('unpooled', 5, (2, 16, 5)), ('token_unpooled', 5, (2, 17, 5)),
-    ('unpooled', None, (2, 16, 10)), ('token', None, (2, 10))])
+@pytest.mark.parametrize(
+    'classifier,num_classes,shape',
+    [
+        ('token', 5, (2, 5)),
+        ('gap', 5, (2, 5)),
+        ('unpooled', 5, (2, 16, 5)),
+        ('token_unpooled', 5, (2, 17, 5)),
+        ('unpooled', None, (2, 16, 10)),
+        ('token', None, (2, 10)),
+    ],
+)
 def test_classifier_output_shapes(classifier, num_classes, shape):
-  model, size = tiny_model('vit', num_classes=num_classes,
-                           classifier=classifier)
+  model, size = tiny_model(
+      'vit', num_classes=num_classes, classifier=classifier
+  )
   x = random_images((2, size, size, 3))
   variables = {'params': init_params(model, x)}
   assert model.apply(variables, x, train=False).shape == shape
@@ -164,25 +203,34 @@ def test_classifier_output_shapes(classifier, num_classes, shape):
 @pytest.mark.parametrize('remat', [False, True])
 def test_scan_gives_the_same_logits_and_gradients_as_the_loop(remat):
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
   loop, size = tiny_model('vit', transformer={'num_layers': 3})
-  scanned, _ = tiny_model('vit', transformer={'num_layers': 3}, scan=True,
-                          remat=remat)
+  scanned, _ = tiny_model(
+      'vit', transformer={'num_layers': 3}, scan=True, remat=remat
+  )
   x = random_images((2, size, size, 3))
   params = randomize(init_params(loop, x))
   stacked = checkpoint.stack_encoder_blocks(params)
-  assert stacked['Transformer']['encoderblock']['LayerNorm_0']['scale'].shape \
-      == (3, 10)
+  assert stacked['Transformer']['encoderblock']['LayerNorm_0'][
+      'scale'
+  ].shape == (3, 10)
   logits_loop = loop.apply({'params': params}, x, train=False)
   logits_scan = scanned.apply({'params': stacked}, x, train=False)
   np.testing.assert_allclose(logits_scan, logits_loop, atol=1e-5, rtol=1e-5)
-  grad = lambda m, p: jax.jit(jax.grad(
-      lambda p: m.apply({'params': p}, x, train=False).sum()))(p)
+  grad = lambda m, p: jax.jit(
+      jax.grad(lambda p: m.apply({'params': p}, x, train=False).sum())
+  )(p)
   grad_loop, grad_scan = grad(loop, params), grad(scanned, stacked)
   np.testing.assert_allclose(
-      checkpoint.stack_encoder_blocks(grad_loop)['Transformer']
-      ['encoderblock']['MlpBlock_0']['Dense_0']['kernel'],
-      grad_scan['Transformer']['encoderblock']['MlpBlock_0']['Dense_0']
-      ['kernel'], atol=1e-5, rtol=1e-4)
+      checkpoint.stack_encoder_blocks(grad_loop)['Transformer']['encoderblock'][
+          'MlpBlock_0'
+      ]['Dense_0']['kernel'],
+      grad_scan['Transformer']['encoderblock']['MlpBlock_0']['Dense_0'][
+          'kernel'
+      ],
+      atol=1e-5,
+      rtol=1e-4,
+  )
 
 
 @pytest.mark.slow
@@ -191,10 +239,13 @@ def test_remat_gives_the_same_gradients():
   remat, _ = tiny_model('vit', remat=True)
   x = random_images((2, size, size, 3))
   params = randomize(init_params(plain, x))
-  grad = lambda m: jax.jit(jax.grad(
-      lambda p: m.apply({'params': p}, x, train=False).sum()))(params)
-  for a, b in zip(jax.tree_util.tree_leaves(grad(plain)),
-                  jax.tree_util.tree_leaves(grad(remat))):
+  grad = lambda m: jax.jit(
+      jax.grad(lambda p: m.apply({'params': p}, x, train=False).sum())
+  )(params)
+  for a, b in zip(
+      jax.tree_util.tree_leaves(grad(plain)),
+      jax.tree_util.tree_leaves(grad(remat)),
+  ):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
@@ -204,23 +255,29 @@ def test_bfloat16_compute_keeps_float32_params():
   ref, _ = tiny_model('vit')
   x = random_images((2, size, size, 3))
   variables = {'params': init_params(model, x)}
-  assert all(p.dtype == jnp.float32
-             for p in jax.tree_util.tree_leaves(variables))
+  assert all(
+      p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables)
+  )
   params = randomize(variables['params'], scale=0.1)
   out = model.apply({'params': params}, x, train=False)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(
       np.asarray(out, np.float32),
-      ref.apply({'params': params}, x, train=False), atol=0.1, rtol=0.1)
+      ref.apply({'params': params}, x, train=False),
+      atol=0.1,
+      rtol=0.1,
+  )
 
 
 def test_dropout_is_active_only_in_training():
-  model, size = tiny_model('vit', transformer={'dropout_rate': 0.5,
-                                               'attention_dropout_rate': 0.5})
+  model, size = tiny_model(
+      'vit', transformer={'dropout_rate': 0.5, 'attention_dropout_rate': 0.5}
+  )
   x = random_images((2, size, size, 3))
   params = randomize(init_params(model, x))
   apply = lambda train, seed: model.apply(
-      {'params': params}, x, train=train, rngs={'dropout': jax.random.key(seed)})
+      {'params': params}, x, train=train, rngs={'dropout': jax.random.key(seed)}
+  )
   np.testing.assert_array_equal(apply(False, 0), apply(False, 1))
   assert not np.allclose(apply(True, 0), apply(True, 1))
 
@@ -230,8 +287,9 @@ def test_intermediates_are_sown_only_on_request():
   x = random_images((3, size, size, 3))
   variables = model.init(jax.random.key(0), x, train=False)
   assert set(variables) == {'params'}
-  logits, state = model.apply(variables, x, train=False,
-                              mutable=['intermediates'])
+  logits, state = model.apply(
+      variables, x, train=False, mutable=['intermediates']
+  )
   inter = state['intermediates']
   assert inter['pre_logits'][0].shape == (3, 10)
   block = inter['Transformer']['encoderblock_1']
@@ -239,17 +297,27 @@ def test_intermediates_are_sown_only_on_request():
   assert weights.shape == (3, 2, 17, 17)
   np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
   assert block['block_output'][0].shape == (3, 17, 10)
-  np.testing.assert_array_equal(
-      logits, model.apply(variables, x, train=False))
+  np.testing.assert_array_equal(logits, model.apply(variables, x, train=False))
 
 
 def test_accepts_official_ml_collections_configs():
   import ml_collections  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict({
-      'patches': {'size': (4, 4)}, 'hidden_size': 8,
-      'transformer': {'mlp_dim': 16, 'num_heads': 2, 'num_layers': 1,
-                      'attention_dropout_rate': 0.0, 'dropout_rate': 0.0},
-      'classifier': 'token', 'representation_size': None})
+
+  config = ml_collections.ConfigDict(
+      {
+          'patches': {'size': (4, 4)},
+          'hidden_size': 8,
+          'transformer': {
+              'mlp_dim': 16,
+              'num_heads': 2,
+              'num_layers': 1,
+              'attention_dropout_rate': 0.0,
+              'dropout_rate': 0.0,
+          },
+          'classifier': 'token',
+          'representation_size': None,
+      }
+  )
   model = vit_jax.models.VisionTransformer(num_classes=3, **config)
   x = random_images((1, 8, 8, 3))
   variables = {'params': init_params(model, x)}
@@ -269,18 +337,25 @@ def test_unknown_override_names_the_field():
 
 
 def test_overrides_merge_into_nested_configs():
-  model = vit_jax.models.get_model('ViT-B_16', num_classes=10,
-                                   transformer={'dropout_rate': 0.3})
+  model = vit_jax.models.get_model(
+      'ViT-B_16', num_classes=10, transformer={'dropout_rate': 0.3}
+  )
   assert vit.config_value(model.transformer, 'dropout_rate') == 0.3
   assert vit.config_value(model.transformer, 'num_layers') == 12
-  assert vit_jax.models.get_config('ViT-B_16')['transformer'][
-      'dropout_rate'] == 0.0
+  assert (
+      vit_jax.models.get_config('ViT-B_16')['transformer']['dropout_rate']
+      == 0.0
+  )
 
 
-@pytest.mark.parametrize('kind,size,message', [
-    ('vit', 18, r'18x18 is not divisible by the patch size 4x4'),
-    ('hybrid', 36, r'36x36 is not divisible by the total stride 8x8'),
-    ('mixer', 10, r'10x10 is not divisible by the patch size 4x4')])
+@pytest.mark.parametrize(
+    'kind,size,message',
+    [
+        ('vit', 18, r'18x18 is not divisible by the patch size 4x4'),
+        ('hybrid', 36, r'36x36 is not divisible by the total stride 8x8'),
+        ('mixer', 10, r'10x10 is not divisible by the patch size 4x4'),
+    ],
+)
 def test_image_size_not_divisible_by_patch_size(kind, size, message):
   model, _ = tiny_model(kind)
   with pytest.raises(ValueError, match=message):
@@ -289,14 +364,17 @@ def test_image_size_not_divisible_by_patch_size(kind, size, message):
 
 def test_params_for_another_resolution_say_how_to_resize():
   model, size = tiny_model('vit')
-  variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
-                         train=False)
+  variables = model.init(
+      jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False
+  )
   with pytest.raises(ValueError, match='load_pretrained'):
     model.apply(variables, jnp.zeros((1, 2 * size, 2 * size, 3)), train=False)
 
 
 @pytest.mark.slow
 def test_models_package_does_not_import_tensorflow():
-  code = ('import sys, vit_jax.models, vit_jax.checkpoint; '
-          'assert "tensorflow" not in sys.modules, "tensorflow imported"')
+  code = (
+      'import sys, vit_jax.models, vit_jax.checkpoint; '
+      'assert "tensorflow" not in sys.modules, "tensorflow imported"'
+  )
   subprocess.run([sys.executable, '-c', code], check=True)

@@ -12,8 +12,11 @@ from vit_jax import objectives
 from vit_jax.objectives import protocol
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INTERFACE = tuple(name for name, _ in inspect.getmembers(
-    protocol.Objective, inspect.isfunction) if not name.startswith('_'))
+INTERFACE = tuple(
+    name
+    for name, _ in inspect.getmembers(protocol.Objective, inspect.isfunction)
+    if not name.startswith('_')
+)
 
 
 def _source(path):
@@ -40,8 +43,11 @@ def test_the_protocol_names_exactly_what_the_loop_uses():
 def test_unknown_objective_and_its_fields_are_refused():
   config = config_lib.get_base()
   config.objective = 'contrastive'
-  with pytest.raises(ValueError, match=r"config.objective='contrastive'; "
-                     r"use one of \('classification', 'mpp'\)"):
+  with pytest.raises(
+      ValueError,
+      match=r"config.objective='contrastive'; "
+      r"use one of \('classification', 'mpp'\)",
+  ):
     config_lib.parse(config)
   config.objective = 'classification'
   config.loss = 'hinge'

@@ -43,8 +43,9 @@ def _config(**overrides):
 
 
 def _schedule_config(decay, warmup=WARMUP):
-  return _config(base_lr=BASE_LR, total_steps=TOTAL, warmup_steps=warmup,
-                 decay_type=decay)
+  return _config(
+      base_lr=BASE_LR, total_steps=TOTAL, warmup_steps=warmup, decay_type=decay
+  )
 
 
 def _closed_form_lr(step, decay, warmup=WARMUP):
@@ -91,8 +92,13 @@ def test_schedule_known_points(decay):
   column = {'linear': 1, 'cosine': 2, 'constant': 3}[decay]
   for point in SCHEDULE_POINTS:
     step, expected = point[0], point[column]
-    np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-6,
-                               atol=1e-7, err_msg=f'{decay} step {step}')
+    np.testing.assert_allclose(
+        float(schedule(step)),
+        expected,
+        rtol=1e-6,
+        atol=1e-7,
+        err_msg=f'{decay} step {step}',
+    )
 
 
 @pytest.mark.parametrize('warmup', [0, WARMUP])
@@ -102,8 +108,9 @@ def test_schedule_matches_closed_form_at_every_step(decay, warmup):
   schedule = optim.make_schedule(optim_section(_schedule_config(decay, warmup)))
   steps = np.arange(TOTAL + 3)
   expected = [_closed_form_lr(s, decay, warmup) for s in steps]
-  np.testing.assert_allclose(np.asarray(schedule(jnp.asarray(steps))),
-                             expected, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+      np.asarray(schedule(jnp.asarray(steps))), expected, rtol=1e-6, atol=1e-7
+  )
   if warmup == 0:
     assert float(schedule(0)) == pytest.approx(BASE_LR)
 
@@ -123,9 +130,13 @@ def test_updates_follow_the_schedule(decay):
   grads = {'w': jnp.ones(())}
   for k in range(1, TOTAL + 1):
     updates, state = tx.update(grads, state, params)
-    np.testing.assert_allclose(float(updates['w']),
-                               -_closed_form_lr(k - 1, decay), rtol=1e-6,
-                               atol=1e-7, err_msg=f'update {k}')
+    np.testing.assert_allclose(
+        float(updates['w']),
+        -_closed_form_lr(k - 1, decay),
+        rtol=1e-6,
+        atol=1e-7,
+        err_msg=f'update {k}',
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -133,18 +144,23 @@ def test_updates_follow_the_schedule(decay):
 # ----------------------------------------------------------------------------
 
 # Two leaves with global norm 5 (3-4-5), and a tenth of them (norm 0.5).
-BIG = {'a': np.array([3.0, 0.0], np.float32),
-       'b': np.array([[0.0, 4.0]], np.float32)}
+BIG = {
+    'a': np.array([3.0, 0.0], np.float32),
+    'b': np.array([[0.0, 4.0]], np.float32),
+}
 SMALL = jax.tree_util.tree_map(lambda g: g / 10, BIG)
 
 
-@pytest.mark.parametrize('grads,clip,factor', [
-    (BIG, 1.0, 1 / 5),    # Global norm 5 > 1: rescaled to norm 1.
-    (BIG, 2.5, 2.5 / 5),  # Rescaled to norm 2.5.
-    (SMALL, 1.0, 1.0),    # Norm 0.5 < 1: untouched.
-    (BIG, 0.0, 1.0),      # 0 disables clipping.
-    (BIG, None, 1.0),     # So does None.
-])
+@pytest.mark.parametrize(
+    'grads,clip,factor',
+    [
+        (BIG, 1.0, 1 / 5),  # Global norm 5 > 1: rescaled to norm 1.
+        (BIG, 2.5, 2.5 / 5),  # Rescaled to norm 2.5.
+        (SMALL, 1.0, 1.0),  # Norm 0.5 < 1: untouched.
+        (BIG, 0.0, 1.0),  # 0 disables clipping.
+        (BIG, None, 1.0),  # So does None.
+    ],
+)
 def test_gradient_clipping_by_global_norm(grads, clip, factor):
   """update = -lr * g * min(1, clip / ||g||), ||.|| over all leaves together.
 
@@ -152,15 +168,22 @@ def test_gradient_clipping_by_global_norm(grads, clip, factor):
   element-wise clipping would give [1, 0], [[0, 1]] as well: neither matches.
   """
   lr = 0.1
-  config = _config(optimizer='sgd', momentum=0.0, base_lr=lr, warmup_steps=0,
-                   decay_type='constant', weight_decay=0.0,
-                   grad_clip_norm=clip)
+  config = _config(
+      optimizer='sgd',
+      momentum=0.0,
+      base_lr=lr,
+      warmup_steps=0,
+      decay_type='constant',
+      weight_decay=0.0,
+      grad_clip_norm=clip,
+  )
   tx, _ = optim.make_optimizer(optim_section(config))
   params = jax.tree_util.tree_map(np.zeros_like, grads)
   updates, _ = tx.update(grads, tx.init(params), params)
   for name in grads:
-    np.testing.assert_allclose(np.asarray(updates[name]),
-                               -lr * factor * grads[name], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(updates[name]), -lr * factor * grads[name], rtol=1e-6
+    )
 
 
 def test_clipping_acts_on_gradients_before_weight_decay():
@@ -170,14 +193,22 @@ def test_clipping_acts_on_gradients_before_weight_decay():
   SGD update is -0.1 * [1.1, 1.8]. Clipping after the decay would clip
   g + wd p = [3.5, 5] instead.
   """
-  config = _config(optimizer='sgd', momentum=0.0, base_lr=0.1, warmup_steps=0,
-                   decay_type='constant', weight_decay=0.5, grad_clip_norm=1.0)
+  config = _config(
+      optimizer='sgd',
+      momentum=0.0,
+      base_lr=0.1,
+      warmup_steps=0,
+      decay_type='constant',
+      weight_decay=0.5,
+      grad_clip_norm=1.0,
+  )
   tx, _ = optim.make_optimizer(optim_section(config))
   params = {'kernel': np.array([1.0, 2.0], np.float32)}
   grads = {'kernel': np.array([3.0, 4.0], np.float32)}
   updates, _ = tx.update(grads, tx.init(params), params)
-  np.testing.assert_allclose(np.asarray(updates['kernel']), [-0.11, -0.18],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(updates['kernel']), [-0.11, -0.18], rtol=1e-6
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -188,33 +219,51 @@ def test_clipping_acts_on_gradients_before_weight_decay():
 # head, and in every encoder block the four attention projections and the two
 # MLP layers. Everything else (biases, LayerNorm scales and biases, the
 # position embedding, the class token) must not be decayed.
-BLOCK_KERNELS = ('MlpBlock_0/Dense_0/kernel', 'MlpBlock_0/Dense_1/kernel',
-                 'MultiHeadDotProductAttention_0/query/kernel',
-                 'MultiHeadDotProductAttention_0/key/kernel',
-                 'MultiHeadDotProductAttention_0/value/kernel',
-                 'MultiHeadDotProductAttention_0/out/kernel')
-NOT_DECAYED_EXAMPLES = ('cls', 'Transformer/posembed_input/pos_embedding',
-                        'Transformer/encoder_norm/scale',
-                        'Transformer/encoder_norm/bias', 'embedding/bias',
-                        'head/bias')
+BLOCK_KERNELS = (
+    'MlpBlock_0/Dense_0/kernel',
+    'MlpBlock_0/Dense_1/kernel',
+    'MultiHeadDotProductAttention_0/query/kernel',
+    'MultiHeadDotProductAttention_0/key/kernel',
+    'MultiHeadDotProductAttention_0/value/kernel',
+    'MultiHeadDotProductAttention_0/out/kernel',
+)
+NOT_DECAYED_EXAMPLES = (
+    'cls',
+    'Transformer/posembed_input/pos_embedding',
+    'Transformer/encoder_norm/scale',
+    'Transformer/encoder_norm/bias',
+    'embedding/bias',
+    'head/bias',
+)
 
 
 def _tiny_vit_params(scan):
   """Random parameters of a 2-layer 'testing' ViT (shapes via eval_shape)."""
   model = vit_jax.models.get_model(
-      'testing', num_classes=3, patches={'size': (4, 4)},
-      transformer={'num_layers': 2}, scan=scan)
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False))['params']
+      'testing',
+      num_classes=3,
+      patches={'size': (4, 4)},
+      transformer={'num_layers': 2},
+      scan=scan,
+  )
+  shapes = jax.eval_shape(
+      lambda: model.init(
+          jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False
+      )
+  )['params']
   # Random values: the head is zero-initialised, and decay of 0 is invisible.
   return randomize(shapes, seed=1)
 
 
 def _expected_kernels(scan):
-  blocks = ['Transformer/encoderblock'] if scan else [
-      'Transformer/encoderblock_0', 'Transformer/encoderblock_1']
+  blocks = (
+      ['Transformer/encoderblock']
+      if scan
+      else ['Transformer/encoderblock_0', 'Transformer/encoderblock_1']
+  )
   return {'embedding/kernel', 'head/kernel'} | {
-      f'{block}/{name}' for block in blocks for name in BLOCK_KERNELS}
+      f'{block}/{name}' for block in blocks for name in BLOCK_KERNELS
+  }
 
 
 @pytest.mark.parametrize('scan', [False, True])
@@ -228,12 +277,20 @@ def test_weight_decay_exact_on_kernels_only(name, scan):
   Non-kernels stay bit-identical in both steps.
   """
   lr, wd, m = 0.1, 0.3, 0.5
-  config = _config(optimizer=name, base_lr=lr, warmup_steps=0,
-                   decay_type='constant', weight_decay=wd, momentum=m)
+  config = _config(
+      optimizer=name,
+      base_lr=lr,
+      warmup_steps=0,
+      decay_type='constant',
+      weight_decay=wd,
+      momentum=m,
+  )
   tx, _ = optim.make_optimizer(optim_section(config))
   params = _tiny_vit_params(scan)
-  p0 = {k: np.asarray(v, np.float64)
-        for k, v in checkpoint.flatten(params).items()}
+  p0 = {
+      k: np.asarray(v, np.float64)
+      for k, v in checkpoint.flatten(params).items()
+  }
   kernels = _expected_kernels(scan)
   assert kernels <= set(p0)
   assert set(NOT_DECAYED_EXAMPLES) <= set(p0) - kernels
@@ -262,10 +319,12 @@ def test_weight_decay_exact_on_kernels_only(name, scan):
       want2 = want1 - lr * wd * want1
     else:
       want2 = want1 - lr * (wd * want1 + m * wd * value)
-    np.testing.assert_allclose(np.asarray(p1[key]), want1, rtol=1e-6,
-                               err_msg=key)
-    np.testing.assert_allclose(np.asarray(p2[key]), want2, rtol=1e-6,
-                               err_msg=key)
+    np.testing.assert_allclose(
+        np.asarray(p1[key]), want1, rtol=1e-6, err_msg=key
+    )
+    np.testing.assert_allclose(
+        np.asarray(p2[key]), want2, rtol=1e-6, err_msg=key
+    )
     assert not np.allclose(want1, value)  # The decay is visible.
 
 
@@ -308,8 +367,9 @@ def _run_two_steps(config, leaf):
   state = tx.init(params)
   out = []
   for g in GRADS:
-    updates, state = tx.update({leaf: jnp.asarray(g, jnp.float32)}, state,
-                               params)
+    updates, state = tx.update(
+        {leaf: jnp.asarray(g, jnp.float32)}, state, params
+    )
     params = optax.apply_updates(params, updates)
     out.append(np.asarray(params[leaf]))
   return out
@@ -319,8 +379,15 @@ def _run_two_steps(config, leaf):
 @pytest.mark.parametrize('leaf,wd', [('w', 0.0), ('kernel', 0.2)])
 def test_sgd_momentum_two_steps(leaf, wd):
   """Momentum 0.5 (not the default 0.9), decay coupled through momentum."""
-  config = _config(optimizer='sgd', momentum=0.5, base_lr=LR, warmup_steps=0,
-                   decay_type='constant', grad_clip_norm=0.0, weight_decay=wd)
+  config = _config(
+      optimizer='sgd',
+      momentum=0.5,
+      base_lr=LR,
+      warmup_steps=0,
+      decay_type='constant',
+      grad_clip_norm=0.0,
+      weight_decay=wd,
+  )
   got = _run_two_steps(config, leaf)
   want = _numpy_sgd(GRADS, 0.5, wd)
   # Without momentum step 2 would differ; check the test can tell.
@@ -336,18 +403,28 @@ def test_adam_betas_and_eps_two_steps(leaf, wd):
   Step 1 of Adam is sign(g) whatever the betas, so step 2 pins them; the
   third coordinate (|g| ~ eps) pins eps.
   """
-  config = _config(optimizer='adam', beta1=0.7, beta2=0.8, base_lr=LR,
-                   warmup_steps=0, decay_type='constant', grad_clip_norm=0.0,
-                   weight_decay=wd)
+  config = _config(
+      optimizer='adam',
+      beta1=0.7,
+      beta2=0.8,
+      base_lr=LR,
+      warmup_steps=0,
+      decay_type='constant',
+      grad_clip_norm=0.0,
+      weight_decay=wd,
+  )
   got = _run_two_steps(config, leaf)
   want = _numpy_adam(GRADS, 0.7, 0.8, wd)
   # The test can tell default betas and another eps apart.
-  assert not np.allclose(want[1], _numpy_adam(GRADS, 0.9, 0.8, wd)[1],
-                         rtol=1e-4)
-  assert not np.allclose(want[1], _numpy_adam(GRADS, 0.7, 0.999, wd)[1],
-                         rtol=1e-4)
-  assert not np.allclose(want[0], _numpy_adam(GRADS, 0.7, 0.8, wd, 1e-6)[0],
-                         rtol=1e-4)
+  assert not np.allclose(
+      want[1], _numpy_adam(GRADS, 0.9, 0.8, wd)[1], rtol=1e-4
+  )
+  assert not np.allclose(
+      want[1], _numpy_adam(GRADS, 0.7, 0.999, wd)[1], rtol=1e-4
+  )
+  assert not np.allclose(
+      want[0], _numpy_adam(GRADS, 0.7, 0.8, wd, 1e-6)[0], rtol=1e-4
+  )
   for step, (g, w) in enumerate(zip(got, want), start=1):
     np.testing.assert_allclose(g, w, rtol=1e-6, err_msg=f'step {step}')
 
@@ -357,17 +434,31 @@ def test_first_moment_in_bfloat16(optimizer):
   """`mu_dtype='bfloat16'` stores Adam's mu / SGD's momentum in bfloat16
   (half its memory), Adam's nu stays float32, and the updates stay those of
   the numpy references to bfloat16 precision."""
-  config = _config(optimizer=optimizer, beta1=0.7, beta2=0.8, momentum=0.5,
-                   base_lr=LR, warmup_steps=0, decay_type='constant',
-                   grad_clip_norm=0.0, weight_decay=0.0, mu_dtype='bfloat16')
+  config = _config(
+      optimizer=optimizer,
+      beta1=0.7,
+      beta2=0.8,
+      momentum=0.5,
+      base_lr=LR,
+      warmup_steps=0,
+      decay_type='constant',
+      grad_clip_norm=0.0,
+      weight_decay=0.0,
+      mu_dtype='bfloat16',
+  )
   tx, _ = optim.make_optimizer(optim_section(config))
   state = tx.init({'w': jnp.asarray(P0, jnp.float32)})
-  dtypes = sorted(str(x.dtype) for x in jax.tree_util.tree_leaves(state)
-                  if x.ndim)
-  assert dtypes == (['bfloat16', 'float32'] if optimizer == 'adam'
-                    else ['bfloat16'])
+  dtypes = sorted(
+      str(x.dtype) for x in jax.tree_util.tree_leaves(state) if x.ndim
+  )
+  assert dtypes == (
+      ['bfloat16', 'float32'] if optimizer == 'adam' else ['bfloat16']
+  )
   got = _run_two_steps(config, 'w')
-  want = (_numpy_adam(GRADS, 0.7, 0.8) if optimizer == 'adam'
-          else _numpy_sgd(GRADS, 0.5, 0.0))
+  want = (
+      _numpy_adam(GRADS, 0.7, 0.8)
+      if optimizer == 'adam'
+      else _numpy_sgd(GRADS, 0.5, 0.0)
+  )
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=2e-2, atol=1e-3 * LR)

@@ -38,38 +38,54 @@ def _constraints():
 
 def test_the_tpu_extra_is_jax_tpu_over_the_tested_jax_range(monkeypatch):
   kwargs = _setup_kwargs(monkeypatch)
-  (jax,) = [r for r in map(requirements.Requirement, kwargs['install_requires'])
-            if r.name == 'jax']
+  (jax,) = [
+      r
+      for r in map(requirements.Requirement, kwargs['install_requires'])
+      if r.name == 'jax'
+  ]
   (tpu,) = map(requirements.Requirement, kwargs['extras_require']['tpu'])
-  assert (tpu.name, tpu.extras, tpu.specifier) == ('jax', {'tpu'},
-                                                   jax.specifier)
+  assert (tpu.name, tpu.extras, tpu.specifier) == (
+      'jax',
+      {'tpu'},
+      jax.specifier,
+  )
 
 
 def test_constraints_pin_what_jaxs_tpu_extra_installs():
   # The TPU VM install (launch/tpu_setup.sh) is `-c constraints.txt`: jax's
   # tpu extra must find its libtpu (and jaxlib) pinned to versions it accepts.
   pins = _constraints()
-  wanted = [requirements.Requirement(r)
-            for r in importlib.metadata.requires('jax')
-            if 'extra == "tpu"' in r]
+  wanted = [
+      requirements.Requirement(r)
+      for r in importlib.metadata.requires('jax')
+      if 'extra == "tpu"' in r
+  ]
   assert {r.name for r in wanted} >= {'jaxlib', 'libtpu'}
   for requirement in wanted:
     pin = pins.get(utils.canonicalize_name(requirement.name))
     assert pin and requirement.specifier.contains(pin), (requirement, pin)
 
 
-@pytest.mark.parametrize('extra, names', [
-    ('docs', {'sphinx', 'myst-parser'}),
-    ('lint', {'pyink', 'ruff', 'mypy'}),
-])
-def test_constraints_pin_the_ci_extras_within_their_ranges(monkeypatch, extra,
-                                                           names):
+@pytest.mark.parametrize(
+    'extra, names',
+    [
+        ('docs', {'sphinx', 'myst-parser'}),
+        ('lint', {'pyink', 'ruff', 'mypy'}),
+    ],
+)
+def test_constraints_pin_the_ci_extras_within_their_ranges(
+    monkeypatch, extra, names
+):
   # .ci/run builds the site from `pip install -e ".[docs]" -c constraints.txt`
   # and checks the code with the `lint` extra's tools, installed the same
   # way: each requirement pinned, the pin inside setup.py's tested range.
   pins = _constraints()
-  wanted = list(map(requirements.Requirement,
-                    _setup_kwargs(monkeypatch)['extras_require'][extra]))
+  wanted = list(
+      map(
+          requirements.Requirement,
+          _setup_kwargs(monkeypatch)['extras_require'][extra],
+      )
+  )
   assert {r.name for r in wanted} >= names
   for requirement in wanted:
     pin = pins.get(utils.canonicalize_name(requirement.name))

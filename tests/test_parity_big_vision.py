@@ -33,10 +33,12 @@ if os.environ.get('VIT_JAX_BIG_VISION_PATH'):
   sys.path.insert(0, os.environ['VIT_JAX_BIG_VISION_PATH'])
 bv_vit = pytest.importorskip(
     'big_vision.models.vit',
-    reason='set VIT_JAX_BIG_VISION_PATH to a big_vision clone')
+    reason='set VIT_JAX_BIG_VISION_PATH to a big_vision clone',
+)
 bv_utils = pytest.importorskip('big_vision.utils')
 bv_two_towers = pytest.importorskip(
-    'big_vision.models.proj.image_text.two_towers')
+    'big_vision.models.proj.image_text.two_towers'
+)
 
 MAX_ABS_DIFF = 1e-4
 _POOL = {'tok': 'token', 'gap': 'gap', 'map': 'map'}
@@ -46,65 +48,87 @@ _SIZE = 224
 def _write_big_vision_npz(params, path):
   """Writes `params` as big_vision's .npz checkpoints name them."""
   names_and_values, _ = bv_utils.tree_flatten_with_names({'params': params})
-  np.savez(path, **{name: np.asarray(value)
-                    for name, value in names_and_values})
+  np.savez(
+      path, **{name: np.asarray(value) for name, value in names_and_values}
+  )
 
 
 def _random_init(model, seed, scale=0.05):
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, _SIZE, _SIZE, 3)), train=False))
+  shapes = jax.eval_shape(
+      lambda: model.init(
+          jax.random.key(0), jnp.zeros((1, _SIZE, _SIZE, 3)), train=False
+      )
+  )
   # Small weights keep 12 layers' activations in a sane range.
   return randomize(shapes['params'], seed=seed, scale=scale)
 
 
-@pytest.mark.parametrize('variant,name,pool,posemb,scan', [
-    ('Ti/16', 'ViT-Ti_16', 'tok', 'learn', False),
-    ('Ti/16', 'ViT-Ti_16', 'gap', 'sincos2d', True),
-    ('Ti/16', 'ViT-Ti_16', 'map', 'learn', True),
-    ('Ti/16', 'ViT-Ti_16', 'map', 'sincos2d', False),
-    ('B/16', 'ViT-B_16', 'gap', 'learn', False),
-])
+@pytest.mark.parametrize(
+    'variant,name,pool,posemb,scan',
+    [
+        ('Ti/16', 'ViT-Ti_16', 'tok', 'learn', False),
+        ('Ti/16', 'ViT-Ti_16', 'gap', 'sincos2d', True),
+        ('Ti/16', 'ViT-Ti_16', 'map', 'learn', True),
+        ('Ti/16', 'ViT-Ti_16', 'map', 'sincos2d', False),
+        ('B/16', 'ViT-B_16', 'gap', 'learn', False),
+    ],
+)
 def test_big_vision_classifier_file_gives_its_logits(
-    tmp_path, variant, name, pool, posemb, scan):
-  bv_model = bv_vit.Model(num_classes=10, variant=variant, pool_type=pool,
-                          posemb=posemb, scan=scan)
+    tmp_path, variant, name, pool, posemb, scan
+):
+  bv_model = bv_vit.Model(
+      num_classes=10, variant=variant, pool_type=pool, posemb=posemb, scan=scan
+  )
   params = _random_init(bv_model, seed=len(pool) + scan)
   path = str(tmp_path / 'bv.npz')
   _write_big_vision_npz(params, path)
   images = random_images((2, _SIZE, _SIZE, 3), seed=1)
   want, _ = bv_model.apply({'params': params}, images, train=False)
-  model = vit_jax.models.get_model(name, num_classes=10,
-                                   classifier=_POOL[pool], posemb=posemb)
+  model = vit_jax.models.get_model(
+      name, num_classes=10, classifier=_POOL[pool], posemb=posemb
+  )
   got = model.apply({'params': checkpoint.load(path)}, images, train=False)
   diff = float(np.max(np.abs(np.asarray(got) - np.asarray(want))))
-  print(f'{variant} pool={pool} posemb={posemb} scan={scan}: max abs logit '
-        f'difference {diff:.2e} (logits up to '
-        f'{float(np.max(np.abs(want))):.2f})')
+  print(
+      f'{variant} pool={pool} posemb={posemb} scan={scan}: max abs logit '
+      f'difference {diff:.2e} (logits up to '
+      f'{float(np.max(np.abs(want))):.2f})'
+  )
   assert diff < MAX_ABS_DIFF
 
 
 def test_siglip_image_tower_gives_its_embeddings(tmp_path):
   # SigLIP B/16's image tower: MAP pooling, no head (out_dim None).
   bv_model = bv_two_towers.Model(
-      image={'variant': 'B/16', 'pool_type': 'map'}, out_dim=(None, 768),
+      image={'variant': 'B/16', 'pool_type': 'map'},
+      out_dim=(None, 768),
       text_model='proj.image_text.text_transformer',
-      text={'variant': 'B', 'vocab_size': 100})
-  shapes = jax.eval_shape(lambda: bv_model.init(
-      jax.random.key(0), jnp.zeros((1, _SIZE, _SIZE, 3)),
-      jnp.zeros((1, 16), jnp.int32)))
+      text={'variant': 'B', 'vocab_size': 100},
+  )
+  shapes = jax.eval_shape(
+      lambda: bv_model.init(
+          jax.random.key(0),
+          jnp.zeros((1, _SIZE, _SIZE, 3)),
+          jnp.zeros((1, 16), jnp.int32),
+      )
+  )
   params = randomize(shapes['params'], seed=3, scale=0.05)
   path = str(tmp_path / 'siglip.npz')
   _write_big_vision_npz(params, path)
   images = random_images((2, _SIZE, _SIZE, 3), seed=2)
   _, _, out = bv_model.apply({'params': params}, images, None)
   want = np.asarray(out['img/pre_logits'])
-  model = vit_jax.models.get_model('ViT-B_16', num_classes=0,
-                                   classifier='map')
-  got = np.asarray(model.apply(
-      {'params': checkpoint.load(path, tower='img')}, images, train=False))
+  model = vit_jax.models.get_model('ViT-B_16', num_classes=0, classifier='map')
+  got = np.asarray(
+      model.apply(
+          {'params': checkpoint.load(path, tower='img')}, images, train=False
+      )
+  )
   diff = float(np.max(np.abs(got - want)))
-  print(f'SigLIP B/16 image tower: max abs embedding difference {diff:.2e} '
-        f'(embeddings up to {float(np.max(np.abs(want))):.2f})')
+  print(
+      f'SigLIP B/16 image tower: max abs embedding difference {diff:.2e} '
+      f'(embeddings up to {float(np.max(np.abs(want))):.2f})'
+  )
   assert diff < MAX_ABS_DIFF
   normalized = got / np.linalg.norm(got, axis=1, keepdims=True)
   np.testing.assert_allclose(normalized, out['img/normalized'], atol=1e-5)

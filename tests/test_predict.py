@@ -12,11 +12,11 @@ import pytest
 
 import helpers
 from vit_jax import checkpoint
-from vit_jax import run_checkpoints
 from vit_jax import config_lib
 from vit_jax import convert
 from vit_jax import export
 from vit_jax import predict
+from vit_jax import run_checkpoints
 import vit_jax.models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,8 +24,14 @@ ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
 
 
 def run_module(module, *args):
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=600, env=ENV)
+  return subprocess.run(
+      [sys.executable, '-m', module, *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=ENV,
+  )
 
 
 def softmax(x):
@@ -37,6 +43,7 @@ def softmax(x):
 def digits_images(digits_run, tmp_path_factory):
   """The shared digits run (conftest), and 16x16 digit PNGs."""
   import sklearn.datasets  # pylint: disable=g-import-not-at-top
+
   digits = sklearn.datasets.load_digits()
   folder = tmp_path_factory.mktemp('digit_images')
   paths = []
@@ -53,8 +60,9 @@ def digits_images(digits_run, tmp_path_factory):
 def run_model(workdir):
   """The run's model and final parameters, built here from its config."""
   run = config_lib.parse(config_lib.load_run_config(workdir))
-  params = checkpoint.load(os.path.join(workdir,
-                                        run_checkpoints.FINAL_PARAMS_FILE))
+  params = checkpoint.load(
+      os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE)
+  )
   model = vit_jax.models.get_model(num_classes=10, **run.model.model_args())
   return model, params
 
@@ -62,34 +70,53 @@ def run_model(workdir):
 @pytest.mark.slow
 def test_predict_on_a_digits_run(digits_images):
   workdir, folder, paths = digits_images
-  result = run_module('vit_jax.predict', f'--workdir={workdir}',
-                      f'--images={folder}', '--top_k=3', '--json')
+  result = run_module(
+      'vit_jax.predict',
+      f'--workdir={workdir}',
+      f'--images={folder}',
+      '--top_k=3',
+      '--json',
+  )
   assert result.returncode == 0, result.stderr[-4000:]
   out = json.loads(result.stdout)
   assert [p['image'] for p in out['predictions']] == paths  # Sorted.
   model, params = run_model(workdir)
-  images = np.stack([
-      np.repeat(np.asarray(Image.open(p), np.float32)[..., None], 3, -1)
-      / 127.5 - 1 for p in paths])
-  probs = softmax(np.asarray(model.apply({'params': params}, images,
-                                         train=False), np.float64))
+  images = np.stack(
+      [
+          np.repeat(np.asarray(Image.open(p), np.float32)[..., None], 3, -1)
+          / 127.5
+          - 1
+          for p in paths
+      ]
+  )
+  probs = softmax(
+      np.asarray(
+          model.apply({'params': params}, images, train=False), np.float64
+      )
+  )
   for prediction, p in zip(out['predictions'], probs):
     top = prediction['top_k']
     assert [t['rank'] for t in top] == [1, 2, 3]
     assert [t['index'] for t in top] == list(np.argsort(-p)[:3])
     # The run's class names are the digits themselves.
     assert [t['label'] for t in top] == [str(t['index']) for t in top]
-    np.testing.assert_allclose([t['probability'] for t in top],
-                               np.sort(p)[::-1][:3], atol=1e-5)
+    np.testing.assert_allclose(
+        [t['probability'] for t in top], np.sort(p)[::-1][:3], atol=1e-5
+    )
   # The table: one block per image, rank / probability / index / label.
-  result = run_module('vit_jax.predict', f'--workdir={workdir}', paths[0],
-                      '--top_k=2')
+  result = run_module(
+      'vit_jax.predict', f'--workdir={workdir}', paths[0], '--top_k=2'
+  )
   assert result.returncode == 0, result.stderr[-4000:]
   lines = result.stdout.strip().splitlines()
   assert lines[0] == paths[0] and len(lines) == 3
   first = out['predictions'][0]['top_k'][0]
-  assert lines[1].split() == ['1', f"{first['probability']:.4f}",
-                              str(first['index']), first['label']]
+  assert lines[1].split() == [
+      '1',
+      f"{first['probability']:.4f}",
+      str(first['index']),
+      first['label'],
+  ]
 
 
 @pytest.mark.slow
@@ -99,9 +126,13 @@ def test_convert_and_export_read_a_run(digits_images, tmp_path):
   hf = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   assert hf['id2label'] == {str(d): str(d) for d in range(10)}
   assert hf['image_size'] == 16 and hf['patch_size'] == 4
-  result = run_module('vit_jax.export', f'--workdir={workdir}',
-                      '--format=stablehlo', f'--out={tmp_path}/hlo',
-                      '--platforms=cpu')
+  result = run_module(
+      'vit_jax.export',
+      f'--workdir={workdir}',
+      '--format=stablehlo',
+      f'--out={tmp_path}/hlo',
+      '--platforms=cpu',
+  )
   assert result.returncode == 0, result.stderr[-4000:]
   assert 'stablehlo, 16x16 inputs' in result.stdout
   exported = export.load_stablehlo(str(tmp_path / 'hlo'))
@@ -110,9 +141,12 @@ def test_convert_and_export_read_a_run(digits_images, tmp_path):
   np.testing.assert_allclose(
       np.asarray(exported.call(images)),
       np.asarray(model.apply({'params': params}, images, train=False)),
-      atol=1e-5, rtol=0)
+      atol=1e-5,
+      rtol=0,
+  )
   assert (tmp_path / 'hlo' / 'labels.txt').read_text().split() == [
-      str(d) for d in range(10)]
+      str(d) for d in range(10)
+  ]
 
 
 @pytest.fixture(scope='module')
@@ -131,16 +165,23 @@ def test_predict_on_a_folder_of_images(folder_model, tmp_path):
   # Plus two with spatial structure (non-square, a gradient one way, stripes
   # the other), so that a transposed or mis-aligned resize shows.
   y, x = np.mgrid[:20, :28]
-  for i, image in enumerate([
-      np.stack([x * 9, (y // 4 % 2) * 255, 255 - x * 9], -1),
-      np.stack([(x // 3 % 2) * 255, y * 12, 255 - y * 12], -1)]):
+  for i, image in enumerate(
+      [
+          np.stack([x * 9, (y // 4 % 2) * 255, 255 - x * 9], -1),
+          np.stack([(x // 3 % 2) * 255, y * 12, 255 - y * 12], -1),
+      ]
+  ):
     path = str(tmp_path / 'images' / 'fox' / f'structured_{i}.png')
     Image.fromarray(image.astype(np.uint8)).save(path)
     paths.append(path)
   result = run_module(
-      'vit_jax.predict', f'--pretrained_path={root}/model.npz',
-      '--model=testing', f'--labels={root}/labels.txt',
-      f'--images={tmp_path}/images', '--json')
+      'vit_jax.predict',
+      f'--pretrained_path={root}/model.npz',
+      '--model=testing',
+      f'--labels={root}/labels.txt',
+      f'--images={tmp_path}/images',
+      '--json',
+  )
   assert result.returncode == 0, result.stderr[-4000:]
   predictions = json.loads(result.stdout)['predictions']
   assert sorted(p['image'] for p in predictions) == sorted(paths)
@@ -157,14 +198,25 @@ def test_predict_on_a_folder_of_images(folder_model, tmp_path):
     # An independent resize: PIL's bilinear upsampling (20x24 -> 32x32),
     # per channel in float, equals TF's half-pixel bilinear.
     image = Image.open(prediction['image']).convert('RGB')
-    x = np.stack([np.asarray(c.resize((32, 32), Image.BILINEAR))
-                  for c in (band.convert('F') for band in image.split())],
-                 axis=-1) / 127.5 - 1
-    p = softmax(np.asarray(model.apply({'params': params}, x[None],
-                                       train=False), np.float64))[0]
+    x = (
+        np.stack(
+            [
+                np.asarray(c.resize((32, 32), Image.BILINEAR))
+                for c in (band.convert('F') for band in image.split())
+            ],
+            axis=-1,
+        )
+        / 127.5
+        - 1
+    )
+    p = softmax(
+        np.asarray(
+            model.apply({'params': params}, x[None], train=False), np.float64
+        )
+    )[0]
     np.testing.assert_allclose(
-        [t['probability'] for t in top], p[[t['index'] for t in top]],
-        atol=1e-4)
+        [t['probability'] for t in top], p[[t['index'] for t in top]], atol=1e-4
+    )
     checked += 1
   assert checked >= 4
 
@@ -176,20 +228,20 @@ def test_predict_errors_name_the_problem(folder_model, tmp_path):
   good = helpers.make_image_folder(str(tmp_path / 'ok'), per_class=1)[:1]
   bad = tmp_path / 'broken.png'
   bad.write_bytes(b'\x89PNG\r\n\x1a\n truncated')
-  with pytest.raises(predict.PredictError,
-                     match=f'Cannot read image {bad}'):
+  with pytest.raises(predict.PredictError, match=f'Cannot read image {bad}'):
     predict.predict(loaded, good + [str(bad)])
-  with pytest.raises(predict.PredictError,
-                     match=r"has 1000 names but the model's head has 3 "
-                     'classes'):
-    predict.predict(loaded, good, class_names=predict.read_labels(
-        'imagenet1k'))
+  with pytest.raises(
+      predict.PredictError,
+      match=r"has 1000 names but the model's head has 3 " 'classes',
+  ):
+    predict.predict(loaded, good, class_names=predict.read_labels('imagenet1k'))
   with pytest.raises(predict.PredictError, match='does not exist'):
     predict.list_images([str(tmp_path / 'nope')])
   with pytest.raises(predict.PredictError, match='no such file'):
     predict.read_labels('imagenet5k')
-  headless = convert.Loaded(model.clone(num_classes=0), loaded.params,
-                            (32, 32), None, 'headless')
+  headless = convert.Loaded(
+      model.clone(num_classes=0), loaded.params, (32, 32), None, 'headless'
+  )
   with pytest.raises(predict.PredictError, match='no classification head'):
     predict.predict(headless, good)
 
@@ -202,8 +254,9 @@ def test_predict_at_each_images_own_size(folder_model, tmp_path):
   loaded = convert.load_model(str(root / 'model.npz'), model_name='testing')
   y, x = np.mgrid[:50, :28]
   paths, sizes = [], {}
-  for i, (height, width, grid) in enumerate([(20, 28, (1, 2)),
-                                             (50, 20, (3, 1))]):
+  for i, (height, width, grid) in enumerate(
+      [(20, 28, (1, 2)), (50, 20, (3, 1))]
+  ):
     image = np.stack([x * 9, (y // 4 % 2) * 255, 255 - y * 5], -1)
     paths.append(str(tmp_path / f'{i}.png'))
     Image.fromarray(image[:height, :width].astype(np.uint8)).save(paths[-1])
@@ -217,17 +270,27 @@ def test_predict_at_each_images_own_size(folder_model, tmp_path):
     image = predict.load_image(result['image'], size)[None]
     params = checkpoint.load_pretrained(
         pretrained_path=str(root / 'model.npz'),
-        init_params=helpers.init_params(model, image), model_config=model,
-        new_grid_size=grid)
+        init_params=helpers.init_params(model, image),
+        model_config=model,
+        new_grid_size=grid,
+    )
     params['head'] = loaded.params['head']
-    p = softmax(np.asarray(model.apply({'params': params}, image,
-                                       train=False), np.float64))[0]
+    p = softmax(
+        np.asarray(
+            model.apply({'params': params}, image, train=False), np.float64
+        )
+    )[0]
     top = result['top_k']
-    np.testing.assert_allclose([t['probability'] for t in top],
-                               p[[t['index'] for t in top]], atol=1e-5)
-  mixer = convert.Loaded(vit_jax.models.get_model('Mixer-B_16',
-                                                  num_classes=3), {},
-                         (32, 32), None, 'a mixer')
+    np.testing.assert_allclose(
+        [t['probability'] for t in top], p[[t['index'] for t in top]], atol=1e-5
+    )
+  mixer = convert.Loaded(
+      vit_jax.models.get_model('Mixer-B_16', num_classes=3),
+      {},
+      (32, 32),
+      None,
+      'a mixer',
+  )
   with pytest.raises(predict.PredictError, match='no dynamic_image_size'):
     predict.predict(mixer, paths, dynamic_image_size=True)
 

@@ -25,7 +25,8 @@ def _gradient(h=12, w=20):
 def test_decode_png_and_jpeg():
   image = _gradient()
   np.testing.assert_array_equal(
-      preprocess.decode(_encode(image, 'PNG')).numpy(), image)
+      preprocess.decode(_encode(image, 'PNG')).numpy(), image
+  )
   jpeg = preprocess.decode(_encode(image, 'JPEG')).numpy()
   assert jpeg.shape == image.shape and jpeg.dtype == np.uint8
   assert np.abs(jpeg.astype(int) - image).mean() < 8
@@ -37,8 +38,9 @@ def test_to_rgb_from_grey_and_rgba():
   assert rgb.shape == (2, 3, 3)
   np.testing.assert_array_equal(rgb[..., 2], grey[..., 0])
   rgba = np.concatenate([_gradient(2, 3), np.full((2, 3, 1), 9, np.uint8)], -1)
-  np.testing.assert_array_equal(preprocess.to_rgb(tf.constant(rgba)).numpy(),
-                                rgba[..., :3])
+  np.testing.assert_array_equal(
+      preprocess.to_rgb(tf.constant(rgba)).numpy(), rgba[..., :3]
+  )
 
 
 def test_inception_crop_is_deterministic_in_the_seed_and_in_bounds():
@@ -49,15 +51,19 @@ def test_inception_crop_is_deterministic_in_the_seed_and_in_bounds():
   np.testing.assert_array_equal(a, b)
   assert a.shape[0] <= 40 and a.shape[1] <= 60
   assert 0.1 * 2400 * 0.8 <= a.shape[0] * a.shape[1] <= 0.5 * 2400 * 1.2
-  shapes = {preprocess.inception_crop(
-      image, tf.constant([s, 0], tf.int64)).shape for s in range(10)}
+  shapes = {
+      preprocess.inception_crop(image, tf.constant([s, 0], tf.int64)).shape
+      for s in range(10)
+  }
   assert len(shapes) > 1
 
 
 def test_flip_is_seeded_and_flips():
   image = tf.constant(_gradient())
-  flipped = [preprocess.flip(image, tf.constant([s, 1], tf.int64)).numpy()
-             for s in range(20)]
+  flipped = [
+      preprocess.flip(image, tf.constant([s, 1], tf.int64)).numpy()
+      for s in range(20)
+  ]
   assert any((f == image.numpy()[:, ::-1]).all() for f in flipped)
   assert any((f == image.numpy()).all() for f in flipped)
   again = preprocess.flip(image, tf.constant([7, 1], tf.int64)).numpy()
@@ -76,38 +82,47 @@ def test_resize_central_crop_and_resize_small():
 
 def test_value_range_and_one_hot():
   np.testing.assert_allclose(
-      preprocess.value_range(tf.constant([0, 255, 127.5])).numpy(),
-      [-1, 1, 0])
+      preprocess.value_range(tf.constant([0, 255, 127.5])).numpy(), [-1, 1, 0]
+  )
   np.testing.assert_array_equal(
-      preprocess.one_hot(tf.constant(2), 4).numpy(), [0, 0, 1, 0])
+      preprocess.one_hot(tf.constant(2), 4).numpy(), [0, 0, 1, 0]
+  )
 
 
 @pytest.mark.parametrize('train', [True, False])
 def test_preprocess_fn_inside_tf_data(train):
-  pp = preprocess.PreprocessConfig(image_size=8, num_classes=5,
-                                   eval_crop_fraction=0.875)
+  pp = preprocess.PreprocessConfig(
+      image_size=8, num_classes=5, eval_crop_fraction=0.875
+  )
   fn = preprocess.make_preprocess_fn(pp, train=train)
   grey = np.full((10, 14, 1), 255, np.uint8)
-  ds = tf.data.Dataset.from_tensor_slices({
-      'image': [_encode(_gradient(), 'PNG'), _encode(grey[..., 0], 'PNG')],
-      'label': tf.constant([1, 4], tf.int64),
-      'seed': tf.constant([[1, 2], [3, 4]], tf.int64)}).map(fn)
+  ds = tf.data.Dataset.from_tensor_slices(
+      {
+          'image': [_encode(_gradient(), 'PNG'), _encode(grey[..., 0], 'PNG')],
+          'label': tf.constant([1, 4], tf.int64),
+          'seed': tf.constant([[1, 2], [3, 4]], tf.int64),
+      }
+  ).map(fn)
   out = list(ds.as_numpy_iterator())
   assert [o['image'].shape for o in out] == [(8, 8, 3)] * 2
   assert all(o['image'].min() >= -1 and o['image'].max() <= 1 for o in out)
   np.testing.assert_allclose(out[1]['image'], 1.0, atol=1e-6)  # White grey.
   np.testing.assert_array_equal(out[1]['labels'], [0, 0, 0, 0, 1])
-  eager = fn({'image': tf.constant(_encode(_gradient(), 'PNG')),
-              'label': tf.constant(1, tf.int64),
-              'seed': tf.constant([1, 2], tf.int64)})
-  np.testing.assert_allclose(eager['image'].numpy(), out[0]['image'],
-                             atol=1e-6)
+  eager = fn(
+      {
+          'image': tf.constant(_encode(_gradient(), 'PNG')),
+          'label': tf.constant(1, tf.int64),
+          'seed': tf.constant([1, 2], tf.int64),
+      }
+  )
+  np.testing.assert_allclose(eager['image'].numpy(), out[0]['image'], atol=1e-6)
 
 
 def test_preprocess_config_rejects_unknown_fields():
   with pytest.raises(ValueError, match=r"unknown field\(s\) \['flipp'\]"):
     preprocess.PreprocessConfig.from_config(
-        {'flipp': True}, image_size=8, num_classes=2)
+        {'flipp': True}, image_size=8, num_classes=2
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -149,7 +164,8 @@ def _crop_area_theory(a_min, a_max=1.0, aspect=_ASPECT, below=None):
     return np.clip((np.sqrt(below / r) - a) / (b - a), 0.0, 1.0)
 
   average = lambda g: integrate.quad(g, *aspect, points=[1.0])[0] / (
-      aspect[1] - aspect[0])
+      aspect[1] - aspect[0]
+  )
   mean = average(moment1)
   std = np.sqrt(average(moment2) - mean**2)
   return mean, std, (average(tail) if below is not None else None)
@@ -158,10 +174,17 @@ def _crop_area_theory(a_min, a_max=1.0, aspect=_ASPECT, below=None):
 def _inception_crop_sizes(num_seeds, size=200, **kwargs):
   """(height, width) of `inception_crop` on a size x size image per seed."""
   image = tf.zeros((size, size, 1), tf.uint8)
-  crop_shape = tf.function(lambda seed: tf.shape(
-      preprocess.inception_crop(image, seed, **kwargs))[:2])
-  return np.array([crop_shape(tf.constant([s, 17], tf.int64)).numpy()
-                   for s in range(num_seeds)])
+  crop_shape = tf.function(
+      lambda seed: tf.shape(preprocess.inception_crop(image, seed, **kwargs))[
+          :2
+      ]
+  )
+  return np.array(
+      [
+          crop_shape(tf.constant([s, 17], tf.int64)).numpy()
+          for s in range(num_seeds)
+      ]
+  )
 
 
 def test_inception_crop_default_ranges_and_area_distribution():
@@ -183,7 +206,9 @@ def test_inception_crop_default_ranges_and_area_distribution():
   assert abs(area.mean() - mean) < 4 * std / np.sqrt(n), (area.mean(), mean)
   tail_sigma = np.sqrt(below * (1 - below) / n)
   assert abs((area < 0.08).mean() - below) < 4 * tail_sigma, (
-      (area < 0.08).mean(), below)
+      (area < 0.08).mean(),
+      below,
+  )
   # Aspect ratio uniform in (3/4, 4/3): mean 1.042 (log-uniform: 1.014).
   aspect_mean = sum(_ASPECT) / 2
   aspect_sigma = (_ASPECT[1] - _ASPECT[0]) / np.sqrt(12 * n)
@@ -193,8 +218,9 @@ def test_inception_crop_default_ranges_and_area_distribution():
 def _coordinate_png(size=200):
   """RGB PNG whose red channel is the column and green the row (0..size-1)."""
   rows, cols = np.mgrid[0:size, 0:size]
-  return _encode(np.stack([cols, rows, np.zeros_like(rows)], -1).astype(
-      np.uint8), 'PNG')
+  return _encode(
+      np.stack([cols, rows, np.zeros_like(rows)], -1).astype(np.uint8), 'PNG'
+  )
 
 
 def _crop_windows(out, image_size):
@@ -216,14 +242,21 @@ def _crop_windows(out, image_size):
 def test_crop_area_range_from_config_reaches_the_crop():
   """config.pp.crop_area_range=(0.9, 1) gives crops of >= 90% of the image."""
   pp = preprocess.PreprocessConfig.from_config(
-      {'crop_area_range': [0.9, 1.0], 'flip': False}, image_size=8,
-      num_classes=2)
+      {'crop_area_range': [0.9, 1.0], 'flip': False},
+      image_size=8,
+      num_classes=2,
+  )
   fn = preprocess.make_preprocess_fn(pp, train=True)
   data = tf.constant(_coordinate_png())
   areas = []
   for s in range(40):
-    out = fn({'image': data, 'label': tf.constant(0, tf.int64),
-              'seed': tf.constant([s, 5], tf.int64)})['image'].numpy()
+    out = fn(
+        {
+            'image': data,
+            'label': tf.constant(0, tf.int64),
+            'seed': tf.constant([s, 5], tf.int64),
+        }
+    )['image'].numpy()
     top, left, height, width = _crop_windows(out, 8)
     assert 0 <= top and top + height <= 200 and 0 <= left
     assert left + width <= 200
@@ -251,9 +284,10 @@ def test_flip_probability_is_one_half():
 def test_flip_mirrors_the_width_axis_only():
   """A flip reverses columns (x), never rows, on a non-square image."""
   image = _gradient(4, 7)
-  outs = [preprocess.flip(tf.constant(image),
-                          tf.constant([s, 0], tf.int64)).numpy()
-          for s in range(16)]
+  outs = [
+      preprocess.flip(tf.constant(image), tf.constant([s, 0], tf.int64)).numpy()
+      for s in range(16)
+  ]
   flipped = [o for o in outs if not (o == image).all()]
   assert flipped and len(flipped) < len(outs)
   for out in flipped:
@@ -265,13 +299,19 @@ def test_flip_mirrors_the_width_axis_only():
 def test_flip_in_the_train_preprocess_fn():
   """make_preprocess_fn flips about half the examples, along x only."""
   pp = preprocess.PreprocessConfig.from_config(
-      {'inception_crop': False}, image_size=8, num_classes=2)
+      {'inception_crop': False}, image_size=8, num_classes=2
+  )
   fn = tf.function(preprocess.make_preprocess_fn(pp, train=True))
   data = tf.constant(_coordinate_png(16))
   n, flips = 200, 0
   for s in range(n):
-    out = fn({'image': data, 'label': tf.constant(0, tf.int64),
-              'seed': tf.constant([s, 9], tf.int64)})['image'].numpy()
+    out = fn(
+        {
+            'image': data,
+            'label': tf.constant(0, tf.int64),
+            'seed': tf.constant([s, 9], tf.int64),
+        }
+    )['image'].numpy()
     dx = np.diff(out[..., 0], axis=1)
     dy = np.diff(out[..., 1], axis=0)
     assert (dy > 0).all()  # Rows never reversed.
@@ -279,8 +319,14 @@ def test_flip_in_the_train_preprocess_fn():
     flips += int((dx < 0).all())
   assert abs(flips - n / 2) < 4 * np.sqrt(n / 4), flips
   no_flip = preprocess.make_preprocess_fn(
-      dataclasses.replace(pp, flip=False), train=True)
+      dataclasses.replace(pp, flip=False), train=True
+  )
   for s in range(10):
-    out = no_flip({'image': data, 'label': tf.constant(0, tf.int64),
-                   'seed': tf.constant([s, 9], tf.int64)})['image'].numpy()
+    out = no_flip(
+        {
+            'image': data,
+            'label': tf.constant(0, tf.int64),
+            'seed': tf.constant([s, 9], tf.int64),
+        }
+    )['image'].numpy()
     assert (np.diff(out[..., 0], axis=1) > 0).all()

@@ -31,8 +31,16 @@ IDENTITY_AT_ZERO = GEOMETRIC + ('Cutout', 'SolarizeAdd')
 # `ra.posterize`), Solarize's threshold 0 inverts everything, the enhance ops
 # blend with factor 0.1 (mostly the degenerate image), and AutoContrast,
 # Equalize, Invert have no magnitude at all.
-CHANGED_AT_ZERO = ('Posterize', 'Solarize', 'Color', 'Contrast', 'Brightness',
-                   'Sharpness', 'Equalize', 'Invert')
+CHANGED_AT_ZERO = (
+    'Posterize',
+    'Solarize',
+    'Color',
+    'Contrast',
+    'Brightness',
+    'Sharpness',
+    'Equalize',
+    'Invert',
+)
 
 
 def _random_image(h=32, w=32, seed=0):
@@ -49,13 +57,36 @@ def test_the_op_list_and_level_mappings_are_big_visions():
   # `available_ops` in its order (an op is drawn by index), the ops it
   # passes through `_randomly_negate_tensor`, and its RandAugment constants.
   assert ra.OPS == (
-      'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize',
-      'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY',
-      'TranslateX', 'TranslateY', 'Cutout', 'SolarizeAdd')
-  assert ra.SIGNED_OPS == {'Rotate', 'ShearX', 'ShearY', 'TranslateX',
-                           'TranslateY'}
+      'AutoContrast',
+      'Equalize',
+      'Invert',
+      'Rotate',
+      'Posterize',
+      'Solarize',
+      'Color',
+      'Contrast',
+      'Brightness',
+      'Sharpness',
+      'ShearX',
+      'ShearY',
+      'TranslateX',
+      'TranslateY',
+      'Cutout',
+      'SolarizeAdd',
+  )
+  assert ra.SIGNED_OPS == {
+      'Rotate',
+      'ShearX',
+      'ShearY',
+      'TranslateX',
+      'TranslateY',
+  }
   assert (ra.MAX_LEVEL, ra.TRANSLATE_CONST, ra.CUTOUT_CONST, ra.REPLACE) == (
-      10.0, 100, 40, 128)
+      10.0,
+      100,
+      40,
+      128,
+  )
   assert set(ra.OPS) == set(ra._FUNCS) | {'Cutout'}  # pylint: disable=protected-access
   assert ra.level_to_arg('Rotate', 10) == 30.0
   assert ra.level_to_arg('Posterize', 10) == 4
@@ -109,10 +140,12 @@ def test_invert_solarize_posterize_solarize_add_known_answers():
   x = np.repeat(x, 3, -1)
   t = tf.constant(x)
   np.testing.assert_array_equal(ra.invert(t).numpy(), 255 - x)
-  np.testing.assert_array_equal(ra.solarize(t, 128).numpy(),
-                                np.where(x < 128, x, 255 - x))
-  np.testing.assert_array_equal(ra.solarize(t, 200).numpy(),
-                                np.where(x < 200, x, 255 - x))
+  np.testing.assert_array_equal(
+      ra.solarize(t, 128).numpy(), np.where(x < 128, x, 255 - x)
+  )
+  np.testing.assert_array_equal(
+      ra.solarize(t, 200).numpy(), np.where(x < 200, x, 255 - x)
+  )
   # big_vision's uint8 threshold wraps: 256 (magnitude 10) inverts all.
   np.testing.assert_array_equal(ra.solarize(t, 256).numpy(), 255 - x)
   np.testing.assert_array_equal(ra.posterize(t, 2).numpy(), x & 0b11000000)
@@ -120,8 +153,9 @@ def test_invert_solarize_posterize_solarize_add_known_answers():
   np.testing.assert_array_equal(ra.posterize(t, 0).numpy(), x & 0b10000000)
   np.testing.assert_array_equal(ra.posterize(t, 8).numpy(), x)
   added = np.minimum(x.astype(int) + 110, 255)
-  np.testing.assert_array_equal(ra.solarize_add(t, 110).numpy(),
-                                np.where(x < 128, added, x))
+  np.testing.assert_array_equal(
+      ra.solarize_add(t, 110).numpy(), np.where(x < 128, added, x)
+  )
 
 
 def test_blend_ops_known_answers():
@@ -129,15 +163,18 @@ def test_blend_ops_known_answers():
   x = np.repeat(x, 3, -1)
   t = tf.constant(x)
   # Blend with black, truncated towards 0 and clipped (PIL Brightness).
-  np.testing.assert_array_equal(ra.brightness(t, 0.5).numpy(),
-                                np.floor(x * 0.5).astype(np.uint8))
+  np.testing.assert_array_equal(
+      ra.brightness(t, 0.5).numpy(), np.floor(x * 0.5).astype(np.uint8)
+  )
   np.testing.assert_array_equal(
       ra.brightness(t, 1.5).numpy(),
-      np.minimum(np.floor(x * 1.5), 255).astype(np.uint8))
+      np.minimum(np.floor(x * 1.5), 255).astype(np.uint8),
+  )
   np.testing.assert_array_equal(ra.brightness(t, 1.0).numpy(), x)
   # big_vision's Contrast blends with grey H*W/256 (here 6/256 -> 0).
-  np.testing.assert_array_equal(ra.contrast(t, 0.5).numpy(),
-                                np.floor(x * 0.5).astype(np.uint8))
+  np.testing.assert_array_equal(
+      ra.contrast(t, 0.5).numpy(), np.floor(x * 0.5).astype(np.uint8)
+  )
   big = tf.fill([32, 32, 3], tf.constant(10, tf.uint8))  # grey 1024/256 = 4.
   np.testing.assert_array_equal(ra.contrast(big, 0.5).numpy(), 7)
 
@@ -154,7 +191,8 @@ def test_sharpness_known_answer():
   # Factor 2 extrapolates: 2 * x - smooth, clipped.
   np.testing.assert_array_equal(
       ra.sharpness(tf.constant(x), 2.0),
-      np.clip(2 * x.astype(int) - smooth, 0, 255).astype(np.uint8))
+      np.clip(2 * x.astype(int) - smooth, 0, 255).astype(np.uint8),
+  )
 
 
 def test_autocontrast_and_equalize_known_answers():
@@ -166,14 +204,17 @@ def test_autocontrast_and_equalize_known_answers():
   np.testing.assert_array_equal(out[..., 0], [[0, 50], [100, 255]])
   np.testing.assert_array_equal(out[..., 1:], x[..., 1:])
   # PIL equalize of 4 values each once: step = (4 - 1) // 255 = 0 -> kept.
-  np.testing.assert_array_equal(ra.equalize(tf.constant(x)).numpy()[..., 0],
-                                x[..., 0])
+  np.testing.assert_array_equal(
+      ra.equalize(tf.constant(x)).numpy()[..., 0], x[..., 0]
+  )
   # 510 pixels at 10, 255 at 20, 255 at 30: step 3; LUT 0, 170, 255.
-  y = np.repeat(np.array([10] * 510 + [20] * 255 + [30] * 255, np.uint8),
-                3).reshape(30, 34, 3)
+  y = np.repeat(
+      np.array([10] * 510 + [20] * 255 + [30] * 255, np.uint8), 3
+  ).reshape(30, 34, 3)
   want = {10: 0, 20: 170, 30: 255}
-  np.testing.assert_array_equal(ra.equalize(tf.constant(y)).numpy(),
-                                np.vectorize(want.get)(y))
+  np.testing.assert_array_equal(
+      ra.equalize(tf.constant(y)).numpy(), np.vectorize(want.get)(y)
+  )
 
 
 @pytest.mark.parametrize('k', [1, 3, -2])
@@ -184,34 +225,35 @@ def test_translate_by_k_pixels_is_slicing_with_the_replace_value(k):
     want[:, :-k] = x[:, k:]
   else:
     want[:, -k:] = x[:, :k]
-  np.testing.assert_array_equal(ra.translate_x(tf.constant(x), k).numpy(),
-                                want)
+  np.testing.assert_array_equal(ra.translate_x(tf.constant(x), k).numpy(), want)
   want = np.full_like(x, 128)
   if k > 0:
     want[:-k] = x[k:]
   else:
     want[-k:] = x[:k]
-  np.testing.assert_array_equal(ra.translate_y(tf.constant(x), k).numpy(),
-                                want)
+  np.testing.assert_array_equal(ra.translate_y(tf.constant(x), k).numpy(), want)
 
 
 def test_rotate_and_shear_known_answers():
   x = _random_image(5, 5)
   # +90 degrees turns the content anticlockwise, as np.rot90.
-  np.testing.assert_array_equal(ra.rotate(tf.constant(x), 90.0).numpy(),
-                                np.rot90(x))
-  np.testing.assert_array_equal(ra.rotate(tf.constant(x), -90.0).numpy(),
-                                np.rot90(x, -1))
+  np.testing.assert_array_equal(
+      ra.rotate(tf.constant(x), 90.0).numpy(), np.rot90(x)
+  )
+  np.testing.assert_array_equal(
+      ra.rotate(tf.constant(x), -90.0).numpy(), np.rot90(x, -1)
+  )
   # Shear x by 1: row y reads columns x + y.
   want = np.full_like(x, 128)
   for y in range(5):
-    want[y, :5 - y] = x[y, y:]
-  np.testing.assert_array_equal(ra.shear_x(tf.constant(x), 1.0).numpy(),
-                                want)
+    want[y, : 5 - y] = x[y, y:]
+  np.testing.assert_array_equal(ra.shear_x(tf.constant(x), 1.0).numpy(), want)
   np.testing.assert_array_equal(
       ra.shear_y(tf.constant(x), 1.0).numpy(),
-      np.swapaxes(ra.shear_x(tf.constant(np.swapaxes(x, 0, 1)),
-                             1.0).numpy(), 0, 1))
+      np.swapaxes(
+          ra.shear_x(tf.constant(np.swapaxes(x, 0, 1)), 1.0).numpy(), 0, 1
+      ),
+  )
 
 
 def test_cutout_fills_a_square_of_twice_the_pad_size():
@@ -223,7 +265,7 @@ def test_cutout_fills_a_square_of_twice_the_pad_size():
     assert ((out == 128) | (out == 7)).all()
     rows, cols = np.nonzero(filled)
     # A (clipped) square: its bounding box is exactly filled.
-    box = filled[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    box = filled[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     assert box.all() and box.shape[0] <= 6 and box.shape[1] <= 6
     sizes.add(filled.sum())
   assert 36 in sizes  # Unclipped somewhere in 6 draws.
@@ -231,11 +273,9 @@ def test_cutout_fills_a_square_of_twice_the_pad_size():
 
 def test_randaugment_is_seeded_and_zero_layers_is_the_identity():
   image = tf.constant(_random_image())
-  np.testing.assert_array_equal(ra.randaugment(image, 0, 10, _seed(1)),
-                                image)
+  np.testing.assert_array_equal(ra.randaugment(image, 0, 10, _seed(1)), image)
   outs = [ra.randaugment(image, 2, 10, _seed(s)).numpy() for s in range(6)]
-  np.testing.assert_array_equal(ra.randaugment(image, 2, 10, _seed(4)),
-                                outs[4])
+  np.testing.assert_array_equal(ra.randaugment(image, 2, 10, _seed(4)), outs[4])
   assert len({o.tobytes() for o in outs}) > 3
   with pytest.raises(TypeError, match='uint8'):
     ra.randaugment(tf.cast(image, tf.float32), 2, 10, _seed(0))
@@ -244,11 +284,14 @@ def test_randaugment_is_seeded_and_zero_layers_is_the_identity():
 def test_randaugment_inside_tf_data_matches_eager():
   image = _random_image(16, 16)
   ds = tf.data.Dataset.range(5).map(
-      lambda i: ra.randaugment(tf.constant(image), 2, 15,
-                               tf.stack([i, tf.constant(9, tf.int64)])))
+      lambda i: ra.randaugment(
+          tf.constant(image), 2, 15, tf.stack([i, tf.constant(9, tf.int64)])
+      )
+  )
   for i, out in enumerate(ds):
     np.testing.assert_array_equal(
-        out.numpy(), ra.randaugment(tf.constant(image), 2, 15, _seed(i, 9)))
+        out.numpy(), ra.randaugment(tf.constant(image), 2, 15, _seed(i, 9))
+    )
 
 
 # The pipeline option.
@@ -261,26 +304,31 @@ def _png(array):
 
 
 def _features(i):
-  return {'image': tf.constant(_png(_random_image(20, 24, seed=i))),
-          'label': tf.constant(i % 3, tf.int64),
-          'seed': tf.constant([11, i], tf.int64)}
+  return {
+      'image': tf.constant(_png(_random_image(20, 24, seed=i))),
+      'label': tf.constant(i % 3, tf.int64),
+      'seed': tf.constant([11, i], tf.int64),
+  }
 
 
 def _pp(**kwargs):
-  return preprocess.PreprocessConfig.from_config(kwargs, image_size=16,
-                                                 num_classes=3)
+  return preprocess.PreprocessConfig.from_config(
+      kwargs, image_size=16, num_classes=3
+  )
 
 
 def _by_hand(features, randaugment):
   """The train pipeline written out: crop, resize, flip, [RA], range."""
   crop_seed, flip_seed = tf.unstack(
-      tf.random.experimental.stateless_split(features['seed'], 2))
+      tf.random.experimental.stateless_split(features['seed'], 2)
+  )
   image = preprocess.to_rgb(preprocess.decode(features['image']))
   image = preprocess.inception_crop(image, crop_seed)
   image = preprocess.flip(preprocess.resize(image, 16), flip_seed)
   if randaugment:
     seed = tf.random.experimental.stateless_fold_in(
-        features['seed'], tf.constant(1, tf.int64))
+        features['seed'], tf.constant(1, tf.int64)
+    )
     image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
     image = ra.randaugment(image, *randaugment, seed=seed)
   return preprocess.value_range(image).numpy()
@@ -301,10 +349,15 @@ def test_pipeline_without_randaugment_is_unchanged():
 def test_pipeline_randaugment_changes_images_deterministically():
   fn = preprocess.make_preprocess_fn(_pp(randaugment=[2, 10]), train=True)
   off = preprocess.make_preprocess_fn(_pp(), train=True)
-  ds = tf.data.Dataset.range(4).map(lambda i: {
-      'image': tf.constant([_png(_random_image(20, 24, seed=k))
-                            for k in range(4)])[i],
-      'label': i % 3, 'seed': tf.stack([tf.constant(11, tf.int64), i])})
+  ds = tf.data.Dataset.range(4).map(
+      lambda i: {
+          'image': tf.constant(
+              [_png(_random_image(20, 24, seed=k)) for k in range(4)]
+          )[i],
+          'label': i % 3,
+          'seed': tf.stack([tf.constant(11, tf.int64), i]),
+      }
+  )
   outs = [x['image'].numpy() for x in ds.map(fn)]
   changed = 0
   for i, out in enumerate(outs):
@@ -318,20 +371,32 @@ def test_pipeline_randaugment_changes_images_deterministically():
     changed += not np.array_equal(out, _by_hand(_features(i), (0, 10)))
   assert changed >= 3
   # Eval is never augmented.
-  evaluate = preprocess.make_preprocess_fn(_pp(randaugment=(2, 10)),
-                                           train=False)
+  evaluate = preprocess.make_preprocess_fn(
+      _pp(randaugment=(2, 10)), train=False
+  )
   plain = preprocess.make_preprocess_fn(_pp(), train=False)
-  np.testing.assert_array_equal(evaluate(_features(0))['image'],
-                                plain(_features(0))['image'])
+  np.testing.assert_array_equal(
+      evaluate(_features(0))['image'], plain(_features(0))['image']
+  )
 
 
-@pytest.mark.parametrize('value', [
-    (2,), (2, 10, 1), (-1, 5), (2, 21), (2, -1), (2.0, 10), (True, 10),
-    'ra', 2])
+@pytest.mark.parametrize(
+    'value',
+    [
+        (2,),
+        (2, 10, 1),
+        (-1, 5),
+        (2, 21),
+        (2, -1),
+        (2.0, 10),
+        (True, 10),
+        'ra',
+        2,
+    ],
+)
 def test_bad_randaugment_is_refused_naming_the_field(value):
   with pytest.raises(ValueError, match=r'config\.pp\.randaugment'):
-    preprocess.PreprocessConfig(image_size=8, num_classes=2,
-                                randaugment=value)
+    preprocess.PreprocessConfig(image_size=8, num_classes=2, randaugment=value)
 
 
 def test_good_randaugment_values():
@@ -354,8 +419,11 @@ def _tfa_stub():
     out = tf.raw_ops.ImageProjectiveTransformV3(
         images=images[None],
         transforms=tf.reshape(tf.cast(transforms, tf.float32), [1, 8]),
-        output_shape=tf.shape(images)[:2], fill_value=0.0,
-        interpolation='NEAREST', fill_mode='CONSTANT')
+        output_shape=tf.shape(images)[:2],
+        fill_value=0.0,
+        interpolation='NEAREST',
+        fill_mode='CONSTANT',
+    )
     return out[0]
 
   def rotate(images, angles):
@@ -395,8 +463,9 @@ def _big_vision_autoaugment(monkeypatch):
 
 def test_ops_match_big_vision(monkeypatch):
   bv = _big_vision_autoaugment(monkeypatch)
-  hparams = bv.HParams(cutout_const=ra.CUTOUT_CONST,
-                       translate_const=ra.TRANSLATE_CONST)
+  hparams = bv.HParams(
+      cutout_const=ra.CUTOUT_CONST, translate_const=ra.TRANSLATE_CONST
+  )
   image = tf.constant(_random_image(24, 20, seed=5))
   replace = [128, 128, 128]
   for magnitude in (0, 3, 5, 7, 10, 15, 20):
@@ -405,8 +474,11 @@ def test_ops_match_big_vision(monkeypatch):
       mine = ra.level_to_arg(name, magnitude)
       if mine is None:
         assert args == ()
-        np.testing.assert_array_equal(ra._FUNCS[name](image),  # pylint: disable=protected-access
-                                      bv.NAME_TO_FUNC[name](image), name)
+        np.testing.assert_array_equal(
+            ra._FUNCS[name](image),  # pylint: disable=protected-access
+            bv.NAME_TO_FUNC[name](image),
+            name,
+        )
         continue
       assert abs(float(args[0])) == pytest.approx(mine), (name, magnitude)
       if name == 'Cutout':

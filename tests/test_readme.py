@@ -18,14 +18,17 @@ REPO = README.parent
 
 
 def _pages():
-  return {pathlib.Path(f): pathlib.Path(f).read_text(encoding='utf-8')
-          for f in doc_files()}
+  return {
+      pathlib.Path(f): pathlib.Path(f).read_text(encoding='utf-8')
+      for f in doc_files()
+  }
 
 
 def _headings(text):
   """(level, title, start, end) of each Markdown heading outside code."""
-  fences = [m.span() for m in re.finditer(r'^ *```.*?^ *```', text,
-                                          flags=re.M | re.S)]
+  fences = [
+      m.span() for m in re.finditer(r'^ *```.*?^ *```', text, flags=re.M | re.S)
+  ]
   for match in re.finditer(r'^(#+) (.*)$', text, flags=re.M):
     if not any(a <= match.start() < b for a, b in fences):
       yield len(match.group(1)), match.group(2), match.start(), match.end()
@@ -42,7 +45,7 @@ def _section(title):
     headings = list(_headings(text))
     for i, (level, name, start, _) in enumerate(headings):
       if name == title:
-        end = next((s for l, _, s, _ in headings[i + 1:] if l <= level), None)
+        end = next((s for l, _, s, _ in headings[i + 1 :] if l <= level), None)
         found.append((path, text[start:end]))
   assert len(found) == 1, (title, [str(path) for path, _ in found])
   return found[0]
@@ -71,8 +74,11 @@ def _setup_commands():
   path, setup = _section('Set up')
   assert path == README
   (setup,) = _code_blocks(setup, 'bash')
-  return [c for c in (line.split('#')[0].strip() for line in
-                      setup.splitlines()) if c]
+  return [
+      c
+      for c in (line.split('#')[0].strip() for line in setup.splitlines())
+      if c
+  ]
 
 
 def test_ci_runs_the_readme_install_and_test_commands():
@@ -94,22 +100,29 @@ def test_readme_main_job_is_the_digits_config_command():
 def test_checkpoints_example_runs(tmp_path, monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   import vit_jax.models  # pylint: disable=g-import-not-at-top
   # A stand-in for the downloaded ViT-B_16.npz: the published shapes
   # (1000-class head, 224 px), zeros.
   model = vit_jax.models.get_model('ViT-B_16', num_classes=1000)
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), np.zeros((1, 224, 224, 3), np.float32),
-      train=False))['params']
+  shapes = jax.eval_shape(
+      lambda: model.init(
+          jax.random.key(0), np.zeros((1, 224, 224, 3), np.float32), train=False
+      )
+  )['params']
   monkeypatch.chdir(tmp_path)
-  checkpoint.save(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes),
-                  'ViT-B_16.npz')
+  checkpoint.save(
+      jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), 'ViT-B_16.npz'
+  )
   _run_example('Checkpoints')
   tuned = checkpoint.load('finetuned.npz')
   assert tuned['head']['kernel'].shape == (768, 10)
   assert tuned['Transformer']['posembed_input']['pos_embedding'].shape == (
-      1, 24 * 24 + 1, 768)
+      1,
+      24 * 24 + 1,
+      768,
+  )
 
 
 def _doc_commands():
@@ -178,12 +191,14 @@ def _defined_flags(program):
     files = _FLAG_SOURCES[program]
     files = (files,) if isinstance(files, str) else files
   source = ''.join((REPO / f).read_text() for f in files)
-  return (set(re.findall(r"DEFINE_\w+\(\s*'(\w+)'", source)) |
-          set(re.findall(r"add_argument\(\s*'--(\w+)'", source)))
+  return set(re.findall(r"DEFINE_\w+\(\s*'(\w+)'", source)) | set(
+      re.findall(r"add_argument\(\s*'--(\w+)'", source)
+  )
 
 
 def test_doc_commands_use_real_configs_fields_and_flags():
   from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
+
   commands = [(p, c) for p, c in _doc_commands() if _program(c)]
   assert len(commands) >= 40
   checked_configs = 0
@@ -195,13 +210,15 @@ def test_doc_commands_use_real_configs_fields_and_flags():
         continue
       # absl's negated booleans (--nofewshot).
       assert flag in defined or (
-          flag.startswith('no') and flag[2:] in defined), (path, command, flag)
+          flag.startswith('no') and flag[2:] in defined
+      ), (path, command, flag)
     spec = re.search(r'--config=(\S+)', command)
     if not spec or '<' in spec.group(1):
       continue  # The generic form `configs/<experiment>.py[:arg]`.
     config = config_lib.load_config_file(str(REPO / spec.group(1)))
     config_lib.apply_overrides(
-        config, re.findall(r'--config\.([\w.]+)=(\S+)', command))
+        config, re.findall(r'--config\.([\w.]+)=(\S+)', command)
+    )
     checked_configs += 1
   assert checked_configs >= 20
 
@@ -210,9 +227,9 @@ def test_doc_commands_use_real_configs_fields_and_flags():
 # start with, and why.
 _NOT_CHECKED = {
     'pip install': 'installs from the network (the install CI runs is '
-                   'README\'s, checked against .ci/run)',
+    "README's, checked against .ci/run)",
     'git clone': 'needs the network (the opt-in parity tests it prepares '
-                 'are checked to exist below)',
+    'are checked to exist below)',
     'python -c "import jax, numpy as np, vit_jax.models;': (
         'writes a random checkpoint for the fine-tuning example; '
         'tests/test_checkpoint.py covers checkpoint.save and load_pretrained'
@@ -251,8 +268,12 @@ def test_every_doc_command_is_checked_or_says_why_not():
       # tpu_setup.sh and tpu_run.sh on a simulated slice).
       assert exported, (path, command)
       result = subprocess.run(
-          ['bash', str(REPO / bare)], capture_output=True, text=True,
-          env=dict(os.environ, **exported, DRY_RUN='1'), check=False)
+          ['bash', str(REPO / bare)],
+          capture_output=True,
+          text=True,
+          env=dict(os.environ, **exported, DRY_RUN='1'),
+          check=False,
+      )
       assert result.returncode == 0, (command, result.stderr)
       assert 'gcloud compute tpus tpu-vm ' in result.stdout, command
       continue
@@ -261,12 +282,15 @@ def test_every_doc_command_is_checked_or_says_why_not():
       assert bare.startswith('sphinx-build -W -n -b html docs '), command
       assert 'sphinx-build -W -n ' in ci and ' docs ' in ci
       continue
-    raise AssertionError(f'{path.name}: no test checks `{command}`; check it '
-                         'or say why not in _NOT_CHECKED')
+    raise AssertionError(
+        f'{path.name}: no test checks `{command}`; check it '
+        'or say why not in _NOT_CHECKED'
+    )
 
 
 def _leaf_fields(config, prefix=''):
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   fields = set()
   for key, value in config.items():
     if isinstance(value, ml_collections.ConfigDict) and len(value):
@@ -278,9 +302,10 @@ def _leaf_fields(config, prefix=''):
 
 def test_configuration_reference_lists_every_field():
   from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
+
   _, section = _section('Configuration reference')
-  table = section[section.index('| group | fields |'):]
-  table = table[:table.index('\n\n')]
+  table = section[section.index('| group | fields |') :]
+  table = table[: table.index('\n\n')]
   listed = set(re.findall(r'`([\w.]+)`', table))
   assert listed == _leaf_fields(config_lib.get_base())
 
@@ -288,8 +313,12 @@ def test_configuration_reference_lists_every_field():
 def test_model_table_gflops_are_the_flops_module():
   from vit_jax import flops  # pylint: disable=g-import-not-at-top
   import vit_jax.models  # pylint: disable=g-import-not-at-top
-  rows = re.findall(r'^\| `([^`]+)` \| [\d,]+ \| ([\d.]+) \|',
-                    _section('The registered models')[1], flags=re.M)
+
+  rows = re.findall(
+      r'^\| `([^`]+)` \| [\d,]+ \| ([\d.]+) \|',
+      _section('The registered models')[1],
+      flags=re.M,
+  )
   assert sorted(name for name, _ in rows) == sorted(vit_jax.models.MODEL_NAMES)
   for name, gflops in rows:
     assert abs(flops.forward_flops(name) / 1e9 - float(gflops)) <= 0.005, name
@@ -300,8 +329,7 @@ def test_big_vision_example_runs(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   namespace = _run_example('big_vision and SigLIP checkpoints')
   assert namespace['embeddings'].shape == (2, 768)
-  posemb = namespace['params']['Transformer']['posembed_input'][
-      'pos_embedding']
+  posemb = namespace['params']['Transformer']['posembed_input']['pos_embedding']
   assert posemb.shape == (1, 576, 768)  # 24 x 24 patches, no class token.
 
 
@@ -319,18 +347,24 @@ _PYTHON_NOT_RUN = {
         'does not install'
     ),
 }
-_PYTHON_RUN = ('Use the models from your own JAX code', 'Checkpoints',
-               'big_vision and SigLIP checkpoints')
+_PYTHON_RUN = (
+    'Use the models from your own JAX code',
+    'Checkpoints',
+    'big_vision and SigLIP checkpoints',
+)
 
 
 def test_every_python_example_runs_or_says_why_not():
   for path, text in _pages().items():
     headings = list(_headings(text))
     for block in re.finditer(r'```python\n', text):
-      heading = [name for _, name, start, _ in headings
-                 if start < block.start()][-1]
+      heading = [
+          name for _, name, start, _ in headings if start < block.start()
+      ][-1]
       assert heading in _PYTHON_RUN or heading in _PYTHON_NOT_RUN, (
-          path.name, heading)
+          path.name,
+          heading,
+      )
   for title in _PYTHON_RUN + tuple(_PYTHON_NOT_RUN):
     assert _code_blocks(_section(title)[1], 'python'), title
 
@@ -338,5 +372,6 @@ def test_every_python_example_runs_or_says_why_not():
 def test_pages_quote_no_issue_numbers_or_sessions():
   # The pages speak to users: what is, measured when, on what, by what.
   for path, text in _pages().items():
-    assert not re.search(r'\b(issue \d+|session|this project)', text,
-                         flags=re.I), path.name
+    assert not re.search(
+        r'\b(issue \d+|session|this project)', text, flags=re.I
+    ), path.name

@@ -32,13 +32,15 @@ WITH_MODEL_AXIS = (('data', 2), ('fsdp', 2), ('model', 2))
 
 
 def test_todays_meshes_split_the_batch_over_every_device():
-  for axes in ((('data', -1), ('fsdp', 1)), (('data', 1), ('fsdp', -1)),
-               (('data', 2), ('fsdp', 4))):
+  for axes in (
+      (('data', -1), ('fsdp', 1)),
+      (('data', 1), ('fsdp', -1)),
+      (('data', 2), ('fsdp', 4)),
+  ):
     mesh = sharding.make_mesh(axes)
     assert sharding.batch_axes(mesh) == ('data', 'fsdp') == mesh.axis_names
     assert sharding.batch_sharding(mesh).spec == P(('data', 'fsdp'))
-    assert sharding.micro_batch_sharding(mesh).spec == P(None,
-                                                         ('data', 'fsdp'))
+    assert sharding.micro_batch_sharding(mesh).spec == P(None, ('data', 'fsdp'))
     assert sharding.batch_shards(mesh) == 8
 
 
@@ -63,8 +65,9 @@ def test_batch_is_split_over_data_and_fsdp_and_copied_over_model():
   # Each (data, fsdp) position holds its own 3 examples on both 'model'
   # devices; the 4 positions together hold the batch once.
   assert len(rows) == 4
-  assert all(len(set(starts)) == 1 and len(starts) == 2
-             for starts in rows.values())
+  assert all(
+      len(set(starts)) == 1 and len(starts) == 2 for starts in rows.values()
+  )
   assert sorted(starts[0] for starts in rows.values()) == [0, 3, 6, 9]
 
 
@@ -72,16 +75,24 @@ def test_batch_sizes_are_checked_against_the_data_like_axes():
   mesh = sharding.make_mesh(WITH_MODEL_AXIS)
   for batch in (4, 8, 12, 20):
     assert sharding.check_batch_size(batch, mesh) == batch
-  with pytest.raises(ValueError, match=re.escape(
-      'config.batch_eval=10 is not divisible by the 4 batch shards of the '
-      'mesh (data x fsdp = 2 x 2; the other axes hold copies); use a '
-      'multiple of 4 (e.g. 8)')):
+  with pytest.raises(
+      ValueError,
+      match=re.escape(
+          'config.batch_eval=10 is not divisible by the 4 batch shards of the '
+          'mesh (data x fsdp = 2 x 2; the other axes hold copies); use a '
+          'multiple of 4 (e.g. 8)'
+      ),
+  ):
     sharding.check_batch_size(10, mesh, what='config.batch_eval')
   # Where the data-like axes are every device, today's message.
-  with pytest.raises(ValueError, match=re.escape(
-      'config.batch=12 is not divisible by the 8 devices of the mesh; '
-      'use a '
-      'multiple of 8 (e.g. 16)')):
+  with pytest.raises(
+      ValueError,
+      match=re.escape(
+          'config.batch=12 is not divisible by the 8 devices of the mesh; '
+          'use a '
+          'multiple of 8 (e.g. 16)'
+      ),
+  ):
     sharding.check_batch_size(12, sharding.make_mesh())
 
 
@@ -95,7 +106,8 @@ def test_train_step_uses_the_micro_batch_sharding(monkeypatch):
 
   monkeypatch.setattr(sharding, 'micro_batch_sharding', spy)
   run = config_lib.parse(
-      train_worker.config_for(WITH_MODEL_AXIS, accum_steps=2))
+      train_worker.config_for(WITH_MODEL_AXIS, accum_steps=2)
+  )
   mesh = sharding.make_mesh(WITH_MODEL_AXIS)
   objective = objectives.get(run.objective)
   model = train.build_model(run.model, objective, num_classes=7)
@@ -109,7 +121,8 @@ def test_same_steps_with_a_model_axis_as_on_one_device():
   # Tensor parallel over 'model', FSDP over 'fsdp', with accumulation: same
   # numbers as one device, with micro-batches split over data x fsdp only.
   reference = train_worker.run_steps(
-      (('data', -1), ('fsdp', 1)), jax.devices()[:1], accum_steps=2)
+      (('data', -1), ('fsdp', 1)), jax.devices()[:1], accum_steps=2
+  )
   losses, params, _ = train_worker.run_steps(WITH_MODEL_AXIS, accum_steps=2)
   np.testing.assert_allclose(losses, reference[0], rtol=1e-4)
   assert not np.allclose(losses[0], losses[-1])  # Training happened.
@@ -130,8 +143,9 @@ def test_same_steps_with_a_model_axis_as_on_one_device():
 
 def test_mesh_is_jax_make_mesh_with_auto_axes():
   mesh = sharding.make_mesh((('data', 2), ('fsdp', 4)))
-  expected = jax.make_mesh((2, 4), ('data', 'fsdp'),
-                           (AxisType.Auto, AxisType.Auto))
+  expected = jax.make_mesh(
+      (2, 4), ('data', 'fsdp'), (AxisType.Auto, AxisType.Auto)
+  )
   assert mesh == expected
   assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
   assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]
@@ -143,7 +157,8 @@ def test_unknown_axis_names_are_refused():
 
 
 def test_topology_that_cannot_be_mapped_falls_back_to_device_order(
-    monkeypatch, caplog):
+    monkeypatch, caplog
+):
   def unmappable(*args, **kwargs):
     raise NotImplementedError('Failed to find assignment for logical axis')
 
@@ -168,6 +183,7 @@ def test_other_mesh_errors_are_not_swallowed(monkeypatch):
 
 class _SliceDevice:
   """Stands for a device of a multi-slice job (only what mesh_utils reads)."""
+
   platform = device_kind = 'cpu'
 
   def __init__(self, id_, slice_index):
@@ -189,8 +205,7 @@ def test_multi_slice_mesh_puts_the_slices_on_a_data_like_axis():
   array = sharding._device_array(('data', 'fsdp'), (1, 8), devices)
   assert [d.slice_index for d in array.flat] == [0] * 4 + [1] * 4
   # No data-like axis divides: plain order, as before.
-  array = sharding._device_array(('data', 'fsdp', 'model'), (1, 1, 8),
-                                 devices)
+  array = sharding._device_array(('data', 'fsdp', 'model'), (1, 1, 8), devices)
   assert list(array.flat) == devices
 
 
@@ -200,14 +215,20 @@ def test_multi_slice_mesh_puts_the_slices_on_a_data_like_axis():
 
 
 def _abstract_state(model):
-  image_size = 2 * model.total_stride[0] if hasattr(
-      model, 'total_stride') else 32
+  image_size = (
+      2 * model.total_stride[0] if hasattr(model, 'total_stride') else 32
+  )
 
   def init(rng):
-    params = model.init(rng, jnp.zeros((1, image_size, image_size, 3)),
-                        train=False)['params']
-    return {'params': params, 'opt_state': optax.adam(1e-3).init(params),
-            'ema_params': params}
+    params = model.init(
+        rng, jnp.zeros((1, image_size, image_size, 3)), train=False
+    )['params']
+    return {
+        'params': params,
+        'opt_state': optax.adam(1e-3).init(params),
+        'ema_params': params,
+    }
+
   return jax.eval_shape(init, jax.random.key(0))
 
 
@@ -227,8 +248,10 @@ def test_stacks_are_exactly_the_scanned_blocks(name):
   if 'transformer' not in vit_jax.models.get_config(name):
     return
   state = _abstract_state(_shallow(name, scan=True))
-  paths = {sharding.path_str(p)
-           for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
+  paths = {
+      sharding.path_str(p)
+      for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]
+  }
   # The scan layout vit.py documents: one `Transformer/encoderblock` whose
   # parameters carry the layer axis.
   scanned = {p for p in paths if '/Transformer/encoderblock/' in p}
@@ -240,8 +263,12 @@ def test_fsdp_never_shards_the_layer_axis():
   # 8 layers and widths not divisible by 8: the layer axis is the only
   # dimension FSDP over 8 devices could split.
   model = vit_jax.models.get_model(
-      'testing', num_classes=10, scan=True, hidden_size=12,
-      transformer={'num_layers': 8, 'mlp_dim': 20, 'num_heads': 3})
+      'testing',
+      num_classes=10,
+      scan=True,
+      hidden_size=12,
+      transformer={'num_layers': 8, 'mlp_dim': 20, 'num_heads': 3},
+  )
   state = _abstract_state(model)
   mesh = sharding.make_mesh((('data', 1), ('fsdp', -1)))
   shardings = sharding.tree_shardings(state, mesh, fsdp_min_size=1)
@@ -256,7 +283,8 @@ def test_fsdp_never_shards_the_layer_axis():
       would_split += blind[:1] == ('fsdp',)
   assert would_split > 0  # The test can fail.
   flat = jax.tree_util.tree_flatten_with_path(
-      shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))[0]
+      shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)
+  )[0]
   for path, s in flat:
     if sharding.path_str(path) in stacked:
       assert s.spec[:1] != ('fsdp',), sharding.path_str(path)
@@ -283,21 +311,33 @@ def test_rules_know_no_model_parameter_names():
 
 
 def _specs(state, mesh, spec):
-  shardings = sharding.tree_shardings(state, mesh, (('.*', spec),), 1,
-                                      vit_jax.models.PARAM_AXES)
-  return {sharding.path_str(p): s.spec for p, s in
-          jax.tree_util.tree_flatten_with_path(
-              shardings, is_leaf=lambda s: isinstance(
-                  s, jax.sharding.Sharding))[0]}
+  shardings = sharding.tree_shardings(
+      state, mesh, (('.*', spec),), 1, vit_jax.models.PARAM_AXES
+  )
+  return {
+      sharding.path_str(p): s.spec
+      for p, s in jax.tree_util.tree_flatten_with_path(
+          shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)
+      )[0]
+  }
 
 
-@pytest.mark.parametrize('name,scan', [
-    ('ViT-B_16', False), ('ViT-B_16', True), ('R50+ViT-B_16', False),
-    ('Mixer-B_16', False)])
+@pytest.mark.parametrize(
+    'name,scan',
+    [
+        ('ViT-B_16', False),
+        ('ViT-B_16', True),
+        ('R50+ViT-B_16', False),
+        ('Mixer-B_16', False),
+    ],
+)
 def test_auto_is_fsdp_on_meshes_without_a_model_axis(name, scan):
   state = _abstract_state(_shallow(name, scan))
-  for axes in ((('data', -1), ('fsdp', 1)), (('data', 2), ('fsdp', 4)),
-               (('data', 2), ('fsdp', 4), ('model', 1))):
+  for axes in (
+      (('data', -1), ('fsdp', 1)),
+      (('data', 2), ('fsdp', 4)),
+      (('data', 2), ('fsdp', 4), ('model', 1)),
+  ):
     mesh = sharding.make_mesh(axes)
     assert _specs(state, mesh, 'auto') == _specs(state, mesh, 'fsdp'), axes
 
@@ -331,13 +371,15 @@ def test_auto_splits_heads_and_mlp_over_model_and_fsdp_takes_the_rest():
 def test_every_logical_axes_rule_of_the_model_names_real_parameters():
   for scan in (False, True):
     state = _abstract_state(_shallow('ViT-B_16', scan))
-    paths = [sharding.path_str(p)
-             for p, _ in jax.tree_util.tree_flatten_with_path(
-                 state['params'])[0]]
+    paths = [
+        sharding.path_str(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(state['params'])[0]
+    ]
     for pattern, _ in vit_jax.models.PARAM_AXES:
       matched = [p for p in paths if re.fullmatch(pattern, 'params/' + p)]
       # Each of the 3 blocks (or the one stack) has its q, k, v or one of
       # each other parameter.
       assert len(matched) == (1 if scan else 3) * (
-          3 if 'query' in pattern else 1), (pattern, scan)
+          3 if 'query' in pattern else 1
+      ), (pattern, scan)
       assert all('encoderblock' in p for p in matched)

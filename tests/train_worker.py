@@ -17,21 +17,31 @@ NUM_STEPS = 5
 GLOBAL_BATCH = 16
 # --mesh of the script: data parallel, FSDP, and tensor parallel inside each
 # process (its 4 devices: fsdp 2 x model 2) with 'data' across the processes.
-MESHES = {'data': (('data', -1), ('fsdp', 1)),
-          'fsdp': (('data', 1), ('fsdp', -1)),
-          'data_fsdp_model': (('data', 2), ('fsdp', 2), ('model', 2))}
+MESHES = {
+    'data': (('data', -1), ('fsdp', 1)),
+    'fsdp': (('data', 1), ('fsdp', -1)),
+    'data_fsdp_model': (('data', 2), ('fsdp', 2), ('model', 2)),
+}
 
 
 def config_for(mesh_axes, accum_steps=1):
   from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
+
   c = config_lib.get_base()
   c.model_name = 'testing'
   # Widths divisible by 8 so that FSDP over 8 devices has work to do, and
   # heads and MLP width divisible by 4 for a 'model' axis of 4.
-  c.model = {'patches': {'size': (4, 4)}, 'hidden_size': 16,
-             'transformer': {'num_layers': 2, 'mlp_dim': 32, 'num_heads': 4,
-                             'dropout_rate': 0.1,
-                             'attention_dropout_rate': 0.1}}
+  c.model = {
+      'patches': {'size': (4, 4)},
+      'hidden_size': 16,
+      'transformer': {
+          'num_layers': 2,
+          'mlp_dim': 32,
+          'num_heads': 4,
+          'dropout_rate': 0.1,
+          'attention_dropout_rate': 0.1,
+      },
+  }
   c.image_size = 16
   c.batch = GLOBAL_BATCH
   c.accum_steps = accum_steps
@@ -50,15 +60,21 @@ def global_batches(num_classes=7):
   for _ in range(NUM_STEPS):
     images = rng.uniform(-1, 1, (GLOBAL_BATCH, 16, 16, 3)).astype(np.float32)
     labels = np.eye(num_classes, dtype=np.float32)[
-        rng.integers(0, num_classes, GLOBAL_BATCH)]
+        rng.integers(0, num_classes, GLOBAL_BATCH)
+    ]
     yield {'image': images, 'labels': labels}
 
 
 def run_steps(mesh_axes, devices=None, accum_steps=1):
   """Returns (losses, host params) after NUM_STEPS steps."""
   import jax  # pylint: disable=g-import-not-at-top
+
   # pylint: disable=g-import-not-at-top
-  from vit_jax import config_lib, objectives, optim, sharding, train
+  from vit_jax import config_lib
+  from vit_jax import objectives
+  from vit_jax import optim
+  from vit_jax import sharding
+  from vit_jax import train
   # pylint: enable=g-import-not-at-top
   jax.config.update('jax_threefry_partitionable', True)
   run = config_lib.parse(config_for(mesh_axes, accum_steps))
@@ -68,23 +84,32 @@ def run_steps(mesh_axes, devices=None, accum_steps=1):
   model = train.build_model(run.model, objective, num_classes=7)
   tx, _ = optim.make_optimizer(run.optim)
   init_rng, step_rng = jax.random.split(jax.random.key(0))
-  state, shardings, _ = train.create_train_state(run, objective, model, tx,
-                                                 mesh, init_rng)
-  step_fn = train.make_train_step(run.loop, objective, model, tx, mesh,
-                                  shardings)
+  state, shardings, _ = train.create_train_state(
+      run, objective, model, tx, mesh, init_rng
+  )
+  step_fn = train.make_train_step(
+      run.loop, objective, model, tx, mesh, shardings
+  )
   batch_sharding = sharding.batch_sharding(mesh)
   losses = []
   for batch in global_batches():
     # Every process builds the same global batch; each device takes its rows.
-    batch = {k: jax.make_array_from_callback(v.shape, batch_sharding,
-                                             lambda idx, v=v: v[idx])
-             for k, v in batch.items()}
+    batch = {
+        k: jax.make_array_from_callback(
+            v.shape, batch_sharding, lambda idx, v=v: v[idx]
+        )
+        for k, v in batch.items()
+    }
     state, metrics = step_fn(state, batch, step_rng)
     losses.append(float(metrics['loss']))
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   params = jax.tree_util.tree_map(
       lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
-      if not x.is_fully_addressable else np.asarray(x), state.params)
+      if not x.is_fully_addressable
+      else np.asarray(x),
+      state.params,
+  )
   return losses, params, state
 
 
@@ -97,16 +122,25 @@ def main():
   parser.add_argument('--process_id', type=int)
   args = parser.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
+
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(args.coordinator_address, args.num_processes,
-                             args.process_id)
+  jax.distributed.initialize(
+      args.coordinator_address, args.num_processes, args.process_id
+  )
   losses, params, _ = run_steps(MESHES[args.mesh])
   if jax.process_index() == 0:
     from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
     np.savez(args.out + '.npz', **checkpoint.flatten(params))
     with open(args.out + '.json', 'w') as f:
-      json.dump({'losses': losses, 'devices': jax.device_count(),
-                 'processes': jax.process_count()}, f)
+      json.dump(
+          {
+              'losses': losses,
+              'devices': jax.device_count(),
+              'processes': jax.process_count(),
+          },
+          f,
+      )
   jax.distributed.shutdown()
 
 

@@ -20,6 +20,7 @@ excess and the fields that change it. Topology names are libtpu's:
 
 if __name__ == '__main__':
   from vit_jax import runtime  # pylint: disable=g-import-not-at-top
+
   runtime.reexec_tuned('vit_jax.aot')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -51,6 +52,7 @@ from vit_jax import sharding
 from vit_jax import train
 import vit_jax.models
 from vit_jax.models import vit
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 GIB = 2**30
@@ -66,6 +68,7 @@ class Chip:
     cores: TensorCores per chip (a device is a core or, with megacore, the
       chip: `device.num_cores` says which).
   """
+
   hbm_gib: float
   bf16_tflops: float
   cores: int = 1
@@ -125,7 +128,8 @@ def topology_devices(name: str) -> list[Any]:
     raise AotError(
         f'--topology={name} compiles with the TPU compiler, which is the '
         f'libtpu package: pip install "{_libtpu_requirement()}" (the version '
-        "this jax's tpu extra pins; about 210 MB, any host).")
+        "this jax's tpu extra pins; about 210 MB, any host)."
+    )
   # A compile-only use of libtpu: it need not hold the host's TPU lock (an
   # abstract slice has no devices to guard, and a run may hold the lock).
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
@@ -135,14 +139,19 @@ def topology_devices(name: str) -> list[Any]:
   # as on their VMs; libtpu's default description has a device per core.
   megacore = name.split(':')[0] in MEGACORE_GENERATIONS
   try:
-    return list(topologies.get_topology_desc(
-        platform='tpu', topology_name=name,
-        **({'chip_config_name': 'megacore'} if megacore else {})).devices)
+    return list(
+        topologies.get_topology_desc(
+            platform='tpu',
+            topology_name=name,
+            **({'chip_config_name': 'megacore'} if megacore else {}),
+        ).devices
+    )
   except Exception as e:  # libtpu raises its own status errors.
     raise AotError(
         f'libtpu has no TPU slice --topology={name!r} '
         f'({cli.one_line(e)[:300]}); names look like v3:16x32, v4:2x2x1, '
-        'v5e:2x2, v5p:2x2x1, v6e:2x2.') from e
+        'v5e:2x2, v5p:2x2x1, v6e:2x2.'
+    ) from e
 
 
 def device_memory(device: Any) -> tuple[float | None, float | None, str]:
@@ -150,7 +159,9 @@ def device_memory(device: Any) -> tuple[float | None, float | None, str]:
   chip = CHIPS.get(device.device_kind)
   if chip is not None:
     share = getattr(device, 'num_cores', 1) / chip.cores
-    what = ('TPU chip' if share == 1 else 'TPU core') + f' ({device.device_kind})'
+    what = (
+        'TPU chip' if share == 1 else 'TPU core'
+    ) + f' ({device.device_kind})'
     return chip.hbm_gib * GIB * share, chip.bf16_tflops * 1e12 * share, what
   try:
     limit = (device.memory_stats() or {}).get('bytes_limit')
@@ -162,6 +173,7 @@ def device_memory(device: Any) -> tuple[float | None, float | None, str]:
 @dataclasses.dataclass
 class StepReport:
   """One compiled step, per device."""
+
   compile_seconds: float
   memory: dict[str, int]
   flops: float | None
@@ -180,20 +192,28 @@ def _step_report(compiled: Any, seconds: float) -> StepReport:
       'generated_code': memory.generated_code_size_in_bytes,
   }
   # Donated inputs share their buffers with the outputs they become.
-  parts['total'] = (parts['arguments'] + parts['outputs'] - parts['aliased']
-                    + parts['temporaries'] + parts['generated_code'])
+  parts['total'] = (
+      parts['arguments']
+      + parts['outputs']
+      - parts['aliased']
+      + parts['temporaries']
+      + parts['generated_code']
+  )
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   text = compiled.as_text()
   return StepReport(
-      compile_seconds=round(seconds, 1), memory=parts,
+      compile_seconds=round(seconds, 1),
+      memory=parts,
       flops=(cost or {}).get('flops'),
       estimated_seconds=attention_choice.estimated_seconds(compiled),
-      collectives={op: {'count': n, 'bytes': b}
-                   for op, (n, b) in sorted(hlo.collective_summary(text)
-                                            .items())},
-      custom_calls=hlo.custom_calls(text))
+      collectives={
+          op: {'count': n, 'bytes': b}
+          for op, (n, b) in sorted(hlo.collective_summary(text).items())
+      },
+      custom_calls=hlo.custom_calls(text),
+  )
 
 
 def _num_classes(run: config_lib.Run, given: int | None) -> int:
@@ -205,79 +225,112 @@ def _num_classes(run: config_lib.Run, given: int | None) -> int:
     raise AotError(
         'config.image_folder is not set, so the number of classes is '
         'unknown: pass --num_classes=N (the head size; e.g. 21843 for '
-        'ImageNet-21k, 18291 for JFT-300M).')
+        'ImageNet-21k, 18291 for JFT-300M).'
+    )
   try:
     return input_pipeline.get_dataset_info(
-        data, input_pipeline.get_source(data)).num_classes
+        data, input_pipeline.get_source(data)
+    ).num_classes
   except Exception as e:  # pylint: disable=broad-except
     raise AotError(
         f'The number of classes of {data.dataset!r} could not be read '
-        f'({cli.one_line(e)[:200]}): pass --num_classes=N.') from e
+        f'({cli.one_line(e)[:200]}): pass --num_classes=N.'
+    ) from e
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
   return jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      tree, shardings)
+      tree,
+      shardings,
+  )
 
 
 class _Steps:
   """A run's train and eval steps, built as `train_and_evaluate` builds
   them, on abstract (shape-only, sharded) inputs."""
 
-  def __init__(self, run: config_lib.Run, mesh: jax.sharding.Mesh,
-               classes: int):
+  def __init__(
+      self, run: config_lib.Run, mesh: jax.sharding.Mesh, classes: int
+  ):
     self.run, self.mesh = run, mesh
     self.objective = objectives.get(run.objective)
     self.model = train.build_model(run.model, self.objective, classes)
     self.tx, _ = optim.make_optimizer(run.optim)
     init_rng, train_rng = jax.random.split(jax.random.key(run.loop.seed))
     self.state_shapes = jax.eval_shape(
-        train.init_fn(run, self.objective, self.model, self.tx), init_rng)
-    self.shardings = sharding.shardings_from_config(self.state_shapes, mesh,
-                                                    run.mesh)
+        train.init_fn(run, self.objective, self.model, self.tx), init_rng
+    )
+    self.shardings = sharding.shardings_from_config(
+        self.state_shapes, mesh, run.mesh
+    )
     self.state = _abstract(self.state_shapes, self.shardings)
-    self.rng = jax.ShapeDtypeStruct(train_rng.shape, train_rng.dtype,
-                                    sharding=sharding.replicated(mesh))
+    self.rng = jax.ShapeDtypeStruct(
+        train_rng.shape, train_rng.dtype, sharding=sharding.replicated(mesh)
+    )
     on_batch = sharding.batch_sharding(mesh)
     size = run.data.image_size
     # Images as the input pipeline gives them, and its one-hot labels
     # (whatever the objective's head).
     self.batch = lambda n: {
-        'image': jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32,
-                                      sharding=on_batch),
-        'labels': jax.ShapeDtypeStruct((n, classes), jnp.float32,
-                                       sharding=on_batch)}
+        'image': jax.ShapeDtypeStruct(
+            (n, size, size, 3), jnp.float32, sharding=on_batch
+        ),
+        'labels': jax.ShapeDtypeStruct(
+            (n, classes), jnp.float32, sharding=on_batch
+        ),
+    }
     self.on_batch = on_batch
 
   def train(self) -> Any:
     """The compiled train step."""
-    step = cast(jax.stages.Wrapped, train.make_train_step(
-        self.run.loop, self.objective, self.model, self.tx, self.mesh,
-        self.shardings))
-    return step.lower(self.state, self.batch(self.run.data.batch),
-                      self.rng).compile()
+    step = cast(
+        jax.stages.Wrapped,
+        train.make_train_step(
+            self.run.loop,
+            self.objective,
+            self.model,
+            self.tx,
+            self.mesh,
+            self.shardings,
+        ),
+    )
+    return step.lower(
+        self.state, self.batch(self.run.data.batch), self.rng
+    ).compile()
 
   def eval(self) -> Any:
     """The compiled eval step."""
     n = self.run.data.batch_eval
-    eval_fn = cast(jax.stages.Wrapped, self.objective.make_eval_fn(
-        self.model, self.mesh, self.shardings.params))
-    batch = {**self.batch(n), 'mask': jax.ShapeDtypeStruct(
-        (n,), jnp.float32, sharding=self.on_batch)}
+    eval_fn = cast(
+        jax.stages.Wrapped,
+        self.objective.make_eval_fn(
+            self.model, self.mesh, self.shardings.params
+        ),
+    )
+    batch = {
+        **self.batch(n),
+        'mask': jax.ShapeDtypeStruct((n,), jnp.float32, sharding=self.on_batch),
+    }
     return eval_fn.lower(self.state.params, batch).compile()
 
 
 def _num_layers(run: config_lib.Run) -> int | None:
-  transformer = vit_jax.models.get_config(run.model.model_name).get(
-      'transformer') or {}
+  transformer = (
+      vit_jax.models.get_config(run.model.model_name).get('transformer') or {}
+  )
   transformer = {**transformer, **(run.model.model.get('transformer') or {})}
   return transformer.get('num_layers')
 
 
-def _per_step_cost(config: Any, run: config_lib.Run,
-                   choice: attention_choice.Choice, mesh: jax.sharding.Mesh,
-                   classes: int, step: StepReport) -> dict[str, Any]:
+def _per_step_cost(
+    config: Any,
+    run: config_lib.Run,
+    choice: attention_choice.Choice,
+    mesh: jax.sharding.Mesh,
+    classes: int,
+    step: StepReport,
+) -> dict[str, Any]:
   """FLOPs, estimated seconds and collectives of one whole train step.
 
   XLA's cost analysis counts the body of a loop once, so a program with
@@ -289,21 +342,29 @@ def _per_step_cost(config: Any, run: config_lib.Run,
   """
   layers = _num_layers(run)
   accum = run.loop.accum_steps
-  direct = {'flops': step.flops, 'estimated_seconds': step.estimated_seconds,
-            'collectives': {op: c['count']
-                            for op, c in step.collectives.items()},
-            'method': 'the compiled train step'}
+  direct = {
+      'flops': step.flops,
+      'estimated_seconds': step.estimated_seconds,
+      'collectives': {op: c['count'] for op, c in step.collectives.items()},
+      'method': 'the compiled train step',
+  }
   if not (run.model.scan and layers) and accum == 1:
     return direct
   if not layers:
-    return {**direct, 'method': 'the compiled train step (its micro-batch '
-                                'loop counted once: an undercount)'}
+    return {
+        **direct,
+        'method': 'the compiled train step (its micro-batch '
+        'loop counted once: an undercount)',
+    }
   costs = []
   for n in (1, 2):
     small = config.copy_and_resolve_references()
-    overrides = [('scan', 'False'), ('accum_steps', '1'),
-                 ('batch', str(run.data.batch // accum)),
-                 ('model.transformer.num_layers', str(n))]
+    overrides = [
+        ('scan', 'False'),
+        ('accum_steps', '1'),
+        ('batch', str(run.data.batch // accum)),
+        ('model.transformer.num_layers', str(n)),
+    ]
     if choice.impl:
       overrides.append(('model.attention_impl', repr(choice.impl)))
     config_lib.apply_overrides(small, overrides)
@@ -320,20 +381,26 @@ def _per_step_cost(config: Any, run: config_lib.Run,
   count = lambda r, op: r.collectives.get(op, {}).get('count', 0)
   return {
       'flops': whole(one.flops, two.flops),
-      'estimated_seconds': whole(one.estimated_seconds,
-                                 two.estimated_seconds),
-      'collectives': {op: whole(count(one, op), count(two, op))
-                      for op in sorted(ops)},
-      'method': (f'extrapolated from the step unrolled with 1 and 2 layers'
-                 f' ({layers} layers, {accum} micro-batch'
-                 f'{"es" if accum > 1 else ""}): XLA counts a loop body '
-                 'once'),
+      'estimated_seconds': whole(one.estimated_seconds, two.estimated_seconds),
+      'collectives': {
+          op: whole(count(one, op), count(two, op)) for op in sorted(ops)
+      },
+      'method': (
+          f'extrapolated from the step unrolled with 1 and 2 layers'
+          f' ({layers} layers, {accum} micro-batch'
+          f'{"es" if accum > 1 else ""}): XLA counts a loop body '
+          'once'
+      ),
   }
 
 
-def compile_run(config: Any, *, topology: str | None = None,
-                num_classes: int | None = None,
-                hlo_path: str | None = None) -> dict[str, Any]:
+def compile_run(
+    config: Any,
+    *,
+    topology: str | None = None,
+    num_classes: int | None = None,
+    hlo_path: str | None = None,
+) -> dict[str, Any]:
   """Compiles a config's train and eval steps; the report as a dict.
 
   Args:
@@ -374,37 +441,57 @@ def compile_run(config: Any, *, topology: str | None = None,
     started = time.monotonic()
     eval_report = _step_report(
         _compile_or_refuse(steps.eval, 'eval step', run, where),
-        time.monotonic() - started)
-    per_step = _per_step_cost(config, run, choice, mesh, classes,
-                              train_report)
+        time.monotonic() - started,
+    )
+    per_step = _per_step_cost(config, run, choice, mesh, classes, train_report)
   state_shapes = steps.state_shapes
-  size, batch, batch_eval = (run.data.image_size, run.data.batch,
-                             run.data.batch_eval)
+  size, batch, batch_eval = (
+      run.data.image_size,
+      run.data.batch,
+      run.data.batch_eval,
+  )
 
   hbm, peak, device_what = device_memory(devices[0])
   chips = _chips(devices)
   need = max(train_report.memory['total'], eval_report.memory['total'])
   report = {
       'date': datetime.date.today().isoformat(),
-      'jax': jax.__version__, 'libtpu': libtpu_version() if topology else None,
-      'topology': topology or 'local', 'platform': platform,
-      'device_kind': devices[0].device_kind, 'device': device_what,
-      'devices': len(devices), 'chips': chips,
+      'jax': jax.__version__,
+      'libtpu': libtpu_version() if topology else None,
+      'topology': topology or 'local',
+      'platform': platform,
+      'device_kind': devices[0].device_kind,
+      'device': device_what,
+      'devices': len(devices),
+      'chips': chips,
       'processes': len({d.process_index for d in devices}),
       'mesh': dict(mesh.shape),
       'model': run.model.model_name,
-      'parameters': int(sum(np.prod(x.shape) for x in
-                            jax.tree_util.tree_leaves(state_shapes.params))),
-      'image_size': size, 'batch': batch, 'batch_eval': batch_eval,
-      'accum_steps': run.loop.accum_steps, 'num_classes': classes,
-      'compute_dtype': run.model.compute_dtype, 'scan': run.model.scan,
+      'parameters': int(
+          sum(
+              np.prod(x.shape)
+              for x in jax.tree_util.tree_leaves(state_shapes.params)
+          )
+      ),
+      'image_size': size,
+      'batch': batch,
+      'batch_eval': batch_eval,
+      'accum_steps': run.loop.accum_steps,
+      'num_classes': classes,
+      'compute_dtype': run.model.compute_dtype,
+      'scan': run.model.scan,
       'remat_policy': _remat_policy(run),
-      'attention': {'impl': choice.impl, 'reason': choice.reason,
-                    'estimates': choice.estimates,
-                    'choice_seconds': round(choice_seconds, 1)},
-      'state_bytes_per_device': int(train.state_size_mib(
-          state_shapes, steps.shardings)[0] * 2**20),
-      'hbm_bytes_per_device': hbm, 'bf16_flops_per_device': peak,
+      'attention': {
+          'impl': choice.impl,
+          'reason': choice.reason,
+          'estimates': choice.estimates,
+          'choice_seconds': round(choice_seconds, 1),
+      },
+      'state_bytes_per_device': int(
+          train.state_size_mib(state_shapes, steps.shardings)[0] * 2**20
+      ),
+      'hbm_bytes_per_device': hbm,
+      'bf16_flops_per_device': peak,
       'bytes_per_device': need,
       'fits': None if hbm is None else need <= hbm,
       'margin_bytes': None if hbm is None else hbm - need,
@@ -420,8 +507,9 @@ def _chips(devices: list[Any]) -> int:
   chip = CHIPS.get(devices[0].device_kind)
   if chip is None:
     return len(devices)
-  return max(1, len(devices) * getattr(devices[0], 'num_cores', 1)
-             // chip.cores)
+  return max(
+      1, len(devices) * getattr(devices[0], 'num_cores', 1) // chip.cores
+  )
 
 
 def _remat_policy(run: config_lib.Run) -> str:
@@ -431,8 +519,9 @@ def _remat_policy(run: config_lib.Run) -> str:
   return 'full' if run.model.remat else 'none'
 
 
-def _estimate(report: dict[str, Any], step: dict[str, Any],
-              peak: float | None) -> dict[str, Any] | None:
+def _estimate(
+    report: dict[str, Any], step: dict[str, Any], peak: float | None
+) -> dict[str, Any] | None:
   """What the compiler's step-time estimate implies (an estimate too)."""
   seconds = step['estimated_seconds']
   if not seconds:
@@ -441,10 +530,12 @@ def _estimate(report: dict[str, Any], step: dict[str, Any],
   return {
       'step_seconds': seconds,
       'images_per_second_per_chip': per_chip,
-      'images_per_second_per_device': report['batch'] / seconds
-                                      / report['devices'],
-      'mfu': (step['flops'] / seconds / peak) if peak and step['flops']
-             else None,
+      'images_per_second_per_device': report['batch']
+      / seconds
+      / report['devices'],
+      'mfu': (step['flops'] / seconds / peak)
+      if peak and step['flops']
+      else None,
   }
 
 
@@ -466,30 +557,40 @@ def format_report(report: dict[str, Any]) -> str:
   lines: list[str] = []
   add = lines.append
   topo = report['topology']
-  add(f"{report['model']} ({report['parameters']:,} parameters), "
+  add(
+      f"{report['model']} ({report['parameters']:,} parameters), "
       f"{report['image_size']} px, batch {report['batch']} "
       f"(accum_steps {report['accum_steps']}), {report['compute_dtype']}, "
-      f"scan {report['scan']}, remat {report['remat_policy']}")
-  add(f"compiled for {topo}: {report['devices']} x {report['device']}, "
+      f"scan {report['scan']}, remat {report['remat_policy']}"
+  )
+  add(
+      f"compiled for {topo}: {report['devices']} x {report['device']}, "
       f"{report['chips']} chips, {report['processes']} "
       f"process{'es' if report['processes'] > 1 else ''}; mesh "
       f"{report['mesh']}"
-      + (f"; libtpu {report['libtpu']}" if report['libtpu'] else ''))
+      + (f"; libtpu {report['libtpu']}" if report['libtpu'] else '')
+  )
   attention = report['attention']
   if attention['impl']:
     add(f"attention: {attention['impl']} ({attention['reason']})")
   for name in ('train_step', 'eval_step'):
     step = report[name]
     mem = step['memory']
-    add(f"{name.replace('_', ' ')}: {_gib(mem['total'])} per device = "
+    add(
+        f"{name.replace('_', ' ')}: {_gib(mem['total'])} per device = "
         f"arguments {_gib(mem['arguments'])} + outputs {_gib(mem['outputs'])}"
         f" - donated {_gib(mem['aliased'])} + temporaries "
         f"{_gib(mem['temporaries'])} + code {_gib(mem['generated_code'])}; "
-        f"compiled in {step['compile_seconds']:.1f} s")
+        f"compiled in {step['compile_seconds']:.1f} s"
+    )
     if step['collectives']:
-      add('  collectives: ' + ', '.join(
-          f"{op} x{c['count']} ({c['bytes'] / 2**20:,.1f} MiB)"
-          for op, c in step['collectives'].items()))
+      add(
+          '  collectives: '
+          + ', '.join(
+              f"{op} x{c['count']} ({c['bytes'] / 2**20:,.1f} MiB)"
+              for op, c in step['collectives'].items()
+          )
+      )
     else:
       add('  collectives: none')
     kernels = step['custom_calls'].get('tpu_custom_call', 0)
@@ -497,25 +598,36 @@ def format_report(report: dict[str, Any]) -> str:
       add(f'  Pallas kernels (tpu_custom_call): {kernels}')
   hbm = report['hbm_bytes_per_device']
   if hbm is None:
-    add(f"memory: {_gib(report['bytes_per_device'])} per device; this "
-        "device's memory size is unknown")
+    add(
+        f"memory: {_gib(report['bytes_per_device'])} per device; this "
+        "device's memory size is unknown"
+    )
   else:
     verdict = 'fits' if report['fits'] else 'DOES NOT FIT'
-    add(f"memory: {verdict}: {_gib(report['bytes_per_device'])} of "
+    add(
+        f"memory: {verdict}: {_gib(report['bytes_per_device'])} of "
         f"{_gib(hbm)} per device (margin {_gib(report['margin_bytes'])}); "
-        f"train state {_gib(report['state_bytes_per_device'])} of it")
+        f"train state {_gib(report['state_bytes_per_device'])} of it"
+    )
   step = report['per_step']
   if step['flops']:
-    add(f"train step: {step['flops'] / 1e9:,.1f} GFLOP per device, "
-        f"collectives per step {step['collectives']} ({step['method']})")
+    add(
+        f"train step: {step['flops'] / 1e9:,.1f} GFLOP per device, "
+        f"collectives per step {step['collectives']} ({step['method']})"
+    )
   estimate = report['estimate']
   if estimate:
-    mfu = (f", MFU {estimate['mfu']:.0%} of the bf16 peak"
-           if estimate['mfu'] else '')
-    add(f"compiler's estimate (not a measurement): "
+    mfu = (
+        f", MFU {estimate['mfu']:.0%} of the bf16 peak"
+        if estimate['mfu']
+        else ''
+    )
+    add(
+        f"compiler's estimate (not a measurement): "
         f"{_seconds(estimate['step_seconds'])} per train step, "
         f"{estimate['images_per_second_per_chip']:,.1f} images/s per chip"
-        f"{mfu}")
+        f'{mfu}'
+    )
   else:
     add("compiler's estimate: none for this program")
   return '\n'.join(lines)
@@ -544,15 +656,17 @@ def refusal(report: dict[str, Any], config: Any) -> str | None:
   if report['fits'] is not False:
     return None
   excess = -report['margin_bytes']
-  return (f"{report['model']} on {report['topology']} needs "
-          f"{_gib(report['bytes_per_device'])} per device, {_gib(excess)} "
-          f"more than the {_gib(report['hbm_bytes_per_device'])} of a "
-          f"{report['device']}: "
-          + _fit_hints(config_lib.parse(config)))
+  return (
+      f"{report['model']} on {report['topology']} needs "
+      f"{_gib(report['bytes_per_device'])} per device, {_gib(excess)} "
+      f"more than the {_gib(report['hbm_bytes_per_device'])} of a "
+      f"{report['device']}: " + _fit_hints(config_lib.parse(config))
+  )
 
 
-def _compile_or_refuse(compile_step: Any, what: str, run: config_lib.Run,
-                       where: str) -> Any:
+def _compile_or_refuse(
+    compile_step: Any, what: str, run: config_lib.Run, where: str
+) -> Any:
   """`compile_step()`; the compiler's out-of-memory as a one-line refusal."""
   try:
     return compile_step()
@@ -562,22 +676,33 @@ def _compile_or_refuse(compile_step: Any, what: str, run: config_lib.Run,
     said = cli.one_line(e).split('RESOURCE_EXHAUSTED: ')[-1].rstrip('.')
     raise AotError(
         f'{run.model.model_name} on {where} does not fit, the compiler says '
-        f'of the {what}: "{said}". Change: {_fit_hints(run)}') from e
+        f'of the {what}: "{said}". Change: {_fit_hints(run)}'
+    ) from e
 
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
-    'config', None, 'Experiment config: configs/<file>.py[:arg]; then '
-    '--config.<field>=<value> for any field.')
+    'config',
+    None,
+    'Experiment config: configs/<file>.py[:arg]; then '
+    '--config.<field>=<value> for any field.',
+)
 flags.DEFINE_string(
-    'topology', None, 'TPU slice to compile for, by libtpu name (v3:16x32, '
-    'v4:8x8x4, v5e:16x16, v5p:8x8x8, v6e:16x16, ...); default: this host\'s '
-    'devices.')
-flags.DEFINE_integer('num_classes', None, 'Head size, when the config\'s '
-                     'dataset cannot say it without its data.')
+    'topology',
+    None,
+    'TPU slice to compile for, by libtpu name (v3:16x32, '
+    "v4:8x8x4, v5e:16x16, v5p:8x8x8, v6e:16x16, ...); default: this host's "
+    'devices.',
+)
+flags.DEFINE_integer(
+    'num_classes',
+    None,
+    "Head size, when the config's " 'dataset cannot say it without its data.',
+)
 flags.DEFINE_string('json', None, 'Write the report here as JSON.')
-flags.DEFINE_string('hlo', None, 'Write the compiled train step\'s HLO text '
-                    'here.')
+flags.DEFINE_string(
+    'hlo', None, "Write the compiled train step's HLO text " 'here.'
+)
 flags.mark_flags_as_required(['config'])
 
 
@@ -595,8 +720,12 @@ def main(argv, overrides):
     # A deviceless compile: never initialise (or wait for) a local TPU.
     jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_threefry_partitionable', True)  # As vit_jax.main.
-  report = compile_run(config, topology=FLAGS.topology,
-                       num_classes=FLAGS.num_classes, hlo_path=FLAGS.hlo)
+  report = compile_run(
+      config,
+      topology=FLAGS.topology,
+      num_classes=FLAGS.num_classes,
+      hlo_path=FLAGS.hlo,
+  )
   print(format_report(report), flush=True)
   if FLAGS.json:
     fileio.write_text_atomic(FLAGS.json, json.dumps(report, indent=1) + '\n')

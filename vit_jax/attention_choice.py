@@ -28,8 +28,11 @@ from vit_jax.models import vit
 
 TPU_CANDIDATES = ('flash', 'splash', 'xla')
 # Custom calls libtpu's cost model gives a cost (the others count -1).
-COSTED_CUSTOM_CALLS = ('tpu_custom_call', 'AsyncCollectiveStart',
-                       'AsyncCollectiveDone')
+COSTED_CUSTOM_CALLS = (
+    'tpu_custom_call',
+    'AsyncCollectiveStart',
+    'AsyncCollectiveDone',
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Choice:
       layer forward and backward, or None where it gave none}; empty when no
       estimate was used.
   """
+
   impl: str
   reason: str
   estimates: dict[str, float | None] = dataclasses.field(default_factory=dict)
@@ -70,8 +74,11 @@ def estimated_seconds(compiled: Any) -> float | None:
   seconds = (cost or {}).get('optimal_seconds')
   if seconds is None:
     return None
-  seconds += sum(n for target, n in hlo.custom_calls(compiled.as_text())
-                 .items() if target not in COSTED_CUSTOM_CALLS)
+  seconds += sum(
+      n
+      for target, n in hlo.custom_calls(compiled.as_text()).items()
+      if target not in COSTED_CUSTOM_CALLS
+  )
   return float(seconds) if seconds > 0 else None
 
 
@@ -81,36 +88,60 @@ def _attention_call(model: nn.Module, image_size: int) -> dict[str, Any]:
 
   def record(next_fun, args, kwargs, context):
     module = context.module
-    if (not found and isinstance(module, vit.MultiHeadDotProductAttention)
+    if (
+        not found
+        and isinstance(module, vit.MultiHeadDotProductAttention)
         and context.method_name == '__call__'
-        and args[1:2] in ((), (None,)) and kwargs.get('inputs_kv') is None):
-      found.update(shape=tuple(args[0].shape), num_heads=module.num_heads,
-                   dtype=module.dtype, dropout=module.dropout_rate)
+        and args[1:2] in ((), (None,))
+        and kwargs.get('inputs_kv') is None
+    ):
+      found.update(
+          shape=tuple(args[0].shape),
+          num_heads=module.num_heads,
+          dtype=module.dtype,
+          dropout=module.dropout_rate,
+      )
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
     jax.eval_shape(
-        lambda: model.init(jax.random.key(0),
-                           jnp.zeros((1, image_size, image_size, 3)),
-                           train=False))
+        lambda: model.init(
+            jax.random.key(0),
+            jnp.zeros((1, image_size, image_size, 3)),
+            train=False,
+        )
+    )
   return found
 
 
-def _compile_attention(impl: str, call: dict[str, Any], batch: int,
-                       mesh: jax.sharding.Mesh, platform: str) -> Any:
+def _compile_attention(
+    impl: str,
+    call: dict[str, Any],
+    batch: int,
+    mesh: jax.sharding.Mesh,
+    platform: str,
+) -> Any:
   """One attention layer, forward and backward, compiled on `mesh`."""
   _, tokens, hidden = call['shape']
   layer = vit.MultiHeadDotProductAttention(
-      num_heads=call['num_heads'], dtype=call['dtype'], attention_impl=impl)
-  x = jax.ShapeDtypeStruct((batch, tokens, hidden), call['dtype'],
-                           sharding=sharding.batch_sharding(mesh))
+      num_heads=call['num_heads'], dtype=call['dtype'], attention_impl=impl
+  )
+  x = jax.ShapeDtypeStruct(
+      (batch, tokens, hidden),
+      call['dtype'],
+      sharding=sharding.batch_sharding(mesh),
+  )
   with vit.compiling_for(platform):
-    params = jax.eval_shape(layer.init, jax.random.key(0),
-                            jnp.zeros((1, tokens, hidden), call['dtype']))
+    params = jax.eval_shape(
+        layer.init,
+        jax.random.key(0),
+        jnp.zeros((1, tokens, hidden), call['dtype']),
+    )
     replicated = sharding.replicated(mesh)
     params = jax.tree_util.tree_map(
         lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=replicated),
-        params)
+        params,
+    )
 
     def loss(params, x):
       with sharding.activation_sharding(mesh):
@@ -136,8 +167,12 @@ def choose(run: config_lib.Run, mesh: jax.sharding.Mesh) -> Choice:
   requested = run.model.model.get('attention_impl', fields['attention_impl'])
   platform = mesh.devices.flat[0].platform
   if requested != 'auto' or platform != 'tpu':
-    return Choice(requested, 'asked for' if requested != 'auto' else
-                  f'the rule for {platform} (vit.resolve_attention_impl)')
+    return Choice(
+        requested,
+        'asked for'
+        if requested != 'auto'
+        else f'the rule for {platform} (vit.resolve_attention_impl)',
+    )
   model = vit_jax.models.get_model(num_classes=1, **run.model.model_args())
   with vit.compiling_for(platform):
     call = _attention_call(model, run.data.image_size)
@@ -150,24 +185,32 @@ def choose(run: config_lib.Run, mesh: jax.sharding.Mesh) -> Choice:
   for impl in TPU_CANDIDATES:
     try:
       estimates[impl] = estimated_seconds(
-          _compile_attention(impl, call, batch, mesh, platform))
+          _compile_attention(impl, call, batch, mesh, platform)
+      )
     except Exception as e:  # pylint: disable=broad-except
       # A candidate that does not compile for these shapes is not chosen.
       failed[impl] = str(e).splitlines()[0][:200] if str(e) else repr(e)
   timed = {k: v for k, v in estimates.items() if v is not None}
   if not timed:
     impl = next(iter(estimates), 'xla')
-    why = ('no compiler estimate' if estimates else
-           f'no candidate compiled ({failed})')
+    why = (
+        'no compiler estimate'
+        if estimates
+        else f'no candidate compiled ({failed})'
+    )
     return Choice(impl, f'{why}; the first that compiled', estimates)
   impl = min(timed, key=lambda k: timed[k])
-  ranking = ', '.join(f'{k} {v * 1e3:.3g} ms'
-                      for k, v in sorted(timed.items(), key=lambda kv: kv[1]))
+  ranking = ', '.join(
+      f'{k} {v * 1e3:.3g} ms'
+      for k, v in sorted(timed.items(), key=lambda kv: kv[1])
+  )
   _, tokens, hidden = call['shape']
-  reason = (f"the compiler's estimate for one attention layer forward and "
-            f'backward, batch {batch} x {tokens} tokens x {hidden} wide: '
-            f'{ranking} (Pallas kernels costed from their declared FLOPs '
-            'and bytes)')
+  reason = (
+      f"the compiler's estimate for one attention layer forward and "
+      f'backward, batch {batch} x {tokens} tokens x {hidden} wide: '
+      f'{ranking} (Pallas kernels costed from their declared FLOPs '
+      'and bytes)'
+  )
   if failed:
     reason += f'; did not compile: {", ".join(sorted(failed))}'
   return Choice(impl, reason, estimates)
@@ -178,7 +221,8 @@ def apply(run: config_lib.Run, choice: Choice) -> config_lib.Run:
   if not choice.impl:
     return run
   model = dataclasses.replace(
-      run.model, model={**run.model.model, 'attention_impl': choice.impl})
+      run.model, model={**run.model.model, 'attention_impl': choice.impl}
+  )
   return dataclasses.replace(run, model=model)
 
 
@@ -194,7 +238,8 @@ def resolve(run: config_lib.Run, mesh: jax.sharding.Mesh) -> config_lib.Run:
   """
   choice = choose(run, mesh)
   if choice.estimates:
-    logging.info("attention_impl='auto' on tpu: %r (%s).", choice.impl,
-                 choice.reason)
+    logging.info(
+        "attention_impl='auto' on tpu: %r (%s).", choice.impl, choice.reason
+    )
     return apply(run, choice)
   return run

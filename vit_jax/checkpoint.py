@@ -23,13 +23,13 @@ Safety: files are read with `allow_pickle=False`, so a checkpoint can never
 execute code; object arrays are refused with a message naming the key.
 """
 
+from collections.abc import Iterable, Mapping
 import io
 import math
 import os
 import re
-import zipfile
-from collections.abc import Iterable, Mapping
 from typing import Any
+import zipfile
 
 from absl import logging
 import flax
@@ -95,7 +95,8 @@ def _is_remote(path: str) -> bool:
 def default_cache_dir() -> str:
   """Where `download` keeps checkpoints: $VIT_JAX_CACHE or ~/.cache/vit_jax."""
   return os.environ.get('VIT_JAX_CACHE') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'vit_jax')
+      os.path.expanduser('~'), '.cache', 'vit_jax'
+  )
 
 
 def download(url: str, cache_dir: str | None = None) -> str:
@@ -122,6 +123,7 @@ def download(url: str, cache_dir: str | None = None) -> str:
   import urllib.error  # pylint: disable=g-import-not-at-top
   import urllib.parse  # pylint: disable=g-import-not-at-top
   import urllib.request  # pylint: disable=g-import-not-at-top
+
   parsed = urllib.parse.urlparse(url)
   # Host and path in the name: two servers' ViT-B_16.npz must not collide.
   name = re.sub(r'[^A-Za-z0-9._-]+', '_', parsed.netloc + parsed.path)
@@ -133,15 +135,18 @@ def download(url: str, cache_dir: str | None = None) -> str:
   tmp = f'{local}.download.{os.getpid()}'
   logging.info('Downloading %s to %s', url, local)
   try:
-    with urllib.request.urlopen(url, timeout=60) as response, \
-        open(tmp, 'wb') as f:
+    with (
+        urllib.request.urlopen(url, timeout=60) as response,
+        open(tmp, 'wb') as f,
+    ):
       shutil.copyfileobj(response, f, length=1 << 20)
     os.replace(tmp, local)
   except (urllib.error.URLError, OSError) as e:
     reason = getattr(e, 'reason', None) or e
     raise FileNotFoundError(
         f'Could not download checkpoint {url} ({reason}). Without network, '
-        'copy the file to this machine and pass its local path.') from e
+        'copy the file to this machine and pass its local path.'
+    ) from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -152,6 +157,7 @@ def _gfile():
   # TensorFlow is imported only for remote paths: it takes seconds to import
   # and local files do not need it.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   return tf.io.gfile
 
 
@@ -210,8 +216,10 @@ def to_linen_names(tree: Params) -> dict[str, Any]:
   for prefix, items in numbered.items():
     for new_index, (_, key) in enumerate(sorted(items)):
       renamed[key] = f'{prefix}_{new_index}'
-  return {renamed[k] if k in renamed else k: to_linen_names(v)
-          for k, v in tree.items()}
+  return {
+      renamed[k] if k in renamed else k: to_linen_names(v)
+      for k, v in tree.items()
+  }
 
 
 def to_published_names(params: Params) -> dict[str, Any]:
@@ -222,7 +230,8 @@ def to_published_names(params: Params) -> dict[str, Any]:
     for name, block in transformer.items():
       if _BLOCK_RE.match(name) or name == _SCANNED_BLOCK:
         transformer[name] = {
-            _PUBLISHED_BLOCK_NAMES.get(k, k): v for k, v in block.items()}
+            _PUBLISHED_BLOCK_NAMES.get(k, k): v for k, v in block.items()
+        }
   return params
 
 
@@ -231,8 +240,12 @@ def _squeeze_groupnorm(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   out = {}
   for key, value in flat.items():
     parts = key.split('/')
-    if (len(parts) > 1 and _GROUPNORM_RE.match(parts[-2]) and
-        parts[-1] in ('scale', 'bias') and value.ndim == 4):
+    if (
+        len(parts) > 1
+        and _GROUPNORM_RE.match(parts[-2])
+        and parts[-1] in ('scale', 'bias')
+        and value.ndim == 4
+    ):
       value = value.reshape(value.shape[-1])
     out[key] = value
   return out
@@ -240,8 +253,9 @@ def _squeeze_groupnorm(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def is_scanned(params: Params) -> bool:
   """Whether the encoder blocks are stacked (`Transformer/encoderblock`)."""
-  transformer = params.get('Transformer', {}) if isinstance(
-      params, Mapping) else {}
+  transformer = (
+      params.get('Transformer', {}) if isinstance(params, Mapping) else {}
+  )
   return isinstance(transformer, Mapping) and _SCANNED_BLOCK in transformer
 
 
@@ -264,17 +278,20 @@ def stack_encoder_blocks(params: Params) -> dict[str, Any]:
   transformer = params.get('Transformer')
   if not isinstance(transformer, dict) or _SCANNED_BLOCK in transformer:
     return params
-  blocks = sorted((int(m.group(1)), k) for k in transformer
-                  if (m := _BLOCK_RE.match(k)))
+  blocks = sorted(
+      (int(m.group(1)), k) for k in transformer if (m := _BLOCK_RE.match(k))
+  )
   if not blocks:
     return params
   if [i for i, _ in blocks] != list(range(len(blocks))):
     raise CheckpointError(
         'Encoder blocks are not numbered 0..L-1: '
-        f'{[k for _, k in blocks]}; the checkpoint is incomplete.')
+        f'{[k for _, k in blocks]}; the checkpoint is incomplete.'
+    )
   trees = [transformer.pop(k) for _, k in blocks]
   transformer[_SCANNED_BLOCK] = jax.tree_util.tree_map(
-      lambda *xs: _stack(list(xs)), *trees)
+      lambda *xs: _stack(list(xs)), *trees
+  )
   return params
 
 
@@ -296,7 +313,8 @@ def unstack_encoder_blocks(params: Params) -> dict[str, Any]:
   num_layers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
   for i in range(num_layers):
     transformer[f'encoderblock_{i}'] = jax.tree_util.tree_map(
-        lambda x, i=i: x[i], stacked)
+        lambda x, i=i: x[i], stacked
+    )
   return params
 
 
@@ -304,7 +322,7 @@ def _strip_known_prefix(flat: dict[str, Any]) -> dict[str, Any]:
   for prefix in _KNOWN_PREFIXES:
     head = '/'.join(prefix) + '/'
     if flat and all(k.startswith(head) for k in flat):
-      return {k[len(head):]: v for k, v in flat.items()}
+      return {k[len(head) :]: v for k, v in flat.items()}
   return flat
 
 
@@ -322,9 +340,12 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         f'Checkpoint {path} does not exist. Check the path; official '
         'checkpoints are listed at https://github.com/google-research/'
         'vision_transformer and live under gs://vit_models/ (copy one locally '
-        'with `gsutil cp` when this machine has no network).')
-  hint = ('Re-download or re-export it: a complete checkpoint is a zip of '
-          '.npy arrays written by numpy.savez or vit_jax.checkpoint.save.')
+        'with `gsutil cp` when this machine has no network).'
+    )
+  hint = (
+      'Re-download or re-export it: a complete checkpoint is a zip of '
+      '.npy arrays written by numpy.savez or vit_jax.checkpoint.save.'
+  )
   flat = {}
   key = None
   try:
@@ -333,7 +354,8 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
       if not hasattr(npz, 'files'):
         raise CheckpointError(
             f'{path} holds a single array, not a parameter archive (.npz). '
-            + hint)
+            + hint
+        )
       with npz:
         for key in npz.files:
           flat[key] = npz[key]
@@ -344,34 +366,38 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
       raise CheckpointError(
           f'{path}: array {key!r} holds Python objects (pickled data). '
           'Refused: unpickling can execute arbitrary code. Re-save the '
-          'checkpoint with numeric arrays only.') from e
+          'checkpoint with numeric arrays only.'
+      ) from e
     raise CheckpointError(
-        f'{path} is not a readable .npz checkpoint ({e}). ' + hint) from e
+        f'{path} is not a readable .npz checkpoint ({e}). ' + hint
+    ) from e
   except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
     where = f' (while reading {key!r})' if key is not None else ''
     raise CheckpointError(
         f'{path} is not a readable .npz checkpoint: truncated or corrupt'
-        f'{where}: {type(e).__name__}: {e}. ' + hint) from e
+        f'{where}: {type(e).__name__}: {e}. ' + hint
+    ) from e
   if not flat:
     raise CheckpointError(f'{path} contains no arrays. ' + hint)
   return flat
 
 
-def _split_tower_suffix(path: str, tower: str | None
-                        ) -> tuple[str, str | None]:
+def _split_tower_suffix(path: str, tower: str | None) -> tuple[str, str | None]:
   """'file.npz:img' (big_vision's way of naming a tower) -> ('file.npz',
   'img'), so that a config's `pretrained_path` can name a tower."""
   head, sep, tail = str(path).rpartition(':')
   if sep and tail in _TOWERS and head.endswith('.npz'):
     if tower not in (None, tail):
-      raise CheckpointError(f'{path} names tower {tail!r} but tower='
-                            f'{tower!r} was asked for.')
+      raise CheckpointError(
+          f'{path} names tower {tail!r} but tower=' f'{tower!r} was asked for.'
+      )
     return head, tail
   return path, tower
 
 
-def _select_tower(flat: dict[str, Any], tower: str | None,
-                  path: str) -> dict[str, Any]:
+def _select_tower(
+    flat: dict[str, Any], tower: str | None, path: str
+) -> dict[str, Any]:
   """The `tower/` subtree of a two-tower file, or `flat` itself."""
   tops = {k.split('/', 1)[0] for k in flat}
   towers = sorted(tops & set(_TOWERS))
@@ -380,17 +406,23 @@ def _select_tower(flat: dict[str, Any], tower: str | None,
       raise CheckpointError(
           f'{path} is a two-tower (SigLIP-style) checkpoint with towers '
           f'{towers}: load the image tower with checkpoint.load(path, '
-          f"tower='img') (or the path '{path}:img').")
+          f"tower='img') (or the path '{path}:img')."
+      )
     return flat
   if tower not in towers:
     raise CheckpointError(
         f'{path} has no tower {tower!r}; its top-level entries are '
-        f'{_format_keys(tops)}.')
+        f'{_format_keys(tops)}.'
+    )
   head = tower + '/'
   skipped = sorted(tops - {tower})
-  logging.info('checkpoint.load: %s: tower %r (skipping %s)', path, tower,
-               ', '.join(skipped) or 'nothing')
-  return {k[len(head):]: v for k, v in flat.items() if k.startswith(head)}
+  logging.info(
+      'checkpoint.load: %s: tower %r (skipping %s)',
+      path,
+      tower,
+      ', '.join(skipped) or 'nothing',
+  )
+  return {k[len(head) :]: v for k, v in flat.items() if k.startswith(head)}
 
 
 def detect_layout(flat: Mapping[str, Any]) -> str:
@@ -403,14 +435,18 @@ def detect_layout(flat: Mapping[str, Any]) -> str:
     `LAYOUT_BIG_VISION`, `LAYOUT_PUBLISHED` or `LAYOUT_LINEN`.
   """
   if _BIG_VISION_POSEMB in flat or any(
-      k.startswith(_MAP_HEAD + '/') for k in flat):
+      k.startswith(_MAP_HEAD + '/') for k in flat
+  ):
     return LAYOUT_BIG_VISION
   published = set(_PUBLISHED_BLOCK_NAMES.values()) - {'LayerNorm_0'}
   for key in flat:
     parts = key.split('/')
-    if (len(parts) > 2 and parts[0] == 'Transformer'
+    if (
+        len(parts) > 2
+        and parts[0] == 'Transformer'
         and (_BLOCK_RE.match(parts[1]) or parts[1] == _SCANNED_BLOCK)
-        and parts[2] in published):
+        and parts[2] in published
+    ):
       return LAYOUT_PUBLISHED
   return LAYOUT_LINEN
 
@@ -427,8 +463,7 @@ def _from_big_vision(flat: dict[str, Any]) -> dict[str, Any]:
   if posemb is not None:
     posemb = np.asarray(posemb)
     if 'cls' in flat:
-      posemb = np.concatenate(
-          [np.zeros_like(posemb[:, :1]), posemb], axis=1)
+      posemb = np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
     flat['/'.join(_POSEMB_PATH)] = posemb
   return flat
 
@@ -467,8 +502,12 @@ def load(path: str, tower: str | None = None) -> dict[str, Any]:
   flat = _squeeze_groupnorm(flat)
   layout = detect_layout(flat)
   stacked = any(k.startswith(f'Transformer/{_SCANNED_BLOCK}/') for k in flat)
-  logging.info('checkpoint.load: %s: %s layout%s', path, layout,
-               ', stacked (scan) blocks' if stacked else '')
+  logging.info(
+      'checkpoint.load: %s: %s layout%s',
+      path,
+      layout,
+      ', stacked (scan) blocks' if stacked else '',
+  )
   if layout == LAYOUT_BIG_VISION:
     flat = _from_big_vision(flat)
   params = to_linen_names(unflatten(flat))
@@ -501,8 +540,7 @@ def save(params: Params, path: str) -> None:
     path: Destination (local or gs://).
   """
   params = to_published_names(unstack_encoder_blocks(_to_dict(params)))
-  flat: dict[str, Any] = {
-      k: _to_host(v) for k, v in flatten(params).items()}
+  flat: dict[str, Any] = {k: _to_host(v) for k, v in flatten(params).items()}
   if jax.process_index() != 0:
     return
   directory = os.path.dirname(str(path))
@@ -546,9 +584,14 @@ def _format_keys(keys: Iterable[str], limit: int = 20) -> str:
   return f'[{shown}{more}]'
 
 
-def inspect_params(params: Params, expected: Params, *,
-                   fail_if_extra: bool = True, fail_if_missing: bool = True,
-                   fail_if_shape_mismatch: bool = True) -> Params:
+def inspect_params(
+    params: Params,
+    expected: Params,
+    *,
+    fail_if_extra: bool = True,
+    fail_if_missing: bool = True,
+    fail_if_shape_mismatch: bool = True,
+) -> Params:
   """Checks `params` against the tree `expected` (e.g. a model's init).
 
   Args:
@@ -569,26 +612,34 @@ def inspect_params(params: Params, expected: Params, *,
   got, want = flatten(params), flatten(expected)
   missing = sorted(set(want) - set(got))
   extra = sorted(set(got) - set(want))
-  mismatched = sorted(k for k in set(got) & set(want)
-                      if _shape(got[k]) != _shape(want[k]))
+  mismatched = sorted(
+      k for k in set(got) & set(want) if _shape(got[k]) != _shape(want[k])
+  )
   for keys, what in ((missing, 'missing'), (extra, 'extra')):
     if keys:
-      logging.warning('inspect_params: %d %s keys: %s', len(keys), what,
-                      _format_keys(keys))
+      logging.warning(
+          'inspect_params: %d %s keys: %s', len(keys), what, _format_keys(keys)
+      )
   problems = []
   if missing and fail_if_missing:
     problems.append(f'missing keys {_format_keys(missing)}')
   if extra and fail_if_extra:
     problems.append(f'unexpected keys {_format_keys(extra)}')
   if mismatched and fail_if_shape_mismatch:
-    problems.append('shape mismatches ' + '; '.join(
-        f'{k}: found {_shape(got[k])}, expected {_shape(want[k])}'
-        for k in mismatched))
+    problems.append(
+        'shape mismatches '
+        + '; '.join(
+            f'{k}: found {_shape(got[k])}, expected {_shape(want[k])}'
+            for k in mismatched
+        )
+    )
   if problems:
     raise CheckpointError(
-        'Parameters do not match the model: ' + '; '.join(problems) +
-        '. Check that the checkpoint was made for this model name and '
-        'options (scan layouts are converted automatically).')
+        'Parameters do not match the model: '
+        + '; '.join(problems)
+        + '. Check that the checkpoint was made for this model name and '
+        'options (scan layouts are converted automatically).'
+    )
   return params
 
 
@@ -598,12 +649,14 @@ def _infer_grid(num_tokens: int, what: str) -> tuple[int, int]:
     raise CheckpointError(
         f'Cannot infer the {what} grid of {num_tokens} position embeddings: '
         'it is not a square. Pass the grid shape explicitly '
-        '(grid_size=(h, w) / new_grid_size=(h, w)).')
+        '(grid_size=(h, w) / new_grid_size=(h, w)).'
+    )
   return side, side
 
 
-def square_image_grid(num_tokens: int, patch_shape: tuple[int, int],
-                      what: str) -> tuple[int, int]:
+def square_image_grid(
+    num_tokens: int, patch_shape: tuple[int, int], what: str
+) -> tuple[int, int]:
   """The (h, w) token grid of a square image cut into `patch_shape` patches.
 
   With non-square patches the grid is not square, so it cannot be inferred
@@ -619,15 +672,20 @@ def square_image_grid(num_tokens: int, patch_shape: tuple[int, int],
     raise CheckpointError(
         f'{num_tokens} {what} position embeddings do not come from a square '
         f'image cut into {ph}x{pw} patches. Pass the grid shape explicitly '
-        '(grid_size=(h, w) / new_grid_size=(h, w)).')
+        '(grid_size=(h, w) / new_grid_size=(h, w)).'
+    )
   return side // ph, side // pw
 
 
-def interpolate_posembed(posemb: np.ndarray, num_tokens: int,
-                         has_class_token: bool, *,
-                         grid_size: tuple[int, int] | None = None,
-                         new_grid_size: tuple[int, int] | None = None,
-                         method: str = 'bilinear') -> np.ndarray:
+def interpolate_posembed(
+    posemb: np.ndarray,
+    num_tokens: int,
+    has_class_token: bool,
+    *,
+    grid_size: tuple[int, int] | None = None,
+    new_grid_size: tuple[int, int] | None = None,
+    method: str = 'bilinear',
+) -> np.ndarray:
   """Resizes position embeddings to a new patch grid (paper §3.2).
 
   The class-token embedding, if any, is kept as is; the patch embeddings are
@@ -654,44 +712,65 @@ def interpolate_posembed(posemb: np.ndarray, num_tokens: int,
   if posemb.ndim != 3 or posemb.shape[0] != 1:
     raise CheckpointError(
         f'Position embeddings must be shaped (1, tokens, dim); got '
-        f'{posemb.shape}.')
+        f'{posemb.shape}.'
+    )
   if method not in POSEMB_METHODS:
     raise CheckpointError(
         f'Unknown interpolation method {method!r}; use one of '
-        f'{POSEMB_METHODS}.')
+        f'{POSEMB_METHODS}.'
+    )
   extra = 1 if has_class_token else 0
   posemb_tok, posemb_grid = posemb[:, :extra], posemb[0, extra:]
-  old = tuple(grid_size) if grid_size else _infer_grid(
-      len(posemb_grid), 'checkpoint')
-  new = tuple(new_grid_size) if new_grid_size else _infer_grid(
-      num_tokens - extra, 'new')
-  for size, count, what in ((old, len(posemb_grid), 'checkpoint'),
-                            (new, num_tokens - extra, 'new')):
+  old = (
+      tuple(grid_size)
+      if grid_size
+      else _infer_grid(len(posemb_grid), 'checkpoint')
+  )
+  new = (
+      tuple(new_grid_size)
+      if new_grid_size
+      else _infer_grid(num_tokens - extra, 'new')
+  )
+  for size, count, what in (
+      (old, len(posemb_grid), 'checkpoint'),
+      (new, num_tokens - extra, 'new'),
+  ):
     if size[0] * size[1] != count:
       raise CheckpointError(
-          f'The {what} grid {size} does not hold {count} patch embeddings.')
+          f'The {what} grid {size} does not hold {count} patch embeddings.'
+      )
   dim = posemb.shape[-1]
   grid = posemb_grid.reshape(old[0], old[1], dim)
   if old != new:
     logging.info('interpolate_posembed: grid %s -> %s (%s)', old, new, method)
     if method == 'bilinear':
       import scipy.ndimage  # pylint: disable=g-import-not-at-top
+
       zoom = (new[0] / old[0], new[1] / old[1], 1)
       grid = scipy.ndimage.zoom(grid, zoom, order=1)
     else:
-      grid = np.asarray(jax.image.resize(
-          jnp.asarray(grid, jnp.float32), (new[0], new[1], dim),
-          method='bicubic', antialias=False)).astype(posemb.dtype)
+      grid = np.asarray(
+          jax.image.resize(
+              jnp.asarray(grid, jnp.float32),
+              (new[0], new[1], dim),
+              method='bicubic',
+              antialias=False,
+          )
+      ).astype(posemb.dtype)
   grid = grid.reshape(1, new[0] * new[1], dim)
   return np.concatenate([posemb_tok, grid], axis=1)
 
 
-def load_pretrained(*, pretrained_path: str, init_params: Params,
-                    model_config: Any,
-                    new_grid_size: tuple[int, int] | None = None,
-                    grid_size: tuple[int, int] | None = None,
-                    patch_shape: tuple[int, int] | None = None,
-                    posemb_method: str = 'bilinear') -> dict[str, Any]:
+def load_pretrained(
+    *,
+    pretrained_path: str,
+    init_params: Params,
+    model_config: Any,
+    new_grid_size: tuple[int, int] | None = None,
+    grid_size: tuple[int, int] | None = None,
+    patch_shape: tuple[int, int] | None = None,
+    posemb_method: str = 'bilinear',
+) -> dict[str, Any]:
   """Loads a pre-trained checkpoint for fine-tuning (paper §3.2).
 
   * The head is replaced by its fresh initialisation from `init_params`
@@ -726,11 +805,13 @@ def load_pretrained(*, pretrained_path: str, init_params: Params,
   restored = flatten(load(pretrained_path))
   scanned = is_scanned(_to_dict(init_params))
   expected = flatten(unstack_encoder_blocks(_to_dict(init_params)))
-  has_representation = vit_lib.config_value(
-      model_config, 'representation_size') is not None
+  has_representation = (
+      vit_lib.config_value(model_config, 'representation_size') is not None
+  )
   # A representation layer absent from the checkpoint starts fresh.
   fresh_pre_logits = has_representation and not any(
-      k.startswith(_PRE_LOGITS + '/') for k in restored)
+      k.startswith(_PRE_LOGITS + '/') for k in restored
+  )
 
   def replaced(key):
     top = key.split('/', 1)[0]
@@ -740,13 +821,22 @@ def load_pretrained(*, pretrained_path: str, init_params: Params,
   if old_has_cls and not new_has_cls:
     # A class-token checkpoint fine-tuned with classifier='gap': the class
     # token and its position embedding are not used.
-    logging.info('load_pretrained: the model has no class token; dropping '
-                 'the checkpoint\'s class token and its position embedding')
+    logging.info(
+        'load_pretrained: the model has no class token; dropping '
+        "the checkpoint's class token and its position embedding"
+    )
   # Heads of another task, and what masked-patch-prediction pre-training
   # adds (`mpp_head`, `mpp_mask_token`), are not part of the new model.
-  dropped = sorted(k for k in restored if k not in expected and (
-      k.split('/', 1)[0] in (_HEAD, _PRE_LOGITS) or k == 'cls'
-      or k.startswith('mpp_')))
+  dropped = sorted(
+      k
+      for k in restored
+      if k not in expected
+      and (
+          k.split('/', 1)[0] in (_HEAD, _PRE_LOGITS)
+          or k == 'cls'
+          or k.startswith('mpp_')
+      )
+  )
   if dropped:
     logging.info('load_pretrained: dropping %s', _format_keys(dropped))
   restored = {k: v for k, v in restored.items() if k not in dropped}
@@ -759,31 +849,43 @@ def load_pretrained(*, pretrained_path: str, init_params: Params,
     elif new_has_cls and not old_has_cls:
       raise CheckpointError(
           f'{pretrained_path} was trained without a class token but the model '
-          'uses one: fine-tune with classifier=\'gap\' instead.')
+          "uses one: fine-tune with classifier='gap' instead."
+      )
     old, new = _shape(posemb), _shape(expected[posemb_key])
     if old != new:
       if old[-1] != new[-1]:
         raise CheckpointError(
             f'{pretrained_path}: {posemb_key}: found {old}, expected {new} '
-            '(different hidden size: a checkpoint of another model).')
-      logging.info('load_pretrained: resizing position embeddings %s -> %s',
-                   old, new)
+            '(different hidden size: a checkpoint of another model).'
+        )
+      logging.info(
+          'load_pretrained: resizing position embeddings %s -> %s', old, new
+      )
       if patch_shape is not None and patch_shape[0] != patch_shape[1]:
         extra = 1 if new_has_cls else 0
         grid_size = grid_size or square_image_grid(
-            old[1] - extra, patch_shape, 'checkpoint')
+            old[1] - extra, patch_shape, 'checkpoint'
+        )
         new_grid_size = new_grid_size or square_image_grid(
-            new[1] - extra, patch_shape, 'new')
+            new[1] - extra, patch_shape, 'new'
+        )
       posemb = interpolate_posembed(
-          posemb, new[1], has_class_token=new_has_cls, grid_size=grid_size,
-          new_grid_size=new_grid_size, method=posemb_method)
+          posemb,
+          new[1],
+          has_class_token=new_has_cls,
+          grid_size=grid_size,
+          new_grid_size=new_grid_size,
+          method=posemb_method,
+      )
     restored[posemb_key] = posemb
 
   kept = {k: v for k, v in restored.items() if not replaced(k)}
   fresh = {k: v for k, v in expected.items() if replaced(k)}
   try:
-    inspect_params(unflatten(kept), unflatten(
-        {k: v for k, v in expected.items() if k not in fresh}))
+    inspect_params(
+        unflatten(kept),
+        unflatten({k: v for k, v in expected.items() if k not in fresh}),
+    )
   except CheckpointError as e:
     raise CheckpointError(f'{pretrained_path}: {e}') from None
 

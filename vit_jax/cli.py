@@ -29,16 +29,27 @@ EXIT_REFUSED = 2
 _HELP_FLAGS = ('-h', '--help', '-help', '--helpshort', '-?', '--helpfull')
 # What a refusal is raised as across the code base (each with a message that
 # names the field, file or flag and the fix).
-_REFUSALS = (ValueError, OSError, LookupError, RuntimeError,
-             FloatingPointError, app.UsageError, flags.Error)
+_REFUSALS = (
+    ValueError,
+    OSError,
+    LookupError,
+    RuntimeError,
+    FloatingPointError,
+    app.UsageError,
+    flags.Error,
+)
 
 
 def one_line(error: BaseException) -> str:
   """An exception's message on one line (a KeyError's without quotes)."""
-  message = (str(error.args[0]) if isinstance(error, KeyError) and error.args
-             else str(error))
-  message = ' '.join(part.strip() for part in message.splitlines()
-                     if part.strip())
+  message = (
+      str(error.args[0])
+      if isinstance(error, KeyError) and error.args
+      else str(error)
+  )
+  message = ' '.join(
+      part.strip() for part in message.splitlines() if part.strip()
+  )
   return message or type(error).__name__
 
 
@@ -53,8 +64,9 @@ def refuse(message: str, hint: str | None = None) -> NoReturn:
   os._exit(EXIT_REFUSED)  # pylint: disable=protected-access
 
 
-def split_overrides(argv: Sequence[str], flag: str
-                    ) -> tuple[list[str], list[tuple[str, str]]]:
+def split_overrides(
+    argv: Sequence[str], flag: str
+) -> tuple[list[str], list[tuple[str, str]]]:
   """Takes `--<flag>.<field>=<value>` (or `... <value>`) out of argv.
 
   Args:
@@ -94,8 +106,7 @@ def _usage(full: bool) -> str:
   doc = (main.__doc__ or f'USAGE: {sys.argv[0]} [flags]').strip()
   program = getattr(main, '__spec__', None)
   program = program.name if program else os.path.basename(sys.argv[0])
-  helps = (flags.FLAGS.get_help() if full
-           else flags.FLAGS.main_module_help())
+  helps = flags.FLAGS.get_help() if full else flags.FLAGS.main_module_help()
   return f'{doc}\n\nflags of {program}:\n{helps}\n'
 
 
@@ -123,8 +134,10 @@ def run(main: Callable[..., Any], *, config_flag: str | None = None) -> None:
     try:
       return flags.FLAGS(args)
     except flags.Error as e:
-      refuse(one_line(e), f'{os.path.basename(args[0])}: --help lists the '
-             'flags.')
+      refuse(
+          one_line(e),
+          f'{os.path.basename(args[0])}: --help lists the ' 'flags.',
+      )
 
   def guarded(args):
     try:

@@ -51,9 +51,16 @@ def unknown_field(name: str, known: list[str], where: str) -> ValueError:
   if not close:  # A typo in the last part only: compare that part.
     last = name.rpartition('.')[2]
     by_last = {k.rpartition('.')[2]: k for k in known}
-    close = [by_last[k] for k in difflib.get_close_matches(
-        last, list(by_last), n=3, cutoff=0.6)]
-  hint = f' Did you mean {", ".join("config." + c for c in close)}?' if (
-      close) else ''
-  return ValueError(f'config.{name} is not a field {where}.{hint} '
-                    '(--print_config lists every field.)')
+    close = [
+        by_last[k]
+        for k in difflib.get_close_matches(last, list(by_last), n=3, cutoff=0.6)
+    ]
+  hint = (
+      f' Did you mean {", ".join("config." + c for c in close)}?'
+      if (close)
+      else ''
+  )
+  return ValueError(
+      f'config.{name} is not a field {where}.{hint} '
+      '(--print_config lists every field.)'
+  )

@@ -73,8 +73,9 @@ def _plain(value: Any) -> Any:
   return value
 
 
-def _check_fields(config: Any, base: ml_collections.ConfigDict,
-                  prefix: str = '') -> None:
+def _check_fields(
+    config: Any, base: ml_collections.ConfigDict, prefix: str = ''
+) -> None:
   """Refuses fields `get_base()` does not declare (typos), naming them."""
   keys = config.keys() if hasattr(config, 'keys') else ()
   for key in keys:
@@ -83,15 +84,19 @@ def _check_fields(config: Any, base: ml_collections.ConfigDict,
       hint = f' Did you mean {close}?' if close else ''
       raise ValueError(
           f'config.{prefix}{key} is not a config field: every field is '
-          f'declared in vit_jax.config_lib.get_base().{hint}')
-    if (isinstance(base[key], ml_collections.ConfigDict)
-        and prefix + key not in _FREE_FORM):
+          f'declared in vit_jax.config_lib.get_base().{hint}'
+      )
+    if (
+        isinstance(base[key], ml_collections.ConfigDict)
+        and prefix + key not in _FREE_FORM
+    ):
       _check_fields(config[key], base[key], f'{prefix}{key}.')
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopSection:
   """Steps, averaging, logging and checkpointing of the training loop."""
+
   seed: int
   total_steps: int
   accum_steps: int
@@ -106,15 +111,20 @@ class LoopSection:
 
   def __post_init__(self):
     if self.accum_steps < 1:
-      raise ValueError(f'config.accum_steps={self.accum_steps} must be '
-                       '>= 1.')
+      raise ValueError(
+          f'config.accum_steps={self.accum_steps} must be ' '>= 1.'
+      )
     config_errors.check_positive(
-        log_every=self.log_every, eval_every=self.eval_every,
+        log_every=self.log_every,
+        eval_every=self.eval_every,
         checkpoint_every=self.checkpoint_every,
-        keep_checkpoints=self.keep_checkpoints, prefetch=self.prefetch)
+        keep_checkpoints=self.keep_checkpoints,
+        prefetch=self.prefetch,
+    )
     if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
-      raise ValueError(f'config.ema_decay={self.ema_decay} must be in '
-                       '[0, 1).')
+      raise ValueError(
+          f'config.ema_decay={self.ema_decay} must be in ' '[0, 1).'
+      )
 
   @property
   def use_ema(self) -> bool:
@@ -125,13 +135,16 @@ class LoopSection:
 @dataclasses.dataclass(frozen=True)
 class EvalsSection:
   """Evaluators beside the objective's own (`vit_jax/evaluators`)."""
+
   fewshot: FewShotSection = dataclasses.field(
-      metadata={'section': FewShotSection})
+      metadata={'section': FewShotSection}
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
   """A config read once: one frozen section per part of the run."""
+
   model: ModelSection
   data: DataSection
   optim: OptimSection
@@ -143,9 +156,12 @@ class Run:
 
 # Section name -> (class, prefix of its fields in the config).
 _SECTIONS = {
-    'model': (ModelSection, ''), 'data': (DataSection, ''),
-    'optim': (OptimSection, ''), 'objective': (ObjectiveSection, ''),
-    'loop': (LoopSection, ''), 'evals': (EvalsSection, 'evals.'),
+    'model': (ModelSection, ''),
+    'data': (DataSection, ''),
+    'optim': (OptimSection, ''),
+    'objective': (ObjectiveSection, ''),
+    'loop': (LoopSection, ''),
+    'evals': (EvalsSection, 'evals.'),
     'mesh': (MeshSection, ''),
 }
 
@@ -156,15 +172,16 @@ def _build(cls: type[Any], config: Any, base: Any, prefix: str) -> Any:
   for f in dataclasses.fields(cls):
     name = prefix + f.name
     if 'section' in f.metadata:
-      values[f.name] = _build(f.metadata['section'], config, base,
-                              name + '.')
+      values[f.name] = _build(f.metadata['section'], config, base, name + '.')
       continue
     found, value = _walk(config, name)
     if not found:  # Omitted: get_base()'s value.
       found, value = _walk(base, name)
     if not found:
-      raise KeyError(f'{cls.__name__}.{f.name}: {name!r} is not a field of '
-                     'config_lib.get_base().')
+      raise KeyError(
+          f'{cls.__name__}.{f.name}: {name!r} is not a field of '
+          'config_lib.get_base().'
+      )
     value = _plain(value)
     if 'parse' in f.metadata:
       value = f.metadata['parse'](value)
@@ -217,17 +234,24 @@ def parse(config: Any) -> Run:
   """
   base = get_base()
   _check_fields(config, base)
-  run = Run(**{name: _build(cls, config, base, prefix)
-               for name, (cls, prefix) in _SECTIONS.items()})
+  run = Run(
+      **{
+          name: _build(cls, config, base, prefix)
+          for name, (cls, prefix) in _SECTIONS.items()
+      }
+  )
   check_image_size(run.model, run.data.image_size)
-  image_folder_used = 'image_folder' in (run.data.dataset,
-                                         run.evals.fewshot.dataset)
+  image_folder_used = 'image_folder' in (
+      run.data.dataset,
+      run.evals.fewshot.dataset,
+  )
   if run.data.image_folder and not image_folder_used:
     raise ValueError(
         f'config.image_folder={run.data.image_folder!r} is set but '
         f'config.dataset={run.data.dataset!r}: add '
-        "--config.dataset=image_folder to train on the folder (or leave "
-        'image_folder empty).')
+        '--config.dataset=image_folder to train on the folder (or leave '
+        'image_folder empty).'
+    )
   return run
 
 
@@ -237,12 +261,14 @@ def check_image_size(model: ModelSection, image_size: int) -> None:
   if image_size < stride:
     raise ValueError(
         f'config.image_size={image_size} is smaller than the {kind} {stride} '
-        f'of {model.model_name}: use at least {stride} (a multiple of it).')
+        f'of {model.model_name}: use at least {stride} (a multiple of it).'
+    )
   if image_size % stride:
     raise ValueError(
         f'config.image_size={image_size} is not a multiple of the {kind} '
         f'{stride} of {model.model_name}: use e.g. '
-        f'{image_size // stride * stride}.')
+        f'{image_size // stride * stride}.'
+    )
 
 
 def get_base() -> ml_collections.ConfigDict:
@@ -365,8 +391,10 @@ def get_base() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------
 
 # Preprocessing fields the input pipeline sets itself.
-_PP_FIELDS_SET_ELSEWHERE = {'image_size': 'config.image_size',
-                            'num_classes': 'config.num_classes'}
+_PP_FIELDS_SET_ELSEWHERE = {
+    'image_size': 'config.image_size',
+    'num_classes': 'config.num_classes',
+}
 _TRUE = ('true', 't', 'yes', 'y', '1', 'on')
 _FALSE = ('false', 'f', 'no', 'n', '0', 'off')
 
@@ -376,16 +404,19 @@ def _dotted_names(config: Any, prefix: str = '') -> list[str]:
   names = []
   for key in config.keys():
     value = config[key]
-    if (isinstance(value, ml_collections.ConfigDict)
-        and prefix + key not in _FREE_FORM):
+    if (
+        isinstance(value, ml_collections.ConfigDict)
+        and prefix + key not in _FREE_FORM
+    ):
       names.extend(_dotted_names(value, f'{prefix}{key}.'))
     else:
       names.append(prefix + key)
   return names
 
 
-def parse_value(text: str, current: Any, kind: type[Any] | None,
-                name: str) -> Any:
+def parse_value(
+    text: str, current: Any, kind: type[Any] | None, name: str
+) -> Any:
   """A command-line value as the type of the field it sets.
 
   Args:
@@ -401,6 +432,7 @@ def parse_value(text: str, current: Any, kind: type[Any] | None,
     ValueError: naming the field, the text and the type expected.
   """
   import ast  # pylint: disable=g-import-not-at-top
+
   kind = kind or (type(current) if current is not None else None)
   if kind is ml_collections.ConfigDict:
     kind = dict
@@ -435,7 +467,8 @@ def parse_value(text: str, current: Any, kind: type[Any] | None,
     assert kind is not None  # Only the typed branches above raise.
     raise ValueError(
         f'config.{name}={text!r}: expected {kind.__name__} (e.g. '
-        f'{current!r}).') from None
+        f'{current!r}).'
+    ) from None
   try:  # Type unknown (a field whose value is None): a Python literal.
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
@@ -455,13 +488,15 @@ def _set(config: Any, parts: list[str], value: Any) -> None:
     raise ValueError(f'config.{".".join(parts)}={value!r}: {e}') from None
 
 
-def _free_form_fields(config: Any, group: str
-                      ) -> tuple[dict[str, Any], Mapping[str, str | None]]:
+def _free_form_fields(
+    config: Any, group: str
+) -> tuple[dict[str, Any], Mapping[str, str | None]]:
   """(fields with values, fields set elsewhere) of `model` or `pp`."""
   if group == 'model':
     fields = models.model_fields(config.model_name)
-    values = models.get_config(config.model_name,
-                               **_plain(config.get('model') or {}))
+    values = models.get_config(
+        config.model_name, **_plain(config.get('model') or {})
+    )
     merged = {}
     for key, default in fields.items():
       value = values.get(key, default)
@@ -469,11 +504,15 @@ def _free_form_fields(config: Any, group: str
         value = {**default, **(value or {})}
       merged[key] = value
     return merged, registry.MODEL_FIELDS_SET_ELSEWHERE
-  fields = {f.name: f.default
-            for f in dataclasses.fields(preprocess.PreprocessConfig)
-            if f.default is not dataclasses.MISSING}
-  return ({**fields, **_plain(config.get('pp') or {})},
-          _PP_FIELDS_SET_ELSEWHERE)
+  fields = {
+      f.name: f.default
+      for f in dataclasses.fields(preprocess.PreprocessConfig)
+      if f.default is not dataclasses.MISSING
+  }
+  return (
+      {**fields, **_plain(config.get('pp') or {})},
+      _PP_FIELDS_SET_ELSEWHERE,
+  )
 
 
 def _override_free_form(config: Any, name: str, text: str) -> None:
@@ -485,26 +524,37 @@ def _override_free_form(config: Any, name: str, text: str) -> None:
     return
   fields, elsewhere = _free_form_fields(config, group)
   parts = rest.split('.')
-  what = (f'of {config.model_name} (vit_jax.models.model_fields)'
-          if group == 'model' else 'of preprocess.PreprocessConfig')
+  what = (
+      f'of {config.model_name} (vit_jax.models.model_fields)'
+      if group == 'model'
+      else 'of preprocess.PreprocessConfig'
+  )
   if parts[0] in elsewhere:
     other = elsewhere[parts[0]]
     raise ValueError(
-        f'config.{name} is set by {other} (override that).' if other else
-        f'config.{name} cannot be set from a config.')
+        f'config.{name} is set by {other} (override that).'
+        if other
+        else f'config.{name} cannot be set from a config.'
+    )
   node = fields
   for i, part in enumerate(parts):
     if not isinstance(node, Mapping) or part not in node:
       raise config_errors.unknown_field(
-          name, config_errors.nested_names(fields, f'{group}.'), what)
+          name, config_errors.nested_names(fields, f'{group}.'), what
+      )
     if i == len(parts) - 1 and isinstance(node[part], Mapping):
-      keys = config_errors.nested_names(node[part],
-                                        f'{group}.{".".join(parts)}.')
-      raise ValueError(f'config.{name} is a group of fields: set one of '
-                       f'them (e.g. config.{keys[0]}).')
+      keys = config_errors.nested_names(
+          node[part], f'{group}.{".".join(parts)}.'
+      )
+      raise ValueError(
+          f'config.{name} is a group of fields: set one of '
+          f'them (e.g. config.{keys[0]}).'
+      )
     if i < len(parts) - 1 and not isinstance(node[part], Mapping):
-      raise ValueError(f'config.{group}.{".".join(parts[:i + 1])} is not a '
-                       f'group of fields {what}.')
+      raise ValueError(
+          f'config.{group}.{".".join(parts[:i + 1])} is not a '
+          f'group of fields {what}.'
+      )
     node = node[part]
   value = parse_value(text, node, None, name)
   _set(config, [group] + parts, value)
@@ -520,8 +570,9 @@ def _flatten(value: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: list[tuple[str, str]]) -> None:
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: list[tuple[str, str]]
+) -> None:
   """Applies `--config.<field>=<value>` overrides to a config, in place.
 
   Any field `get_base()` declares can be set, whether or not the config file
@@ -544,20 +595,24 @@ def apply_overrides(config: ml_collections.ConfigDict,
   """
   base = get_base()
   declared = _dotted_names(base)
-  ordered = ([o for o in overrides if o[0].split('.')[0] not in _FREE_FORM]
-             + [o for o in overrides if o[0].split('.')[0] in _FREE_FORM])
+  ordered = [o for o in overrides if o[0].split('.')[0] not in _FREE_FORM] + [
+      o for o in overrides if o[0].split('.')[0] in _FREE_FORM
+  ]
   for name, text in ordered:
     if name.split('.')[0] in _FREE_FORM:
       _override_free_form(config, name, text)
       continue
     found, default = _walk(base, name)
     if not found:
-      raise config_errors.unknown_field(name, declared,
-                                        'of vit_jax.config_lib.get_base()')
+      raise config_errors.unknown_field(
+          name, declared, 'of vit_jax.config_lib.get_base()'
+      )
     if isinstance(default, ml_collections.ConfigDict):
-      raise ValueError(f'config.{name} is a group of fields: set one of them '
-                       f'(e.g. config.{_dotted_names(default, name + ".")[0]})'
-                       '.')
+      raise ValueError(
+          f'config.{name} is a group of fields: set one of them '
+          f'(e.g. config.{_dotted_names(default, name + ".")[0]})'
+          '.'
+      )
     parent, _, last = name.rpartition('.')
     kind = (_walk(base, parent)[1] if parent else base).get_type(last)
     found, current = _walk(config, name)
@@ -569,6 +624,7 @@ def _base_comments() -> dict[str, str]:
   """{dotted field: its comment} read from `get_base()`'s source."""
   import inspect  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
+
   comments, block = {}, []
   for line in inspect.getsource(get_base).splitlines():
     stripped = line.strip()
@@ -602,8 +658,9 @@ def describe(config: ml_collections.ConfigDict) -> str:
     found, value = _walk(config, name)
     value = _plain(value) if found else _plain(_walk(get_base(), name)[1])
     comment = comments.get(name, '')
-    lines.append(f'config.{name} = {value!r}' + (f'  # {comment}' if comment
-                                                  else ''))
+    lines.append(
+        f'config.{name} = {value!r}' + (f'  # {comment}' if comment else '')
+    )
   for group in sorted(_FREE_FORM):
     fields, elsewhere = _free_form_fields(config, group)
     lines.append(f'# config.{group}.*: {comments.get(group, "")}')
@@ -619,11 +676,26 @@ def describe(config: ml_collections.ConfigDict) -> str:
 
 # Fields that change only how a run is watched, laid out or read, never what
 # it trains: a resumed run may change them (its log says so).
-RUN_WATCH_FIELDS = frozenset({
-    'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
-    'async_checkpoints', 'profile', 'prefetch', 'batch_eval', 'tfds_data_dir',
-    'tfds_download', 'mesh', 'sharding_rules', 'fsdp_min_size', 'remat',
-    'model.remat_policy', 'model.attention_impl'})
+RUN_WATCH_FIELDS = frozenset(
+    {
+        'log_every',
+        'eval_every',
+        'checkpoint_every',
+        'keep_checkpoints',
+        'async_checkpoints',
+        'profile',
+        'prefetch',
+        'batch_eval',
+        'tfds_data_dir',
+        'tfds_download',
+        'mesh',
+        'sharding_rules',
+        'fsdp_min_size',
+        'remat',
+        'model.remat_policy',
+        'model.attention_impl',
+    }
+)
 # Prefixes of such fields (every few-shot evaluator setting).
 _RUN_WATCH_PREFIXES = ('evals.',)
 # May grow or shrink while a run lives (the schedule follows); said in the
@@ -647,10 +719,14 @@ def run_fields(config: Any) -> dict[str, Any]:
     {dotted field name: value (tuples as lists)}.
   """
   import json  # pylint: disable=g-import-not-at-top
+
   base = get_base()
   full = get_base()
-  full.update(_plain(config) if not isinstance(
-      config, ml_collections.ConfigDict) else config.to_dict())
+  full.update(
+      _plain(config)
+      if not isinstance(config, ml_collections.ConfigDict)
+      else config.to_dict()
+  )
   fields = {}
   for name in _dotted_names(base):
     if name in _FREE_FORM:
@@ -662,9 +738,9 @@ def run_fields(config: Any) -> dict[str, Any]:
   return json.loads(json.dumps(fields, default=str))
 
 
-def run_differences(saved: Any, requested: Any
-                    ) -> tuple[dict[str, tuple[Any, Any]],
-                               dict[str, tuple[Any, Any]]]:
+def run_differences(
+    saved: Any, requested: Any
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
   """What differs between a run's config and a command's, and may it.
 
   Args:
@@ -682,8 +758,11 @@ def run_differences(saved: Any, requested: Any
   for name in sorted(set(old) | set(new)):
     if old.get(name) == new.get(name):
       continue
-    watch = (name in RUN_WATCH_FIELDS or name in RUN_EXTENDABLE_FIELDS
-             or name.startswith(_RUN_WATCH_PREFIXES))
+    watch = (
+        name in RUN_WATCH_FIELDS
+        or name in RUN_EXTENDABLE_FIELDS
+        or name.startswith(_RUN_WATCH_PREFIXES)
+    )
     (allowed if watch else identity)[name] = (old.get(name), new.get(name))
   return identity, allowed
 
@@ -696,12 +775,15 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
+
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(workdir, CONFIG_FILE)
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(
         f'{path} does not exist: --workdir must be a directory written by '
-        'python -m vit_jax.main.')
+        'python -m vit_jax.main.'
+    )
   with tf.io.gfile.GFile(path) as f:
     fields = json.load(f)
   config = get_base()
@@ -728,12 +810,14 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """
   import importlib.util  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
+
   path, sep, arg = spec.partition('.py:')
   path = path + '.py' if sep else spec
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f'Config file {path} does not exist (from {spec!r}). Give the path '
-        'of a file in configs/, e.g. configs/finetune.py:b16,cifar10.')
+        'of a file in configs/, e.g. configs/finetune.py:b16,cifar10.'
+    )
   module_name = os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(module_name, path)
   assert module_spec is not None and module_spec.loader is not None, path
@@ -751,13 +835,24 @@ def parse_args(arg: str | None) -> tuple[list[str], bool]:
 
 # Short names accepted in config arguments (full registry names work too).
 MODEL_ALIASES = {
-    'ti16': 'ViT-Ti_16', 's16': 'ViT-S_16', 's32': 'ViT-S_32',
-    'b8': 'ViT-B_8', 'b16': 'ViT-B_16', 'b32': 'ViT-B_32',
-    'l16': 'ViT-L_16', 'l32': 'ViT-L_32', 'h14': 'ViT-H_14',
-    'g14': 'ViT-g_14', 'G14': 'ViT-G_14', 'r_ti16': 'R+ViT-Ti_16',
-    'r26_s32': 'R26+ViT-S_32', 'r50_b16': 'R50+ViT-B_16',
-    'r50_l32': 'R50+ViT-L_32', 'mixer_b16': 'Mixer-B_16',
-    'mixer_b32': 'Mixer-B_32', 'mixer_l16': 'Mixer-L_16',
+    'ti16': 'ViT-Ti_16',
+    's16': 'ViT-S_16',
+    's32': 'ViT-S_32',
+    'b8': 'ViT-B_8',
+    'b16': 'ViT-B_16',
+    'b32': 'ViT-B_32',
+    'l16': 'ViT-L_16',
+    'l32': 'ViT-L_32',
+    'h14': 'ViT-H_14',
+    'g14': 'ViT-g_14',
+    'G14': 'ViT-G_14',
+    'r_ti16': 'R+ViT-Ti_16',
+    'r26_s32': 'R26+ViT-S_32',
+    'r50_b16': 'R50+ViT-B_16',
+    'r50_l32': 'R50+ViT-L_32',
+    'mixer_b16': 'Mixer-B_16',
+    'mixer_b32': 'Mixer-B_32',
+    'mixer_l16': 'Mixer-L_16',
 }
 
 
@@ -777,8 +872,11 @@ def set_runlocal(c: ml_collections.ConfigDict) -> None:
   if models.model_class(c.model_name) is models.MlpMixer:
     c.model = {'patches': {'size': (4, 4)}, 'num_blocks': 1}
   elif models.get_config(c.model_name).get('resnet') is not None:
-    c.model = {'resnet': {'num_layers': (), 'width_factor': 0.5},
-               'patches': {'size': (1, 1)}, 'transformer': {'num_layers': 1}}
+    c.model = {
+        'resnet': {'num_layers': (), 'width_factor': 0.5},
+        'patches': {'size': (1, 1)},
+        'transformer': {'num_layers': 1},
+    }
   else:
     c.model = {'patches': {'size': (4, 4)}, 'transformer': {'num_layers': 1}}
   c.dataset = 'digits'
@@ -805,8 +903,9 @@ def set_runlocal(c: ml_collections.ConfigDict) -> None:
     c.evals.fewshot.pool_per_class = 10
 
 
-def pretraining_base(model_arg: str, *, dropout: float
-                     ) -> ml_collections.ConfigDict:
+def pretraining_base(
+    model_arg: str, *, dropout: float
+) -> ml_collections.ConfigDict:
   """What the paper's pre-training rows share (Table 3, Appendix B.1).
 
   Adam (β1 0.9, β2 0.999), batch 4096, 10k linear warm-up steps, clipping at
@@ -822,8 +921,10 @@ def pretraining_base(model_arg: str, *, dropout: float
   c = get_base()
   c.model_name = resolve_model(model_arg)
   hidden = models.get_config(c.model_name).get('hidden_size')
-  c.model = {'representation_size': hidden,
-             'transformer': {'dropout_rate': dropout}}
+  c.model = {
+      'representation_size': hidden,
+      'transformer': {'dropout_rate': dropout},
+  }
   c.image_size = 224
   c.optimizer = 'adam'
   c.batch = 4096

@@ -67,11 +67,16 @@ def output_format(output: str, to: str | None) -> str:
   return 'transformers'
 
 
-def convert(input_path: str, output: str, *, to: str | None = None,
-            model_name: str | None = None,
-            gelu_approximate: bool = True,
-            layer_norm_epsilon: float = 1e-6,
-            overwrite: bool = False) -> str:
+def convert(
+    input_path: str,
+    output: str,
+    *,
+    to: str | None = None,
+    model_name: str | None = None,
+    gelu_approximate: bool = True,
+    layer_norm_epsilon: float = 1e-6,
+    overwrite: bool = False,
+) -> str:
   """What `python -m vit_jax.convert` does: any input to any format.
 
   Args:
@@ -95,26 +100,41 @@ def convert(input_path: str, output: str, *, to: str | None = None,
   """
   fmt = output_format(output, to)
   check_output(output, overwrite=overwrite)
-  loaded = load_model(input_path, model_name=model_name,
-                      gelu_approximate=gelu_approximate,
-                      layer_norm_epsilon=layer_norm_epsilon)
+  loaded = load_model(
+      input_path,
+      model_name=model_name,
+      gelu_approximate=gelu_approximate,
+      layer_norm_epsilon=layer_norm_epsilon,
+  )
   if fmt == 'npz':
     if '://' in str(output):  # checkpoint.save replaces it atomically.
       checkpoint.save(loaded.params, output)
     else:
       write_output(output, lambda path: checkpoint.save(loaded.params, path))
   elif fmt == 'timm':
-    write_output(output, lambda path: to_timm(
-        loaded.model, loaded.params, path, image_size=loaded.image_size))
+    write_output(
+        output,
+        lambda path: to_timm(
+            loaded.model, loaded.params, path, image_size=loaded.image_size
+        ),
+    )
   else:
     names = loaded.class_names
-    spec = spec_from_model(loaded.model, loaded.params,
-                           image_size=loaded.image_size)
+    spec = spec_from_model(
+        loaded.model, loaded.params, image_size=loaded.image_size
+    )
     if names is not None and len(names) != spec.num_classes:
       names = None  # e.g. a run whose head was fine-tuned elsewhere.
-    write_output(output, lambda path: to_transformers(
-        loaded.model, loaded.params, path, class_names=names,
-        image_size=loaded.image_size))
+    write_output(
+        output,
+        lambda path: to_transformers(
+            loaded.model,
+            loaded.params,
+            path,
+            class_names=names,
+            image_size=loaded.image_size,
+        ),
+    )
   return fmt
 
 
@@ -126,11 +146,15 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   flag_values = flags.FLAGS
-  fmt = convert(flag_values.input, flag_values.output, to=flag_values.to,
-                model_name=flag_values.model,
-                gelu_approximate=flag_values.gelu_approximate,
-                layer_norm_epsilon=flag_values.layer_norm_epsilon,
-                overwrite=flag_values.overwrite)
+  fmt = convert(
+      flag_values.input,
+      flag_values.output,
+      to=flag_values.to,
+      model_name=flag_values.model,
+      gelu_approximate=flag_values.gelu_approximate,
+      layer_norm_epsilon=flag_values.layer_norm_epsilon,
+      overwrite=flag_values.overwrite,
+  )
   print(f'Wrote {flag_values.output} ({fmt}) from {flag_values.input}.')
 
 
@@ -138,18 +162,40 @@ def _define_flags() -> None:
   # pylint: disable=g-import-not-at-top
   from absl import flags
   # pylint: enable=g-import-not-at-top
-  flags.DEFINE_string('input', None, 'A run directory, an .npz, a '
-                      'transformers directory or a timm .safetensors.')
-  flags.DEFINE_string('output', None, 'An .npz, a directory (transformers) '
-                      'or a .safetensors (timm).')
-  flags.DEFINE_bool('overwrite', False, 'Replace an existing --output (a '
-                    'file, or a directory and every file in it).')
-  flags.DEFINE_enum('to', None, list(_FORMATS),
-                    'Output format (default: from the output\'s name).')
-  flags.DEFINE_string('model', None, 'Registry name for an .npz input '
-                      '(default: inferred from the shapes).')
-  flags.DEFINE_bool('gelu_approximate', True, 'For an .npz input: tanh GELU '
-                    '(the paper code) or, with --nogelu_approximate, exact.')
+  flags.DEFINE_string(
+      'input',
+      None,
+      'A run directory, an .npz, a '
+      'transformers directory or a timm .safetensors.',
+  )
+  flags.DEFINE_string(
+      'output',
+      None,
+      'An .npz, a directory (transformers) ' 'or a .safetensors (timm).',
+  )
+  flags.DEFINE_bool(
+      'overwrite',
+      False,
+      'Replace an existing --output (a '
+      'file, or a directory and every file in it).',
+  )
+  flags.DEFINE_enum(
+      'to',
+      None,
+      list(_FORMATS),
+      "Output format (default: from the output's name).",
+  )
+  flags.DEFINE_string(
+      'model',
+      None,
+      'Registry name for an .npz input ' '(default: inferred from the shapes).',
+  )
+  flags.DEFINE_bool(
+      'gelu_approximate',
+      True,
+      'For an .npz input: tanh GELU '
+      '(the paper code) or, with --nogelu_approximate, exact.',
+  )
   flags.DEFINE_float('layer_norm_epsilon', 1e-6, 'For an .npz input.')
   flags.mark_flags_as_required(['input', 'output'])
 

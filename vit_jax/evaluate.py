@@ -26,11 +26,11 @@ import ml_collections
 import tensorflow as tf
 
 from vit_jax import checkpoint
-from vit_jax import run_checkpoints
 from vit_jax import cli
 from vit_jax import config_lib
 from vit_jax import fileio
 from vit_jax import input_pipeline
+from vit_jax import run_checkpoints
 from vit_jax import sharding
 from vit_jax.evaluators import classification
 from vit_jax.evaluators import fewshot as fewshot_lib
@@ -39,10 +39,13 @@ import vit_jax.models
 RESULTS_FILE = 'eval_results.json'
 
 
-def evaluate_params(config: ml_collections.ConfigDict, params: Any, *,
-                    fewshot: bool = True,
-                    fewshot_off_switch: str = '--nofewshot'
-                    ) -> dict[str, float]:
+def evaluate_params(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    *,
+    fewshot: bool = True,
+    fewshot_off_switch: str = '--nofewshot',
+) -> dict[str, float]:
   """Classification (and few-shot) metrics of `params` on the config's data.
 
   The parameters are placed with the config's sharding rules on all devices,
@@ -62,26 +65,37 @@ def evaluate_params(config: ml_collections.ConfigDict, params: Any, *,
   """
   run = config_lib.parse(config)
   mesh = sharding.mesh_from_config(run.mesh)
-  sharding.check_batch_size(run.data.batch_eval, mesh,
-                            what='config.batch_eval')
+  sharding.check_batch_size(run.data.batch_eval, mesh, what='config.batch_eval')
   source = input_pipeline.get_source(run.data)
   info = input_pipeline.get_dataset_info(run.data, source)
-  model = vit_jax.models.get_model(num_classes=info.num_classes,
-                                   **run.model.model_args())
+  model = vit_jax.models.get_model(
+      num_classes=info.num_classes, **run.model.model_args()
+  )
   shardings = sharding.shardings_from_config(
-      jax.eval_shape(lambda: params), mesh, run.mesh)
+      jax.eval_shape(lambda: params), mesh, run.mesh
+  )
   evaluator = None
   if fewshot:  # Checks its dataset against the shots: before any work.
     evaluator = fewshot_lib.FewShotEvaluator(
-        run.evals.fewshot, run.data, model, mesh, shardings,
-        off_switch=fewshot_off_switch)
+        run.evals.fewshot,
+        run.data,
+        model,
+        mesh,
+        shardings,
+        off_switch=fewshot_off_switch,
+    )
   dataset, num_batches = input_pipeline.eval_dataset(run.data, source=source)
   params = sharding.put_global(params, shardings)
-  eval_fn = classification.make_eval_fn(model, mesh, shardings,
-                                        run.objective.loss)
-  metrics = classification.evaluate(params, eval_fn, dataset,
-                                    sharding.batch_sharding(mesh),
-                                    num_batches=num_batches)
+  eval_fn = classification.make_eval_fn(
+      model, mesh, shardings, run.objective.loss
+  )
+  metrics = classification.evaluate(
+      params,
+      eval_fn,
+      dataset,
+      sharding.batch_sharding(mesh),
+      num_batches=num_batches,
+  )
   if evaluator is not None:
     metrics.update(evaluator.run(params))
   return metrics
@@ -90,17 +104,30 @@ def evaluate_params(config: ml_collections.ConfigDict, params: Any, *,
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A training run directory.')
 flags.DEFINE_string(
-    'config', None, 'Experiment config (instead of --workdir): '
+    'config',
+    None,
+    'Experiment config (instead of --workdir): '
     'configs/<file>.py[:arg]; then --config.<field>=<value> for any field '
-    '(also with --workdir).')
-flags.DEFINE_bool('print_config', False, 'Print every config field with its '
-                  'value and comment (after the overrides) and exit.')
-flags.DEFINE_string('params', None,
-                    '.npz to evaluate (default: the run\'s newest checkpoint).')
-flags.DEFINE_bool('fewshot', True, 'Also run the few-shot linear evaluator '
-                  '(--nofewshot: only top-1 / top-5).')
-flags.DEFINE_string('out', None, f'Folder for {RESULTS_FILE} (default: the '
-                    'workdir).')
+    '(also with --workdir).',
+)
+flags.DEFINE_bool(
+    'print_config',
+    False,
+    'Print every config field with its '
+    'value and comment (after the overrides) and exit.',
+)
+flags.DEFINE_string(
+    'params', None, ".npz to evaluate (default: the run's newest checkpoint)."
+)
+flags.DEFINE_bool(
+    'fewshot',
+    True,
+    'Also run the few-shot linear evaluator '
+    '(--nofewshot: only top-1 / top-5).',
+)
+flags.DEFINE_string(
+    'out', None, f'Folder for {RESULTS_FILE} (default: the ' 'workdir).'
+)
 
 
 def main(argv, overrides):
@@ -108,8 +135,11 @@ def main(argv, overrides):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if bool(FLAGS.workdir) == bool(FLAGS.config):
     raise app.UsageError('Pass exactly one of --workdir or --config.')
-  config = (config_lib.load_run_config(FLAGS.workdir) if FLAGS.workdir
-            else config_lib.load_config_file(FLAGS.config))
+  config = (
+      config_lib.load_run_config(FLAGS.workdir)
+      if FLAGS.workdir
+      else config_lib.load_config_file(FLAGS.config)
+  )
   config_lib.apply_overrides(config, overrides)
   if FLAGS.print_config:
     print(config_lib.describe(config))
@@ -118,8 +148,9 @@ def main(argv, overrides):
     raise app.UsageError('--config needs --params=<npz>.')
   out = FLAGS.out or FLAGS.workdir
   if out and tf.io.gfile.exists(out) and not tf.io.gfile.isdir(out):
-    raise app.UsageError(f'--out={out} is a file: give a folder for '
-                         f'{RESULTS_FILE}.')
+    raise app.UsageError(
+        f'--out={out} is a file: give a folder for ' f'{RESULTS_FILE}.'
+    )
   # The config's own checks (and the few-shot data's, in evaluate_params)
   # before the parameters are placed on the devices.
   config_lib.parse(config)
@@ -132,8 +163,9 @@ def main(argv, overrides):
   metrics = {'params': source, **metrics}
   if out and jax.process_index() == 0:
     tf.io.gfile.makedirs(out)
-    fileio.write_text_atomic(os.path.join(out, RESULTS_FILE),
-                             json.dumps(metrics, indent=1))
+    fileio.write_text_atomic(
+        os.path.join(out, RESULTS_FILE), json.dumps(metrics, indent=1)
+    )
   logging.info('Evaluation of %s: %s', source, metrics)
   print(json.dumps(metrics, indent=1))
 

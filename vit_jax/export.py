@@ -23,15 +23,14 @@ Both write `<out>/serving.json` (input size, classes, platforms) and, when
 the source has class names, `<out>/labels.txt`.
 """
 
+from collections.abc import Sequence
 import json
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 
 FORMATS = ('stablehlo', 'savedmodel')
 STABLEHLO_FILE = 'model.jax_exported'
@@ -53,46 +52,69 @@ def _portable(model: Any) -> Any:
 
 
 def _host(params: Any) -> Any:
-  return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)),
-                                params)
+  return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
 
 
-def _write_side_files(out_dir: str, *, fmt: str, image_size: Sequence[int],
-                      num_classes: int, platforms: Sequence[str],
-                      class_names: Sequence[str] | None) -> None:
+def _write_side_files(
+    out_dir: str,
+    *,
+    fmt: str,
+    image_size: Sequence[int],
+    num_classes: int,
+    platforms: Sequence[str],
+    class_names: Sequence[str] | None,
+) -> None:
   # fileio imports TensorFlow (seconds): not for --help or a refusal.
   from vit_jax import fileio  # pylint: disable=g-import-not-at-top
+
   h, w = image_size
   info = {
-      'format': fmt, 'platforms': list(platforms),
-      'inputs': {'images': {'shape': [None, h, w, 3], 'dtype': 'float32',
-                            'range': [-1.0, 1.0]}},
-      'outputs': {'logits': {'shape': [None, num_classes],
-                             'dtype': 'float32'}},
+      'format': fmt,
+      'platforms': list(platforms),
+      'inputs': {
+          'images': {
+              'shape': [None, h, w, 3],
+              'dtype': 'float32',
+              'range': [-1.0, 1.0],
+          }
+      },
+      'outputs': {'logits': {'shape': [None, num_classes], 'dtype': 'float32'}},
   }
   if fmt == 'savedmodel':
     info['signatures'] = {
         'serving_default': 'images float32 [N, H, W, 3] in [-1, 1] -> logits',
         'serving_uint8': 'images uint8 [N, h, w, 3] -> resize to H x W '
-                         '(bilinear), [-1, 1] -> logits'}
-  fileio.write_text_atomic(os.path.join(out_dir, SERVING_FILE),
-                           json.dumps(info, indent=1))
+        '(bilinear), [-1, 1] -> logits',
+    }
+  fileio.write_text_atomic(
+      os.path.join(out_dir, SERVING_FILE), json.dumps(info, indent=1)
+  )
   if class_names:
-    fileio.write_text_atomic(os.path.join(out_dir, LABELS_FILE),
-                             ''.join(f'{n}\n' for n in class_names))
+    fileio.write_text_atomic(
+        os.path.join(out_dir, LABELS_FILE),
+        ''.join(f'{n}\n' for n in class_names),
+    )
 
 
 def _num_classes(model: Any, params: Any, image_size: Sequence[int]) -> int:
   shape = jax.eval_shape(
-      lambda p: model.apply({'params': p}, jnp.zeros((1, *image_size, 3)),
-                            train=False), params)
+      lambda p: model.apply(
+          {'params': p}, jnp.zeros((1, *image_size, 3)), train=False
+      ),
+      params,
+  )
   return int(shape.shape[-1])
 
 
-def export_stablehlo(model: Any, params: Any, image_size: Sequence[int],
-                     out_dir: str, *,
-                     platforms: Sequence[str] = DEFAULT_PLATFORMS,
-                     class_names: Sequence[str] | None = None) -> str:
+def export_stablehlo(
+    model: Any,
+    params: Any,
+    image_size: Sequence[int],
+    out_dir: str,
+    *,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    class_names: Sequence[str] | None = None,
+) -> str:
   """Serialises `images -> logits` with a symbolic batch dimension.
 
   Args:
@@ -114,18 +136,24 @@ def export_stablehlo(model: Any, params: Any, image_size: Sequence[int],
     logits = model.apply({'params': params}, images, train=False)
     return logits.astype(jnp.float32)
 
-  batch, = jax.export.symbolic_shape('batch')
+  (batch,) = jax.export.symbolic_shape('batch')
   exported = jax.export.export(jax.jit(serve), platforms=tuple(platforms))(
-      jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32))
+      jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
+  )
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, STABLEHLO_FILE)
   tmp = f'{path}.tmp-{os.getpid()}'
   with open(tmp, 'wb') as f:
     f.write(exported.serialize())
   os.replace(tmp, path)
-  _write_side_files(out_dir, fmt='stablehlo', image_size=image_size,
-                    num_classes=int(exported.out_avals[0].shape[-1]),
-                    platforms=platforms, class_names=class_names)
+  _write_side_files(
+      out_dir,
+      fmt='stablehlo',
+      image_size=image_size,
+      num_classes=int(exported.out_avals[0].shape[-1]),
+      platforms=platforms,
+      class_names=class_names,
+  )
   return path
 
 
@@ -135,10 +163,15 @@ def load_stablehlo(out_dir: str) -> jax.export.Exported:
     return jax.export.deserialize(bytearray(f.read()))
 
 
-def export_savedmodel(model: Any, params: Any, image_size: Sequence[int],
-                      out_dir: str, *,
-                      platforms: Sequence[str] = DEFAULT_PLATFORMS,
-                      class_names: Sequence[str] | None = None) -> str:
+def export_savedmodel(
+    model: Any,
+    params: Any,
+    image_size: Sequence[int],
+    out_dir: str,
+    *,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    class_names: Sequence[str] | None = None,
+) -> str:
   """Writes a TF SavedModel with the serving signatures (module docstring).
 
   Args:
@@ -155,6 +188,7 @@ def export_savedmodel(model: Any, params: Any, image_size: Sequence[int],
   # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf
   import tensorflow as tf
+
   from vit_jax import preprocess
   # pylint: enable=g-import-not-at-top
   model = _portable(model)
@@ -162,23 +196,35 @@ def export_savedmodel(model: Any, params: Any, image_size: Sequence[int],
   h, w = image_size
   num_classes = _num_classes(model, params, image_size)
   predict = jax2tf.convert(
-      lambda p, images: model.apply({'params': p}, images,
-                                    train=False).astype(jnp.float32),
-      polymorphic_shapes=[None, '(batch, ...)'], with_gradient=False,
-      native_serialization_platforms=tuple(platforms))
+      lambda p, images: model.apply({'params': p}, images, train=False).astype(
+          jnp.float32
+      ),
+      polymorphic_shapes=[None, '(batch, ...)'],
+      with_gradient=False,
+      native_serialization_platforms=tuple(platforms),
+  )
   module = tf.Module()
   # Variables, not constants: a graph proto holds at most 2 GB.
   module.params = tf.nest.map_structure(
-      lambda x: tf.Variable(x, trainable=False), params)
+      lambda x: tf.Variable(x, trainable=False), params
+  )
   variables = module.params
 
-  @tf.function(autograph=False, input_signature=[
-      tf.TensorSpec([None, h, w, 3], tf.float32, name='images')])
+  @tf.function(
+      autograph=False,
+      input_signature=[
+          tf.TensorSpec([None, h, w, 3], tf.float32, name='images')
+      ],
+  )
   def serve(images):
     return {'logits': predict(variables, images)}
 
-  @tf.function(autograph=False, input_signature=[
-      tf.TensorSpec([None, None, None, 3], tf.uint8, name='images')])
+  @tf.function(
+      autograph=False,
+      input_signature=[
+          tf.TensorSpec([None, None, None, 3], tf.uint8, name='images')
+      ],
+  )
   def serve_uint8(images):
     # The evaluation preprocessing (vit_jax.preprocess), batched.
     x = preprocess.value_range(preprocess.resize(images, (h, w)))
@@ -186,17 +232,26 @@ def export_savedmodel(model: Any, params: Any, image_size: Sequence[int],
 
   module.serve, module.serve_uint8 = serve, serve_uint8
   os.makedirs(out_dir, exist_ok=True)  # Made here: with the umask's mode.
-  tf.saved_model.save(module, out_dir, signatures={
-      'serving_default': serve, 'serving_uint8': serve_uint8})
+  tf.saved_model.save(
+      module,
+      out_dir,
+      signatures={'serving_default': serve, 'serving_uint8': serve_uint8},
+  )
   # TensorFlow makes its directories 0755 whatever the umask; give what it
   # wrote the modes of the other files.
   from vit_jax import interop  # pylint: disable=g-import-not-at-top
+
   for name in ('saved_model.pb', 'fingerprint.pb', 'variables', 'assets'):
     if os.path.exists(os.path.join(out_dir, name)):
       interop.follow_umask(os.path.join(out_dir, name))
-  _write_side_files(out_dir, fmt='savedmodel', image_size=image_size,
-                    num_classes=num_classes, platforms=platforms,
-                    class_names=class_names)
+  _write_side_files(
+      out_dir,
+      fmt='savedmodel',
+      image_size=image_size,
+      num_classes=num_classes,
+      platforms=platforms,
+      class_names=class_names,
+  )
   return out_dir
 
 
@@ -204,13 +259,20 @@ def check_platforms(platforms: Sequence[str]) -> None:
   """Refuses platform names `jax.export` does not lower for."""
   unknown = [p for p in platforms if p not in PLATFORMS]
   if unknown or not platforms:
-    raise ValueError(f'--platforms={",".join(platforms)}: use one or more '
-                     f'of {",".join(PLATFORMS)}.')
+    raise ValueError(
+        f'--platforms={",".join(platforms)}: use one or more '
+        f'of {",".join(PLATFORMS)}.'
+    )
 
 
-def export(loaded: Any, fmt: str, out_dir: str, *,
-           platforms: Sequence[str] = DEFAULT_PLATFORMS,
-           overwrite: bool = False) -> str:
+def export(
+    loaded: Any,
+    fmt: str,
+    out_dir: str,
+    *,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    overwrite: bool = False,
+) -> str:
   """Exports a `vit_jax.loading.Loaded` model in format `fmt`.
 
   Args:
@@ -227,22 +289,33 @@ def export(loaded: Any, fmt: str, out_dir: str, *,
   """
   # pylint: disable-next=g-import-not-at-top
   from vit_jax import interop
+
   if fmt not in FORMATS:
     raise ValueError(f'--format={fmt!r}; use one of {FORMATS}.')
   check_platforms(platforms)
   interop.check_output(out_dir, overwrite=overwrite, flag='--out')
   fn = export_stablehlo if fmt == 'stablehlo' else export_savedmodel
-  interop.write_output(out_dir, lambda stage: fn(
-      loaded.model, loaded.params, loaded.image_size, stage,
-      platforms=platforms, class_names=loaded.class_names))
-  return (os.path.join(out_dir, STABLEHLO_FILE) if fmt == 'stablehlo'
-          else out_dir)
+  interop.write_output(
+      out_dir,
+      lambda stage: fn(
+          loaded.model,
+          loaded.params,
+          loaded.image_size,
+          stage,
+          platforms=platforms,
+          class_names=loaded.class_names,
+      ),
+  )
+  return (
+      os.path.join(out_dir, STABLEHLO_FILE) if fmt == 'stablehlo' else out_dir
+  )
 
 
 def main(argv: Sequence[str]) -> None:
   # pylint: disable=g-import-not-at-top
   from absl import app
   from absl import flags
+
   from vit_jax import interop
   from vit_jax import loading
   # pylint: enable=g-import-not-at-top
@@ -253,16 +326,20 @@ def main(argv: Sequence[str]) -> None:
   check_platforms(f.platforms)
   interop.check_output(f.out, overwrite=f.overwrite, flag='--out')
   loaded = loading.load_from_flags()
-  path = export(loaded, f.format, f.out, platforms=f.platforms,
-                overwrite=f.overwrite)
-  print(f'Wrote {path} ({f.format}, {loaded.image_size[0]}x'
-        f'{loaded.image_size[1]} inputs, platforms '
-        f'{",".join(f.platforms)}) from {loaded.source}.')
+  path = export(
+      loaded, f.format, f.out, platforms=f.platforms, overwrite=f.overwrite
+  )
+  print(
+      f'Wrote {path} ({f.format}, {loaded.image_size[0]}x'
+      f'{loaded.image_size[1]} inputs, platforms '
+      f'{",".join(f.platforms)}) from {loaded.source}.'
+  )
 
 
 def _define_flags() -> None:
   # pylint: disable=g-import-not-at-top
   from absl import flags
+
   from vit_jax import loading
   # pylint: enable=g-import-not-at-top
   loading.define_model_flags()
@@ -270,15 +347,23 @@ def _define_flags() -> None:
   flags.adopt_module_key_flags(loading)
   flags.DEFINE_enum('format', 'stablehlo', list(FORMATS), 'What to write.')
   flags.DEFINE_string('out', None, 'Output directory.')
-  flags.DEFINE_bool('overwrite', False, 'Replace an existing --out that '
-                    'holds files (everything in it is deleted).')
-  flags.DEFINE_list('platforms', list(DEFAULT_PLATFORMS),
-                    'Platforms to lower for (cpu, cuda, rocm, tpu).')
+  flags.DEFINE_bool(
+      'overwrite',
+      False,
+      'Replace an existing --out that '
+      'holds files (everything in it is deleted).',
+  )
+  flags.DEFINE_list(
+      'platforms',
+      list(DEFAULT_PLATFORMS),
+      'Platforms to lower for (cpu, cuda, rocm, tpu).',
+  )
   flags.mark_flags_as_required(['out'])
 
 
 if __name__ == '__main__':
   # pylint: disable-next=g-import-not-at-top
   from vit_jax import cli as _cli
+
   _define_flags()
   _cli.run(main)

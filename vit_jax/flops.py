@@ -55,18 +55,21 @@ def _image_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
   return height, width
 
 
-def _check_divisible(model_name: str, height: int, width: int,
-                     stride: tuple[int, int]) -> None:
+def _check_divisible(
+    model_name: str, height: int, width: int, stride: tuple[int, int]
+) -> None:
   # The models themselves refuse such images; failing here too keeps the
   # count from silently describing a model that cannot run.
   if height % stride[0] or width % stride[1]:
     raise ValueError(
         f'Image size {height}x{width} is not divisible by the total stride '
-        f'{stride[0]}x{stride[1]} of {model_name}.')
+        f'{stride[0]}x{stride[1]} of {model_name}.'
+    )
 
 
-def _resnet_flops(config: Any, height: int,
-                  width: int) -> tuple[int, int, int, int]:
+def _resnet_flops(
+    config: Any, height: int, width: int
+) -> tuple[int, int, int, int]:
   """Convolution FLOPs of the BiT stem and stages (mirrors resnet.py).
 
   Returns:
@@ -107,19 +110,22 @@ def _head_positions(classifier: str, shape: tuple[int, ...]) -> int:
   return 1 if classifier in ('gap', 'map') else size
 
 
-def _vit_breakdown(model: vit.VisionTransformer, height: int,
-                   width: int) -> dict[str, int]:
+def _vit_breakdown(
+    model: vit.VisionTransformer, height: int, width: int
+) -> dict[str, int]:
   """Breakdown of a VisionTransformer (pure or hybrid), mirrors vit.py."""
   counts = {}
   channels = _IMAGE_CHANNELS
   if model.resnet is not None:
     counts['resnet'], height, width, channels = _resnet_flops(
-        model.resnet, height, width)
+        model.resnet, height, width
+    )
   ph, pw = vit.patch_size_of(model.patches)
   grid_h, grid_w = height // ph, width // pw
   hidden = model.hidden_size
-  counts['patch_embedding'] = _dense(grid_h * grid_w, ph * pw * channels,
-                                     hidden)
+  counts['patch_embedding'] = _dense(
+      grid_h * grid_w, ph * pw * channels, hidden
+  )
   shape: tuple[int, ...] = (grid_h, grid_w)
   if model.transformer is not None:
     with_token = model.classifier in ('token', 'token_unpooled')
@@ -129,8 +135,9 @@ def _vit_breakdown(model: vit.VisionTransformer, height: int,
     mlp_dim = vit.config_value(model.transformer, 'mlp_dim')
     # Per layer: q, k, v and out are D x D maps of every token; the scores and
     # the weighted sum are each T x T x D multiply-adds, however many heads.
-    counts['attention_projections'] = layers * 4 * _dense(tokens, hidden,
-                                                          hidden)
+    counts['attention_projections'] = (
+        layers * 4 * _dense(tokens, hidden, hidden)
+    )
     counts['attention_scores'] = layers * _dense(tokens, hidden, tokens)
     counts['attention_values'] = layers * _dense(tokens, tokens, hidden)
     counts['mlp'] = layers * 2 * _dense(tokens, hidden, mlp_dim)
@@ -140,22 +147,27 @@ def _vit_breakdown(model: vit.VisionTransformer, height: int,
       # projected), then the residual MLP of the probe.
       pooled = shape[0]
       counts['map_head'] = (
-          2 * _dense(1, hidden, hidden) + 2 * _dense(pooled, hidden, hidden)
-          + _dense(1, hidden, pooled) + _dense(1, pooled, hidden)
-          + 2 * _dense(1, hidden, mlp_dim))
+          2 * _dense(1, hidden, hidden)
+          + 2 * _dense(pooled, hidden, hidden)
+          + _dense(1, hidden, pooled)
+          + _dense(1, pooled, hidden)
+          + 2 * _dense(1, hidden, mlp_dim)
+      )
   positions = _head_positions(model.classifier, shape)
   features = hidden
   if model.representation_size is not None:
-    counts['pre_logits'] = _dense(positions, features,
-                                  model.representation_size)
+    counts['pre_logits'] = _dense(
+        positions, features, model.representation_size
+    )
     features = model.representation_size
   if model.num_classes:
     counts['head'] = _dense(positions, features, model.num_classes)
   return counts
 
 
-def _mixer_breakdown(model: mixer.MlpMixer, height: int,
-                     width: int) -> dict[str, int]:
+def _mixer_breakdown(
+    model: mixer.MlpMixer, height: int, width: int
+) -> dict[str, int]:
   """Breakdown of an MlpMixer, mirrors mixer.py."""
   ph, pw = vit.patch_size_of(model.patches)
   tokens = (height // ph) * (width // pw)
@@ -164,20 +176,25 @@ def _mixer_breakdown(model: mixer.MlpMixer, height: int,
   # channel mixing one over the channel axis for every token.
   counts = {
       'patch_embedding': _dense(tokens, ph * pw * _IMAGE_CHANNELS, hidden),
-      'token_mixing': model.num_blocks * 2 * _dense(hidden, tokens,
-                                                    model.tokens_mlp_dim),
-      'channel_mixing': model.num_blocks * 2 * _dense(tokens, hidden,
-                                                      model.channels_mlp_dim),
+      'token_mixing': model.num_blocks
+      * 2
+      * _dense(hidden, tokens, model.tokens_mlp_dim),
+      'channel_mixing': model.num_blocks
+      * 2
+      * _dense(tokens, hidden, model.channels_mlp_dim),
   }
   if model.num_classes:
     counts['head'] = _dense(1, hidden, model.num_classes)
   return counts
 
 
-def forward_flops_breakdown(model_name: str,
-                            image_size: int | tuple[int, int] = 224, *,
-                            num_classes: int | None = 1000,
-                            **overrides: Any) -> dict[str, int]:
+def forward_flops_breakdown(
+    model_name: str,
+    image_size: int | tuple[int, int] = 224,
+    *,
+    num_classes: int | None = 1000,
+    **overrides: Any,
+) -> dict[str, int]:
   """Forward FLOPs per image of each component of a registered model.
 
   Args:
@@ -209,14 +226,20 @@ def forward_flops_breakdown(model_name: str,
     _check_divisible(model_name, height, width, model.total_stride)
     return _vit_breakdown(model, height, width)
   if isinstance(model, mixer.MlpMixer):
-    _check_divisible(model_name, height, width,
-                     vit.patch_size_of(model.patches))
+    _check_divisible(
+        model_name, height, width, vit.patch_size_of(model.patches)
+    )
     return _mixer_breakdown(model, height, width)
   raise TypeError(f'No FLOP count for {type(model).__name__} ({model_name}).')
 
 
-def forward_flops(model_name: str, image_size: int | tuple[int, int] = 224,
-                  *, num_classes: int | None = 1000, **overrides: Any) -> int:
+def forward_flops(
+    model_name: str,
+    image_size: int | tuple[int, int] = 224,
+    *,
+    num_classes: int | None = 1000,
+    **overrides: Any,
+) -> int:
   """Forward-pass FLOPs per image (sum of `forward_flops_breakdown`).
 
   Args:
@@ -233,18 +256,27 @@ def forward_flops(model_name: str, image_size: int | tuple[int, int] = 224,
     TypeError: an override is not a field of the model.
     ValueError: the image size is not divisible by the model's total stride.
   """
-  return sum(forward_flops_breakdown(
-      model_name, image_size, num_classes=num_classes, **overrides).values())
+  return sum(
+      forward_flops_breakdown(
+          model_name, image_size, num_classes=num_classes, **overrides
+      ).values()
+  )
 
 
-def train_flops(model_name: str, image_size: int | tuple[int, int] = 224, *,
-                num_classes: int | None = 1000, **overrides: Any) -> int:
+def train_flops(
+    model_name: str,
+    image_size: int | tuple[int, int] = 224,
+    *,
+    num_classes: int | None = 1000,
+    **overrides: Any,
+) -> int:
   """Training FLOPs per image: 3 x `forward_flops` (forward plus backward).
 
   Args and Raises: as for `forward_flops`.
   """
-  return 3 * forward_flops(model_name, image_size, num_classes=num_classes,
-                           **overrides)
+  return 3 * forward_flops(
+      model_name, image_size, num_classes=num_classes, **overrides
+  )
 
 
 __all__ = ['forward_flops', 'forward_flops_breakdown', 'train_flops']

@@ -12,8 +12,13 @@ import re
 
 import numpy as np
 
-OPS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
-       'collective-permute')
+OPS = (
+    'all-reduce',
+    'all-gather',
+    'reduce-scatter',
+    'all-to-all',
+    'collective-permute',
+)
 
 
 def _iota(text):
@@ -31,22 +36,31 @@ def replica_groups(line):
   """The device groups of one collective's HLO line, sorted; None if none."""
   groups = None
   iota = re.search(
-      r'replica_groups=\[([\d,]+)\]<=(\[[\d,]+\](?:T\([\d,]+\))?)', line)
+      r'replica_groups=\[([\d,]+)\]<=(\[[\d,]+\](?:T\([\d,]+\))?)', line
+  )
   explicit = re.search(r'replica_groups=\{((?:\{[\d,]*\},?)*)\}', line)
-  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]"
-                   r"(?:, device_ids=\((\[[\d,]+\](?:T\([\d,]+\))?)\))?"
-                   r" \{([^}]*)\}", line)
+  mesh = re.search(
+      r'replica_groups=mesh\[([^\]]*)\]'
+      r'(?:, device_ids=\((\[[\d,]+\](?:T\([\d,]+\))?)\))?'
+      r' \{([^}]*)\}',
+      line,
+  )
   if iota:
     shape = [int(d) for d in iota.group(1).split(',')]
     groups = _iota(iota.group(2)).reshape(shape).tolist()
   elif explicit:
-    groups = [[int(i) for i in g.split(',') if i]
-              for g in re.findall(r'\{([\d,]*)\}', explicit.group(1))]
+    groups = [
+        [int(i) for i in g.split(',') if i]
+        for g in re.findall(r'\{([\d,]*)\}', explicit.group(1))
+    ]
   elif mesh:
     axes = re.findall(r"'(\w+)'=(\d+)", mesh.group(1))
     names, sizes = [a for a, _ in axes], [int(s) for _, s in axes]
-    ids = (_iota(mesh.group(2)) if mesh.group(2)
-           else np.arange(int(np.prod(sizes)))).reshape(sizes)
+    ids = (
+        _iota(mesh.group(2))
+        if mesh.group(2)
+        else np.arange(int(np.prod(sizes)))
+    ).reshape(sizes)
     within = [names.index(a) for a in re.findall(r"'(\w+)'", mesh.group(3))]
     across = [i for i in range(len(names)) if i not in within]
     size = int(np.prod([sizes[i] for i in within]))
@@ -66,21 +80,41 @@ def collectives(hlo):
 
 def result_shapes(type_text):
   """'(f32[2,3]{1,0}, f32[])' -> [(2, 3), ()]."""
-  return [tuple(int(d) for d in dims.split(',') if d)
-          for dims in re.findall(r'[a-z]+\d*\[([\d,]*)\]', type_text)]
+  return [
+      tuple(int(d) for d in dims.split(',') if d)
+      for dims in re.findall(r'[a-z]+\d*\[([\d,]*)\]', type_text)
+  ]
 
 
-_DTYPE_BYTES = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1,
-                'f8e4m3fn': 1, 'f8e5m2': 1, 's16': 2, 'u16': 2, 'f16': 2,
-                'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8,
-                'f64': 8, 'c64': 8, 'c128': 16}
+_DTYPE_BYTES = {
+    'pred': 1,
+    's4': 0.5,
+    'u4': 0.5,
+    's8': 1,
+    'u8': 1,
+    'f8e4m3fn': 1,
+    'f8e5m2': 1,
+    's16': 2,
+    'u16': 2,
+    'f16': 2,
+    'bf16': 2,
+    's32': 4,
+    'u32': 4,
+    'f32': 4,
+    's64': 8,
+    'u64': 8,
+    'f64': 8,
+    'c64': 8,
+    'c128': 16,
+}
 
 
 def result_bytes(type_text):
   """Bytes of the arrays in a result type, e.g. '(f32[2,3]{1,0}, bf16[4])'."""
   total = 0.0
-  for dtype, dims in re.findall(r'([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]',
-                                type_text):
+  for dtype, dims in re.findall(
+      r'([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]', type_text
+  ):
     size = int(np.prod([int(d) for d in dims.split(',') if d]))
     total += size * _DTYPE_BYTES.get(dtype, 4)
   return int(total)

@@ -29,12 +29,12 @@ config. A `TrainIterator`'s state is therefore one integer, the number of
 examples it has produced; restoring rebuilds the stream at that position.
 """
 
+from collections.abc import Iterator, Mapping
 import concurrent.futures
 import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 from absl import logging
@@ -44,9 +44,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import config_errors
+from vit_jax import datasets as local_datasets
 from vit_jax import fileio
 from vit_jax import preprocess
-from vit_jax import datasets as local_datasets
 from vit_jax import sharding as sharding_lib
 from vit_jax.datasets import folder_index
 
@@ -62,19 +62,31 @@ _MAX_EPOCHS = 2**40
 # slice of train for hyper-parameter sweeps; `train` excludes it) and
 # preprocessing overrides.
 DATASET_PRESETS: dict[str, dict[str, Any]] = {
-    'digits': dict(num_classes=10, train='train', test='test',
-                   holdout='train[90%:]',
-                   pp=dict(inception_crop=False, flip=False)),
-    'cifar10': dict(num_classes=10, train='train[:98%]', test='test',
-                    holdout='train[98%:]'),
-    'cifar100': dict(num_classes=100, train='train[:98%]', test='test',
-                     holdout='train[98%:]'),
-    'imagenet2012': dict(num_classes=1000, train='train[:99%]',
-                         test='validation', holdout='train[99%:]'),
-    'oxford_iiit_pet': dict(num_classes=37, train='train[:90%]', test='test',
-                            holdout='train[90%:]'),
-    'oxford_flowers102': dict(num_classes=102, train='train[:90%]',
-                              test='test', holdout='train[90%:]'),
+    'digits': dict(
+        num_classes=10,
+        train='train',
+        test='test',
+        holdout='train[90%:]',
+        pp=dict(inception_crop=False, flip=False),
+    ),
+    'cifar10': dict(
+        num_classes=10, train='train[:98%]', test='test', holdout='train[98%:]'
+    ),
+    'cifar100': dict(
+        num_classes=100, train='train[:98%]', test='test', holdout='train[98%:]'
+    ),
+    'imagenet2012': dict(
+        num_classes=1000,
+        train='train[:99%]',
+        test='validation',
+        holdout='train[99%:]',
+    ),
+    'oxford_iiit_pet': dict(
+        num_classes=37, train='train[:90%]', test='test', holdout='train[90%:]'
+    ),
+    'oxford_flowers102': dict(
+        num_classes=102, train='train[:90%]', test='test', holdout='train[90%:]'
+    ),
 }
 
 
@@ -99,6 +111,7 @@ class DataSection:
   `train_split`, `eval_split` and `num_classes` may be None: the dataset's
   preset (or the data itself) decides.
   """
+
   dataset: str
   tfds_data_dir: str | None
   tfds_download: bool
@@ -117,16 +130,25 @@ class DataSection:
 
   def __post_init__(self):
     if not self.dataset:
-      raise ValueError("config.dataset is not set: use a tfds name, 'digits' "
-                       "or 'image_folder'.")
+      raise ValueError(
+          "config.dataset is not set: use a tfds name, 'digits' "
+          "or 'image_folder'."
+      )
     if not isinstance(self.image_size, int) or self.image_size <= 0:
-      raise ValueError(f'config.image_size={self.image_size!r} must be a '
-                       'positive number of pixels.')
-    config_errors.check_positive(batch=self.batch, batch_eval=self.batch_eval,
-                                 shuffle_buffer=self.shuffle_buffer)
+      raise ValueError(
+          f'config.image_size={self.image_size!r} must be a '
+          'positive number of pixels.'
+      )
+    config_errors.check_positive(
+        batch=self.batch,
+        batch_eval=self.batch_eval,
+        shuffle_buffer=self.shuffle_buffer,
+    )
     if self.num_classes is not None and self.num_classes <= 0:
-      raise ValueError(f'config.num_classes={self.num_classes} must be '
-                       'positive (or None: from the dataset).')
+      raise ValueError(
+          f'config.num_classes={self.num_classes} must be '
+          'positive (or None: from the dataset).'
+      )
 
 
 # ----------------------------------------------------------------------------
@@ -145,6 +167,7 @@ class Shard:
     max_num_examples: Examples in the largest shard of any process (eval
       pads every process to the same number of batches).
   """
+
   dataset: tf.data.Dataset
   num_examples: int
   max_num_examples: int
@@ -162,7 +185,8 @@ class TfdsSource:
           f'Unknown dataset {name!r} (config.dataset). Accepted: '
           f'{", ".join(sorted(DATASET_PRESETS))}, {IMAGE_FOLDER!r} (with '
           'config.image_folder), or any tensorflow-datasets name '
-          '(tfds.list_builders()).') from e
+          '(tfds.list_builders()).'
+      ) from e
     if not self.builder.is_prepared():
       self._prepare(download)
       # Another process may have prepared it while this one waited for the
@@ -179,28 +203,33 @@ class TfdsSource:
     if self.name in local_datasets.LOCAL_BUILDERS:
       local_datasets.prepare_local_builder(self.builder)
       return
-    how = (f'Prepare it on a machine with network access (`tfds build '
-           f'{self.name} --data_dir={data_dir}`), copy {data_dir}/{self.name} '
-           'here and point config.tfds_data_dir at it')
+    how = (
+        f'Prepare it on a machine with network access (`tfds build '
+        f'{self.name} --data_dir={data_dir}`), copy {data_dir}/{self.name} '
+        'here and point config.tfds_data_dir at it'
+    )
     if not download:
       raise DatasetNotPreparedError(
           f'tfds dataset {self.name!r} is not prepared in {data_dir}. {how}; '
           'or set config.tfds_download=True to download it now (needs '
           'network access; some datasets, e.g. imagenet2012, need a manual '
-          'download first).')
+          'download first).'
+      )
     try:
       self.builder.download_and_prepare()
     except Exception as e:  # pylint: disable=broad-except
       raise DatasetNotPreparedError(
           f'tfds dataset {self.name!r} is not prepared in {data_dir} and '
           f'downloading it failed ({type(e).__name__}: {e}). Without network '
-          f'access: {how}.') from e
+          f'access: {how}.'
+      ) from e
 
   def split_size(self, split: str) -> int:
     return self.builder.info.splits[split].num_examples
 
-  def class_counts(self, split: str, num_classes: int,
-                   enough: int) -> np.ndarray:
+  def class_counts(
+      self, split: str, num_classes: int, enough: int
+  ) -> np.ndarray:
     """Examples per class in `split`, each counted up to at least `enough`.
 
     Reads only the labels (images are not decoded) and stops as soon as
@@ -208,12 +237,15 @@ class TfdsSource:
     it reads a small part of the split.
     """
     ds = self.builder.as_dataset(
-        split=split, shuffle_files=False,
+        split=split,
+        shuffle_files=False,
         decoders={self.image_key: tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(try_autocache=False))
+        read_config=tfds.ReadConfig(try_autocache=False),
+    )
     counts = np.zeros(num_classes, np.int64)
-    for labels in ds.map(lambda f: f[self.label_key]).batch(
-        4096).as_numpy_iterator():
+    for labels in (
+        ds.map(lambda f: f[self.label_key]).batch(4096).as_numpy_iterator()
+    ):
       counts += np.bincount(labels, minlength=num_classes)[:num_classes]
       if counts.min() >= enough:
         break
@@ -223,13 +255,19 @@ class TfdsSource:
     parts = tfds.even_splits(split, n=process_count)
     sizes = [self.split_size(p) for p in parts]
     ds = self.builder.as_dataset(
-        split=parts[process_index], shuffle_files=False,
+        split=parts[process_index],
+        shuffle_files=False,
         decoders={self.image_key: tfds.decode.SkipDecoding()},
         # The pipeline re-reads the files every epoch; tfds' automatic
         # in-memory cache would only warn when an iterator stops early.
-        read_config=tfds.ReadConfig(try_autocache=False))
-    ds = ds.map(lambda f: {'image': f[self.image_key],
-                           'label': tf.cast(f[self.label_key], tf.int64)})
+        read_config=tfds.ReadConfig(try_autocache=False),
+    )
+    ds = ds.map(
+        lambda f: {
+            'image': f[self.image_key],
+            'label': tf.cast(f[self.label_key], tf.int64),
+        }
+    )
     return Shard(ds, sizes[process_index], max(sizes))
 
 
@@ -241,9 +279,14 @@ class ImageFolderSource:
   `test_percent` percent of them.
   """
 
-  def __init__(self, root: str, *, test_percent: int = 10,
-               skip_bad_images: bool = False,
-               write_index: bool | None = None):
+  def __init__(
+      self,
+      root: str,
+      *,
+      test_percent: int = 10,
+      skip_bad_images: bool = False,
+      write_index: bool | None = None,
+  ):
     """Lists the folder and finds its unreadable images.
 
     Which files decode is kept in an index (`folder_index`) and reused while
@@ -257,11 +300,14 @@ class ImageFolderSource:
       write_index: Whether to write the index (default: in JAX process 0).
     """
     if not root:
-      raise ValueError("config.dataset='image_folder' needs "
-                       'config.image_folder (a directory path).')
+      raise ValueError(
+          "config.dataset='image_folder' needs "
+          'config.image_folder (a directory path).'
+      )
     if not os.path.isdir(root):
-      raise FileNotFoundError(f'config.image_folder={root!r} is not a '
-                              'directory.')
+      raise FileNotFoundError(
+          f'config.image_folder={root!r} is not a ' 'directory.'
+      )
     self.root = root
     self.skip_bad_images = skip_bad_images
     self.num_skipped = 0  # Unreadable files left out (skip_bad_images).
@@ -273,10 +319,14 @@ class ImageFolderSource:
       names = sorted(files['train'])
       extra = sorted(set(files['test']) - set(names))
       if extra:
-        raise ValueError(f'{split_dirs["test"]} has classes {extra} that '
-                         f'{split_dirs["train"]} lacks.')
-      self.files = {s: [(p, names.index(c)) for c, ps in f.items() for p in ps]
-                    for s, f in files.items()}
+        raise ValueError(
+            f'{split_dirs["test"]} has classes {extra} that '
+            f'{split_dirs["train"]} lacks.'
+        )
+      self.files = {
+          s: [(p, names.index(c)) for c, ps in f.items() for p in ps]
+          for s, f in files.items()
+      }
     else:
       per_class = self._scan(root, '')
       names = sorted(per_class)
@@ -291,12 +341,15 @@ class ImageFolderSource:
       raise ValueError(
           f'{root} has {self.num_classes} class folder(s) ({names}); a '
           'classifier needs at least 2: add one sub-folder of images per '
-          'class.')
+          'class.'
+      )
     if write_index is None:
       write_index = jax.process_index() == 0
     readable = self._readable(write_index)
-    self.files = {split: sorted(f for f in files if f[0] in readable)
-                  for split, files in self.files.items()}
+    self.files = {
+        split: sorted(f for f in files if f[0] in readable)
+        for split, files in self.files.items()
+    }
 
   def _scan(self, directory: str, relative: str) -> dict[str, list[str]]:
     """Class name -> sorted image paths; records each file's stat."""
@@ -304,19 +357,22 @@ class ImageFolderSource:
     if not classes:
       raise ValueError(
           f'{directory} has no class sub-folders: put the images of each '
-          f'class in {directory}/<class name>/ (.jpg, .jpeg or .png).')
+          f'class in {directory}/<class name>/ (.jpg, .jpeg or .png).'
+      )
     folders = [os.path.join(directory, name) for name in classes]
     # Threads: on a network file system listing and stat'ing a million
     # files one at a time takes minutes; the calls release the GIL.
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-      listings = list(pool.map(
-          lambda f: folder_index.scan(f, IMAGE_EXTENSIONS), folders))
+      listings = list(
+          pool.map(lambda f: folder_index.scan(f, IMAGE_EXTENSIONS), folders)
+      )
     files: dict[str, list[str]] = {}
     for name, folder, listing in zip(classes, folders, listings):
       if not listing:
         raise ValueError(
             f'Class folder {folder} contains no images (.jpg, .jpeg, .png in '
-            'any letter case): add images or remove the folder.')
+            'any letter case): add images or remove the folder.'
+        )
       prefix = f'{relative}/{name}/' if relative else f'{name}/'
       files[name] = []
       for file_name, stat in listing:
@@ -331,26 +387,35 @@ class ImageFolderSource:
     # file is named here rather than failing deep inside tf.data without
     # its path.
     errors = folder_index.verdicts(
-        self.root, dict(self._stats.values()), write=write_index)
-    bad = sorted((p, errors[rel]) for p, (rel, _) in self._stats.items()
-                 if errors[rel] is not None)
+        self.root, dict(self._stats.values()), write=write_index
+    )
+    bad = sorted(
+        (p, errors[rel])
+        for p, (rel, _) in self._stats.items()
+        if errors[rel] is not None
+    )
     if bad and not self.skip_bad_images:
       path, error = bad[0]
       raise BadImageError(
           f'Cannot decode image {path} ({error}); {len(bad)} unreadable '
           'file(s) in all. Remove or replace it, or set '
-          'config.skip_bad_images=True to skip unreadable files.')
+          'config.skip_bad_images=True to skip unreadable files.'
+      )
     if bad:
       self.num_skipped = len(bad)
-      logging.warning('Skipping %d unreadable image(s), e.g. %s', len(bad),
-                      [p for p, _ in bad[:5]])
+      logging.warning(
+          'Skipping %d unreadable image(s), e.g. %s',
+          len(bad),
+          [p for p, _ in bad[:5]],
+      )
     return {p for p, (rel, _) in self._stats.items() if errors[rel] is None}
 
   def split_size(self, split: str) -> int:
     return len(self._files(split))
 
-  def class_counts(self, split: str, num_classes: int,
-                   enough: int) -> np.ndarray:
+  def class_counts(
+      self, split: str, num_classes: int, enough: int
+  ) -> np.ndarray:
     """Images per class in `split` (from the file lists; `enough` unused)."""
     del enough  # Counting file names costs nothing.
     labels = np.asarray([label for _, label in self._files(split)], np.int64)
@@ -358,8 +423,10 @@ class ImageFolderSource:
 
   def _files(self, split: str) -> list[tuple[str, int]]:
     if split not in self.files:
-      raise ValueError(f"Image folders have splits 'train' and 'test', not "
-                       f'{split!r} (config.train_split / eval_split).')
+      raise ValueError(
+          f"Image folders have splits 'train' and 'test', not "
+          f'{split!r} (config.train_split / eval_split).'
+      )
     return self.files[split]
 
   def shard(self, split: str, process_index: int, process_count: int) -> Shard:
@@ -368,12 +435,15 @@ class ImageFolderSource:
     if not mine:
       raise ValueError(
           f'{self.root} split {split!r} has {len(files)} images, fewer than '
-          f'the {process_count} processes.')
+          f'the {process_count} processes.'
+      )
     paths, labels = zip(*mine)
     ds = tf.data.Dataset.from_tensor_slices(
-        {'path': list(paths), 'label': np.asarray(labels, np.int64)})
-    ds = ds.map(lambda f: {'image': tf.io.read_file(f['path']),
-                           'label': f['label']})
+        {'path': list(paths), 'label': np.asarray(labels, np.int64)}
+    )
+    ds = ds.map(
+        lambda f: {'image': tf.io.read_file(f['path']), 'label': f['label']}
+    )
     return Shard(ds, len(mine), math.ceil(len(files) / process_count))
 
 
@@ -396,6 +466,7 @@ class DatasetInfo:
     num_train_examples: Examples in the train split (all processes).
     num_eval_examples: Examples in the eval split (all processes).
   """
+
   name: str
   num_classes: int
   class_names: tuple[str, ...]
@@ -405,13 +476,14 @@ class DatasetInfo:
   num_eval_examples: int
 
 
-def get_source(data: DataSection
-               ) -> 'TfdsSource | ImageFolderSource':
+def get_source(data: DataSection) -> 'TfdsSource | ImageFolderSource':
   """Returns the data source named by `data.dataset`."""
   if data.dataset == IMAGE_FOLDER:
     return ImageFolderSource(
-        data.image_folder, test_percent=data.image_folder_test_percent,
-        skip_bad_images=data.skip_bad_images)
+        data.image_folder,
+        test_percent=data.image_folder_test_percent,
+        skip_bad_images=data.skip_bad_images,
+    )
   return TfdsSource(data.dataset, data.tfds_data_dir, data.tfds_download)
 
 
@@ -425,27 +497,34 @@ def _splits(data: DataSection) -> tuple[str, str]:
       raise ValueError(
           f"config.eval_split='holdout' needs a preset with a held-out "
           f'slice; {data.dataset!r} has none: give the split explicitly, '
-          "e.g. 'train[98%:]' (and train_split='train[:98%]').")
+          "e.g. 'train[98%:]' (and train_split='train[:98%]')."
+      )
     evaluation = preset['holdout']
   return train, evaluation
 
 
-def get_dataset_info(data: DataSection,
-                     source: Any = None) -> DatasetInfo:
+def get_dataset_info(data: DataSection, source: Any = None) -> DatasetInfo:
   """Describes the configured dataset (classes, splits, sizes)."""
   source = source or get_source(data)
   preset = DATASET_PRESETS.get(data.dataset, {})
-  num_classes = (data.num_classes or preset.get('num_classes')
-                 or source.num_classes)
+  num_classes = (
+      data.num_classes or preset.get('num_classes') or source.num_classes
+  )
   if not num_classes:
-    raise ValueError(f'Cannot tell the number of classes of '
-                     f'{data.dataset!r}: set config.num_classes.')
+    raise ValueError(
+        f'Cannot tell the number of classes of '
+        f'{data.dataset!r}: set config.num_classes.'
+    )
   train, evaluation = _splits(data)
   return DatasetInfo(
-      name=data.dataset, num_classes=int(num_classes),
-      class_names=tuple(source.class_names), train_split=train,
-      eval_split=evaluation, num_train_examples=source.split_size(train),
-      num_eval_examples=source.split_size(evaluation))
+      name=data.dataset,
+      num_classes=int(num_classes),
+      class_names=tuple(source.class_names),
+      train_split=train,
+      eval_split=evaluation,
+      num_train_examples=source.split_size(train),
+      num_eval_examples=source.split_size(evaluation),
+  )
 
 
 def write_class_names(workdir: str, info: DatasetInfo) -> str | None:
@@ -457,32 +536,40 @@ def write_class_names(workdir: str, info: DatasetInfo) -> str | None:
     return None
   path = os.path.join(workdir, CLASS_NAMES_FILE)
   tf.io.gfile.makedirs(workdir)
-  fileio.write_text_atomic(path, json.dumps(
-      {'dataset': info.name, 'class_names': list(info.class_names)},
-      indent=1))
+  fileio.write_text_atomic(
+      path,
+      json.dumps(
+          {'dataset': info.name, 'class_names': list(info.class_names)},
+          indent=1,
+      ),
+  )
   return path
 
 
-def _preprocess_config(data: DataSection, num_classes: int
-                       ) -> preprocess.PreprocessConfig:
+def _preprocess_config(
+    data: DataSection, num_classes: int
+) -> preprocess.PreprocessConfig:
   pp = dict(DATASET_PRESETS.get(data.dataset, {}).get('pp', {}))
   pp.update(data.pp)
   return preprocess.PreprocessConfig.from_config(
-      pp, image_size=data.image_size, num_classes=num_classes)
+      pp, image_size=data.image_size, num_classes=num_classes
+  )
 
 
-def _local_batch_size(global_batch: int, process_count: int,
-                      what: str) -> int:
+def _local_batch_size(global_batch: int, process_count: int, what: str) -> int:
   if global_batch <= 0 or global_batch % process_count:
     raise ValueError(
         f'{what}={global_batch} must be a positive multiple of the '
-        f'{process_count} JAX processes.')
+        f'{process_count} JAX processes.'
+    )
   return global_batch // process_count
 
 
 def _process(process_index: int | None, process_count: int | None):
-  return (jax.process_index() if process_index is None else process_index,
-          jax.process_count() if process_count is None else process_count)
+  return (
+      jax.process_index() if process_index is None else process_index,
+      jax.process_count() if process_count is None else process_count,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -505,31 +592,47 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
   `p / process_count` examples of its own shard.
   """
 
-  def __init__(self, data: DataSection, *, position: int = 0,
-               process_index: int | None = None,
-               process_count: int | None = None, source: Any = None):
+  def __init__(
+      self,
+      data: DataSection,
+      *,
+      position: int = 0,
+      process_index: int | None = None,
+      process_count: int | None = None,
+      source: Any = None,
+  ):
     process_index, process_count = _process(process_index, process_count)
     source = source or get_source(data)
     self.info = get_dataset_info(data, source)
-    self.batch_size = _local_batch_size(data.batch, process_count,
-                                        'config.batch')
+    self.batch_size = _local_batch_size(
+        data.batch, process_count, 'config.batch'
+    )
     self.global_batch_size = self.batch_size * process_count
     shard = source.shard(self.info.train_split, process_index, process_count)
     if shard.num_examples < self.batch_size:
-      logging.warning('The training shard has %d examples, fewer than the '
-                      'local batch of %d.', shard.num_examples,
-                      self.batch_size)
+      logging.warning(
+          'The training shard has %d examples, fewer than the '
+          'local batch of %d.',
+          shard.num_examples,
+          self.batch_size,
+      )
     self.position = int(position)
     if self.position % process_count:
       raise ValueError(
           f'The saved training-data position {self.position} (global '
           f'examples) does not split over {process_count} processes: resume '
-          'with the process count the checkpoint was written with.')
+          'with the process count the checkpoint was written with.'
+      )
     pp = _preprocess_config(data, self.info.num_classes)
     self._dataset = _train_dataset(
-        shard, pp, seed=int(data.seed), process_index=process_index,
-        shuffle_buffer=int(data.shuffle_buffer), batch_size=self.batch_size,
-        start=self.position // process_count)
+        shard,
+        pp,
+        seed=int(data.seed),
+        process_index=process_index,
+        shuffle_buffer=int(data.shuffle_buffer),
+        batch_size=self.batch_size,
+        start=self.position // process_count,
+    )
     self._iterator = iter(self._dataset.as_numpy_iterator())
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -547,14 +650,22 @@ def state_at(position: int) -> dict[str, Any]:
   return {'position': int(position), 'unit': POSITION_UNIT}
 
 
-def _train_dataset(shard: Shard, pp: preprocess.PreprocessConfig, *,
-                   seed: int, process_index: int, shuffle_buffer: int,
-                   batch_size: int, start: int) -> tf.data.Dataset:
+def _train_dataset(
+    shard: Shard,
+    pp: preprocess.PreprocessConfig,
+    *,
+    seed: int,
+    process_index: int,
+    shuffle_buffer: int,
+    batch_size: int,
+    start: int,
+) -> tf.data.Dataset:
   n = shard.num_examples
   first_epoch, offset = divmod(start, n)
   indexed = shard.dataset.enumerate()
   base_seed = tf.random.experimental.stateless_fold_in(
-      tf.constant([seed, 0], tf.int64), process_index)
+      tf.constant([seed, 0], tf.int64), process_index
+  )
 
   def epoch(e):
     epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, e)
@@ -562,21 +673,29 @@ def _train_dataset(shard: Shard, pp: preprocess.PreprocessConfig, *,
     shuffled = indexed.shuffle(
         min(shuffle_buffer, n),
         seed=tf.bitwise.bitwise_xor(epoch_seed[0], epoch_seed[1]),
-        reshuffle_each_iteration=False)
-    return shuffled.map(lambda i, f: {
-        **f, 'seed': tf.random.experimental.stateless_fold_in(epoch_seed, i)})
+        reshuffle_each_iteration=False,
+    )
+    return shuffled.map(
+        lambda i, f: {
+            **f,
+            'seed': tf.random.experimental.stateless_fold_in(epoch_seed, i),
+        }
+    )
 
   ds = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch)
   ds = ds.skip(offset)
-  ds = ds.map(preprocess.make_preprocess_fn(pp, train=True),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(
+      preprocess.make_preprocess_fn(pp, train=True),
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+  )
   ds = ds.batch(batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def train_iterator(data: DataSection, *,
-                   state: Mapping[str, Any] | None = None,
-                   **kwargs) -> TrainIterator:
+def train_iterator(
+    data: DataSection, *, state: Mapping[str, Any] | None = None, **kwargs
+) -> TrainIterator:
   """Builds the training iterator, resuming from `state` if given.
 
   Args:
@@ -592,8 +711,9 @@ def train_iterator(data: DataSection, *,
   if state and state.get('unit') != POSITION_UNIT:
     # Written before positions were global: it counted this process's
     # examples, the same on every process.
-    _, process_count = _process(kwargs.get('process_index'),
-                                kwargs.get('process_count'))
+    _, process_count = _process(
+        kwargs.get('process_index'), kwargs.get('process_count')
+    )
     position *= process_count
   return TrainIterator(data, position=position, **kwargs)
 
@@ -603,10 +723,14 @@ def train_iterator(data: DataSection, *,
 # ----------------------------------------------------------------------------
 
 
-def eval_dataset(data: DataSection, split: str | None = None, *,
-                 process_index: int | None = None,
-                 process_count: int | None = None,
-                 source: Any = None) -> tuple[tf.data.Dataset, int]:
+def eval_dataset(
+    data: DataSection,
+    split: str | None = None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    source: Any = None,
+) -> tuple[tf.data.Dataset, int]:
   """This process's evaluation batches, every example exactly once.
 
   Every process yields the same number of batches (collectives need it): the
@@ -627,21 +751,29 @@ def eval_dataset(data: DataSection, split: str | None = None, *,
   source = source or get_source(data)
   info = get_dataset_info(data, source)
   split = split or info.eval_split
-  batch_size = _local_batch_size(data.batch_eval, process_count,
-                                 'config.batch_eval')
+  batch_size = _local_batch_size(
+      data.batch_eval, process_count, 'config.batch_eval'
+  )
   shard = source.shard(split, process_index, process_count)
   num_batches = math.ceil(shard.max_num_examples / batch_size)
   pp = _preprocess_config(data, info.num_classes)
   fn = preprocess.make_preprocess_fn(pp, train=False)
-  ds = shard.dataset.map(lambda f: {**fn(f), 'mask': tf.constant(1.0)},
-                         num_parallel_calls=tf.data.AUTOTUNE,
-                         deterministic=True)
+  ds = shard.dataset.map(
+      lambda f: {**fn(f), 'mask': tf.constant(1.0)},
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+  )
   padding = num_batches * batch_size - shard.num_examples
   if padding:
     size = pp.image_size
-    ds = ds.concatenate(tf.data.Dataset.from_tensors({
-        'image': tf.zeros([size, size, 3], tf.float32),
-        'labels': tf.zeros([info.num_classes], tf.float32),
-        'mask': tf.constant(0.0)}).repeat(padding))
+    ds = ds.concatenate(
+        tf.data.Dataset.from_tensors(
+            {
+                'image': tf.zeros([size, size, 3], tf.float32),
+                'labels': tf.zeros([info.num_classes], tf.float32),
+                'mask': tf.constant(0.0),
+            }
+        ).repeat(padding)
+    )
   ds = ds.batch(batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE), num_batches

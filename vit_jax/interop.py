@@ -37,11 +37,11 @@ Dependencies: `safetensors` (the `interop` extra); torch, transformers and
 timm are never imported here except by `create_timm_model`.
 """
 
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -65,8 +65,11 @@ TIMM_METADATA_KEY = 'vit_jax.timm_kwargs'
 # transformers' `hidden_act` names -> gelu_approximate. 'gelu_new' and
 # 'gelu_pytorch_tanh' are both the tanh approximation (one written out, one
 # torch's); 'gelu' is the exact erf GELU.
-_TRANSFORMERS_ACTS = {'gelu': False, 'gelu_pytorch_tanh': True,
-                      'gelu_new': True}
+_TRANSFORMERS_ACTS = {
+    'gelu': False,
+    'gelu_pytorch_tanh': True,
+    'gelu_new': True,
+}
 _TIMM_ACTS = {'gelu': False, 'gelu_tanh': True}
 _ARCHITECTURES = ('ViTForImageClassification', 'ViTModel')
 # The position embeddings' path in the published layout.
@@ -101,6 +104,7 @@ class VitSpec:
     dropout_rate: Dropout after attention and in the MLPs (training only).
     attention_dropout_rate: Dropout on the attention weights.
   """
+
   hidden_size: int
   num_layers: int
   num_heads: int
@@ -118,8 +122,10 @@ class VitSpec:
   @property
   def image_size(self) -> tuple[int, int]:
     """The (height, width) the position embeddings were made for."""
-    return (self.grid[0] * self.patch_size[0],
-            self.grid[1] * self.patch_size[1])
+    return (
+        self.grid[0] * self.patch_size[0],
+        self.grid[1] * self.patch_size[1],
+    )
 
   @property
   def head_dim(self) -> int:
@@ -143,22 +149,28 @@ def square_grid(num_patches: int, what: str) -> tuple[int, int]:
   if side * side != num_patches:
     raise ConversionError(
         f'{what}: {num_patches} position embeddings are not a square grid; '
-        'pass image_size=(height, width).')
+        'pass image_size=(height, width).'
+    )
   return side, side
 
 
-def _grid_of(num_patches: int, patch: tuple[int, int],
-             image_size: Any, what: str) -> tuple[int, int]:
+def _grid_of(
+    num_patches: int, patch: tuple[int, int], image_size: Any, what: str
+) -> tuple[int, int]:
   if image_size is None:
     return square_grid(num_patches, what)
-  h, w = ((image_size, image_size) if isinstance(image_size, int)
-          else tuple(image_size))
+  h, w = (
+      (image_size, image_size)
+      if isinstance(image_size, int)
+      else tuple(image_size)
+  )
   grid = (h // patch[0], w // patch[1])
   if grid[0] * grid[1] != num_patches:
     raise ConversionError(
         f'{what}: image size {h}x{w} with {patch[0]}x{patch[1]} patches '
         f'makes {grid[0] * grid[1]} patches, but there are {num_patches} '
-        'position embeddings.')
+        'position embeddings.'
+    )
   return grid
 
 
@@ -189,9 +201,13 @@ def _count_layers(flat: Mapping[str, Any]) -> int:
   return layers
 
 
-def spec_from_params(params: Params, *, gelu_approximate: bool = True,
-                     layer_norm_epsilon: float = 1e-6,
-                     image_size: Any = None) -> VitSpec:
+def spec_from_params(
+    params: Params,
+    *,
+    gelu_approximate: bool = True,
+    layer_norm_epsilon: float = 1e-6,
+    image_size: Any = None,
+) -> VitSpec:
   """The architecture of a published-layout ViT tree, from its shapes alone.
 
   Attention kernels are (D, H, D/H), so the head count is in the shapes; the
@@ -216,46 +232,63 @@ def spec_from_params(params: Params, *, gelu_approximate: bool = True,
   if 'embedding/kernel' not in flat or not _count_layers(flat):
     raise ConversionError(
         f'Not a ViT parameter tree (top-level entries {tops}): expected '
-        'embedding/kernel and Transformer/encoderblock_0/...')
+        'embedding/kernel and Transformer/encoderblock_0/...'
+    )
   if any(k.startswith(('conv_root/', 'block1/')) for k in flat):
     raise ConversionError(
         'A ResNet hybrid (conv_root, block*): transformers and timm have '
-        'other models for hybrids; only plain ViTs convert.')
+        'other models for hybrids; only plain ViTs convert.'
+    )
   if 'registers' in flat or any(k.startswith('posembed_2d/') for k in flat):
     raise ConversionError(
         'Registers and 2-D learned position embeddings have no equivalent '
-        'in transformers\' or timm\'s ViT.')
+        "in transformers' or timm's ViT."
+    )
   if POSEMB_PATH not in flat:
     raise ConversionError(
         f'No {POSEMB_PATH}: fixed (sincos2d) or no position embeddings have '
-        'no equivalent in transformers\' ViT.')
+        "no equivalent in transformers' ViT."
+    )
   ph, pw, channels, hidden = flat['embedding/kernel'].shape
   if channels != 3:
-    raise ConversionError(f'embedding/kernel has {channels} input channels; '
-                          'only RGB (3) models convert.')
-  query = flat['Transformer/encoderblock_0/MultiHeadDotProductAttention_0/'
-               'query/kernel']
+    raise ConversionError(
+        f'embedding/kernel has {channels} input channels; '
+        'only RGB (3) models convert.'
+    )
+  query = flat[
+      'Transformer/encoderblock_0/MultiHeadDotProductAttention_0/'
+      'query/kernel'
+  ]
   mlp = flat['Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel']
-  classifier = _classifier(any(k.startswith('MAPHead_0/') for k in flat),
-                           'cls' in flat)
+  classifier = _classifier(
+      any(k.startswith('MAPHead_0/') for k in flat), 'cls' in flat
+  )
   prefix_tokens = 1 if classifier == 'token' else 0
   num_patches = flat[POSEMB_PATH].shape[1] - prefix_tokens
   return VitSpec(
-      hidden_size=int(hidden), num_layers=_count_layers(flat),
-      num_heads=int(query.shape[1]), mlp_dim=int(mlp.shape[1]),
+      hidden_size=int(hidden),
+      num_layers=_count_layers(flat),
+      num_heads=int(query.shape[1]),
+      mlp_dim=int(mlp.shape[1]),
       patch_size=(int(ph), int(pw)),
       grid=_grid_of(num_patches, (ph, pw), image_size, POSEMB_PATH),
       classifier=classifier,
-      num_classes=int(flat['head/kernel'].shape[1]) if 'head/kernel' in flat
+      num_classes=int(flat['head/kernel'].shape[1])
+      if 'head/kernel' in flat
       else 0,
-      representation_size=(int(flat['pre_logits/kernel'].shape[1])
-                           if 'pre_logits/kernel' in flat else None),
+      representation_size=(
+          int(flat['pre_logits/kernel'].shape[1])
+          if 'pre_logits/kernel' in flat
+          else None
+      ),
       gelu_approximate=bool(gelu_approximate),
-      layer_norm_epsilon=float(layer_norm_epsilon))
+      layer_norm_epsilon=float(layer_norm_epsilon),
+  )
 
 
-def spec_from_model(model: Any, params: Params, *,
-                    image_size: Any = None) -> VitSpec:
+def spec_from_model(
+    model: Any, params: Params, *, image_size: Any = None
+) -> VitSpec:
   """The `VitSpec` of a `VisionTransformer` and its parameters.
 
   Raises:
@@ -266,7 +299,8 @@ def spec_from_model(model: Any, params: Params, *,
   if not isinstance(model, vit_lib.VisionTransformer):
     raise ConversionError(
         f'{type(model).__name__} is not a VisionTransformer: only ViTs '
-        'convert to transformers and timm.')
+        'convert to transformers and timm.'
+    )
   unsupported = []
   if model.resnet is not None:
     unsupported.append('resnet (a hybrid)')
@@ -278,16 +312,21 @@ def spec_from_model(model: Any, params: Params, *,
     unsupported.append(f'classifier={model.classifier!r}')
   if model.transformer is None:
     unsupported.append('transformer=None')
-  elif not vit_lib.config_value(model.transformer, 'add_position_embedding',
-                                True):
+  elif not vit_lib.config_value(
+      model.transformer, 'add_position_embedding', True
+  ):
     unsupported.append('transformer.add_position_embedding=False')
   if unsupported:
     raise ConversionError(
         f'{model.model_name or "This model"} uses option(s) that '
-        f'transformers\' and timm\'s ViT lack: {", ".join(unsupported)}.')
-  spec = spec_from_params(params, gelu_approximate=model.gelu_approximate,
-                          layer_norm_epsilon=model.layer_norm_epsilon,
-                          image_size=image_size)
+        f'transformers\' and timm\'s ViT lack: {", ".join(unsupported)}.'
+    )
+  spec = spec_from_params(
+      params,
+      gelu_approximate=model.gelu_approximate,
+      layer_norm_epsilon=model.layer_norm_epsilon,
+      image_size=image_size,
+  )
   fields = {
       'hidden_size': model.hidden_size,
       'num_layers': vit_lib.config_value(model.transformer, 'num_layers'),
@@ -298,18 +337,26 @@ def spec_from_model(model: Any, params: Params, *,
       'num_classes': model.num_classes or 0,
       'representation_size': model.representation_size,
   }
-  wrong = [f'{name}: model {value!r}, parameters {getattr(spec, name)!r}'
-           for name, value in fields.items()
-           if tuple(np.atleast_1d(value)) != tuple(
-               np.atleast_1d(getattr(spec, name)))]
+  wrong = [
+      f'{name}: model {value!r}, parameters {getattr(spec, name)!r}'
+      for name, value in fields.items()
+      if tuple(np.atleast_1d(value))
+      != tuple(np.atleast_1d(getattr(spec, name)))
+  ]
   if wrong:
-    raise ConversionError('The parameters do not fit the model (shape '
-                          'mismatch): ' + '; '.join(wrong) + '.')
+    raise ConversionError(
+        'The parameters do not fit the model (shape '
+        'mismatch): ' + '; '.join(wrong) + '.'
+    )
   return dataclasses.replace(
-      spec, dropout_rate=float(vit_lib.config_value(
-          model.transformer, 'dropout_rate', 0.0)),
-      attention_dropout_rate=float(vit_lib.config_value(
-          model.transformer, 'attention_dropout_rate', 0.0)))
+      spec,
+      dropout_rate=float(
+          vit_lib.config_value(model.transformer, 'dropout_rate', 0.0)
+      ),
+      attention_dropout_rate=float(
+          vit_lib.config_value(model.transformer, 'attention_dropout_rate', 0.0)
+      ),
+  )
 
 
 def _registered_name(spec: VitSpec) -> str | None:
@@ -319,11 +366,19 @@ def _registered_name(spec: VitSpec) -> str | None:
       continue
     fields = vit_jax.models.get_config(name)
     transformer = fields['transformer']
-    if (fields['hidden_size'], transformer['num_layers'],
-        transformer['num_heads'], transformer['mlp_dim'],
-        vit_lib.patch_size_of(fields['patches'])) == (
-            spec.hidden_size, spec.num_layers, spec.num_heads, spec.mlp_dim,
-            spec.patch_size):
+    if (
+        fields['hidden_size'],
+        transformer['num_layers'],
+        transformer['num_heads'],
+        transformer['mlp_dim'],
+        vit_lib.patch_size_of(fields['patches']),
+    ) == (
+        spec.hidden_size,
+        spec.num_layers,
+        spec.num_heads,
+        spec.mlp_dim,
+        spec.patch_size,
+    ):
       return name
   return None
 
@@ -340,19 +395,26 @@ def model_from_spec(spec: VitSpec, **overrides: Any) -> Any:
     size, else a `VisionTransformer` with the same fields.
   """
   fields = dict(
-      patches={'size': spec.patch_size}, hidden_size=spec.hidden_size,
-      transformer={'num_layers': spec.num_layers, 'num_heads': spec.num_heads,
-                   'mlp_dim': spec.mlp_dim,
-                   'dropout_rate': spec.dropout_rate,
-                   'attention_dropout_rate': spec.attention_dropout_rate},
+      patches={'size': spec.patch_size},
+      hidden_size=spec.hidden_size,
+      transformer={
+          'num_layers': spec.num_layers,
+          'num_heads': spec.num_heads,
+          'mlp_dim': spec.mlp_dim,
+          'dropout_rate': spec.dropout_rate,
+          'attention_dropout_rate': spec.attention_dropout_rate,
+      },
       classifier=spec.classifier,
       representation_size=spec.representation_size,
       gelu_approximate=spec.gelu_approximate,
-      layer_norm_epsilon=spec.layer_norm_epsilon, **overrides)
+      layer_norm_epsilon=spec.layer_norm_epsilon,
+      **overrides,
+  )
   name = _registered_name(spec)
   if name is not None:
-    return vit_jax.models.get_model(name, num_classes=spec.num_classes,
-                                    **fields)
+    return vit_jax.models.get_model(
+        name, num_classes=spec.num_classes, **fields
+    )
   return vit_lib.VisionTransformer(num_classes=spec.num_classes, **fields)
 
 
@@ -370,6 +432,7 @@ class _Layout(NamedTuple):
     from_torch: (their array, our shape) -> ours.
     torch_shape: Our shape -> theirs.
   """
+
   to_torch: Callable[[np.ndarray], np.ndarray]
   from_torch: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
   torch_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
@@ -377,27 +440,34 @@ class _Layout(NamedTuple):
 
 _SAME = _Layout(lambda x: x, lambda y, s: y.reshape(s), tuple)
 # Dense kernel (in, out) -> Linear weight (out, in).
-_LINEAR = _Layout(lambda x: x.T, lambda y, s: y.T,
-                  lambda s: tuple(reversed(s)))
+_LINEAR = _Layout(lambda x: x.T, lambda y, s: y.T, lambda s: tuple(reversed(s)))
 # Patch convolution HWIO (on NHWC images) -> OIHW (on NCHW images).
-_CONV = _Layout(lambda x: x.transpose(3, 2, 0, 1),
-                lambda y, s: y.transpose(2, 3, 1, 0),
-                lambda s: (s[3], s[2], s[0], s[1]))
+_CONV = _Layout(
+    lambda x: x.transpose(3, 2, 0, 1),
+    lambda y, s: y.transpose(2, 3, 1, 0),
+    lambda s: (s[3], s[2], s[0], s[1]),
+)
 # q/k/v kernel (D, H, D/H) -> Linear weight (H*D/H, D).
-_HEADS_IN = _Layout(lambda x: x.reshape(x.shape[0], -1).T,
-                    lambda y, s: y.T.reshape(s),
-                    lambda s: (s[1] * s[2], s[0]))
+_HEADS_IN = _Layout(
+    lambda x: x.reshape(x.shape[0], -1).T,
+    lambda y, s: y.T.reshape(s),
+    lambda s: (s[1] * s[2], s[0]),
+)
 # Attention output kernel (H, D/H, D) -> Linear weight (D, H*D/H).
-_HEADS_OUT = _Layout(lambda x: x.reshape(-1, x.shape[-1]).T,
-                     lambda y, s: y.T.reshape(s),
-                     lambda s: (s[2], s[0] * s[1]))
+_HEADS_OUT = _Layout(
+    lambda x: x.reshape(-1, x.shape[-1]).T,
+    lambda y, s: y.T.reshape(s),
+    lambda s: (s[2], s[0] * s[1]),
+)
 # q/k/v bias (H, D/H) -> (H*D/H,).
-_HEADS_BIAS = _Layout(lambda x: x.reshape(-1), lambda y, s: y.reshape(s),
-                      lambda s: (s[0] * s[1],))
+_HEADS_BIAS = _Layout(
+    lambda x: x.reshape(-1), lambda y, s: y.reshape(s), lambda s: (s[0] * s[1],)
+)
 
 
 class _Rule(NamedTuple):
   """One tensor of theirs: ours, in `layout`, concatenated on axis 0."""
+
   theirs: str
   layout: _Layout
   ours: tuple[str, ...]
@@ -409,44 +479,59 @@ _MAP_ATTENTION = 'MAPHead_0/MultiHeadDotProductAttention_0/'
 
 
 def _linear(theirs: str, ours: str, kernel: _Layout = _LINEAR) -> list[_Rule]:
-  return [_Rule(theirs + '.weight', kernel, (ours + '/kernel',)),
-          _Rule(theirs + '.bias', _SAME, (ours + '/bias',))]
+  return [
+      _Rule(theirs + '.weight', kernel, (ours + '/kernel',)),
+      _Rule(theirs + '.bias', _SAME, (ours + '/bias',)),
+  ]
 
 
 def _norm(theirs: str, ours: str) -> list[_Rule]:
-  return [_Rule(theirs + '.weight', _SAME, (ours + '/scale',)),
-          _Rule(theirs + '.bias', _SAME, (ours + '/bias',))]
+  return [
+      _Rule(theirs + '.weight', _SAME, (ours + '/scale',)),
+      _Rule(theirs + '.bias', _SAME, (ours + '/bias',)),
+  ]
 
 
-def _projection(theirs: str, attention: str,
-                names: Sequence[str]) -> list[_Rule]:
+def _projection(
+    theirs: str, attention: str, names: Sequence[str]
+) -> list[_Rule]:
   """q, k and/or v as one Linear (timm stacks them; transformers does not)."""
   return [
-      _Rule(theirs + '.weight', _HEADS_IN,
-            tuple(f'{attention}{n}/kernel' for n in names)),
-      _Rule(theirs + '.bias', _HEADS_BIAS,
-            tuple(f'{attention}{n}/bias' for n in names))]
+      _Rule(
+          theirs + '.weight',
+          _HEADS_IN,
+          tuple(f'{attention}{n}/kernel' for n in names),
+      ),
+      _Rule(
+          theirs + '.bias',
+          _HEADS_BIAS,
+          tuple(f'{attention}{n}/bias' for n in names),
+      ),
+  ]
 
 
 def _transformers_rules(spec: VitSpec, prefix: str) -> list[_Rule]:
   """transformers' `ViTModel` names (under `prefix`), classifier, pooler."""
   e = prefix + 'embeddings.'
-  rules = [_Rule(e + 'cls_token', _SAME, ('cls',)),
-           _Rule(e + 'position_embeddings', _SAME, (POSEMB_PATH,)),
-           *_linear(e + 'patch_embeddings.projection', 'embedding', _CONV),
-           *_norm(prefix + 'layernorm', 'Transformer/encoder_norm')]
+  rules = [
+      _Rule(e + 'cls_token', _SAME, ('cls',)),
+      _Rule(e + 'position_embeddings', _SAME, (POSEMB_PATH,)),
+      *_linear(e + 'patch_embeddings.projection', 'embedding', _CONV),
+      *_norm(prefix + 'layernorm', 'Transformer/encoder_norm'),
+  ]
   for i in range(spec.num_layers):
     block, attention = _BLOCK.format(i=i), _ATTENTION.format(i=i)
     layer = f'{prefix}encoder.layer.{i}.'
     rules += _norm(layer + 'layernorm_before', block + 'LayerNorm_0')
     for name in ('query', 'key', 'value'):
-      rules += _projection(f'{layer}attention.attention.{name}', attention,
-                           (name,))
-    rules += _linear(layer + 'attention.output.dense', attention + 'out',
-                     _HEADS_OUT)
+      rules += _projection(
+          f'{layer}attention.attention.{name}', attention, (name,)
+      )
+    rules += _linear(
+        layer + 'attention.output.dense', attention + 'out', _HEADS_OUT
+    )
     rules += _norm(layer + 'layernorm_after', block + 'LayerNorm_1')
-    rules += _linear(layer + 'intermediate.dense',
-                     block + 'MlpBlock_0/Dense_0')
+    rules += _linear(layer + 'intermediate.dense', block + 'MlpBlock_0/Dense_0')
     rules += _linear(layer + 'output.dense', block + 'MlpBlock_0/Dense_1')
   if spec.representation_size is not None:
     rules += _linear('pooler.dense', 'pre_logits')
@@ -457,32 +542,46 @@ def _transformers_rules(spec: VitSpec, prefix: str) -> list[_Rule]:
 
 def _timm_rules(spec: VitSpec) -> list[_Rule]:
   """timm's `VisionTransformer` names (`attn_pool` for the MAP head)."""
-  rules = [_Rule('pos_embed', _SAME, (POSEMB_PATH,)),
-           *_linear('patch_embed.proj', 'embedding', _CONV),
-           *_norm('norm', 'Transformer/encoder_norm')]
+  rules = [
+      _Rule('pos_embed', _SAME, (POSEMB_PATH,)),
+      *_linear('patch_embed.proj', 'embedding', _CONV),
+      *_norm('norm', 'Transformer/encoder_norm'),
+  ]
   if spec.classifier == 'token':
     rules.append(_Rule('cls_token', _SAME, ('cls',)))
 
   def attention(theirs, ours, projections):
-    return [*(rule for stacked, names in projections
-              for rule in _projection(theirs + stacked, ours, names)),
-            *_linear(theirs + 'proj', ours + 'out', _HEADS_OUT)]
+    return [
+        *(
+            rule
+            for stacked, names in projections
+            for rule in _projection(theirs + stacked, ours, names)
+        ),
+        *_linear(theirs + 'proj', ours + 'out', _HEADS_OUT),
+    ]
 
   def mlp(theirs, ours):
     return _linear(theirs + 'fc1', ours + 'Dense_0') + _linear(
-        theirs + 'fc2', ours + 'Dense_1')
+        theirs + 'fc2', ours + 'Dense_1'
+    )
 
   for i in range(spec.num_layers):
     block, b = _BLOCK.format(i=i), f'blocks.{i}.'
     rules += _norm(b + 'norm1', block + 'LayerNorm_0')
-    rules += attention(b + 'attn.', _ATTENTION.format(i=i),
-                       [('qkv', ('query', 'key', 'value'))])
+    rules += attention(
+        b + 'attn.',
+        _ATTENTION.format(i=i),
+        [('qkv', ('query', 'key', 'value'))],
+    )
     rules += _norm(b + 'norm2', block + 'LayerNorm_1')
     rules += mlp(b + 'mlp.', block + 'MlpBlock_0/')
   if spec.classifier == 'map':
     rules.append(_Rule('attn_pool.latent', _SAME, ('MAPHead_0/probe',)))
-    rules += attention('attn_pool.', _MAP_ATTENTION,
-                       [('q', ('query',)), ('kv', ('key', 'value'))])
+    rules += attention(
+        'attn_pool.',
+        _MAP_ATTENTION,
+        [('q', ('query',)), ('kv', ('key', 'value'))],
+    )
     rules += _norm('attn_pool.norm', 'MAPHead_0/LayerNorm_0')
     rules += mlp('attn_pool.mlp.', 'MAPHead_0/MlpBlock_0/')
   if spec.num_classes:
@@ -490,17 +589,21 @@ def _timm_rules(spec: VitSpec) -> list[_Rule]:
   return rules
 
 
-def _to_torch(flat: Mapping[str, np.ndarray],
-              rules: Sequence[_Rule]) -> dict[str, np.ndarray]:
+def _to_torch(
+    flat: Mapping[str, np.ndarray], rules: Sequence[_Rule]
+) -> dict[str, np.ndarray]:
   """Our flat parameters -> their state dict (contiguous, for safetensors)."""
-  return {rule.theirs: np.ascontiguousarray(np.concatenate(
-      [rule.layout.to_torch(flat[key]) for key in rule.ours]))
-          for rule in rules}
+  return {
+      rule.theirs: np.ascontiguousarray(
+          np.concatenate([rule.layout.to_torch(flat[key]) for key in rule.ours])
+      )
+      for rule in rules
+  }
 
 
-def _torch_shapes(rules: Sequence[_Rule],
-                  ours: Mapping[str, tuple[int, ...]]
-                  ) -> dict[str, tuple[int, ...]]:
+def _torch_shapes(
+    rules: Sequence[_Rule], ours: Mapping[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
   """The shape of each of their tensors, from our shapes."""
   shapes = {}
   for rule in rules:
@@ -509,26 +612,34 @@ def _torch_shapes(rules: Sequence[_Rule],
   return shapes
 
 
-def _from_torch(tensors: Mapping[str, np.ndarray], rules: Sequence[_Rule],
-                model: Any, spec: VitSpec, where: str) -> Params:
+def _from_torch(
+    tensors: Mapping[str, np.ndarray],
+    rules: Sequence[_Rule],
+    model: Any,
+    spec: VitSpec,
+    where: str,
+) -> Params:
   """Their state dict -> our parameter tree for `model`, checked first.
 
   The expected shapes are the model's own (abstract initialisation), so a
   file that does not fit is refused naming each missing, unexpected or
   mis-shaped tensor before anything is converted.
   """
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, *spec.image_size, 3)),
-      train=False))['params']
+  abstract = jax.eval_shape(
+      lambda: model.init(
+          jax.random.key(0), jnp.zeros((1, *spec.image_size, 3)), train=False
+      )
+  )['params']
   ours = {k: tuple(v.shape) for k, v in checkpoint.flatten(abstract).items()}
   want = _torch_shapes(rules, ours)
   _check_keys(list(tensors), list(want), where)
-  wrong = [f'{k}: found {tuple(tensors[k].shape)}, expected {shape}'
-           for k, shape in sorted(want.items())
-           if tuple(tensors[k].shape) != shape]
+  wrong = [
+      f'{k}: found {tuple(tensors[k].shape)}, expected {shape}'
+      for k, shape in sorted(want.items())
+      if tuple(tensors[k].shape) != shape
+  ]
   if wrong:
-    raise ConversionError(f'{where}: shape mismatch: ' + '; '.join(wrong) +
-                          '.')
+    raise ConversionError(f'{where}: shape mismatch: ' + '; '.join(wrong) + '.')
   flat = {}
   for rule in rules:
     sizes = [rule.layout.torch_shape(ours[key])[0] for key in rule.ours]
@@ -590,8 +701,7 @@ def follow_umask(path: str) -> None:
   os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
 
 
-def check_output(path: str, *, overwrite: bool,
-                 flag: str = '--output') -> None:
+def check_output(path: str, *, overwrite: bool, flag: str = '--output') -> None:
   """Refuses, before any work, an output that would replace something.
 
   An existing file or a directory with files in it is replaced only with
@@ -613,9 +723,11 @@ def check_output(path: str, *, overwrite: bool,
   if '://' in path:
     # pylint: disable-next=g-import-not-at-top
     import tensorflow as tf
+
     exists = tf.io.gfile.exists(path)
-    full = exists and (not tf.io.gfile.isdir(path)
-                       or bool(tf.io.gfile.listdir(path)))
+    full = exists and (
+        not tf.io.gfile.isdir(path) or bool(tf.io.gfile.listdir(path))
+    )
   else:
     exists = os.path.lexists(path)
     full = exists and (not os.path.isdir(path) or bool(os.listdir(path)))
@@ -623,23 +735,27 @@ def check_output(path: str, *, overwrite: bool,
     what = 'a directory with files' if os.path.isdir(path) else 'a file'
     raise FileExistsError(
         f'{flag}={path} exists ({what}): pass --overwrite to replace it, or '
-        'choose another path.')
+        'choose another path.'
+    )
   if '://' in path or exists:
     return
   parent = os.path.dirname(os.path.abspath(path))
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent):
-    raise NotADirectoryError(f'{flag}={path}: {parent} is a file, not a '
-                             'directory.')
+    raise NotADirectoryError(
+        f'{flag}={path}: {parent} is a file, not a ' 'directory.'
+    )
   if not os.access(parent, os.W_OK | os.X_OK):
-    raise PermissionError(f'{flag}={path}: cannot create it, {parent} is '
-                          'not writable.')
+    raise PermissionError(
+        f'{flag}={path}: cannot create it, {parent} is ' 'not writable.'
+    )
 
 
 def _remove(path: str) -> None:
   if os.path.isdir(path) and not os.path.islink(path):
     import shutil  # pylint: disable=g-import-not-at-top
+
     shutil.rmtree(path)
   elif os.path.lexists(path):
     os.remove(path)
@@ -699,12 +815,14 @@ def _safetensors_numpy():
   except ImportError as e:
     raise ImportError(
         'Reading and writing transformers / timm files needs safetensors: '
-        "pip install 'vit_jax[interop]' (or pip install safetensors).") from e
+        "pip install 'vit_jax[interop]' (or pip install safetensors)."
+    ) from e
   return safetensors
 
 
-def _read_safetensors(path: str) -> tuple[dict[str, np.ndarray],
-                                          dict[str, str]]:
+def _read_safetensors(
+    path: str,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """(tensors, metadata) of one .safetensors file."""
   safetensors = _safetensors_numpy()
   try:
@@ -712,17 +830,22 @@ def _read_safetensors(path: str) -> tuple[dict[str, np.ndarray],
       metadata = dict(f.metadata() or {})
       tensors = {k: f.get_tensor(k) for k in f.keys()}
   except (OSError, ValueError, TypeError) as e:
-    raise ConversionError(f'{path} is not a readable safetensors file: '
-                          f'{type(e).__name__}: {e}') from e
+    raise ConversionError(
+        f'{path} is not a readable safetensors file: '
+        f'{type(e).__name__}: {e}'
+    ) from e
   except Exception as e:  # pylint: disable=broad-except
     # safetensors raises its own SafetensorError (e.g. a truncated header).
-    raise ConversionError(f'{path} is not a readable safetensors file: '
-                          f'{type(e).__name__}: {e}') from e
+    raise ConversionError(
+        f'{path} is not a readable safetensors file: '
+        f'{type(e).__name__}: {e}'
+    ) from e
   return tensors, metadata
 
 
-def _write_safetensors(tensors: Mapping[str, np.ndarray], path: str,
-                       metadata: Mapping[str, str]) -> None:
+def _write_safetensors(
+    tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str]
+) -> None:
   """Atomic write: a reader never sees a partial file."""
   safetensors = _safetensors_numpy()
   directory = os.path.dirname(os.path.abspath(path))
@@ -749,7 +872,8 @@ def _resolve_hub_cache(path: str) -> str:
   refs = os.path.join(path, 'refs', 'main')
   snapshots = os.path.join(path, 'snapshots')
   if os.path.isdir(snapshots) and not os.path.exists(
-      os.path.join(path, TRANSFORMERS_CONFIG)):
+      os.path.join(path, TRANSFORMERS_CONFIG)
+  ):
     if os.path.exists(refs):
       with open(refs, encoding='utf-8') as f:
         return os.path.join(snapshots, f.read().strip())
@@ -758,7 +882,8 @@ def _resolve_hub_cache(path: str) -> str:
       return os.path.join(snapshots, found[0])
     raise ConversionError(
         f'{path} is a hub cache folder with snapshots {found} and no '
-        'refs/main: pass one snapshot directory.')
+        'refs/main: pass one snapshot directory.'
+    )
   return path
 
 
@@ -767,25 +892,31 @@ def read_transformers_config(path: str) -> dict[str, Any]:
   path = _resolve_hub_cache(str(path))
   file = os.path.join(path, TRANSFORMERS_CONFIG)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'{path} is not a directory (a transformers '
-                            f'model is a directory with {TRANSFORMERS_CONFIG}'
-                            f' and {TRANSFORMERS_WEIGHTS}).')
+    raise FileNotFoundError(
+        f'{path} is not a directory (a transformers '
+        f'model is a directory with {TRANSFORMERS_CONFIG}'
+        f' and {TRANSFORMERS_WEIGHTS}).'
+    )
   if not os.path.exists(file):
-    raise ConversionError(f'{path} has no {TRANSFORMERS_CONFIG}: not a '
-                          'transformers model directory.')
+    raise ConversionError(
+        f'{path} has no {TRANSFORMERS_CONFIG}: not a '
+        'transformers model directory.'
+    )
   with open(file, encoding='utf-8') as f:
     hf = json.load(f)
   model_type = hf.get('model_type')
   if model_type != 'vit':
     raise ConversionError(
-        f'{file}: model_type={model_type!r}, not a ViT (\'vit\'): only '
-        'transformers\' ViTForImageClassification and ViTModel convert.')
+        f"{file}: model_type={model_type!r}, not a ViT ('vit'): only "
+        "transformers' ViTForImageClassification and ViTModel convert."
+    )
   architectures = hf.get('architectures') or []
   other = [a for a in architectures if a not in _ARCHITECTURES]
   if other:
     raise ConversionError(
         f'{file}: architectures {other} are not supported; '
-        f'use one of {list(_ARCHITECTURES)}.')
+        f'use one of {list(_ARCHITECTURES)}.'
+    )
   return hf
 
 
@@ -812,22 +943,30 @@ def _transformers_weights(path: str) -> dict[str, np.ndarray]:
         '  python -c "from transformers import ViTForImageClassification '
         f"as M; M.from_pretrained('{path}').save_pretrained('{path}_st', "
         'safe_serialization=True)"\n'
-        f'and convert {path}_st.')
+        f'and convert {path}_st.'
+    )
   other = [f for f in present if f in _OTHER_WEIGHTS]
   raise ConversionError(
       f'{path} has no {TRANSFORMERS_WEIGHTS} (missing weights; found '
       f'{other or present}). Save the model with '
-      'save_pretrained(..., safe_serialization=True).')
+      'save_pretrained(..., safe_serialization=True).'
+  )
 
 
-def _transformers_spec(hf: Mapping[str, Any], num_patches: int,
-                       pooler: bool, num_classes: int, where: str) -> VitSpec:
+def _transformers_spec(
+    hf: Mapping[str, Any],
+    num_patches: int,
+    pooler: bool,
+    num_classes: int,
+    where: str,
+) -> VitSpec:
   """The VitSpec of a transformers ViT config, refusing what has none."""
   act = hf.get('hidden_act', 'gelu')
   unsupported = []
   if act not in _TRANSFORMERS_ACTS:
-    unsupported.append(f'hidden_act={act!r} (supported: '
-                       f'{sorted(_TRANSFORMERS_ACTS)})')
+    unsupported.append(
+        f'hidden_act={act!r} (supported: ' f'{sorted(_TRANSFORMERS_ACTS)})'
+    )
   if hf.get('qkv_bias', True) is not True:
     unsupported.append('qkv_bias=false')
   if hf.get('num_channels', 3) != 3:
@@ -835,29 +974,37 @@ def _transformers_spec(hf: Mapping[str, Any], num_patches: int,
   hidden = int(hf.get('hidden_size', 768))
   heads = int(hf.get('num_attention_heads', 12))
   if hf.get('head_dim') not in (None, hidden // heads):
-    unsupported.append(f'head_dim={hf.get("head_dim")} (not hidden_size / '
-                       'num_attention_heads)')
+    unsupported.append(
+        f'head_dim={hf.get("head_dim")} (not hidden_size / '
+        'num_attention_heads)'
+    )
   if pooler and hf.get('pooler_act', 'tanh') != 'tanh':
-    unsupported.append(f'pooler_act={hf.get("pooler_act")!r} (the '
-                       'pre-logits layer is tanh)')
+    unsupported.append(
+        f'pooler_act={hf.get("pooler_act")!r} (the ' 'pre-logits layer is tanh)'
+    )
   if unsupported:
-    raise ConversionError(f'{where}: unsupported option(s): ' +
-                          ', '.join(unsupported) + '.')
+    raise ConversionError(
+        f'{where}: unsupported option(s): ' + ', '.join(unsupported) + '.'
+    )
   patch = hf.get('patch_size', 16)
   patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
   return VitSpec(
-      hidden_size=hidden, num_layers=int(hf.get('num_hidden_layers', 12)),
-      num_heads=heads, mlp_dim=int(hf.get('intermediate_size', 3072)),
+      hidden_size=hidden,
+      num_layers=int(hf.get('num_hidden_layers', 12)),
+      num_heads=heads,
+      mlp_dim=int(hf.get('intermediate_size', 3072)),
       patch_size=patch,
       grid=_grid_of(num_patches, patch, hf.get('image_size', 224), where),
-      classifier='token', num_classes=num_classes,
-      representation_size=(int(hf.get('pooler_output_size') or hidden)
-                           if pooler else None),
+      classifier='token',
+      num_classes=num_classes,
+      representation_size=(
+          int(hf.get('pooler_output_size') or hidden) if pooler else None
+      ),
       gelu_approximate=_TRANSFORMERS_ACTS[act],
       layer_norm_epsilon=float(hf.get('layer_norm_eps', 1e-12)),
       dropout_rate=float(hf.get('hidden_dropout_prob', 0.0)),
-      attention_dropout_rate=float(hf.get('attention_probs_dropout_prob',
-                                          0.0)))
+      attention_dropout_rate=float(hf.get('attention_probs_dropout_prob', 0.0)),
+  )
 
 
 def transformers_class_names(path: str) -> tuple[str, ...] | None:
@@ -866,8 +1013,10 @@ def transformers_class_names(path: str) -> tuple[str, ...] | None:
   id2label = hf.get('id2label') or {}
   if not id2label:
     return None
-  return tuple(str(id2label[str(i)] if str(i) in id2label else id2label[i])
-               for i in range(len(id2label)))
+  return tuple(
+      str(id2label[str(i)] if str(i) in id2label else id2label[i])
+      for i in range(len(id2label))
+  )
 
 
 def from_transformers(path: str, **overrides: Any) -> tuple[Any, Params]:
@@ -900,31 +1049,45 @@ def from_transformers(path: str, **overrides: Any) -> tuple[Any, Params]:
   tensors = _transformers_weights(path)
   prefix = 'vit.' if any(k.startswith('vit.') for k in tensors) else ''
   pooler = 'pooler.dense.weight' in tensors
-  num_classes = (tensors['classifier.weight'].shape[0]
-                 if 'classifier.weight' in tensors else 0)
+  num_classes = (
+      tensors['classifier.weight'].shape[0]
+      if 'classifier.weight' in tensors
+      else 0
+  )
   posemb = tensors.get(prefix + 'embeddings.position_embeddings')
   if posemb is None:
-    raise ConversionError(f'{path}: missing weights '
-                          f'[{prefix}embeddings.position_embeddings].')
-  spec = _transformers_spec(hf, posemb.shape[1] - 1, pooler, num_classes,
-                            os.path.join(path, TRANSFORMERS_CONFIG))
+    raise ConversionError(
+        f'{path}: missing weights ' f'[{prefix}embeddings.position_embeddings].'
+    )
+  spec = _transformers_spec(
+      hf,
+      posemb.shape[1] - 1,
+      pooler,
+      num_classes,
+      os.path.join(path, TRANSFORMERS_CONFIG),
+  )
   # Masked-image-modeling files carry a mask token no classifier uses.
-  tensors = {k: v for k, v in tensors.items()
-             if k != prefix + 'embeddings.mask_token'}
+  tensors = {
+      k: v for k, v in tensors.items() if k != prefix + 'embeddings.mask_token'
+  }
   model = model_from_spec(spec, **overrides)
-  return model, _from_torch(tensors, _transformers_rules(spec, prefix),
-                            model, spec, path)
+  return model, _from_torch(
+      tensors, _transformers_rules(spec, prefix), model, spec, path
+  )
 
 
-def transformers_config(spec: VitSpec, *,
-                        class_names: Sequence[str] | None = None,
-                        architecture: str = 'ViTForImageClassification'
-                        ) -> dict[str, Any]:
+def transformers_config(
+    spec: VitSpec,
+    *,
+    class_names: Sequence[str] | None = None,
+    architecture: str = 'ViTForImageClassification',
+) -> dict[str, Any]:
   """The `config.json` of a `VitSpec` for transformers' ViT."""
   image = spec.image_size
   patch = spec.patch_size
   hf = {
-      'architectures': [architecture], 'model_type': 'vit',
+      'architectures': [architecture],
+      'model_type': 'vit',
       'hidden_size': spec.hidden_size,
       'num_hidden_layers': spec.num_layers,
       'num_attention_heads': spec.num_heads,
@@ -935,26 +1098,37 @@ def transformers_config(spec: VitSpec, *,
       'attention_probs_dropout_prob': spec.attention_dropout_rate,
       'image_size': image[0] if image[0] == image[1] else list(image),
       'patch_size': patch[0] if patch[0] == patch[1] else list(patch),
-      'num_channels': 3, 'qkv_bias': True, 'initializer_range': 0.02,
+      'num_channels': 3,
+      'qkv_bias': True,
+      'initializer_range': 0.02,
       'encoder_stride': patch[0],
   }
   if spec.representation_size is not None:
     hf.update(pooler_output_size=spec.representation_size, pooler_act='tanh')
   if spec.num_classes:
-    names = (list(class_names) if class_names
-             else [f'LABEL_{i}' for i in range(spec.num_classes)])
+    names = (
+        list(class_names)
+        if class_names
+        else [f'LABEL_{i}' for i in range(spec.num_classes)]
+    )
     if len(names) != spec.num_classes:
       raise ConversionError(
           f'{len(names)} class names for a head of {spec.num_classes} '
-          'classes.')
+          'classes.'
+      )
     hf['id2label'] = {str(i): str(n) for i, n in enumerate(names)}
     hf['label2id'] = {str(n): i for i, n in enumerate(names)}
   return hf
 
 
-def to_transformers(model: Any, params: Params, out_dir: str, *,
-                    class_names: Sequence[str] | None = None,
-                    image_size: Any = None) -> str:
+def to_transformers(
+    model: Any,
+    params: Params,
+    out_dir: str,
+    *,
+    class_names: Sequence[str] | None = None,
+    image_size: Any = None,
+) -> str:
   """Writes `config.json` + `model.safetensors` for transformers.
 
   A model with a head becomes `ViTForImageClassification` (the same logits
@@ -986,7 +1160,8 @@ def to_transformers(model: Any, params: Params, out_dir: str, *,
   if spec.classifier != 'token':
     raise ConversionError(
         f"classifier={spec.classifier!r}: transformers' ViT classifies the "
-        "class token ('token') only; use to_timm for 'gap' and 'map'.")
+        "class token ('token') only; use to_timm for 'gap' and 'map'."
+    )
   if spec.representation_size is not None and spec.num_classes:
     raise ConversionError(
         f'representation_size={spec.representation_size} with a head: '
@@ -994,21 +1169,26 @@ def to_transformers(model: Any, params: Params, out_dir: str, *,
         "(its classifier reads the class token directly; ViTModel's tanh "
         'pooler is not used by it). Fine-tune without representation_size, '
         'or convert the model without its head (num_classes=0: ViTModel '
-        'with the pooler).')
+        'with the pooler).'
+    )
   flat = _flat_params(params)
-  architecture = ('ViTForImageClassification' if spec.num_classes
-                  else 'ViTModel')
+  architecture = 'ViTForImageClassification' if spec.num_classes else 'ViTModel'
   prefix = 'vit.' if spec.num_classes else ''
   tensors = _to_torch(flat, _transformers_rules(spec, prefix))
-  hf = transformers_config(spec, class_names=class_names,
-                           architecture=architecture)
+  hf = transformers_config(
+      spec, class_names=class_names, architecture=architecture
+  )
   # fileio imports TensorFlow (seconds): only when writing.
   from vit_jax import fileio  # pylint: disable=g-import-not-at-top
+
   os.makedirs(out_dir, exist_ok=True)
-  _write_safetensors(tensors, os.path.join(out_dir, TRANSFORMERS_WEIGHTS),
-                     {'format': 'pt'})
-  fileio.write_text_atomic(os.path.join(out_dir, TRANSFORMERS_CONFIG),
-                           json.dumps(hf, indent=2, sort_keys=True) + '\n')
+  _write_safetensors(
+      tensors, os.path.join(out_dir, TRANSFORMERS_WEIGHTS), {'format': 'pt'}
+  )
+  fileio.write_text_atomic(
+      os.path.join(out_dir, TRANSFORMERS_CONFIG),
+      json.dumps(hf, indent=2, sort_keys=True) + '\n',
+  )
   return out_dir
 
 
@@ -1028,17 +1208,24 @@ def timm_kwargs(spec: VitSpec) -> dict[str, Any]:
   if int(spec.hidden_size * ratio) != spec.mlp_dim:
     raise ConversionError(
         f'mlp_dim={spec.mlp_dim} is not int(hidden_size * mlp_ratio) for '
-        "any float mlp_ratio: timm's Block cannot have it.")
+        "any float mlp_ratio: timm's Block cannot have it."
+    )
   image = spec.image_size
   return {
       'img_size': image[0] if image[0] == image[1] else list(image),
-      'patch_size': (spec.patch_size[0] if spec.patch_size[0] ==
-                     spec.patch_size[1] else list(spec.patch_size)),
-      'embed_dim': spec.hidden_size, 'depth': spec.num_layers,
-      'num_heads': spec.num_heads, 'mlp_ratio': ratio,
+      'patch_size': (
+          spec.patch_size[0]
+          if spec.patch_size[0] == spec.patch_size[1]
+          else list(spec.patch_size)
+      ),
+      'embed_dim': spec.hidden_size,
+      'depth': spec.num_layers,
+      'num_heads': spec.num_heads,
+      'mlp_ratio': ratio,
       'num_classes': spec.num_classes,
-      'global_pool': {'token': 'token', 'gap': 'avg',
-                      'map': 'map'}[spec.classifier],
+      'global_pool': {'token': 'token', 'gap': 'avg', 'map': 'map'}[
+          spec.classifier
+      ],
       'class_token': spec.classifier == 'token',
       # The LayerNorm before pooling, as here (timm's default for 'avg'
       # would normalise after pooling instead).
@@ -1048,8 +1235,9 @@ def timm_kwargs(spec: VitSpec) -> dict[str, Any]:
   }
 
 
-def to_timm(model: Any, params: Params, path: str, *,
-            image_size: Any = None) -> dict[str, Any]:
+def to_timm(
+    model: Any, params: Params, path: str, *, image_size: Any = None
+) -> dict[str, Any]:
   """Writes a timm `vision_transformer` state dict as `.safetensors`.
 
   timm's `VisionTransformer(**kwargs).load_state_dict(state, strict=True)`
@@ -1074,20 +1262,26 @@ def to_timm(model: Any, params: Params, path: str, *,
   spec = spec_from_model(model, params, image_size=image_size)
   if spec.representation_size is not None:
     raise ConversionError(
-        f'representation_size={spec.representation_size}: timm\'s '
-        'VisionTransformer has no pre-logits layer.')
+        f"representation_size={spec.representation_size}: timm's "
+        'VisionTransformer has no pre-logits layer.'
+    )
   kwargs = timm_kwargs(spec)
   tensors = _to_torch(_flat_params(params), _timm_rules(spec))
-  _write_safetensors(tensors, path, {'format': 'pt',
-                                     TIMM_METADATA_KEY: json.dumps(kwargs)})
+  _write_safetensors(
+      tensors, path, {'format': 'pt', TIMM_METADATA_KEY: json.dumps(kwargs)}
+  )
   return kwargs
 
 
-def from_timm(path: str, *, num_heads: int | None = None,
-              gelu_approximate: bool | None = None,
-              layer_norm_epsilon: float | None = None,
-              image_size: Any = None, **overrides: Any
-              ) -> tuple[Any, Params]:
+def from_timm(
+    path: str,
+    *,
+    num_heads: int | None = None,
+    gelu_approximate: bool | None = None,
+    layer_norm_epsilon: float | None = None,
+    image_size: Any = None,
+    **overrides: Any,
+) -> tuple[Any, Params]:
   """A timm ViT `.safetensors` state dict as a vit_jax model and params.
 
   Files written by `to_timm` carry their constructor arguments; for other
@@ -1099,52 +1293,72 @@ def from_timm(path: str, *, num_heads: int | None = None,
       options vit_jax's ViT lacks (e.g. `fc_norm`, registers).
   """
   tensors, metadata = _read_safetensors(str(path))
-  kwargs = json.loads(metadata[TIMM_METADATA_KEY]) if (
-      TIMM_METADATA_KEY in metadata) else {}
+  kwargs = (
+      json.loads(metadata[TIMM_METADATA_KEY])
+      if (TIMM_METADATA_KEY in metadata)
+      else {}
+  )
   if 'patch_embed.proj.weight' not in tensors or 'pos_embed' not in tensors:
     raise ConversionError(
         f'{path}: not a timm VisionTransformer state dict (missing weights '
-        '[patch_embed.proj.weight, pos_embed]).')
-  unsupported = sorted({k.split('.')[0] for k in tensors} & {
-      'fc_norm', 'reg_token', 'norm_pre', 'dist_token'})
+        '[patch_embed.proj.weight, pos_embed]).'
+    )
+  unsupported = sorted(
+      {k.split('.')[0] for k in tensors}
+      & {'fc_norm', 'reg_token', 'norm_pre', 'dist_token'}
+  )
   if unsupported:
-    raise ConversionError(f'{path}: unsupported timm option(s) with weights '
-                          f'{unsupported}.')
+    raise ConversionError(
+        f'{path}: unsupported timm option(s) with weights ' f'{unsupported}.'
+    )
   heads = num_heads or kwargs.get('num_heads')
   if not heads:
     raise ConversionError(
         f'{path} was not written by vit_jax (no {TIMM_METADATA_KEY} '
-        'metadata): pass num_heads (the shapes do not say it).')
+        'metadata): pass num_heads (the shapes do not say it).'
+    )
   d, _, ph, pw = tensors['patch_embed.proj.weight'].shape
   depth = 0
   while f'blocks.{depth}.norm1.weight' in tensors:
     depth += 1
-  classifier = _classifier('attn_pool.latent' in tensors,
-                           'cls_token' in tensors)
+  classifier = _classifier(
+      'attn_pool.latent' in tensors, 'cls_token' in tensors
+  )
   prefix_tokens = 1 if classifier == 'token' else 0
   if gelu_approximate is None:
     act = kwargs.get('act_layer', 'gelu')
     if act not in _TIMM_ACTS:
-      raise ConversionError(f'{path}: act_layer={act!r} is not supported '
-                            f'(supported: {sorted(_TIMM_ACTS)}).')
+      raise ConversionError(
+          f'{path}: act_layer={act!r} is not supported '
+          f'(supported: {sorted(_TIMM_ACTS)}).'
+      )
     gelu_approximate = _TIMM_ACTS[act]
   if layer_norm_epsilon is None:
     layer_norm_epsilon = kwargs.get('layer_norm_eps', 1e-6)
   mlp = tensors.get('blocks.0.mlp.fc1.weight')
   spec = VitSpec(
-      hidden_size=int(d), num_layers=depth, num_heads=int(heads),
+      hidden_size=int(d),
+      num_layers=depth,
+      num_heads=int(heads),
       mlp_dim=int(mlp.shape[0]) if mlp is not None else 0,
       patch_size=(int(ph), int(pw)),
-      grid=_grid_of(tensors['pos_embed'].shape[1] - prefix_tokens, (ph, pw),
-                    image_size or kwargs.get('img_size'), path),
+      grid=_grid_of(
+          tensors['pos_embed'].shape[1] - prefix_tokens,
+          (ph, pw),
+          image_size or kwargs.get('img_size'),
+          path,
+      ),
       classifier=classifier,
-      num_classes=(int(tensors['head.weight'].shape[0])
-                   if 'head.weight' in tensors else 0),
+      num_classes=(
+          int(tensors['head.weight'].shape[0])
+          if 'head.weight' in tensors
+          else 0
+      ),
       gelu_approximate=bool(gelu_approximate),
-      layer_norm_epsilon=float(layer_norm_epsilon))
+      layer_norm_epsilon=float(layer_norm_epsilon),
+  )
   model = model_from_spec(spec, **overrides)
-  return model, _from_torch(tensors, _timm_rules(spec), model, spec,
-                            str(path))
+  return model, _from_torch(tensors, _timm_rules(spec), model, spec, str(path))
 
 
 def create_timm_model(path: str) -> Any:
@@ -1154,18 +1368,24 @@ def create_timm_model(path: str) -> Any:
   """
   # pylint: disable=g-import-not-at-top
   import functools
+
   import timm.layers
   from timm.models import vision_transformer
   import torch
   # pylint: enable=g-import-not-at-top
   tensors, metadata = _read_safetensors(str(path))
   if TIMM_METADATA_KEY not in metadata:
-    raise ConversionError(f'{path} has no {TIMM_METADATA_KEY} metadata: '
-                          'not written by vit_jax.convert.to_timm.')
+    raise ConversionError(
+        f'{path} has no {TIMM_METADATA_KEY} metadata: '
+        'not written by vit_jax.convert.to_timm.'
+    )
   kwargs = json.loads(metadata[TIMM_METADATA_KEY])
   eps = kwargs.pop('layer_norm_eps')
   model = vision_transformer.VisionTransformer(
-      **kwargs, norm_layer=functools.partial(timm.layers.LayerNorm, eps=eps))
-  model.load_state_dict({k: torch.from_numpy(np.array(v))
-                         for k, v in tensors.items()}, strict=True)
+      **kwargs, norm_layer=functools.partial(timm.layers.LayerNorm, eps=eps)
+  )
+  model.load_state_dict(
+      {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()},
+      strict=True,
+  )
   return model.eval()

@@ -34,6 +34,7 @@ class Loaded:
     source: What was read (for messages).
     run: The parsed run config (`config_lib.Run`) of a workdir, or None.
   """
+
   model: Any
   params: interop.Params
   image_size: tuple[int, int]
@@ -69,9 +70,9 @@ def load_run(workdir: str) -> Loaded:
     FileNotFoundError: neither a checkpoint nor final parameters.
   """
   # pylint: disable=g-import-not-at-top
-  from vit_jax import run_checkpoints
   from vit_jax import config_lib
   from vit_jax import input_pipeline
+  from vit_jax import run_checkpoints
   # pylint: enable=g-import-not-at-top
   run = config_lib.parse(config_lib.load_run_config(workdir))
   try:
@@ -82,7 +83,8 @@ def load_run(workdir: str) -> Loaded:
     if not os.path.exists(source):
       raise FileNotFoundError(
           f'{workdir} has neither a checkpoint nor '
-          f'{run_checkpoints.FINAL_PARAMS_FILE}: nothing to load.') from None
+          f'{run_checkpoints.FINAL_PARAMS_FILE}: nothing to load.'
+      ) from None
     params = checkpoint.load(source)
   params = checkpoint.unstack_encoder_blocks(params)
   class_names = None
@@ -98,9 +100,13 @@ def load_run(workdir: str) -> Loaded:
   return Loaded(model, params, (size, size), class_names, source, run=run)
 
 
-def load_npz(path: str, model_name: str | None = None, *,
-             gelu_approximate: bool = True,
-             layer_norm_epsilon: float = 1e-6) -> Loaded:
+def load_npz(
+    path: str,
+    model_name: str | None = None,
+    *,
+    gelu_approximate: bool = True,
+    layer_norm_epsilon: float = 1e-6,
+) -> Loaded:
   """A published-layout `.npz` (any layout `checkpoint.load` reads).
 
   Args:
@@ -115,11 +121,14 @@ def load_npz(path: str, model_name: str | None = None, *,
   """
   params = checkpoint.unstack_encoder_blocks(checkpoint.load(path))
   if not model_name:
-    spec = interop.spec_from_params(params,
-                                    gelu_approximate=gelu_approximate,
-                                    layer_norm_epsilon=layer_norm_epsilon)
-    return Loaded(interop.model_from_spec(spec), params, spec.image_size,
-                  None, path)
+    spec = interop.spec_from_params(
+        params,
+        gelu_approximate=gelu_approximate,
+        layer_norm_epsilon=layer_norm_epsilon,
+    )
+    return Loaded(
+        interop.model_from_spec(spec), params, spec.image_size, None, path
+    )
   model = vit_jax.models.get_model(model_name, num_classes=_head_size(params))
   flat = checkpoint.flatten(params)
   posemb = flat.get(interop.POSEMB_PATH)
@@ -127,17 +136,24 @@ def load_npz(path: str, model_name: str | None = None, *,
   if posemb is None or stride is None:
     raise interop.ConversionError(
         f'{path}: cannot tell the image size of {model_name} from its '
-        'parameters: pass image_size.')
-  grid = interop.square_grid(posemb.shape[1] - (1 if 'cls' in flat else 0),
-                             interop.POSEMB_PATH)
-  return Loaded(model, params, (grid[0] * stride[0], grid[1] * stride[1]),
-                None, path)
+        'parameters: pass image_size.'
+    )
+  grid = interop.square_grid(
+      posemb.shape[1] - (1 if 'cls' in flat else 0), interop.POSEMB_PATH
+  )
+  return Loaded(
+      model, params, (grid[0] * stride[0], grid[1] * stride[1]), None, path
+  )
 
 
-def load_model(source: str, *, model_name: str | None = None,
-               image_size: int | None = None,
-               gelu_approximate: bool = True,
-               layer_norm_epsilon: float = 1e-6) -> Loaded:
+def load_model(
+    source: str,
+    *,
+    model_name: str | None = None,
+    image_size: int | None = None,
+    gelu_approximate: bool = True,
+    layer_norm_epsilon: float = 1e-6,
+) -> Loaded:
   """Loads a model from a run, an npz, a transformers dir or a timm file.
 
   Args:
@@ -158,17 +174,29 @@ def load_model(source: str, *, model_name: str | None = None,
     loaded = load_run(source)
   elif os.path.isdir(source):
     model, params = interop.from_transformers(source)
-    loaded = Loaded(model, params,
-                    interop.spec_from_model(model, params).image_size,
-                    interop.transformers_class_names(source), source)
+    loaded = Loaded(
+        model,
+        params,
+        interop.spec_from_model(model, params).image_size,
+        interop.transformers_class_names(source),
+        source,
+    )
   elif source.endswith('.safetensors'):
     model, params = interop.from_timm(source)
-    loaded = Loaded(model, params,
-                    interop.spec_from_model(model, params).image_size,
-                    None, source)
+    loaded = Loaded(
+        model,
+        params,
+        interop.spec_from_model(model, params).image_size,
+        None,
+        source,
+    )
   else:
-    loaded = load_npz(source, model_name, gelu_approximate=gelu_approximate,
-                      layer_norm_epsilon=layer_norm_epsilon)
+    loaded = load_npz(
+        source,
+        model_name,
+        gelu_approximate=gelu_approximate,
+        layer_norm_epsilon=layer_norm_epsilon,
+    )
   if image_size:
     loaded.image_size = (int(image_size), int(image_size))
   return loaded
@@ -178,22 +206,36 @@ def define_model_flags() -> None:
   """The flags of `load_from_flags` (for the export and predict commands)."""
   # pylint: disable-next=g-import-not-at-top
   from absl import flags
+
   flags.DEFINE_string('workdir', None, 'A training run directory.')
-  flags.DEFINE_string('pretrained_path', None, 'An .npz (with --model, or a '
-                      'ViT inferred from its shapes), a transformers '
-                      'directory or a timm .safetensors.')
+  flags.DEFINE_string(
+      'pretrained_path',
+      None,
+      'An .npz (with --model, or a '
+      'ViT inferred from its shapes), a transformers '
+      'directory or a timm .safetensors.',
+  )
   flags.DEFINE_string('model', None, 'Registry name for an .npz.')
-  flags.DEFINE_integer('image_size', None, 'Input size (default: the run\'s, '
-                       'or what the position embeddings cover).')
+  flags.DEFINE_integer(
+      'image_size',
+      None,
+      "Input size (default: the run's, "
+      'or what the position embeddings cover).',
+  )
 
 
 def load_from_flags() -> Loaded:
   """`load_model` of --workdir or --pretrained_path (exactly one)."""
   # pylint: disable-next=g-import-not-at-top
   from absl import flags
+
   f = flags.FLAGS
   if bool(f.workdir) == bool(f.pretrained_path):
-    raise interop.ConversionError('Pass exactly one of --workdir or '
-                                  '--pretrained_path.')
-  return load_model(f.workdir or f.pretrained_path, model_name=f.model,
-                    image_size=f.image_size)
+    raise interop.ConversionError(
+        'Pass exactly one of --workdir or ' '--pretrained_path.'
+    )
+  return load_model(
+      f.workdir or f.pretrained_path,
+      model_name=f.model,
+      image_size=f.image_size,
+  )

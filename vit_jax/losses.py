@@ -7,9 +7,13 @@ import optax
 LOSSES = ('softmax_xent', 'sigmoid_xent')
 
 
-def per_example_loss(logits: jax.Array, labels: jax.Array, *,
-                     kind: str = 'softmax_xent',
-                     label_smoothing: float = 0.0) -> jax.Array:
+def per_example_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    kind: str = 'softmax_xent',
+    label_smoothing: float = 0.0,
+) -> jax.Array:
   """Cross-entropy per example (float32), with optional label smoothing.
 
   Args:

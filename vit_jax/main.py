@@ -25,6 +25,7 @@ launch/local.sh). All logic lives in `vit_jax.train.train_and_evaluate`.
 # of vit_jax.runtime (huge pages for malloc), which only apply at start-up.
 if __name__ == '__main__':
   from vit_jax import runtime  # pylint: disable=g-import-not-at-top
+
   runtime.reexec_tuned('vit_jax.main')
 
 import logging as pylogging  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -40,24 +41,44 @@ from vit_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
-    'config', None, 'Experiment config: configs/<file>.py[:arg]; then '
-    '--config.<field>=<value> for any field (--print_config lists them).')
+    'config',
+    None,
+    'Experiment config: configs/<file>.py[:arg]; then '
+    '--config.<field>=<value> for any field (--print_config lists them).',
+)
 flags.DEFINE_string('workdir', None, 'Run directory (local or gs://).')
-flags.DEFINE_bool('print_config', False, 'Print every config field with its '
-                  'value and comment (after the overrides) and exit.')
-flags.DEFINE_bool('overwrite', False, 'Start from scratch in a --workdir '
-                  'that holds a run, deleting its checkpoints, metrics and '
-                  'final parameters.')
-flags.DEFINE_bool('distributed', False,
-                  'Call jax.distributed.initialize() (TPU pods: automatic).')
-flags.DEFINE_string('coordinator_address', None,
-                    'host:port of process 0, for explicit multi-process runs.')
+flags.DEFINE_bool(
+    'print_config',
+    False,
+    'Print every config field with its '
+    'value and comment (after the overrides) and exit.',
+)
+flags.DEFINE_bool(
+    'overwrite',
+    False,
+    'Start from scratch in a --workdir '
+    'that holds a run, deleting its checkpoints, metrics and '
+    'final parameters.',
+)
+flags.DEFINE_bool(
+    'distributed',
+    False,
+    'Call jax.distributed.initialize() (TPU pods: automatic).',
+)
+flags.DEFINE_string(
+    'coordinator_address',
+    None,
+    'host:port of process 0, for explicit multi-process runs.',
+)
 flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
-flags.DEFINE_list('local_device_ids', None,
-                  'Devices this process drives, e.g. 0,1,2,3 (SLURM with one '
-                  'process per node: all the node\'s GPUs; default: what '
-                  'jax.distributed detects).')
+flags.DEFINE_list(
+    'local_device_ids',
+    None,
+    'Devices this process drives, e.g. 0,1,2,3 (SLURM with one '
+    "process per node: all the node's GPUs; default: what "
+    'jax.distributed detects).',
+)
 flags.mark_flags_as_required(['config'])
 
 
@@ -75,8 +96,9 @@ def main(argv, overrides):
     print(config_lib.describe(config))
     return
   if not FLAGS.workdir:
-    raise app.UsageError('--workdir is required: the run directory '
-                         '(local or gs://).')
+    raise app.UsageError(
+        '--workdir is required: the run directory ' '(local or gs://).'
+    )
   config_lib.parse(config)  # A config mistake is refused before all else.
   logging.get_absl_handler().addFilter(_quiet_orbax)
   # Global JAX flags belong to the program, not the library. Random bits
@@ -90,18 +112,29 @@ def main(argv, overrides):
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(
         coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-        local_device_ids=([int(i) for i in FLAGS.local_device_ids]
-                          if FLAGS.local_device_ids else None))
-  logging.info('JAX process %d/%d, %d local / %d global devices',
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
-  metrics = train.train_and_evaluate(config, FLAGS.workdir,
-                                     overwrite=FLAGS.overwrite)
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+        local_device_ids=(
+            [int(i) for i in FLAGS.local_device_ids]
+            if FLAGS.local_device_ids
+            else None
+        ),
+    )
+  logging.info(
+      'JAX process %d/%d, %d local / %d global devices',
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+  )
+  metrics = train.train_and_evaluate(
+      config, FLAGS.workdir, overwrite=FLAGS.overwrite
+  )
   if 'preempted_at_step' in metrics:
     # Exit 0: the scheduler restarts the job, which then resumes.
-    logging.info('Stopped for preemption at step %d.',
-                 metrics['preempted_at_step'])
+    logging.info(
+        'Stopped for preemption at step %d.', metrics['preempted_at_step']
+    )
   else:
     logging.info('Final evaluation: %s', metrics)
 

@@ -28,6 +28,7 @@ MU_DTYPES = ('float32', 'bfloat16', 'float16')
 @dataclasses.dataclass(frozen=True)
 class OptimSection:
   """The optimizer and its learning-rate schedule (checked when parsed)."""
+
   optimizer: str
   base_lr: float
   total_steps: int
@@ -42,25 +43,36 @@ class OptimSection:
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
-      raise ValueError(f'config.optimizer={self.optimizer!r}; use one of '
-                       f'{OPTIMIZERS}.')
-    config_errors.check_positive(base_lr=self.base_lr,
-                                 total_steps=self.total_steps)
+      raise ValueError(
+          f'config.optimizer={self.optimizer!r}; use one of ' f'{OPTIMIZERS}.'
+      )
+    config_errors.check_positive(
+        base_lr=self.base_lr, total_steps=self.total_steps
+    )
     if not 0 <= self.warmup_steps < self.total_steps:
-      raise ValueError(f'config.warmup_steps={self.warmup_steps} must be in '
-                       f'[0, total_steps={self.total_steps}).')
+      raise ValueError(
+          f'config.warmup_steps={self.warmup_steps} must be in '
+          f'[0, total_steps={self.total_steps}).'
+      )
     if self.decay_type not in DECAY_TYPES:
-      raise ValueError(f'config.decay_type={self.decay_type!r}; use one of '
-                       f'{DECAY_TYPES}.')
+      raise ValueError(
+          f'config.decay_type={self.decay_type!r}; use one of '
+          f'{DECAY_TYPES}.'
+      )
     if self.weight_decay < 0:
-      raise ValueError(f'config.weight_decay={self.weight_decay} must be '
-                       '>= 0.')
+      raise ValueError(
+          f'config.weight_decay={self.weight_decay} must be ' '>= 0.'
+      )
     if self.mu_dtype is not None and self.mu_dtype not in MU_DTYPES:
-      raise ValueError(f'config.mu_dtype={self.mu_dtype!r}; use one of '
-                       f'{MU_DTYPES} or None (the parameters\' dtype).')
+      raise ValueError(
+          f'config.mu_dtype={self.mu_dtype!r}; use one of '
+          f"{MU_DTYPES} or None (the parameters' dtype)."
+      )
     if self.grad_clip_norm is not None and self.grad_clip_norm < 0:
-      raise ValueError(f'config.grad_clip_norm={self.grad_clip_norm} must be '
-                       '>= 0 (0 disables clipping).')
+      raise ValueError(
+          f'config.grad_clip_norm={self.grad_clip_norm} must be '
+          '>= 0 (0 disables clipping).'
+      )
 
 
 def make_schedule(section: OptimSection) -> optax.Schedule:
@@ -79,15 +91,22 @@ def make_schedule(section: OptimSection) -> optax.Schedule:
   warmup = int(section.warmup_steps)
   if section.decay_type == 'cosine':
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=base_lr, warmup_steps=warmup,
-        decay_steps=total, end_value=0.0)
-  after = (optax.linear_schedule(base_lr, 0.0, total - warmup)
-           if section.decay_type == 'linear'
-           else optax.constant_schedule(base_lr))
+        init_value=0.0,
+        peak_value=base_lr,
+        warmup_steps=warmup,
+        decay_steps=total,
+        end_value=0.0,
+    )
+  after = (
+      optax.linear_schedule(base_lr, 0.0, total - warmup)
+      if section.decay_type == 'linear'
+      else optax.constant_schedule(base_lr)
+  )
   if not warmup:
     return after
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, base_lr, warmup), after], [warmup])
+      [optax.linear_schedule(0.0, base_lr, warmup), after], [warmup]
+  )
 
 
 def _decay_mask(params):
@@ -95,11 +114,13 @@ def _decay_mask(params):
   # head), not biases, norms or embeddings. By name, not by rank: scanned
   # layouts stack norms into matrices and attention biases are 2-D.
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params
+  )
 
 
-def make_optimizer(section: OptimSection
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    section: OptimSection,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (optax transformation, schedule) of the optimizer section.
 
   Args:
@@ -113,16 +134,27 @@ def make_optimizer(section: OptimSection
   weight_decay = float(section.weight_decay)
   mu_dtype = jnp.dtype(section.mu_dtype) if section.mu_dtype else None
   if section.optimizer == 'adam':
-    tx = optax.adamw(schedule, b1=float(section.beta1),
-                     b2=float(section.beta2), weight_decay=weight_decay,
-                     mask=_decay_mask, mu_dtype=mu_dtype)
+    tx = optax.adamw(
+        schedule,
+        b1=float(section.beta1),
+        b2=float(section.beta2),
+        weight_decay=weight_decay,
+        mask=_decay_mask,
+        mu_dtype=mu_dtype,
+    )
   else:
     tx = optax.chain(
         optax.add_decayed_weights(weight_decay, mask=_decay_mask)
-        if weight_decay else optax.identity(),
-        optax.sgd(schedule, momentum=float(section.momentum),
-                  accumulator_dtype=mu_dtype))
+        if weight_decay
+        else optax.identity(),
+        optax.sgd(
+            schedule,
+            momentum=float(section.momentum),
+            accumulator_dtype=mu_dtype,
+        ),
+    )
   if section.grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(float(section.grad_clip_norm)),
-                     tx)
+    tx = optax.chain(
+        optax.clip_by_global_norm(float(section.grad_clip_norm)), tx
+    )
   return tx, schedule

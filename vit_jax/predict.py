@@ -23,10 +23,10 @@ crop); the position embeddings are resized to its grid in the forward pass
 (`get_model(..., dynamic_image_size=True)`).
 """
 
+from collections.abc import Sequence
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -34,8 +34,7 @@ import numpy as np
 
 LABEL_LISTS = ('imagenet1k', 'imagenet21k')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-_LABELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                           'labels')
+_LABELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'labels')
 
 
 class PredictError(ValueError):
@@ -48,12 +47,15 @@ def read_labels(spec: str) -> tuple[str, ...]:
   A line may be `<id><TAB><name>` (the shipped lists: WordNet synset and
   lemmas); the name is what is returned.
   """
-  path = (os.path.join(_LABELS_DIR, f'{spec}.txt') if spec in LABEL_LISTS
-          else spec)
+  path = (
+      os.path.join(_LABELS_DIR, f'{spec}.txt') if spec in LABEL_LISTS else spec
+  )
   if not os.path.isfile(path):
-    raise PredictError(f'--labels={spec}: no such file; use '
-                       f'{" or ".join(LABEL_LISTS)} or a file with one '
-                       'class name per line.')
+    raise PredictError(
+        f'--labels={spec}: no such file; use '
+        f'{" or ".join(LABEL_LISTS)} or a file with one '
+        'class name per line.'
+    )
   with open(path, encoding='utf-8') as f:
     lines = [line.rstrip('\n') for line in f]
   while lines and not lines[-1].strip():
@@ -68,41 +70,52 @@ def list_images(paths: Sequence[str]) -> list[str]:
     if os.path.isdir(path):
       for root, dirs, files in os.walk(path):
         dirs.sort()
-        found += [os.path.join(root, f) for f in sorted(files)
-                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [
+            os.path.join(root, f)
+            for f in sorted(files)
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
     elif os.path.isfile(path):
       found.append(path)
     else:
       raise PredictError(f'--images: {path} does not exist.')
   if not found:
-    raise PredictError(f'--images={",".join(paths)}: no .jpg, .jpeg or .png '
-                       'files.')
+    raise PredictError(
+        f'--images={",".join(paths)}: no .jpg, .jpeg or .png ' 'files.'
+    )
   return found
 
 
 def _check_readable(path: str) -> None:
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   try:
     with Image.open(path) as image:
       image.load()
   except Exception as e:  # pylint: disable=broad-except
-    raise PredictError(f'Cannot read image {path} ({type(e).__name__}: '
-                       f'{e}): remove it or pass only images.') from None
+    raise PredictError(
+        f'Cannot read image {path} ({type(e).__name__}: '
+        f'{e}): remove it or pass only images.'
+    ) from None
 
 
-def load_image(path: str, image_size: tuple[int, int],
-               crop_fraction: float = 1.0) -> np.ndarray:
+def load_image(
+    path: str, image_size: tuple[int, int], crop_fraction: float = 1.0
+) -> np.ndarray:
   """One image through the evaluation preprocessing: [H, W, 3] in [-1, 1]."""
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
+
   from vit_jax import preprocess
   # pylint: enable=g-import-not-at-top
   image = preprocess.to_rgb(preprocess.decode(tf.io.read_file(path)))
   if crop_fraction < 1.0:
     if image_size[0] != image_size[1]:
       raise PredictError('A central crop needs a square image size.')
-    image = preprocess.central_crop(preprocess.resize_small(
-        image, round(image_size[0] / crop_fraction)), image_size[0])
+    image = preprocess.central_crop(
+        preprocess.resize_small(image, round(image_size[0] / crop_fraction)),
+        image_size[0],
+    )
   else:
     image = preprocess.resize(image, image_size)
   return preprocess.value_range(image).numpy().astype(np.float32)
@@ -112,10 +125,13 @@ def own_size(path: str, stride: tuple[int, int]) -> tuple[int, int]:
   """An image's (height, width), each the nearest multiple of `stride`
   (at least one)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   with Image.open(path) as image:
     width, height = image.size
-  return (max(1, round(height / stride[0])) * stride[0],
-          max(1, round(width / stride[1])) * stride[1])
+  return (
+      max(1, round(height / stride[0])) * stride[0],
+      max(1, round(width / stride[1])) * stride[1],
+  )
 
 
 def _dynamic(loaded: Any) -> Any:
@@ -124,7 +140,8 @@ def _dynamic(loaded: Any) -> Any:
   if 'dynamic_image_size' not in {f.name for f in dataclasses.fields(model)}:
     raise PredictError(
         f'{loaded.source}: {type(model).__name__} has no dynamic_image_size '
-        'option (ViTs only): leave --dynamic_image_size off.')
+        'option (ViTs only): leave --dynamic_image_size off.'
+    )
   return model.clone(dynamic_image_size=True)
 
 
@@ -134,9 +151,10 @@ def _crop_fraction(loaded: Any) -> float:
     return 1.0
   # pylint: disable-next=g-import-not-at-top
   from vit_jax import preprocess
+
   return preprocess.PreprocessConfig.from_config(
-      loaded.run.data.pp, image_size=loaded.image_size[0],
-      num_classes=1).eval_crop_fraction
+      loaded.run.data.pp, image_size=loaded.image_size[0], num_classes=1
+  ).eval_crop_fraction
 
 
 def _mesh_and_shardings(loaded: Any):
@@ -149,14 +167,20 @@ def _mesh_and_shardings(loaded: Any):
     mesh = sharding.mesh_from_config(loaded.run.mesh)
     return mesh, sharding.shardings_from_config(shapes, mesh, loaded.run.mesh)
   mesh = sharding.make_mesh()
-  return mesh, sharding.tree_shardings(shapes, mesh,
-                                       param_axes=vit_jax.models.PARAM_AXES)
+  return mesh, sharding.tree_shardings(
+      shapes, mesh, param_axes=vit_jax.models.PARAM_AXES
+  )
 
 
-def predict(loaded: Any, paths: Sequence[str], *, top_k: int = 5,
-            class_names: Sequence[str] | None = None,
-            batch_size: int = 64,
-            dynamic_image_size: bool = False) -> list[dict[str, Any]]:
+def predict(
+    loaded: Any,
+    paths: Sequence[str],
+    *,
+    top_k: int = 5,
+    class_names: Sequence[str] | None = None,
+    batch_size: int = 64,
+    dynamic_image_size: bool = False,
+) -> list[dict[str, Any]]:
   """Top-k classes (softmax probabilities) of each image.
 
   Args:
@@ -179,19 +203,28 @@ def predict(loaded: Any, paths: Sequence[str], *, top_k: int = 5,
   """
   # pylint: disable-next=g-import-not-at-top
   from vit_jax import sharding
+
   model = _dynamic(loaded) if dynamic_image_size else loaded.model
   h, w = loaded.image_size
-  num_classes = int(jax.eval_shape(
-      lambda p: model.apply({'params': p}, np.zeros((1, h, w, 3), np.float32),
-                            train=False), loaded.params).shape[-1])
+  num_classes = int(
+      jax.eval_shape(
+          lambda p: model.apply(
+              {'params': p}, np.zeros((1, h, w, 3), np.float32), train=False
+          ),
+          loaded.params,
+      ).shape[-1]
+  )
   if not getattr(model, 'num_classes', None):
-    raise PredictError(f'{loaded.source} has no classification head '
-                       f'(num_classes={model.num_classes}): nothing to '
-                       'predict.')
+    raise PredictError(
+        f'{loaded.source} has no classification head '
+        f'(num_classes={model.num_classes}): nothing to '
+        'predict.'
+    )
   if class_names is not None and len(class_names) != num_classes:
     raise PredictError(
-        f'The label list has {len(class_names)} names but the model\'s head '
-        f'has {num_classes} classes ({loaded.source}).')
+        f"The label list has {len(class_names)} names but the model's head "
+        f'has {num_classes} classes ({loaded.source}).'
+    )
   for path in paths:  # Every image, before any work is done.
     _check_readable(path)
   mesh, param_shardings = _mesh_and_shardings(loaded)
@@ -199,34 +232,50 @@ def predict(loaded: Any, paths: Sequence[str], *, top_k: int = 5,
   shards = sharding.batch_shards(mesh)
   batch_size = -(-max(1, batch_size) // shards) * shards
   batches = sharding.batch_sharding(mesh)
-  fn = jax.jit(sharding.on_mesh(
-      lambda p, x: jax.nn.softmax(model.apply({'params': p}, x, train=False)
-                                  .astype(np.float32), axis=-1), mesh),
+  fn = jax.jit(
+      sharding.on_mesh(
+          lambda p, x: jax.nn.softmax(
+              model.apply({'params': p}, x, train=False).astype(np.float32),
+              axis=-1,
+          ),
+          mesh,
+      ),
       in_shardings=(param_shardings, batches),
-      out_shardings=sharding.replicated(mesh))
+      out_shardings=sharding.replicated(mesh),
+  )
   crop = 1.0 if dynamic_image_size else _crop_fraction(loaded)
   k = min(top_k, num_classes)
   # One compiled program per size.
   by_size: dict[tuple[int, int], list[str]] = {}
   for path in paths:
-    size = own_size(path, model.total_stride) if dynamic_image_size else (
-        h, w)
+    size = own_size(path, model.total_stride) if dynamic_image_size else (h, w)
     by_size.setdefault(size, []).append(path)
   found = {}
   for size, group in by_size.items():
     for start in range(0, len(group), batch_size):
-      chunk = group[start:start + batch_size]
+      chunk = group[start : start + batch_size]
       images = np.zeros((batch_size, *size, 3), np.float32)  # Padding.
       for i, path in enumerate(chunk):
         images[i] = load_image(path, size, crop)
-      probs = np.asarray(jax.device_get(
-          fn(params, sharding.put_global(images, batches))))[:len(chunk)]
+      probs = np.asarray(
+          jax.device_get(fn(params, sharding.put_global(images, batches)))
+      )[: len(chunk)]
       for path, p in zip(chunk, probs):
         order = np.argsort(-p, kind='stable')[:k]
-        found[path] = {'image': path, 'top_k': [
-            {'rank': r + 1, 'index': int(i),
-             'label': class_names[i] if class_names is not None else str(i),
-             'probability': float(p[i])} for r, i in enumerate(order)]}
+        found[path] = {
+            'image': path,
+            'top_k': [
+                {
+                    'rank': r + 1,
+                    'index': int(i),
+                    'label': class_names[i]
+                    if class_names is not None
+                    else str(i),
+                    'probability': float(p[i]),
+                }
+                for r, i in enumerate(order)
+            ],
+        }
   return [found[path] for path in paths]
 
 
@@ -236,8 +285,10 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
   for result in results:
     lines.append(result['image'])
     for entry in result['top_k']:
-      lines.append(f"  {entry['rank']:>2}  {entry['probability']:.4f}  "
-                   f"{entry['index']:>5}  {entry['label']}")
+      lines.append(
+          f"  {entry['rank']:>2}  {entry['probability']:.4f}  "
+          f"{entry['index']:>5}  {entry['label']}"
+      )
   return '\n'.join(lines)
 
 
@@ -245,13 +296,15 @@ def main(argv: Sequence[str]) -> None:
   # pylint: disable=g-import-not-at-top
   from absl import app
   from absl import flags
+
   from vit_jax import loading
   # pylint: enable=g-import-not-at-top
   f = flags.FLAGS
   images = list(f.images or []) + list(argv[1:])  # Shell globs too.
   if not images:
-    raise app.UsageError('Pass --images=FILE|DIR,... (or paths after the '
-                         'flags).')
+    raise app.UsageError(
+        'Pass --images=FILE|DIR,... (or paths after the ' 'flags).'
+    )
   if f.top_k < 1:
     raise app.UsageError(f'--top_k={f.top_k}: give 1 or more.')
   if f.batch_size is not None and f.batch_size < 1:
@@ -261,16 +314,23 @@ def main(argv: Sequence[str]) -> None:
   labels = read_labels(f.labels) if f.labels else None
   loaded = loading.load_from_flags()
   names = labels if labels is not None else loaded.class_names
-  batch_size = f.batch_size or (loaded.run.data.batch_eval
-                                if loaded.run is not None else 64)
-  results = predict(loaded, paths, top_k=f.top_k, class_names=names,
-                    batch_size=batch_size,
-                    dynamic_image_size=f.dynamic_image_size)
+  batch_size = f.batch_size or (
+      loaded.run.data.batch_eval if loaded.run is not None else 64
+  )
+  results = predict(
+      loaded,
+      paths,
+      top_k=f.top_k,
+      class_names=names,
+      batch_size=batch_size,
+      dynamic_image_size=f.dynamic_image_size,
+  )
   if jax.process_index() != 0:
     return
   if f.json:
-    print(json.dumps({'source': loaded.source, 'predictions': results},
-                     indent=1))
+    print(
+        json.dumps({'source': loaded.source, 'predictions': results}, indent=1)
+    )
   else:
     print(format_table(results))
 
@@ -278,26 +338,42 @@ def main(argv: Sequence[str]) -> None:
 def _define_flags() -> None:
   # pylint: disable=g-import-not-at-top
   from absl import flags
+
   from vit_jax import loading
   # pylint: enable=g-import-not-at-top
   loading.define_model_flags()
   # --help lists them with this program's own flags.
   flags.adopt_module_key_flags(loading)
-  flags.DEFINE_list('images', None, 'Image files and directories (paths '
-                    'after the flags are added).')
+  flags.DEFINE_list(
+      'images',
+      None,
+      'Image files and directories (paths ' 'after the flags are added).',
+  )
   flags.DEFINE_integer('top_k', 5, 'Classes shown per image.')
-  flags.DEFINE_string('labels', None, 'imagenet1k, imagenet21k or a file '
-                      '(one name per line); default: the run\'s names.')
+  flags.DEFINE_string(
+      'labels',
+      None,
+      'imagenet1k, imagenet21k or a file '
+      "(one name per line); default: the run's names.",
+  )
   flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
-  flags.DEFINE_integer('batch_size', None, 'Images per step (default: the '
-                       'run\'s batch_eval, else 64).')
-  flags.DEFINE_bool('dynamic_image_size', False, 'Each image at its own '
-                    'size (the nearest multiple of the patch size), the '
-                    'position embeddings resized to it (ViTs).')
+  flags.DEFINE_integer(
+      'batch_size',
+      None,
+      'Images per step (default: the ' "run's batch_eval, else 64).",
+  )
+  flags.DEFINE_bool(
+      'dynamic_image_size',
+      False,
+      'Each image at its own '
+      'size (the nearest multiple of the patch size), the '
+      'position embeddings resized to it (ViTs).',
+  )
 
 
 if __name__ == '__main__':
   # pylint: disable-next=g-import-not-at-top
   from vit_jax import cli as _cli
+
   _define_flags()
   _cli.run(main)

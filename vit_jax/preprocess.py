@@ -16,8 +16,8 @@ mini-language):
          -> value_range(-1, 1) -> one_hot
 """
 
-import dataclasses
 from collections.abc import Callable, Mapping
+import dataclasses
 from typing import Any
 
 import tensorflow as tf
@@ -40,16 +40,19 @@ def decode(data: tf.Tensor) -> tf.Tensor:
 def to_rgb(image: tf.Tensor) -> tf.Tensor:
   """Grey -> RGB (channel repeated); RGBA -> RGB (alpha dropped)."""
   channels = tf.shape(image)[-1]
-  image = tf.cond(channels == 1, lambda: tf.tile(image, [1, 1, 3]),
-                  lambda: image[..., :3])
+  image = tf.cond(
+      channels == 1, lambda: tf.tile(image, [1, 1, 3]), lambda: image[..., :3]
+  )
   image.set_shape([None, None, 3])
   return image
 
 
-def inception_crop(image: tf.Tensor, seed: tf.Tensor,
-                   area_range: tuple[float, float] = (0.05, 1.0),
-                   aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3)
-                   ) -> tf.Tensor:
+def inception_crop(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    area_range: tuple[float, float] = (0.05, 1.0),
+    aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tf.Tensor:
   """Random crop covering `area_range` of the image (Inception-style).
 
   Args:
@@ -62,9 +65,14 @@ def inception_crop(image: tf.Tensor, seed: tf.Tensor,
     The cropped image (not resized).
   """
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4], tf.float32),
-      seed=seed, area_range=area_range, aspect_ratio_range=aspect_ratio_range,
-      min_object_covered=0.0, use_image_if_no_bounding_boxes=True)
+      tf.shape(image),
+      bounding_boxes=tf.zeros([1, 0, 4], tf.float32),
+      seed=seed,
+      area_range=area_range,
+      aspect_ratio_range=aspect_ratio_range,
+      min_object_covered=0.0,
+      use_image_if_no_bounding_boxes=True,
+  )
   channels = image.shape[-1]
   image = tf.slice(image, begin, size)
   image.set_shape([None, None, channels])
@@ -90,7 +98,7 @@ def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   shape = tf.shape(image)
   top = (shape[0] - size) // 2
   left = (shape[1] - size) // 2
-  return image[top:top + size, left:left + size]
+  return image[top : top + size, left : left + size]
 
 
 def flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -98,8 +106,9 @@ def flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   return tf.image.stateless_random_flip_left_right(image, seed)
 
 
-def value_range(image: tf.Tensor, low: float = -1.0,
-                high: float = 1.0) -> tf.Tensor:
+def value_range(
+    image: tf.Tensor, low: float = -1.0, high: float = 1.0
+) -> tf.Tensor:
   """Maps [0, 255] to [low, high] as float32."""
   image = tf.cast(image, tf.float32) / 255.0
   return image * (high - low) + low
@@ -127,6 +136,7 @@ class PreprocessConfig:
       AugReg recipe runs it (`vit_jax.randaugment`), on the uint8 image
       after the crop, resize and flip; `()` turns it off.
   """
+
   image_size: int
   num_classes: int
   inception_crop: bool = True
@@ -145,34 +155,44 @@ class PreprocessConfig:
     if value == ():
       return
     limit = randaugment_lib.MAX_MAGNITUDE
-    ints = isinstance(value, tuple) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ints = (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
     if not ints or value[0] < 0 or not 0 <= value[1] <= limit:
       raise ValueError(
           f'config.pp.randaugment={self.randaugment!r} must be () (off) or '
           f'(num_layers, magnitude): ints with num_layers >= 0 and '
           f'0 <= magnitude <= {limit} (the AugReg configs use magnitudes '
           f'0, 10, 15 and 20; big_vision sets no bound, but above {limit} '
-          f'its Posterize would need more than 8 bits).')
+          f'its Posterize would need more than 8 bits).'
+      )
 
   @classmethod
-  def from_config(cls, pp: Mapping[str, Any] | Any, *, image_size: int,
-                  num_classes: int) -> 'PreprocessConfig':
+  def from_config(
+      cls, pp: Mapping[str, Any] | Any, *, image_size: int, num_classes: int
+  ) -> 'PreprocessConfig':
     """Builds from a `config.pp` ConfigDict/dict, rejecting unknown fields."""
     fields = {f.name for f in dataclasses.fields(cls)} - {
-        'image_size', 'num_classes'}
+        'image_size',
+        'num_classes',
+    }
     values = dict(pp.items()) if pp is not None else {}
     unknown = sorted(set(values) - fields)
     if unknown:
-      raise ValueError(f'config.pp has unknown field(s) {unknown}; valid: '
-                       f'{sorted(fields)}.')
+      raise ValueError(
+          f'config.pp has unknown field(s) {unknown}; valid: '
+          f'{sorted(fields)}.'
+      )
     if 'crop_area_range' in values:
       values['crop_area_range'] = tuple(values['crop_area_range'])
     return cls(image_size=image_size, num_classes=num_classes, **values)
 
 
-def make_preprocess_fn(pp: PreprocessConfig, *,
-                       train: bool) -> Callable[[Features], Features]:
+def make_preprocess_fn(
+    pp: PreprocessConfig, *, train: bool
+) -> Callable[[Features], Features]:
   """Returns fn({'image': bytes, 'label': int, 'seed': [2]}) -> batch features.
 
   The result holds 'image' (float32 [S, S, 3] in [-1, 1]) and 'labels'
@@ -183,7 +203,8 @@ def make_preprocess_fn(pp: PreprocessConfig, *,
     image = to_rgb(decode(features['image']))
     if train:
       crop_seed, flip_seed = tf.unstack(
-          tf.random.experimental.stateless_split(features['seed'], 2))
+          tf.random.experimental.stateless_split(features['seed'], 2)
+      )
       if pp.inception_crop:
         image = inception_crop(image, crop_seed, pp.crop_area_range)
       image = resize(image, pp.image_size)
@@ -193,20 +214,25 @@ def make_preprocess_fn(pp: PreprocessConfig, *,
         # Its own stream, folded in rather than a third split, so that the
         # crop and flip of every example are those of a run without it.
         randaugment_seed = tf.random.experimental.stateless_fold_in(
-            features['seed'], tf.constant(_RANDAUGMENT_STREAM, tf.int64))
+            features['seed'], tf.constant(_RANDAUGMENT_STREAM, tf.int64)
+        )
         # RandAugment's ops are defined on uint8 (big_vision runs it on
         # the uint8 image its resize returns); round, not truncate.
         image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
         image = randaugment_lib.randaugment(
-            image, *pp.randaugment, seed=randaugment_seed)
+            image, *pp.randaugment, seed=randaugment_seed
+        )
     elif pp.eval_crop_fraction < 1.0:
       image = resize_small(image, round(pp.image_size / pp.eval_crop_fraction))
       image = central_crop(image, pp.image_size)
     else:
       image = resize(image, pp.image_size)
-    image = tf.ensure_shape(value_range(image),
-                            [pp.image_size, pp.image_size, 3])
-    return {'image': image,
-            'labels': one_hot(features['label'], pp.num_classes)}
+    image = tf.ensure_shape(
+        value_range(image), [pp.image_size, pp.image_size, 3]
+    )
+    return {
+        'image': image,
+        'labels': one_hot(features['label'], pp.num_classes),
+    }
 
   return fn

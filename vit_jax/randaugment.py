@@ -36,12 +36,28 @@ REPLACE = 128  # Grey that fills pixels the geometric ops and Cutout empty.
 # Posterize mapping asks for more than 8 bits (a negative shift).
 MAX_MAGNITUDE = 20
 
-OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize',
-       'Solarize', 'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX',
-       'ShearY', 'TranslateX', 'TranslateY', 'Cutout', 'SolarizeAdd')
+OPS = (
+    'AutoContrast',
+    'Equalize',
+    'Invert',
+    'Rotate',
+    'Posterize',
+    'Solarize',
+    'Color',
+    'Contrast',
+    'Brightness',
+    'Sharpness',
+    'ShearX',
+    'ShearY',
+    'TranslateX',
+    'TranslateY',
+    'Cutout',
+    'SolarizeAdd',
+)
 # Ops whose argument big_vision negates with probability 1/2.
-SIGNED_OPS = frozenset({'Rotate', 'ShearX', 'ShearY', 'TranslateX',
-                        'TranslateY'})
+SIGNED_OPS = frozenset(
+    {'Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY'}
+)
 # Ops that use their seed (a random sign or position); the rest ignore it.
 RANDOM_OPS = SIGNED_OPS | {'Cutout'}
 
@@ -131,8 +147,9 @@ def solarize(image: tf.Tensor, threshold: int) -> tf.Tensor:
   return tf.where(image < threshold % 256, image, 255 - image)
 
 
-def solarize_add(image: tf.Tensor, addition: int,
-                 threshold: int = 128) -> tf.Tensor:
+def solarize_add(
+    image: tf.Tensor, addition: int, threshold: int = 128
+) -> tf.Tensor:
   """Adds `addition` (clipped to [0, 255]) to the values below `threshold`."""
   added = tf.clip_by_value(tf.cast(image, tf.int32) + addition, 0, 255)
   return tf.where(image < threshold, tf.cast(added, tf.uint8), image)
@@ -183,34 +200,46 @@ def sharpness(image: tf.Tensor, factor: float) -> tf.Tensor:
   """
   kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  smooth = tf.nn.depthwise_conv2d(tf.cast(image, tf.float32)[None], kernel,
-                                  strides=[1, 1, 1, 1], padding='VALID')[0]
+  smooth = tf.nn.depthwise_conv2d(
+      tf.cast(image, tf.float32)[None],
+      kernel,
+      strides=[1, 1, 1, 1],
+      padding='VALID',
+  )[0]
   smooth = tf.pad(_to_uint8(smooth), [[1, 1], [1, 1], [0, 0]])
-  interior = tf.pad(tf.ones_like(smooth[1:-1, 1:-1], tf.bool),
-                    [[1, 1], [1, 1], [0, 0]])
+  interior = tf.pad(
+      tf.ones_like(smooth[1:-1, 1:-1], tf.bool), [[1, 1], [1, 1], [0, 0]]
+  )
   return blend(tf.where(interior, smooth, image), image, factor)
 
 
-def _transform(image: tf.Tensor, matrix: list[tf.Tensor | float],
-               replace: int) -> tf.Tensor:
+def _transform(
+    image: tf.Tensor, matrix: list[tf.Tensor | float], replace: int
+) -> tf.Tensor:
   """Projective transform; output (x, y) reads input (a0 x + a1 y + a2, ...).
 
   `matrix` is [a0, a1, a2, b0, b1, b2] (an affine map from output to input
   pixel coordinates). Nearest-neighbour sampling, as big_vision (via
   tensorflow-addons) does; pixels that map outside the input get `replace`.
   """
-  transforms = tf.stack([tf.cast(m, tf.float32) for m in matrix]
-                        + [tf.constant(0.0), tf.constant(0.0)])
+  transforms = tf.stack(
+      [tf.cast(m, tf.float32) for m in matrix]
+      + [tf.constant(0.0), tf.constant(0.0)]
+  )
   out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=transforms[None],
+      images=image[None],
+      transforms=transforms[None],
       output_shape=tf.shape(image)[:2],
       fill_value=tf.constant(replace, tf.float32),
-      interpolation='NEAREST', fill_mode='CONSTANT')
+      interpolation='NEAREST',
+      fill_mode='CONSTANT',
+  )
   return out[0]
 
 
-def rotate(image: tf.Tensor, degrees: tf.Tensor | float,
-           replace: int = REPLACE) -> tf.Tensor:
+def rotate(
+    image: tf.Tensor, degrees: tf.Tensor | float, replace: int = REPLACE
+) -> tf.Tensor:
   """Rotates about the image centre by `degrees` (positive: anticlockwise)."""
   radians = tf.cast(degrees, tf.float32) * (math.pi / 180.0)
   cos, sin = tf.cos(radians), tf.sin(radians)
@@ -219,37 +248,51 @@ def rotate(image: tf.Tensor, degrees: tf.Tensor | float,
   # input = R(radians) @ (output - centre) + centre; the offsets are
   # written in tensorflow-addons' order so that float32 rounding (and so
   # nearest-neighbour ties) matches big_vision.
-  return _transform(image, [cos, -sin, (w - (cos * w - sin * h)) / 2,
-                            sin, cos, (h - (sin * w + cos * h)) / 2],
-                    replace)
+  return _transform(
+      image,
+      [
+          cos,
+          -sin,
+          (w - (cos * w - sin * h)) / 2,
+          sin,
+          cos,
+          (h - (sin * w + cos * h)) / 2,
+      ],
+      replace,
+  )
 
 
-def shear_x(image: tf.Tensor, level: tf.Tensor | float,
-            replace: int = REPLACE) -> tf.Tensor:
+def shear_x(
+    image: tf.Tensor, level: tf.Tensor | float, replace: int = REPLACE
+) -> tf.Tensor:
   """Output (x, y) reads input (x + level * y, y)."""
   return _transform(image, [1.0, level, 0.0, 0.0, 1.0, 0.0], replace)
 
 
-def shear_y(image: tf.Tensor, level: tf.Tensor | float,
-            replace: int = REPLACE) -> tf.Tensor:
+def shear_y(
+    image: tf.Tensor, level: tf.Tensor | float, replace: int = REPLACE
+) -> tf.Tensor:
   """Output (x, y) reads input (x, y + level * x)."""
   return _transform(image, [1.0, 0.0, 0.0, level, 1.0, 0.0], replace)
 
 
-def translate_x(image: tf.Tensor, pixels: tf.Tensor | float,
-                replace: int = REPLACE) -> tf.Tensor:
+def translate_x(
+    image: tf.Tensor, pixels: tf.Tensor | float, replace: int = REPLACE
+) -> tf.Tensor:
   """Moves the content `pixels` to the left: out[:, x] = in[:, x + pixels]."""
   return _transform(image, [1.0, 0.0, pixels, 0.0, 1.0, 0.0], replace)
 
 
-def translate_y(image: tf.Tensor, pixels: tf.Tensor | float,
-                replace: int = REPLACE) -> tf.Tensor:
+def translate_y(
+    image: tf.Tensor, pixels: tf.Tensor | float, replace: int = REPLACE
+) -> tf.Tensor:
   """Moves the content `pixels` up: out[y] = in[y + pixels]."""
   return _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, pixels], replace)
 
 
-def cutout(image: tf.Tensor, pad_size: int, seed: tf.Tensor,
-           replace: int = REPLACE) -> tf.Tensor:
+def cutout(
+    image: tf.Tensor, pad_size: int, seed: tf.Tensor, replace: int = REPLACE
+) -> tf.Tensor:
   """Fills a 2*pad_size square (clipped to the image) with `replace`.
 
   Its centre is uniform over the pixels: rows [cy - pad_size, cy + pad_size)
@@ -266,20 +309,26 @@ def cutout(image: tf.Tensor, pad_size: int, seed: tf.Tensor,
   """
   shape = tf.shape(image)
   row_seed, col_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 2))
+      tf.random.experimental.stateless_split(seed, 2)
+  )
   cy = tf.random.stateless_uniform([], row_seed, 0, shape[0], tf.int32)
   cx = tf.random.stateless_uniform([], col_seed, 0, shape[1], tf.int32)
   return _fill_square(image, pad_size, cy, cx, replace)
 
 
-def _fill_square(image: tf.Tensor, pad_size: int, cy: tf.Tensor,
-                 cx: tf.Tensor, replace: int) -> tf.Tensor:
+def _fill_square(
+    image: tf.Tensor, pad_size: int, cy: tf.Tensor, cx: tf.Tensor, replace: int
+) -> tf.Tensor:
   """Cutout's square centred on pixel (cy, cx)."""
   shape = tf.shape(image)
   rows = tf.range(shape[0])[:, None, None]
   cols = tf.range(shape[1])[None, :, None]
-  inside = ((rows >= cy - pad_size) & (rows < cy + pad_size)
-            & (cols >= cx - pad_size) & (cols < cx + pad_size))
+  inside = (
+      (rows >= cy - pad_size)
+      & (rows < cy + pad_size)
+      & (cols >= cx - pad_size)
+      & (cols < cx + pad_size)
+  )
   return tf.where(inside, tf.constant(replace, image.dtype), image)
 
 
@@ -308,17 +357,27 @@ def level_to_arg(name: str, magnitude: float) -> float | int | None:
 
 
 _FUNCS: dict[str, Callable[..., tf.Tensor]] = {
-    'AutoContrast': autocontrast, 'Equalize': equalize, 'Invert': invert,
-    'Rotate': rotate, 'Posterize': posterize, 'Solarize': solarize,
-    'Color': color, 'Contrast': contrast, 'Brightness': brightness,
-    'Sharpness': sharpness, 'ShearX': shear_x, 'ShearY': shear_y,
-    'TranslateX': translate_x, 'TranslateY': translate_y,
+    'AutoContrast': autocontrast,
+    'Equalize': equalize,
+    'Invert': invert,
+    'Rotate': rotate,
+    'Posterize': posterize,
+    'Solarize': solarize,
+    'Color': color,
+    'Contrast': contrast,
+    'Brightness': brightness,
+    'Sharpness': sharpness,
+    'ShearX': shear_x,
+    'ShearY': shear_y,
+    'TranslateX': translate_x,
+    'TranslateY': translate_y,
     'SolarizeAdd': solarize_add,
 }
 
 
-def apply_op(name: str, image: tf.Tensor, magnitude: float,
-             seed: tf.Tensor) -> tf.Tensor:
+def apply_op(
+    name: str, image: tf.Tensor, magnitude: float, seed: tf.Tensor
+) -> tf.Tensor:
   """Applies op `name` at `magnitude` as one RandAugment layer does.
 
   Args:
@@ -333,7 +392,8 @@ def apply_op(name: str, image: tf.Tensor, magnitude: float,
   """
   arg = level_to_arg(name, magnitude)
   sign_seed, cutout_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 2))
+      tf.random.experimental.stateless_split(seed, 2)
+  )
   if name == 'Cutout':
     return cutout(image, cast(int, arg), cutout_seed)
   if name in SIGNED_OPS:
@@ -345,8 +405,9 @@ def apply_op(name: str, image: tf.Tensor, magnitude: float,
   return _FUNCS[name](image, arg)
 
 
-def randaugment(image: tf.Tensor, num_layers: int, magnitude: float,
-                seed: tf.Tensor) -> tf.Tensor:
+def randaugment(
+    image: tf.Tensor, num_layers: int, magnitude: float, seed: tf.Tensor
+) -> tf.Tensor:
   """RandAugment: `num_layers` ops, each uniform over `OPS`, at `magnitude`.
 
   Args:
@@ -367,12 +428,14 @@ def randaugment(image: tf.Tensor, num_layers: int, magnitude: float,
   layer_seeds = tf.random.experimental.stateless_split(seed, num_layers)
   for layer in range(num_layers):
     choice_seed, op_seed = tf.unstack(
-        tf.random.experimental.stateless_split(layer_seeds[layer], 2))
-    index = tf.random.stateless_uniform([], choice_seed, 0, len(OPS),
-                                        tf.int32)
+        tf.random.experimental.stateless_split(layer_seeds[layer], 2)
+    )
+    index = tf.random.stateless_uniform([], choice_seed, 0, len(OPS), tf.int32)
     branches = [
         lambda name=name, image=image, op_seed=op_seed: apply_op(
-            name, image, magnitude, op_seed)
-        for name in OPS]
+            name, image, magnitude, op_seed
+        )
+        for name in OPS
+    ]
     image = tf.ensure_shape(tf.switch_case(index, branches), image.shape)
   return image

@@ -56,19 +56,25 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the shardings to restore into."""
   return jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract, shardings)
+      abstract,
+      shardings,
+  )
 
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
   """{'opt_state/1/0/mu/...': shape}: the same names for a TrainState and
   for orbax's metadata of it (dicts where the state has attributes)."""
+
   def name(key):
     for attr in ('key', 'idx', 'name'):
       if hasattr(key, attr):
         return str(getattr(key, attr))
     return str(key)
-  return {'/'.join(name(k) for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  return {
+      '/'.join(name(k) for k in path): tuple(leaf.shape)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 class Checkpointer:
@@ -81,8 +87,14 @@ class Checkpointer:
     async_save: Write in the background while training continues.
   """
 
-  def __init__(self, workdir: str, meta: Mapping[str, Any], *, keep: int = 3,
-               async_save: bool = True):
+  def __init__(
+      self,
+      workdir: str,
+      meta: Mapping[str, Any],
+      *,
+      keep: int = 3,
+      async_save: bool = True,
+  ):
     self.directory = os.path.join(workdir, CHECKPOINT_DIR)
     self.corrupt_directory = os.path.join(workdir, CORRUPT_DIR)
     # Compared with what JSON gives back (tuples come back as lists).
@@ -90,50 +102,70 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save,
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
             create=True,
             # Leftovers of a save that was killed half-way.
-            cleanup_tmp_directories=True),
+            cleanup_tmp_directories=True,
+        ),
         # Registered up front so that a step's metadata can be read
         # before anything is saved or restored (`check_structure`).
-        item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'data': ocp.JsonCheckpointHandler(),
-                       'meta': ocp.JsonCheckpointHandler()})
+        item_handlers={
+            'state': ocp.StandardCheckpointHandler(),
+            'data': ocp.JsonCheckpointHandler(),
+            'meta': ocp.JsonCheckpointHandler(),
+        },
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: Mapping[str, Any]) -> None:
     """Starts saving `step` (returns before the write ends when async)."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(dict(data_state)),
-        meta=ocp.args.JsonSave(self.meta)))
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(dict(data_state)),
+            meta=ocp.args.JsonSave(self.meta),
+        ),
+    )
 
   def _check_meta(self, step: int) -> None:
-    saved = self.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
+    saved = self.manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+    )['meta']
     # Over both sides' keys: a field only one of them has also differs.
-    different = {k: (saved.get(k), self.meta.get(k))
-                 for k in set(saved) | set(self.meta)
-                 if saved.get(k) != self.meta.get(k)}
+    different = {
+        k: (saved.get(k), self.meta.get(k))
+        for k in set(saved) | set(self.meta)
+        if saved.get(k) != self.meta.get(k)
+    }
     if different:
-      details = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}'
-                          for k, (a, b) in sorted(different.items()))
+      details = ', '.join(
+          f'{k}: checkpoint {a!r} vs config {b!r}'
+          for k, (a, b) in sorted(different.items())
+      )
       raise IncompatibleCheckpointError(
           f'{self.directory} holds a checkpoint (step {step}) of a different '
           f'run ({details}). Use a new --workdir for this config, or restore '
-          'the original config to resume that run.')
+          'the original config to resume that run.'
+      )
 
-  def restore(self, step: int, abstract_state: Any
-              ) -> tuple[Any, dict[str, Any]]:
+  def restore(
+      self, step: int, abstract_state: Any
+  ) -> tuple[Any, dict[str, Any]]:
     """Restores `step` into the shardings carried by `abstract_state`."""
     self._check_meta(step)
     self.check_structure(step, abstract_state)
     logging.info('Restoring checkpoint step %d from %s', step, self.directory)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore()))
+    restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+        ),
+    )
     return restored['state'], dict(restored['data'])
 
   def check_structure(self, step: int, abstract_state: Any) -> None:
@@ -151,22 +183,27 @@ class Checkpointer:
       return
     only_saved = sorted(set(saved) - set(wanted))
     only_wanted = sorted(set(wanted) - set(saved))
-    shapes = sorted(k for k in set(saved) & set(wanted)
-                    if saved[k] != wanted[k])
+    shapes = sorted(
+        k for k in set(saved) & set(wanted) if saved[k] != wanted[k]
+    )
     parts = []
-    for what, keys in (('only in the checkpoint', only_saved),
-                       ('only in this config\'s state', only_wanted),
-                       ('of another shape', shapes)):
+    for what, keys in (
+        ('only in the checkpoint', only_saved),
+        ("only in this config's state", only_wanted),
+        ('of another shape', shapes),
+    ):
       if keys:
         parts.append(f'{len(keys)} array(s) {what}, e.g. {keys[0]}')
     raise IncompatibleCheckpointError(
         f'{self.directory} step {step} holds the train state of another '
         f'model or optimizer ({"; ".join(parts)}); it is not damaged and '
         'was left as it is. Use a new --workdir for this config, or restore '
-        'the run\'s own config to resume it.')
+        "the run's own config to resume it."
+    )
 
-  def restore_latest(self, abstract_state: Any
-                     ) -> tuple[int, Any, dict[str, Any]] | None:
+  def restore_latest(
+      self, abstract_state: Any
+  ) -> tuple[int, Any, dict[str, Any]] | None:
     """Restores the newest readable step; None when there is no checkpoint.
 
     A step of another structure is refused (`check_structure`). A step
@@ -193,16 +230,24 @@ class Checkpointer:
         # orbax / tensorstore raise many types (KeyError, ValueError,
         # JSONDecodeError, OSError) for missing or damaged files.
         failures.append((step, f'{type(e).__name__}: {e}'[:300]))
-        logging.warning('Checkpoint step %d in %s cannot be read (%s); trying '
-                        'the previous step.', step, self.directory,
-                        failures[-1][1])
+        logging.warning(
+            'Checkpoint step %d in %s cannot be read (%s); trying '
+            'the previous step.',
+            step,
+            self.directory,
+            failures[-1][1],
+        )
         continue
       for failed, _ in failures:
         self._move_aside(failed)
       if failures:
-        logging.warning('Resuming from step %d; the newer step(s) %s that '
-                        'could not be read were moved to %s.', step,
-                        [f for f, _ in failures], self.corrupt_directory)
+        logging.warning(
+            'Resuming from step %d; the newer step(s) %s that '
+            'could not be read were moved to %s.',
+            step,
+            [f for f, _ in failures],
+            self.corrupt_directory,
+        )
       return step, state, data
     if failures:
       first = ' '.join(failures[0][1].split())
@@ -210,7 +255,8 @@ class Checkpointer:
           f'No checkpoint in {self.directory} can be read (steps '
           f'{[f for f, _ in failures]}; step {failures[0][0]}: {first}); '
           'nothing was moved. Fix or remove the damaged steps, or use a new '
-          '--workdir (--overwrite starts over here).')
+          '--workdir (--overwrite starts over here).'
+      )
     return None
 
   def _move_aside(self, step: int) -> None:
@@ -234,8 +280,9 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_params(workdir: str, *, ema: bool = True,
-                step: int | None = None) -> tuple[int, Any]:
+def load_params(
+    workdir: str, *, ema: bool = True, step: int | None = None
+) -> tuple[int, Any]:
   """Parameters from a run's checkpoint, without its optimizer state.
 
   Args:
@@ -251,22 +298,27 @@ def load_params(workdir: str, *, ema: bool = True,
   """
   directory = os.path.join(workdir, CHECKPOINT_DIR)
   manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      directory,
+      options=ocp.CheckpointManagerOptions(read_only=True),
       item_names=('state',),
-      item_handlers={'state': ocp.StandardCheckpointHandler()})
+      item_handlers={'state': ocp.StandardCheckpointHandler()},
+  )
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(
         f'No checkpoint in {directory}: point --workdir at a training run '
-        '(or pass an .npz).')
+        '(or pass an .npz).'
+    )
   # Restored onto this process's first device, whatever mesh saved it (a
   # run trained on several devices is inspected or evaluated on one).
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree_util.tree_map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      manager.item_metadata(step)['state'])
-  state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target)))['state']
+      manager.item_metadata(step)['state'],
+  )
+  state = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+  )['state']
   manager.close()
   params = state.get('ema_params') if ema else None
   if params is None:
@@ -289,8 +341,10 @@ class PreemptionWatcher:
   """
 
   # Shown in the log line of the save, e.g. 'Preemption notice (SIGTERM)'.
-  _REASONS = {signal.SIGTERM: 'Preemption notice (SIGTERM)',
-              signal.SIGINT: 'Interrupted (Ctrl-C)'}
+  _REASONS = {
+      signal.SIGTERM: 'Preemption notice (SIGTERM)',
+      signal.SIGINT: 'Interrupted (Ctrl-C)',
+  }
 
   def __init__(self):
     self._requested = threading.Event()
@@ -323,8 +377,11 @@ class PreemptionWatcher:
     self.reason = self._REASONS[signum]
     self._requested.set()
     if signum == signal.SIGINT:
-      os.write(2, b'\nCtrl-C: saving a checkpoint at the next step, then '
-               b'stopping (Ctrl-C again stops at once).\n')
+      os.write(
+          2,
+          b'\nCtrl-C: saving a checkpoint at the next step, then '
+          b'stopping (Ctrl-C again stops at once).\n',
+      )
 
   def reached(self, step: int) -> bool:
     """True when the run should save at `step` and stop."""

@@ -29,10 +29,10 @@ alone: their CPU devices hold no training work.
 `VIT_JAX_TUNE=0` turns all of this off.
 """
 
+from collections.abc import Mapping
 import glob
 import os
 import sys
-from collections.abc import Mapping
 
 _HUGE_PAGES = 'glibc.malloc.hugetlb=1'
 _DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
@@ -72,8 +72,11 @@ def _has_accelerator(environ: Mapping[str, str]) -> bool:
   platforms = environ.get('JAX_PLATFORMS', '')
   if platforms and set(platforms.split(',')) - {'cpu'}:
     return True
-  return bool(glob.glob('/dev/nvidia[0-9]*') or glob.glob('/dev/accel*')
-              or glob.glob('/dev/vfio/[0-9]*'))
+  return bool(
+      glob.glob('/dev/nvidia[0-9]*')
+      or glob.glob('/dev/accel*')
+      or glob.glob('/dev/vfio/[0-9]*')
+  )
 
 
 def cpu_device_count(environ: Mapping[str, str]) -> int:
@@ -91,8 +94,10 @@ def cpu_device_count(environ: Mapping[str, str]) -> int:
   value = environ.get(CPU_DEVICES_VARIABLE)
   if value is not None:
     if not value.strip().isdigit() or int(value) < 1:
-      raise ValueError(f'{CPU_DEVICES_VARIABLE}={value!r}: give a positive '
-                       'number of CPU devices (1 for one).')
+      raise ValueError(
+          f'{CPU_DEVICES_VARIABLE}={value!r}: give a positive '
+          'number of CPU devices (1 for one).'
+      )
     return int(value)
   if hasattr(os, 'sched_getaffinity'):  # The cores this process may use.
     return len(os.sched_getaffinity(0))
@@ -109,10 +114,17 @@ def reexec_tuned(module: str) -> None:
   Args:
     module: The module being run with `python -m`.
   """
-  if (os.environ.get(_MARKER) or os.environ.get('VIT_JAX_TUNE') == '0'
-      or not hasattr(os, 'execve') or sys.platform != 'linux'):
+  if (
+      os.environ.get(_MARKER)
+      or os.environ.get('VIT_JAX_TUNE') == '0'
+      or not hasattr(os, 'execve')
+      or sys.platform != 'linux'
+  ):
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, '-m', module, *sys.argv[1:]],
-            tuned_environment(os.environ))
+  os.execve(
+      sys.executable,
+      [sys.executable, '-m', module, *sys.argv[1:]],
+      tuned_environment(os.environ),
+  )

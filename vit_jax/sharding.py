@@ -41,8 +41,8 @@ gives every parameter of the scanned module one extra leading axis of the
 same length, which no unscanned module has (see `stacked_paths`).
 """
 
-from collections.abc import Callable, Iterator, Sequence
 import collections
+from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import dataclasses
 import functools
@@ -77,14 +77,18 @@ MESH_AXES = DATA_AXES + MODEL_AXES
 # Logical axis name -> mesh axes, for parameters and activations. Names the
 # rules do not list ('embed', 'length', 'head_dim', ...) are not split by
 # them ('embed' of a parameter may still be split by FSDP).
-LOGICAL_RULES = (('batch', DATA_AXES), ('heads', MODEL_AXIS),
-                 ('mlp', MODEL_AXIS))
+LOGICAL_RULES = (
+    ('batch', DATA_AXES),
+    ('heads', MODEL_AXIS),
+    ('mlp', MODEL_AXIS),
+)
 # Below this many elements a tensor is cheaper to replicate than to gather.
 DEFAULT_FSDP_MIN_SIZE = 2**14
 
 
-def mesh_shape(axes: Sequence[tuple[str, int]],
-               num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+def mesh_shape(
+    axes: Sequence[tuple[str, int]], num_devices: int
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
   """Resolves the axis sizes of a mesh config for `num_devices` devices.
 
   Args:
@@ -109,27 +113,34 @@ def mesh_shape(axes: Sequence[tuple[str, int]],
     # would silently hold copies of the batch.
     raise ValueError(
         f'config.mesh={axes}: unknown axis name(s) {unknown}; use names from '
-        f'{MESH_AXES} ({DATA_AXES} split the batch).')
+        f'{MESH_AXES} ({DATA_AXES} split the batch).'
+    )
   free = [n for n, s in axes if s == -1]
   fixed = int(np.prod([s for _, s in axes if s != -1]))
   if len(free) > 1 or any(s == 0 or s < -1 for _, s in axes):
     raise ValueError(
-        f'config.mesh={axes}: sizes must be positive, with at most one -1.')
+        f'config.mesh={axes}: sizes must be positive, with at most one -1.'
+    )
   if num_devices % fixed:
     raise ValueError(
         f'config.mesh={axes} needs a multiple of {fixed} devices but '
-        f'{num_devices} are available; change the axis sizes.')
+        f'{num_devices} are available; change the axis sizes.'
+    )
   sizes = tuple(num_devices // fixed if s == -1 else s for _, s in axes)
   if int(np.prod(sizes)) != num_devices:
     raise ValueError(
         f'config.mesh={axes} covers {int(np.prod(sizes))} devices but '
-        f'{num_devices} are available; use -1 for one axis or fix the sizes.')
+        f'{num_devices} are available; use -1 for one axis or fix the sizes.'
+    )
   return names, sizes
 
 
-def _multi_slice_devices(names: tuple[str, ...], sizes: tuple[int, ...],
-                         devices: Sequence[Any],
-                         slice_sizes: Sequence[int]) -> np.ndarray | None:
+def _multi_slice_devices(
+    names: tuple[str, ...],
+    sizes: tuple[int, ...],
+    devices: Sequence[Any],
+    slice_sizes: Sequence[int],
+) -> np.ndarray | None:
   """Devices of a mesh over several slices (TPU multi-slice), or None.
 
   The slow network between slices (DCN) carries one data-like axis, 'data'
@@ -158,8 +169,9 @@ def _multi_slice_devices(names: tuple[str, ...], sizes: tuple[int, ...],
   return None
 
 
-def _device_array(names: tuple[str, ...], sizes: tuple[int, ...],
-                  devices: Sequence[Any]) -> np.ndarray:
+def _device_array(
+    names: tuple[str, ...], sizes: tuple[int, ...], devices: Sequence[Any]
+) -> np.ndarray:
   """Devices in mesh order: topology-aware where possible, else plain."""
   slice_sizes: dict[int, int] = {}
   for device in devices:
@@ -169,32 +181,40 @@ def _device_array(names: tuple[str, ...], sizes: tuple[int, ...],
     if len(slice_sizes) == 1:
       # CPU / GPU: process-major (GPU: by id); TPU: physical topology.
       try:
-        return jax.make_mesh(sizes, names, (AxisType.Auto,) * len(names),
-                             devices=devices).devices
+        return jax.make_mesh(
+            sizes, names, (AxisType.Auto,) * len(names), devices=devices
+        ).devices
       except NotImplementedError:
         # An axis size that is no product of whole physical axes (fsdp 16
         # on a v4 8x8x4 slice): splitting a physical axis keeps each mesh
         # axis on a box of neighbouring chips, which the plain device order
         # below does not.
         return mesh_utils.create_device_mesh(
-            sizes, devices, allow_split_physical_axes=True)
-    array = _multi_slice_devices(names, sizes, devices,
-                                 list(slice_sizes.values()))
-    why = (f'no data-like axis of {dict(zip(names, sizes))} splits evenly '
-           f'over the slices {slice_sizes}')
+            sizes, devices, allow_split_physical_axes=True
+        )
+    array = _multi_slice_devices(
+        names, sizes, devices, list(slice_sizes.values())
+    )
+    why = (
+        f'no data-like axis of {dict(zip(names, sizes))} splits evenly '
+        f'over the slices {slice_sizes}'
+    )
   except NotImplementedError as e:
     # The documented answer of jax's mesh utilities when the axis sizes do
     # not map onto the physical (TPU) axes.
     array, why = None, str(e)
   if array is not None:
     return array
-  logging.warning('Mesh %s uses the plain device order: %s.',
-                  dict(zip(names, sizes)), why)
+  logging.warning(
+      'Mesh %s uses the plain device order: %s.', dict(zip(names, sizes)), why
+  )
   return np.asarray(devices).reshape(sizes)
 
 
-def make_mesh(axes: Sequence[tuple[str, int]] = DEFAULT_MESH,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    axes: Sequence[tuple[str, int]] = DEFAULT_MESH,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
   """Builds a mesh over all (global) devices, multi-host aware.
 
   The device order is `jax.make_mesh`'s (the physical topology on TPU); over
@@ -214,8 +234,11 @@ def make_mesh(axes: Sequence[tuple[str, int]] = DEFAULT_MESH,
   """
   devices = list(jax.devices() if devices is None else devices)
   names, sizes = mesh_shape(axes, len(devices))
-  return Mesh(_device_array(names, sizes, devices), names,
-              axis_types=(AxisType.Auto,) * len(names))
+  return Mesh(
+      _device_array(names, sizes, devices),
+      names,
+      axis_types=(AxisType.Auto,) * len(names),
+  )
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
@@ -262,8 +285,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_size(global_batch: int, mesh: Mesh, *,
-                     what: str = 'config.batch') -> int:
+def check_batch_size(
+    global_batch: int, mesh: Mesh, *, what: str = 'config.batch'
+) -> int:
   """Returns the per-process batch; raises if it does not split evenly.
 
   Args:
@@ -285,19 +309,23 @@ def check_batch_size(global_batch: int, mesh: Mesh, *,
   if global_batch % processes:
     raise ValueError(
         f'{what}={global_batch} is not divisible by the {processes} JAX '
-        f'processes; use a multiple of {processes}.')
+        f'processes; use a multiple of {processes}.'
+    )
   if global_batch % shards:
     if shards == mesh.devices.size:
       where = f'the {shards} devices of the mesh'
     else:
       axes = batch_axes(mesh)
-      where = (f'the {shards} batch shards of the mesh ('
-               f'{" x ".join(axes) or "no data-like axis"} = '
-               f'{" x ".join(str(mesh.shape[a]) for a in axes) or 1}; the '
-               f'other axes hold copies)')
+      where = (
+          f'the {shards} batch shards of the mesh ('
+          f'{" x ".join(axes) or "no data-like axis"} = '
+          f'{" x ".join(str(mesh.shape[a]) for a in axes) or 1}; the '
+          f'other axes hold copies)'
+      )
     raise ValueError(
         f'{what}={global_batch} is not divisible by {where}; use a multiple '
-        f'of {shards} (e.g. {max(1, round(global_batch / shards)) * shards}).')
+        f'of {shards} (e.g. {max(1, round(global_batch / shards)) * shards}).'
+    )
   return global_batch // processes
 
 
@@ -315,14 +343,17 @@ def make_global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
   Returns:
     Pytree of global `jax.Array` values.
   """
+
   def to_global(x):
     global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
   return jax.tree_util.tree_map(to_global, local_batch)
 
 
-def prefetch_to_device(batches: Iterator[Any], sharding: Any,
-                       size: int = 2) -> Iterator[Any]:
+def prefetch_to_device(
+    batches: Iterator[Any], sharding: Any, size: int = 2
+) -> Iterator[Any]:
   """Turns local numpy batches into global `jax.Array`s, `size` ahead.
 
   Transfers are asynchronous, so keeping `size` batches in flight overlaps
@@ -362,6 +393,7 @@ def put_global(tree: Any, shardings: Any) -> Any:
   Returns:
     Pytree of global `jax.Array` values.
   """
+
   def put(x, sharding):
     if isinstance(x, jax.Array):
       if x.sharding == sharding:
@@ -372,6 +404,7 @@ def put_global(tree: Any, shardings: Any) -> Any:
 
   def put_subtree(sharding, subtree):
     return jax.tree_util.tree_map(lambda x: put(x, sharding), subtree)
+
   # Mapping over `shardings` first lets one sharding stand for a subtree.
   return jax.tree_util.tree_map(put_subtree, shardings, tree)
 
@@ -406,21 +439,28 @@ def stacked_paths(tree: Any) -> frozenset[str]:
   Returns:
     The leaves' paths inside a stack.
   """
-  leaves = [(tuple(_key_str(k) for k in path), tuple(np.shape(x)))
-            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  leaves = [
+      (tuple(_key_str(k) for k in path), tuple(np.shape(x)))
+      for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
   nodes: dict[tuple[str, ...], list[tuple[int, ...]]] = {}
   for keys, shape in leaves:
     for depth in range(1, len(keys)):
       nodes.setdefault(keys[:depth], []).append(shape)
 
   def is_stack(shapes):
-    return (len(shapes) > 1 and all(len(s) > 1 for s in shapes) and
-            len({s[0] for s in shapes}) == 1)
+    return (
+        len(shapes) > 1
+        and all(len(s) > 1 for s in shapes)
+        and len({s[0] for s in shapes}) == 1
+    )
 
   stacks = {node for node, shapes in nodes.items() if is_stack(shapes)}
   return frozenset(
-      '/'.join(keys) for keys, _ in leaves
-      if any(keys[:depth] in stacks for depth in range(1, len(keys))))
+      '/'.join(keys)
+      for keys, _ in leaves
+      if any(keys[:depth] in stacks for depth in range(1, len(keys)))
+  )
 
 
 def _mesh_axes_of(logical_name: str, mesh: Mesh) -> tuple[str, ...]:
@@ -453,8 +493,10 @@ def activation_sharding(mesh: Mesh) -> Iterator[None]:
   Yields:
     Nothing.
   """
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
-      nn.logical_axis_rules(logical_axis_rules(mesh)):
+  with (
+      jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+      nn.logical_axis_rules(logical_axis_rules(mesh)),
+  ):
     yield
 
 
@@ -471,9 +513,9 @@ def on_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
   return wrapped
 
 
-def _logical_names(path: str,
-                   param_axes: Sequence[tuple[str, Sequence[str]]]
-                   ) -> tuple[str, ...] | None:
+def _logical_names(
+    path: str, param_axes: Sequence[tuple[str, Sequence[str]]]
+) -> tuple[str, ...] | None:
   for pattern, names in param_axes:
     if re.fullmatch(pattern, path):
       return tuple(names)
@@ -484,9 +526,13 @@ def _logical_names(path: str,
 _AxisSpec = str | tuple[str, ...] | None
 
 
-def _tensor_parallel_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
-                          names: tuple[str, ...] | None,
-                          stacked: bool) -> list[_AxisSpec]:
+def _tensor_parallel_spec(
+    path: str,
+    shape: tuple[int, ...],
+    mesh: Mesh,
+    names: tuple[str, ...] | None,
+    stacked: bool,
+) -> list[_AxisSpec]:
   """Per-dimension mesh axes of the leaf's logical names (None: not split).
 
   Only axes of size > 1 split anything. A leaf the model names no axes of
@@ -503,7 +549,8 @@ def _tensor_parallel_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
   if len(names) != len(shape) - offset:
     raise ValueError(
         f'{path}: logical axes {names} (one per dimension of one layer) do '
-        f'not fit its shape {shape}; fix the model\'s PARAM_AXES.')
+        f"not fit its shape {shape}; fix the model's PARAM_AXES."
+    )
   for i, name in enumerate(names):
     axes = [a for a in _mesh_axes_of(name, mesh) if mesh.shape[a] > 1]
     if not axes:
@@ -515,25 +562,37 @@ def _tensor_parallel_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
           f'{path} {shape}: its {name!r} dimension ({dim}) is not divisible '
           f'by the mesh axis {" x ".join(axes)} ({size}); use a config.mesh '
           f'size for {" x ".join(axes)} that divides the model\'s {name} '
-          f'({dim}).')
+          f'({dim}).'
+      )
     spec[offset + i] = axes[0] if len(axes) == 1 else tuple(axes)
   return spec
 
 
-def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int,
-               stacked: bool,
-               taken: Sequence[_AxisSpec] | None = None) -> P:
+def _fsdp_spec(
+    shape: tuple[int, ...],
+    mesh: Mesh,
+    min_size: int,
+    stacked: bool,
+    taken: Sequence[_AxisSpec] | None = None,
+) -> P:
   """'fsdp' on the dimensions that `taken` (an existing spec) leaves free."""
-  spec: list[_AxisSpec] = (list(taken) if taken is not None
-                           else [None] * len(shape))
+  spec: list[_AxisSpec] = (
+      list(taken) if taken is not None else [None] * len(shape)
+  )
   size = dict(mesh.shape).get(FSDP_AXIS, 1)
   # Never the leading layer axis of stacked blocks: each scan iteration
   # would then gather a whole layer from a single device.
   first = 1 if stacked else 0
-  candidates = [d for d in range(first, len(shape))
-                if shape[d] % size == 0 and spec[d] is None]
-  if (size > 1 and candidates and
-      int(np.prod(shape, dtype=np.int64)) >= min_size):
+  candidates = [
+      d
+      for d in range(first, len(shape))
+      if shape[d] % size == 0 and spec[d] is None
+  ]
+  if (
+      size > 1
+      and candidates
+      and int(np.prod(shape, dtype=np.int64)) >= min_size
+  ):
     spec[max(candidates, key=lambda d: (shape[d], -d))] = FSDP_AXIS
   # P() for a whole leaf: NamedShardings compare by spec, P() != P(None).
   return P(*spec) if any(a is not None for a in spec) else P()
@@ -563,21 +622,28 @@ def check_rules(rules: Sequence[Any]) -> None:
     if spec is None or spec in RULE_SPECS:
       continue
     entries = spec if isinstance(spec, (tuple, list)) else [spec]
-    names = [n for e in entries
-             for n in (e if isinstance(e, (tuple, list)) else [e])]
+    names = [
+        n for e in entries for n in (e if isinstance(e, (tuple, list)) else [e])
+    ]
     if isinstance(spec, str) or any(
-        n is not None and n not in MESH_AXES for n in names):
+        n is not None and n not in MESH_AXES for n in names
+    ):
       raise ValueError(
           f'{where}: the spec is not one of {RULE_SPECS} nor a tuple of mesh '
-          f'axis names from {MESH_AXES} (or None) per dimension.')
+          f'axis names from {MESH_AXES} (or None) per dimension.'
+      )
 
 
-def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
-                   rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
-                   fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE, *,
-                   stacked: bool = False,
-                   param_axes: Sequence[tuple[str, Sequence[str]]] = ()
-                   ) -> P:
+def partition_spec(
+    path: str,
+    shape: tuple[int, ...],
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+    fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE,
+    *,
+    stacked: bool = False,
+    param_axes: Sequence[tuple[str, Sequence[str]]] = (),
+) -> P:
   """The PartitionSpec of one leaf under `rules` (first match wins).
 
   Args:
@@ -602,7 +668,8 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
     if re.fullmatch(pattern, path):
       if spec == 'auto':
         taken = _tensor_parallel_spec(
-            path, shape, mesh, _logical_names(path, param_axes), stacked)
+            path, shape, mesh, _logical_names(path, param_axes), stacked
+        )
         return _fsdp_spec(shape, mesh, fsdp_min_size, stacked, taken)
       if spec == 'fsdp':
         return _fsdp_spec(shape, mesh, fsdp_min_size, stacked)
@@ -610,17 +677,21 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
         return P()
       spec = tuple(spec)
       if len(spec) > len(shape):
-        raise ValueError(f'Sharding rule {pattern!r} -> {spec} has more '
-                         f'entries than {path} has dimensions {shape}.')
+        raise ValueError(
+            f'Sharding rule {pattern!r} -> {spec} has more '
+            f'entries than {path} has dimensions {shape}.'
+        )
       return P(*spec)
   return P()
 
 
-def tree_shardings(tree: Any, mesh: Mesh,
-                   rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
-                   fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE,
-                   param_axes: Sequence[tuple[str, Sequence[str]]] = ()
-                   ) -> Any:
+def tree_shardings(
+    tree: Any,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+    fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE,
+    param_axes: Sequence[tuple[str, Sequence[str]]] = (),
+) -> Any:
   """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs).
 
   Args:
@@ -637,9 +708,19 @@ def tree_shardings(tree: Any, mesh: Mesh,
 
   def leaf_sharding(path, x):
     path = path_str(path)
-    return NamedSharding(mesh, partition_spec(
-        path, tuple(x.shape), mesh, rules, fsdp_min_size,
-        stacked=path in stacked, param_axes=param_axes))
+    return NamedSharding(
+        mesh,
+        partition_spec(
+            path,
+            tuple(x.shape),
+            mesh,
+            rules,
+            fsdp_min_size,
+            stacked=path in stacked,
+            param_axes=param_axes,
+        ),
+    )
+
   return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
 
 
@@ -652,6 +733,7 @@ class MeshSection:
     sharding_rules: ((regex, spec), ...) per parameter path.
     fsdp_min_size: Smaller tensors are replicated under FSDP.
   """
+
   mesh: tuple[tuple[str, int], ...]
   sharding_rules: tuple[tuple[str, Any], ...]
   fsdp_min_size: int
@@ -665,9 +747,13 @@ def mesh_from_config(section: MeshSection) -> Mesh:
   return make_mesh(section.mesh)
 
 
-def shardings_from_config(tree: Any, mesh: Mesh,
-                          section: MeshSection) -> Any:
+def shardings_from_config(tree: Any, mesh: Mesh, section: MeshSection) -> Any:
   """`tree_shardings` with the section's `sharding_rules`, `fsdp_min_size`
   and the logical axes of the models' parameters."""
-  return tree_shardings(tree, mesh, section.sharding_rules,
-                        int(section.fsdp_min_size), models.PARAM_AXES)
+  return tree_shardings(
+      tree,
+      mesh,
+      section.sharding_rules,
+      int(section.fsdp_min_size),
+      models.PARAM_AXES,
+  )

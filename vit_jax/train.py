@@ -39,8 +39,8 @@ from vit_jax import sharding
 from vit_jax import workdir as workdir_lib
 from vit_jax import writers as writers_lib
 from vit_jax.evaluators import fewshot as fewshot_lib
-from vit_jax.objectives import protocol
 import vit_jax.models
+from vit_jax.objectives import protocol
 
 METRICS_FILE = workdir_lib.METRICS_FILE
 
@@ -59,15 +59,18 @@ class TrainState(flax.struct.PyTreeNode):
     ema_params: Polyak (exponential moving) average of the parameters, or
       None when `config.ema_decay` is unset.
   """
+
   step: jax.Array
   params: Any
   opt_state: Any
   ema_params: Any = None
 
 
-def build_model(model: config_lib.ModelSection,
-                objective: protocol.Objective,
-                num_classes: int) -> flax.linen.Module:
+def build_model(
+    model: config_lib.ModelSection,
+    objective: protocol.Objective,
+    num_classes: int,
+) -> flax.linen.Module:
   """The module a run trains: its objective around the model.
 
   The backbone is `vit_jax.models.get_model(**model.model_args())` with the
@@ -83,14 +86,19 @@ def build_model(model: config_lib.ModelSection,
     A flax module.
   """
   backbone = vit_jax.models.get_model(
-      num_classes=objective.num_classes(num_classes), **model.model_args())
+      num_classes=objective.num_classes(num_classes), **model.model_args()
+  )
   return objective.wrap(backbone)
 
 
 def accumulate_gradients(
-    grad_fn: Callable[..., tuple[tuple[jax.Array, Any], Any]], params: Any,
-    batch: Mapping[str, jax.Array], rng: jax.Array, accum_steps: int,
-    micro_batch_sharding: Any = None) -> tuple[tuple[jax.Array, Any], Any]:
+    grad_fn: Callable[..., tuple[tuple[jax.Array, Any], Any]],
+    params: Any,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    accum_steps: int,
+    micro_batch_sharding: Any = None,
+) -> tuple[tuple[jax.Array, Any], Any]:
   """`grad_fn` on a batch as the mean over `accum_steps` micro-batches.
 
   The micro-batches run one after the other in a `lax.scan`, so the
@@ -126,31 +134,41 @@ def accumulate_gradients(
 
   def body(carry, inputs):
     k, micro_batch = inputs
-    (value, extra), grads = grad_fn(params, micro_batch,
-                                    jax.random.fold_in(rng, k))
-    return jax.tree_util.tree_map(jnp.add, carry,
-                                  (value, extra, grads)), None
+    (value, extra), grads = grad_fn(
+        params, micro_batch, jax.random.fold_in(rng, k)
+    )
+    return jax.tree_util.tree_map(jnp.add, carry, (value, extra, grads)), None
 
   (_, extra_shapes), _ = jax.eval_shape(
-      grad_fn, params, jax.tree_util.tree_map(lambda x: x[0], micro), rng)
+      grad_fn, params, jax.tree_util.tree_map(lambda x: x[0], micro), rng
+  )
   zeros = jax.tree_util.tree_map(
       lambda x: jnp.zeros(x.shape, x.dtype),
-      (jax.ShapeDtypeStruct((), jnp.float32), extra_shapes, params))
+      (jax.ShapeDtypeStruct((), jnp.float32), extra_shapes, params),
+  )
   (loss_value, extra, grads), _ = jax.lax.scan(
-      body, zeros, (jnp.arange(accum_steps), micro))
+      body, zeros, (jnp.arange(accum_steps), micro)
+  )
   loss_value, extra, grads = jax.tree_util.tree_map(
-      lambda g: g / accum_steps, (loss_value, extra, grads))
+      lambda g: g / accum_steps, (loss_value, extra, grads)
+  )
   return (loss_value, extra), grads
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array],
-               rng: jax.Array, *, model: flax.linen.Module,
-               tx: optax.GradientTransformation, loss: str = 'softmax_xent',
-               label_smoothing: float = 0.0, accum_steps: int = 1,
-               ema_decay: float | None = None,
-               micro_batch_sharding: Any = None,
-               loss_fn: Callable[..., Any] | None = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    loss: str = 'softmax_xent',
+    label_smoothing: float = 0.0,
+    accum_steps: int = 1,
+    ema_decay: float | None = None,
+    micro_batch_sharding: Any = None,
+    loss_fn: Callable[..., Any] | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on a global batch; pure.
 
   With `accum_steps` > 1 the gradient is the mean over micro-batches
@@ -182,21 +200,30 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   step_rng = jax.random.fold_in(rng, state.step)
   if loss_fn is None:
     loss_fn = objectives.classification.loss_fn(
-        model, loss=loss, label_smoothing=label_smoothing)
+        model, loss=loss, label_smoothing=label_smoothing
+    )
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss_value, extra), grads = accumulate_gradients(
-      grad_fn, state.params, batch, step_rng, accum_steps,
-      micro_batch_sharding)
+      grad_fn, state.params, batch, step_rng, accum_steps, micro_batch_sharding
+  )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params
   if ema_decay is not None:  # 0.0 is a decay too: EMA = current parameters.
-    ema_params = optax.incremental_update(params, ema_params,
-                                          step_size=1.0 - ema_decay)
-  new_state = state.replace(step=state.step + 1, params=params,
-                            opt_state=opt_state, ema_params=ema_params)
-  return new_state, {'loss': loss_value, 'grad_norm': optax.tree.norm(grads),
-                     **extra}
+    ema_params = optax.incremental_update(
+        params, ema_params, step_size=1.0 - ema_decay
+    )
+  new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      ema_params=ema_params,
+  )
+  return new_state, {
+      'loss': loss_value,
+      'grad_norm': optax.tree.norm(grads),
+      **extra,
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -220,31 +247,40 @@ def check_batches(run: config_lib.Run, mesh: jax.sharding.Mesh) -> None:
   # copies); on data/fsdp meshes that is every device.
   devices = sharding.batch_shards(mesh)
   if batch % accum:
-    fits = [a for a in range(1, batch + 1)
-            if batch % a == 0 and (batch // a) % devices == 0]
+    fits = [
+        a
+        for a in range(1, batch + 1)
+        if batch % a == 0 and (batch // a) % devices == 0
+    ]
     raise ValueError(
         f'config.accum_steps={accum} does not divide config.batch={batch}; '
-        f'with {devices} devices use one of {fits[:8]}.')
+        f'with {devices} devices use one of {fits[:8]}.'
+    )
   if (batch // accum) % devices:
     multiple = devices * accum
     cpu_hint = ''
     if mesh.devices.flat[0].platform == 'cpu':
-      cpu_hint = (' (On CPU, python -m vit_jax.main splits the host into one '
-                  f'device per core; {runtime.CPU_DEVICES_VARIABLE}=1 runs on '
-                  'one.)')
+      cpu_hint = (
+          ' (On CPU, python -m vit_jax.main splits the host into one '
+          f'device per core; {runtime.CPU_DEVICES_VARIABLE}=1 runs on '
+          'one.)'
+      )
     raise ValueError(
         f'config.batch={batch} is not divisible by devices x accum_steps = '
         f'{devices} x {accum}: each micro-batch of {batch // accum} must '
         f'split evenly over the {devices} devices. Use a multiple of '
         f'{multiple} (e.g. config.batch='
-        f'{max(1, round(batch / multiple)) * multiple}).{cpu_hint}')
-  sharding.check_batch_size(run.data.batch_eval, mesh,
-                            what='config.batch_eval')
+        f'{max(1, round(batch / multiple)) * multiple}).{cpu_hint}'
+    )
+  sharding.check_batch_size(run.data.batch_eval, mesh, what='config.batch_eval')
 
 
-def init_fn(run: config_lib.Run, objective: protocol.Objective,
-            model: flax.linen.Module, tx: optax.GradientTransformation
-            ) -> Callable[[jax.Array], TrainState]:
+def init_fn(
+    run: config_lib.Run,
+    objective: protocol.Objective,
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+) -> Callable[[jax.Array], TrainState]:
   """`init(rng) -> TrainState` of a run (step 0, fresh optimizer state).
 
   Under `jax.eval_shape` it gives the state's shapes without computing it
@@ -256,18 +292,24 @@ def init_fn(run: config_lib.Run, objective: protocol.Objective,
   def init(rng):
     images = jnp.zeros((1, size, size, 3), jnp.float32)
     params = objective.init(model, rng, images)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params),
-                      ema_params=params if use_ema else None)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        ema_params=params if use_ema else None,
+    )
 
   return init
 
 
-def create_train_state(run: config_lib.Run, objective: protocol.Objective,
-                       model: flax.linen.Module,
-                       tx: optax.GradientTransformation,
-                       mesh: jax.sharding.Mesh, rng: jax.Array
-                       ) -> tuple[TrainState, Any, Any]:
+def create_train_state(
+    run: config_lib.Run,
+    objective: protocol.Objective,
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    rng: jax.Array,
+) -> tuple[TrainState, Any, Any]:
   """Initialises the state directly into its shardings.
 
   `jax.eval_shape` gives the shapes, the sharding rules give a sharding per
@@ -307,33 +349,40 @@ def state_size_mib(abstract: Any, shardings: Any) -> tuple[float, float]:
     (per-device MiB, total MiB).
   """
   per_device = total = 0
-  for x, s in zip(jax.tree_util.tree_leaves(abstract),
-                  jax.tree_util.tree_leaves(shardings)):
+  for x, s in zip(
+      jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings)
+  ):
     itemsize = jnp.dtype(x.dtype).itemsize
     total += int(np.prod(x.shape)) * itemsize
     per_device += int(np.prod(s.shard_shape(x.shape))) * itemsize
   return per_device / 2**20, total / 2**20
 
 
-def state_from_params(params: Any, tx: optax.GradientTransformation,
-                      shardings: Any, use_ema: bool) -> TrainState:
+def state_from_params(
+    params: Any, tx: optax.GradientTransformation, shardings: Any, use_ema: bool
+) -> TrainState:
   """A fresh state (step 0, new optimizer state) around given parameters."""
   params = sharding.put_global(params, shardings.params)
 
   def make(params):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params),
-                      ema_params=params if use_ema else None)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        ema_params=params if use_ema else None,
+    )
 
   return jax.jit(make, out_shardings=shardings)(params)
 
 
-def make_train_step(loop: config_lib.LoopSection,
-                    objective: protocol.Objective,
-                    model: flax.linen.Module,
-                    tx: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh, state_shardings: Any
-                    ) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
+def make_train_step(
+    loop: config_lib.LoopSection,
+    objective: protocol.Objective,
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    state_shardings: Any,
+) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
   """`train_step` jitted once with explicit shardings and a donated state.
 
   Args:
@@ -351,16 +400,23 @@ def make_train_step(loop: config_lib.LoopSection,
   accum = loop.accum_steps
   micro = sharding.micro_batch_sharding(mesh)
   step = functools.partial(
-      train_step, model=model, tx=tx, loss_fn=objective.loss_fn(model),
-      accum_steps=accum, ema_decay=loop.ema_decay,
-      micro_batch_sharding=micro if accum > 1 else None)
+      train_step,
+      model=model,
+      tx=tx,
+      loss_fn=objective.loss_fn(model),
+      accum_steps=accum,
+      ema_decay=loop.ema_decay,
+      micro_batch_sharding=micro if accum > 1 else None,
+  )
   replicated = sharding.replicated(mesh)
   # On the mesh: the model's activation constraints (block boundaries)
   # resolve, and the TPU kernels run per shard.
-  return jax.jit(sharding.on_mesh(step, mesh),
-                 in_shardings=(state_shardings, batch_sharding, replicated),
-                 out_shardings=(state_shardings, replicated),
-                 donate_argnums=(0,))
+  return jax.jit(
+      sharding.on_mesh(step, mesh),
+      in_shardings=(state_shardings, batch_sharding, replicated),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=(0,),
+  )
 
 
 def check_jax_flags() -> None:
@@ -379,7 +435,8 @@ def check_jax_flags() -> None:
         'jax_threefry_partitionable is off (JAX_THREEFRY_PARTITIONABLE=0 or '
         "jax.config.update('jax_threefry_partitionable', False)): random "
         'numbers would depend on the sharding, so runs on different meshes '
-        'would differ. Turn it back on (its default since jax 0.5).')
+        'would differ. Turn it back on (its default since jax 0.5).'
+    )
 
 
 def _check_writable(workdir: str) -> None:
@@ -393,7 +450,8 @@ def _check_writable(workdir: str) -> None:
     reason = getattr(e, 'strerror', None) or getattr(e, 'message', str(e))
     raise PermissionError(
         f'Cannot write to --workdir={workdir} ({reason}). Choose a '
-        'directory you can write to, or fix its permissions.') from e
+        'directory you can write to, or fix its permissions.'
+    ) from e
 
 
 def _pretrained_file(path: str) -> str:
@@ -403,18 +461,23 @@ def _pretrained_file(path: str) -> str:
     return path
   final = os.path.join(path, run_checkpoints.FINAL_PARAMS_FILE)
   if tf.io.gfile.exists(final):
-    logging.info('config.pretrained_path=%s is a training run: fine-tuning '
-                 'its %s.', path, run_checkpoints.FINAL_PARAMS_FILE)
+    logging.info(
+        'config.pretrained_path=%s is a training run: fine-tuning ' 'its %s.',
+        path,
+        run_checkpoints.FINAL_PARAMS_FILE,
+    )
     return final
   raise FileNotFoundError(
       f'config.pretrained_path={path} is a directory without '
       f'{run_checkpoints.FINAL_PARAMS_FILE}: give an .npz file, or a finished '
       'training run (python -m vit_jax.convert --input=<run> '
-      '--output=<file>.npz exports an unfinished one).')
+      '--output=<file>.npz exports an unfinished one).'
+  )
 
 
-def load_pretrained_checked(run: config_lib.Run, model: flax.linen.Module,
-                            abstract_params: Any) -> tuple[Any, set[int]]:
+def load_pretrained_checked(
+    run: config_lib.Run, model: flax.linen.Module, abstract_params: Any
+) -> tuple[Any, set[int]]:
   """Reads and checks `config.pretrained_path` before any state exists.
 
   The file is read and matched against the model's parameter shapes
@@ -432,27 +495,34 @@ def load_pretrained_checked(run: config_lib.Run, model: flax.linen.Module,
     for freshly initialised values: the head), for `_with_fresh_leaves`.
   """
   placeholders = jax.tree_util.tree_map(
-      lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape),
-      abstract_params)
+      lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), abstract_params
+  )
   fresh = {id(x) for x in jax.tree_util.tree_leaves(placeholders)}
   path = _pretrained_file(run.model.pretrained_path)
   logging.info('Fine-tuning from %s', path)
   params = checkpoint.load_pretrained(
-      pretrained_path=path, init_params=placeholders, model_config=model,
-      patch_shape=getattr(model, 'total_stride', None))
+      pretrained_path=path,
+      init_params=placeholders,
+      model_config=model,
+      patch_shape=getattr(model, 'total_stride', None),
+  )
   return params, fresh
 
 
 def _with_fresh_leaves(loaded: Any, fresh: set[int], initialised: Any) -> Any:
   """`loaded` with its placeholder leaves taken from `initialised`."""
   initialised = checkpoint.flatten(flax.core.unfreeze(initialised))
-  return checkpoint.unflatten({
-      k: initialised[k] if id(v) in fresh else v
-      for k, v in checkpoint.flatten(loaded).items()})
+  return checkpoint.unflatten(
+      {
+          k: initialised[k] if id(v) in fresh else v
+          for k, v in checkpoint.flatten(loaded).items()
+      }
+  )
 
 
-def checked_dataset_info(data: config_lib.DataSection,
-                         source: Any) -> input_pipeline.DatasetInfo:
+def checked_dataset_info(
+    data: config_lib.DataSection, source: Any
+) -> input_pipeline.DatasetInfo:
   """The dataset's description, refusing an empty evaluation split.
 
   Args:
@@ -470,12 +540,12 @@ def checked_dataset_info(data: config_lib.DataSection,
     raise ValueError(
         f'The evaluation split {info.eval_split!r} of {info.name!r} is empty '
         '(config.eval_split): choose a split with examples, or give an image '
-        'folder more images per class (config.image_folder_test_percent).')
+        'folder more images per class (config.image_folder_test_percent).'
+    )
   return info
 
 
-def finished_run(workdir: str, step: int, total_steps: int
-                 ) -> dict[str, float]:
+def finished_run(workdir: str, step: int, total_steps: int) -> dict[str, float]:
   """Says that the run in `workdir` is finished; what it returns then.
 
   Args:
@@ -490,15 +560,25 @@ def finished_run(workdir: str, step: int, total_steps: int
       'The run in %s is finished (checkpoint step %d, total_steps=%d): '
       'nothing to train, nothing written. Evaluate it with python -m '
       'vit_jax.evaluate --workdir=%s, or raise --config.total_steps to '
-      'train it further.', workdir, step, total_steps, workdir)
-  return {**workdir_lib.last_evaluation(workdir),
-          'finished_at_step': float(step)}
+      'train it further.',
+      workdir,
+      step,
+      total_steps,
+      workdir,
+  )
+  return {
+      **workdir_lib.last_evaluation(workdir),
+      'finished_at_step': float(step),
+  }
 
 
-def make_fewshot(run: config_lib.Run, objective: protocol.Objective,
-                 model: flax.linen.Module, mesh: jax.sharding.Mesh,
-                 param_shardings: Any
-                 ) -> fewshot_lib.FewShotEvaluator | None:
+def make_fewshot(
+    run: config_lib.Run,
+    objective: protocol.Objective,
+    model: flax.linen.Module,
+    mesh: jax.sharding.Mesh,
+    param_shardings: Any,
+) -> fewshot_lib.FewShotEvaluator | None:
   """The run's few-shot evaluator, or None (`config.evals.fewshot.every`).
 
   The linear probe reads the backbone's features (pre-logits); building it
@@ -507,12 +587,17 @@ def make_fewshot(run: config_lib.Run, objective: protocol.Objective,
   if run.evals.fewshot.every <= 0:
     return None
   return fewshot_lib.FewShotEvaluator(
-      run.evals.fewshot, run.data, objective.backbone(model), mesh,
-      param_shardings)
+      run.evals.fewshot,
+      run.data,
+      objective.backbone(model),
+      mesh,
+      param_shardings,
+  )
 
 
-def log_model(model_name: str, mesh: jax.sharding.Mesh, abstract: Any,
-              shardings: Any) -> None:
+def log_model(
+    model_name: str, mesh: jax.sharding.Mesh, abstract: Any, shardings: Any
+) -> None:
   """Logs the model's parameter count, the mesh and the state's memory.
 
   Args:
@@ -522,18 +607,27 @@ def log_model(model_name: str, mesh: jax.sharding.Mesh, abstract: Any,
     shardings: Its shardings.
   """
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
-  logging.info('Model %s: %s parameters; mesh %s', model_name,
-               f'{num_params:,}', dict(mesh.shape))
+  logging.info(
+      'Model %s: %s parameters; mesh %s',
+      model_name,
+      f'{num_params:,}',
+      dict(mesh.shape),
+  )
   # One line to grep on any mesh (parameters + optimizer state + EMA).
-  logging.info('train state: %.1f MiB per device of %.1f MiB',
-               *state_size_mib(abstract, shardings))
+  logging.info(
+      'train state: %.1f MiB per device of %.1f MiB',
+      *state_size_mib(abstract, shardings),
+  )
 
 
-def initial_state(init: Callable[[jax.Array], TrainState], rng: jax.Array,
-                  shardings: Any, tx: optax.GradientTransformation,
-                  use_ema: bool,
-                  pretrained: tuple[Any, set[int]] | None = None
-                  ) -> TrainState:
+def initial_state(
+    init: Callable[[jax.Array], TrainState],
+    rng: jax.Array,
+    shardings: Any,
+    tx: optax.GradientTransformation,
+    use_ema: bool,
+    pretrained: tuple[Any, set[int]] | None = None,
+) -> TrainState:
   """The state at step 0, initialised straight into its shardings.
 
   Args:
@@ -556,10 +650,14 @@ def initial_state(init: Callable[[jax.Array], TrainState], rng: jax.Array,
   return state_from_params(params, tx, shardings, use_ema)
 
 
-def write_run_files(workdir: str, config: ml_collections.ConfigDict,
-                    info: input_pipeline.DatasetInfo, start: int,
-                    changes: Mapping[str, tuple[Any, Any]],
-                    resumed: bool) -> None:
+def write_run_files(
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    info: input_pipeline.DatasetInfo,
+    start: int,
+    changes: Mapping[str, tuple[Any, Any]],
+    resumed: bool,
+) -> None:
   """Writes what describes the run (process 0 calls it).
 
   A new run writes `class_names.json` and `config.json`; a resumed run
@@ -579,45 +677,67 @@ def write_run_files(workdir: str, config: ml_collections.ConfigDict,
     workdir_lib.record_changes(workdir, start, changes)
     return
   input_pipeline.write_class_names(workdir, info)
-  fileio.write_text_atomic(os.path.join(workdir, config_lib.CONFIG_FILE),
-                           config.to_json_best_effort(indent=1))
+  fileio.write_text_atomic(
+      os.path.join(workdir, config_lib.CONFIG_FILE),
+      config.to_json_best_effort(indent=1),
+  )
 
 
-def make_writer(workdir: str, start: int,
-                extra_writers: Sequence[metric_writers.MetricWriter],
-                is_writer: bool) -> metric_writers.MetricWriter:
+def make_writer(
+    workdir: str,
+    start: int,
+    extra_writers: Sequence[metric_writers.MetricWriter],
+    is_writer: bool,
+) -> metric_writers.MetricWriter:
   """Where the run's scalars go.
 
   Process 0 writes TensorBoard summaries and `metrics.jsonl` (continued
   from `start`); the others only log. Every process also writes to
   `extra_writers`.
   """
-  all_writers = [metric_writers.create_default_writer(
-      workdir, just_logging=not is_writer, asynchronous=False)]
+  all_writers = [
+      metric_writers.create_default_writer(
+          workdir, just_logging=not is_writer, asynchronous=False
+      )
+  ]
   if is_writer:
-    all_writers.append(writers_lib.JsonlWriter(
-        os.path.join(workdir, METRICS_FILE), resume_step=start))
+    all_writers.append(
+        writers_lib.JsonlWriter(
+            os.path.join(workdir, METRICS_FILE), resume_step=start
+        )
+    )
   return metric_writers.MultiWriter(all_writers + list(extra_writers))
 
 
-def make_hooks(writer: metric_writers.MetricWriter, total_steps: int,
-               workdir: str, profile: bool
-               ) -> list[periodic_actions.PeriodicAction]:
+def make_hooks(
+    writer: metric_writers.MetricWriter,
+    total_steps: int,
+    workdir: str,
+    profile: bool,
+) -> list[periodic_actions.PeriodicAction]:
   """The loop's periodic actions: progress, and a profile if asked."""
-  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
-                                           writer=writer, every_secs=30)]
+  hooks = [
+      periodic_actions.ReportProgress(
+          num_train_steps=total_steps, writer=writer, every_secs=30
+      )
+  ]
   if profile:
-    hooks.append(periodic_actions.Profile(logdir=workdir,
-                                          num_profile_steps=5))
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
   return hooks
 
 
-def _run_meta(run: config_lib.Run, objective: protocol.Objective,
-              num_classes: int) -> dict[str, Any]:
-  return {'model_name': run.model.model_name, 'num_classes': int(num_classes),
-          'model': dict(run.model.model),
-          'image_size': run.data.image_size, 'scan': bool(run.model.scan),
-          'ema': run.loop.use_ema, **objective.run_meta()}
+def _run_meta(
+    run: config_lib.Run, objective: protocol.Objective, num_classes: int
+) -> dict[str, Any]:
+  return {
+      'model_name': run.model.model_name,
+      'num_classes': int(num_classes),
+      'model': dict(run.model.model),
+      'image_size': run.data.image_size,
+      'scan': bool(run.model.scan),
+      'ema': run.loop.use_ema,
+      **objective.run_meta(),
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -636,6 +756,7 @@ class StepPlan(NamedTuple):
     fewshot: With `evaluate`: run the few-shot probe too.
     preempted: Stop after the checkpoint: a preemption was requested.
   """
+
   last: bool
   flush: bool
   checkpoint: bool
@@ -644,8 +765,12 @@ class StepPlan(NamedTuple):
   preempted: bool
 
 
-def plan_step(step: int, loop: config_lib.LoopSection, fewshot_every: int,
-              preemption_requested: bool) -> StepPlan:
+def plan_step(
+    step: int,
+    loop: config_lib.LoopSection,
+    fewshot_every: int,
+    preemption_requested: bool,
+) -> StepPlan:
   """What follows train step `step`: metrics, checkpoint, evaluations, stop.
 
   The last step evaluates (few-shot included) and checkpoints; a requested
@@ -668,9 +793,13 @@ def plan_step(step: int, loop: config_lib.LoopSection, fewshot_every: int,
   evaluate = step % loop.eval_every == 0 or last or fewshot
   save = step % loop.checkpoint_every == 0 or last or preempted
   return StepPlan(
-      last=last, flush=step % loop.log_every == 0 or evaluate or save,
-      checkpoint=save, evaluate=evaluate, fewshot=fewshot,
-      preempted=preempted)
+      last=last,
+      flush=step % loop.log_every == 0 or evaluate or save,
+      checkpoint=save,
+      evaluate=evaluate,
+      fewshot=fewshot,
+      preempted=preempted,
+  )
 
 
 class TrainMetricsBuffer:
@@ -688,9 +817,12 @@ class TrainMetricsBuffer:
     """Buffers `train_step`'s metrics of `step` (device arrays)."""
     self._pending.append((step, metrics))
 
-  def flush(self, writer: metric_writers.MetricWriter,
-            schedule: Callable[[int], Any],
-            ckpt: run_checkpoints.Checkpointer) -> None:
+  def flush(
+      self,
+      writer: metric_writers.MetricWriter,
+      schedule: Callable[[int], Any],
+      ckpt: run_checkpoints.Checkpointer,
+  ) -> None:
     """Fetches the buffered metrics, checks the loss, writes the means.
 
     Writes `train/<name>` (the mean over the buffered steps) and `train/lr`
@@ -712,18 +844,27 @@ class TrainMetricsBuffer:
       if not np.isfinite(m['loss']):
         ckpt.wait()
         good = ckpt.latest_step()
-        last_good = (f'the last good checkpoint is step {good} in '
-                     f'{ckpt.directory}' if good is not None else
-                     'no checkpoint had been saved yet')
+        last_good = (
+            f'the last good checkpoint is step {good} in ' f'{ckpt.directory}'
+            if good is not None
+            else 'no checkpoint had been saved yet'
+        )
         raise NonFiniteLossError(
             f'Non-finite training loss ({m["loss"]}) at step {step}. '
             f'Stopped; {last_good} (nothing newer was written). Lower '
-            'base_lr, set grad_clip_norm, or check the data.')
+            'base_lr, set grad_clip_norm, or check the data.'
+        )
     last = self._pending[-1][0]
-    writer.write_scalars(last, {
-        **{f'train/{k}': float(np.mean([m[k] for m in values]))
-           for k in values[0]},
-        'train/lr': float(schedule(last - 1))})
+    writer.write_scalars(
+        last,
+        {
+            **{
+                f'train/{k}': float(np.mean([m[k] for m in values]))
+                for k in values[0]
+            },
+            'train/lr': float(schedule(last - 1)),
+        },
+    )
     self._pending.clear()
 
 
@@ -747,6 +888,7 @@ class Evaluations:
       when the final evaluation fails).
     workdir: The run directory (named in the same message).
   """
+
   objective: protocol.Objective
   eval_fn: Callable[..., Any]
   dataset: Any
@@ -756,8 +898,9 @@ class Evaluations:
   final_params_path: str
   workdir: str
 
-  def __call__(self, params: Any, step: int, *, fewshot: bool,
-               last: bool) -> dict[str, float]:
+  def __call__(
+      self, params: Any, step: int, *, fewshot: bool, last: bool
+  ) -> dict[str, float]:
     """Evaluates `params` after `step`.
 
     Args:
@@ -775,8 +918,9 @@ class Evaluations:
       completed.
     """
     try:
-      metrics = self.objective.evaluate(params, self.eval_fn, self.dataset,
-                                        self.batch_sharding)
+      metrics = self.objective.evaluate(
+          params, self.eval_fn, self.dataset, self.batch_sharding
+      )
       if self.fewshot and fewshot:
         metrics.update(self.fewshot.run(params))
     except Exception:
@@ -786,7 +930,11 @@ class Evaluations:
             'The final evaluation failed; training finished and its '
             'parameters are saved in %s (and the checkpoint of step %d). '
             'Evaluate them again with python -m vit_jax.evaluate '
-            '--workdir=%s.', self.final_params_path, step, self.workdir)
+            '--workdir=%s.',
+            self.final_params_path,
+            step,
+            self.workdir,
+        )
       raise
     return metrics
 
@@ -797,7 +945,9 @@ class Evaluations:
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
     extra_writers: Sequence[metric_writers.MetricWriter] = (),
     overwrite: bool = False,
 ) -> dict[str, float]:
@@ -841,8 +991,12 @@ def train_and_evaluate(
   held = workdir_lib.read(workdir)
   total_steps = run.loop.total_steps
   decision = workdir_lib.decide(
-      held, config, total_steps=total_steps,
-      checkpoint_every=run.loop.checkpoint_every, overwrite=overwrite)
+      held,
+      config,
+      total_steps=total_steps,
+      checkpoint_every=run.loop.checkpoint_every,
+      overwrite=overwrite,
+  )
   mesh = sharding.mesh_from_config(run.mesh)
   check_batches(run, mesh)
   source = input_pipeline.get_source(run.data)
@@ -876,51 +1030,71 @@ def train_and_evaluate(
   # checkpointer (which first completes any save in flight).
   with contextlib.ExitStack() as stack:
     ckpt = run_checkpoints.Checkpointer(
-        workdir, _run_meta(run, objective, info.num_classes),
+        workdir,
+        _run_meta(run, objective, info.num_classes),
         keep=run.loop.keep_checkpoints,
-        async_save=bool(run.loop.async_checkpoints))
+        async_save=bool(run.loop.async_checkpoints),
+    )
     stack.callback(ckpt.close)
     restored = None
     if decision.resume_step is not None:
       restored = ckpt.restore_latest(
-          run_checkpoints.abstract_with_shardings(abstract, shardings))
+          run_checkpoints.abstract_with_shardings(abstract, shardings)
+      )
     if restored is not None:  # Restored straight into its shardings.
       start, state, data_state = restored
     else:
       start, data_state = 0, None
-      state = initial_state(init, init_rng, shardings, tx, use_ema,
-                            pretrained)
+      state = initial_state(init, init_rng, shardings, tx, use_ema, pretrained)
     is_writer = jax.process_index() == 0
     if is_writer:
-      write_run_files(workdir, config, info, start, decision.changes,
-                      resumed=restored is not None)
+      write_run_files(
+          workdir,
+          config,
+          info,
+          start,
+          decision.changes,
+          resumed=restored is not None,
+      )
     writer = make_writer(workdir, start, extra_writers, is_writer)
     stack.callback(writer.close)
 
-    train_iter = input_pipeline.train_iterator(run.data, state=data_state,
-                                               source=source)
+    train_iter = input_pipeline.train_iterator(
+        run.data, state=data_state, source=source
+    )
     start_position = train_iter.position
     batch_sharding = sharding.batch_sharding(mesh)
     batches = sharding.prefetch_to_device(
-        train_iter, batch_sharding,
-        size=run.loop.prefetch)
-    step_fn = make_train_step(run.loop, objective, model, tx, mesh,
-                              shardings)
+        train_iter, batch_sharding, size=run.loop.prefetch
+    )
+    step_fn = make_train_step(run.loop, objective, model, tx, mesh, shardings)
     # Placed once: a key on one device would be re-sharded at every step.
     train_rng = sharding.put_global(train_rng, sharding.replicated(mesh))
     eval_ds, _ = input_pipeline.eval_dataset(run.data, source=source)
     eval_fn = objective.make_eval_fn(model, mesh, shardings.params)
     final_params_path = os.path.join(workdir, run_checkpoints.FINAL_PARAMS_FILE)
-    evaluate = Evaluations(objective, eval_fn, eval_ds, batch_sharding,
-                           fewshot, ckpt, final_params_path, workdir)
+    evaluate = Evaluations(
+        objective,
+        eval_fn,
+        eval_ds,
+        batch_sharding,
+        fewshot,
+        ckpt,
+        final_params_path,
+        workdir,
+    )
 
-    hooks = make_hooks(writer, total_steps, workdir,
-                       profile=is_writer and run.loop.profile)
+    hooks = make_hooks(
+        writer, total_steps, workdir, profile=is_writer and run.loop.profile
+    )
     train_metrics = TrainMetricsBuffer()
     metrics = {}
     if start >= total_steps:
-      logging.info('Checkpoint step %d >= total_steps %d: nothing to train.',
-                   start, total_steps)
+      logging.info(
+          'Checkpoint step %d >= total_steps %d: nothing to train.',
+          start,
+          total_steps,
+      )
     progress = writers_lib.ProgressLog(start, total_steps, run.data.batch)
     with run_checkpoints.PreemptionWatcher() as preemption:
       for step in range(start + 1, total_steps + 1):
@@ -933,8 +1107,9 @@ def train_and_evaluate(
         train_metrics.add(step, step_metrics)
         for hook in hooks:
           hook(step)
-        plan = plan_step(step, run.loop, run.evals.fewshot.every,
-                         preemption.reached(step))
+        plan = plan_step(
+            step, run.loop, run.evals.fewshot.every, preemption.reached(step)
+        )
         if plan.flush:
           # Never checkpoint an unchecked state.
           train_metrics.flush(writer, schedule, ckpt)
@@ -942,27 +1117,36 @@ def train_and_evaluate(
         # Checkpoint (and at the end, final parameters) before evaluating: an
         # evaluator that fails must not cost the run its training.
         if plan.checkpoint:
-          position = (start_position
-                      + (step - start) * train_iter.global_batch_size)
+          position = (
+              start_position + (step - start) * train_iter.global_batch_size
+          )
           ckpt.save(step, state, input_pipeline.state_at(position))
         if plan.last:
           checkpoint.save(eval_params(state, use_ema), final_params_path)
         if plan.evaluate:
-          metrics = evaluate(eval_params(state, use_ema), step,
-                             fewshot=plan.fewshot, last=plan.last)
+          metrics = evaluate(
+              eval_params(state, use_ema),
+              step,
+              fewshot=plan.fewshot,
+              last=plan.last,
+          )
           writer.write_scalars(step, metrics)
         if plan.preempted:
           ckpt.wait()
           logging.warning(
               '%s: saved checkpoint step %d in %s and stopped. Run the same '
-              'command again to resume from it.', preemption.reason, step,
-              ckpt.directory)
+              'command again to resume from it.',
+              preemption.reason,
+              step,
+              ckpt.directory,
+          )
           return {**metrics, 'preempted_at_step': float(step)}
       if start >= total_steps:  # Trained; the final evaluation is missing.
         if not tf.io.gfile.exists(final_params_path):
           checkpoint.save(eval_params(state, use_ema), final_params_path)
-        metrics = evaluate(eval_params(state, use_ema), total_steps,
-                           fewshot=True, last=True)
+        metrics = evaluate(
+            eval_params(state, use_ema), total_steps, fewshot=True, last=True
+        )
         writer.write_scalars(start, metrics)
       ckpt.wait()
       return metrics

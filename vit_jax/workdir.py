@@ -14,11 +14,11 @@ is the one way to start from scratch in a workdir that holds a run: it
 deletes the files an earlier run wrote there (`clear`), nothing else.
 """
 
+from collections.abc import Mapping, Sequence
 import dataclasses
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -26,18 +26,23 @@ import jax
 from jax.experimental import multihost_utils
 import tensorflow as tf
 
-from vit_jax import run_checkpoints
 from vit_jax import config_lib
 from vit_jax import fileio
 from vit_jax import input_pipeline
+from vit_jax import run_checkpoints
 
 METRICS_FILE = 'metrics.jsonl'
 CONFIG_CHANGES_FILE = 'config_changes.jsonl'
 # Everything a run writes into its workdir, deleted by `clear`.
-RUN_OUTPUTS = (run_checkpoints.CHECKPOINT_DIR, run_checkpoints.CORRUPT_DIR,
-               run_checkpoints.FINAL_PARAMS_FILE, METRICS_FILE,
-               config_lib.CONFIG_FILE, CONFIG_CHANGES_FILE,
-               input_pipeline.CLASS_NAMES_FILE)
+RUN_OUTPUTS = (
+    run_checkpoints.CHECKPOINT_DIR,
+    run_checkpoints.CORRUPT_DIR,
+    run_checkpoints.FINAL_PARAMS_FILE,
+    METRICS_FILE,
+    config_lib.CONFIG_FILE,
+    CONFIG_CHANGES_FILE,
+    input_pipeline.CLASS_NAMES_FILE,
+)
 _SUMMARY_PREFIX = 'events.out.tfevents.'
 
 
@@ -59,6 +64,7 @@ class Contents:
     class_names: The run's `class_names.json`, or None.
     outputs: Names of the run outputs present (`RUN_OUTPUTS` and summaries).
   """
+
   path: str
   config: dict[str, Any] | None
   steps: tuple[int, ...]
@@ -71,8 +77,9 @@ class Contents:
   @property
   def holds_run(self) -> bool:
     """Whether anything a run must not lose is here."""
-    return bool(self.steps or self.final_params
-                or self.last_metrics_step is not None)
+    return bool(
+        self.steps or self.final_params or self.last_metrics_step is not None
+    )
 
 
 def _read_json(path: str) -> Any:
@@ -80,8 +87,10 @@ def _read_json(path: str) -> Any:
     with tf.io.gfile.GFile(path) as f:
       return json.load(f)
   except (ValueError, tf.errors.OpError, OSError) as e:
-    raise WorkdirError(f'{path} cannot be read ({e}); a run\'s files must not '
-                       'be edited by hand. Use a new --workdir.') from None
+    raise WorkdirError(
+        f"{path} cannot be read ({e}); a run's files must not "
+        'be edited by hand. Use a new --workdir.'
+    ) from None
 
 
 def _metrics_steps(path: str) -> tuple[int | None, int | None]:
@@ -102,28 +111,46 @@ def _metrics_steps(path: str) -> tuple[int | None, int | None]:
 
 def read(workdir: str) -> Contents:
   """Reads what `workdir` holds of a run; an absent workdir holds nothing."""
-  names = (tf.io.gfile.listdir(workdir) if tf.io.gfile.isdir(workdir)
-           else [])
+  names = tf.io.gfile.listdir(workdir) if tf.io.gfile.isdir(workdir) else []
   names = [n.rstrip('/') for n in names]
   join = lambda name: os.path.join(workdir, name)
   steps: tuple[int, ...] = ()
   if run_checkpoints.CHECKPOINT_DIR in names:
-    steps = tuple(sorted(
-        int(n.rstrip('/')) for n in tf.io.gfile.listdir(
-            join(run_checkpoints.CHECKPOINT_DIR)) if n.rstrip('/').isdigit()))
-  config = (_read_json(join(config_lib.CONFIG_FILE))
-            if config_lib.CONFIG_FILE in names else None)
+    steps = tuple(
+        sorted(
+            int(n.rstrip('/'))
+            for n in tf.io.gfile.listdir(join(run_checkpoints.CHECKPOINT_DIR))
+            if n.rstrip('/').isdigit()
+        )
+    )
+  config = (
+      _read_json(join(config_lib.CONFIG_FILE))
+      if config_lib.CONFIG_FILE in names
+      else None
+  )
   class_names = None
   if input_pipeline.CLASS_NAMES_FILE in names:
-    class_names = tuple(_read_json(join(
-        input_pipeline.CLASS_NAMES_FILE)).get('class_names', ()))
-  metrics, evaluated = (_metrics_steps(join(METRICS_FILE))
-                        if METRICS_FILE in names else (None, None))
-  outputs = tuple(n for n in names
-                  if n in RUN_OUTPUTS or n.startswith(_SUMMARY_PREFIX))
-  return Contents(workdir, config, steps,
-                  run_checkpoints.FINAL_PARAMS_FILE in names, metrics,
-                  evaluated, class_names, outputs)
+    class_names = tuple(
+        _read_json(join(input_pipeline.CLASS_NAMES_FILE)).get('class_names', ())
+    )
+  metrics, evaluated = (
+      _metrics_steps(join(METRICS_FILE))
+      if METRICS_FILE in names
+      else (None, None)
+  )
+  outputs = tuple(
+      n for n in names if n in RUN_OUTPUTS or n.startswith(_SUMMARY_PREFIX)
+  )
+  return Contents(
+      workdir,
+      config,
+      steps,
+      run_checkpoints.FINAL_PARAMS_FILE in names,
+      metrics,
+      evaluated,
+      class_names,
+      outputs,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,40 +163,57 @@ class Decision:
     finished: The run is complete: nothing to train, nothing to write.
     changes: Allowed differences {field: (run's value, command's value)}.
   """
+
   resume_step: int | None
   finished: bool
   changes: dict[str, tuple[Any, Any]]
 
 
 def _values(differences: Mapping[str, tuple[Any, Any]]) -> str:
-  return '; '.join(f'{name}: run {old!r}, command {new!r}'
-                   for name, (old, new) in differences.items())
+  return '; '.join(
+      f'{name}: run {old!r}, command {new!r}'
+      for name, (old, new) in differences.items()
+  )
 
 
 def _fix(where: str) -> str:
-  return (f'Use a new --workdir for this command (or --overwrite to delete '
-          f'the run in {where} and start over).')
+  return (
+      f'Use a new --workdir for this command (or --overwrite to delete '
+      f'the run in {where} and start over).'
+  )
 
 
-def check_classes(contents: Contents, class_names: Sequence[str], *,
-                  overwrite: bool) -> None:
+def check_classes(
+    contents: Contents, class_names: Sequence[str], *, overwrite: bool
+) -> None:
   """Refuses data whose classes differ from those the run was trained on.
 
   Raises:
     WorkdirError: naming both lists (the first few names) and the counts.
   """
-  if (overwrite or not contents.holds_run or contents.class_names is None
-      or tuple(contents.class_names) == tuple(class_names)):
+  if (
+      overwrite
+      or not contents.holds_run
+      or contents.class_names is None
+      or tuple(contents.class_names) == tuple(class_names)
+  ):
     return
   raise WorkdirError(
       f'{contents.path} holds a run on classes '
       f'{list(contents.class_names)[:8]}; the data now has '
       f'{list(class_names)[:8]} ({len(contents.class_names)} vs '
-      f'{len(class_names)} classes). {_fix(contents.path)}')
+      f'{len(class_names)} classes). {_fix(contents.path)}'
+  )
 
 
-def decide(contents: Contents, config: Any, *, total_steps: int,
-           checkpoint_every: int, overwrite: bool) -> Decision:
+def decide(
+    contents: Contents,
+    config: Any,
+    *,
+    total_steps: int,
+    checkpoint_every: int,
+    overwrite: bool,
+) -> Decision:
   """Whether a command may continue the run `contents` describes.
 
   Reads only the config: call it before the data is opened, then
@@ -196,18 +240,21 @@ def decide(contents: Contents, config: Any, *, total_steps: int,
   if contents.config is None:
     raise WorkdirError(
         f'{where} holds run files ({", ".join(contents.outputs)}) but no '
-        f'{config_lib.CONFIG_FILE} saying what they are. {fix}')
+        f'{config_lib.CONFIG_FILE} saying what they are. {fix}'
+    )
   identity, allowed = config_lib.run_differences(contents.config, config)
   if identity:
     raise WorkdirError(
         f'{where} holds a run of another config ({_values(identity)}). '
-        f'{fix} To resume the run, repeat its own command.')
+        f'{fix} To resume the run, repeat its own command.'
+    )
   latest = contents.steps[-1] if contents.steps else None
   if latest is None:
     if contents.final_params:
       raise WorkdirError(
           f'{where} holds {run_checkpoints.FINAL_PARAMS_FILE} of a finished '
-          f'run but no checkpoint to continue from. {fix}')
+          f'run but no checkpoint to continue from. {fix}'
+      )
     # Killed before a checkpoint completed: at most one save is in flight,
     # so nothing beyond the second checkpoint's step can have been logged.
     # Restarting recomputes exactly the steps metrics.jsonl holds.
@@ -216,30 +263,44 @@ def decide(contents: Contents, config: Any, *, total_steps: int,
     if contents.last_metrics_step > 2 * checkpoint_every:
       raise WorkdirError(
           f'{where}/{METRICS_FILE} records {contents.last_metrics_step} steps '
-          f'but no checkpoint is left to resume from. {fix}')
+          f'but no checkpoint is left to resume from. {fix}'
+      )
   # Finished: trained, final parameters written, and evaluated at the end
   # (else the same command evaluates again; nothing is retrained).
-  if (latest is not None and latest >= total_steps and contents.final_params
-      and (contents.last_eval_step or -1) >= latest):
+  if (
+      latest is not None
+      and latest >= total_steps
+      and contents.final_params
+      and (contents.last_eval_step or -1) >= latest
+  ):
     return Decision(latest, True, allowed)
   return Decision(latest, False, allowed)
 
 
-def record_changes(workdir: str, step: int,
-                   changes: Mapping[str, tuple[Any, Any]]) -> None:
+def record_changes(
+    workdir: str, step: int, changes: Mapping[str, tuple[Any, Any]]
+) -> None:
   """Logs allowed differences and appends them to `config_changes.jsonl`."""
   if not changes:
     return
-  logging.info('Continuing the run in %s from step %d with changed fields '
-               '(how it is watched, or total_steps): %s; recorded in %s.',
-               workdir, step, _values(changes), CONFIG_CHANGES_FILE)
+  logging.info(
+      'Continuing the run in %s from step %d with changed fields '
+      '(how it is watched, or total_steps): %s; recorded in %s.',
+      workdir,
+      step,
+      _values(changes),
+      CONFIG_CHANGES_FILE,
+  )
   path = os.path.join(workdir, CONFIG_CHANGES_FILE)
   old = ''
   if tf.io.gfile.exists(path):
     with tf.io.gfile.GFile(path) as f:
       old = f.read()
-  record = {'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'step': step,
-            'changes': {k: list(v) for k, v in changes.items()}}
+  record = {
+      'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+      'step': step,
+      'changes': {k: list(v) for k, v in changes.items()},
+  }
   fileio.write_text_atomic(path, old + json.dumps(record) + '\n')
 
 
@@ -251,8 +312,11 @@ def clear(contents: Contents) -> None:
   if not contents.outputs:
     return
   if jax.process_index() == 0:
-    logging.warning('--overwrite: deleting the earlier run in %s (%s).',
-                    contents.path, ', '.join(contents.outputs))
+    logging.warning(
+        '--overwrite: deleting the earlier run in %s (%s).',
+        contents.path,
+        ', '.join(contents.outputs),
+    )
     for name in contents.outputs:
       path = os.path.join(contents.path, name)
       if tf.io.gfile.isdir(path):
@@ -273,8 +337,9 @@ def last_evaluation(workdir: str) -> dict[str, float]:
         record = json.loads(line)
       except ValueError:
         continue
-      evaluated = {k: v for k, v in record.items()
-                   if k.startswith(('eval/', 'fewshot/'))}
+      evaluated = {
+          k: v for k, v in record.items() if k.startswith(('eval/', 'fewshot/'))
+      }
       if evaluated:
         if found and record['step'] != found.get('step'):
           found = {}

@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 from absl import logging
-
 from clu import metric_writers
 import tensorflow as tf
 
@@ -80,8 +79,11 @@ class JsonlWriter(ScalarWriter):
       with tf.io.gfile.GFile(path) as f:
         self._lines = [l for l in f.read().splitlines() if l.strip()]
       if resume_step is not None:
-        self._lines = [l for l in self._lines
-                       if _step_of(l, default=resume_step + 1) <= resume_step]
+        self._lines = [
+            l
+            for l in self._lines
+            if _step_of(l, default=resume_step + 1) <= resume_step
+        ]
     self._rewrite()
     self._file = None if self._remote else open(path, 'a')
 
@@ -122,20 +124,31 @@ class ProgressBar(ScalarWriter):
     keys: Metric names shown next to the bar, when written.
   """
 
-  def __init__(self, total_steps: int,
-               keys: tuple[str, ...] = ('train/loss', 'eval/accuracy')):
+  def __init__(
+      self,
+      total_steps: int,
+      keys: tuple[str, ...] = ('train/loss', 'eval/accuracy'),
+  ):
     from tqdm import auto  # pylint: disable=g-import-not-at-top
-    self._bar = auto.tqdm(total=int(total_steps), unit='step',
-                          dynamic_ncols=True)
+
+    self._bar = auto.tqdm(
+        total=int(total_steps), unit='step', dynamic_ncols=True
+    )
     self._keys = keys
     self._shown: dict[str, Any] = {}
 
   def write_scalars(self, step, scalars):
     # A resumed run starts at its checkpoint's step, not at 0.
     self._bar.update(max(int(step) - self._bar.n, 0))
-    self._shown.update({k.split('/')[-1] if k.startswith('train/') else k:
-                        f'{float(scalars[k]):.4g}'
-                        for k in self._keys if k in scalars})
+    self._shown.update(
+        {
+            k.split('/')[-1]
+            if k.startswith('train/')
+            else k: f'{float(scalars[k]):.4g}'
+            for k in self._keys
+            if k in scalars
+        }
+    )
     if self._shown:
       self._bar.set_postfix(self._shown, refresh=False)
     self._bar.refresh()
@@ -169,8 +182,15 @@ class ProgressLog:
     clock: Time source (tests pass a fake one).
   """
 
-  def __init__(self, start_step: int, total_steps: int, batch: int, *,
-               every_secs: float = 30.0, clock=time.monotonic):
+  def __init__(
+      self,
+      start_step: int,
+      total_steps: int,
+      batch: int,
+      *,
+      every_secs: float = 30.0,
+      clock=time.monotonic,
+  ):
     self._total = total_steps
     self._batch = batch
     self._every = every_secs
@@ -182,8 +202,11 @@ class ProgressLog:
   def first_step(self, step: int, seconds: float) -> None:
     """Logs the first step's time (compilation included); restarts the
     speed measurement after it."""
-    logging.info('Step %d took %.1f s (compiling the train step included).',
-                 step, seconds)
+    logging.info(
+        'Step %d took %.1f s (compiling the train step included).',
+        step,
+        seconds,
+    )
     self._first_done = True
     self._last_step, self._last_time = step, self._clock()
 
@@ -195,9 +218,11 @@ class ProgressLog:
     if steps <= 0 or (elapsed < self._every and step < self._total):
       return None
     per_step = elapsed / steps
-    line = (f'step {step}/{self._total} ({100 * step / self._total:.0f}%): '
-            f'{self._batch / per_step:,.1f} images/s, {per_step:.3f} s/step, '
-            f'ETA {format_duration(per_step * (self._total - step))}')
+    line = (
+        f'step {step}/{self._total} ({100 * step / self._total:.0f}%): '
+        f'{self._batch / per_step:,.1f} images/s, {per_step:.3f} s/step, '
+        f'ETA {format_duration(per_step * (self._total - step))}'
+    )
     logging.info('%s', line)
     self._last_step, self._last_time = step, now
     return line

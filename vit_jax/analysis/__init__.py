@@ -30,18 +30,32 @@ from vit_jax.analysis.inspect import mean_attention_distance
 from vit_jax.analysis.inspect import position_embedding_similarity
 from vit_jax.analysis.representations import minibatch_cka
 
-FIGURES = ('filters.png', 'position_similarity.png', 'attention_distance.png',
-           'rollout.png')
+FIGURES = (
+    'filters.png',
+    'position_similarity.png',
+    'attention_distance.png',
+    'rollout.png',
+)
 RESULTS_FILE = 'analysis.json'
 # `analyze_cka`'s files; the `_b` and `between` figures need a second model.
-CKA_FIGURES = ('cka_within_a.png', 'cka_within_b.png', 'cka_between.png',
-               'cka_sheet.png')
+CKA_FIGURES = (
+    'cka_within_a.png',
+    'cka_within_b.png',
+    'cka_between.png',
+    'cka_sheet.png',
+)
 CKA_RESULTS_FILE = 'cka.json'
 
 
-def analyze(model: Any, params: Any, images: np.ndarray, out_dir: str, *,
-            titles: list[str] | None = None,
-            num_rollout_images: int = 8) -> dict[str, Any]:
+def analyze(
+    model: Any,
+    params: Any,
+    images: np.ndarray,
+    out_dir: str,
+    *,
+    titles: list[str] | None = None,
+    num_rollout_images: int = 8,
+) -> dict[str, Any]:
   """Computes every inspection of `model` and writes the figures.
 
   Args:
@@ -56,34 +70,40 @@ def analyze(model: Any, params: Any, images: np.ndarray, out_dir: str, *,
   Returns:
     The numbers written to `analysis.json`.
   """
-  from vit_jax.analysis import plots  # pylint: disable=g-import-not-at-top
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax.analysis import plots  # pylint: disable=g-import-not-at-top
+
   flat = checkpoint.flatten(params)
   grid = inspect.grid_of(model, images.shape[1])
   has_cls = model.classifier in ('token', 'token_unpooled')
   weights = attention_weights(model, params, images)
   distance = mean_attention_distance(
-      weights, grid, model.total_stride,
-      num_prefix_tokens=1 if has_cls else 0)
+      weights, grid, model.total_stride, num_prefix_tokens=1 if has_cls else 0
+  )
   rollout = attention_rollout(weights)
   maps = class_token_map(rollout, grid, has_class_token=has_cls)
   posemb = flat['Transformer/posembed_input/pos_embedding']
-  similarity = position_embedding_similarity(posemb, grid,
-                                             has_class_token=has_cls)
+  similarity = position_embedding_similarity(
+      posemb, grid, has_class_token=has_cls
+  )
   components, ratios = embedding_filters(flat['embedding/kernel'])
 
   os.makedirs(out_dir, exist_ok=True)
   n = min(num_rollout_images, len(images))
   paths = [
-      plots.plot_filters(components, ratios,
-                         os.path.join(out_dir, FIGURES[0])),
-      plots.plot_position_similarity(similarity,
-                                     os.path.join(out_dir, FIGURES[1])),
-      plots.plot_attention_distance(distance,
-                                    os.path.join(out_dir, FIGURES[2])),
-      plots.plot_rollout(images[:n], maps[:n],
-                         os.path.join(out_dir, FIGURES[3]),
-                         titles[:n] if titles else None),
+      plots.plot_filters(components, ratios, os.path.join(out_dir, FIGURES[0])),
+      plots.plot_position_similarity(
+          similarity, os.path.join(out_dir, FIGURES[1])
+      ),
+      plots.plot_attention_distance(
+          distance, os.path.join(out_dir, FIGURES[2])
+      ),
+      plots.plot_rollout(
+          images[:n],
+          maps[:n],
+          os.path.join(out_dir, FIGURES[3]),
+          titles[:n] if titles else None,
+      ),
   ]
   # Neighbouring patches' embeddings are more alike than distant ones' when
   # the model learned the 2-D layout (Figure 7 centre).
@@ -100,19 +120,22 @@ def analyze(model: Any, params: Any, images: np.ndarray, out_dir: str, *,
       'num_images': int(len(images)),
       'grid': [int(rows), int(cols)],
       'mean_attention_distance_px': np.round(
-          distance.astype(float), 3).tolist(),
+          distance.astype(float), 3
+      ).tolist(),
       'position_similarity_neighbours': mean_or_none(neighbours),
       'position_similarity_others': mean_or_none(others),
       'filter_variance_ratios': np.round(ratios.astype(float), 4).tolist(),
       'figures': [os.path.basename(p) for p in paths],
   }
-  fileio.write_text_atomic(os.path.join(out_dir, RESULTS_FILE),
-                           json.dumps(results, indent=1))
+  fileio.write_text_atomic(
+      os.path.join(out_dir, RESULTS_FILE), json.dumps(results, indent=1)
+  )
   return results
 
 
-def _attention_distance(model: Any, params: Any,
-                        images: np.ndarray) -> np.ndarray | None:
+def _attention_distance(
+    model: Any, params: Any, images: np.ndarray
+) -> np.ndarray | None:
   """`[layers, heads]` mean attention distance, None without attention."""
   try:
     weights = attention_weights(model, params, images)
@@ -123,17 +146,31 @@ def _attention_distance(model: Any, params: Any,
     weights = weights[..., :-registers, :-registers]
   has_cls = model.classifier in ('token', 'token_unpooled')
   return mean_attention_distance(
-      weights, inspect.grid_of(model, images.shape[1]), model.total_stride,
-      num_prefix_tokens=1 if has_cls else 0)
+      weights,
+      inspect.grid_of(model, images.shape[1]),
+      model.total_stride,
+      num_prefix_tokens=1 if has_cls else 0,
+  )
 
 
-def analyze_cka(model_a: Any, params_a: Any, images_a: np.ndarray,
-                out_dir: str, *, name_a: str = 'A', model_b: Any = None,
-                params_b: Any = None, images_b: np.ndarray | None = None,
-                name_b: str = 'B', layers_a: list[str] | None = None,
-                layers_b: list[str] | None = None, pooling: str = 'flatten',
-                batch_size: int = 64, mesh: Any = None,
-                num_distance_images: int = 128) -> dict[str, Any]:
+def analyze_cka(
+    model_a: Any,
+    params_a: Any,
+    images_a: np.ndarray,
+    out_dir: str,
+    *,
+    name_a: str = 'A',
+    model_b: Any = None,
+    params_b: Any = None,
+    images_b: np.ndarray | None = None,
+    name_b: str = 'B',
+    layers_a: list[str] | None = None,
+    layers_b: list[str] | None = None,
+    pooling: str = 'flatten',
+    batch_size: int = 64,
+    mesh: Any = None,
+    num_distance_images: int = 128,
+) -> dict[str, Any]:
   """Minibatch CKA between the layers of one model (or two), and figures.
 
   Writes `CKA_FIGURES` (the `_b` and `between` heatmaps with a second model
@@ -163,40 +200,91 @@ def analyze_cka(model_a: Any, params_a: Any, images_a: np.ndarray,
     The numbers written to `cka.json`.
   """
   from vit_jax.analysis import plots  # pylint: disable=g-import-not-at-top
+
   result = minibatch_cka(
-      model_a, params_a, images_a, model_b=model_b, params_b=params_b,
-      images_b=images_b, layers_a=layers_a, layers_b=layers_b,
-      pooling=pooling, batch_size=batch_size, mesh=mesh)
-  models = [('a', name_a, model_a, params_a, images_a, result['layers_a'],
-             result['within_a'])]
+      model_a,
+      params_a,
+      images_a,
+      model_b=model_b,
+      params_b=params_b,
+      images_b=images_b,
+      layers_a=layers_a,
+      layers_b=layers_b,
+      pooling=pooling,
+      batch_size=batch_size,
+      mesh=mesh,
+  )
+  models = [
+      (
+          'a',
+          name_a,
+          model_a,
+          params_a,
+          images_a,
+          result['layers_a'],
+          result['within_a'],
+      )
+  ]
   if model_b is not None:
     images_b = images_a if images_b is None else images_b
-    models.append(('b', name_b, model_b, params_b, images_b,
-                   result['layers_b'], result['within_b']))
+    models.append(
+        (
+            'b',
+            name_b,
+            model_b,
+            params_b,
+            images_b,
+            result['layers_b'],
+            result['within_b'],
+        )
+    )
   os.makedirs(out_dir, exist_ok=True)
   rounded = lambda m: np.round(np.asarray(m, float), 4).tolist()
-  saved = {'pooling': pooling, 'num_images': result['num_images'],
-           'batch_size': result['batch_size'], 'models': {}, 'figures': []}
+  saved = {
+      'pooling': pooling,
+      'num_images': result['num_images'],
+      'batch_size': result['batch_size'],
+      'models': {},
+      'figures': [],
+  }
   heatmaps, with_input, distances = [], [], []
   for key, name, model, params, images, layers, within in models:
     labels = [representations.short_label(l) for l in layers]
     previous = representations.cka_with_previous(within, layers)
-    distance = _attention_distance(model, params,
-                                   images[:num_distance_images])
+    distance = _attention_distance(model, params, images[:num_distance_images])
     saved['models'][key] = {
-        'name': name, 'layers': layers, 'labels': labels,
+        'name': name,
+        'layers': layers,
+        'labels': labels,
         'within': rounded(within),
         'with_input': [dict(r, cka=round(r['cka'], 4)) for r in previous],
         'mean_attention_distance_px': (
-            None if distance is None else rounded(distance))}
-    heatmap = {'matrix': within, 'rows': labels, 'cols': labels,
-               'title': f'{name}: CKA between its layers', 'ylabel': name,
-               'xlabel': name}
+            None if distance is None else rounded(distance)
+        ),
+    }
+    heatmap = {
+        'matrix': within,
+        'rows': labels,
+        'cols': labels,
+        'title': f'{name}: CKA between its layers',
+        'ylabel': name,
+        'xlabel': name,
+    }
     heatmaps.append(heatmap)
     path = os.path.join(out_dir, CKA_FIGURES[0 if key == 'a' else 1])
-    saved['figures'].append(os.path.basename(plots.plot_cka(
-        within, path, labels, labels, title=heatmap['title'],
-        ylabel=name, xlabel=name)))
+    saved['figures'].append(
+        os.path.basename(
+            plots.plot_cka(
+                within,
+                path,
+                labels,
+                labels,
+                title=heatmap['title'],
+                ylabel=name,
+                xlabel=name,
+            )
+        )
+    )
     with_input.append({'name': name, 'values': [r['cka'] for r in previous]})
     if distance is not None:
       distances.append({'name': name, 'distance': distance})
@@ -205,23 +293,62 @@ def analyze_cka(model_a: Any, params_a: Any, images_a: np.ndarray,
     cols = saved['models']['b']['labels']
     title = f'CKA: {name_a} (rows) vs {name_b} (columns)'
     saved['between'] = rounded(result['matrix'])
-    heatmaps.append({'matrix': result['matrix'], 'rows': rows, 'cols': cols,
-                     'title': title, 'ylabel': name_a, 'xlabel': name_b})
-    saved['figures'].append(os.path.basename(plots.plot_cka(
-        result['matrix'], os.path.join(out_dir, CKA_FIGURES[2]), rows, cols,
-        title=title, ylabel=name_a, xlabel=name_b)))
-  saved['figures'].append(os.path.basename(plots.plot_cka_sheet(
-      heatmaps, with_input, distances, os.path.join(out_dir,
-                                                    CKA_FIGURES[3]))))
-  fileio.write_text_atomic(os.path.join(out_dir, CKA_RESULTS_FILE),
-                           json.dumps(saved, indent=1))
+    heatmaps.append(
+        {
+            'matrix': result['matrix'],
+            'rows': rows,
+            'cols': cols,
+            'title': title,
+            'ylabel': name_a,
+            'xlabel': name_b,
+        }
+    )
+    saved['figures'].append(
+        os.path.basename(
+            plots.plot_cka(
+                result['matrix'],
+                os.path.join(out_dir, CKA_FIGURES[2]),
+                rows,
+                cols,
+                title=title,
+                ylabel=name_a,
+                xlabel=name_b,
+            )
+        )
+    )
+  saved['figures'].append(
+      os.path.basename(
+          plots.plot_cka_sheet(
+              heatmaps,
+              with_input,
+              distances,
+              os.path.join(out_dir, CKA_FIGURES[3]),
+          )
+      )
+  )
+  fileio.write_text_atomic(
+      os.path.join(out_dir, CKA_RESULTS_FILE), json.dumps(saved, indent=1)
+  )
   return saved
 
 
 __all__ = [
-    'CKA_FIGURES', 'CKA_RESULTS_FILE', 'FIGURES', 'MinibatchCKA',
-    'RESULTS_FILE', 'analyze', 'analyze_cka', 'attention_rollout',
-    'attention_weights', 'class_token_map', 'cka', 'embedding_filters',
-    'grid_of', 'linear_cka', 'mean_attention_distance', 'minibatch_cka',
-    'position_embedding_similarity', 'representations',
+    'CKA_FIGURES',
+    'CKA_RESULTS_FILE',
+    'FIGURES',
+    'MinibatchCKA',
+    'RESULTS_FILE',
+    'analyze',
+    'analyze_cka',
+    'attention_rollout',
+    'attention_weights',
+    'class_token_map',
+    'cka',
+    'embedding_filters',
+    'grid_of',
+    'linear_cka',
+    'mean_attention_distance',
+    'minibatch_cka',
+    'position_embedding_similarity',
+    'representations',
 ]

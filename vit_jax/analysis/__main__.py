@@ -30,38 +30,60 @@ from absl import logging
 import jax
 
 from vit_jax import analysis
-from vit_jax.analysis import images as images_lib
 from vit_jax import cli
 from vit_jax import loading
+from vit_jax.analysis import images as images_lib
 
 flags.DEFINE_string('workdir', None, 'A training run directory.')
 flags.DEFINE_string('pretrained_path', None, 'An .npz (instead of --workdir).')
 flags.DEFINE_string('model', None, 'Registry name of the .npz model.')
-flags.DEFINE_string('images', 'digits',
-                    "'digits' (bundled test split) or a folder of images.")
+flags.DEFINE_string(
+    'images', 'digits', "'digits' (bundled test split) or a folder of images."
+)
 flags.DEFINE_string('tfds_data_dir', None, 'tfds directory for digits.')
-flags.DEFINE_integer('num_images', 128,
-                     'Images averaged over (the paper uses 128).')
-flags.DEFINE_string('out', None, 'Output folder (default: <workdir>/analysis, '
-                    'or <workdir>/cka for cka).')
+flags.DEFINE_integer(
+    'num_images', 128, 'Images averaged over (the paper uses 128).'
+)
+flags.DEFINE_string(
+    'out',
+    None,
+    'Output folder (default: <workdir>/analysis, ' 'or <workdir>/cka for cka).',
+)
 # The cka subcommand's own flags.
 flags.DEFINE_string('workdir_b', None, 'cka: a second training run.')
-flags.DEFINE_string('pretrained_path_b', None,
-                    'cka: a second model as an .npz (instead of --workdir_b).')
-flags.DEFINE_string('model_b', None,
-                    'cka: registry name of --pretrained_path_b.')
-flags.DEFINE_list('layers', None,
-                  'cka: layer names of the model (default: the first '
-                  "block's input and every block's output).")
+flags.DEFINE_string(
+    'pretrained_path_b',
+    None,
+    'cka: a second model as an .npz (instead of --workdir_b).',
+)
+flags.DEFINE_string(
+    'model_b', None, 'cka: registry name of --pretrained_path_b.'
+)
+flags.DEFINE_list(
+    'layers',
+    None,
+    'cka: layer names of the model (default: the first '
+    "block's input and every block's output).",
+)
 flags.DEFINE_list('layers_b', None, 'cka: layer names of the second model.')
-flags.DEFINE_enum('cka_pooling', 'flatten', ['flatten', 'mean'],
-                  'cka: compare every token / position (flatten) or their '
-                  'mean.')
+flags.DEFINE_enum(
+    'cka_pooling',
+    'flatten',
+    ['flatten', 'mean'],
+    'cka: compare every token / position (flatten) or their ' 'mean.',
+)
 flags.DEFINE_integer('cka_batch', 64, 'cka: minibatch size of the estimator.')
 FLAGS = flags.FLAGS
 COMMANDS = ('cka',)
-_CKA_FLAGS = ('workdir_b', 'pretrained_path_b', 'model_b', 'layers',
-              'layers_b', 'cka_pooling', 'cka_batch')
+_CKA_FLAGS = (
+    'workdir_b',
+    'pretrained_path_b',
+    'model_b',
+    'layers',
+    'layers_b',
+    'cka_pooling',
+    'cka_batch',
+)
 
 
 def model_from_workdir(workdir: str):
@@ -81,8 +103,9 @@ def model_from_npz(path: str, name: str):
 
 def _load_images(size: int):
   try:
-    return images_lib.load_images(FLAGS.images, size, FLAGS.num_images,
-                                  FLAGS.tfds_data_dir)
+    return images_lib.load_images(
+        FLAGS.images, size, FLAGS.num_images, FLAGS.tfds_data_dir
+    )
   except FileNotFoundError as e:
     raise app.UsageError(f'--images={FLAGS.images}: {e}') from e
 
@@ -99,19 +122,24 @@ def run_cka() -> dict[str, Any]:
     app.UsageError: contradictory or incomplete flags, naming them.
   """
   if FLAGS.workdir_b and FLAGS.pretrained_path_b:
-    raise app.UsageError('Pass at most one of --workdir_b or '
-                         '--pretrained_path_b (the second model).')
+    raise app.UsageError(
+        'Pass at most one of --workdir_b or '
+        '--pretrained_path_b (the second model).'
+    )
   if FLAGS.model_b and not FLAGS.pretrained_path_b:
-    raise app.UsageError('--model_b names the model of --pretrained_path_b; '
-                         'pass --pretrained_path_b too (or --workdir_b).')
+    raise app.UsageError(
+        '--model_b names the model of --pretrained_path_b; '
+        'pass --pretrained_path_b too (or --workdir_b).'
+    )
   if FLAGS.layers_b and not (FLAGS.workdir_b or FLAGS.pretrained_path_b):
-    raise app.UsageError('--layers_b needs a second model (--workdir_b or '
-                         '--pretrained_path_b).')
+    raise app.UsageError(
+        '--layers_b needs a second model (--workdir_b or '
+        '--pretrained_path_b).'
+    )
   if FLAGS.workdir:
     model, params, size, _ = model_from_workdir(FLAGS.workdir)
   else:
-    model, params, size, _ = model_from_npz(FLAGS.pretrained_path,
-                                            FLAGS.model)
+    model, params, size, _ = model_from_npz(FLAGS.pretrained_path, FLAGS.model)
   images, _ = _load_images(size)
   second = {}
   if FLAGS.workdir_b or FLAGS.pretrained_path_b:
@@ -119,75 +147,117 @@ def run_cka() -> dict[str, Any]:
       model_b, params_b, size_b, _ = model_from_workdir(FLAGS.workdir_b)
     else:
       if not FLAGS.model_b:
-        raise app.UsageError('--pretrained_path_b needs --model_b (e.g. '
-                             'ViT-B_16).')
-      model_b, params_b, size_b, _ = model_from_npz(FLAGS.pretrained_path_b,
-                                                    FLAGS.model_b)
-    second = dict(model_b=model_b, params_b=jax.device_put(params_b),
-                  images_b=(images if size_b == size
-                            else _load_images(size_b)[0]),
-                  name_b=_name(FLAGS.workdir_b, FLAGS.model_b),
-                  layers_b=FLAGS.layers_b)
+        raise app.UsageError(
+            '--pretrained_path_b needs --model_b (e.g. ' 'ViT-B_16).'
+        )
+      model_b, params_b, size_b, _ = model_from_npz(
+          FLAGS.pretrained_path_b, FLAGS.model_b
+      )
+    second = dict(
+        model_b=model_b,
+        params_b=jax.device_put(params_b),
+        images_b=(images if size_b == size else _load_images(size_b)[0]),
+        name_b=_name(FLAGS.workdir_b, FLAGS.model_b),
+        layers_b=FLAGS.layers_b,
+    )
   out = FLAGS.out or os.path.join(FLAGS.workdir or '.', 'cka')
   try:
     results = analysis.analyze_cka(
-        model, jax.device_put(params), images, out,
-        name_a=_name(FLAGS.workdir, FLAGS.model), layers_a=FLAGS.layers,
-        pooling=FLAGS.cka_pooling, batch_size=FLAGS.cka_batch, **second)
+        model,
+        jax.device_put(params),
+        images,
+        out,
+        name_a=_name(FLAGS.workdir, FLAGS.model),
+        layers_a=FLAGS.layers,
+        pooling=FLAGS.cka_pooling,
+        batch_size=FLAGS.cka_batch,
+        **second,
+    )
   except ValueError as e:
     # Argument names in the library's messages -> the flags that set them.
     message = str(e)
-    for argument, flag in (('layers_a', '--layers'), ('layers_b', '--layers_b'),
-                           ('batch_size', '--cka_batch')):
+    for argument, flag in (
+        ('layers_a', '--layers'),
+        ('layers_b', '--layers_b'),
+        ('batch_size', '--cka_batch'),
+    ):
       message = message.replace(f'{argument}:', f'{flag}:').replace(
-          f'{argument}=', f'{flag}=')
+          f'{argument}=', f'{flag}='
+      )
     raise app.UsageError(message) from e
-  logging.info('Wrote %s and %s to %s', ', '.join(results['figures']),
-               analysis.CKA_RESULTS_FILE, out)
+  logging.info(
+      'Wrote %s and %s to %s',
+      ', '.join(results['figures']),
+      analysis.CKA_RESULTS_FILE,
+      out,
+  )
   return results
 
 
 def main(argv):
   if len(argv) > 2 or (len(argv) == 2 and argv[1] not in COMMANDS):
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]} (the one '
-                         f'subcommand is {" / ".join(COMMANDS)}).')
+    raise app.UsageError(
+        f'Unexpected arguments: {argv[1:]} (the one '
+        f'subcommand is {" / ".join(COMMANDS)}).'
+    )
   command = argv[1] if len(argv) == 2 else None
   if bool(FLAGS.workdir) == bool(FLAGS.pretrained_path):
     raise app.UsageError('Pass exactly one of --workdir or --pretrained_path.')
   if FLAGS.num_images < 1:
     raise app.UsageError(f'--num_images={FLAGS.num_images}: give 1 or more.')
   if FLAGS.images != 'digits' and not os.path.isdir(FLAGS.images):
-    raise app.UsageError(f'--images={FLAGS.images}: no such folder (give '
-                         "'digits' or a folder of images).")
+    raise app.UsageError(
+        f'--images={FLAGS.images}: no such folder (give '
+        "'digits' or a folder of images)."
+    )
   out = FLAGS.out or os.path.join(FLAGS.workdir or '.', command or 'analysis')
   if os.path.exists(out) and not os.path.isdir(out):
-    raise app.UsageError(f'--out={out} is a file: give a folder for the '
-                         'figures.')
+    raise app.UsageError(
+        f'--out={out} is a file: give a folder for the ' 'figures.'
+    )
   if command == 'cka':
     results = run_cka()
-    print(json.dumps({'figures': results['figures'],
-                      'num_images': results['num_images'],
-                      'between': results.get('between')}, indent=1))
+    print(
+        json.dumps(
+            {
+                'figures': results['figures'],
+                'num_images': results['num_images'],
+                'between': results.get('between'),
+            },
+            indent=1,
+        )
+    )
     return
   given = [f'--{name}' for name in _CKA_FLAGS if FLAGS[name].present]
   if given:
-    raise app.UsageError(f'{", ".join(given)}: only for the cka subcommand '
-                         '(python -m vit_jax.analysis cka ...).')
+    raise app.UsageError(
+        f'{", ".join(given)}: only for the cka subcommand '
+        '(python -m vit_jax.analysis cka ...).'
+    )
   if FLAGS.workdir:
     model, params, size, class_names = model_from_workdir(FLAGS.workdir)
   else:
-    model, params, size, class_names = model_from_npz(FLAGS.pretrained_path,
-                                                      FLAGS.model)
+    model, params, size, class_names = model_from_npz(
+        FLAGS.pretrained_path, FLAGS.model
+    )
   images, labels = _load_images(size)
   titles = None
   if labels is not None:
     titles = [class_names[l] if class_names else str(l) for l in labels]
   params = jax.device_put(params)
   results = analysis.analyze(model, params, images, out, titles=titles)
-  logging.info('Wrote %s and %s to %s', ', '.join(results['figures']),
-               analysis.RESULTS_FILE, out)
-  print(json.dumps({k: v for k, v in results.items()
-                    if k != 'filter_variance_ratios'}, indent=1))
+  logging.info(
+      'Wrote %s and %s to %s',
+      ', '.join(results['figures']),
+      analysis.RESULTS_FILE,
+      out,
+  )
+  print(
+      json.dumps(
+          {k: v for k, v in results.items() if k != 'filter_variance_ratios'},
+          indent=1,
+      )
+  )
 
 
 if __name__ == '__main__':

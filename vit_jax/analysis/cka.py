@@ -61,8 +61,7 @@ def _offdiagonal_grams(xs: Sequence[jax.Array], mask: jax.Array) -> jax.Array:
   return stacked * (1.0 - jnp.eye(stacked.shape[-1], dtype=stacked.dtype))
 
 
-def _hsic1(k: jax.Array, l: jax.Array, n: jax.Array,
-           pairs: str) -> jax.Array:
+def _hsic1(k: jax.Array, l: jax.Array, n: jax.Array, pairs: str) -> jax.Array:
   """Unbiased HSIC of stacked zero-diagonal Grams (Song et al. 2012, eq. 5).
 
   HSIC_1 = [tr(K̃L̃) + 1ᵀK̃1 1ᵀL̃1 / ((n-1)(n-2)) - 2/(n-2) 1ᵀK̃L̃1]
@@ -95,11 +94,15 @@ def _hsic1(k: jax.Array, l: jax.Array, n: jax.Array,
   # batch is weighted 0 by `hsic_sums`.
   n = jnp.maximum(n, float(MIN_BATCH))
   return (trace + product / ((n - 1) * (n - 2)) - 2.0 * cross / (n - 2)) / (
-      n * (n - 3))
+      n * (n - 3)
+  )
 
 
-def hsic_sums(xs: Sequence[jax.Array], ys: Sequence[jax.Array] | None = None,
-              mask: jax.Array | None = None) -> dict[str, jax.Array]:
+def hsic_sums(
+    xs: Sequence[jax.Array],
+    ys: Sequence[jax.Array] | None = None,
+    mask: jax.Array | None = None,
+) -> dict[str, jax.Array]:
   """One minibatch's HSIC_1 of every pair of layers, for `MinibatchCKA`.
 
   Args:
@@ -118,15 +121,19 @@ def hsic_sums(xs: Sequence[jax.Array], ys: Sequence[jax.Array] | None = None,
     if x.shape[0] != batch:
       raise ValueError(
           f'Every representation needs the same examples: got leading '
-          f'dimensions {x.shape[0]} and {batch}.')
+          f'dimensions {x.shape[0]} and {batch}.'
+      )
   if mask is None:
     mask = jnp.ones((batch,), jnp.float32)
   n = mask.astype(jnp.float32).sum()
   k = _offdiagonal_grams(xs, mask)
   l = k if ys is None else _offdiagonal_grams(ys, mask)
   xx = _hsic1(k, k, n, 'diagonal')
-  sums = {'xy': _hsic1(k, l, n, 'all'), 'xx': xx,
-          'yy': xx if ys is None else _hsic1(l, l, n, 'diagonal')}
+  sums = {
+      'xy': _hsic1(k, l, n, 'all'),
+      'xx': xx,
+      'yy': xx if ys is None else _hsic1(l, l, n, 'diagonal'),
+  }
   used = (n >= MIN_BATCH).astype(jnp.float32)
   sums = {key: value * used for key, value in sums.items()}
   sums['batches'] = used
@@ -144,19 +151,25 @@ def cka_from_sums(sums: dict[str, Any]) -> np.ndarray:
   """
   sums = jax.device_get(sums)
   if float(sums['batches']) < 1:
-    raise ValueError(f'Minibatch CKA needs batches of at least {MIN_BATCH} '
-                     'examples; none was added.')
+    raise ValueError(
+        f'Minibatch CKA needs batches of at least {MIN_BATCH} '
+        'examples; none was added.'
+    )
   xy = np.asarray(sums['xy'], np.float64)
-  norm = np.sqrt(np.outer(np.asarray(sums['xx'], np.float64),
-                          np.asarray(sums['yy'], np.float64)))
+  norm = np.sqrt(
+      np.outer(
+          np.asarray(sums['xx'], np.float64), np.asarray(sums['yy'], np.float64)
+      )
+  )
   # HSIC_1 of a Gram with itself can come out <= 0 only for a (near-)
   # constant representation, whose CKA with anything is undefined.
   with np.errstate(invalid='ignore', divide='ignore'):
     return np.where(norm > 0, xy / norm, np.nan)
 
 
-def make_hsic_fn(mesh: jax.sharding.Mesh
-                 ) -> Callable[..., dict[str, jax.Array]]:
+def make_hsic_fn(
+    mesh: jax.sharding.Mesh,
+) -> Callable[..., dict[str, jax.Array]]:
   """`hsic_sums` jitted like the evaluators: batch in, replicated sums out.
 
   Args:
@@ -168,8 +181,11 @@ def make_hsic_fn(mesh: jax.sharding.Mesh
     `fn(xs, ys, mask)` -> `hsic_sums` dict (`ys` may be None).
   """
   batch = sharding.batch_sharding(mesh)
-  return jax.jit(hsic_sums, in_shardings=(batch, batch, batch),
-                 out_shardings=sharding.replicated(mesh))
+  return jax.jit(
+      hsic_sums,
+      in_shardings=(batch, batch, batch),
+      out_shardings=sharding.replicated(mesh),
+  )
 
 
 class MinibatchCKA:
@@ -190,8 +206,9 @@ class MinibatchCKA:
     sums: The running totals (None before the first batch).
   """
 
-  def __init__(self, hsic_fn: Callable[..., dict[str, jax.Array]]
-               | None = None):
+  def __init__(
+      self, hsic_fn: Callable[..., dict[str, jax.Array]] | None = None
+  ):
     """An empty accumulator.
 
     Args:
@@ -204,11 +221,15 @@ class MinibatchCKA:
 
   def add(self, sums: dict[str, jax.Array]) -> None:
     """Adds one batch's `hsic_sums` (computed elsewhere, e.g. with a model)."""
-    self.sums = sums if self.sums is None else jax.tree_util.tree_map(
-        jnp.add, self.sums, sums)
+    self.sums = (
+        sums
+        if self.sums is None
+        else jax.tree_util.tree_map(jnp.add, self.sums, sums)
+    )
 
-  def update(self, xs: Sequence[Any], ys: Sequence[Any] | None = None,
-             mask: Any = None) -> None:
+  def update(
+      self, xs: Sequence[Any], ys: Sequence[Any] | None = None, mask: Any = None
+  ) -> None:
     """Adds the batch `xs` (and `ys`: the same examples), see `hsic_sums`."""
     if mask is None:
       mask = np.ones((np.shape(xs[0])[0],), np.float32)
@@ -242,22 +263,28 @@ def linear_cka(x: Any, y: Any, *, unbiased: bool = False) -> float:
   """
   x, y = jnp.asarray(x), jnp.asarray(y)
   if x.ndim != 2 or y.ndim != 2:
-    raise ValueError(f'linear_cka takes [examples, features] arrays; got x '
-                     f'of shape {x.shape} and y of shape {y.shape}.')
+    raise ValueError(
+        f'linear_cka takes [examples, features] arrays; got x '
+        f'of shape {x.shape} and y of shape {y.shape}.'
+    )
   if x.shape[0] != y.shape[0]:
     raise ValueError(
         f'linear_cka: x has {x.shape[0]} examples and y has {y.shape[0]}; '
-        'both must be representations of the same examples.')
+        'both must be representations of the same examples.'
+    )
   if unbiased and x.shape[0] < MIN_BATCH:
-    raise ValueError(f'The unbiased linear_cka needs at least {MIN_BATCH} '
-                     f'examples; got {x.shape[0]}.')
+    raise ValueError(
+        f'The unbiased linear_cka needs at least {MIN_BATCH} '
+        f'examples; got {x.shape[0]}.'
+    )
   xy, xx, yy = _full_batch_hsic(x, y, unbiased=unbiased)
   return float(xy / jnp.sqrt(xx * yy))
 
 
 @functools.partial(jax.jit, static_argnames='unbiased')
-def _full_batch_hsic(x: jax.Array, y: jax.Array, *,
-                     unbiased: bool) -> tuple[jax.Array, ...]:
+def _full_batch_hsic(
+    x: jax.Array, y: jax.Array, *, unbiased: bool
+) -> tuple[jax.Array, ...]:
   """(HSIC(x, y), HSIC(x, x), HSIC(y, y)), up to a common factor."""
   n = x.shape[0]
   ones = jnp.ones((n,), jnp.float32)
@@ -270,6 +297,7 @@ def _full_batch_hsic(x: jax.Array, y: jax.Array, *,
       return sums['xy'][0, 0], sums['xx'][0], sums['yy'][0]
     k, l = x @ x.T, y @ y.T
     return (k * l).sum(), (k * k).sum(), (l * l).sum()
+
   # Feature route: tr(K L) = ||xᵀ y||², and for HSIC_1 the Grams' diagonals
   # |x_i|² come out (with centred features the row sums of the
   # zero-diagonal Gram are -|x_i|², its total -sum_i |x_i|²).
@@ -279,10 +307,20 @@ def _full_batch_hsic(x: jax.Array, y: jax.Array, *,
       return trace
     norms_a, norms_b = (a * a).sum(-1), (b * b).sum(-1)
     diagonal = (norms_a * norms_b).sum()
-    return ((trace - diagonal) + norms_a.sum() * norms_b.sum() /
-            ((n - 1) * (n - 2)) - 2.0 * diagonal / (n - 2)) / (n * (n - 3))
+    return (
+        (trace - diagonal)
+        + norms_a.sum() * norms_b.sum() / ((n - 1) * (n - 2))
+        - 2.0 * diagonal / (n - 2)
+    ) / (n * (n - 3))
+
   return hsic(x, y), hsic(x, x), hsic(y, y)
 
 
-__all__ = ['MIN_BATCH', 'MinibatchCKA', 'cka_from_sums', 'hsic_sums',
-           'linear_cka', 'make_hsic_fn']
+__all__ = [
+    'MIN_BATCH',
+    'MinibatchCKA',
+    'cka_from_sums',
+    'hsic_sums',
+    'linear_cka',
+    'make_hsic_fn',
+]

@@ -12,9 +12,9 @@ from vit_jax import input_pipeline
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
 
-def load_images(spec: str, image_size: int, num: int,
-                tfds_data_dir: str | None = None
-                ) -> tuple[np.ndarray, np.ndarray | None]:
+def load_images(
+    spec: str, image_size: int, num: int, tfds_data_dir: str | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
   """Images to inspect a model on, from the bundled digits or a folder.
 
   Args:
@@ -35,10 +35,15 @@ def load_images(spec: str, image_size: int, num: int,
   if spec == 'digits':
     # The base data section with digits at this size (no model involved).
     data = config_lib.section(
-        {'dataset': 'digits', 'image_size': image_size, 'batch_eval': 64,
-         'tfds_data_dir': tfds_data_dir}, 'data')
-    ds, _ = input_pipeline.eval_dataset(data, process_index=0,
-                                        process_count=1)
+        {
+            'dataset': 'digits',
+            'image_size': image_size,
+            'batch_eval': 64,
+            'tfds_data_dir': tfds_data_dir,
+        },
+        'data',
+    )
+    ds, _ = input_pipeline.eval_dataset(data, process_index=0, process_count=1)
     images, labels = [], []
     for batch in ds.as_numpy_iterator():
       keep = batch['mask'] > 0
@@ -47,12 +52,22 @@ def load_images(spec: str, image_size: int, num: int,
       if sum(len(i) for i in images) >= num:
         break
     return (np.concatenate(images)[:num], np.concatenate(labels)[:num])
-  paths = sorted(p for p in glob.glob(os.path.join(spec, '**', '*'),
-                                      recursive=True)
-                 if p.lower().endswith(IMAGE_EXTENSIONS))[:num]
+  paths = sorted(
+      p
+      for p in glob.glob(os.path.join(spec, '**', '*'), recursive=True)
+      if p.lower().endswith(IMAGE_EXTENSIONS)
+  )[:num]
   if not paths:
     raise FileNotFoundError(f'No .png/.jpg images found in {spec}.')
-  images = [np.asarray(Image.open(p).convert('RGB').resize(
-      (image_size, image_size), Image.Resampling.BILINEAR), np.float32) / 127.5 - 1.0
-            for p in paths]
+  images = [
+      np.asarray(
+          Image.open(p)
+          .convert('RGB')
+          .resize((image_size, image_size), Image.Resampling.BILINEAR),
+          np.float32,
+      )
+      / 127.5
+      - 1.0
+      for p in paths
+  ]
   return np.stack(images), None

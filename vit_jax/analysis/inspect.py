@@ -23,17 +23,20 @@ import flax
 import jax
 import numpy as np
 
-
 _ATTENTION = 'MultiHeadDotProductAttention_0'
 
 
 def _unfreeze(tree: Any) -> Any:
-  return flax.core.unfreeze(tree) if isinstance(
-      tree, flax.core.FrozenDict) else tree
+  return (
+      flax.core.unfreeze(tree)
+      if isinstance(tree, flax.core.FrozenDict)
+      else tree
+  )
 
 
-def attention_weights(model: flax.linen.Module, params: Any,
-                      images: np.ndarray) -> np.ndarray:
+def attention_weights(
+    model: flax.linen.Module, params: Any, images: np.ndarray
+) -> np.ndarray:
   """Attention weights of every encoder block.
 
   Args:
@@ -47,10 +50,12 @@ def attention_weights(model: flax.linen.Module, params: Any,
   Raises:
     ValueError: the model has no attention (e.g. MLP-Mixer).
   """
+
   @jax.jit
   def run(params, images):
-    _, state = model.apply({'params': params}, images, train=False,
-                           mutable=['intermediates'])
+    _, state = model.apply(
+        {'params': params}, images, train=False, mutable=['intermediates']
+    )
     return state['intermediates']
 
   inter = _unfreeze(jax.device_get(run(params, images)))
@@ -58,18 +63,26 @@ def attention_weights(model: flax.linen.Module, params: Any,
   if 'encoderblock' in encoder:  # Scan layout: layers already stacked.
     stacked = encoder['encoderblock'][_ATTENTION]['attention_weights'][0]
     return np.asarray(stacked, np.float32)
-  blocks = sorted((k for k in encoder if k.startswith('encoderblock_')),
-                  key=lambda k: int(k.rsplit('_', 1)[1]))
+  blocks = sorted(
+      (k for k in encoder if k.startswith('encoderblock_')),
+      key=lambda k: int(k.rsplit('_', 1)[1]),
+  )
   if not blocks:
     raise ValueError(
         f'{type(model).__name__} sows no attention weights: attention maps '
-        'exist only for ViT and hybrid models (not MLP-Mixer).')
-  return np.stack([np.asarray(encoder[b][_ATTENTION]['attention_weights'][0],
-                              np.float32) for b in blocks])
+        'exist only for ViT and hybrid models (not MLP-Mixer).'
+    )
+  return np.stack(
+      [
+          np.asarray(encoder[b][_ATTENTION]['attention_weights'][0], np.float32)
+          for b in blocks
+      ]
+  )
 
 
-def attention_rollout(weights: np.ndarray, *,
-                      add_residual: bool = True) -> np.ndarray:
+def attention_rollout(
+    weights: np.ndarray, *, add_residual: bool = True
+) -> np.ndarray:
   """Attention rollout through all layers.
 
   Args:
@@ -91,8 +104,9 @@ def attention_rollout(weights: np.ndarray, *,
   return joint.astype(np.float32)
 
 
-def class_token_map(rollout: np.ndarray, grid: tuple[int, int], *,
-                    has_class_token: bool = True) -> np.ndarray:
+def class_token_map(
+    rollout: np.ndarray, grid: tuple[int, int], *, has_class_token: bool = True
+) -> np.ndarray:
   """The rollout of the output token onto the patch grid, scaled to max 1.
 
   Args:
@@ -112,24 +126,30 @@ def class_token_map(rollout: np.ndarray, grid: tuple[int, int], *,
   return maps / np.maximum(maps.max(axis=(1, 2), keepdims=True), 1e-12)
 
 
-def patch_distances(grid: tuple[int, int],
-                    patch_size: tuple[int, int]) -> np.ndarray:
+def patch_distances(
+    grid: tuple[int, int], patch_size: tuple[int, int]
+) -> np.ndarray:
   """Pixel distance between the centres of every pair of patches.
 
   Returns:
     `[rows * cols, rows * cols]`, patches in row-major order.
   """
-  rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]),
-                           indexing='ij')
-  centres = np.stack([rows.ravel() * patch_size[0],
-                      cols.ravel() * patch_size[1]], axis=-1).astype(
-                          np.float64)
+  rows, cols = np.meshgrid(
+      np.arange(grid[0]), np.arange(grid[1]), indexing='ij'
+  )
+  centres = np.stack(
+      [rows.ravel() * patch_size[0], cols.ravel() * patch_size[1]], axis=-1
+  ).astype(np.float64)
   return np.linalg.norm(centres[:, None] - centres[None], axis=-1)
 
 
-def mean_attention_distance(weights: np.ndarray, grid: tuple[int, int],
-                            patch_size: tuple[int, int], *,
-                            num_prefix_tokens: int = 1) -> np.ndarray:
+def mean_attention_distance(
+    weights: np.ndarray,
+    grid: tuple[int, int],
+    patch_size: tuple[int, int],
+    *,
+    num_prefix_tokens: int = 1,
+) -> np.ndarray:
   """Mean attention distance in pixels, per layer and head (Figure 7 right).
 
   For each query patch, the distances to the key patches are weighted by the
@@ -154,9 +174,9 @@ def mean_attention_distance(weights: np.ndarray, grid: tuple[int, int],
   return per_query.mean(axis=(1, 3)).astype(np.float32)
 
 
-def position_embedding_similarity(posemb: np.ndarray, grid: tuple[int, int],
-                                  *, has_class_token: bool = True
-                                  ) -> np.ndarray:
+def position_embedding_similarity(
+    posemb: np.ndarray, grid: tuple[int, int], *, has_class_token: bool = True
+) -> np.ndarray:
   """Cosine similarity between position embeddings (Figure 7 centre).
 
   Args:
@@ -172,15 +192,18 @@ def position_embedding_similarity(posemb: np.ndarray, grid: tuple[int, int],
   if has_class_token:
     emb = emb[1:]
   if emb.shape[0] != grid[0] * grid[1]:
-    raise ValueError(f'{emb.shape[0]} position embeddings do not fill a '
-                     f'{grid[0]}x{grid[1]} grid.')
+    raise ValueError(
+        f'{emb.shape[0]} position embeddings do not fill a '
+        f'{grid[0]}x{grid[1]} grid.'
+    )
   unit = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
   sim = unit @ unit.T
   return sim.reshape(grid + grid).astype(np.float32)
 
 
-def embedding_filters(kernel: np.ndarray, num_components: int = 28
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def embedding_filters(
+    kernel: np.ndarray, num_components: int = 28
+) -> tuple[np.ndarray, np.ndarray]:
   """Principal components of the patch-embedding filters (Figure 7 left).
 
   Args:
@@ -197,11 +220,13 @@ def embedding_filters(kernel: np.ndarray, num_components: int = 28
   filters = kernel.reshape(ph * pw * channels, hidden).T  # [hidden, pixels]
   filters = filters - filters.mean(axis=0, keepdims=True)
   _, singular, components = np.linalg.svd(filters, full_matrices=False)
-  variance = singular ** 2
+  variance = singular**2
   ratio = variance / max(variance.sum(), 1e-12)
   n = min(num_components, components.shape[0])
-  return (components[:n].reshape(n, ph, pw, channels).astype(np.float32),
-          ratio[:n].astype(np.float32))
+  return (
+      components[:n].reshape(n, ph, pw, channels).astype(np.float32),
+      ratio[:n].astype(np.float32),
+  )
 
 
 def grid_of(model: flax.linen.Module, image_size: int) -> tuple[int, int]:

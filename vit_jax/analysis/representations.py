@@ -37,12 +37,19 @@ from vit_jax.models import vit
 POOLINGS = ('flatten', 'mean')
 # Block class -> the name its input is sown under (the models sow the
 # outputs: `block_output`, `unit_output`).
-_INPUTS = ((vit.Encoder1DBlock, 'block_input'),
-           (mixer.MixerBlock, 'block_input'),
-           (resnet.ResidualUnit, 'unit_input'))
+_INPUTS = (
+    (vit.Encoder1DBlock, 'block_input'),
+    (mixer.MixerBlock, 'block_input'),
+    (resnet.ResidualUnit, 'unit_input'),
+)
 # Sown names that are representations (attention weights are not).
-_SOWN = ('block_input', 'block_output', 'unit_input', 'unit_output',
-         'pre_logits')
+_SOWN = (
+    'block_input',
+    'block_output',
+    'unit_input',
+    'unit_output',
+    'pre_logits',
+)
 _SCANNED = 'Transformer/encoderblock/'
 
 
@@ -64,8 +71,9 @@ def _sow_block_inputs(next_fun, args, kwargs, context):
 
 def _layers_of(intermediates: Any) -> dict[str, jax.Array]:
   """{layer name: `[batch, ...]`} from an `intermediates` collection."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates),
-                                         sep='/')
+  flat = flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(intermediates), sep='/'
+  )
   layers = {}
   for path, value in flat.items():
     if path.rsplit('/', 1)[-1] not in _SOWN:
@@ -73,8 +81,7 @@ def _layers_of(intermediates: Any) -> dict[str, jax.Array]:
     value = value[0]
     if path.startswith(_SCANNED):  # Stacked: [layers, batch, ...].
       for i in range(value.shape[0]):
-        layers[path.replace('encoderblock/', f'encoderblock_{i}/')] = (
-            value[i])
+        layers[path.replace('encoderblock/', f'encoderblock_{i}/')] = value[i]
     else:
       layers[path] = value
   return layers
@@ -99,28 +106,36 @@ def depth_key(name: str) -> tuple[Any, ...]:
   and the hybrid's `Transformer` before its ResNet `block1`.)
   """
   # The numbers in the path, and a block's input before its output.
-  return (_group(name), tuple(int(n) for n in re.findall(r'\d+', name)),
-          0 if _is_input(name) else 1)
+  return (
+      _group(name),
+      tuple(int(n) for n in re.findall(r'\d+', name)),
+      0 if _is_input(name) else 1,
+  )
 
 
-def _apply(model: flax.linen.Module, params: Any,
-           images: jax.Array) -> dict[str, jax.Array]:
+def _apply(
+    model: flax.linen.Module, params: Any, images: jax.Array
+) -> dict[str, jax.Array]:
   with nn.intercept_methods(_sow_block_inputs):
-    _, state = model.apply({'params': params}, images, train=False,
-                           mutable=['intermediates'])
+    _, state = model.apply(
+        {'params': params}, images, train=False, mutable=['intermediates']
+    )
   return _layers_of(state['intermediates'])
 
 
-def available_layers(model: flax.linen.Module, params: Any,
-                     image_size: int) -> dict[str, tuple[int, ...]]:
+def available_layers(
+    model: flax.linen.Module, params: Any, image_size: int
+) -> dict[str, tuple[int, ...]]:
   """{layer name: shape of one example's representation}, in depth order.
 
   Nothing is computed (`jax.eval_shape`).
   """
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   shapes = jax.eval_shape(lambda p, x: _apply(model, p, x), params, images)
-  return {name: tuple(shapes[name].shape[1:])
-          for name in sorted(shapes, key=depth_key)}
+  return {
+      name: tuple(shapes[name].shape[1:])
+      for name in sorted(shapes, key=depth_key)
+  }
 
 
 def depth_layers(names: Sequence[str]) -> list[str]:
@@ -136,14 +151,19 @@ def depth_layers(names: Sequence[str]) -> list[str]:
     if name.endswith(('block_output', 'unit_output')):
       keep.append(name)
     elif _is_input(name) and not (
-        i and names[i - 1].endswith(('block_output', 'unit_output'))
-        and _group(names[i - 1]) == _group(name)):
+        i
+        and names[i - 1].endswith(('block_output', 'unit_output'))
+        and _group(names[i - 1]) == _group(name)
+    ):
       keep.append(name)
   return keep
 
 
-def check_layers(requested: Sequence[str] | None,
-                 available: Sequence[str], what: str = 'layers') -> list[str]:
+def check_layers(
+    requested: Sequence[str] | None,
+    available: Sequence[str],
+    what: str = 'layers',
+) -> list[str]:
   """The requested layers (default: `depth_layers`), checked.
 
   Args:
@@ -164,7 +184,8 @@ def check_layers(requested: Sequence[str] | None,
   if unknown:
     raise ValueError(
         f'{what}: {", ".join(map(repr, unknown))} is not a layer of the '
-        f'model; its layers are: {", ".join(available)}.')
+        f'model; its layers are: {", ".join(available)}.'
+    )
   return list(requested)
 
 
@@ -181,8 +202,9 @@ def short_label(name: str) -> str:
   if leaf in ('unit_input', 'unit_output'):
     if leaf == 'unit_input' and numbers == [1, 1]:
       return 'stem'
-    return f's{numbers[0]}u{numbers[1]}' + ('in' if leaf == 'unit_input'
-                                              else '')
+    return f's{numbers[0]}u{numbers[1]}' + (
+        'in' if leaf == 'unit_input' else ''
+    )
   if leaf in ('block_input', 'block_output'):
     block = numbers[-1] + 1
     if leaf == 'block_input':
@@ -211,9 +233,9 @@ def pool(x: jax.Array, pooling: str) -> jax.Array:
   raise ValueError(f'Unknown pooling {pooling!r}; use one of {POOLINGS}.')
 
 
-def representation_fn(model: flax.linen.Module, layers: Sequence[str],
-                      pooling: str = 'flatten'
-                      ) -> Callable[[Any, jax.Array], list[jax.Array]]:
+def representation_fn(
+    model: flax.linen.Module, layers: Sequence[str], pooling: str = 'flatten'
+) -> Callable[[Any, jax.Array], list[jax.Array]]:
   """`fn(params, images) -> [[batch, features] per layer]` (not jitted)."""
   if pooling not in POOLINGS:
     raise ValueError(f'Unknown pooling {pooling!r}; use one of {POOLINGS}.')
@@ -222,16 +244,20 @@ def representation_fn(model: flax.linen.Module, layers: Sequence[str],
   def fn(params, images):
     found = _apply(model, params, images)
     return [pool(found[name], pooling) for name in layers]
+
   return fn
 
 
-def make_model_hsic_fn(model_a: flax.linen.Module, layers_a: Sequence[str],
-                       mesh: jax.sharding.Mesh, *,
-                       model_b: flax.linen.Module | None = None,
-                       layers_b: Sequence[str] | None = None,
-                       pooling: str = 'flatten',
-                       param_shardings: tuple[Any, Any] | None = None
-                       ) -> Callable[..., dict[str, jax.Array]]:
+def make_model_hsic_fn(
+    model_a: flax.linen.Module,
+    layers_a: Sequence[str],
+    mesh: jax.sharding.Mesh,
+    *,
+    model_b: flax.linen.Module | None = None,
+    layers_b: Sequence[str] | None = None,
+    pooling: str = 'flatten',
+    param_shardings: tuple[Any, Any] | None = None,
+) -> Callable[..., dict[str, jax.Array]]:
   """One jitted forward pass + `cka.hsic_sums` per batch, on `mesh`.
 
   Inputs are sharded like the evaluators' (images and mask split over the
@@ -256,31 +282,47 @@ def make_model_hsic_fn(model_a: flax.linen.Module, layers_a: Sequence[str],
   shard_a, shard_b = param_shardings or (replicated, replicated)
   rep_a = representation_fn(model_a, layers_a, pooling)
   if model_b is None:
-    return jax.jit(sharding.on_mesh(
-        lambda params, images, mask: cka.hsic_sums(
-            rep_a(params, images), None, mask), mesh),
-        in_shardings=(shard_a, batch, batch), out_shardings=replicated)
+    return jax.jit(
+        sharding.on_mesh(
+            lambda params, images, mask: cka.hsic_sums(
+                rep_a(params, images), None, mask
+            ),
+            mesh,
+        ),
+        in_shardings=(shard_a, batch, batch),
+        out_shardings=replicated,
+    )
   assert layers_b is not None, 'model_b needs layers_b'
   rep_b = representation_fn(model_b, layers_b, pooling)
 
   def fn(params_a, params_b, images_a, images_b, mask):
     # All layers of both models against all: the within-model blocks come
     # free with the between-model one (each Gram is computed once).
-    return cka.hsic_sums(rep_a(params_a, images_a) +
-                         rep_b(params_b, images_b), None, mask)
-  return jax.jit(sharding.on_mesh(fn, mesh),
-                 in_shardings=(shard_a, shard_b, batch, batch, batch),
-                 out_shardings=replicated)
+    return cka.hsic_sums(
+        rep_a(params_a, images_a) + rep_b(params_b, images_b), None, mask
+    )
+
+  return jax.jit(
+      sharding.on_mesh(fn, mesh),
+      in_shardings=(shard_a, shard_b, batch, batch, batch),
+      out_shardings=replicated,
+  )
 
 
-def minibatch_cka(model_a: flax.linen.Module, params_a: Any,
-                  images_a: np.ndarray, *,
-                  model_b: flax.linen.Module | None = None,
-                  params_b: Any = None, images_b: np.ndarray | None = None,
-                  layers_a: Sequence[str] | None = None,
-                  layers_b: Sequence[str] | None = None,
-                  pooling: str = 'flatten', batch_size: int = 64,
-                  mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+def minibatch_cka(
+    model_a: flax.linen.Module,
+    params_a: Any,
+    images_a: np.ndarray,
+    *,
+    model_b: flax.linen.Module | None = None,
+    params_b: Any = None,
+    images_b: np.ndarray | None = None,
+    layers_a: Sequence[str] | None = None,
+    layers_b: Sequence[str] | None = None,
+    pooling: str = 'flatten',
+    batch_size: int = 64,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, Any]:
   """Minibatch CKA between the layers of one model or of two.
 
   The images go through the model(s) `batch_size` at a time; a short last
@@ -322,33 +364,41 @@ def minibatch_cka(model_a: flax.linen.Module, params_a: Any,
   if model_b is not None and len(images_b) != n:
     raise ValueError(
         f'images_a has {n} images and images_b has {len(images_b)}: CKA '
-        'compares two representations of the same images.')
+        'compares two representations of the same images.'
+    )
   if model_b is not None and params_b is None:
     raise ValueError('model_b needs params_b.')
   if n < cka.MIN_BATCH:
-    raise ValueError(f'Minibatch CKA needs at least {cka.MIN_BATCH} images; '
-                     f'got {n}.')
+    raise ValueError(
+        f'Minibatch CKA needs at least {cka.MIN_BATCH} images; ' f'got {n}.'
+    )
   mesh = mesh or sharding.make_mesh()
   shards = sharding.batch_shards(mesh)
   # No batch larger than the data (rounded up to split over the mesh).
   batch_size = min(int(batch_size), -(-n // shards) * shards)
   if batch_size < cka.MIN_BATCH:
-    raise ValueError(f'batch_size={batch_size}: the unbiased HSIC needs at '
-                     f'least {cka.MIN_BATCH} examples per batch.')
+    raise ValueError(
+        f'batch_size={batch_size}: the unbiased HSIC needs at '
+        f'least {cka.MIN_BATCH} examples per batch.'
+    )
   sharding.check_batch_size(batch_size, mesh, what='batch_size')
   size_a = images_a.shape[1]
-  names_a = check_layers(layers_a, list(available_layers(model_a, params_a,
-                                                         size_a)), 'layers_a')
+  names_a = check_layers(
+      layers_a, list(available_layers(model_a, params_a, size_a)), 'layers_a'
+  )
   if model_b is None:
     names_b = names_a
     if layers_b:
       raise ValueError('layers_b is only for a second model (model_b).')
   else:
     names_b = check_layers(
-        layers_b, list(available_layers(model_b, params_b,
-                                        images_b.shape[1])), 'layers_b')
-  fn = make_model_hsic_fn(model_a, names_a, mesh, model_b=model_b,
-                          layers_b=names_b, pooling=pooling)
+        layers_b,
+        list(available_layers(model_b, params_b, images_b.shape[1])),
+        'layers_b',
+    )
+  fn = make_model_hsic_fn(
+      model_a, names_a, mesh, model_b=model_b, layers_b=names_b, pooling=pooling
+  )
   replicated = sharding.replicated(mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   params_a = sharding.put_global(params_a, replicated)
@@ -362,11 +412,13 @@ def minibatch_cka(model_a: flax.linen.Module, params_a: Any,
 
     def padded(images, start=start, real=real):
       out = np.zeros((batch_size,) + images.shape[1:], np.float32)
-      out[:real] = images[start:start + real]
+      out[:real] = images[start : start + real]
       return out
+
     inputs = sharding.put_global(
         {'a': padded(images_a), 'b': padded(images_b), 'mask': mask},
-        batch_sharding)
+        batch_sharding,
+    )
     if model_b is None:
       sums = fn(params_a, inputs['a'], inputs['mask'])
     else:
@@ -378,13 +430,20 @@ def minibatch_cka(model_a: flax.linen.Module, params_a: Any,
   else:
     k = len(names_a)
     within_a, within_b, matrix = joint[:k, :k], joint[k:, k:], joint[:k, k:]
-  return {'layers_a': names_a, 'layers_b': names_b, 'matrix': matrix,
-          'within_a': within_a, 'within_b': within_b, 'num_images': int(n),
-          'batch_size': int(batch_size)}
+  return {
+      'layers_a': names_a,
+      'layers_b': names_b,
+      'matrix': matrix,
+      'within_a': within_a,
+      'within_b': within_b,
+      'num_images': int(n),
+      'batch_size': int(batch_size),
+  }
 
 
-def cka_with_previous(matrix: np.ndarray, layers: Sequence[str]
-                      ) -> list[dict[str, Any]]:
+def cka_with_previous(
+    matrix: np.ndarray, layers: Sequence[str]
+) -> list[dict[str, Any]]:
   """CKA of each block's output with the layer before it (its input).
 
   Args:
@@ -398,12 +457,26 @@ def cka_with_previous(matrix: np.ndarray, layers: Sequence[str]
   rows = []
   for i, name in enumerate(layers):
     if i and name.endswith(('block_output', 'unit_output')):
-      rows.append({'layer': name, 'input': layers[i - 1],
-                   'cka': float(matrix[i, i - 1])})
+      rows.append(
+          {
+              'layer': name,
+              'input': layers[i - 1],
+              'cka': float(matrix[i, i - 1]),
+          }
+      )
   return rows
 
 
-__all__ = ['POOLINGS', 'available_layers', 'check_layers',
-           'cka_with_previous', 'depth_key', 'depth_layers',
-           'make_model_hsic_fn', 'minibatch_cka', 'pool',
-           'representation_fn', 'short_label']
+__all__ = [
+    'POOLINGS',
+    'available_layers',
+    'check_layers',
+    'cka_with_previous',
+    'depth_key',
+    'depth_layers',
+    'make_model_hsic_fn',
+    'minibatch_cka',
+    'pool',
+    'representation_fn',
+    'short_label',
+]

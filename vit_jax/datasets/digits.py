@@ -33,17 +33,20 @@ class Digits(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {
       '1.0.0': 'Initial release: first 1,497 train, last 300 test.',
       '1.1.0': 'Interleaved split: index % 6 == 5 is test (299), so every '
-               'writer appears in train and test.',
+      'writer appears in train and test.',
   }
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(8, 8, 1)),
-            'label': tfds.features.ClassLabel(
-                names=[str(d) for d in range(10)]),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                'image': tfds.features.Image(shape=(8, 8, 1)),
+                'label': tfds.features.ClassLabel(
+                    names=[str(d) for d in range(10)]
+                ),
+            }
+        ),
         supervised_keys=('image', 'label'),
         homepage='https://scikit-learn.org/stable/datasets/toy_dataset.html',
     )
@@ -57,16 +60,17 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, test):
     from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
     digits = datasets.load_digits()
     if len(digits.images) != NUM_EXAMPLES:
       raise RuntimeError(
           f'scikit-learn returned {len(digits.images)} digits, expected '
-          f'{NUM_EXAMPLES}: the documented split no longer applies.')
+          f'{NUM_EXAMPLES}: the documented split no longer applies.'
+      )
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)
     for i in range(NUM_EXAMPLES):
       if (i % TEST_EVERY == TEST_EVERY - 1) == test:
-        yield i, {'image': images[i][..., None],
-                  'label': int(digits.target[i])}
+        yield i, {'image': images[i][..., None], 'label': int(digits.target[i])}
 
 
 @contextlib.contextmanager

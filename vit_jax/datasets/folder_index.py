@@ -17,13 +17,13 @@ cannot be written is a warning, one that cannot be read or parsed is
 ignored and rewritten.
 """
 
+from collections.abc import Mapping, Sequence
 import concurrent.futures
 import contextlib
 import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
 
 from absl import logging
 
@@ -82,6 +82,7 @@ def check_image(path: str) -> str | None:
     path: Image file.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   try:
     with Image.open(path) as image:
       if image.format == 'JPEG':
@@ -96,8 +97,9 @@ def _check_chunk(paths: Sequence[str]) -> list[str | None]:
   return [check_image(p) for p in paths]
 
 
-def check_images(paths: Sequence[str], *, where: str,
-                 threads: int | None = None) -> list[str | None]:
+def check_images(
+    paths: Sequence[str], *, where: str, threads: int | None = None
+) -> list[str | None]:
   """`check_image` of every path, in threads, with a progress line.
 
   PIL releases the GIL while it decodes, so threads use all cores (measured:
@@ -113,7 +115,7 @@ def check_images(paths: Sequence[str], *, where: str,
     One verdict per path, in order: None, or why it does not decode.
   """
   threads = threads or min(64, 4 * (os.cpu_count() or 1))
-  chunks = [paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
+  chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
   out = []
   start = last = time.monotonic()
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -122,21 +124,30 @@ def check_images(paths: Sequence[str], *, where: str,
       now = time.monotonic()
       if now - last >= PROGRESS_SECONDS:
         last = now
-        logging.info('Checking images in %s: %s / %s (%s/s)', where,
-                     f'{len(out):,}', f'{len(paths):,}',
-                     f'{len(out) / (now - start):,.0f}')
+        logging.info(
+            'Checking images in %s: %s / %s (%s/s)',
+            where,
+            f'{len(out):,}',
+            f'{len(paths):,}',
+            f'{len(out) / (now - start):,.0f}',
+        )
   seconds = time.monotonic() - start
-  logging.info('Checked %s images in %s in %.1f s (%s/s), %d unreadable.',
-               f'{len(paths):,}', where, seconds,
-               f'{len(paths) / max(seconds, 1e-9):,.0f}',
-               sum(v is not None for v in out))
+  logging.info(
+      'Checked %s images in %s in %.1f s (%s/s), %d unreadable.',
+      f'{len(paths):,}',
+      where,
+      seconds,
+      f'{len(paths) / max(seconds, 1e-9):,.0f}',
+      sum(v is not None for v in out),
+  )
   return out
 
 
 def cache_path(root: str) -> str:
   """Where the index of `root` goes when `root` is not writable."""
   cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(
-      os.path.expanduser('~'), '.cache')
+      os.path.expanduser('~'), '.cache'
+  )
   key = hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:24]
   return os.path.join(cache, 'vit_jax', 'image_folder_index', f'{key}.json')
 
@@ -151,26 +162,33 @@ def _load(path: str) -> _Index | None:
     index = {}
     for directory, entry in data['dirs'].items():
       names, sizes, mtimes, errors = (
-          entry[k] for k in ('names', 'sizes', 'mtime_ns', 'errors'))
+          entry[k] for k in ('names', 'sizes', 'mtime_ns', 'errors')
+      )
       if not len(names) == len(sizes) == len(mtimes):
         raise ValueError(f'lists of unequal length for {directory!r}')
       if not all(isinstance(e, str) for e in errors.values()):
         raise ValueError(f'an error that is not a string in {directory!r}')
-      index[directory] = {n: (s, m, errors.get(n))
-                          for n, s, m in zip(names, sizes, mtimes)}
+      index[directory] = {
+          n: (s, m, errors.get(n)) for n, s, m in zip(names, sizes, mtimes)
+      }
     return index
   except FileNotFoundError:
     return None
   except Exception as e:  # pylint: disable=broad-except
     # Garbled, truncated by hand, another version, a directory, ...: the
     # index is only a cache, so it is rebuilt rather than trusted.
-    logging.warning('Ignoring the image folder index %s (%s: %s); it is '
-                    'rebuilt.', path, type(e).__name__, e)
+    logging.warning(
+        'Ignoring the image folder index %s (%s: %s); it is ' 'rebuilt.',
+        path,
+        type(e).__name__,
+        e,
+    )
     return None
 
 
-def _lookup(index: _Index | None, files: Mapping[str, Stat],
-            out: dict[str, str | None]) -> None:
+def _lookup(
+    index: _Index | None, files: Mapping[str, Stat], out: dict[str, str | None]
+) -> None:
   """Adds to `out` the verdicts `index` holds for `files` not in `out`."""
   if not index:
     return
@@ -183,8 +201,9 @@ def _lookup(index: _Index | None, files: Mapping[str, Stat],
       out[rel] = entry[2]
 
 
-def _build(files: Mapping[str, Stat],
-           found: Mapping[str, str | None]) -> _Index:
+def _build(
+    files: Mapping[str, Stat], found: Mapping[str, str | None]
+) -> _Index:
   index: _Index = {}
   for rel, stat in files.items():
     if stat is not None:
@@ -199,11 +218,15 @@ def _dumps(index: _Index) -> str:
     names = sorted(index[directory])
     entries = [index[directory][n] for n in names]
     dirs[directory] = {
-        'names': names, 'sizes': [e[0] for e in entries],
+        'names': names,
+        'sizes': [e[0] for e in entries],
         'mtime_ns': [e[1] for e in entries],
-        'errors': {n: e[2] for n, e in zip(names, entries) if e[2]}}
-  return json.dumps({'format': _FORMAT, 'version': _VERSION, 'dirs': dirs},
-                    separators=(',', ':'))
+        'errors': {n: e[2] for n, e in zip(names, entries) if e[2]},
+    }
+  return json.dumps(
+      {'format': _FORMAT, 'version': _VERSION, 'dirs': dirs},
+      separators=(',', ':'),
+  )
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -222,8 +245,9 @@ def _write_atomic(path: str, text: str) -> None:
     raise
 
 
-def verdicts(root: str, files: Mapping[str, Stat], *,
-             write: bool) -> dict[str, str | None]:
+def verdicts(
+    root: str, files: Mapping[str, Stat], *, write: bool
+) -> dict[str, str | None]:
   """Whether each file decodes, from the index where it still applies.
 
   Args:
@@ -240,25 +264,32 @@ def verdicts(root: str, files: Mapping[str, Stat], *,
   _lookup(root_index, files, out)
   stored = sum(stat is not None for stat in files.values())
   # Exact: the root index holds every file with its stat and nothing else.
-  exact = (root_index is not None and len(out) == stored
-           and sum(map(len, root_index.values())) == stored)
+  exact = (
+      root_index is not None
+      and len(out) == stored
+      and sum(map(len, root_index.values())) == stored
+  )
   cache_index = None
   if not exact:
     cache_index = _load(cache_path(root))
     _lookup(cache_index, files, out)
   todo = sorted(rel for rel in files if rel not in out)
-  logging.info('Image folder %s: %s files, %s known from its index, %s to '
-               'check.', root, f'{len(files):,}', f'{len(out):,}',
-               f'{len(todo):,}')
+  logging.info(
+      'Image folder %s: %s files, %s known from its index, %s to ' 'check.',
+      root,
+      f'{len(files):,}',
+      f'{len(out):,}',
+      f'{len(todo):,}',
+  )
   if todo:
-    checked = check_images([os.path.join(root, rel) for rel in todo],
-                           where=root)
+    checked = check_images(
+        [os.path.join(root, rel) for rel in todo], where=root
+    )
     out.update(zip(todo, checked))
   if write and not exact:
     index = _build(files, out)
     failures = []
-    for path, old in ((root_path, root_index),
-                      (cache_path(root), cache_index)):
+    for path, old in ((root_path, root_index), (cache_path(root), cache_index)):
       if old == index:
         break
       try:
@@ -268,6 +299,9 @@ def verdicts(root: str, files: Mapping[str, Stat], *,
       except OSError as e:
         failures.append(f'{path}: {type(e).__name__}: {e}')
     else:
-      logging.warning('Could not write the image folder index (%s); the next '
-                      'start checks the images again.', '; '.join(failures))
+      logging.warning(
+          'Could not write the image folder index (%s); the next '
+          'start checks the images again.',
+          '; '.join(failures),
+      )
   return out

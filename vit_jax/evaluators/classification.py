@@ -14,33 +14,51 @@ from vit_jax import losses
 from vit_jax import sharding
 
 
-def eval_step(params: Any, batch: Mapping[str, jax.Array], *,
-              model: flax.linen.Module,
-              loss: str = 'softmax_xent') -> dict[str, jax.Array]:
+def eval_step(
+    params: Any,
+    batch: Mapping[str, jax.Array],
+    *,
+    model: flax.linen.Module,
+    loss: str = 'softmax_xent',
+) -> dict[str, jax.Array]:
   """Masked sums of loss, top-1 / top-5 hits and examples over a batch."""
-  logits = cast(jax.Array, model.apply({'params': params}, batch['image'],
-                                       train=False))
+  logits = cast(
+      jax.Array, model.apply({'params': params}, batch['image'], train=False)
+  )
   mask = batch['mask']
   per_example = losses.per_example_loss(logits, batch['labels'], kind=loss)
   # A prediction is a hit when it is (one of) the labels.
-  top1 = jnp.take_along_axis(batch['labels'], logits.argmax(-1)[:, None],
-                             axis=-1)[:, 0] > 0
+  top1 = (
+      jnp.take_along_axis(batch['labels'], logits.argmax(-1)[:, None], axis=-1)[
+          :, 0
+      ]
+      > 0
+  )
   k = min(5, logits.shape[-1])
   _, top_k = jax.lax.top_k(logits, k)
   top5 = jnp.take_along_axis(batch['labels'], top_k, axis=-1).max(-1) > 0
-  return {'loss': (per_example * mask).sum(), 'correct': (top1 * mask).sum(),
-          'correct_top5': (top5 * mask).sum(), 'count': mask.sum()}
+  return {
+      'loss': (per_example * mask).sum(),
+      'correct': (top1 * mask).sum(),
+      'correct_top5': (top5 * mask).sum(),
+      'count': mask.sum(),
+  }
 
 
-def make_eval_fn(model: flax.linen.Module, mesh: jax.sharding.Mesh,
-                 param_shardings: Any, loss: str = 'softmax_xent'
-                 ) -> Callable[[Any, Any], dict[str, jax.Array]]:
+def make_eval_fn(
+    model: flax.linen.Module,
+    mesh: jax.sharding.Mesh,
+    param_shardings: Any,
+    loss: str = 'softmax_xent',
+) -> Callable[[Any, Any], dict[str, jax.Array]]:
   """`eval_step` jitted with the training shardings (replicated sums)."""
-  return jax.jit(sharding.on_mesh(
-      functools.partial(eval_step, model=model, loss=loss), mesh),
-                 in_shardings=(param_shardings,
-                               sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+  return jax.jit(
+      sharding.on_mesh(
+          functools.partial(eval_step, model=model, loss=loss), mesh
+      ),
+      in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=sharding.replicated(mesh),
+  )
 
 
 class Progress:
@@ -51,8 +69,14 @@ class Progress:
   seconds, so a short evaluation logs only its final line.
   """
 
-  def __init__(self, what: str, total: int | None, *,
-               every_s: float = 30.0, quiet_s: float = 2.0):
+  def __init__(
+      self,
+      what: str,
+      total: int | None,
+      *,
+      every_s: float = 30.0,
+      quiet_s: float = 2.0,
+  ):
     self.what = what
     self.total = total if total and total > 0 else None
     self.every_s, self.quiet_s = every_s, quiet_s
@@ -71,8 +95,13 @@ class Progress:
     tenth = self.total and (self.done - self._last_done) * 10 >= self.total
     if since >= self.quiet_s and (tenth or since >= self.every_s):
       of = f'/{self.total}' if self.total else ''
-      logging.info('%s: %d%s batches (%.1f s)', self.what, self.done, of,
-                   now - self.start)
+      logging.info(
+          '%s: %d%s batches (%.1f s)',
+          self.what,
+          self.done,
+          of,
+          now - self.start,
+      )
       self._last, self._last_done = now, self.done
 
   def elapsed(self) -> float:
@@ -80,9 +109,15 @@ class Progress:
     return time.perf_counter() - self.start
 
 
-def sum_over_dataset(params: Any, eval_fn: Callable[..., Any], dataset: Any,
-                     batch_sharding: Any, *, num_batches: int | None = None,
-                     what: str = 'eval') -> dict[str, float]:
+def sum_over_dataset(
+    params: Any,
+    eval_fn: Callable[..., Any],
+    dataset: Any,
+    batch_sharding: Any,
+    *,
+    num_batches: int | None = None,
+    what: str = 'eval',
+) -> dict[str, float]:
   """Adds up `eval_fn(params, batch)` (dicts of sums) over a dataset.
 
   The sums stay on the devices until the end: one host sync per dataset.
@@ -110,31 +145,48 @@ def sum_over_dataset(params: Any, eval_fn: Callable[..., Any], dataset: Any,
   progress = Progress(what, num_batches)
   totals = None
   for batch in sharding.prefetch_to_device(
-      dataset.as_numpy_iterator(), batch_sharding):
+      dataset.as_numpy_iterator(), batch_sharding
+  ):
     sums = eval_fn(params, batch)
-    totals = sums if totals is None else jax.tree_util.tree_map(
-        jnp.add, totals, sums)
+    totals = (
+        sums
+        if totals is None
+        else jax.tree_util.tree_map(jnp.add, totals, sums)
+    )
     progress.step()
   totals = {k: float(v) for k, v in jax.device_get(totals).items()}
   if jax.process_index() == 0:
-    logging.info('%s: %d batches, %s images in %.1f s', what, progress.done,
-                 f'{int(totals.get("count", 0)):,}', progress.elapsed())
+    logging.info(
+        '%s: %d batches, %s images in %.1f s',
+        what,
+        progress.done,
+        f'{int(totals.get("count", 0)):,}',
+        progress.elapsed(),
+    )
   return totals
 
 
-def evaluate(params: Any, eval_fn: Callable[..., Any], dataset: Any,
-             batch_sharding: Any, *,
-             num_batches: int | None = None) -> dict[str, float]:
+def evaluate(
+    params: Any,
+    eval_fn: Callable[..., Any],
+    dataset: Any,
+    batch_sharding: Any,
+    *,
+    num_batches: int | None = None,
+) -> dict[str, float]:
   """Loss, top-1 and top-5 accuracy over a padded eval dataset.
 
   Keys: `eval/loss`, `eval/accuracy` (top-1), `eval/top5`, `eval/examples`.
   Progress is logged as `eval: 12/40 batches (2.1 s)`, then `eval: 40
   batches, 4,000 images in 8.3 s` (`sum_over_dataset`).
   """
-  totals = sum_over_dataset(params, eval_fn, dataset, batch_sharding,
-                            num_batches=num_batches)
+  totals = sum_over_dataset(
+      params, eval_fn, dataset, batch_sharding, num_batches=num_batches
+  )
   count = max(totals['count'], 1.0)
-  return {'eval/loss': float(totals['loss']) / count,
-          'eval/accuracy': float(totals['correct']) / count,
-          'eval/top5': float(totals['correct_top5']) / count,
-          'eval/examples': float(totals['count'])}
+  return {
+      'eval/loss': float(totals['loss']) / count,
+      'eval/accuracy': float(totals['correct']) / count,
+      'eval/top5': float(totals['correct_top5']) / count,
+      'eval/examples': float(totals['count']),
+  }

@@ -25,12 +25,13 @@ from vit_jax import input_pipeline
 from vit_jax import sharding
 from vit_jax.evaluators import classification
 
-DEFAULT_L2_GRID = tuple(2.0 ** e for e in range(-10, 11, 2))
+DEFAULT_L2_GRID = tuple(2.0**e for e in range(-10, 11, 2))
 
 
 @dataclasses.dataclass(frozen=True)
 class FewShotSection:
   """The few-shot linear evaluator (fields `evals.fewshot.*`)."""
+
   every: int
   dataset: str
   shots: tuple[int, ...]
@@ -43,25 +44,30 @@ class FewShotSection:
 
   def __post_init__(self):
     if not self.shots or min(self.shots) < 1:
-      raise ValueError(f'config.evals.fewshot.shots={self.shots} must be a '
-                       'non-empty list of positive image counts per class.')
+      raise ValueError(
+          f'config.evals.fewshot.shots={self.shots} must be a '
+          'non-empty list of positive image counts per class.'
+      )
     if self.seeds < 1:
-      raise ValueError(f'config.evals.fewshot.seeds={self.seeds} must be '
-                       '>= 1.')
+      raise ValueError(
+          f'config.evals.fewshot.seeds={self.seeds} must be ' '>= 1.'
+      )
     if self.pool_per_class < max(self.shots):
       raise ValueError(
           f'config.evals.fewshot.pool_per_class={self.pool_per_class} is '
           f'smaller than the largest shot count {max(self.shots)} '
           f'(evals.fewshot.shots={self.shots}): raise it to at least '
-          f'{max(self.shots)}.')
+          f'{max(self.shots)}.'
+      )
     if self.every < 0:
-      raise ValueError(f'config.evals.fewshot.every={self.every} must be '
-                       '>= 0 (0: off).')
+      raise ValueError(
+          f'config.evals.fewshot.every={self.every} must be ' '>= 0 (0: off).'
+      )
 
 
-def solve_least_squares(features: np.ndarray, labels: np.ndarray,
-                        num_classes: int, l2: float
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def solve_least_squares(
+    features: np.ndarray, labels: np.ndarray, num_classes: int, l2: float
+) -> tuple[np.ndarray, np.ndarray]:
   """Ridge regression to {-1, 1} one-vs-rest targets, in closed form.
 
   Minimises ||X W + b - Y||^2 + l2 ||W||^2 (the bias is not regularised).
@@ -84,16 +90,25 @@ def solve_least_squares(features: np.ndarray, labels: np.ndarray,
   return solution[:-1], solution[-1]
 
 
-def accuracy(weights: np.ndarray, bias: np.ndarray, features: np.ndarray,
-             labels: np.ndarray) -> float:
+def accuracy(
+    weights: np.ndarray,
+    bias: np.ndarray,
+    features: np.ndarray,
+    labels: np.ndarray,
+) -> float:
   """Top-1 accuracy of the linear classifier."""
   predictions = (np.asarray(features, np.float64) @ weights + bias).argmax(-1)
   return float(np.mean(predictions == np.asarray(labels)))
 
 
-def select_l2(features: np.ndarray, labels: np.ndarray, shots: int,
-              num_classes: int, grid: Sequence[float],
-              default_l2: float) -> float:
+def select_l2(
+    features: np.ndarray,
+    labels: np.ndarray,
+    shots: int,
+    num_classes: int,
+    grid: Sequence[float],
+    default_l2: float,
+) -> float:
   """Leave-one-shot-out choice of the regulariser.
 
   Args:
@@ -116,16 +131,18 @@ def select_l2(features: np.ndarray, labels: np.ndarray, shots: int,
     accs = []
     for f in range(shots):
       train, held = fold != f, fold == f
-      w, b = solve_least_squares(features[train], labels[train], num_classes,
-                                 l2)
+      w, b = solve_least_squares(
+          features[train], labels[train], num_classes, l2
+      )
       accs.append(accuracy(w, b, features[held], labels[held]))
     if np.mean(accs) >= best_acc:
       best, best_acc = l2, float(np.mean(accs))
   return best
 
 
-def draw_shots(labels: np.ndarray, shots: int, num_classes: int,
-               seed: int) -> np.ndarray:
+def draw_shots(
+    labels: np.ndarray, shots: int, num_classes: int, seed: int
+) -> np.ndarray:
   """Indices of `shots` random examples per class, shot-major order.
 
   Raises:
@@ -139,17 +156,24 @@ def draw_shots(labels: np.ndarray, shots: int, num_classes: int,
       raise ValueError(
           f'Few-shot: class {c} has {len(candidates)} examples in the pool, '
           f'fewer than {shots} shots; lower evals.fewshot.shots or raise '
-          'evals.fewshot.pool_per_class.')
+          'evals.fewshot.pool_per_class.'
+      )
     per_class.append(rng.choice(candidates, shots, replace=False))
   return np.stack(per_class, axis=1).ravel()  # [shot, class] -> flat.
 
 
-def few_shot_accuracies(train_features: np.ndarray, train_labels: np.ndarray,
-                        test_features: np.ndarray, test_labels: np.ndarray,
-                        num_classes: int, *, shots: Iterable[int] = (1, 5),
-                        seeds: int = 3,
-                        l2_grid: Sequence[float] = DEFAULT_L2_GRID,
-                        default_l2: float = 1.0) -> dict[int, list[float]]:
+def few_shot_accuracies(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    num_classes: int,
+    *,
+    shots: Iterable[int] = (1, 5),
+    seeds: int = 3,
+    l2_grid: Sequence[float] = DEFAULT_L2_GRID,
+    default_l2: float = 1.0,
+) -> dict[int, list[float]]:
   """Test accuracy for each k and seed.
 
   Returns:
@@ -168,47 +192,66 @@ def few_shot_accuracies(train_features: np.ndarray, train_labels: np.ndarray,
 
 
 def _representation(intermediates: Any, name: str) -> jax.Array:
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates),
-                                         sep='/')
+  flat = flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(intermediates), sep='/'
+  )
   found = {k: v for k, v in flat.items() if k == name}
   if not found:
     raise ValueError(
         f'evals.fewshot.representation={name!r} is not sown by the model; '
-        f'available: {sorted(flat)}.')
+        f'available: {sorted(flat)}.'
+    )
   value = found[name][0]
   # Token sequences ([batch, tokens, d]) are averaged over the tokens.
   return value.mean(axis=1) if value.ndim == 3 else value
 
 
-def make_feature_fn(model: flax.linen.Module, representation: str,
-                    mesh: jax.sharding.Mesh, param_shardings: Any
-                    ) -> Callable[[Any, Any], dict[str, jax.Array]]:
+def make_feature_fn(
+    model: flax.linen.Module,
+    representation: str,
+    mesh: jax.sharding.Mesh,
+    param_shardings: Any,
+) -> Callable[[Any, Any], dict[str, jax.Array]]:
   """A jitted `(params, batch) -> {'features', 'labels', 'mask'}`.
 
   Inputs are sharded like training; outputs are replicated, so every process
   gets the whole batch's features (the solver runs on each host).
   """
+
   def features(params, batch):
-    _, state = model.apply({'params': params}, batch['image'], train=False,
-                           mutable=['intermediates'])
-    return {'features': _representation(state['intermediates'],
-                                        representation).astype(np.float32),
-            'labels': batch['labels'].argmax(-1), 'mask': batch['mask']}
+    _, state = model.apply(
+        {'params': params},
+        batch['image'],
+        train=False,
+        mutable=['intermediates'],
+    )
+    return {
+        'features': _representation(
+            state['intermediates'], representation
+        ).astype(np.float32),
+        'labels': batch['labels'].argmax(-1),
+        'mask': batch['mask'],
+    }
 
-  return jax.jit(sharding.on_mesh(features, mesh),
-                 in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+  return jax.jit(
+      sharding.on_mesh(features, mesh),
+      in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=sharding.replicated(mesh),
+  )
 
 
-def extract(feature_fn: Callable[[Any, Any], dict[str, jax.Array]],
-            params: Any,
-            dataset: Any, mesh: jax.sharding.Mesh, *,
-            per_class_limit: int | None = None,
-            num_classes: int | None = None,
-            max_examples: int | None = None,
-            num_batches: int | None = None,
-            what: str = 'fewshot features'
-            ) -> tuple[np.ndarray, np.ndarray]:
+def extract(
+    feature_fn: Callable[[Any, Any], dict[str, jax.Array]],
+    params: Any,
+    dataset: Any,
+    mesh: jax.sharding.Mesh,
+    *,
+    per_class_limit: int | None = None,
+    num_classes: int | None = None,
+    max_examples: int | None = None,
+    num_batches: int | None = None,
+    what: str = 'fewshot features',
+) -> tuple[np.ndarray, np.ndarray]:
   """Features and integer labels of the real (mask 1) examples.
 
   Stops early once every class has `per_class_limit` examples or
@@ -220,7 +263,8 @@ def extract(feature_fn: Callable[[Any, Any], dict[str, jax.Array]],
   counts = np.zeros(num_classes or 0, np.int64)
   progress = classification.Progress(what, num_batches)
   for batch in sharding.prefetch_to_device(
-      dataset.as_numpy_iterator(), sharding.batch_sharding(mesh)):
+      dataset.as_numpy_iterator(), sharding.batch_sharding(mesh)
+  ):
     progress.step()
     out = jax.device_get(feature_fn(params, batch))
     mask = np.asarray(out['mask']) > 0
@@ -257,6 +301,7 @@ class FewShotEvaluator:
       does not fit the shots (training: the config field; the evaluate
       command: its flag).
   """
+
   section: FewShotSection
   data: input_pipeline.DataSection
   model: flax.linen.Module
@@ -277,13 +322,18 @@ class FewShotEvaluator:
       # Another dataset (transfer): its own splits and classes, not the
       # training run's.
       self.probe_data = dataclasses.replace(
-          self.data, dataset=fs.dataset, train_split=None, eval_split=None,
-          num_classes=None)
+          self.data,
+          dataset=fs.dataset,
+          train_split=None,
+          eval_split=None,
+          num_classes=None,
+      )
     self.source = input_pipeline.get_source(self.probe_data)
     self.info = input_pipeline.get_dataset_info(self.probe_data, self.source)
     self.check_data()
-    self.feature_fn = make_feature_fn(self.model, fs.representation,
-                                      self.mesh, self.param_shardings)
+    self.feature_fn = make_feature_fn(
+        self.model, fs.representation, self.mesh, self.param_shardings
+    )
     self.name = self.probe_data.dataset
 
   def check_data(self) -> None:
@@ -303,45 +353,68 @@ class FewShotEvaluator:
       raise ValueError(
           f'The test split {self.info.eval_split!r} of the {where} is '
           'empty: set eval_split (or evals.fewshot.dataset) to a dataset '
-          'with test images.')
-    counts = self.source.class_counts(self.info.train_split,
-                                      self.info.num_classes, most)
+          'with test images.'
+      )
+    counts = self.source.class_counts(
+        self.info.train_split, self.info.num_classes, most
+    )
     short = np.flatnonzero(counts < most)
     if short.size:
       c = int(short[0])
-      name = (f' ({self.info.class_names[c]!r})'
-              if c < len(self.info.class_names) else '')
+      name = (
+          f' ({self.info.class_names[c]!r})'
+          if c < len(self.info.class_names)
+          else ''
+      )
       raise ValueError(
           f'Few-shot: class {c}{name} has {counts[c]} examples in split '
           f'{self.info.train_split!r} of the {where}, fewer than the largest '
           f'of evals.fewshot.shots={self.shots} ({short.size} class(es) '
           f'short of {most}). Lower evals.fewshot.shots to at most '
           f'{int(counts.min())}, add examples to that class, or turn the '
-          f'few-shot evaluation off with {self.off_switch}.')
+          f'few-shot evaluation off with {self.off_switch}.'
+      )
 
-  def features(self, params: Any) -> tuple[tuple[np.ndarray, np.ndarray],
-                                           tuple[np.ndarray, np.ndarray]]:
+  def features(
+      self, params: Any
+  ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """((pool features, labels), (test features, labels))."""
     train_ds, train_batches = input_pipeline.eval_dataset(
-        self.probe_data, split=self.info.train_split, source=self.source)
+        self.probe_data, split=self.info.train_split, source=self.source
+    )
     test_ds, test_batches = input_pipeline.eval_dataset(
-        self.probe_data, split=self.info.eval_split, source=self.source)
+        self.probe_data, split=self.info.eval_split, source=self.source
+    )
     # The pool stops once every class has pool_per_class examples, the
     # test features after max_test_examples: the splits' batches are the
     # most they read.
     test_most = test_batches
     if self.max_test_examples:
-      test_most = min(test_batches, math.ceil(
-          self.max_test_examples / max(1, self.probe_data.batch_eval)))
-    pool = extract(self.feature_fn, params, train_ds, self.mesh,
-                   per_class_limit=self.pool_per_class,
-                   num_classes=self.info.num_classes,
-                   num_batches=train_batches,
-                   what=f'fewshot {self.name} pool')
-    test = extract(self.feature_fn, params, test_ds, self.mesh,
-                   max_examples=self.max_test_examples,
-                   num_batches=test_most,
-                   what=f'fewshot {self.name} test')
+      test_most = min(
+          test_batches,
+          math.ceil(
+              self.max_test_examples / max(1, self.probe_data.batch_eval)
+          ),
+      )
+    pool = extract(
+        self.feature_fn,
+        params,
+        train_ds,
+        self.mesh,
+        per_class_limit=self.pool_per_class,
+        num_classes=self.info.num_classes,
+        num_batches=train_batches,
+        what=f'fewshot {self.name} pool',
+    )
+    test = extract(
+        self.feature_fn,
+        params,
+        test_ds,
+        self.mesh,
+        max_examples=self.max_test_examples,
+        num_batches=test_most,
+        what=f'fewshot {self.name} test',
+    )
     return pool, test
 
   def run(self, params: Any) -> dict[str, float]:
@@ -355,14 +428,28 @@ class FewShotEvaluator:
     (x, y), (tx, ty) = self.features(params)
     featurised = time.perf_counter()
     results = few_shot_accuracies(
-        x, y, tx, ty, self.info.num_classes, shots=self.shots,
-        seeds=self.seeds, l2_grid=self.l2_grid, default_l2=self.default_l2)
+        x,
+        y,
+        tx,
+        ty,
+        self.info.num_classes,
+        shots=self.shots,
+        seeds=self.seeds,
+        l2_grid=self.l2_grid,
+        default_l2=self.default_l2,
+    )
     if jax.process_index() == 0:
       logging.info(
           'fewshot %s: %s pool and %s test images featurised in %.1f s, '
-          '%d shots x %d seeds solved in %.1f s', self.name, f'{len(y):,}',
-          f'{len(ty):,}', featurised - start, len(self.shots), self.seeds,
-          time.perf_counter() - featurised)
+          '%d shots x %d seeds solved in %.1f s',
+          self.name,
+          f'{len(y):,}',
+          f'{len(ty):,}',
+          featurised - start,
+          len(self.shots),
+          self.seeds,
+          time.perf_counter() - featurised,
+      )
     metrics = {}
     for k, accs in results.items():
       metrics[f'fewshot/{self.name}_{k}shot'] = float(np.mean(accs))

@@ -17,9 +17,9 @@ from vit_jax.models.mixer import MixerBlock
 from vit_jax.models.mixer import MlpMixer
 from vit_jax.models.registry import get_config
 from vit_jax.models.registry import get_model
-from vit_jax.models.registry import MODEL_NAMES
 from vit_jax.models.registry import model_class
 from vit_jax.models.registry import model_fields
+from vit_jax.models.registry import MODEL_NAMES
 from vit_jax.models.registry import UnknownModelError
 from vit_jax.models.resnet import ResNetStage
 from vit_jax.models.resnet import StdConv
@@ -27,6 +27,7 @@ from vit_jax.models.vit import compiling_for
 from vit_jax.models.vit import Encoder
 from vit_jax.models.vit import Encoder1DBlock
 from vit_jax.models.vit import MultiHeadDotProductAttention
+
 # Logical axes of the parameters tensor parallelism splits (ViT's blocks;
 # the Mixer and ResNet parameters have none): see vit_jax.sharding.
 from vit_jax.models.vit import PARAM_AXES
@@ -41,8 +42,21 @@ def __getattr__(name):
 
 
 __all__ = [
-    'Encoder', 'Encoder1DBlock', 'MODEL_CONFIGS', 'MODEL_NAMES', 'MixerBlock',
-    'MlpMixer', 'MultiHeadDotProductAttention', 'PARAM_AXES', 'ResNetStage',
-    'StdConv', 'UnknownModelError', 'VisionTransformer', 'compiling_for',
-    'get_config', 'get_model', 'model_class', 'model_fields',
+    'Encoder',
+    'Encoder1DBlock',
+    'MODEL_CONFIGS',
+    'MODEL_NAMES',
+    'MixerBlock',
+    'MlpMixer',
+    'MultiHeadDotProductAttention',
+    'PARAM_AXES',
+    'ResNetStage',
+    'StdConv',
+    'UnknownModelError',
+    'VisionTransformer',
+    'compiling_for',
+    'get_config',
+    'get_model',
+    'model_class',
+    'model_fields',
 ]

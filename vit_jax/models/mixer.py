@@ -21,6 +21,7 @@ Dtype = Any
 
 class _MixingMlp(nn.Module):
   """Dense -> GELU -> Dense over the last axis (default initialisers)."""
+
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -28,7 +29,8 @@ class _MixingMlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     dense = lambda n, name: nn.Dense(  # pylint: disable=g-long-lambda
-        n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        n, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     y = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))
     return dense(x.shape[-1], 'Dense_1')(y)
 
@@ -42,6 +44,7 @@ class MixerBlock(nn.Module):
     dtype: Computation dtype.
     param_dtype: Parameter dtype.
   """
+
   tokens_mlp_dim: int
   channels_mlp_dim: int
   dtype: Dtype = jnp.float32
@@ -74,6 +77,7 @@ class MlpMixer(nn.Module):
     dtype: Computation dtype.
     param_dtype: Parameter dtype.
   """
+
   num_classes: int | None
   patches: Any
   num_blocks: int
@@ -93,18 +97,30 @@ class MlpMixer(nn.Module):
       raise ValueError(
           f'Image size {h}x{w} is not divisible by the patch size {ph}x{pw} '
           f'of {self.model_name or "this model"}: resize or crop the images '
-          'to a multiple of it.')
+          'to a multiple of it.'
+      )
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.Conv(self.hidden_dim, (ph, pw), strides=(ph, pw), padding='VALID',
-                name='stem', **kw)(inputs.astype(self.dtype))
+    x = nn.Conv(
+        self.hidden_dim,
+        (ph, pw),
+        strides=(ph, pw),
+        padding='VALID',
+        name='stem',
+        **kw,
+    )(inputs.astype(self.dtype))
     x = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))
     for i in range(self.num_blocks):
-      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim,
-                     name=f'MixerBlock_{i}', **kw)(x)
+      x = MixerBlock(
+          self.tokens_mlp_dim,
+          self.channels_mlp_dim,
+          name=f'MixerBlock_{i}',
+          **kw,
+      )(x)
     x = nn.LayerNorm(name='pre_head_layer_norm', **kw)(x)
     x = jnp.mean(x, axis=1)
     self.sow('intermediates', 'pre_logits', x)
     if self.num_classes:
-      x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                   name='head', **kw)(x)
+      x = nn.Dense(
+          self.num_classes, kernel_init=nn.initializers.zeros, name='head', **kw
+      )(x)
     return x

@@ -6,9 +6,9 @@ a model means adding an entry to `_CONFIGS` *and* its exact parameter count to
 the tests (a test fails otherwise).
 """
 
+from collections.abc import Mapping
 import copy
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -64,8 +64,10 @@ _L = dict(hidden=1024, mlp=4096, heads=16, layers=24)
 # "Scaling Vision Transformers" Table 2 (g, G); dropout as in the official
 # configs (0.1 for L/16, H/14 and R50+B/16, else 0).
 _CONFIGS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
-    'testing': (vit.VisionTransformer, _vit(
-        hidden=10, mlp=10, heads=2, layers=1, patch=16, dropout=0.1)),
+    'testing': (
+        vit.VisionTransformer,
+        _vit(hidden=10, mlp=10, heads=2, layers=1, patch=16, dropout=0.1),
+    ),
     'ViT-Ti_16': (vit.VisionTransformer, _vit(**_TI, patch=16)),
     'ViT-S_16': (vit.VisionTransformer, _vit(**_S, patch=16)),
     'ViT-S_32': (vit.VisionTransformer, _vit(**_S, patch=32)),
@@ -74,27 +76,53 @@ _CONFIGS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     'ViT-B_32': (vit.VisionTransformer, _vit(**_B, patch=32)),
     'ViT-L_16': (vit.VisionTransformer, _vit(**_L, patch=16, dropout=0.1)),
     'ViT-L_32': (vit.VisionTransformer, _vit(**_L, patch=32)),
-    'ViT-H_14': (vit.VisionTransformer, _vit(
-        hidden=1280, mlp=5120, heads=16, layers=32, patch=14, dropout=0.1)),
-    'ViT-g_14': (vit.VisionTransformer, _vit(
-        hidden=1408, mlp=6144, heads=16, layers=40, patch=14)),
-    'ViT-G_14': (vit.VisionTransformer, _vit(
-        hidden=1664, mlp=8192, heads=16, layers=48, patch=14)),
+    'ViT-H_14': (
+        vit.VisionTransformer,
+        _vit(hidden=1280, mlp=5120, heads=16, layers=32, patch=14, dropout=0.1),
+    ),
+    'ViT-g_14': (
+        vit.VisionTransformer,
+        _vit(hidden=1408, mlp=6144, heads=16, layers=40, patch=14),
+    ),
+    'ViT-G_14': (
+        vit.VisionTransformer,
+        _vit(hidden=1664, mlp=8192, heads=16, layers=48, patch=14),
+    ),
     # The shape-optimised ViT of "Getting ViT in Shape" (Alabdulmohsin et
     # al., 2023; big_vision's 'So400m'), SigLIP's largest image tower, which
     # pools with a MAP head.
-    'ViT-So400m_14': (vit.VisionTransformer, _vit(
-        hidden=1152, mlp=4304, heads=16, layers=27, patch=14,
-        classifier='map')),
+    'ViT-So400m_14': (
+        vit.VisionTransformer,
+        _vit(
+            hidden=1152,
+            mlp=4304,
+            heads=16,
+            layers=27,
+            patch=14,
+            classifier='map',
+        ),
+    ),
     # Hybrids: total stride = 4 (root) * 2**(stages - 1) * patch.
-    'R+ViT-Ti_16': (vit.VisionTransformer, _hybrid(
-        _vit(**_TI, patch=16), num_layers=(), patch=8)),
-    'R26+ViT-S_32': (vit.VisionTransformer, _hybrid(
-        _vit(**_S, patch=32), num_layers=(2, 2, 2, 2), patch=1)),
-    'R50+ViT-B_16': (vit.VisionTransformer, _hybrid(
-        _vit(**_B, patch=16, dropout=0.1), num_layers=(3, 4, 9), patch=1)),
-    'R50+ViT-L_32': (vit.VisionTransformer, _hybrid(
-        _vit(**_L, patch=32, dropout=0.1), num_layers=(3, 4, 6, 3), patch=1)),
+    'R+ViT-Ti_16': (
+        vit.VisionTransformer,
+        _hybrid(_vit(**_TI, patch=16), num_layers=(), patch=8),
+    ),
+    'R26+ViT-S_32': (
+        vit.VisionTransformer,
+        _hybrid(_vit(**_S, patch=32), num_layers=(2, 2, 2, 2), patch=1),
+    ),
+    'R50+ViT-B_16': (
+        vit.VisionTransformer,
+        _hybrid(
+            _vit(**_B, patch=16, dropout=0.1), num_layers=(3, 4, 9), patch=1
+        ),
+    ),
+    'R50+ViT-L_32': (
+        vit.VisionTransformer,
+        _hybrid(
+            _vit(**_L, patch=32, dropout=0.1), num_layers=(3, 4, 6, 3), patch=1
+        ),
+    ),
     'Mixer-B_16': (mixer.MlpMixer, _mixer(768, 12, 384, 3072, patch=16)),
     'Mixer-B_32': (mixer.MlpMixer, _mixer(768, 12, 384, 3072, patch=32)),
     'Mixer-L_16': (mixer.MlpMixer, _mixer(1024, 24, 512, 4096, patch=16)),
@@ -115,7 +143,8 @@ def _check_name(name: str) -> None:
     raise UnknownModelError(
         f'Unknown model {name!r}. Known models: {", ".join(MODEL_NAMES)}. '
         'Pass one of these names (case and separators matter), or build '
-        'VisionTransformer / MlpMixer directly for a custom size.')
+        'VisionTransformer / MlpMixer directly for a custom size.'
+    )
 
 
 def get_config(name: str, **overrides: Any) -> dict[str, Any]:
@@ -153,9 +182,14 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> None:
 # `resnet.ResNetStage`), with the value used when a config omits one.
 _NESTED_FIELDS: dict[str, dict[str, Any]] = {
     'patches': {'size': None},
-    'transformer': {'num_layers': None, 'mlp_dim': None, 'num_heads': None,
-                    'dropout_rate': 0.1, 'attention_dropout_rate': 0.1,
-                    'add_position_embedding': True},
+    'transformer': {
+        'num_layers': None,
+        'mlp_dim': None,
+        'num_heads': None,
+        'dropout_rate': 0.1,
+        'attention_dropout_rate': 0.1,
+        'add_position_embedding': True,
+    },
     'resnet': {'num_layers': (), 'width_factor': 1},
 }
 # Fields a run sets through its own config fields, not through overrides.
@@ -194,8 +228,9 @@ def model_fields(name: str) -> dict[str, Any]:
   return fields
 
 
-def get_model(name: str, *, num_classes: int | None,
-              **overrides: Any) -> nn.Module:
+def get_model(
+    name: str, *, num_classes: int | None, **overrides: Any
+) -> nn.Module:
   """Builds a registered model.
 
   Example:
@@ -224,9 +259,11 @@ def get_model(name: str, *, num_classes: int | None,
   if unknown:
     raise TypeError(
         f'{cls.__name__} ({name}) has no field(s) {unknown}; valid fields: '
-        f'{sorted(fields - {"num_classes", "model_name"})}.')
-  return cls(num_classes=num_classes, model_name=name,
-             **get_config(name, **overrides))
+        f'{sorted(fields - {"num_classes", "model_name"})}.'
+    )
+  return cls(
+      num_classes=num_classes, model_name=name, **get_config(name, **overrides)
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -236,8 +273,11 @@ def get_model(name: str, *, num_classes: int | None,
 # Model fields a run sets through config fields of its own (None: by the run
 # itself, never by a config).
 MODEL_FIELDS_SET_ELSEWHERE = {
-    'dtype': 'config.compute_dtype', 'param_dtype': None,
-    'remat': 'config.remat', 'scan': 'config.scan'}
+    'dtype': 'config.compute_dtype',
+    'param_dtype': None,
+    'remat': 'config.remat',
+    'scan': 'config.scan',
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +292,7 @@ class ModelSection:
     scan: `nn.scan` over the encoder blocks.
     pretrained_path: Checkpoint to fine-tune from ('' for none).
   """
+
   model_name: str
   model: Mapping[str, Any]
   compute_dtype: str
@@ -267,22 +308,26 @@ class ModelSection:
     where = f'of {self.model_name} (vit_jax.models.model_fields)'
     for key, value in self.model.items():
       if key in MODEL_FIELDS_SET_ELSEWHERE:
-        raise ValueError(f'config.model.{key} is set by '
-                         f'{MODEL_FIELDS_SET_ELSEWHERE[key] or "the run"}.')
+        raise ValueError(
+            f'config.model.{key} is set by '
+            f'{MODEL_FIELDS_SET_ELSEWHERE[key] or "the run"}.'
+        )
       known_names = config_errors.nested_names(fields, 'model.')
       if key not in fields:
         raise config_errors.unknown_field(f'model.{key}', known_names, where)
       if isinstance(value, Mapping) and isinstance(fields[key], Mapping):
         for inner in value:
           if inner not in fields[key]:
-            raise config_errors.unknown_field(f'model.{key}.{inner}',
-                                              known_names, where)
+            raise config_errors.unknown_field(
+                f'model.{key}.{inner}', known_names, where
+            )
     for option in ('remat', 'scan'):
       if getattr(self, option) and option not in fields:
         raise ValueError(
             f'config.{option}=True: {self.model_name} '
             f'({model_class(self.model_name).__name__}) has no '
-            f'{option} option; set config.{option}=False.')
+            f'{option} option; set config.{option}=False.'
+        )
 
   def model_args(self) -> dict[str, Any]:
     """This model as keyword arguments of `vit_jax.models.get_model`.
@@ -295,8 +340,11 @@ class ModelSection:
       {'name': registry name, 'dtype': compute dtype, the `model`
       overrides, and 'remat' / 'scan' when they are on}.
     """
-    args = {'name': self.model_name, 'dtype': jnp.dtype(self.compute_dtype),
-            **self.model}
+    args = {
+        'name': self.model_name,
+        'dtype': jnp.dtype(self.compute_dtype),
+        **self.model,
+    }
     # Only when on: families without the option (MlpMixer has neither) build
     # with the defaults, and asking them for it names the field.
     for option in ('remat', 'scan'):

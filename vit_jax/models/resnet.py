@@ -51,6 +51,7 @@ class ResidualUnit(nn.Module):
     dtype: Computation dtype.
     param_dtype: Parameter dtype.
   """
+
   features: int
   strides: tuple[int, int] = (1, 1)
   dtype: Dtype = jnp.float32
@@ -59,12 +60,21 @@ class ResidualUnit(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     conv = lambda features, kernel, name, strides=(1, 1): StdConv(  # pylint: disable=g-long-lambda
-        features=features, kernel_size=kernel, strides=strides,
-        use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        name=name)
+        features=features,
+        kernel_size=kernel,
+        strides=strides,
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+    )
     norm = lambda name, **kw: nn.GroupNorm(  # pylint: disable=g-long-lambda
-        num_groups=_GROUPS, dtype=self.dtype, param_dtype=self.param_dtype,
-        name=name, **kw)
+        num_groups=_GROUPS,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+        **kw,
+    )
     out_features = 4 * self.features
     residual = x
     if x.shape[-1] != out_features or tuple(self.strides) != (1, 1):
@@ -91,6 +101,7 @@ class ResNetStage(nn.Module):
     dtype: Computation dtype.
     param_dtype: Parameter dtype.
   """
+
   block_size: int
   nout: int
   first_stride: tuple[int, int]
@@ -101,9 +112,12 @@ class ResNetStage(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.block_size):
       x = ResidualUnit(
-          self.nout, strides=self.first_stride if i == 0 else (1, 1),
-          dtype=self.dtype, param_dtype=self.param_dtype,
-          name=f'unit{i + 1}')(x)
+          self.nout,
+          strides=self.first_stride if i == 0 else (1, 1),
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f'unit{i + 1}',
+      )(x)
     return x
 
 
@@ -120,9 +134,14 @@ def total_stride(resnet_config: Mapping[str, Any] | Any | None) -> int:
   return 4 * 2 ** max(len(tuple(num_layers)) - 1, 0)
 
 
-def bit_stem_and_stages(x: jax.Array, *, num_layers: Sequence[int],
-                        width_factor: float, dtype: Dtype = jnp.float32,
-                        param_dtype: Dtype = jnp.float32) -> jax.Array:
+def bit_stem_and_stages(
+    x: jax.Array,
+    *,
+    num_layers: Sequence[int],
+    width_factor: float,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+) -> jax.Array:
   """Applies the BiT root block and stages inside the calling linen module.
 
   Must be called from a `@nn.compact` method: the layers become children of
@@ -141,15 +160,26 @@ def bit_stem_and_stages(x: jax.Array, *, num_layers: Sequence[int],
   """
   width = int(64 * width_factor)
   x = StdConv(
-      features=width, kernel_size=(7, 7), strides=(2, 2), use_bias=False,
-      dtype=dtype, param_dtype=param_dtype, name='conv_root')(x)
-  x = nn.GroupNorm(num_groups=_GROUPS, dtype=dtype, param_dtype=param_dtype,
-                   name='gn_root')(x)
+      features=width,
+      kernel_size=(7, 7),
+      strides=(2, 2),
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name='conv_root',
+  )(x)
+  x = nn.GroupNorm(
+      num_groups=_GROUPS, dtype=dtype, param_dtype=param_dtype, name='gn_root'
+  )(x)
   x = nn.relu(x)
   x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
   for i, block_size in enumerate(num_layers):
     x = ResNetStage(
-        block_size=block_size, nout=width * 2**i,
-        first_stride=(1, 1) if i == 0 else (2, 2), dtype=dtype,
-        param_dtype=param_dtype, name=f'block{i + 1}')(x)
+        block_size=block_size,
+        nout=width * 2**i,
+        first_stride=(1, 1) if i == 0 else (2, 2),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=f'block{i + 1}',
+    )(x)
   return x

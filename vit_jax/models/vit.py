@@ -76,9 +76,14 @@ _TPU_KERNELS = ('flash', 'splash')
 # Memory controls of the encoder blocks: 'none' keeps every activation, 'full'
 # recomputes each block in the backward pass, the others are the
 # `jax.checkpoint_policies` of the same name (what is saved, not recomputed).
-REMAT_POLICIES = ('none', 'full', 'dots_saveable',
-                  'dots_with_no_batch_dims_saveable', 'nothing_saveable',
-                  'everything_saveable')
+REMAT_POLICIES = (
+    'none',
+    'full',
+    'dots_saveable',
+    'dots_with_no_batch_dims_saveable',
+    'nothing_saveable',
+    'everything_saveable',
+)
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _CUDNN_MAX_HEAD_DIM = 128  # cuDNN's fused attention kernels go up to 128.
 # The TPU kernels' sequence block (flash's and splash's default block sizes);
@@ -94,12 +99,18 @@ _logged_choices: set[tuple[Any, ...]] = set()  # Say each choice once.
 # is gathered over 'model'). Other parameters have no tensor-parallel axis.
 _BLOCK = r'.*/encoderblock(_\d+)?'
 PARAM_AXES = (
-    (_BLOCK + r'/MultiHeadDotProductAttention_0/(query|key|value)/kernel',
-     ('embed', 'heads', 'head_dim')),
-    (_BLOCK + r'/MultiHeadDotProductAttention_0/(query|key|value)/bias',
-     ('heads', 'head_dim')),
-    (_BLOCK + r'/MultiHeadDotProductAttention_0/out/kernel',
-     ('heads', 'head_dim', 'embed')),
+    (
+        _BLOCK + r'/MultiHeadDotProductAttention_0/(query|key|value)/kernel',
+        ('embed', 'heads', 'head_dim'),
+    ),
+    (
+        _BLOCK + r'/MultiHeadDotProductAttention_0/(query|key|value)/bias',
+        ('heads', 'head_dim'),
+    ),
+    (
+        _BLOCK + r'/MultiHeadDotProductAttention_0/out/kernel',
+        ('heads', 'head_dim', 'embed'),
+    ),
     (_BLOCK + r'/MlpBlock_0/Dense_0/kernel', ('embed', 'mlp')),
     (_BLOCK + r'/MlpBlock_0/Dense_0/bias', ('mlp',)),
     (_BLOCK + r'/MlpBlock_0/Dense_1/kernel', ('mlp', 'embed')),
@@ -108,8 +119,9 @@ PARAM_AXES = (
 ACTIVATION_AXES = ('batch', 'length', 'embed')
 
 
-def resolve_attention_impl(requested: str, *, backend: str, dtype: Any,
-                           head_dim: int, dropout: bool) -> tuple[str, str]:
+def resolve_attention_impl(
+    requested: str, *, backend: str, dtype: Any, head_dim: int, dropout: bool
+) -> tuple[str, str]:
   """The attention implementation to use, and why.
 
   Args:
@@ -128,25 +140,34 @@ def resolve_attention_impl(requested: str, *, backend: str, dtype: Any,
       dropout cannot run, naming what to change.
   """
   if requested not in ATTENTION_IMPLS:
-    raise ValueError(f'attention_impl={requested!r}; use one of '
-                     f'{ATTENTION_IMPLS}.')
-  cudnn_ok = (backend == 'gpu' and jnp.dtype(dtype) in _CUDNN_DTYPES
-              and head_dim <= _CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0)
+    raise ValueError(
+        f'attention_impl={requested!r}; use one of ' f'{ATTENTION_IMPLS}.'
+    )
+  cudnn_ok = (
+      backend == 'gpu'
+      and jnp.dtype(dtype) in _CUDNN_DTYPES
+      and head_dim <= _CUDNN_MAX_HEAD_DIM
+      and head_dim % 8 == 0
+  )
   if requested != 'auto':
     if requested != 'einsum' and dropout:
       raise ValueError(
-          f"attention_impl={requested!r} has no dropout on the attention "
+          f'attention_impl={requested!r} has no dropout on the attention '
           "weights: use attention_impl='einsum' (or 'auto') with "
-          'attention_dropout_rate > 0, or set attention_dropout_rate=0.')
+          'attention_dropout_rate > 0, or set attention_dropout_rate=0.'
+      )
     if requested == 'cudnn' and not cudnn_ok:
       raise ValueError(
           "attention_impl='cudnn' needs an NVIDIA GPU, a bfloat16/float16 "
           f'compute dtype and a head size <= {_CUDNN_MAX_HEAD_DIM} divisible '
           f'by 8 (backend {backend!r}, dtype {jnp.dtype(dtype).name}, head '
-          f"size {head_dim}): use 'auto' or 'xla'.")
+          f"size {head_dim}): use 'auto' or 'xla'."
+      )
     if requested in _TPU_KERNELS and backend != 'tpu':
-      raise ValueError(f'attention_impl={requested!r} is a TPU kernel; the '
-                       f"backend is {backend!r}: use 'auto' or 'xla'.")
+      raise ValueError(
+          f'attention_impl={requested!r} is a TPU kernel; the '
+          f"backend is {backend!r}: use 'auto' or 'xla'."
+      )
     return requested, 'asked for'
   if dropout:
     return 'einsum', 'attention dropout is on (only einsum has it)'
@@ -155,8 +176,10 @@ def resolve_attention_impl(requested: str, *, backend: str, dtype: Any,
   if backend == 'gpu':
     if cudnn_ok:
       return 'cudnn', 'fused cuDNN kernel for this dtype and head size'
-    return 'xla', (f'no cuDNN kernel for dtype {jnp.dtype(dtype).name}, head '
-                   f'size {head_dim}')
+    return 'xla', (
+        f'no cuDNN kernel for dtype {jnp.dtype(dtype).name}, head '
+        f'size {head_dim}'
+    )
   if backend == 'tpu':
     return 'flash', 'Pallas flash-attention kernel'
   return 'xla', f'no fused kernel on backend {backend!r}'
@@ -165,7 +188,8 @@ def resolve_attention_impl(requested: str, *, backend: str, dtype: Any,
 # The platform being compiled for, when it is not this host's (set by
 # `compiling_for`, e.g. while `vit_jax.aot` compiles for a TPU slice on a CPU).
 _target_platform: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    'vit_jax_target_platform', default=None)
+    'vit_jax_target_platform', default=None
+)
 
 
 @contextlib.contextmanager
@@ -199,8 +223,7 @@ def _log_choice(requested, impl, reason, backend):
   key = (requested, impl, reason, backend)
   if requested == 'auto' and key not in _logged_choices:
     _logged_choices.add(key)
-    logging.info("attention_impl='auto' on %s: %r (%s).", backend, impl,
-                 reason)
+    logging.info("attention_impl='auto' on %s: %r (%s).", backend, impl, reason)
 
 
 def _tpu_flash_attention(q, k, v, segment_ids, sm_scale):
@@ -218,10 +241,14 @@ def _tpu_flash_attention(q, k, v, segment_ids, sm_scale):
   """
   # pylint: disable-next=g-import-not-at-top
   from jax.experimental.pallas.ops.tpu import flash_attention
+
   return flash_attention.flash_attention(
-      q, k, v, segment_ids=flash_attention.SegmentIds(q=segment_ids,
-                                                      kv=segment_ids),
-      sm_scale=sm_scale)
+      q,
+      k,
+      v,
+      segment_ids=flash_attention.SegmentIds(q=segment_ids, kv=segment_ids),
+      sm_scale=sm_scale,
+  )
 
 
 def _tpu_splash_attention(q, k, v, segment_ids, interpret=False):
@@ -241,20 +268,24 @@ def _tpu_splash_attention(q, k, v, segment_ids, interpret=False):
   """
   # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas.ops.tpu.splash_attention import (
-      splash_attention_kernel as splash)
+      splash_attention_kernel as splash,
+  )
   from jax.experimental.pallas.ops.tpu.splash_attention import (
-      splash_attention_mask as mask_lib)
+      splash_attention_mask as mask_lib,
+  )
   # pylint: enable=g-import-not-at-top
   heads, t = q.shape[1], q.shape[2]
   # Built from the shapes it is given, so that under `_per_shard` the mask
   # covers this shard's heads only. Every token may attend to every token;
   # padding is excluded by the segment ids, as in flash.
   mask = mask_lib.MultiHeadMask([mask_lib.FullMask((t, t))] * heads)
-  kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1,
-                                  interpret=interpret)
+  kernel = splash.make_splash_mha(
+      mask, head_shards=1, q_seq_shards=1, interpret=interpret
+  )
   # The kernel takes one example [H, T, D]: mapped over the batch.
   return jax.vmap(kernel)(
-      q, k, v, splash.SegmentIds(q=segment_ids, kv=segment_ids))
+      q, k, v, splash.SegmentIds(q=segment_ids, kv=segment_ids)
+  )
 
 
 def _mesh_axes_for(logical_name, size, mesh, free, taken=()):
@@ -314,9 +345,13 @@ def _per_shard(kernel, q, k, v, segment_ids):
   # the check would require. Replication is what the specs say: operands and
   # result are whole over every axis not in `spec`.
   return jax.shard_map(
-      kernel, mesh=mesh, in_specs=(spec, spec, spec, P(batch or None)),
-      out_specs=spec, axis_names=frozenset(free),
-      check_vma=False)(q, k, v, segment_ids)
+      kernel,
+      mesh=mesh,
+      in_specs=(spec, spec, spec, P(batch or None)),
+      out_specs=spec,
+      axis_names=frozenset(free),
+      check_vma=False,
+  )(q, k, v, segment_ids)
 
 
 def _kernel_attention(impl, q, k, v, scale):
@@ -340,8 +375,9 @@ def _kernel_attention(impl, q, k, v, scale):
   padded = math.ceil(t / _FLASH_BLOCK) * _FLASH_BLOCK
   pad = [(0, 0), (0, 0), (0, padded - t), (0, 0)]
   q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-  ids = jnp.broadcast_to((jnp.arange(padded) >= t).astype(jnp.int32),
-                         (q.shape[0], padded))
+  ids = jnp.broadcast_to(
+      (jnp.arange(padded) >= t).astype(jnp.int32), (q.shape[0], padded)
+  )
   # Scaled here, as the einsum path scales, so that the kernels (splash has
   # no scale, flash's reference backward pass ignores it) run at scale 1.
   q = q * jnp.asarray(scale, q.dtype)
@@ -396,11 +432,14 @@ def remat_policy_of(remat: bool, remat_policy: str | None) -> str:
   if remat_policy is None:
     return 'full' if remat else 'none'
   if remat_policy not in REMAT_POLICIES:
-    raise ValueError(f'remat_policy={remat_policy!r}; use one of '
-                     f'{REMAT_POLICIES}.')
+    raise ValueError(
+        f'remat_policy={remat_policy!r}; use one of ' f'{REMAT_POLICIES}.'
+    )
   if remat and remat_policy == 'none':
-    raise ValueError("remat=True asks for rematerialisation but "
-                     "remat_policy='none' turns it off: drop one of them.")
+    raise ValueError(
+        'remat=True asks for rematerialisation but '
+        "remat_policy='none' turns it off: drop one of them."
+    )
   return remat_policy
 
 
@@ -411,6 +450,7 @@ class _ProjectionParams(nn.Module):
   matmul), so this module only owns the parameters, under the names and shapes
   of the published checkpoints.
   """
+
   kernel_shape: tuple[int, ...]
   bias_shape: tuple[int, ...]
   fan_in_axes: tuple[int, ...]
@@ -420,11 +460,14 @@ class _ProjectionParams(nn.Module):
   @nn.compact
   def __call__(self):
     kernel_init = _ATTENTION_KERNEL_INIT(
-        in_axis=self.fan_in_axes, out_axis=self.fan_out_axes)
-    kernel = self.param('kernel', kernel_init, self.kernel_shape,
-                        self.param_dtype)
-    bias = self.param('bias', nn.initializers.zeros, self.bias_shape,
-                      self.param_dtype)
+        in_axis=self.fan_in_axes, out_axis=self.fan_out_axes
+    )
+    kernel = self.param(
+        'kernel', kernel_init, self.kernel_shape, self.param_dtype
+    )
+    bias = self.param(
+        'bias', nn.initializers.zeros, self.bias_shape, self.param_dtype
+    )
     return kernel, bias
 
 
@@ -442,6 +485,7 @@ class MultiHeadDotProductAttention(nn.Module):
       materialised only by 'einsum' or when the `intermediates` collection
       is asked for.
   """
+
   num_heads: int
   dropout_rate: float = 0.0
   deterministic: bool = True
@@ -450,8 +494,9 @@ class MultiHeadDotProductAttention(nn.Module):
   attention_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: jax.Array,
-               inputs_kv: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, inputs_kv: jax.Array | None = None
+  ) -> jax.Array:
     """Attention of `x` over itself, or over `inputs_kv` when given.
 
     Args:
@@ -464,34 +509,51 @@ class MultiHeadDotProductAttention(nn.Module):
     """
     hidden = x.shape[-1]
     if hidden % self.num_heads:
-      raise ValueError(f'hidden size {hidden} is not divisible by num_heads '
-                       f'{self.num_heads}.')
+      raise ValueError(
+          f'hidden size {hidden} is not divisible by num_heads '
+          f'{self.num_heads}.'
+      )
     head_dim = hidden // self.num_heads
     heads = (self.num_heads, head_dim)
     backend = _backend()
     impl, reason = resolve_attention_impl(
-        self.attention_impl, backend=backend, dtype=self.dtype,
+        self.attention_impl,
+        backend=backend,
+        dtype=self.dtype,
         head_dim=head_dim,
-        dropout=self.dropout_rate > 0 and not self.deterministic)
+        dropout=self.dropout_rate > 0 and not self.deterministic,
+    )
     _log_choice(self.attention_impl, impl, reason, backend)
 
     def projection(name):
       return _ProjectionParams(
-          kernel_shape=(hidden, *heads), bias_shape=heads, fan_in_axes=(0,),
-          fan_out_axes=(1, 2), param_dtype=self.param_dtype, name=name)()
+          kernel_shape=(hidden, *heads),
+          bias_shape=heads,
+          fan_in_axes=(0,),
+          fan_out_axes=(1, 2),
+          param_dtype=self.param_dtype,
+          name=name,
+      )()
 
     (wq, bq), (wk, bk), (wv, bv) = (
-        projection(n) for n in ('query', 'key', 'value'))
+        projection(n) for n in ('query', 'key', 'value')
+    )
     wo, bo = _ProjectionParams(
-        kernel_shape=(*heads, hidden), bias_shape=(hidden,),
-        fan_in_axes=(0, 1), fan_out_axes=(2,), param_dtype=self.param_dtype,
-        name='out')()
+        kernel_shape=(*heads, hidden),
+        bias_shape=(hidden,),
+        fan_in_axes=(0, 1),
+        fan_out_axes=(2,),
+        param_dtype=self.param_dtype,
+        name='out',
+    )()
     if inputs_kv is not None:
       q, k, v = (
-          jnp.einsum('btd,dnh->bnth', y.astype(self.dtype),
-                     w.astype(self.dtype)) + b.astype(self.dtype)[:, None]
-          for y, w, b in ((x, wq, bq), (inputs_kv, wk, bk),
-                          (inputs_kv, wv, bv)))
+          jnp.einsum(
+              'btd,dnh->bnth', y.astype(self.dtype), w.astype(self.dtype)
+          )
+          + b.astype(self.dtype)[:, None]
+          for y, w, b in ((x, wq, bq), (inputs_kv, wk, bk), (inputs_kv, wv, bv))
+      )
       weights = self._weights(q, k, scale=head_dim**-0.5)
       self.sow('intermediates', 'attention_weights', weights)
       out = jnp.einsum('bhqk,bhkd->bhqd', weights, v)
@@ -512,11 +574,18 @@ class MultiHeadDotProductAttention(nn.Module):
       qkv = jnp.einsum('btd,dsnh->btsnh', x, w_qkv) + b_qkv
       q, k, v = (qkv[:, :, i] for i in range(3))
       out = jax.nn.dot_product_attention(
-          q, k, v, scale=scale,
-          implementation='cudnn' if impl == 'cudnn' else 'xla')
+          q,
+          k,
+          v,
+          scale=scale,
+          implementation='cudnn' if impl == 'cudnn' else 'xla',
+      )
       if self.is_mutable_collection('intermediates'):
-        self.sow('intermediates', 'attention_weights', self._weights(
-            q.swapaxes(1, 2), k.swapaxes(1, 2), scale))
+        self.sow(
+            'intermediates',
+            'attention_weights',
+            self._weights(q.swapaxes(1, 2), k.swapaxes(1, 2), scale),
+        )
       out = jnp.einsum('bqhd,hdo->bqo', out, wo.astype(self.dtype))
       return out + bo.astype(self.dtype)
 
@@ -526,13 +595,15 @@ class MultiHeadDotProductAttention(nn.Module):
     if impl in _TPU_KERNELS:
       out = _kernel_attention(impl, q, k, v, scale)
       if self.is_mutable_collection('intermediates'):
-        self.sow('intermediates', 'attention_weights',
-                 self._weights(q, k, scale))
+        self.sow(
+            'intermediates', 'attention_weights', self._weights(q, k, scale)
+        )
     else:
       weights = self._weights(q, k, scale)
       self.sow('intermediates', 'attention_weights', weights)
       weights = nn.Dropout(rate=self.dropout_rate)(
-          weights, deterministic=self.deterministic)
+          weights, deterministic=self.deterministic
+      )
       out = jnp.einsum('bhqk,bhkd->bhqd', weights, v)
     out = jnp.einsum('bhqd,hdo->bqo', out, wo.astype(self.dtype))
     return out + bo.astype(self.dtype)
@@ -560,6 +631,7 @@ class MlpBlock(nn.Module):
     gelu_approximate: tanh GELU (the paper's and big_vision's code) or, when
       False, the exact erf GELU (transformers' `hidden_act='gelu'`).
   """
+
   mlp_dim: int
   dropout_rate: float = 0.0
   deterministic: bool = True
@@ -572,14 +644,21 @@ class MlpBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     out_dim = self.out_dim or x.shape[-1]
     dense = lambda n, name: nn.Dense(  # pylint: disable=g-long-lambda
-        n, kernel_init=_MLP_KERNEL_INIT, bias_init=_MLP_BIAS_INIT,
-        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    x = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x),
-                approximate=self.gelu_approximate)
+        n,
+        kernel_init=_MLP_KERNEL_INIT,
+        bias_init=_MLP_BIAS_INIT,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+    )
+    x = nn.gelu(
+        dense(self.mlp_dim, 'Dense_0')(x), approximate=self.gelu_approximate
+    )
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=self.deterministic)
     x = dense(out_dim, 'Dense_1')(x)
     return nn.Dropout(rate=self.dropout_rate)(
-        x, deterministic=self.deterministic)
+        x, deterministic=self.deterministic
+    )
 
 
 class Encoder1DBlock(nn.Module):
@@ -599,6 +678,7 @@ class Encoder1DBlock(nn.Module):
     layer_norm_epsilon: LayerNorm epsilon.
     gelu_approximate: See `MlpBlock`.
   """
+
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.1
@@ -625,13 +705,15 @@ class Encoder1DBlock(nn.Module):
     if rate is None or self.deterministic:
       return x
     keep = 1.0 - jnp.asarray(rate, jnp.float32)
-    kept = jax.random.bernoulli(self.make_rng('dropout'), keep,
-                                (x.shape[0],) + (1,) * (x.ndim - 1))
+    kept = jax.random.bernoulli(
+        self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1)
+    )
     return jnp.where(kept, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
   @nn.compact
-  def __call__(self, inputs: jax.Array,
-               drop_path_rate: Any = None) -> tuple[jax.Array, None]:
+  def __call__(
+      self, inputs: jax.Array, drop_path_rate: Any = None
+  ) -> tuple[jax.Array, None]:
     """One block.
 
     Args:
@@ -642,34 +724,46 @@ class Encoder1DBlock(nn.Module):
       (outputs [B, T, D], None).
     """
     norm = lambda name: nn.LayerNorm(  # pylint: disable=g-long-lambda
-        epsilon=self.layer_norm_epsilon, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
+        epsilon=self.layer_norm_epsilon,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+    )
     # Block boundaries: the activations are split over the batch only (whole
     # on every device of a 'model' axis). A no-op unless the caller sets
     # logical axis rules (`vit_jax.sharding.logical_axis_rules`).
     inputs = nn.with_logical_constraint(inputs, ACTIVATION_AXES)
     x = norm('LayerNorm_0')(inputs)
     x = MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
-        deterministic=self.deterministic, dtype=self.dtype,
-        param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-        name='MultiHeadDotProductAttention_0')(x)
+        num_heads=self.num_heads,
+        dropout_rate=self.attention_dropout_rate,
+        deterministic=self.deterministic,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        attention_impl=self.attention_impl,
+        name='MultiHeadDotProductAttention_0',
+    )(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=self.deterministic)
     x = self._drop_path(x, drop_path_rate) + inputs
     y = norm('LayerNorm_1')(x)
     y = MlpBlock(
-        mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-        deterministic=self.deterministic, dtype=self.dtype,
-        param_dtype=self.param_dtype, gelu_approximate=self.gelu_approximate,
-        name='MlpBlock_0')(y)
+        mlp_dim=self.mlp_dim,
+        dropout_rate=self.dropout_rate,
+        deterministic=self.deterministic,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        gelu_approximate=self.gelu_approximate,
+        name='MlpBlock_0',
+    )(y)
     y = self._drop_path(y, drop_path_rate)
     outputs = nn.with_logical_constraint(x + y, ACTIVATION_AXES)
     self.sow('intermediates', 'block_output', outputs)
     return outputs, None
 
 
-def _linear_taps(old: int, new: int) -> tuple[np.ndarray, np.ndarray,
-                                                np.ndarray]:
+def _linear_taps(
+    old: int, new: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Corner-aligned linear interpolation from `old` to `new` samples.
 
   The sampling of `scipy.ndimage.zoom(order=1)` (its default, corner-aligned
@@ -687,9 +781,13 @@ def _linear_taps(old: int, new: int) -> tuple[np.ndarray, np.ndarray,
   return low, high, (coords - low).astype(np.float32)
 
 
-def resize_posemb_grid(grid: jax.Array, new_size: Sequence[int], *,
-                       method: str = 'bilinear',
-                       antialias: bool = False) -> jax.Array:
+def resize_posemb_grid(
+    grid: jax.Array,
+    new_size: Sequence[int],
+    *,
+    method: str = 'bilinear',
+    antialias: bool = False,
+) -> jax.Array:
   """Resizes position embeddings laid out on a grid, in jax.
 
   The numbers of `vit_jax.checkpoint.interpolate_posembed` (and so of
@@ -707,18 +805,23 @@ def resize_posemb_grid(grid: jax.Array, new_size: Sequence[int], *,
     [h', w', D] float32 (or [n', D]).
   """
   if method not in POSEMB_RESIZE_METHODS:
-    raise ValueError(f'Unknown position-embedding resize {method!r}; use one '
-                     f'of {POSEMB_RESIZE_METHODS}.')
+    raise ValueError(
+        f'Unknown position-embedding resize {method!r}; use one '
+        f'of {POSEMB_RESIZE_METHODS}.'
+    )
   if antialias and method != 'bicubic':
-    raise ValueError("posemb_antialias=True needs posemb_resize='bicubic' "
-                     '(the corner-aligned bilinear resize has none).')
+    raise ValueError(
+        "posemb_antialias=True needs posemb_resize='bicubic' "
+        '(the corner-aligned bilinear resize has none).'
+    )
   grid = grid.astype(jnp.float32)
   new_size = tuple(int(n) for n in new_size)
   if new_size == tuple(grid.shape[:-1]):
     return grid
   if method == 'bicubic':
-    return jax.image.resize(grid, (*new_size, grid.shape[-1]),
-                            method='bicubic', antialias=antialias)
+    return jax.image.resize(
+        grid, (*new_size, grid.shape[-1]), method='bicubic', antialias=antialias
+    )
   # One axis at a time, as scipy does; each output a two-tap blend (a gather
   # and a lerp: exact in float32, unlike a matmul at default precision).
   for axis, new in enumerate(new_size):
@@ -726,8 +829,10 @@ def resize_posemb_grid(grid: jax.Array, new_size: Sequence[int], *,
     shape = [1] * grid.ndim
     shape[axis] = new
     weight = jnp.asarray(frac).reshape(shape)
-    grid = (jnp.take(grid, low, axis=axis) * (1 - weight)
-            + jnp.take(grid, high, axis=axis) * weight)
+    grid = (
+        jnp.take(grid, low, axis=axis) * (1 - weight)
+        + jnp.take(grid, high, axis=axis) * weight
+    )
   return grid
 
 
@@ -745,6 +850,7 @@ class AddPositionEmbs(nn.Module):
     antialias: See `resize_posemb_grid`.
     patch_shape: Input pixels per token (h, w), for inferring the grid.
   """
+
   param_dtype: Dtype = jnp.float32
   grid_size: tuple[int, int] | None = None
   resize: str = 'bilinear'
@@ -752,8 +858,9 @@ class AddPositionEmbs(nn.Module):
   patch_shape: tuple[int, int] = (1, 1)
 
   @nn.compact
-  def __call__(self, x: jax.Array,
-               grid: tuple[int, int] | None = None) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, grid: tuple[int, int] | None = None
+  ) -> jax.Array:
     """`x` plus its embeddings.
 
     Args:
@@ -769,15 +876,17 @@ class AddPositionEmbs(nn.Module):
       return x + self._resized(x, (gh, gw)).astype(x.dtype)
     shape = (1, x.shape[1], x.shape[2])
     if self.has_variable('params', 'pos_embedding'):
-      stored: tuple[int, ...] = self.get_variable('params',
-                                                  'pos_embedding').shape
+      stored: tuple[int, ...] = self.get_variable(
+          'params', 'pos_embedding'
+      ).shape
       if tuple(stored) != shape:
         raise ValueError(
             f'Position embeddings {tuple(stored)} do not match the input '
             f'sequence {shape}: the parameters were made for another image '
             'size. Resize them with vit_jax.checkpoint.load_pretrained (or '
             'interpolate_posembed) for this resolution, or build the model '
-            'with dynamic_image_size=True.')
+            'with dynamic_image_size=True.'
+        )
     posemb = self.param('pos_embedding', _POSEMB_INIT, shape, self.param_dtype)
     return x + posemb.astype(x.dtype)
 
@@ -786,36 +895,53 @@ class AddPositionEmbs(nn.Module):
     n_tokens, dim = x.shape[1], x.shape[2]
     extra = n_tokens - grid[0] * grid[1]
     if extra not in (0, 1):
-      raise ValueError(f'{n_tokens} tokens are not a {grid[0]}x{grid[1]} '
-                       'patch grid and at most one class token.')
+      raise ValueError(
+          f'{n_tokens} tokens are not a {grid[0]}x{grid[1]} '
+          'patch grid and at most one class token.'
+      )
     posemb: jax.Array
     if self.has_variable('params', 'pos_embedding'):  # Any length.
       posemb = self.get_variable('params', 'pos_embedding')
     else:
       made_for = self.grid_size or grid
-      posemb = self.param('pos_embedding', _POSEMB_INIT,
-                          (1, extra + made_for[0] * made_for[1], dim),
-                          self.param_dtype)
+      posemb = self.param(
+          'pos_embedding',
+          _POSEMB_INIT,
+          (1, extra + made_for[0] * made_for[1], dim),
+          self.param_dtype,
+      )
     stored = posemb.shape[1] - extra
     old = self.grid_size
     if old is None:
-      old = grid if stored == grid[0] * grid[1] else _square_image_grid(
-          stored, self.patch_shape)
+      old = (
+          grid
+          if stored == grid[0] * grid[1]
+          else _square_image_grid(stored, self.patch_shape)
+      )
     if old[0] * old[1] != stored or posemb.shape[2] != dim:
       raise ValueError(
           f'Position embeddings {tuple(posemb.shape)} do not hold a '
           f'{old[0]}x{old[1]} grid of width {dim} (plus {extra} class '
-          'token): set posemb_grid_size to the grid they were made for.')
+          'token): set posemb_grid_size to the grid they were made for.'
+      )
     table = resize_posemb_grid(
-        jnp.reshape(posemb[0, extra:], (*old, dim)), grid,
-        method=self.resize, antialias=self.antialias)
+        jnp.reshape(posemb[0, extra:], (*old, dim)),
+        grid,
+        method=self.resize,
+        antialias=self.antialias,
+    )
     return jnp.concatenate(
-        [posemb[:, :extra].astype(jnp.float32),
-         jnp.reshape(table, (1, grid[0] * grid[1], dim))], axis=1)
+        [
+            posemb[:, :extra].astype(jnp.float32),
+            jnp.reshape(table, (1, grid[0] * grid[1], dim)),
+        ],
+        axis=1,
+    )
 
 
-def _square_image_grid(num_tokens: int,
-                       patch_shape: tuple[int, int]) -> tuple[int, int]:
+def _square_image_grid(
+    num_tokens: int, patch_shape: tuple[int, int]
+) -> tuple[int, int]:
   """The (h, w) grid of a square image of `num_tokens` patches.
 
   As `vit_jax.checkpoint.square_image_grid` infers it for `load_pretrained`.
@@ -829,12 +955,14 @@ def _square_image_grid(num_tokens: int,
     raise ValueError(
         f'Cannot infer the patch grid of {num_tokens} stored position '
         'embeddings (not a square image): set posemb_grid_size=(h, w) to the '
-        'grid they were made for.')
+        'grid they were made for.'
+    )
   return side // ph, side // pw
 
 
-def posemb_sincos_2d(h: int, w: int, width: int,
-                     temperature: float = 10_000.) -> np.ndarray:
+def posemb_sincos_2d(
+    h: int, w: int, width: int, temperature: float = 10_000.0
+) -> np.ndarray:
   """The fixed 2-D sine-cosine position embeddings of big_vision.
 
   A patch at row y, column x gets [sin(x w_k), cos(x w_k), sin(y w_k),
@@ -851,15 +979,18 @@ def posemb_sincos_2d(h: int, w: int, width: int,
     float64 [1, h * w, width], row-major over the grid.
   """
   if width % 4:
-    raise ValueError(f"posemb='sincos2d' needs a hidden size divisible by 4, "
-                     f'got {width}.')
+    raise ValueError(
+        f"posemb='sincos2d' needs a hidden size divisible by 4, "
+        f'got {width}.'
+    )
   quarter = width // 4
-  omega = 1.0 / temperature**(np.arange(quarter) / max(quarter - 1, 1))
+  omega = 1.0 / temperature ** (np.arange(quarter) / max(quarter - 1, 1))
   y, x = np.mgrid[:h, :w]
   x = np.outer(x.reshape(-1), omega)
   y = np.outer(y.reshape(-1), omega)
-  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)],
-                        axis=1)[None]
+  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[
+      None
+  ]
 
 
 class PositionEmbedding2D(nn.Module):
@@ -876,6 +1007,7 @@ class PositionEmbedding2D(nn.Module):
     resize: See `resize_posemb_grid`'s `method`.
     antialias: See `resize_posemb_grid`.
   """
+
   param_dtype: Dtype = jnp.float32
   dynamic: bool = False
   grid_size: tuple[int, int] | None = None
@@ -894,17 +1026,26 @@ class PositionEmbedding2D(nn.Module):
     if self.dynamic and self.has_variable('params', 'row'):  # Any length.
       rows, cols = (self.get_variable('params', k) for k in ('row', 'column'))
     else:
-      rows = self.param('row', _POSEMB_INIT, (made_for[0], d // 2),
-                        self.param_dtype)
-      cols = self.param('column', _POSEMB_INIT, (made_for[1], d // 2),
-                        self.param_dtype)
+      rows = self.param(
+          'row', _POSEMB_INIT, (made_for[0], d // 2), self.param_dtype
+      )
+      cols = self.param(
+          'column', _POSEMB_INIT, (made_for[1], d // 2), self.param_dtype
+      )
     if self.dynamic:
-      rows, cols = (resize_posemb_grid(t, (n,), method=self.resize,
-                                       antialias=self.antialias)
-                    for t, n in ((rows, h), (cols, w)))
-    table = jnp.concatenate([
-        jnp.broadcast_to(rows[:, None], (h, w, d // 2)),
-        jnp.broadcast_to(cols[None, :], (h, w, d // 2))], axis=-1)
+      rows, cols = (
+          resize_posemb_grid(
+              t, (n,), method=self.resize, antialias=self.antialias
+          )
+          for t, n in ((rows, h), (cols, w))
+      )
+    table = jnp.concatenate(
+        [
+            jnp.broadcast_to(rows[:, None], (h, w, d // 2)),
+            jnp.broadcast_to(cols[None, :], (h, w, d // 2)),
+        ],
+        axis=-1,
+    )
     return x + jnp.reshape(table, (h * w, d)).astype(x.dtype)
 
 
@@ -922,6 +1063,7 @@ class MAPHead(nn.Module):
     layer_norm_epsilon: LayerNorm epsilon.
     gelu_approximate: See `MlpBlock`.
   """
+
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
@@ -933,19 +1075,30 @@ class MAPHead(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """Pools tokens [B, T, D] into [B, D]."""
     n, _, d = x.shape
-    probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, d),
-                       self.param_dtype)
+    probe = self.param(
+        'probe', nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype
+    )
     probe = jnp.tile(probe.astype(self.dtype), (n, 1, 1))
     x = MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype,
-        param_dtype=self.param_dtype, attention_impl='einsum',
-        name='MultiHeadDotProductAttention_0')(probe, inputs_kv=x)
-    y = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name='LayerNorm_0')(x)
-    x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype,
-                     param_dtype=self.param_dtype,
-                     gelu_approximate=self.gelu_approximate,
-                     name='MlpBlock_0')(y)
+        num_heads=self.num_heads,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        attention_impl='einsum',
+        name='MultiHeadDotProductAttention_0',
+    )(probe, inputs_kv=x)
+    y = nn.LayerNorm(
+        epsilon=self.layer_norm_epsilon,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='LayerNorm_0',
+    )(x)
+    x = x + MlpBlock(
+        mlp_dim=self.mlp_dim,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        gelu_approximate=self.gelu_approximate,
+        name='MlpBlock_0',
+    )(y)
     return x[:, 0]
 
 
@@ -976,6 +1129,7 @@ class Encoder(nn.Module):
     posemb_antialias: See `AddPositionEmbs.antialias`.
     patch_shape: See `AddPositionEmbs.patch_shape`.
   """
+
   num_layers: int
   mlp_dim: int
   num_heads: int
@@ -1002,13 +1156,18 @@ class Encoder(nn.Module):
     `stochastic_depth` at the last (Huang et al., 2016)."""
     if self.num_layers == 1:
       return [self.stochastic_depth]
-    return [self.stochastic_depth * i / (self.num_layers - 1)
-            for i in range(self.num_layers)]
+    return [
+        self.stochastic_depth * i / (self.num_layers - 1)
+        for i in range(self.num_layers)
+    ]
 
   @nn.compact
-  def __call__(self, x: jax.Array,
-               extra_tokens: jax.Array | None = None,
-               grid: tuple[int, int] | None = None) -> jax.Array:
+  def __call__(
+      self,
+      x: jax.Array,
+      extra_tokens: jax.Array | None = None,
+      grid: tuple[int, int] | None = None,
+  ) -> jax.Array:
     """Position embeddings, the blocks and the final LayerNorm.
 
     Args:
@@ -1022,14 +1181,17 @@ class Encoder(nn.Module):
       [B, T (+ R), D].
     """
     if self.add_position_embedding:
-      x = AddPositionEmbs(param_dtype=self.param_dtype,
-                          grid_size=self.posemb_grid_size,
-                          resize=self.posemb_resize,
-                          antialias=self.posemb_antialias,
-                          patch_shape=self.patch_shape,
-                          name='posembed_input')(x, grid)
+      x = AddPositionEmbs(
+          param_dtype=self.param_dtype,
+          grid_size=self.posemb_grid_size,
+          resize=self.posemb_resize,
+          antialias=self.posemb_antialias,
+          patch_shape=self.patch_shape,
+          name='posembed_input',
+      )(x, grid)
       x = nn.Dropout(rate=self.dropout_rate)(
-          x, deterministic=self.deterministic)
+          x, deterministic=self.deterministic
+      )
     if extra_tokens is not None:
       x = jnp.concatenate([x, extra_tokens.astype(x.dtype)], axis=1)
     x = x.astype(self.dtype)
@@ -1039,17 +1201,26 @@ class Encoder(nn.Module):
       # Under scan, common-subexpression elimination cannot undo the remat, so
       # the (costly) CSE barrier is only needed in the unrolled loop.
       block_cls = nn.remat(
-          block_cls, prevent_cse=not self.scan,
-          policy=(None if policy == 'full'
-                  else getattr(jax.checkpoint_policies, policy)))
+          block_cls,
+          prevent_cse=not self.scan,
+          policy=(
+              None
+              if policy == 'full'
+              else getattr(jax.checkpoint_policies, policy)
+          ),
+      )
     block_kwargs = dict(
-        mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim,
+        num_heads=self.num_heads,
         dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
-        deterministic=self.deterministic, dtype=self.dtype,
-        param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+        deterministic=self.deterministic,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        attention_impl=self.attention_impl,
         layer_norm_epsilon=self.layer_norm_epsilon,
-        gelu_approximate=self.gelu_approximate)
+        gelu_approximate=self.gelu_approximate,
+    )
     # Without stochastic depth the blocks take no rate: the same program as
     # before the option existed.
     rates = self.drop_path_rates() if self.stochastic_depth else None
@@ -1058,7 +1229,9 @@ class Encoder(nn.Module):
           block_cls,
           variable_axes={'params': 0, 'intermediates': 0},
           split_rngs={'params': True, 'dropout': True},
-          in_axes=0, length=self.num_layers)
+          in_axes=0,
+          length=self.num_layers,
+      )
       block = block_cls(name='encoderblock', **block_kwargs)
       if rates is None:
         x, _ = block(x)
@@ -1069,8 +1242,11 @@ class Encoder(nn.Module):
         block = block_cls(name=f'encoderblock_{i}', **block_kwargs)
         x, _ = block(x) if rates is None else block(x, rates[i])
     return nn.LayerNorm(
-        epsilon=self.layer_norm_epsilon, dtype=self.dtype,
-        param_dtype=self.param_dtype, name='encoder_norm')(x)
+        epsilon=self.layer_norm_epsilon,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='encoder_norm',
+    )(x)
 
 
 class VisionTransformer(nn.Module):
@@ -1131,6 +1307,7 @@ class VisionTransformer(nn.Module):
       sees, and for a stored table of another length than the input's
       grid, the grid of a square image.
   """
+
   num_classes: int | None
   patches: Any
   transformer: Any
@@ -1174,12 +1351,18 @@ class VisionTransformer(nn.Module):
           f'Image size {h}x{w} is not divisible by the {kind} {sh}x{sw} of '
           f'{self.model_name or "this model"}: resize or crop the images to a '
           f'multiple of it (e.g. '
-          f'{max(1, h // sh) * sh}x{max(1, w // sw) * sw}).')
+          f'{max(1, h // sh) * sh}x{max(1, w // sw) * sw}).'
+      )
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, *, train: bool,
-               patch_transform: Callable[[jax.Array], jax.Array] | None = None,
-               output: str = 'logits') -> jax.Array:
+  def __call__(
+      self,
+      inputs: jax.Array,
+      *,
+      train: bool,
+      patch_transform: Callable[[jax.Array], jax.Array] | None = None,
+      output: str = 'logits',
+  ) -> jax.Array:
     """Logits `[batch, num_classes]` (or features without a head).
 
     The two keyword hooks serve training objectives other than
@@ -1202,47 +1385,69 @@ class VisionTransformer(nn.Module):
     if output not in OUTPUTS:
       raise ValueError(f'Unknown output {output!r}; use one of {OUTPUTS}.')
     if self.classifier not in CLASSIFIERS:
-      raise ValueError(f'Unknown classifier {self.classifier!r}; use one of '
-                       f'{CLASSIFIERS}.')
+      raise ValueError(
+          f'Unknown classifier {self.classifier!r}; use one of '
+          f'{CLASSIFIERS}.'
+      )
     if self.posemb not in POSEMB_KINDS:
-      raise ValueError(f'Unknown posemb {self.posemb!r}; use one of '
-                       f'{POSEMB_KINDS}.')
+      raise ValueError(
+          f'Unknown posemb {self.posemb!r}; use one of ' f'{POSEMB_KINDS}.'
+      )
     if not 0.0 <= self.stochastic_depth < 1.0:
-      raise ValueError(f'stochastic_depth={self.stochastic_depth}: a drop '
-                       'probability in [0, 1).')
+      raise ValueError(
+          f'stochastic_depth={self.stochastic_depth}: a drop '
+          'probability in [0, 1).'
+      )
     if self.num_registers < 0:
       raise ValueError(f'num_registers={self.num_registers} is negative.')
     if self.posemb_resize not in POSEMB_RESIZE_METHODS:
-      raise ValueError(f'Unknown posemb_resize {self.posemb_resize!r}; use '
-                       f'one of {POSEMB_RESIZE_METHODS}.')
+      raise ValueError(
+          f'Unknown posemb_resize {self.posemb_resize!r}; use '
+          f'one of {POSEMB_RESIZE_METHODS}.'
+      )
     if self.posemb_antialias and self.posemb_resize != 'bicubic':
-      raise ValueError("posemb_antialias=True needs posemb_resize='bicubic' "
-                       '(the corner-aligned bilinear resize has none).')
+      raise ValueError(
+          "posemb_antialias=True needs posemb_resize='bicubic' "
+          '(the corner-aligned bilinear resize has none).'
+      )
     self._check_image(inputs)
     x = inputs.astype(self.dtype)
     if self.resnet is not None:
       x = resnet.bit_stem_and_stages(
-          x, num_layers=tuple(config_value(self.resnet, 'num_layers')),
+          x,
+          num_layers=tuple(config_value(self.resnet, 'num_layers')),
           width_factor=config_value(self.resnet, 'width_factor', 1),
-          dtype=self.dtype, param_dtype=self.param_dtype)
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+      )
 
     ph, pw = patch_size_of(self.patches)
     x = nn.Conv(
-        features=self.hidden_size, kernel_size=(ph, pw), strides=(ph, pw),
-        padding='VALID', dtype=self.dtype, param_dtype=self.param_dtype,
-        name='embedding')(x)
+        features=self.hidden_size,
+        kernel_size=(ph, pw),
+        strides=(ph, pw),
+        padding='VALID',
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='embedding',
+    )(x)
 
     if (patch_transform or output == 'tokens') and self.transformer is None:
-      raise ValueError('patch_transform and output=\'tokens\' need a '
-                       'transformer (this model has none).')
+      raise ValueError(
+          "patch_transform and output='tokens' need a "
+          'transformer (this model has none).'
+      )
     if self.transformer is not None:
       n, h, w, c = x.shape
       encoder_fields = {
           k: config_value(self.transformer, k)
-          for k in ('num_layers', 'mlp_dim', 'num_heads')}
-      for k, default in (('dropout_rate', 0.1),
-                         ('attention_dropout_rate', 0.1),
-                         ('add_position_embedding', True)):
+          for k in ('num_layers', 'mlp_dim', 'num_heads')
+      }
+      for k, default in (
+          ('dropout_rate', 0.1),
+          ('attention_dropout_rate', 0.1),
+          ('add_position_embedding', True),
+      ):
         encoder_fields[k] = config_value(self.transformer, k, default)
       x = jnp.reshape(x, (n, h * w, c))
       if patch_transform is not None:
@@ -1253,12 +1458,14 @@ class VisionTransformer(nn.Module):
         gh, gw = self.posemb_grid_size
         posemb_grid_size = (gh, gw)
       if self.posemb == 'learn2d':
-        x = PositionEmbedding2D(param_dtype=self.param_dtype,
-                                dynamic=self.dynamic_image_size,
-                                grid_size=posemb_grid_size,
-                                resize=self.posemb_resize,
-                                antialias=self.posemb_antialias,
-                                name='posembed_2d')(x, h, w)
+        x = PositionEmbedding2D(
+            param_dtype=self.param_dtype,
+            dynamic=self.dynamic_image_size,
+            grid_size=posemb_grid_size,
+            resize=self.posemb_resize,
+            antialias=self.posemb_antialias,
+            name='posembed_2d',
+        )(x, h, w)
       elif self.posemb == 'sincos2d':
         x = x + jnp.asarray(posemb_sincos_2d(h, w, c), x.dtype)
       if self.posemb != 'learn':
@@ -1266,20 +1473,30 @@ class VisionTransformer(nn.Module):
         encoder_fields['add_position_embedding'] = False
         if self.posemb != 'none':
           x = nn.Dropout(rate=encoder_fields['dropout_rate'])(
-              x, deterministic=not train)
+              x, deterministic=not train
+          )
       if self.classifier in ('token', 'token_unpooled'):
-        cls = self.param('cls', nn.initializers.zeros, (1, 1, c),
-                         self.param_dtype)
+        cls = self.param(
+            'cls', nn.initializers.zeros, (1, 1, c), self.param_dtype
+        )
         x = jnp.concatenate(
-            [jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
+            [jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1
+        )
       registers = None
       if self.num_registers:
-        registers = self.param('registers', _POSEMB_INIT,
-                               (1, self.num_registers, c), self.param_dtype)
+        registers = self.param(
+            'registers',
+            _POSEMB_INIT,
+            (1, self.num_registers, c),
+            self.param_dtype,
+        )
         registers = jnp.tile(registers, (n, 1, 1))
       x = Encoder(
-          deterministic=not train, dtype=self.dtype,
-          param_dtype=self.param_dtype, remat=self.remat, scan=self.scan,
+          deterministic=not train,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          remat=self.remat,
+          scan=self.scan,
           attention_impl=self.attention_impl,
           remat_policy=self.remat_policy,
           stochastic_depth=self.stochastic_depth,
@@ -1288,12 +1505,16 @@ class VisionTransformer(nn.Module):
           posemb_grid_size=posemb_grid_size,
           posemb_resize=self.posemb_resize,
           posemb_antialias=self.posemb_antialias,
-          patch_shape=self.total_stride, name='Transformer',
-          **encoder_fields)(
-              x, extra_tokens=registers,
-              grid=(h, w) if self.dynamic_image_size else None)
+          patch_shape=self.total_stride,
+          name='Transformer',
+          **encoder_fields,
+      )(
+          x,
+          extra_tokens=registers,
+          grid=(h, w) if self.dynamic_image_size else None,
+      )
       if self.num_registers:  # Registers are working memory, not output.
-        x = x[:, :-self.num_registers]
+        x = x[:, : -self.num_registers]
       if output == 'tokens':
         return x
 
@@ -1306,30 +1527,51 @@ class VisionTransformer(nn.Module):
         raise ValueError("classifier='map' needs a transformer.")
       x = MAPHead(
           num_heads=config_value(self.transformer, 'num_heads'),
-          mlp_dim=config_value(self.transformer, 'mlp_dim'), dtype=self.dtype,
+          mlp_dim=config_value(self.transformer, 'mlp_dim'),
+          dtype=self.dtype,
           param_dtype=self.param_dtype,
           layer_norm_epsilon=self.layer_norm_epsilon,
-          gelu_approximate=self.gelu_approximate, name='MAPHead_0')(x)
+          gelu_approximate=self.gelu_approximate,
+          name='MAPHead_0',
+      )(x)
 
     if self.representation_size is not None:
       x = nn.Dense(
-          self.representation_size, dtype=self.dtype,
-          param_dtype=self.param_dtype, name='pre_logits')(x)
+          self.representation_size,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name='pre_logits',
+      )(x)
       x = jnp.tanh(x)
     self.sow('intermediates', 'pre_logits', x)
 
     if self.num_classes:
       x = nn.Dense(
-          self.num_classes, kernel_init=nn.initializers.zeros,
+          self.num_classes,
+          kernel_init=nn.initializers.zeros,
           bias_init=nn.initializers.constant(self.head_bias_init),
-          dtype=self.dtype, param_dtype=self.param_dtype, name='head')(x)
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name='head',
+      )(x)
     return x
 
 
 __all__ = [
-    'AddPositionEmbs', 'CLASSIFIERS', 'Encoder', 'Encoder1DBlock', 'MAPHead',
-    'MlpBlock', 'MultiHeadDotProductAttention', 'OUTPUTS', 'POSEMB_KINDS',
-    'POSEMB_RESIZE_METHODS', 'PositionEmbedding2D', 'VisionTransformer',
-    'config_value', 'patch_size_of', 'posemb_sincos_2d',
+    'AddPositionEmbs',
+    'CLASSIFIERS',
+    'Encoder',
+    'Encoder1DBlock',
+    'MAPHead',
+    'MlpBlock',
+    'MultiHeadDotProductAttention',
+    'OUTPUTS',
+    'POSEMB_KINDS',
+    'POSEMB_RESIZE_METHODS',
+    'PositionEmbedding2D',
+    'VisionTransformer',
+    'config_value',
+    'patch_size_of',
+    'posemb_sincos_2d',
     'resize_posemb_grid',
 ]

@@ -36,6 +36,7 @@ class ObjectiveSection:
     mpp: Masked patch prediction settings
       (`vit_jax.objectives.mpp.MppConfig`).
   """
+
   objective: str
   loss: str
   label_smoothing: float
@@ -43,25 +44,32 @@ class ObjectiveSection:
   # Read from the `mpp.*` fields by the objective's own type. (A string:
   # in the class body the name `mpp` is this field once it is assigned.)
   mpp: 'mpp.MppConfig' = dataclasses.field(
-      metadata={'parse': mpp.MppConfig.from_dict})
+      metadata={'parse': mpp.MppConfig.from_dict}
+  )
 
   def __post_init__(self):
     if self.objective not in NAMES:
-      raise ValueError(f'config.objective={self.objective!r}; use one of '
-                       f'{NAMES}.')
+      raise ValueError(
+          f'config.objective={self.objective!r}; use one of ' f'{NAMES}.'
+      )
     if self.loss not in losses.LOSSES:
-      raise ValueError(f'config.loss={self.loss!r}; use one of '
-                       f'{losses.LOSSES}.')
+      raise ValueError(
+          f'config.loss={self.loss!r}; use one of ' f'{losses.LOSSES}.'
+      )
     if not 0 <= self.label_smoothing < 1:
-      raise ValueError(f'config.label_smoothing={self.label_smoothing} must '
-                       'be in [0, 1).')
+      raise ValueError(
+          f'config.label_smoothing={self.label_smoothing} must ' 'be in [0, 1).'
+      )
     if self.mixup_alpha < 0:
-      raise ValueError(f'config.mixup_alpha={self.mixup_alpha} must be >= 0 '
-                       '(0 turns mixup off).')
+      raise ValueError(
+          f'config.mixup_alpha={self.mixup_alpha} must be >= 0 '
+          '(0 turns mixup off).'
+      )
     if self.mixup_alpha and self.objective != 'classification':
       raise ValueError(
           f'config.mixup_alpha={self.mixup_alpha} mixes class labels: it '
-          f'needs objective=\'classification\', not {self.objective!r}.')
+          f"needs objective='classification', not {self.objective!r}."
+      )
 
 
 def get(section: ObjectiveSection) -> protocol.Objective:
@@ -77,5 +85,7 @@ def get(section: ObjectiveSection) -> protocol.Objective:
   if section.objective == mpp.NAME:
     return mpp.MaskedPatchPrediction(section.mpp)
   return classification.Classification(
-      loss=section.loss, label_smoothing=float(section.label_smoothing),
-      mixup_alpha=float(section.mixup_alpha))
+      loss=section.loss,
+      label_smoothing=float(section.label_smoothing),
+      mixup_alpha=float(section.mixup_alpha),
+  )

@@ -19,8 +19,9 @@ NAME = 'classification'
 _MIXUP_SALT = 0x6D6978
 
 
-def mixup(rng: jax.Array, images: jax.Array, labels: jax.Array,
-          alpha: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+def mixup(
+    rng: jax.Array, images: jax.Array, labels: jax.Array, alpha: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Mixup (Zhang et al., 2018) of a batch, as big_vision does it.
 
   One lambda ~ Beta(alpha, alpha) per batch, taken as max(lambda,
@@ -39,14 +40,20 @@ def mixup(rng: jax.Array, images: jax.Array, labels: jax.Array,
   """
   lam = jax.random.beta(rng, alpha, alpha)
   lam = jnp.maximum(lam, 1.0 - lam)
-  mix = lambda x: (lam.astype(x.dtype) * x  # pylint: disable=g-long-lambda
-                   + (1 - lam).astype(x.dtype) * jnp.roll(x, 1, axis=0))
+  mix = lambda x: (
+      lam.astype(x.dtype) * x  # pylint: disable=g-long-lambda
+      + (1 - lam).astype(x.dtype) * jnp.roll(x, 1, axis=0)
+  )
   return mix(images), mix(labels), lam
 
 
-def loss_fn(model: nn.Module, *, loss: str = 'softmax_xent',
-            label_smoothing: float = 0.0,
-            mixup_alpha: float = 0.0) -> Callable[..., Any]:
+def loss_fn(
+    model: nn.Module,
+    *,
+    loss: str = 'softmax_xent',
+    label_smoothing: float = 0.0,
+    mixup_alpha: float = 0.0,
+) -> Callable[..., Any]:
   """`(params, batch, rng) -> (mean loss, extras)` for `train_step`.
 
   Args:
@@ -62,17 +69,26 @@ def loss_fn(model: nn.Module, *, loss: str = 'softmax_xent',
     The loss function; `rng` drives dropout (and mixup). Extras:
     {'mixup_lambda'} with mixup, else {}.
   """
+
   def fn(params, batch, rng):
     images, labels, extras = batch['image'], batch['labels'], {}
     if mixup_alpha:
-      images, labels, lam = mixup(jax.random.fold_in(rng, _MIXUP_SALT),
-                                  images, labels, mixup_alpha)
+      images, labels, lam = mixup(
+          jax.random.fold_in(rng, _MIXUP_SALT), images, labels, mixup_alpha
+      )
       extras['mixup_lambda'] = lam
-    logits = cast(jax.Array, model.apply({'params': params}, images,
-                                         train=True, rngs={'dropout': rng}))
-    return losses.per_example_loss(
-        logits, labels, kind=loss,
-        label_smoothing=label_smoothing).mean(), extras
+    logits = cast(
+        jax.Array,
+        model.apply(
+            {'params': params}, images, train=True, rngs={'dropout': rng}
+        ),
+    )
+    return (
+        losses.per_example_loss(
+            logits, labels, kind=loss, label_smoothing=label_smoothing
+        ).mean(),
+        extras,
+    )
 
   return fn
 
@@ -86,6 +102,7 @@ class Classification:
     label_smoothing: Label-smoothing factor of the training loss.
     mixup_alpha: Mixup's Beta parameter (0: none).
   """
+
   loss: str = 'softmax_xent'
   label_smoothing: float = 0.0
   mixup_alpha: float = 0.0
@@ -106,16 +123,25 @@ class Classification:
     return model.init(rng, images, train=False)['params']
 
   def loss_fn(self, model: nn.Module) -> protocol.LossFn:
-    return loss_fn(model, loss=self.loss,
-                   label_smoothing=self.label_smoothing,
-                   mixup_alpha=self.mixup_alpha)
+    return loss_fn(
+        model,
+        loss=self.loss,
+        label_smoothing=self.label_smoothing,
+        mixup_alpha=self.mixup_alpha,
+    )
 
-  def make_eval_fn(self, model: nn.Module, mesh: jax.sharding.Mesh,
-                   param_shardings: Any) -> Callable[..., Any]:
+  def make_eval_fn(
+      self, model: nn.Module, mesh: jax.sharding.Mesh, param_shardings: Any
+  ) -> Callable[..., Any]:
     return evaluator.make_eval_fn(model, mesh, param_shardings, self.loss)
 
-  def evaluate(self, params: Any, eval_fn: Callable[..., Any], dataset: Any,
-               batch_sharding: Any) -> dict[str, float]:
+  def evaluate(
+      self,
+      params: Any,
+      eval_fn: Callable[..., Any],
+      dataset: Any,
+      batch_sharding: Any,
+  ) -> dict[str, float]:
     return evaluator.evaluate(params, eval_fn, dataset, batch_sharding)
 
   def run_meta(self) -> dict[str, Any]:

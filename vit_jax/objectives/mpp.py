@@ -51,6 +51,7 @@ class MppConfig:
       patch's embedding (the rest keep their own).
     bits: Bits per colour channel of the '3bit' / '4x4' targets.
   """
+
   target: str = '3bit'
   corruption_rate: float = 0.5
   mask_prob: float = 0.8
@@ -59,17 +60,23 @@ class MppConfig:
 
   def __post_init__(self):
     if self.target not in TARGETS:
-      raise ValueError(f'config.mpp.target={self.target!r}; use one of '
-                       f'{TARGETS}.')
+      raise ValueError(
+          f'config.mpp.target={self.target!r}; use one of ' f'{TARGETS}.'
+      )
     if not 0 < self.corruption_rate <= 1:
-      raise ValueError(f'config.mpp.corruption_rate={self.corruption_rate} '
-                       'must be in (0, 1].')
-    if (min(self.mask_prob, self.random_prob) < 0
-        or self.mask_prob + self.random_prob > 1):
+      raise ValueError(
+          f'config.mpp.corruption_rate={self.corruption_rate} '
+          'must be in (0, 1].'
+      )
+    if (
+        min(self.mask_prob, self.random_prob) < 0
+        or self.mask_prob + self.random_prob > 1
+    ):
       raise ValueError(
           f'config.mpp.mask_prob={self.mask_prob} and random_prob='
           f'{self.random_prob} must be >= 0 and sum to at most 1 (the rest '
-          'of the corrupted patches are kept).')
+          'of the corrupted patches are kept).'
+      )
     if not 1 <= self.bits <= 8:
       raise ValueError(f'config.mpp.bits={self.bits} must be in 1..8.')
 
@@ -83,8 +90,9 @@ class MppConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
-      raise ValueError(f'Unknown config.mpp field(s) {unknown}; known: '
-                       f'{sorted(known)}.')
+      raise ValueError(
+          f'Unknown config.mpp field(s) {unknown}; known: ' f'{sorted(known)}.'
+      )
     return cls(**fields)
 
   @property
@@ -100,8 +108,9 @@ class MppConfig:
     return patch_px[0] * patch_px[1] * 3
 
 
-def sample_corruption(rng: jax.Array, batch: int, num_patches: int,
-                      cfg: MppConfig) -> dict[str, jax.Array]:
+def sample_corruption(
+    rng: jax.Array, batch: int, num_patches: int, cfg: MppConfig
+) -> dict[str, jax.Array]:
   """Which patches to corrupt, and how.
 
   Exactly `round(corruption_rate * num_patches)` patches per image are
@@ -121,17 +130,23 @@ def sample_corruption(rng: jax.Array, batch: int, num_patches: int,
   corrupted = rank < count
   kind = jax.random.uniform(kind_rng, (batch, num_patches))
   replace_mask = corrupted & (kind < cfg.mask_prob)
-  replace_random = corrupted & (kind >= cfg.mask_prob) & (
-      kind < cfg.mask_prob + cfg.random_prob)
-  source = jax.random.randint(source_rng, (batch, num_patches), 0,
-                              batch * num_patches)
-  return {'corrupted': corrupted, 'replace_mask': replace_mask,
-          'replace_random': replace_random,
-          'random_source': source.astype(jnp.int32)}
+  replace_random = (
+      corrupted
+      & (kind >= cfg.mask_prob)
+      & (kind < cfg.mask_prob + cfg.random_prob)
+  )
+  source = jax.random.randint(
+      source_rng, (batch, num_patches), 0, batch * num_patches
+  )
+  return {
+      'corrupted': corrupted,
+      'replace_mask': replace_mask,
+      'replace_random': replace_random,
+      'random_source': source.astype(jnp.int32),
+  }
 
 
-def patch_count(image_shape: tuple[int, ...],
-                patch_px: tuple[int, int]) -> int:
+def patch_count(image_shape: tuple[int, ...], patch_px: tuple[int, int]) -> int:
   """Patches per image of NHWC `image_shape` with `patch_px`-pixel patches."""
   return (image_shape[1] // patch_px[0]) * (image_shape[2] // patch_px[1])
 
@@ -149,14 +164,15 @@ def colour_index(colours: jax.Array, bits: int) -> jax.Array:
 
   Each channel is quantised to `bits` bits; red is the most significant.
   """
-  levels = 2 ** bits
+  levels = 2**bits
   q = jnp.clip(jnp.floor((colours + 1.0) / 2.0 * levels), 0, levels - 1)
   q = q.astype(jnp.int32)
   return (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]
 
 
-def targets(images: jax.Array, patch_px: tuple[int, int],
-            cfg: MppConfig) -> jax.Array:
+def targets(
+    images: jax.Array, patch_px: tuple[int, int], cfg: MppConfig
+) -> jax.Array:
   """Prediction targets of every patch.
 
   Returns:
@@ -169,17 +185,21 @@ def targets(images: jax.Array, patch_px: tuple[int, int],
   if cfg.target == '4x4':
     b, n, ph, pw, c = patches.shape
     if ph % 4 or pw % 4:
-      raise ValueError(f"config.mpp.target='4x4' needs patches divisible "
-                       f'by 4, got {ph}x{pw}.')
-    cells = patches.reshape(b, n, 4, ph // 4, 4, pw // 4, c).mean(
-        axis=(3, 5))
+      raise ValueError(
+          f"config.mpp.target='4x4' needs patches divisible "
+          f'by 4, got {ph}x{pw}.'
+      )
+    cells = patches.reshape(b, n, 4, ph // 4, 4, pw // 4, c).mean(axis=(3, 5))
     return colour_index(cells.reshape(b, n, 16, c), cfg.bits)
   return patches.reshape(patches.shape[0], patches.shape[1], -1)
 
 
-def loss_and_accuracy(predictions: jax.Array, target: jax.Array,
-                      corrupted: jax.Array, cfg: MppConfig
-                      ) -> tuple[jax.Array, jax.Array]:
+def loss_and_accuracy(
+    predictions: jax.Array,
+    target: jax.Array,
+    corrupted: jax.Array,
+    cfg: MppConfig,
+) -> tuple[jax.Array, jax.Array]:
   """Mean loss (and accuracy) over the corrupted patches only.
 
   Args:
@@ -218,6 +238,7 @@ class MaskedPatchPredictor(nn.Module):
     vit: The `VisionTransformer` (built without a classification head).
     num_outputs: Width of the prediction head (`MppConfig.num_outputs`).
   """
+
   vit: nn.Module
   num_outputs: int
 
@@ -229,8 +250,9 @@ class MaskedPatchPredictor(nn.Module):
     return self.vit.total_stride
 
   @nn.compact
-  def __call__(self, images: jax.Array, corruption: dict[str, jax.Array], *,
-               train: bool) -> jax.Array:
+  def __call__(
+      self, images: jax.Array, corruption: dict[str, jax.Array], *, train: bool
+  ) -> jax.Array:
     """Predictions `[batch, patches, num_outputs]` of every patch.
 
     Args:
@@ -239,25 +261,36 @@ class MaskedPatchPredictor(nn.Module):
         replaced by the [mask] embedding or another patch's.
       train: Enables dropout.
     """
+
     def corrupt(tokens):
       # Created here, between the patch embedding and the class token, as
       # the parameters' initialisation order has always been.
-      mask_token = self.param('mpp_mask_token', nn.initializers.normal(0.02),
-                              (tokens.shape[-1],), self.vit.param_dtype)
+      mask_token = self.param(
+          'mpp_mask_token',
+          nn.initializers.normal(0.02),
+          (tokens.shape[-1],),
+          self.vit.param_dtype,
+      )
       n, num, d = tokens.shape
       others = tokens.reshape(n * num, d)[corruption['random_source']]
-      tokens = jnp.where(corruption['replace_random'][..., None], others,
-                         tokens)
-      return jnp.where(corruption['replace_mask'][..., None],
-                       mask_token.astype(tokens.dtype), tokens)
+      tokens = jnp.where(
+          corruption['replace_random'][..., None], others, tokens
+      )
+      return jnp.where(
+          corruption['replace_mask'][..., None],
+          mask_token.astype(tokens.dtype),
+          tokens,
+      )
 
-    x = self.vit(images, train=train, patch_transform=corrupt,
-                 output='tokens')
+    x = self.vit(images, train=train, patch_transform=corrupt, output='tokens')
     num_patches = corruption['corrupted'].shape[1]
-    patch_tokens = x[:, x.shape[1] - num_patches:]  # Without the class token.
-    return nn.Dense(self.num_outputs, dtype=self.vit.dtype,
-                    param_dtype=self.vit.param_dtype,
-                    name='mpp_head')(patch_tokens)
+    patch_tokens = x[:, x.shape[1] - num_patches :]  # Without the class token.
+    return nn.Dense(
+        self.num_outputs,
+        dtype=self.vit.dtype,
+        param_dtype=self.vit.param_dtype,
+        name='mpp_head',
+    )(patch_tokens)
 
 
 def objective(model: MaskedPatchPredictor, cfg: MppConfig):
@@ -271,21 +304,39 @@ def objective(model: MaskedPatchPredictor, cfg: MppConfig):
     images = batch['image']
     corruption_rng, dropout_rng = jax.random.split(rng)
     corruption = sample_corruption(
-        corruption_rng, images.shape[0],
-        patch_count(images.shape, patch_px), cfg)
-    predictions = cast(jax.Array, model.apply(
-        {'params': params}, images, corruption, train=True,
-        rngs={'dropout': dropout_rng}))
+        corruption_rng,
+        images.shape[0],
+        patch_count(images.shape, patch_px),
+        cfg,
+    )
+    predictions = cast(
+        jax.Array,
+        model.apply(
+            {'params': params},
+            images,
+            corruption,
+            train=True,
+            rngs={'dropout': dropout_rng},
+        ),
+    )
     loss, accuracy = loss_and_accuracy(
-        predictions, targets(images, patch_px, cfg), corruption['corrupted'],
-        cfg)
+        predictions,
+        targets(images, patch_px, cfg),
+        corruption['corrupted'],
+        cfg,
+    )
     return loss, {'mpp_accuracy': accuracy}
 
   return fn
 
 
-def make_eval_fn(model: MaskedPatchPredictor, cfg: MppConfig,
-                 mesh: jax.sharding.Mesh, param_shardings: Any, seed: int = 0):
+def make_eval_fn(
+    model: MaskedPatchPredictor,
+    cfg: MppConfig,
+    mesh: jax.sharding.Mesh,
+    param_shardings: Any,
+    seed: int = 0,
+):
   """Jitted `(params, batch) -> sums` of the MPP loss and hits.
 
   The corruption of an eval batch depends only on `seed` and the batch
@@ -297,43 +348,60 @@ def make_eval_fn(model: MaskedPatchPredictor, cfg: MppConfig,
   def eval_step(params, batch):
     images = batch['image']
     corruption = sample_corruption(
-        jax.random.key(seed), images.shape[0],
-        patch_count(images.shape, patch_px), cfg)
+        jax.random.key(seed),
+        images.shape[0],
+        patch_count(images.shape, patch_px),
+        cfg,
+    )
     corrupted = corruption['corrupted'] & (batch['mask'][:, None] > 0)
-    predictions = cast(jax.Array, model.apply(
-        {'params': params}, images, corruption, train=False))
+    predictions = cast(
+        jax.Array,
+        model.apply({'params': params}, images, corruption, train=False),
+    )
     loss, accuracy = loss_and_accuracy(
-        predictions, targets(images, patch_px, cfg), corrupted, cfg)
+        predictions, targets(images, patch_px, cfg), corrupted, cfg
+    )
     patches = corrupted.sum().astype(jnp.float32)
-    return {'loss': loss * patches, 'correct': accuracy * patches,
-            'patches': patches, 'count': batch['mask'].sum()}
+    return {
+        'loss': loss * patches,
+        'correct': accuracy * patches,
+        'patches': patches,
+        'count': batch['mask'].sum(),
+    }
 
-  return jax.jit(sharding.on_mesh(eval_step, mesh),
-                 in_shardings=(param_shardings,
-                               sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+  return jax.jit(
+      sharding.on_mesh(eval_step, mesh),
+      in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=sharding.replicated(mesh),
+  )
 
 
-def evaluate(params: Any, eval_fn, dataset: Any,
-             batch_sharding: Any) -> dict[str, float]:
+def evaluate(
+    params: Any, eval_fn, dataset: Any, batch_sharding: Any
+) -> dict[str, float]:
   """MPP loss and accuracy over the corrupted patches of an eval split.
 
   Keys: `eval/mpp_loss`, `eval/mpp_accuracy`, `eval/examples`.
   """
-  totals = classification.sum_over_dataset(params, eval_fn, dataset,
-                                           batch_sharding)
+  totals = classification.sum_over_dataset(
+      params, eval_fn, dataset, batch_sharding
+  )
   patches = max(totals['patches'], 1.0)
-  return {'eval/mpp_loss': totals['loss'] / patches,
-          'eval/mpp_accuracy': totals['correct'] / patches,
-          'eval/examples': totals['count']}
+  return {
+      'eval/mpp_loss': totals['loss'] / patches,
+      'eval/mpp_accuracy': totals['correct'] / patches,
+      'eval/examples': totals['count'],
+  }
 
 
 def _predictor(model: nn.Module) -> MaskedPatchPredictor:
   """`model`, the `MaskedPatchPredictor` that `MaskedPatchPrediction.wrap`
   made (the training loop passes it back as an `nn.Module`)."""
   if not isinstance(model, MaskedPatchPredictor):
-    raise TypeError('Masked patch prediction trains the module its wrap() '
-                    f'returns, a MaskedPatchPredictor, not {type(model)}.')
+    raise TypeError(
+        'Masked patch prediction trains the module its wrap() '
+        f'returns, a MaskedPatchPredictor, not {type(model)}.'
+    )
   return model
 
 
@@ -344,6 +412,7 @@ class MaskedPatchPrediction:
   Attributes:
     cfg: The typed `config.mpp` section.
   """
+
   cfg: MppConfig
   name: str = NAME
 
@@ -354,7 +423,8 @@ class MaskedPatchPrediction:
 
   def wrap(self, backbone: nn.Module) -> MaskedPatchPredictor:
     return MaskedPatchPredictor(
-        backbone, self.cfg.num_outputs(backbone.total_stride))
+        backbone, self.cfg.num_outputs(backbone.total_stride)
+    )
 
   def backbone(self, model: nn.Module) -> nn.Module:
     """The model without the objective's parts (for feature evaluators)."""
@@ -364,19 +434,28 @@ class MaskedPatchPrediction:
     """Parameters, through the masked path (which creates the head)."""
     model = _predictor(model)
     corruption = sample_corruption(
-        rng, images.shape[0], patch_count(images.shape, model.total_stride),
-        self.cfg)
+        rng,
+        images.shape[0],
+        patch_count(images.shape, model.total_stride),
+        self.cfg,
+    )
     return model.init(rng, images, corruption, train=False)['params']
 
   def loss_fn(self, model: nn.Module) -> protocol.LossFn:
     return objective(_predictor(model), self.cfg)
 
-  def make_eval_fn(self, model: nn.Module, mesh: jax.sharding.Mesh,
-                   param_shardings: Any) -> Callable[..., Any]:
+  def make_eval_fn(
+      self, model: nn.Module, mesh: jax.sharding.Mesh, param_shardings: Any
+  ) -> Callable[..., Any]:
     return make_eval_fn(_predictor(model), self.cfg, mesh, param_shardings)
 
-  def evaluate(self, params: Any, eval_fn: Callable[..., Any], dataset: Any,
-               batch_sharding: Any) -> dict[str, float]:
+  def evaluate(
+      self,
+      params: Any,
+      eval_fn: Callable[..., Any],
+      dataset: Any,
+      batch_sharding: Any,
+  ) -> dict[str, float]:
     return evaluate(params, eval_fn, dataset, batch_sharding)
 
   def run_meta(self) -> dict[str, Any]:

@@ -14,8 +14,10 @@ import jax
 # `(params, batch, rng) -> (mean loss, {name: scalar})`: differentiated by
 # `train.train_step` (with respect to `params`), the extras logged as
 # `train/<name>`.
-LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array],
-                  tuple[jax.Array, dict[str, jax.Array]]]
+LossFn = Callable[
+    [Any, Mapping[str, jax.Array], jax.Array],
+    tuple[jax.Array, dict[str, jax.Array]],
+]
 
 
 @runtime_checkable
@@ -57,8 +59,9 @@ class Objective(Protocol):
   def loss_fn(self, model: nn.Module) -> LossFn:
     """The training loss of `model`, for `train.train_step`."""
 
-  def make_eval_fn(self, model: nn.Module, mesh: jax.sharding.Mesh,
-                   param_shardings: Any) -> Callable[..., Any]:
+  def make_eval_fn(
+      self, model: nn.Module, mesh: jax.sharding.Mesh, param_shardings: Any
+  ) -> Callable[..., Any]:
     """The jitted evaluation step `evaluate` runs on each eval batch.
 
     Args:
@@ -67,8 +70,13 @@ class Objective(Protocol):
       param_shardings: Shardings of the parameters.
     """
 
-  def evaluate(self, params: Any, eval_fn: Callable[..., Any], dataset: Any,
-               batch_sharding: Any) -> dict[str, float]:
+  def evaluate(
+      self,
+      params: Any,
+      eval_fn: Callable[..., Any],
+      dataset: Any,
+      batch_sharding: Any,
+  ) -> dict[str, float]:
     """Metrics (`eval/<name>`) of `params` over an evaluation split.
 
     Args:
