@@ -3,6 +3,7 @@
 import json
 import os
 
+from absl import logging as absl_logging
 import jax
 import numpy as np
 import pytest
@@ -65,9 +66,12 @@ def test_savedmodel_serves_logits_in_tensorflow(vit, tmp_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   model, params, images, logits = vit
+  absl_level = absl_logging.get_absl_logger().level
   export.export_savedmodel(
       model, params, (IMAGE, IMAGE), tmp_path / 'sm', platforms=('cpu',)
   )
+  # TensorFlow's save must not leave the caller's absl logging silenced.
+  assert absl_logging.get_absl_logger().level == absl_level
   loaded = tf.saved_model.load(str(tmp_path / 'sm'))
   serve = loaded.signatures['serving_default']
   for n in (2, 3):

@@ -263,7 +263,7 @@ def test_a_finished_run_returns_its_last_evaluation(tmp_path, caplog):
         {'step': 8, 'eval/accuracy': 0.75},
     ]:
       f.write(json.dumps(record) + '\n')
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     result = train.finished_run(str(tmp_path), 8, 6)
   assert result == {'step': 8, 'eval/accuracy': 0.75, 'finished_at_step': 8.0}
   assert [r.getMessage() for r in caplog.records] == [
@@ -293,7 +293,7 @@ def test_the_model_and_its_memory_are_logged(caplog):
       opt_state={'mu': jax.ShapeDtypeStruct((1024, 512), jnp.float32)},
   )
   mesh, shardings = _replicated(abstract)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     train.log_model('ViT-Ti_16', mesh, abstract, shardings)
   assert [r.getMessage() for r in caplog.records] == [
       "Model ViT-Ti_16: 524,288 parameters; mesh {'data': 1}",

@@ -28,6 +28,7 @@ import json
 import os
 from typing import Any
 
+from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -232,11 +233,20 @@ def export_savedmodel(
 
   module.serve, module.serve_uint8 = serve, serve_uint8
   os.makedirs(out_dir, exist_ok=True)  # Made here: with the umask's mode.
-  tf.saved_model.save(
-      module,
-      out_dir,
-      signatures={'serving_default': serve, 'serving_uint8': serve_uint8},
-  )
+  # TensorFlow's save silences absl logging while it walks the module and
+  # then "restores" the verbosity flag's value, which before absl's flags are
+  # parsed (a program of the caller's own) is WARNING: keep the level as it was,
+  # so the caller's INFO logs (ours included) still show afterwards.
+  absl_logger = absl_logging.get_absl_logger()
+  level = absl_logger.level
+  try:
+    tf.saved_model.save(
+        module,
+        out_dir,
+        signatures={'serving_default': serve, 'serving_uint8': serve_uint8},
+    )
+  finally:
+    absl_logger.setLevel(level)
   # TensorFlow makes its directories 0755 whatever the umask; give what it
   # wrote the modes of the other files.
   from vit_jax import interop  # pylint: disable=g-import-not-at-top
