@@ -434,7 +434,7 @@ def flexi_patch_size(seed: int, step: int, sizes: Sequence[int]) -> int:
   Returns:
     One of `sizes`.
   """
-  draw = np.random.default_rng((seed, step)).integers(len(sizes))
+  draw = int(np.random.default_rng((seed, step)).integers(len(sizes)))
   return int(sizes[draw])
 
 
