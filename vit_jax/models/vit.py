@@ -938,8 +938,8 @@ def resample_patch_embedding(
 class FlexiPatchEmbedding(nn.Module):
   """A patch embedding whose stored kernel is resampled to the patch size.
 
-  The parameters are `nn.Conv`'s (`kernel` [*stored_size, C, D], `bias`
-  [D]) at `stored_size`; a call cuts the images into `patch_size` patches
+  The parameters are `nn.Conv`'s (`kernel` [h, w, C, D] with (h, w) =
+  `stored_size`, `bias` [D]); a call cuts the images into `patch_size` patches
   with the kernel's pseudo-inverse resize (`resample_patch_embedding`), so
   gradients reach the stored kernel. `VisionTransformer` uses it, under the
   name `embedding`, when its patch size differs from `patches.size`.
