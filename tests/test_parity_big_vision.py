@@ -13,7 +13,8 @@ Each case initialises big_vision's model with random weights, writes them the
 way big_vision names them (`utils.tree_flatten_with_names` of
 `{'params': ...}`, as its .npz checkpoints), loads the file with
 `vit_jax.checkpoint.load` and compares logits (or SigLIP image embeddings) at
-224 px, float32.
+224 px, float32; FlexiViT's at 240 px at several patch sizes, and its
+patch-embedding resize.
 """
 
 import os
@@ -39,6 +40,7 @@ bv_utils = pytest.importorskip('big_vision.utils')
 bv_two_towers = pytest.importorskip(
     'big_vision.models.proj.image_text.two_towers'
 )
+bv_flexi = pytest.importorskip('big_vision.models.proj.flexi.vit')
 
 MAX_ABS_DIFF = 1e-4
 _POOL = {'tok': 'token', 'gap': 'gap', 'map': 'map'}
@@ -132,3 +134,54 @@ def test_siglip_image_tower_gives_its_embeddings(tmp_path):
   assert diff < MAX_ABS_DIFF
   normalized = got / np.linalg.norm(got, axis=1, keepdims=True)
   np.testing.assert_allclose(normalized, out['img/normalized'], atol=1e-5)
+
+
+@pytest.mark.parametrize('new_hw', [(8, 8), (16, 16), (30, 30), (48, 48)])
+def test_patch_embedding_resize_is_big_vision_resample_patchemb(new_hw):
+  # A 32x32 kernel of FlexiViT's initialisation scale (1 / sqrt(width)).
+  kernel = np.random.default_rng(0).normal(size=(32, 32, 3, 16)) / 4
+  kernel = kernel.astype(np.float32)
+  want = np.asarray(bv_flexi.resample_patchemb(jnp.asarray(kernel), new_hw))
+  got = np.asarray(checkpoint.resample_patch_embedding(kernel, new_hw))
+  diff = float(np.max(np.abs(got - want)))
+  print(
+      f'resample_patchemb 32x32 -> {new_hw}: max abs difference {diff:.2e} '
+      f'(values up to {float(np.max(np.abs(want))):.2f})'
+  )
+  assert diff < MAX_ABS_DIFF
+
+
+@pytest.mark.parametrize('pool', ['gap', 'tok'])
+def test_flexivit_file_gives_its_logits_at_every_patch_size(tmp_path, pool):
+  # big_vision's FlexiViT: a 32x32 kernel and a 7x7 position grid, resampled
+  # to the patch size that gives `seqhw` tokens per side of a 240 px image.
+  bv_model = bv_flexi.Model(
+      num_classes=10, variant='Ti', pool_type=pool, depth=4
+  )
+  shapes = jax.eval_shape(
+      lambda: bv_model.init(jax.random.key(0), jnp.zeros((1, 240, 240, 3)))
+  )
+  params = randomize(shapes['params'], seed=7, scale=0.05)
+  path = str(tmp_path / 'flexivit.npz')
+  _write_big_vision_npz(params, path)
+  model = vit_jax.models.get_model(
+      'ViT-Ti_16',
+      num_classes=10,
+      patches={'size': (32, 32)},
+      posemb_grid_size=(7, 7),
+      posemb_resize='linear',
+      classifier=_POOL[pool],
+      transformer={'num_layers': 4},
+  )
+  loaded = {'params': checkpoint.load(path)}
+  images = random_images((2, 240, 240, 3), seed=3)
+  for seqhw in (5, 6, 8, 15, 30):  # Patches of 48, 40, 30, 16, 8 pixels.
+    want, _ = bv_model.apply({'params': params}, images, seqhw=seqhw)
+    got = model.apply(loaded, images, train=False, patch_size=240 // seqhw)
+    diff = float(np.max(np.abs(np.asarray(got) - np.asarray(want))))
+    print(
+        f'FlexiViT Ti pool={pool} seqhw={seqhw} (patch {240 // seqhw}): max '
+        f'abs logit difference {diff:.2e} (logits up to '
+        f'{float(np.max(np.abs(want))):.2f})'
+    )
+    assert diff < MAX_ABS_DIFF

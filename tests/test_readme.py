@@ -325,6 +325,19 @@ def test_model_table_gflops_are_the_flops_module():
 
 
 @pytest.mark.slow
+def test_flexivit_example_runs():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  namespace = _run_example('FlexiViT: any patch size')
+  assert namespace['params16']['embedding']['kernel'].shape == (16, 16, 3, 192)
+  # The fixed /16 model from load_pretrained is the flexible one at 16.
+  np.testing.assert_allclose(
+      namespace['fixed'], namespace['at_16'], rtol=1e-4, atol=1e-5
+  )
+  assert float(np.abs(namespace['at_16']).max()) > 0.1  # Not all zero.
+
+
+@pytest.mark.slow
 def test_big_vision_example_runs(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   namespace = _run_example('big_vision and SigLIP checkpoints')
@@ -351,6 +364,7 @@ _PYTHON_RUN = (
     'Use the models from your own JAX code',
     'Checkpoints',
     'big_vision and SigLIP checkpoints',
+    'FlexiViT: any patch size',
 )
 
 

@@ -41,6 +41,7 @@ CONFIG_ARGS = {
         'r50_b16,pets',
         'ti16,digits,runlocal',
     ],
+    'flexivit.py': ['b', 'l', 's,runlocal'],
     'pretrain_imagenet21k.py': ['b16', 'b16,runlocal'],
     'pretrain_imagenet.py': ['b16', 'b16,runlocal'],
     'pretrain_jft.py': ['l16', 'l16,runlocal'],

@@ -69,7 +69,11 @@ _MAP_HEAD = 'MAPHead_0'
 # A SigLIP file's towers; `load(path, tower='img')` picks one.
 _TOWERS = ('img', 'txt')
 
-POSEMB_METHODS = ('bilinear', 'bicubic')
+POSEMB_METHODS = ('bilinear', 'bicubic', 'linear')
+_EMBEDDING_KERNEL = 'embedding/kernel'
+# FlexiViT's resize of a patch-embedding kernel (defined with the model, which
+# applies it in the forward pass).
+resample_patch_embedding = vit_lib.resample_patch_embedding
 
 
 class CheckpointError(ValueError):
@@ -699,7 +703,9 @@ def interpolate_posembed(
     new_grid_size: (h', w') of the new grid; inferred when square.
     method: 'bilinear' gives exactly the numbers of the original vit_jax code
       (`scipy.ndimage.zoom(order=1)`, corner-aligned); 'bicubic' uses
-      half-pixel-centred bicubic interpolation (as timm does).
+      half-pixel-centred bicubic interpolation (as timm does); 'linear'
+      half-pixel-centred linear interpolation, antialiased when shrinking
+      (big_vision FlexiViT's run-time resize).
 
   Returns:
     (1, T', D) numpy array.
@@ -750,15 +756,57 @@ def interpolate_posembed(
       grid = scipy.ndimage.zoom(grid, zoom, order=1)
     else:
       grid = np.asarray(
-          jax.image.resize(
-              jnp.asarray(grid, jnp.float32),
-              (new[0], new[1], dim),
-              method='bicubic',
-              antialias=False,
+          vit_lib.resize_posemb_grid(
+              jnp.asarray(grid, jnp.float32), new, method=method
           )
       ).astype(posemb.dtype)
   grid = grid.reshape(1, new[0] * new[1], dim)
   return np.concatenate([posemb_tok, grid], axis=1)
+
+
+def _resample_kernel(
+    restored: dict[str, Any],
+    expected: Mapping[str, Any],
+    patch_size: int | tuple[int, int] | None,
+    path: str,
+) -> None:
+  """Resamples `restored`'s patch-embedding kernel to `patch_size`.
+
+  Raises:
+    CheckpointError: the checkpoint's patch size differs from the model's
+      and no `patch_size` was given, or `patch_size` is not the model's.
+  """
+  if _EMBEDDING_KERNEL not in restored or _EMBEDDING_KERNEL not in expected:
+    return
+  old, want = _shape(restored[_EMBEDDING_KERNEL]), _shape(
+      expected[_EMBEDDING_KERNEL]
+  )
+  if patch_size is None:
+    if old[:2] != want[:2] and old[2:] == want[2:]:
+      raise CheckpointError(
+          f'{path}: {_EMBEDDING_KERNEL}: the checkpoint has {old[0]}x{old[1]} '
+          f'patches, the model {want[0]}x{want[1]}: pass '
+          f'patch_size={tuple(want[:2])} to resample the kernel (FlexiViT), '
+          "or build the model with the checkpoint's patch size."
+      )
+    return
+  size = vit_lib.patch_size_of(patch_size)
+  if size != tuple(want[:2]):
+    raise CheckpointError(
+        f"patch_size={patch_size!r}, but the model's kernel is "
+        f'{want[0]}x{want[1]}: build the model with patches '
+        f"{{'size': {size}}} (or pass patch_size={tuple(want[:2])})."
+    )
+  if old[:2] != size:
+    logging.info(
+        'load_pretrained: resampling %s %s -> %s (FlexiViT PI-resize)',
+        _EMBEDDING_KERNEL,
+        old,
+        size,
+    )
+    restored[_EMBEDDING_KERNEL] = np.asarray(
+        resample_patch_embedding(np.asarray(restored[_EMBEDDING_KERNEL]), size)
+    )
 
 
 def load_pretrained(
@@ -770,6 +818,7 @@ def load_pretrained(
     grid_size: tuple[int, int] | None = None,
     patch_shape: tuple[int, int] | None = None,
     posemb_method: str = 'bilinear',
+    patch_size: int | tuple[int, int] | None = None,
 ) -> dict[str, Any]:
   """Loads a pre-trained checkpoint for fine-tuning (paper §3.2).
 
@@ -778,6 +827,9 @@ def load_pretrained(
   * `pre_logits` is dropped when `model_config` has no representation layer;
     when it has one the checkpoint lacks, the fresh one is used.
   * Position embeddings are interpolated to the new patch grid.
+  * With `patch_size`, the patch-embedding kernel is resampled to it with
+    FlexiViT's pseudo-inverse resize (`resample_patch_embedding`): a /16
+    checkpoint runs as /8 or /32 (the grid follows from `init_params`).
   * Scanned and unscanned layouts are converted to match `init_params`.
 
   Every other parameter must be present with the expected shape.
@@ -793,7 +845,11 @@ def load_pretrained(
     patch_shape: Input pixels per token (h, w) of the checkpoint and the
       model (`model.total_stride`): when not square, the grids not given
       are those of square images (`square_image_grid`).
-    posemb_method: 'bilinear' (the original code's numbers) or 'bicubic'.
+    posemb_method: One of `POSEMB_METHODS`: 'bilinear' (the original
+      code's numbers), 'bicubic' or 'linear' (big_vision FlexiViT's).
+    patch_size: The patch size (h, w) (or an int) of `init_params`' kernel
+      when the checkpoint's differs: its kernel is resampled to it. None:
+      the sizes must agree.
 
   Returns:
     Nested dict with the structure and dtypes of `init_params`.
@@ -805,6 +861,7 @@ def load_pretrained(
   restored = flatten(load(pretrained_path))
   scanned = is_scanned(_to_dict(init_params))
   expected = flatten(unstack_encoder_blocks(_to_dict(init_params)))
+  _resample_kernel(restored, expected, patch_size, pretrained_path)
   has_representation = (
       vit_lib.config_value(model_config, 'representation_size') is not None
   )

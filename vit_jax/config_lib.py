@@ -241,6 +241,7 @@ def parse(config: Any) -> Run:
       }
   )
   check_image_size(run.model, run.data.image_size)
+  check_flexi_run(run)
   image_folder_used = 'image_folder' in (
       run.data.dataset,
       run.evals.fewshot.dataset,
@@ -268,6 +269,31 @@ def check_image_size(model: ModelSection, image_size: int) -> None:
         f'config.image_size={image_size} is not a multiple of the {kind} '
         f'{stride} of {model.model_name}: use e.g. '
         f'{image_size // stride * stride}.'
+    )
+
+
+def check_flexi_run(run: Run) -> None:
+  """Raises unless a FlexiViT run's patch sizes can train on its images.
+
+  Every size in `config.model.flexi_patch_sizes` must divide
+  `config.image_size`, and the objective must be one whose targets do not
+  depend on the patch size (classification).
+  """
+  sizes = run.model.flexi_patch_sizes()
+  if not sizes:
+    return
+  bad = [p for p in sizes if run.data.image_size % p]
+  if bad:
+    raise ValueError(
+        f'config.model.flexi_patch_sizes: {bad} do not divide '
+        f'config.image_size={run.data.image_size}: use sizes that divide it '
+        '(FlexiViT at 240 px: 48,40,30,24,20,16,15,12,10,8).'
+    )
+  if run.objective.objective != 'classification':
+    raise ValueError(
+        f'config.model.flexi_patch_sizes is set with '
+        f'config.objective={run.objective.objective!r}: FlexiViT training '
+        'needs the classification objective (or leave the sizes empty).'
     )
 
 

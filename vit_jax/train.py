@@ -419,6 +419,70 @@ def make_train_step(
   )
 
 
+def flexi_patch_size(seed: int, step: int, sizes: Sequence[int]) -> int:
+  """The patch size FlexiViT training step `step` cuts its images into.
+
+  Uniform over `sizes` (FlexiViT's recipe), drawn from a generator seeded
+  by (seed, step) alone, so a resumed run draws the sizes it would have
+  drawn without the interruption.
+
+  Args:
+    seed: The run's seed (`config.seed`).
+    step: The step (1-based).
+    sizes: `config.model.flexi_patch_sizes`.
+
+  Returns:
+    One of `sizes`.
+  """
+  draw = int(np.random.default_rng((seed, step)).integers(len(sizes)))
+  return int(sizes[draw])
+
+
+class FlexiTrainSteps:
+  """A FlexiViT run's train steps: one jitted step per patch size.
+
+  Calling it with a step number gives that step's function (`flexi_patch_size`
+  draws the size); each size's step is built, and compiled, the first time
+  it is drawn, with the model cut at that size (`run_patch_size`).
+  """
+
+  def __init__(
+      self,
+      sizes: Sequence[int],
+      seed: int,
+      make_step: Callable[[flax.linen.Module], Callable[..., Any]],
+      model: flax.linen.Module,
+  ):
+    """Prepares the steps.
+
+    Args:
+      sizes: The patch sizes to draw from.
+      seed: The run's seed.
+      make_step: `model -> jitted step` (`make_train_step` with the rest of
+        its arguments bound).
+      model: The run's model (a `VisionTransformer`).
+    """
+    self._sizes = tuple(sizes)
+    self._seed = seed
+    self._make_step = make_step
+    self._model = model
+    self._steps: dict[int, Callable[..., Any]] = {}
+
+  def __call__(self, step: int) -> Callable[..., Any]:
+    """The train step function of step `step`."""
+    size = flexi_patch_size(self._seed, step, self._sizes)
+    if size not in self._steps:
+      logging.info(
+          'FlexiViT: step %d is the first at patch size %d (compiling).',
+          step,
+          size,
+      )
+      self._steps[size] = self._make_step(
+          self._model.clone(run_patch_size=(size, size))
+      )
+    return self._steps[size]
+
+
 def check_jax_flags() -> None:
   """Refuses global JAX settings under which runs are not reproducible.
 
@@ -1068,6 +1132,16 @@ def train_and_evaluate(
         train_iter, batch_sharding, size=run.loop.prefetch
     )
     step_fn = make_train_step(run.loop, objective, model, tx, mesh, shardings)
+    flexi_steps = None
+    if run.model.flexi_patch_sizes():
+      flexi_steps = FlexiTrainSteps(
+          run.model.flexi_patch_sizes(),
+          run.loop.seed,
+          lambda m: make_train_step(
+              run.loop, objective, m, tx, mesh, shardings
+          ),
+          model,
+      )
     # Placed once: a key on one device would be re-sharded at every step.
     train_rng = sharding.put_global(train_rng, sharding.replicated(mesh))
     eval_ds, _ = input_pipeline.eval_dataset(run.data, source=source)
@@ -1100,7 +1174,8 @@ def train_and_evaluate(
       for step in range(start + 1, total_steps + 1):
         first_step_start = time.monotonic()
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
-          state, step_metrics = step_fn(state, next(batches), train_rng)
+          step_at = step_fn if flexi_steps is None else flexi_steps(step)
+          state, step_metrics = step_at(state, next(batches), train_rng)
         if step == start + 1:  # Once: how long compiling took.
           jax.block_until_ready(step_metrics)
           progress.first_step(step, time.monotonic() - first_step_start)

@@ -328,6 +328,24 @@ class ModelSection:
             f'({model_class(self.model_name).__name__}) has no '
             f'{option} option; set config.{option}=False.'
         )
+    sizes = self.flexi_patch_sizes()
+    if sizes and not all(
+        isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in sizes
+    ):
+      raise ValueError(
+          f'config.model.flexi_patch_sizes={sizes!r}: a list of positive '
+          'integers (square patch sizes), e.g. 8,16,32.'
+      )
+    if sizes and get_config(self.model_name, **self.model).get('resnet'):
+      raise ValueError(
+          f'config.model.flexi_patch_sizes: {self.model_name} has a ResNet '
+          'stem; FlexiViT patch sizes need a plain ViT.'
+      )
+
+  def flexi_patch_sizes(self) -> tuple[int, ...]:
+    """The patch sizes a FlexiViT run draws from per step (() for none)."""
+    model_config = get_config(self.model_name, **self.model)
+    return tuple(model_config.get('flexi_patch_sizes') or ())
 
   def model_args(self) -> dict[str, Any]:
     """This model as keyword arguments of `vit_jax.models.get_model`.
@@ -356,7 +374,10 @@ class ModelSection:
     """(pixels per token along the height, 'patch size' or 'total stride')."""
     # The overrides (e.g. 4x4 patches) decide, not the name.
     model_config = get_config(self.model_name, **self.model)
-    ph, _ = vit.patch_size_of(model_config['patches'])
+    # A FlexiViT's stored kernel may be cut at another size: the run's.
+    ph, _ = vit.patch_size_of(
+        model_config.get('run_patch_size') or model_config['patches']
+    )
     if model_config.get('resnet') is None:
       return ph, 'patch size'
     return ph * resnet.total_stride(model_config['resnet']), 'total stride'

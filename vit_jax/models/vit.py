@@ -22,6 +22,7 @@ between the two layouts.
 from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
 import contextvars
+import functools
 import logging
 import math
 from typing import Any
@@ -60,7 +61,12 @@ OUTPUTS = ('logits', 'tokens')
 POSEMB_KINDS = ('learn', 'learn2d', 'sincos2d', 'none')
 # How `dynamic_image_size` resizes learned embeddings to the input's grid
 # (`vit_jax.checkpoint.POSEMB_METHODS`, the same numbers as its resize).
-POSEMB_RESIZE_METHODS = ('bilinear', 'bicubic')
+# 'linear' is big_vision FlexiViT's: half-pixel-centred, antialiased when
+# shrinking (`jax.image.resize(..., 'linear')`).
+POSEMB_RESIZE_METHODS = ('bilinear', 'bicubic', 'linear')
+# The patch sizes FlexiViT (Beyer et al., 2023) trains with at 240 px, the
+# grids 5x5 to 30x30 (big_vision's `config.flexi.seqhw`).
+FLEXIVIT_PATCH_SIZES = (48, 40, 30, 24, 20, 16, 15, 12, 10, 8)
 
 # How attention is computed (the parameters are the same for all):
 #   'einsum': heads-major einsums, the fastest measured on CPU;
@@ -797,9 +803,11 @@ def resize_posemb_grid(
     grid: [h, w, D] (or [n, D]: one axis) embeddings.
     new_size: The new leading sizes, (h', w') (or (n',)).
     method: 'bilinear': corner-aligned, as `scipy.ndimage.zoom(order=1)`;
-      'bicubic': half-pixel-centred, `jax.image.resize`'s (timm's).
+      'bicubic': half-pixel-centred, `jax.image.resize`'s (timm's);
+      'linear': half-pixel-centred linear, antialiased when shrinking
+      (`jax.image.resize`'s default; big_vision FlexiViT's).
     antialias: With 'bicubic': `jax.image.resize`'s antialiasing, which
-      changes a shrinking resize only.
+      changes a shrinking resize only ('linear' always has it).
 
   Returns:
     [h', w', D] float32 (or [n', D]).
@@ -812,7 +820,7 @@ def resize_posemb_grid(
   if antialias and method != 'bicubic':
     raise ValueError(
         "posemb_antialias=True needs posemb_resize='bicubic' "
-        '(the corner-aligned bilinear resize has none).'
+        "('bilinear' has no antialiasing, 'linear' always has it)."
     )
   grid = grid.astype(jnp.float32)
   new_size = tuple(int(n) for n in new_size)
@@ -821,6 +829,10 @@ def resize_posemb_grid(
   if method == 'bicubic':
     return jax.image.resize(
         grid, (*new_size, grid.shape[-1]), method='bicubic', antialias=antialias
+    )
+  if method == 'linear':
+    return jax.image.resize(
+        grid, (*new_size, grid.shape[-1]), method='linear', antialias=True
     )
   # One axis at a time, as scipy does; each output a two-tap blend (a gather
   # and a lerp: exact in float32, unlike a matmul at default precision).
@@ -834,6 +846,140 @@ def resize_posemb_grid(
         + jnp.take(grid, high, axis=axis) * weight
     )
   return grid
+
+
+def linear_resize_matrix(old: int, new: int) -> np.ndarray:
+  """One axis of `tf.image.resize(..., 'bilinear')` as a [new, old] matrix.
+
+  TensorFlow 2's bilinear resize without antialiasing (the resize of
+  big_vision's and this project's input pipelines): output i reads input
+  coordinate (i + 0.5) * old / new - 0.5, blending its two neighbours, and
+  coordinates outside [0, old - 1] read the edge sample.
+
+  Args:
+    old: Input samples.
+    new: Output samples.
+
+  Returns:
+    float64 [new, old]: `resized = matrix @ samples`.
+  """
+  coords = (np.arange(new) + 0.5) * (old / new) - 0.5
+  floor = np.floor(coords)
+  low = np.clip(floor, 0, old - 1).astype(np.int64)
+  high = np.clip(np.ceil(coords), 0, old - 1).astype(np.int64)
+  frac = coords - floor
+  matrix = np.zeros((new, old))
+  rows = np.arange(new)
+  np.add.at(matrix, (rows, low), 1 - frac)
+  np.add.at(matrix, (rows, high), frac)
+  return matrix
+
+
+@functools.cache
+def _pi_resize_matrices(
+    old_hw: tuple[int, int], new_hw: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+  """Per axis, the matrix taking an `old_hw` kernel to a `new_hw` one."""
+  # The 2-D resize of a patch is B x A^T with A, B one axis's resizes (the
+  # Kronecker product A (x) B on flattened patches), and the pseudo-inverse
+  # of a Kronecker product is that of its factors: the 2-D pseudo-inverse
+  # resize is two small 1-D ones.
+  rows = np.linalg.pinv(linear_resize_matrix(old_hw[0], new_hw[0]).T)
+  cols = np.linalg.pinv(linear_resize_matrix(old_hw[1], new_hw[1]).T)
+  return rows, cols
+
+
+def resample_patch_embedding(
+    kernel: jax.Array | np.ndarray, new_hw: Sequence[int]
+) -> jax.Array:
+  """FlexiViT's pseudo-inverse (PI) resize of a patch-embedding kernel.
+
+  Beyer et al. 2023 ("FlexiViT", section 3.4; big_vision's
+  `resample_patchemb`): the kernel w' of the new patch size that gives the
+  old kernel's embeddings on resized patches, <resize(x), w'> = <x, w>, for
+  every patch x when the patch grows (resize: `tf.image.resize` bilinear,
+  `linear_resize_matrix`), and the least-squares such kernel when it
+  shrinks: w' = pinv(R^T) w with R the resize's matrix. Differentiable in
+  `kernel` (the matrices are constants of the shapes).
+
+  Args:
+    kernel: [h, w, channels, features] (`embedding/kernel`).
+    new_hw: The new patch size (h', w').
+
+  Returns:
+    [h', w', channels, features] in the kernel's dtype (the kernel itself
+    when the size is unchanged).
+  """
+  if kernel.ndim != 4:
+    raise ValueError(
+        'resample_patch_embedding: the kernel must be [h, w, channels, '
+        f'features], got shape {tuple(kernel.shape)}.'
+    )
+  old_hw = (int(kernel.shape[0]), int(kernel.shape[1]))
+  new = tuple(int(n) for n in new_hw)
+  if len(new) != 2 or min(new) < 1:
+    raise ValueError(
+        f'resample_patch_embedding: new_hw={tuple(new_hw)!r} must be two '
+        'positive sizes (h, w).'
+    )
+  new_h, new_w = new
+  if (new_h, new_w) == old_hw:
+    return jnp.asarray(kernel)
+  rows, cols = _pi_resize_matrices(old_hw, (new_h, new_w))
+  return jnp.einsum(
+      'Hh,Ww,hwcd->HWcd',
+      jnp.asarray(rows, jnp.float32),
+      jnp.asarray(cols, jnp.float32),
+      jnp.asarray(kernel, jnp.float32),
+      precision=jax.lax.Precision.HIGHEST,
+  ).astype(kernel.dtype)
+
+
+class FlexiPatchEmbedding(nn.Module):
+  """A patch embedding whose stored kernel is resampled to the patch size.
+
+  The parameters are `nn.Conv`'s (`kernel` [h, w, C, D] with (h, w) =
+  `stored_size`, `bias` [D]); a call cuts the images into `patch_size` patches
+  with the kernel's pseudo-inverse resize (`resample_patch_embedding`), so
+  gradients reach the stored kernel. `VisionTransformer` uses it, under the
+  name `embedding`, when its patch size differs from `patches.size`.
+
+  Attributes:
+    features: Token width D.
+    stored_size: The stored kernel's (h, w).
+    patch_size: The (h, w) the images are cut into.
+    dtype: Computation dtype.
+    param_dtype: Parameter dtype.
+  """
+
+  features: int
+  stored_size: tuple[int, int]
+  patch_size: tuple[int, int]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Embeddings [B, H / ph, W / pw, D] of images [B, H, W, C]."""
+    kernel = self.param(
+        'kernel',
+        nn.linear.default_kernel_init,
+        (*self.stored_size, x.shape[-1], self.features),
+        self.param_dtype,
+    )
+    bias = self.param(
+        'bias', nn.initializers.zeros, (self.features,), self.param_dtype
+    )
+    kernel = resample_patch_embedding(kernel, self.patch_size)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=self.patch_size,
+        padding='VALID',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
+    return y + bias
 
 
 class AddPositionEmbs(nn.Module):
@@ -1302,10 +1448,20 @@ class VisionTransformer(nn.Module):
       default, corner-aligned; 'bicubic': its `posemb_method='bicubic'`).
     posemb_antialias: With 'bicubic': antialias a shrinking resize
       (`jax.image.resize`'s; `load_pretrained` has none).
-    posemb_grid_size: With `dynamic_image_size`, the patch grid (h, w) the
-      learned embeddings are made for; None: the grid of the images `init`
-      sees, and for a stored table of another length than the input's
-      grid, the grid of a square image.
+    posemb_grid_size: With `dynamic_image_size` (or another patch size
+      than `patches.size`), the patch grid (h, w) the learned embeddings are
+      made for; None: the grid of the images `init` sees, and for a stored
+      table of another length than the input's grid, the grid of a square
+      image.
+    run_patch_size: FlexiViT: the patch size (h, w) (or an int) the images
+      are cut into when it is not `patches.size`, the size of the stored
+      kernel: the kernel is resampled to it in the forward pass
+      (`resample_patch_embedding`) and learned position embeddings are
+      resized to the new grid (`posemb_resize`). None: `patches.size`. A
+      call's `patch_size` takes precedence. Plain ViTs only (no ResNet).
+    flexi_patch_sizes: FlexiViT training: the square patch sizes a run
+      draws one of per step (`vit_jax.train`); the model, at any of them,
+      is `run_patch_size`'s. Empty: one patch size.
   """
 
   num_classes: int | None
@@ -1332,18 +1488,47 @@ class VisionTransformer(nn.Module):
   posemb_resize: str = 'bilinear'
   posemb_antialias: bool = False
   posemb_grid_size: tuple[int, int] | None = None
+  run_patch_size: Any = None
+  flexi_patch_sizes: tuple[int, ...] = ()
 
   @property
   def total_stride(self) -> tuple[int, int]:
     """Input pixels per token along (height, width)."""
-    ph, pw = patch_size_of(self.patches)
+    ph, pw = self.patch_size_at(None)
     stride = resnet.total_stride(self.resnet)
     return ph * stride, pw * stride
 
-  def _check_image(self, images: jax.Array) -> None:
+  def patch_size_at(self, patch_size: Any) -> tuple[int, int]:
+    """The (h, w) patches a call cuts: `patch_size`, else `run_patch_size`,
+    else `patches.size`.
+
+    Raises:
+      ValueError: another size than `patches.size` for a hybrid, or a size
+        that is not positive.
+    """
+    stored = patch_size_of(self.patches)
+    for value in (patch_size, self.run_patch_size):
+      if value is None:
+        continue
+      size = patch_size_of(value)
+      if min(size) < 1:
+        raise ValueError(f'patch_size={value!r}: patch sizes are positive.')
+      if size != stored and self.resnet is not None:
+        raise ValueError(
+            f'patch_size={value!r}: another patch size than patches.size '
+            f'{stored} needs a plain ViT; {self.model_name or "this model"} '
+            'has a ResNet stem.'
+        )
+      return size
+    return stored
+
+  def _check_image(
+      self, images: jax.Array, patch_size: tuple[int, int]
+  ) -> None:
     if images.ndim != 4:
       raise ValueError(f'images must be NHWC (4-D), got shape {images.shape}.')
-    sh, sw = self.total_stride
+    stride = resnet.total_stride(self.resnet)
+    sh, sw = patch_size[0] * stride, patch_size[1] * stride
     h, w = images.shape[1:3]
     if h % sh or w % sw:
       kind = 'patch size' if self.resnet is None else 'total stride'
@@ -1362,6 +1547,7 @@ class VisionTransformer(nn.Module):
       train: bool,
       patch_transform: Callable[[jax.Array], jax.Array] | None = None,
       output: str = 'logits',
+      patch_size: Any = None,
   ) -> jax.Array:
     """Logits `[batch, num_classes]` (or features without a head).
 
@@ -1378,6 +1564,8 @@ class VisionTransformer(nn.Module):
       output: 'logits' (pooled, through the representation layer and head)
         or 'tokens': the encoder's output sequence `[batch, tokens, D]`
         (class token first when the classifier has one).
+      patch_size: FlexiViT: the patch size (h, w) or int of this call (a
+        static value); None: `run_patch_size` (see there).
 
     Returns:
       As `output` says.
@@ -1408,9 +1596,12 @@ class VisionTransformer(nn.Module):
     if self.posemb_antialias and self.posemb_resize != 'bicubic':
       raise ValueError(
           "posemb_antialias=True needs posemb_resize='bicubic' "
-          '(the corner-aligned bilinear resize has none).'
+          "('bilinear' has no antialiasing, 'linear' always has it)."
       )
-    self._check_image(inputs)
+    ph, pw = self.patch_size_at(patch_size)
+    stored_patch = patch_size_of(self.patches)
+    flexible = bool(self.flexi_patch_sizes) or (ph, pw) != stored_patch
+    self._check_image(inputs, (ph, pw))
     x = inputs.astype(self.dtype)
     if self.resnet is not None:
       x = resnet.bit_stem_and_stages(
@@ -1421,16 +1612,25 @@ class VisionTransformer(nn.Module):
           param_dtype=self.param_dtype,
       )
 
-    ph, pw = patch_size_of(self.patches)
-    x = nn.Conv(
-        features=self.hidden_size,
-        kernel_size=(ph, pw),
-        strides=(ph, pw),
-        padding='VALID',
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name='embedding',
-    )(x)
+    if (ph, pw) == stored_patch:
+      x = nn.Conv(
+          features=self.hidden_size,
+          kernel_size=(ph, pw),
+          strides=(ph, pw),
+          padding='VALID',
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name='embedding',
+      )(x)
+    else:  # The same parameters, resampled to this patch size.
+      x = FlexiPatchEmbedding(
+          features=self.hidden_size,
+          stored_size=stored_patch,
+          patch_size=(ph, pw),
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name='embedding',
+      )(x)
 
     if (patch_transform or output == 'tokens') and self.transformer is None:
       raise ValueError(
@@ -1460,7 +1660,7 @@ class VisionTransformer(nn.Module):
       if self.posemb == 'learn2d':
         x = PositionEmbedding2D(
             param_dtype=self.param_dtype,
-            dynamic=self.dynamic_image_size,
+            dynamic=self.dynamic_image_size or flexible,
             grid_size=posemb_grid_size,
             resize=self.posemb_resize,
             antialias=self.posemb_antialias,
@@ -1505,13 +1705,17 @@ class VisionTransformer(nn.Module):
           posemb_grid_size=posemb_grid_size,
           posemb_resize=self.posemb_resize,
           posemb_antialias=self.posemb_antialias,
-          patch_shape=self.total_stride,
+          # The stored table's grid is inferred at the stored patch size.
+          patch_shape=(
+              stored_patch[0] * resnet.total_stride(self.resnet),
+              stored_patch[1] * resnet.total_stride(self.resnet),
+          ),
           name='Transformer',
           **encoder_fields,
       )(
           x,
           extra_tokens=registers,
-          grid=(h, w) if self.dynamic_image_size else None,
+          grid=(h, w) if self.dynamic_image_size or flexible else None,
       )
       if self.num_registers:  # Registers are working memory, not output.
         x = x[:, : -self.num_registers]
@@ -1568,10 +1772,14 @@ __all__ = [
     'OUTPUTS',
     'POSEMB_KINDS',
     'POSEMB_RESIZE_METHODS',
+    'FLEXIVIT_PATCH_SIZES',
+    'FlexiPatchEmbedding',
     'PositionEmbedding2D',
     'VisionTransformer',
     'config_value',
+    'linear_resize_matrix',
     'patch_size_of',
     'posemb_sincos_2d',
+    'resample_patch_embedding',
     'resize_posemb_grid',
 ]
