@@ -296,6 +296,8 @@ def test_resume_from_a_checkpoint_state_continues_exactly(folder):
       np.testing.assert_array_equal(g, w)
     np.testing.assert_array_equal(got['labels'], want['labels'])
   assert resumed.get_state() == it.state_after(9)
+  # Counted from where it resumed, as training counts its steps.
+  assert resumed.state_after(2) == it.state_after(7)
 
 
 def test_resume_without_the_step_is_refused(folder):
