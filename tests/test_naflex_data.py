@@ -9,6 +9,9 @@ xabs)), the bucket batch sizes, the shared example stream and exact resume.
 from fractions import Fraction
 import os
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -17,6 +20,8 @@ import tensorflow as tf
 
 from vit_jax import config_lib
 from vit_jax import input_pipeline
+from vit_jax import loading
+from vit_jax import predict
 from vit_jax import preprocess
 
 # 4x4 patches: small images give several tokens.
@@ -351,6 +356,82 @@ def test_tfds_digits_become_naflex_tuples(tmp_path):
   np.testing.assert_array_equal(ptype, 1)
   np.testing.assert_array_equal(yabs[0], np.repeat(np.arange(4), 4))
   np.testing.assert_array_equal(xabs[0], np.tile(np.arange(4), 4))
+
+
+# ----------------------------------------------------------------------------
+# predict --naflex.
+# ----------------------------------------------------------------------------
+
+
+class MeanPatchClassifier(nn.Module):
+  """A stand-in NaFlex model: a linear head on the mean of the real patches."""
+
+  num_classes: int = 3
+  naflex: bool = False
+  patches: tuple[int, int] = (PATCH, PATCH)
+  resnet: None = None
+
+  @nn.compact
+  def __call__(self, inputs, *, train):
+    del train
+    assert self.naflex, 'predict must ask for NaFlex inputs'
+    patches, ptype, _, _ = inputs
+    mask = ptype[..., None].astype(jnp.float32)
+    mean = (patches * mask).sum(1) / mask.sum(1)
+    return nn.Dense(self.num_classes)(mean)
+
+
+def test_predict_takes_each_image_at_its_own_aspect_ratio(tmp_path):
+  rng = np.random.default_rng(3)
+  shapes = ((20, 40), (40, 20), (12, 50))
+  paths, pixels = [], []
+  for i, shape in enumerate(shapes):
+    pixels.append(rng.integers(0, 256, (*shape, 3)).astype(np.uint8))
+    paths.append(str(tmp_path / f'{i}.png'))
+    Image.fromarray(pixels[-1]).save(paths[-1])
+  model = MeanPatchClassifier()
+  blank = (
+      np.zeros((1, 16, 48), np.float32),
+      *(np.zeros((1, 16), np.int32) for _ in range(3)),
+  )
+  params = model.clone(naflex=True).init(
+      jax.random.key(0), blank, train=False
+  )['params']
+  loaded = loading.Loaded(model, params, (16, 16), None, 'stub')
+  # Batches of 2 (rounded up to the devices): shapes mixed, last one padded.
+  results = predict.predict(
+      loaded, paths, top_k=3, batch_size=2, naflex_seq_len=16
+  )
+  kernel = np.asarray(params['Dense_0']['kernel'])
+  bias = np.asarray(params['Dense_0']['bias'])
+  for result, image in zip(results, pixels):
+    rows, cols = reference_grid(*image.shape[:2], 16)
+    resized = tf.image.resize(
+        image.astype(np.float32), (rows * PATCH, cols * PATCH), antialias=True
+    ).numpy()
+    patches, _, _ = numpy_patchify(resized / 127.5 - 1, PATCH)
+    logits = patches.mean(0) @ kernel + bias
+    want = np.exp(logits - logits.max())
+    want /= want.sum()
+    got = np.zeros(3)
+    for entry in result['top_k']:
+      got[entry['index']] = entry['probability']
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_predict_naflex_refusals(tmp_path):
+  path = str(tmp_path / 'a.png')
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+  loaded = loading.Loaded(MeanPatchClassifier(), {}, (16, 16), None, 'stub')
+  with pytest.raises(predict.PredictError, match='choose one'):
+    predict.predict(
+        loaded, [path], naflex_seq_len=16, dynamic_image_size=True
+    )
+  mixer = loading.Loaded(
+      nn.Dense(3), {}, (16, 16), None, 'a Dense'  # No naflex field.
+  )
+  with pytest.raises(predict.PredictError, match='no naflex option'):
+    predict.predict(mixer, [path], naflex_seq_len=16)
 
 
 # ----------------------------------------------------------------------------
