@@ -394,9 +394,9 @@ def test_predict_takes_each_image_at_its_own_aspect_ratio(tmp_path):
       np.zeros((1, 16, 48), np.float32),
       *(np.zeros((1, 16), np.int32) for _ in range(3)),
   )
-  params = model.clone(naflex=True).init(
-      jax.random.key(0), blank, train=False
-  )['params']
+  params = model.clone(naflex=True).init(jax.random.key(0), blank, train=False)[
+      'params'
+  ]
   loaded = loading.Loaded(model, params, (16, 16), None, 'stub')
   # Batches of 2 (rounded up to the devices): shapes mixed, last one padded.
   results = predict.predict(
@@ -424,9 +424,7 @@ def test_predict_naflex_refusals(tmp_path):
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
   loaded = loading.Loaded(MeanPatchClassifier(), {}, (16, 16), None, 'stub')
   with pytest.raises(predict.PredictError, match='choose one'):
-    predict.predict(
-        loaded, [path], naflex_seq_len=16, dynamic_image_size=True
-    )
+    predict.predict(loaded, [path], naflex_seq_len=16, dynamic_image_size=True)
   mixer = loading.Loaded(
       nn.Dense(3), {}, (16, 16), None, 'a Dense'  # No naflex field.
   )
