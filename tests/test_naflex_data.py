@@ -376,7 +376,7 @@ class MeanPatchClassifier(nn.Module):
     del train
     assert self.naflex, 'predict must ask for NaFlex inputs'
     patches, ptype, _, _ = inputs
-    mask = ptype[..., None].astype(jnp.float32)
+    mask = jnp.asarray(ptype, jnp.float32)[..., None]
     mean = (patches * mask).sum(1) / mask.sum(1)
     return nn.Dense(self.num_classes)(mean)
 

@@ -280,10 +280,15 @@ def predict(
     """`n` inputs of zeros (the last batch's padding)."""
     if not naflex_seq_len:
       return np.zeros((n, *size, 3), np.float32)
-    return (
-        np.zeros((n, naflex_seq_len, patch_size * patch_size * 3), np.float32),
-        *(np.zeros((n, naflex_seq_len), np.int32) for _ in range(3)),
+    patches = np.zeros(
+        (n, naflex_seq_len, patch_size * patch_size * 3), np.float32
     )
+    ptype, yabs, xabs = (
+        np.zeros((n, naflex_seq_len), np.int32) for _ in range(3)
+    )
+    # One patch of zeros, as evaluation pads: no all-padding sequence.
+    ptype[:, 0] = 1
+    return patches, ptype, yabs, xabs
 
   num_classes = int(
       jax.eval_shape(
