@@ -7,7 +7,10 @@ xabs)), the bucket batch sizes, the shared example stream and exact resume.
 """
 
 from fractions import Fraction
+import json
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -23,6 +26,9 @@ from vit_jax import input_pipeline
 from vit_jax import loading
 from vit_jax import predict
 from vit_jax import preprocess
+import vit_jax.models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 4x4 patches: small images give several tokens.
 TINY_MODEL = {'model_name': 'testing', 'model': {'patches': {'size': (4, 4)}}}
@@ -430,6 +436,64 @@ def test_predict_naflex_refusals(tmp_path):
   )
   with pytest.raises(predict.PredictError, match='no naflex option'):
     predict.predict(mixer, [path], naflex_seq_len=16)
+
+
+# ----------------------------------------------------------------------------
+# End to end: train and predict (needs the NaFlex model).
+# ----------------------------------------------------------------------------
+
+
+def _has_naflex_model():
+  try:
+    vit_jax.models.get_model('testing', num_classes=2, naflex=True)
+  except TypeError:
+    return False
+  return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not _has_naflex_model(),
+    reason='needs the NaFlex model: get_model(..., naflex=True)',
+)
+def test_main_trains_on_mixed_aspect_ratios_and_predicts(folder, tmp_path):
+  workdir = str(tmp_path / 'run')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+
+  def run(module, *args):
+    return subprocess.run(
+        [sys.executable, '-m', module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+  result = run(
+      'vit_jax.main',
+      '--config=configs/digits.py:runlocal',
+      f'--workdir={workdir}',
+      '--config.dataset=image_folder',
+      f'--config.image_folder={folder}',
+      '--config.image_folder_test_percent=25',
+      '--config.model.naflex=True',
+      '--config.naflex.seq_lens=(16, 32)',
+      '--config.batch=4',
+      '--config.batch_eval=4',
+      '--config.total_steps=6',
+      '--config.checkpoint_every=3',
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    metrics = [json.loads(line) for line in f]
+  assert any('accuracy' in ''.join(m) for m in metrics), metrics
+  result = run(
+      'vit_jax.predict', f'--workdir={workdir}', f'--images={folder}', '--json'
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  predictions = json.loads(result.stdout)['predictions']
+  assert len(predictions) == 16
 
 
 # ----------------------------------------------------------------------------
