@@ -478,6 +478,7 @@ def test_main_trains_on_mixed_aspect_ratios_and_predicts(folder, tmp_path):
       f'--config.image_folder={folder}',
       '--config.image_folder_test_percent=25',
       '--config.model.naflex=True',
+      "--config.model.classifier='gap'",
       '--config.naflex.seq_lens=(16, 32)',
       '--config.batch=4',
       '--config.batch_eval=4',
