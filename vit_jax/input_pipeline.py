@@ -43,7 +43,6 @@ examples. Evaluation uses the largest sequence length.
 from collections.abc import Iterator, Mapping
 import concurrent.futures
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -69,6 +68,7 @@ IMAGE_FOLDER = 'image_folder'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 CLASS_NAMES_FILE = 'class_names.json'
 _MAX_EPOCHS = 2**40
+_MAX_STEPS = 2**62
 
 # Per-dataset defaults: classes, splits (`holdout` is the paper's held-out
 # slice of train for hyper-parameter sweeps; `train` excludes it) and
@@ -946,13 +946,15 @@ def _naflex_train_dataset(
   sizes = tf.constant(local_batches, tf.int64)
   lens = tf.constant(naflex.seq_lens, tf.int32)
 
-  def schedule():
-    for step in itertools.count(first_step):
-      # One key per step: the bucket is recoverable from it (key % buckets).
-      yield step * num_buckets + bucket(step)
+  def key_of(step: np.int64) -> np.int64:
+    # One key per step: the bucket is recoverable from it (key % buckets).
+    return np.int64(step * num_buckets + bucket(int(step)))
 
-  keys = tf.data.Dataset.from_generator(
-      schedule, output_signature=tf.TensorSpec([], tf.int64)
+  # numpy_function, not from_generator: no Python state to finalise.
+  keys = tf.data.Dataset.range(first_step, _MAX_STEPS).map(
+      lambda step: tf.ensure_shape(
+          tf.numpy_function(key_of, [step], tf.int64, stateful=False), []
+      )
   )
   per_example = keys.flat_map(
       lambda key: tf.data.Dataset.from_tensors(key).repeat(
