@@ -88,7 +88,7 @@ def test_every_section_attribute_is_a_base_field_with_its_value():
         assert value == _expected(fields[path]), path
       seen.add(path)
   # Every base field is read by some section (nested containers aside).
-  containers = {'evals', 'evals.fewshot'} | {
+  containers = {'evals', 'evals.fewshot', 'naflex'} | {
       p for p in fields if p.startswith('mpp.')
   }
   assert set(fields) - containers == seen
@@ -259,6 +259,8 @@ EXPECTED_DEFAULTS = {
     'loss': 'softmax_xent',
     'mesh': [['data', -1], ['fsdp', 1]],
     'mixup_alpha': 0.0,
+    'naflex.patch_size': 0,
+    'naflex.seq_lens': [],
     'model_name': 'ViT-Ti_16',
     'momentum': 0.9,
     'mpp.bits': 3,

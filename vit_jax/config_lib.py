@@ -242,6 +242,10 @@ def parse(config: Any) -> Run:
   )
   check_image_size(run.model, run.data.image_size)
   check_flexi_run(run)
+  if run.data.naflex.enabled:
+    run = dataclasses.replace(
+        run, data=with_naflex_patch_size(run.model, run.data)
+    )
   image_folder_used = 'image_folder' in (
       run.data.dataset,
       run.evals.fewshot.dataset,
@@ -254,6 +258,28 @@ def parse(config: Any) -> Run:
         'image_folder empty).'
     )
   return run
+
+
+def with_naflex_patch_size(
+    model: ModelSection, data: DataSection
+) -> DataSection:
+  """`data` with `naflex.patch_size` the model's (checked if given)."""
+  stride, kind = model.total_stride()
+  if kind != 'patch size':
+    raise ValueError(
+        f'config.naflex.seq_lens={data.naflex.seq_lens} needs a plain ViT; '
+        f'{model.model_name} has a ResNet stem: set config.naflex.seq_lens=()'
+        ' or choose a ViT.'
+    )
+  given = data.naflex.patch_size
+  if given and given != stride:
+    raise ValueError(
+        f'config.naflex.patch_size={given} differs from the patch size '
+        f'{stride} of {model.model_name}: set it to {stride} (or 0: the '
+        "model's)."
+    )
+  naflex = dataclasses.replace(data.naflex, patch_size=stride)
+  return dataclasses.replace(data, naflex=naflex)
 
 
 def check_image_size(model: ModelSection, image_size: int) -> None:
@@ -347,6 +373,13 @@ def get_base() -> ml_collections.ConfigDict:
   c.image_size = 224  # Input resolution (pixels).
   c.pp = ml_collections.ConfigDict()  # preprocess.PreprocessConfig fields.
   c.shuffle_buffer = 50_000  # Examples in the shuffle buffer.
+  # NaFlex: images at their own aspect ratio as patch sequences (tuples).
+  c.naflex = ml_collections.ConfigDict()
+  # Tokens per image, one per bucket drawn per step, e.g. (256, 576, 784);
+  # the batch is config.batch at the longest, scaled up for shorter ones.
+  # () = fixed-size images of config.image_size.
+  c.naflex.seq_lens = ()
+  c.naflex.patch_size = 0  # Pixels per patch side; 0: the model's.
   c.prefetch = 2  # Batches in flight to the devices.
   # Optimisation.
   c.batch = 512  # Global training batch.

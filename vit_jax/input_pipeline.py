@@ -27,6 +27,17 @@ Resumable order: epoch `e` is shuffled with a seed derived from
 process, e, index), so the stream of batches is a pure function of the
 config. A `TrainIterator`'s state is therefore one integer, the number of
 examples it has produced; restoring rebuilds the stream at that position.
+
+NaFlex (`config.naflex.seq_lens` set): every image keeps its aspect ratio
+and becomes the tuple `(patches, ptype, yabs, xabs)` of
+`preprocess.to_naflex`, held in a batch's 'image'. Each training step draws
+one of the sequence lengths (a bucket) from (seed, step) alone
+(`bucket_of_step`), and the bucket's batch size keeps the tokens per step
+about constant (`bucket_batch_sizes`). The buckets share the one example
+stream above: step `s` takes the next `batch(s)` examples of it and
+preprocesses them at its sequence length. The state adds the step to the
+position, so a resumed run draws the same buckets and reads the same
+examples. Evaluation uses the largest sequence length.
 """
 
 from collections.abc import Iterator, Mapping
@@ -57,6 +68,7 @@ IMAGE_FOLDER = 'image_folder'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 CLASS_NAMES_FILE = 'class_names.json'
 _MAX_EPOCHS = 2**40
+_MAX_STEPS = 2**62
 
 # Per-dataset defaults: classes, splits (`holdout` is the paper's held-out
 # slice of train for hyper-parameter sweeps; `train` excludes it) and
@@ -104,6 +116,53 @@ class BadImageError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class NaflexSection:
+  """NaFlex inputs: images at their own aspect ratio, as patch sequences.
+
+  Attributes mirror `config.naflex.*` (see `get_base()`).
+
+  Attributes:
+    patch_size: Pixels per patch side: the model's patch size (0 in a
+      config means the model's; `config_lib.parse` sets it).
+    seq_lens: Tokens per image, one entry per bucket (e.g. (256, 576,
+      784)); () turns NaFlex off (fixed-size images).
+  """
+
+  patch_size: int
+  seq_lens: tuple[int, ...]
+
+  def __post_init__(self):
+    lens = self.seq_lens
+    if not isinstance(lens, tuple) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lens
+    ):
+      raise ValueError(
+          f'config.naflex.seq_lens={lens!r} must be a tuple of positive '
+          'token counts, e.g. (256, 576, 784), or () for fixed-size images.'
+      )
+    if len(set(lens)) != len(lens):
+      raise ValueError(
+          f'config.naflex.seq_lens={lens!r} repeats a length: give each '
+          'bucket once.'
+      )
+    if self.patch_size < 0:
+      raise ValueError(
+          f'config.naflex.patch_size={self.patch_size} must be the '
+          "model's patch size (or 0: the model's)."
+      )
+
+  @property
+  def enabled(self) -> bool:
+    """Whether the pipeline yields NaFlex tuples."""
+    return bool(self.seq_lens)
+
+  @property
+  def eval_seq_len(self) -> int:
+    """Evaluation's sequence length: the largest bucket's."""
+    return max(self.seq_lens)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSection:
   """Where the images come from and how they are batched.
 
@@ -127,6 +186,7 @@ class DataSection:
   batch: int
   batch_eval: int
   seed: int
+  naflex: NaflexSection = dataclasses.field(metadata={'section': NaflexSection})
 
   def __post_init__(self):
     if not self.dataset:
@@ -148,6 +208,13 @@ class DataSection:
       raise ValueError(
           f'config.num_classes={self.num_classes} must be '
           'positive (or None: from the dataset).'
+      )
+    crop = self.pp.get('eval_crop_fraction', 1.0)
+    if self.naflex.enabled and crop < 1.0:
+      raise ValueError(
+          f'config.pp.eval_crop_fraction={crop} crops to a square; NaFlex '
+          'evaluates whole images at their aspect ratio: set it to 1.0 (or '
+          'config.naflex.seq_lens=()).'
       )
 
 
@@ -589,7 +656,17 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
   held so far (all processes together: the same number on every process,
   `steps * config.batch`); an iterator built with `position=p` yields
   exactly what the original yielded after `p` examples. Each process skips
-  `p / process_count` examples of its own shard.
+  `p / process_count` examples of its own shard. With NaFlex buckets the
+  batch size varies by step, so the state also holds `step`, the batches
+  produced so far (each step's bucket is drawn from it).
+
+  Attributes:
+    batch_size: This process's batch (NaFlex: at the longest sequence).
+    global_batch_size: `config.batch`, all processes together.
+    bucket_batches: NaFlex: the global batch of each of
+      `config.naflex.seq_lens` (`bucket_batch_sizes`); () otherwise.
+    position: Global examples of the batches produced so far.
+    step: Batches produced so far (from the run's start).
   """
 
   def __init__(
@@ -597,10 +674,26 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
       data: DataSection,
       *,
       position: int = 0,
+      step: int | None = None,
       process_index: int | None = None,
       process_count: int | None = None,
       source: Any = None,
+      batch_multiple: int | None = None,
   ):
+    """Builds the stream at `position` (and NaFlex `step`).
+
+    Args:
+      data: The run's data section (`config_lib.parse(config).data`).
+      position: Global examples already produced.
+      step: Batches already produced (default: `position / config.batch`;
+        NaFlex buckets need it given when resuming).
+      process_index: Defaults to `jax.process_index()`.
+      process_count: Defaults to `jax.process_count()`.
+      source: A source from `get_source(data)`, to avoid rebuilding it.
+      batch_multiple: NaFlex: every bucket's global batch is a multiple of
+        this (default: `jax.device_count()`; training passes the batch
+        shards times `config.accum_steps`).
+    """
     process_index, process_count = _process(process_index, process_count)
     source = source or get_source(data)
     self.info = get_dataset_info(data, source)
@@ -608,6 +701,20 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         data.batch, process_count, 'config.batch'
     )
     self.global_batch_size = self.batch_size * process_count
+    self._seed = int(data.seed)
+    self._naflex = data.naflex
+    self.bucket_batches: tuple[int, ...] = ()
+    if data.naflex.enabled:
+      check_naflex_patch_size(data.naflex)
+      self.bucket_batches = bucket_batch_sizes(
+          data.batch,
+          data.naflex.seq_lens,
+          batch_multiple or jax.device_count(),
+      )
+      for global_batch in self.bucket_batches:
+        _local_batch_size(
+            global_batch, process_count, 'The NaFlex bucket batch'
+        )
     shard = source.shard(self.info.train_split, process_index, process_count)
     if shard.num_examples < self.batch_size:
       logging.warning(
@@ -623,26 +730,80 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
           f'examples) does not split over {process_count} processes: resume '
           'with the process count the checkpoint was written with.'
       )
+    if step is None:
+      if self.bucket_batches and self.position:
+        raise ValueError(
+            f'The saved training-data state (position {self.position}) has '
+            'no NaFlex step: resume with the config.naflex.seq_lens the '
+            'checkpoint was written with.'
+        )
+      step = self.position // self.global_batch_size
+    self.step = int(step)
+    # (batches, position) of the last `state_after`, to continue from.
+    self._start = self._cursor = (self.step, self.position)
     pp = _preprocess_config(data, self.info.num_classes)
-    self._dataset = _train_dataset(
+    examples = _example_stream(
         shard,
-        pp,
-        seed=int(data.seed),
+        seed=self._seed,
         process_index=process_index,
         shuffle_buffer=int(data.shuffle_buffer),
-        batch_size=self.batch_size,
         start=self.position // process_count,
     )
+    if self.bucket_batches:
+      self._dataset = _naflex_train_dataset(
+          examples,
+          pp,
+          data.naflex,
+          local_batches=tuple(b // process_count for b in self.bucket_batches),
+          first_step=self.step,
+          bucket=self.bucket,
+      )
+    else:
+      self._dataset = _train_dataset(examples, pp, batch_size=self.batch_size)
     self._iterator = iter(self._dataset.as_numpy_iterator())
+
+  def bucket(self, step: int) -> int:
+    """NaFlex: the index in `config.naflex.seq_lens` of `step`'s bucket."""
+    return bucket_of_step(self._seed, step, len(self._naflex.seq_lens))
+
+  def global_batch_at(self, step: int) -> int:
+    """The global batch of `step` (counted from 0, the run's first)."""
+    if self.bucket_batches:
+      return self.bucket_batches[self.bucket(step)]
+    return self.global_batch_size
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._iterator)
-    self.position += self.global_batch_size
+    self.position += self.global_batch_at(self.step)
+    self.step += 1
     return batch
 
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable state to store with a checkpoint."""
-    return state_at(self.position)
+    return self._state(self.step, self.position)
+
+  def state_after(self, num_batches: int) -> dict[str, Any]:
+    """The state after the first `num_batches` batches of this iterator.
+
+    Training prefetches ahead of its steps, so its checkpoint at a step is
+    this, not `get_state()`.
+    """
+    if not self.bucket_batches:
+      return state_at(self._start[1] + num_batches * self.global_batch_size)
+    step = self._start[0] + num_batches
+    done, position = self._cursor
+    if step < done:  # Asked for an earlier state: count from the start.
+      done, position = self._start
+    for s in range(done, step):
+      position += self.global_batch_at(s)
+    self._cursor = (step, position)
+    return self._state(step, position)
+
+  def _state(self, step: int, position: int) -> dict[str, Any]:
+    state = state_at(position)
+    if self.bucket_batches:
+      state['step'] = int(step)
+    return state
 
 
 def state_at(position: int) -> dict[str, Any]:
@@ -650,16 +811,81 @@ def state_at(position: int) -> dict[str, Any]:
   return {'position': int(position), 'unit': POSITION_UNIT}
 
 
-def _train_dataset(
+# Folded into the run seed for the draw of NaFlex buckets.
+_BUCKET_STREAM = 0x6E61666C  # 'nafl'
+
+
+def bucket_of_step(seed: int, step: int, num_buckets: int) -> int:
+  """The NaFlex bucket of a training step: a uniform draw from (seed, step).
+
+  A pure function of its arguments, the same on every process (they must
+  agree on the global batch) and on resuming.
+
+  Args:
+    seed: The run seed (`config.seed`).
+    step: Batches before this one (0 for the run's first).
+    num_buckets: Number of sequence lengths.
+
+  Returns:
+    An index into `config.naflex.seq_lens`.
+  """
+  if num_buckets == 1:
+    return 0
+  rng = np.random.default_rng([_BUCKET_STREAM, seed % 2**63, step])
+  return int(rng.integers(num_buckets))
+
+
+def bucket_batch_sizes(
+    batch: int, seq_lens: tuple[int, ...], multiple: int
+) -> tuple[int, ...]:
+  """Global batch per NaFlex bucket: about `batch * max(seq_lens)` tokens.
+
+  The longest sequence gets `batch` (the memory of a step is about that of
+  its tokens, so `config.batch` is sized for it); a shorter one gets more
+  images, rounded to a multiple of `multiple` (the devices the batch is
+  split over), at least one multiple.
+
+  Args:
+    batch: `config.batch`.
+    seq_lens: `config.naflex.seq_lens`.
+    multiple: The batch granularity.
+
+  Returns:
+    One global batch per entry of `seq_lens`.
+
+  Raises:
+    ValueError: `batch` is not a multiple of `multiple`.
+  """
+  if batch % multiple:
+    raise ValueError(
+        f'config.batch={batch} is not a multiple of the {multiple} devices '
+        '(times config.accum_steps) NaFlex batches are split over: use e.g. '
+        f'{max(1, round(batch / multiple)) * multiple}.'
+    )
+  tokens = batch * max(seq_lens)
+  return tuple(
+      max(1, round(tokens / (n * multiple))) * multiple for n in seq_lens
+  )
+
+
+def check_naflex_patch_size(naflex: NaflexSection) -> None:
+  """Raises unless the patch size was set (`config_lib.parse` sets it)."""
+  if naflex.patch_size <= 0:
+    raise ValueError(
+        f'config.naflex.patch_size={naflex.patch_size}: read the config with '
+        "config_lib.parse (which sets the model's patch size) or set it."
+    )
+
+
+def _example_stream(
     shard: Shard,
-    pp: preprocess.PreprocessConfig,
     *,
     seed: int,
     process_index: int,
     shuffle_buffer: int,
-    batch_size: int,
     start: int,
 ) -> tf.data.Dataset:
+  """Endless shuffled encoded examples with their seeds, from `start`."""
   n = shard.num_examples
   first_epoch, offset = divmod(start, n)
   indexed = shard.dataset.enumerate()
@@ -683,13 +909,75 @@ def _train_dataset(
     )
 
   ds = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch)
-  ds = ds.skip(offset)
-  ds = ds.map(
+  return ds.skip(offset)
+
+
+def _train_dataset(
+    examples: tf.data.Dataset,
+    pp: preprocess.PreprocessConfig,
+    *,
+    batch_size: int,
+) -> tf.data.Dataset:
+  ds = examples.map(
       preprocess.make_preprocess_fn(pp, train=True),
       num_parallel_calls=tf.data.AUTOTUNE,
       deterministic=True,
   )
   ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _naflex_train_dataset(
+    examples: tf.data.Dataset,
+    pp: preprocess.PreprocessConfig,
+    naflex: NaflexSection,
+    *,
+    local_batches: tuple[int, ...],
+    first_step: int,
+    bucket: Any,
+) -> tf.data.Dataset:
+  """NaFlex batches: step `s` holds the next examples at its bucket's length.
+
+  Every example is labelled with its step and bucket (a schedule computed in
+  Python by `bucket`), preprocessed at the bucket's sequence length, and the
+  examples of one step are batched together.
+  """
+  num_buckets = len(local_batches)
+  sizes = tf.constant(local_batches, tf.int64)
+  lens = tf.constant(naflex.seq_lens, tf.int32)
+
+  def key_of(step: np.int64) -> np.int64:
+    # One key per step: the bucket is recoverable from it (key % buckets).
+    return np.int64(step * num_buckets + bucket(int(step)))
+
+  # numpy_function, not from_generator: no Python state to finalise.
+  keys = tf.data.Dataset.range(first_step, _MAX_STEPS).map(
+      lambda step: tf.ensure_shape(
+          tf.numpy_function(key_of, [step], tf.int64, stateful=False), []
+      )
+  )
+  per_example = keys.flat_map(
+      lambda key: tf.data.Dataset.from_tensors(key).repeat(
+          sizes[key % num_buckets]
+      )
+  )
+  fn = preprocess.make_preprocess_fn(
+      pp, train=True, naflex=preprocess.NaflexShape(naflex.patch_size)
+  )
+
+  def prepare(features, key):
+    seq_len = lens[key % num_buckets]
+    return {**fn({**features, 'seq_len': seq_len}), 'key': key}
+
+  ds = tf.data.Dataset.zip(examples, per_example).map(
+      prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+  )
+  ds = ds.group_by_window(
+      key_func=lambda f: f['key'],
+      reduce_func=lambda key, window: window.batch(sizes[key % num_buckets]),
+      window_size_func=lambda key: sizes[key % num_buckets],
+  )
+  ds = ds.map(lambda f: {k: v for k, v in f.items() if k != 'key'})
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -701,7 +989,8 @@ def train_iterator(
   Args:
     data: The run's data section (`config_lib.parse(config).data`).
     state: A `get_state()` / `state_at()` dict from a checkpoint, or None.
-    **kwargs: `process_index`, `process_count`, `source` of TrainIterator.
+    **kwargs: `process_index`, `process_count`, `source`, `batch_multiple`
+      of TrainIterator.
 
   Returns:
     The iterator.
@@ -715,7 +1004,13 @@ def train_iterator(
         kwargs.get('process_index'), kwargs.get('process_count')
     )
     position *= process_count
-  return TrainIterator(data, position=position, **kwargs)
+  step = state.get('step')
+  return TrainIterator(
+      data,
+      position=position,
+      step=None if step is None else int(step),
+      **kwargs,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -757,7 +1052,13 @@ def eval_dataset(
   shard = source.shard(split, process_index, process_count)
   num_batches = math.ceil(shard.max_num_examples / batch_size)
   pp = _preprocess_config(data, info.num_classes)
-  fn = preprocess.make_preprocess_fn(pp, train=False)
+  naflex = None
+  if data.naflex.enabled:
+    check_naflex_patch_size(data.naflex)
+    naflex = preprocess.NaflexShape(
+        data.naflex.patch_size, data.naflex.eval_seq_len
+    )
+  fn = preprocess.make_preprocess_fn(pp, train=False, naflex=naflex)
   ds = shard.dataset.map(
       lambda f: {**fn(f), 'mask': tf.constant(1.0)},
       num_parallel_calls=tf.data.AUTOTUNE,
@@ -765,11 +1066,15 @@ def eval_dataset(
   )
   padding = num_batches * batch_size - shard.num_examples
   if padding:
-    size = pp.image_size
+    if naflex is None:
+      size = pp.image_size
+      image: Any = tf.zeros([size, size, 3], tf.float32)
+    else:
+      image = _naflex_padding_image(naflex)
     ds = ds.concatenate(
         tf.data.Dataset.from_tensors(
             {
-                'image': tf.zeros([size, size, 3], tf.float32),
+                'image': image,
                 'labels': tf.zeros([info.num_classes], tf.float32),
                 'mask': tf.constant(0.0),
             }
@@ -777,3 +1082,15 @@ def eval_dataset(
     )
   ds = ds.batch(batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE), num_batches
+
+
+def _naflex_padding_image(naflex: preprocess.NaflexShape) -> Any:
+  """The NaFlex tuple of an evaluation padding example: one patch of zeros.
+
+  One real token, not none: attention over a sequence that is all padding
+  would average nothing (NaN), and a NaN times its mask of 0 is still NaN.
+  """
+  assert naflex.seq_len is not None
+  image = tf.zeros([naflex.patch_size, naflex.patch_size, 3], tf.float32)
+  patches, yabs, xabs = preprocess.patchify(image, naflex.patch_size)
+  return preprocess.pad_to_sequence(patches, yabs, xabs, naflex.seq_len)

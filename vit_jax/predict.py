@@ -21,6 +21,12 @@ by default the run's class names (or a transformers directory's
 nearest multiple of the patch size (total stride), resized whole (no central
 crop); the position embeddings are resized to its grid in the forward pass
 (`get_model(..., dynamic_image_size=True)`).
+
+`--naflex` (NaFlex ViTs; on by default for a run trained with NaFlex): each
+image at its own aspect ratio, resized to the largest whole-patch size within
+`--naflex_seq_len` tokens (default: the run's longest `naflex.seq_lens`,
+else 256), cut into patches and padded to that length, as NaFlex evaluation
+does; images of any shapes share one batch and one compiled program.
 """
 
 from collections.abc import Sequence
@@ -121,6 +127,27 @@ def load_image(
   return preprocess.value_range(image).numpy().astype(np.float32)
 
 
+def load_naflex_image(
+    path: str, patch_size: int, seq_len: int
+) -> tuple[np.ndarray, ...]:
+  """One image as NaFlex evaluation sees it: `(patches, ptype, yabs, xabs)`.
+
+  Decoded, RGB, resized at its own aspect ratio to the most whole patches
+  within `seq_len` (`preprocess.resize_to_sequence`), in [-1, 1], padded to
+  `seq_len` tokens.
+  """
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+
+  from vit_jax import preprocess
+  # pylint: enable=g-import-not-at-top
+  image = preprocess.to_rgb(preprocess.decode(tf.io.read_file(path)))
+  image = preprocess.resize_to_sequence(image, patch_size, seq_len)
+  return tuple(
+      t.numpy() for t in preprocess.to_naflex(image, patch_size, seq_len)
+  )
+
+
 def own_size(path: str, stride: tuple[int, int]) -> tuple[int, int]:
   """An image's (height, width), each the nearest multiple of `stride`
   (at least one)."""
@@ -143,6 +170,35 @@ def _dynamic(loaded: Any) -> Any:
         'option (ViTs only): leave --dynamic_image_size off.'
     )
   return model.clone(dynamic_image_size=True)
+
+
+def _naflex(loaded: Any) -> tuple[Any, int]:
+  """(`loaded.model` taking NaFlex tuples, its patch size)."""
+  # pylint: disable-next=g-import-not-at-top
+  from vit_jax.models import vit
+
+  model = loaded.model
+  fields = {f.name for f in dataclasses.fields(model)}
+  if 'naflex' not in fields or getattr(model, 'resnet', None) is not None:
+    raise PredictError(
+        f'{loaded.source}: {type(model).__name__} has no naflex option '
+        '(plain ViTs only): leave --naflex off.'
+    )
+  patch_h, patch_w = vit.patch_size_of(model.patches)
+  if patch_h != patch_w:
+    raise PredictError(
+        f'{loaded.source}: NaFlex needs square patches, not '
+        f'{patch_h}x{patch_w}.'
+    )
+  return model.clone(naflex=True), patch_h
+
+
+def naflex_default(loaded: Any) -> tuple[bool, int]:
+  """(whether a run was trained with NaFlex, its evaluation length or 256)."""
+  naflex = None if loaded.run is None else loaded.run.data.naflex
+  if naflex is not None and naflex.enabled:
+    return True, naflex.eval_seq_len
+  return False, 256
 
 
 def _crop_fraction(loaded: Any) -> float:
@@ -180,6 +236,7 @@ def predict(
     class_names: Sequence[str] | None = None,
     batch_size: int = 64,
     dynamic_image_size: bool = False,
+    naflex_seq_len: int | None = None,
 ) -> list[dict[str, Any]]:
   """Top-k classes (softmax probabilities) of each image.
 
@@ -193,23 +250,50 @@ def predict(
     dynamic_image_size: Each image at its own size (`own_size`: the nearest
       multiple of the patch size), resized whole, the position embeddings
       resized to its grid; batches hold images of one size.
+    naflex_seq_len: NaFlex: each image at its own aspect ratio in at most
+      this many patches, padded to it (`load_naflex_image`); batches mix
+      shapes.
 
   Returns:
     [{'image': path, 'top_k': [{'rank', 'index', 'label', 'probability'}]}].
 
   Raises:
     PredictError: no head, label count != classes, unreadable image, a
-      model without `dynamic_image_size` asked for it.
+      model without `dynamic_image_size` or `naflex` asked for it.
   """
   # pylint: disable-next=g-import-not-at-top
   from vit_jax import sharding
 
-  model = _dynamic(loaded) if dynamic_image_size else loaded.model
+  if dynamic_image_size and naflex_seq_len:
+    raise PredictError(
+        '--dynamic_image_size and --naflex are two ways to keep an image '
+        'whole: choose one.'
+    )
+  patch_size = 0
+  if naflex_seq_len:
+    model, patch_size = _naflex(loaded)
+  else:
+    model = _dynamic(loaded) if dynamic_image_size else loaded.model
   h, w = loaded.image_size
+
+  def blank_batch(n: int, size: tuple[int, int]) -> Any:
+    """`n` inputs of zeros (the last batch's padding)."""
+    if not naflex_seq_len:
+      return np.zeros((n, *size, 3), np.float32)
+    patches = np.zeros(
+        (n, naflex_seq_len, patch_size * patch_size * 3), np.float32
+    )
+    ptype, yabs, xabs = (
+        np.zeros((n, naflex_seq_len), np.int32) for _ in range(3)
+    )
+    # One patch of zeros, as evaluation pads: no all-padding sequence.
+    ptype[:, 0] = 1
+    return patches, ptype, yabs, xabs
+
   num_classes = int(
       jax.eval_shape(
           lambda p: model.apply(
-              {'params': p}, np.zeros((1, h, w, 3), np.float32), train=False
+              {'params': p}, blank_batch(1, (h, w)), train=False
           ),
           loaded.params,
       ).shape[-1]
@@ -245,7 +329,7 @@ def predict(
   )
   crop = 1.0 if dynamic_image_size else _crop_fraction(loaded)
   k = min(top_k, num_classes)
-  # One compiled program per size.
+  # One compiled program per size (NaFlex: one for all).
   by_size: dict[tuple[int, int], list[str]] = {}
   for path in paths:
     size = own_size(path, model.total_stride) if dynamic_image_size else (h, w)
@@ -254,9 +338,15 @@ def predict(
   for size, group in by_size.items():
     for start in range(0, len(group), batch_size):
       chunk = group[start : start + batch_size]
-      images = np.zeros((batch_size, *size, 3), np.float32)  # Padding.
+      images = blank_batch(batch_size, size)  # Zeros: the padding.
       for i, path in enumerate(chunk):
-        images[i] = load_image(path, size, crop)
+        if naflex_seq_len:
+          for array, value in zip(
+              images, load_naflex_image(path, patch_size, naflex_seq_len)
+          ):
+            array[i] = value
+        else:
+          images[i] = load_image(path, size, crop)
       probs = np.asarray(
           jax.device_get(fn(params, sharding.put_global(images, batches)))
       )[: len(chunk)]
@@ -309,6 +399,10 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'--top_k={f.top_k}: give 1 or more.')
   if f.batch_size is not None and f.batch_size < 1:
     raise app.UsageError(f'--batch_size={f.batch_size}: give 1 or more.')
+  if f.naflex_seq_len is not None and f.naflex_seq_len < 1:
+    raise app.UsageError(
+        f'--naflex_seq_len={f.naflex_seq_len}: give 1 or more tokens.'
+    )
   # The cheap refusals (paths, label file) before the model is read.
   paths = list_images(images)
   labels = read_labels(f.labels) if f.labels else None
@@ -317,6 +411,8 @@ def main(argv: Sequence[str]) -> None:
   batch_size = f.batch_size or (
       loaded.run.data.batch_eval if loaded.run is not None else 64
   )
+  run_naflex, run_seq_len = naflex_default(loaded)
+  use_naflex = f.naflex if f['naflex'].present else run_naflex
   results = predict(
       loaded,
       paths,
@@ -324,6 +420,7 @@ def main(argv: Sequence[str]) -> None:
       class_names=names,
       batch_size=batch_size,
       dynamic_image_size=f.dynamic_image_size,
+      naflex_seq_len=(f.naflex_seq_len or run_seq_len) if use_naflex else None,
   )
   if jax.process_index() != 0:
     return
@@ -368,6 +465,18 @@ def _define_flags() -> None:
       'Each image at its own '
       'size (the nearest multiple of the patch size), the '
       'position embeddings resized to it (ViTs).',
+  )
+  flags.DEFINE_bool(
+      'naflex',
+      False,
+      'Each image at its own aspect ratio as a NaFlex patch sequence '
+      '(NaFlex ViTs; default: on for a run trained with NaFlex).',
+  )
+  flags.DEFINE_integer(
+      'naflex_seq_len',
+      None,
+      "Tokens per image with --naflex (default: the run's longest "
+      'naflex.seq_lens, else 256).',
   )
 
 

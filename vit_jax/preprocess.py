@@ -14,6 +14,12 @@ mini-language):
          -> [uint8 -> randaugment] -> value_range(-1, 1) -> one_hot
   eval:  decode -> to_rgb -> resize (or resize_small + central_crop)
          -> value_range(-1, 1) -> one_hot
+
+NaFlex (`make_preprocess_fn(..., naflex=NaflexShape(patch_size, seq_len))`)
+replaces the resize (and the eval crop) by `resize_to_sequence`, which keeps
+the image's aspect ratio within a token budget, and ends with `patchify` and
+`pad_to_sequence`: the image becomes big_vision's NaFlex input tuple
+`(patches, ptype, yabs, xabs)`.
 """
 
 from collections.abc import Callable, Mapping
@@ -114,6 +120,131 @@ def value_range(
   return image * (high - low) + low
 
 
+def naflex_grid(
+    height: tf.Tensor, width: tf.Tensor, max_tokens: int | tf.Tensor
+) -> tf.Tensor:
+  """The patch grid (rows, columns) NaFlex gives an image of this shape.
+
+  The image is scaled by the largest factor `s` (in patches per pixel) for
+  which `max(1, ceil(height * s)) * max(1, ceil(width * s)) <= max_tokens`:
+  the most patches within the budget at the image's aspect ratio, each side
+  rounded up to whole patches (big_vision's `resize_to_sequence` searches for
+  the same factor by bisection). That factor makes `height * s` or
+  `width * s` a whole number `k`, so it is found exactly, in integers, among
+  the `2 * max_tokens` candidates `k / height` and `k / width`.
+
+  Args:
+    height: Image height in pixels (scalar int tensor).
+    width: Image width in pixels.
+    max_tokens: Token budget (>= 1).
+
+  Returns:
+    int32 [2]: (rows, columns), rows * columns <= max_tokens.
+  """
+  h = tf.cast(height, tf.int64)
+  w = tf.cast(width, tf.int64)
+  budget = tf.cast(max_tokens, tf.int64)
+  k = tf.range(1, budget + 1, dtype=tf.int64)
+
+  def largest_feasible(side, other):
+    # k patches along `side`: ceil(other * k / side) along the other side.
+    across = (other * k + side - 1) // side
+    return tf.reduce_max(tf.where(k * across <= budget, k, 0))
+
+  rows_k = largest_feasible(h, w)  # Scale rows_k / h.
+  cols_k = largest_feasible(w, h)  # Scale cols_k / w.
+  # The larger scale wins (compared without division).
+  by_rows = rows_k * w >= cols_k * h
+  rows = tf.where(by_rows, rows_k, tf.maximum((h * cols_k + w - 1) // w, 1))
+  cols = tf.where(by_rows, tf.maximum((w * rows_k + h - 1) // h, 1), cols_k)
+  return tf.cast(tf.stack([rows, cols]), tf.int32)
+
+
+def resize_to_sequence(
+    image: tf.Tensor, patch_size: int, max_tokens: int | tf.Tensor
+) -> tf.Tensor:
+  """Resizes to the largest whole-patch size within `max_tokens` patches.
+
+  The aspect ratio is kept up to rounding each side up to a multiple of
+  `patch_size` (`naflex_grid`). Bilinear with antialiasing, as big_vision's
+  `resize_to_sequence`.
+
+  Args:
+    image: [H, W, C] image (any dtype).
+    patch_size: Pixels per patch side.
+    max_tokens: Token budget.
+
+  Returns:
+    float32 [rows * patch_size, columns * patch_size, C].
+  """
+  shape = tf.shape(image)
+  grid = naflex_grid(shape[0], shape[1], max_tokens)
+  return tf.image.resize(
+      tf.cast(image, tf.float32),
+      grid * patch_size,
+      method='bilinear',
+      antialias=True,
+  )
+
+
+def patchify(
+    image: tf.Tensor, patch_size: int
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """Cuts an image whose sides are multiples of `patch_size` into patches.
+
+  Args:
+    image: [rows * P, columns * P, C].
+    patch_size: P.
+
+  Returns:
+    (patches [rows * columns, P * P * C], each flattened in (row, column,
+    channel) order like `tf.image.extract_patches`, in row-major patch
+    order; yabs, xabs: int32 [rows * columns], each patch's row and column).
+  """
+  shape = tf.shape(image)
+  rows, cols = shape[0] // patch_size, shape[1] // patch_size
+  channels = image.shape[-1] or shape[-1]
+  grid = tf.reshape(image, [rows, patch_size, cols, patch_size, channels])
+  patches = tf.reshape(
+      tf.transpose(grid, [0, 2, 1, 3, 4]),
+      [rows * cols, patch_size * patch_size * channels],
+  )
+  yabs, xabs = tf.meshgrid(tf.range(rows), tf.range(cols), indexing='ij')
+  return patches, tf.reshape(yabs, [-1]), tf.reshape(xabs, [-1])
+
+
+NaflexInputs = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
+
+
+def pad_to_sequence(
+    patches: tf.Tensor,
+    yabs: tf.Tensor,
+    xabs: tf.Tensor,
+    seq_len: int | tf.Tensor,
+) -> NaflexInputs:
+  """Pads `patchify`'s output to `seq_len` tokens: the NaFlex input tuple.
+
+  Args:
+    patches: [n, D] with n <= seq_len.
+    yabs: int32 [n] patch rows.
+    xabs: int32 [n] patch columns.
+    seq_len: Sequence length N.
+
+  Returns:
+    (patches float32 [N, D] (zeros after n), ptype int32 [N] (1 for a
+    patch, 0 for padding), yabs, xabs int32 [N] (0 for padding)).
+  """
+  n = tf.shape(patches)[0]
+  pad = seq_len - n
+  ptype = tf.pad(tf.ones([n], tf.int32), [[0, pad]])
+  return (
+      tf.pad(tf.cast(patches, tf.float32), [[0, pad], [0, 0]]),
+      ptype,
+      tf.pad(tf.cast(yabs, tf.int32), [[0, pad]]),
+      tf.pad(tf.cast(xabs, tf.int32), [[0, pad]]),
+  )
+
+
 def one_hot(label: tf.Tensor, num_classes: int) -> tf.Tensor:
   """Integer label -> float32 one-hot vector (label smoothing: in the loss)."""
   return tf.one_hot(label, num_classes, dtype=tf.float32)
@@ -190,14 +321,54 @@ class PreprocessConfig:
     return cls(image_size=image_size, num_classes=num_classes, **values)
 
 
+@dataclasses.dataclass(frozen=True)
+class NaflexShape:
+  """The NaFlex form of the preprocessed images.
+
+  Attributes:
+    patch_size: Pixels per patch side (the model's patch size).
+    seq_len: Tokens per image (the budget and the padded length); None: each
+      example's own, from its 'seq_len' feature (sequence-length buckets).
+  """
+
+  patch_size: int
+  seq_len: int | None = None
+
+
+def to_naflex(
+    image: tf.Tensor, patch_size: int, seq_len: int | tf.Tensor
+) -> NaflexInputs:
+  """A [0, 255] image whose sides are multiples of `patch_size` -> NaFlex tuple.
+
+  Values are mapped to [-1, 1] (as the fixed-size pipeline gives them), then
+  patchified and padded to `seq_len` tokens.
+  """
+  patches, yabs, xabs = patchify(value_range(image), patch_size)
+  return pad_to_sequence(patches, yabs, xabs, seq_len)
+
+
 def make_preprocess_fn(
-    pp: PreprocessConfig, *, train: bool
+    pp: PreprocessConfig, *, train: bool, naflex: NaflexShape | None = None
 ) -> Callable[[Features], Features]:
   """Returns fn({'image': bytes, 'label': int, 'seed': [2]}) -> batch features.
 
   The result holds 'image' (float32 [S, S, 3] in [-1, 1]) and 'labels'
-  (float32 one-hot).
+  (float32 one-hot). With `naflex`, 'image' is the NaFlex tuple
+  `(patches, ptype, yabs, xabs)` of `to_naflex` instead: the image resized
+  by `resize_to_sequence` at its own aspect ratio (the random crop, flip and
+  RandAugment as in the fixed-size pipeline; the evaluation crop unused).
   """
+
+  def resize_to_target(image: tf.Tensor, features: Features) -> tf.Tensor:
+    if naflex is None:
+      return resize(image, pp.image_size)
+    return resize_to_sequence(image, naflex.patch_size, seq_len(features))
+
+  def seq_len(features: Features) -> int | tf.Tensor:
+    assert naflex is not None
+    if naflex.seq_len is None:
+      return features['seq_len']
+    return naflex.seq_len
 
   def fn(features: Features) -> Features:
     image = to_rgb(decode(features['image']))
@@ -207,7 +378,7 @@ def make_preprocess_fn(
       )
       if pp.inception_crop:
         image = inception_crop(image, crop_seed, pp.crop_area_range)
-      image = resize(image, pp.image_size)
+      image = resize_to_target(image, features)
       if pp.flip:
         image = flip(image, flip_seed)
       if pp.randaugment and pp.randaugment[0] > 0:
@@ -222,17 +393,20 @@ def make_preprocess_fn(
         image = randaugment_lib.randaugment(
             image, *pp.randaugment, seed=randaugment_seed
         )
-    elif pp.eval_crop_fraction < 1.0:
+    elif naflex is None and pp.eval_crop_fraction < 1.0:
       image = resize_small(image, round(pp.image_size / pp.eval_crop_fraction))
       image = central_crop(image, pp.image_size)
     else:
-      image = resize(image, pp.image_size)
+      image = resize_to_target(image, features)
+    labels = one_hot(features['label'], pp.num_classes)
+    if naflex is not None:
+      return {
+          'image': to_naflex(image, naflex.patch_size, seq_len(features)),
+          'labels': labels,
+      }
     image = tf.ensure_shape(
         value_range(image), [pp.image_size, pp.image_size, 3]
     )
-    return {
-        'image': image,
-        'labels': one_hot(features['label'], pp.num_classes),
-    }
+    return {'image': image, 'labels': labels}
 
   return fn

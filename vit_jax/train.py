@@ -1124,9 +1124,11 @@ def train_and_evaluate(
     stack.callback(writer.close)
 
     train_iter = input_pipeline.train_iterator(
-        run.data, state=data_state, source=source
+        run.data,
+        state=data_state,
+        source=source,
+        batch_multiple=sharding.batch_shards(mesh) * run.loop.accum_steps,
     )
-    start_position = train_iter.position
     batch_sharding = sharding.batch_sharding(mesh)
     batches = sharding.prefetch_to_device(
         train_iter, batch_sharding, size=run.loop.prefetch
@@ -1192,10 +1194,7 @@ def train_and_evaluate(
         # Checkpoint (and at the end, final parameters) before evaluating: an
         # evaluator that fails must not cost the run its training.
         if plan.checkpoint:
-          position = (
-              start_position + (step - start) * train_iter.global_batch_size
-          )
-          ckpt.save(step, state, input_pipeline.state_at(position))
+          ckpt.save(step, state, train_iter.state_after(step - start))
         if plan.last:
           checkpoint.save(eval_params(state, use_ema), final_params_path)
         if plan.evaluate:
