@@ -91,8 +91,20 @@ def npz(tmp_path_factory):
 @pytest.mark.parametrize(
     'module,own',
     [
-        ('vit_jax.predict', ('--images', '--labels', '--top_k')),
-        ('vit_jax.export', ('--format', '--out', '--overwrite', '--platforms')),
+        (
+            'vit_jax.predict',
+            ('--images', '--labels', '--top_k', '--dynamic_image_size'),
+        ),
+        (
+            'vit_jax.export',
+            (
+                '--format',
+                '--out',
+                '--overwrite',
+                '--platforms',
+                '--dynamic_image_size',
+            ),
+        ),
         ('vit_jax.convert', ('--input', '--output', '--overwrite', '--to')),
     ],
 )

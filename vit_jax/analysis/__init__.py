@@ -86,14 +86,15 @@ def analyze(
   posemb = flat['Transformer/posembed_input/pos_embedding']
   # The learned table on the grid it was made for (another than the images'
   # with `dynamic_image_size`).
-  posemb_grid = grid
+  posemb_grid: tuple[int, int] = grid
   stored = posemb.shape[1] - (1 if has_cls else 0)
   if stored != grid[0] * grid[1]:
-    posemb_grid = getattr(model, 'posemb_grid_size', None) or (
+    made_for = getattr(model, 'posemb_grid_size', None) or (
         checkpoint.square_image_grid(stored, model.total_stride, 'stored')
     )
+    posemb_grid = (int(made_for[0]), int(made_for[1]))
   similarity = position_embedding_similarity(
-      posemb, tuple(posemb_grid), has_class_token=has_cls
+      posemb, posemb_grid, has_class_token=has_cls
   )
   components, ratios = embedding_filters(flat['embedding/kernel'])
 
@@ -117,7 +118,7 @@ def analyze(
   # Neighbouring patches' embeddings are more alike than distant ones' when
   # the model learned the 2-D layout (Figure 7 centre).
   rows, cols = posemb_grid
-  pairs = inspect.patch_distances(tuple(posemb_grid), (1, 1))
+  pairs = inspect.patch_distances(posemb_grid, (1, 1))
   flat_sim = similarity.reshape(rows * cols, rows * cols)
   neighbours = np.isclose(pairs, 1.0)
   others = (pairs > 1.0) & ~neighbours
