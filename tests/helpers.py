@@ -204,7 +204,12 @@ def write_testing_npz(path, num_classes=3, size=32):
   return model, params
 
 
-_LOG_LINE = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d')
+# absl's log lines, and the banner C++ absl logging prints once (TensorFlow's
+# runtime, started by reading a checkpoint, logs through it).
+_LOG_LINE = re.compile(
+    r'^([IWEF]\d{4} \d\d:\d\d:\d\d'
+    r'|WARNING: All log messages before absl::InitializeLog\(\) is called)'
+)
 
 
 def assert_refused(result, *expected):

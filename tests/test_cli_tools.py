@@ -91,8 +91,20 @@ def npz(tmp_path_factory):
 @pytest.mark.parametrize(
     'module,own',
     [
-        ('vit_jax.predict', ('--images', '--labels', '--top_k')),
-        ('vit_jax.export', ('--format', '--out', '--overwrite', '--platforms')),
+        (
+            'vit_jax.predict',
+            ('--images', '--labels', '--top_k', '--dynamic_image_size'),
+        ),
+        (
+            'vit_jax.export',
+            (
+                '--format',
+                '--out',
+                '--overwrite',
+                '--platforms',
+                '--dynamic_image_size',
+            ),
+        ),
         ('vit_jax.convert', ('--input', '--output', '--overwrite', '--to')),
     ],
 )
@@ -243,3 +255,56 @@ def test_convert_replaces_an_output_only_with_overwrite(npz, tmp_path):
       convert.TRANSFORMERS_WEIGHTS,
   ]
   assert_modes(hf, tmp_path)
+
+
+@pytest.mark.slow
+def test_analysis_at_the_images_own_size(npz, tmp_path):
+  """A folder of 40x70 images: run at 32x64 (the nearest multiples of the
+  16 px patches), a 2x4 grid; the position table on its 2x2 trained grid."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(2):
+    Image.fromarray(rng.integers(0, 256, (40, 70, 3), np.uint8)).save(
+        folder / f'{i}.png'
+    )
+  model = [f'--pretrained_path={npz}', '--model=testing']
+  out = tmp_path / 'out'
+  result = run_module(
+      'vit_jax.analysis',
+      *model,
+      f'--images={folder}',
+      '--dynamic_image_size',
+      f'--out={out}',
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  saved = json.loads((out / 'analysis.json').read_text())
+  assert saved['grid'] == [2, 4]
+  assert saved['position_similarity_grid'] == [2, 2]
+  # Another size without the switch, and a folder of two sizes, refused.
+  helpers.assert_refused(
+      run_module(
+          'vit_jax.analysis',
+          *model,
+          f'--images={folder}',
+          '--image_size=64',
+          f'--out={tmp_path}/b',
+      ),
+      '--image_size=64',
+      'add --dynamic_image_size',
+  )
+  Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / '2.png')
+  helpers.assert_refused(
+      run_module(
+          'vit_jax.analysis',
+          *model,
+          f'--images={folder}',
+          '--dynamic_image_size',
+          f'--out={tmp_path}/c',
+      ),
+      'come to 2 sizes (16x16, 32x64)',
+      'pass --image_size',
+  )
+  assert not (tmp_path / 'b').exists() and not (tmp_path / 'c').exists()

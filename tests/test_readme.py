@@ -158,8 +158,9 @@ def _doc_commands():
 # to vit_jax.main.
 _FLAG_SOURCES = {
     'vit_jax.main': 'vit_jax/main.py',
-    'vit_jax.evaluate': 'vit_jax/evaluate.py',
-    'vit_jax.analysis': 'vit_jax/analysis/__main__.py',
+    # --dynamic_image_size: loading.define_dynamic_image_size_flag.
+    'vit_jax.evaluate': ('vit_jax/evaluate.py', 'vit_jax/loading.py'),
+    'vit_jax.analysis': ('vit_jax/analysis/__main__.py', 'vit_jax/loading.py'),
     'vit_jax.aot': 'vit_jax/aot.py',
     'vit_jax.convert': 'vit_jax/convert.py',
     # Their model flags: loading.define_model_flags.
@@ -358,6 +359,11 @@ _PYTHON_NOT_RUN = {
         'they read the exported files; tests/test_export.py reloads each '
         'artefact the same way. The ONNX call needs jax2onnx, which vit_jax '
         'does not install'
+    ),
+    'Run-time resolution': (
+        'the first needs parameters and images of your own, the second the '
+        'files of the export command above it; '
+        'tests/test_dynamic_image_size.py makes the same calls'
     ),
 }
 _PYTHON_RUN = (

@@ -12,6 +12,18 @@ Any config field can be overridden with `--config.<field>=<value>`, with
 Few-shot shots, seeds and representation come from `config.evals.fewshot`;
 `--nofewshot` skips the few-shot evaluation. Results are printed and
 written to `<out>/eval_results.json` (default out: the workdir).
+
+`--dynamic_image_size` (ViTs) evaluates at another image size than the
+parameters were trained at, e.g. a 16 px run at 32 px:
+
+  python -m vit_jax.evaluate --workdir=/tmp/vit_digits \
+      --config.image_size=32 --dynamic_image_size --out=/tmp/digits_at_32
+
+The position embeddings are resized to the new patch grid in the forward
+pass (`get_model(..., dynamic_image_size=True)`), not rewritten; the
+pipeline resizes every image to the one `config.image_size` (a tfds dataset
+or an image folder alike: one size per run; `vit_jax.predict
+--dynamic_image_size` takes each image at its own size).
 """
 
 import json
@@ -30,6 +42,7 @@ from vit_jax import cli
 from vit_jax import config_lib
 from vit_jax import fileio
 from vit_jax import input_pipeline
+from vit_jax import loading
 from vit_jax import run_checkpoints
 from vit_jax import sharding
 from vit_jax.evaluators import classification
@@ -45,6 +58,7 @@ def evaluate_params(
     *,
     fewshot: bool = True,
     fewshot_off_switch: str = '--nofewshot',
+    dynamic_image_size: bool = False,
 ) -> dict[str, float]:
   """Classification (and few-shot) metrics of `params` on the config's data.
 
@@ -58,10 +72,16 @@ def evaluate_params(
     fewshot: Also run the few-shot linear evaluator.
     fewshot_off_switch: How the caller turns the few-shot evaluation off
       (named when its data does not fit the shots).
+    dynamic_image_size: Build the model with `dynamic_image_size=True`, so
+      that parameters trained at another size evaluate at the config's
+      `image_size` (their position embeddings resized in the forward pass).
 
   Returns:
     `eval/accuracy`, `eval/top5`, `eval/loss`, `eval/examples` and, with
     few-shot, `fewshot/<dataset>_<k>shot[_std]`.
+
+  Raises:
+    ValueError: `dynamic_image_size` for a model without the option.
   """
   run = config_lib.parse(config)
   mesh = sharding.mesh_from_config(run.mesh)
@@ -71,6 +91,8 @@ def evaluate_params(
   model = vit_jax.models.get_model(
       num_classes=info.num_classes, **run.model.model_args()
   )
+  if dynamic_image_size:
+    model = loading.dynamic_model(model, run.model.model_name)
   shardings = sharding.shardings_from_config(
       jax.eval_shape(lambda: params), mesh, run.mesh
   )
@@ -128,6 +150,12 @@ flags.DEFINE_bool(
 flags.DEFINE_string(
     'out', None, f'Folder for {RESULTS_FILE} (default: the ' 'workdir).'
 )
+loading.define_dynamic_image_size_flag(
+    'evaluate at --config.image_size whatever size the parameters were '
+    'trained at.'
+)
+# --help lists it with this program's own flags.
+flags.adopt_module_key_flags(loading)
 
 
 def main(argv, overrides):
@@ -153,13 +181,23 @@ def main(argv, overrides):
     )
   # The config's own checks (and the few-shot data's, in evaluate_params)
   # before the parameters are placed on the devices.
-  config_lib.parse(config)
+  run = config_lib.parse(config)
+  if FLAGS.dynamic_image_size:  # Before the parameters are read.
+    loading.dynamic_model(
+        vit_jax.models.get_model(num_classes=1, **run.model.model_args()),
+        run.model.model_name,
+    )
   if FLAGS.params:
     params, source = checkpoint.load(FLAGS.params), FLAGS.params
   else:
     step, params = run_checkpoints.load_params(FLAGS.workdir)
     source = f'{FLAGS.workdir} step {step}'
-  metrics = evaluate_params(config, params, fewshot=FLAGS.fewshot)
+  metrics = evaluate_params(
+      config,
+      params,
+      fewshot=FLAGS.fewshot,
+      dynamic_image_size=FLAGS.dynamic_image_size,
+  )
   metrics = {'params': source, **metrics}
   if out and jax.process_index() == 0:
     tf.io.gfile.makedirs(out)

@@ -21,6 +21,20 @@ preprocessing first (bilinear resize to H x W, then to [-1, 1]).
 
 Both write `<out>/serving.json` (input size, classes, platforms) and, when
 the source has class names, `<out>/labels.txt`.
+
+`--dynamic_image_size` (ViTs): height and width are symbolic too, any
+multiples of the patch size (total stride), the position embeddings resized
+to each input's patch grid in the forward pass (corner-aligned bilinear,
+`posemb_resize='bilinear'`, the one resize `jax.export` traces at a symbolic
+size):
+
+  python -m vit_jax.export --workdir=/tmp/vit_digits --dynamic_image_size \
+      --out=/tmp/vit_digits_any_size
+  exported.call(images_32x48)   # [N, 32, 48, 3]
+
+The SavedModel's `serving_default` then takes [N, H, W, 3] of any such size
+and `serving_uint8` resizes each batch to the nearest multiples of the patch
+size instead of the one H x W.
 """
 
 from collections.abc import Sequence
@@ -52,6 +66,42 @@ def _portable(model: Any) -> Any:
   return model
 
 
+def _check_dynamic(model: Any, source: str) -> Any:
+  """`model` with `dynamic_image_size`, refused where a symbolic height and
+  width cannot be traced."""
+  # pylint: disable-next=g-import-not-at-top
+  from vit_jax import loading
+
+  model = loading.dynamic_model(model, source)
+  if getattr(model, 'posemb', 'learn') == 'sincos2d':
+    raise ValueError(
+        f"{source}: posemb='sincos2d' tables are built at a concrete size: "
+        'export it without --dynamic_image_size (one image size).'
+    )
+  if model.posemb_resize != 'bilinear':
+    raise ValueError(
+        f"{source}: posemb_resize='{model.posemb_resize}' resizes with "
+        'jax.image.resize, which needs concrete sizes: export it without '
+        "--dynamic_image_size, or with posemb_resize='bilinear'."
+    )
+  return model
+
+
+def _input_shape(
+    image_size: Sequence[int], stride: Sequence[int] | None
+) -> tuple[Any, ...]:
+  """(batch, height, width, 3): batch symbolic; height and width symbolic
+  multiples of `stride` (h, w) when given, else `image_size`."""
+  if stride is None:
+    (batch,) = jax.export.symbolic_shape('batch')
+    return (batch, *image_size, 3)
+  return tuple(
+      jax.export.symbolic_shape(
+          f'batch, {stride[0]}*height, {stride[1]}*width, 3'
+      )
+  )
+
+
 def _host(params: Any) -> Any:
   return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
 
@@ -64,27 +114,33 @@ def _write_side_files(
     num_classes: int,
     platforms: Sequence[str],
     class_names: Sequence[str] | None,
+    multiple_of: Sequence[int] | None = None,
 ) -> None:
   # fileio imports TensorFlow (seconds): not for --help or a refusal.
   from vit_jax import fileio  # pylint: disable=g-import-not-at-top
 
   h, w = image_size
+  images: dict[str, Any] = {
+      'shape': [None, h, w, 3],
+      'dtype': 'float32',
+      'range': [-1.0, 1.0],
+  }
+  resize = 'resize to H x W'
+  if multiple_of is not None:
+    images['shape'] = [None, None, None, 3]
+    images['multiple_of'] = [int(m) for m in multiple_of]
+    images['trained_size'] = [int(h), int(w)]
+    resize = 'resize to the nearest multiples of multiple_of'
   info = {
       'format': fmt,
       'platforms': list(platforms),
-      'inputs': {
-          'images': {
-              'shape': [None, h, w, 3],
-              'dtype': 'float32',
-              'range': [-1.0, 1.0],
-          }
-      },
+      'inputs': {'images': images},
       'outputs': {'logits': {'shape': [None, num_classes], 'dtype': 'float32'}},
   }
   if fmt == 'savedmodel':
     info['signatures'] = {
         'serving_default': 'images float32 [N, H, W, 3] in [-1, 1] -> logits',
-        'serving_uint8': 'images uint8 [N, h, w, 3] -> resize to H x W '
+        'serving_uint8': f'images uint8 [N, h, w, 3] -> {resize} '
         '(bilinear), [-1, 1] -> logits',
     }
   fileio.write_text_atomic(
@@ -115,31 +171,40 @@ def export_stablehlo(
     *,
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
     class_names: Sequence[str] | None = None,
+    dynamic_image_size: bool = False,
 ) -> str:
   """Serialises `images -> logits` with a symbolic batch dimension.
 
   Args:
     model: A flax module (`model.apply(..., train=False)` gives logits).
     params: Its parameters (embedded as constants).
-    image_size: (height, width) of the inputs.
+    image_size: (height, width) of the inputs (with `dynamic_image_size`:
+      the size the parameters were trained at).
     out_dir: Output directory (created).
     platforms: jax.export platforms ('cpu', 'cuda', 'rocm', 'tpu').
     class_names: Written to labels.txt when given.
+    dynamic_image_size: Symbolic height and width too, multiples of the
+      model's total stride (a ViT with `posemb_resize='bilinear'`).
 
   Returns:
     The path of the `.jax_exported` file.
+
+  Raises:
+    ValueError: `dynamic_image_size` for a model that cannot trace it.
   """
+  stride = None
+  if dynamic_image_size:
+    model = _check_dynamic(model, 'the model')
+    stride = model.total_stride
   model = _portable(model)
   params = _host(params)
-  h, w = image_size
 
   def serve(images):
     logits = model.apply({'params': params}, images, train=False)
     return logits.astype(jnp.float32)
 
-  (batch,) = jax.export.symbolic_shape('batch')
   exported = jax.export.export(jax.jit(serve), platforms=tuple(platforms))(
-      jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
+      jax.ShapeDtypeStruct(_input_shape(image_size, stride), jnp.float32)
   )
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, STABLEHLO_FILE)
@@ -154,6 +219,7 @@ def export_stablehlo(
       num_classes=int(exported.out_avals[0].shape[-1]),
       platforms=platforms,
       class_names=class_names,
+      multiple_of=stride,
   )
   return path
 
@@ -172,19 +238,26 @@ def export_savedmodel(
     *,
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
     class_names: Sequence[str] | None = None,
+    dynamic_image_size: bool = False,
 ) -> str:
   """Writes a TF SavedModel with the serving signatures (module docstring).
 
   Args:
     model: A flax module.
     params: Its parameters (stored as TF variables).
-    image_size: (height, width) of the model's inputs.
+    image_size: (height, width) of the model's inputs (with
+      `dynamic_image_size`: the size the parameters were trained at).
     out_dir: SavedModel directory.
     platforms: Platforms of the embedded StableHLO ('cpu', 'cuda', 'tpu').
     class_names: Written to labels.txt when given.
+    dynamic_image_size: Any height and width that are multiples of the
+      model's total stride (see `export_stablehlo`).
 
   Returns:
     `out_dir`.
+
+  Raises:
+    ValueError: `dynamic_image_size` for a model that cannot trace it.
   """
   # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf
@@ -192,6 +265,12 @@ def export_savedmodel(
 
   from vit_jax import preprocess
   # pylint: enable=g-import-not-at-top
+  stride = None
+  images_shape = '(batch, ...)'
+  if dynamic_image_size:
+    model = _check_dynamic(model, 'the model')
+    stride = model.total_stride
+    images_shape = f'(batch, {stride[0]}*height, {stride[1]}*width, 3)'
   model = _portable(model)
   params = _host(params)
   h, w = image_size
@@ -200,7 +279,7 @@ def export_savedmodel(
       lambda p, images: model.apply({'params': p}, images, train=False).astype(
           jnp.float32
       ),
-      polymorphic_shapes=[None, '(batch, ...)'],
+      polymorphic_shapes=[None, images_shape],
       with_gradient=False,
       native_serialization_platforms=tuple(platforms),
   )
@@ -211,14 +290,31 @@ def export_savedmodel(
   )
   variables = module.params
 
+  side = None if dynamic_image_size else (h, w)
+
   @tf.function(
       autograph=False,
       input_signature=[
-          tf.TensorSpec([None, h, w, 3], tf.float32, name='images')
+          tf.TensorSpec(
+              [None, *(side or (None, None)), 3], tf.float32, name='images'
+          )
       ],
   )
   def serve(images):
     return {'logits': predict(variables, images)}
+
+  def serving_size(images):
+    if stride is None:
+      return (h, w)
+    # The nearest multiples of the stride (at least one), as
+    # `vit_jax.predict.own_size` rounds (half to even, like Python's round).
+    return [
+        tf.maximum(
+            1, tf.cast(tf.round(tf.shape(images)[axis + 1] / s), tf.int32)
+        )
+        * s
+        for axis, s in enumerate(stride)
+    ]
 
   @tf.function(
       autograph=False,
@@ -228,7 +324,7 @@ def export_savedmodel(
   )
   def serve_uint8(images):
     # The evaluation preprocessing (vit_jax.preprocess), batched.
-    x = preprocess.value_range(preprocess.resize(images, (h, w)))
+    x = preprocess.value_range(preprocess.resize(images, serving_size(images)))
     return {'logits': predict(variables, x)}
 
   module.serve, module.serve_uint8 = serve, serve_uint8
@@ -261,6 +357,7 @@ def export_savedmodel(
       num_classes=num_classes,
       platforms=platforms,
       class_names=class_names,
+      multiple_of=stride,
   )
   return out_dir
 
@@ -282,6 +379,7 @@ def export(
     *,
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
     overwrite: bool = False,
+    dynamic_image_size: bool = False,
 ) -> str:
   """Exports a `vit_jax.loading.Loaded` model in format `fmt`.
 
@@ -293,6 +391,7 @@ def export(
     platforms: Platforms to lower for (`PLATFORMS`).
     overwrite: Replace an existing `out_dir` that holds files (refused
       otherwise, before any work).
+    dynamic_image_size: Symbolic height and width (`export_stablehlo`).
 
   Returns:
     The path of the StableHLO file, or the SavedModel directory.
@@ -304,6 +403,8 @@ def export(
     raise ValueError(f'--format={fmt!r}; use one of {FORMATS}.')
   check_platforms(platforms)
   interop.check_output(out_dir, overwrite=overwrite, flag='--out')
+  if dynamic_image_size:  # Refused before anything is lowered or written.
+    _check_dynamic(loaded.model, loaded.source)
   fn = export_stablehlo if fmt == 'stablehlo' else export_savedmodel
   interop.write_output(
       out_dir,
@@ -314,6 +415,7 @@ def export(
           stage,
           platforms=platforms,
           class_names=loaded.class_names,
+          dynamic_image_size=dynamic_image_size,
       ),
   )
   return (
@@ -337,11 +439,19 @@ def main(argv: Sequence[str]) -> None:
   interop.check_output(f.out, overwrite=f.overwrite, flag='--out')
   loaded = loading.load_from_flags()
   path = export(
-      loaded, f.format, f.out, platforms=f.platforms, overwrite=f.overwrite
+      loaded,
+      f.format,
+      f.out,
+      platforms=f.platforms,
+      overwrite=f.overwrite,
+      dynamic_image_size=f.dynamic_image_size,
   )
+  size = f'{loaded.image_size[0]}x{loaded.image_size[1]}'
+  if f.dynamic_image_size:
+    sh, sw = loaded.model.total_stride
+    size = f'any {sh}*h x {sw}*w (trained at {size})'
   print(
-      f'Wrote {path} ({f.format}, {loaded.image_size[0]}x'
-      f'{loaded.image_size[1]} inputs, platforms '
+      f'Wrote {path} ({f.format}, {size} inputs, platforms '
       f'{",".join(f.platforms)}) from {loaded.source}.'
   )
 
@@ -353,6 +463,10 @@ def _define_flags() -> None:
   from vit_jax import loading
   # pylint: enable=g-import-not-at-top
   loading.define_model_flags()
+  loading.define_dynamic_image_size_flag(
+      'height and width of the exported function are symbolic, any '
+      'multiples of the patch size.'
+  )
   # --help lists them with this program's own flags.
   flags.adopt_module_key_flags(loading)
   flags.DEFINE_enum('format', 'stablehlo', list(FORMATS), 'What to write.')

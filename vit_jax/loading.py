@@ -9,7 +9,9 @@ config, newest checkpoint and class names), a published-layout `.npz`
 `vit_jax.interop`, whose optional dependencies are imported only for
 those). `define_model_flags` /
 `load_from_flags` are the flags the serving commands (`vit_jax.predict`,
-`vit_jax.export`, `vit_jax.analysis`) share.
+`vit_jax.export`, `vit_jax.analysis`) share; `define_dynamic_image_size_flag`
+and `dynamic_model` the run-time resolution option of those and
+`vit_jax.evaluate`.
 """
 
 import dataclasses
@@ -200,6 +202,45 @@ def load_model(
   if image_size:
     loaded.image_size = (int(image_size), int(image_size))
   return loaded
+
+
+def dynamic_model(model: Any, source: str) -> Any:
+  """`model` taking images of any size (`dynamic_image_size=True`).
+
+  Its learned position embeddings are resized to each input's patch grid in
+  the forward pass; the parameters are unchanged.
+
+  Args:
+    model: A flax module from `vit_jax.models.get_model`.
+    source: What it was loaded from (for the refusal).
+
+  Raises:
+    ValueError: the model has no such option (MLP-Mixer, BiT ResNet).
+  """
+  if 'dynamic_image_size' not in {f.name for f in dataclasses.fields(model)}:
+    raise ValueError(
+        f'{source}: {type(model).__name__} has no dynamic_image_size '
+        'option (ViTs only): leave --dynamic_image_size off.'
+    )
+  return model.clone(dynamic_image_size=True)
+
+
+def define_dynamic_image_size_flag(help_text: str) -> None:
+  """`--dynamic_image_size` (see `dynamic_model`), in the program's words.
+
+  Args:
+    help_text: What the flag does in this program, after the common part.
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from absl import flags
+
+  flags.DEFINE_bool(
+      'dynamic_image_size',
+      False,
+      'Run the model at other image sizes than it was made for (sides '
+      'multiples of the patch size), its position embeddings resized in the '
+      f'forward pass (ViTs): {help_text}',
+  )
 
 
 def define_model_flags() -> None:

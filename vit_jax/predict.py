@@ -30,7 +30,6 @@ does; images of any shapes share one batch and one compiled program.
 """
 
 from collections.abc import Sequence
-import dataclasses
 import json
 import os
 from typing import Any
@@ -163,13 +162,13 @@ def own_size(path: str, stride: tuple[int, int]) -> tuple[int, int]:
 
 def _dynamic(loaded: Any) -> Any:
   """`loaded.model` taking images at their own size."""
-  model = loaded.model
-  if 'dynamic_image_size' not in {f.name for f in dataclasses.fields(model)}:
-    raise PredictError(
-        f'{loaded.source}: {type(model).__name__} has no dynamic_image_size '
-        'option (ViTs only): leave --dynamic_image_size off.'
-    )
-  return model.clone(dynamic_image_size=True)
+  # pylint: disable-next=g-import-not-at-top
+  from vit_jax import loading
+
+  try:
+    return loading.dynamic_model(loaded.model, loaded.source)
+  except ValueError as e:
+    raise PredictError(str(e)) from None
 
 
 def _naflex(loaded: Any) -> tuple[Any, int]:
@@ -439,6 +438,9 @@ def _define_flags() -> None:
   from vit_jax import loading
   # pylint: enable=g-import-not-at-top
   loading.define_model_flags()
+  loading.define_dynamic_image_size_flag(
+      'each image at its own size, the nearest multiple of the patch size.'
+  )
   # --help lists them with this program's own flags.
   flags.adopt_module_key_flags(loading)
   flags.DEFINE_list(
@@ -458,13 +460,6 @@ def _define_flags() -> None:
       'batch_size',
       None,
       'Images per step (default: the ' "run's batch_eval, else 64).",
-  )
-  flags.DEFINE_bool(
-      'dynamic_image_size',
-      False,
-      'Each image at its own '
-      'size (the nearest multiple of the patch size), the '
-      'position embeddings resized to it (ViTs).',
   )
   flags.DEFINE_bool(
       'naflex',

@@ -61,8 +61,9 @@ def analyze(
   Args:
     model: A `VisionTransformer` (plain or hybrid).
     params: Its parameters.
-    images: `[n, size, size, 3]` in [-1, 1] (the paper averages the
-      attention distance over 128 images).
+    images: `[n, height, width, 3]` in [-1, 1] (the paper averages the
+      attention distance over 128 images); another size than the
+      parameters were made for with a `dynamic_image_size` model.
     out_dir: Where `FIGURES` and `analysis.json` go.
     titles: One caption per image for the rollout figure (e.g. labels).
     num_rollout_images: Images shown in the rollout figure.
@@ -74,7 +75,7 @@ def analyze(
   from vit_jax.analysis import plots  # pylint: disable=g-import-not-at-top
 
   flat = checkpoint.flatten(params)
-  grid = inspect.grid_of(model, images.shape[1])
+  grid = inspect.grid_of(model, images.shape[1:3])
   has_cls = model.classifier in ('token', 'token_unpooled')
   weights = attention_weights(model, params, images)
   distance = mean_attention_distance(
@@ -83,8 +84,17 @@ def analyze(
   rollout = attention_rollout(weights)
   maps = class_token_map(rollout, grid, has_class_token=has_cls)
   posemb = flat['Transformer/posembed_input/pos_embedding']
+  # The learned table on the grid it was made for (another than the images'
+  # with `dynamic_image_size`).
+  posemb_grid: tuple[int, int] = grid
+  stored = posemb.shape[1] - (1 if has_cls else 0)
+  if stored != grid[0] * grid[1]:
+    made_for = getattr(model, 'posemb_grid_size', None) or (
+        checkpoint.square_image_grid(stored, model.total_stride, 'stored')
+    )
+    posemb_grid = (int(made_for[0]), int(made_for[1]))
   similarity = position_embedding_similarity(
-      posemb, grid, has_class_token=has_cls
+      posemb, posemb_grid, has_class_token=has_cls
   )
   components, ratios = embedding_filters(flat['embedding/kernel'])
 
@@ -107,8 +117,8 @@ def analyze(
   ]
   # Neighbouring patches' embeddings are more alike than distant ones' when
   # the model learned the 2-D layout (Figure 7 centre).
-  rows, cols = grid
-  pairs = inspect.patch_distances(grid, (1, 1))
+  rows, cols = posemb_grid
+  pairs = inspect.patch_distances(posemb_grid, (1, 1))
   flat_sim = similarity.reshape(rows * cols, rows * cols)
   neighbours = np.isclose(pairs, 1.0)
   others = (pairs > 1.0) & ~neighbours
@@ -118,7 +128,8 @@ def analyze(
 
   results = {
       'num_images': int(len(images)),
-      'grid': [int(rows), int(cols)],
+      'grid': [int(n) for n in grid],
+      'position_similarity_grid': [int(rows), int(cols)],
       'mean_attention_distance_px': np.round(
           distance.astype(float), 3
       ).tolist(),
@@ -147,7 +158,7 @@ def _attention_distance(
   has_cls = model.classifier in ('token', 'token_unpooled')
   return mean_attention_distance(
       weights,
-      inspect.grid_of(model, images.shape[1]),
+      inspect.grid_of(model, images.shape[1:3]),
       model.total_stride,
       num_prefix_tokens=1 if has_cls else 0,
   )
@@ -181,7 +192,7 @@ def analyze_cka(
   Args:
     model_a: A ViT, hybrid, BiT ResNet classifier or Mixer.
     params_a: Its parameters.
-    images_a: `[n, size, size, 3]` in [-1, 1], model A's resolution.
+    images_a: `[n, height, width, 3]` in [-1, 1], model A's resolution.
     out_dir: Output folder.
     name_a: Model A's name in titles.
     model_b: Optional second model, compared on the same images.

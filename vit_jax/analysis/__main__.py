@@ -18,6 +18,15 @@ attention_distance.png, rollout.png; numbers: analysis.json.
 with --model_b) between the two, on the same images (each model's
 resolution). Figures: cka_within_a.png, cka_within_b.png, cka_between.png,
 cka_sheet.png; numbers: cka.json.
+
+`--dynamic_image_size` (ViTs) runs the model at another size than its
+parameters were made for, its position embeddings resized in the forward
+pass: `--image_size` (square), or without it the folder's images at their
+own size, each side the nearest multiple of the patch size (all images must
+come to one size: the figures average over one patch grid). Attention maps,
+rollout and distances are then on that grid (rows x columns of the image);
+the position-similarity figure shows the learned table on its own grid.
+With `cka`, both models run at that size.
 """
 
 import json
@@ -32,6 +41,7 @@ import jax
 from vit_jax import analysis
 from vit_jax import cli
 from vit_jax import loading
+from vit_jax import predict
 from vit_jax.analysis import images as images_lib
 
 flags.DEFINE_string('workdir', None, 'A training run directory.')
@@ -44,6 +54,17 @@ flags.DEFINE_string('tfds_data_dir', None, 'tfds directory for digits.')
 flags.DEFINE_integer(
     'num_images', 128, 'Images averaged over (the paper uses 128).'
 )
+flags.DEFINE_integer(
+    'image_size',
+    None,
+    "Square size to run at (default: the model's; another one needs "
+    '--dynamic_image_size).',
+)
+loading.define_dynamic_image_size_flag(
+    "at --image_size, or at the folder images' own size (one size for all)."
+)
+# --help lists it with this program's own flags.
+flags.adopt_module_key_flags(loading)
 flags.DEFINE_string(
     'out',
     None,
@@ -101,7 +122,58 @@ def model_from_npz(path: str, name: str):
   return loaded.model, loaded.params, loaded.image_size[0], None
 
 
-def _load_images(size: int):
+def run_size(model: Any, size: int, source: str) -> tuple[Any, tuple[int, int]]:
+  """(the model to run, (height, width) to run it at), from the flags.
+
+  Args:
+    model: The loaded model.
+    size: The image size it was made for.
+    source: What it was loaded from (for messages).
+
+  Raises:
+    app.UsageError: another size without --dynamic_image_size, a size that
+      is not a multiple of the patch size, or images of several sizes.
+    ValueError: --dynamic_image_size for a model without the option.
+  """
+  if not FLAGS.dynamic_image_size:
+    if FLAGS.image_size and FLAGS.image_size != size:
+      raise app.UsageError(
+          f'--image_size={FLAGS.image_size}: {source} was made for {size} px; '
+          'add --dynamic_image_size to resize its position embeddings in the '
+          'forward pass.'
+      )
+    return model, (size, size)
+  model = loading.dynamic_model(model, source)
+  stride = tuple(model.total_stride)
+  if FLAGS.image_size:
+    if FLAGS.image_size % stride[0] or FLAGS.image_size % stride[1]:
+      raise app.UsageError(
+          f'--image_size={FLAGS.image_size} is not a multiple of the patch '
+          f'size {stride[0]}x{stride[1]} of {source}.'
+      )
+    return model, (FLAGS.image_size, FLAGS.image_size)
+  if FLAGS.images == 'digits':
+    raise app.UsageError(
+        '--dynamic_image_size with --images=digits needs --image_size (the '
+        'digits have no size of their own here).'
+    )
+  sizes = sorted(
+      {
+          predict.own_size(path, stride)
+          for path in images_lib.folder_images(FLAGS.images, FLAGS.num_images)
+      }
+  )
+  if len(sizes) > 1:
+    shown = ', '.join(f'{h}x{w}' for h, w in sizes[:4])
+    raise app.UsageError(
+        f'--dynamic_image_size: the images in {FLAGS.images} come to '
+        f'{len(sizes)} sizes ({shown}) and the figures average over one patch '
+        'grid: pass --image_size, or a folder of images of one size.'
+    )
+  return model, sizes[0]
+
+
+def _load_images(size: int | tuple[int, int]):
   try:
     return images_lib.load_images(
         FLAGS.images, size, FLAGS.num_images, FLAGS.tfds_data_dir
@@ -140,6 +212,7 @@ def run_cka() -> dict[str, Any]:
     model, params, size, _ = model_from_workdir(FLAGS.workdir)
   else:
     model, params, size, _ = model_from_npz(FLAGS.pretrained_path, FLAGS.model)
+  model, size = run_size(model, size, _name(FLAGS.workdir, FLAGS.model))
   images, _ = _load_images(size)
   second = {}
   if FLAGS.workdir_b or FLAGS.pretrained_path_b:
@@ -153,6 +226,12 @@ def run_cka() -> dict[str, Any]:
       model_b, params_b, size_b, _ = model_from_npz(
           FLAGS.pretrained_path_b, FLAGS.model_b
       )
+    size_b = (size_b, size_b)
+    if FLAGS.dynamic_image_size:  # Both at the one size.
+      model_b = loading.dynamic_model(
+          model_b, _name(FLAGS.workdir_b, FLAGS.model_b)
+      )
+      size_b = size
     second = dict(
         model_b=model_b,
         params_b=jax.device_put(params_b),
@@ -240,6 +319,9 @@ def main(argv):
     model, params, size, class_names = model_from_npz(
         FLAGS.pretrained_path, FLAGS.model
     )
+  model, size = run_size(
+      model, size, FLAGS.workdir or str(FLAGS.pretrained_path)
+  )
   images, labels = _load_images(size)
   titles = None
   if labels is not None:

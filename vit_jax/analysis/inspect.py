@@ -17,6 +17,7 @@ Every function returns numpy arrays; `vit_jax.analysis.plots` draws them.
   (Figure 7, left).
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax
@@ -229,7 +230,15 @@ def embedding_filters(
   )
 
 
-def grid_of(model: flax.linen.Module, image_size: int) -> tuple[int, int]:
-  """Patch grid of a `VisionTransformer` at `image_size` (square images)."""
+def grid_of(
+    model: flax.linen.Module, image_size: int | Sequence[int]
+) -> tuple[int, int]:
+  """Patch grid (rows, cols) of a `VisionTransformer` at `image_size`.
+
+  Args:
+    model: The model (its `total_stride`).
+    image_size: Side of a square image, or (height, width).
+  """
   sh, sw = model.total_stride
-  return image_size // sh, image_size // sw
+  h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+  return h // sh, w // sw

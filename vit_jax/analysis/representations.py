@@ -124,13 +124,15 @@ def _apply(
 
 
 def available_layers(
-    model: flax.linen.Module, params: Any, image_size: int
+    model: flax.linen.Module, params: Any, image_size: int | Sequence[int]
 ) -> dict[str, tuple[int, ...]]:
   """{layer name: shape of one example's representation}, in depth order.
 
-  Nothing is computed (`jax.eval_shape`).
+  Nothing is computed (`jax.eval_shape`). `image_size`: the side of a
+  square image, or (height, width).
   """
-  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+  images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
   shapes = jax.eval_shape(lambda p, x: _apply(model, p, x), params, images)
   return {
       name: tuple(shapes[name].shape[1:])
@@ -382,7 +384,7 @@ def minibatch_cka(
         f'least {cka.MIN_BATCH} examples per batch.'
     )
   sharding.check_batch_size(batch_size, mesh, what='batch_size')
-  size_a = images_a.shape[1]
+  size_a = images_a.shape[1:3]
   names_a = check_layers(
       layers_a, list(available_layers(model_a, params_a, size_a)), 'layers_a'
   )
@@ -393,7 +395,7 @@ def minibatch_cka(
   else:
     names_b = check_layers(
         layers_b,
-        list(available_layers(model_b, params_b, images_b.shape[1])),
+        list(available_layers(model_b, params_b, images_b.shape[1:3])),
         'layers_b',
     )
   fn = make_model_hsic_fn(

@@ -767,24 +767,29 @@ class Encoder1DBlock(nn.Module):
     return outputs, None
 
 
-def _linear_taps(
-    old: int, new: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _linear_taps(old: int, new: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Corner-aligned linear interpolation from `old` to `new` samples.
 
   The sampling of `scipy.ndimage.zoom(order=1)` (its default, corner-aligned
   grid mode), which `vit_jax.checkpoint.interpolate_posembed` uses: output i
   reads input coordinate i * (old - 1) / (new - 1) (0 when new == 1).
 
+  Integer arithmetic from `jnp.arange(new)`, so `new` may be a symbolic
+  dimension (`jax.export` with symbolic height and width): the integer part
+  of each coordinate is exact and its fraction the float32 nearest to
+  remainder / (new - 1).
+
   Returns:
     (low, high, frac): output i = (1 - frac[i]) * in[low[i]] +
     frac[i] * in[high[i]].
   """
-  step = (old - 1) / (new - 1) if new > 1 else 1.0
-  coords = np.arange(new) * step
-  low = np.clip(np.floor(coords).astype(np.int64), 0, old - 1)
-  high = np.minimum(low + 1, old - 1)
-  return low, high, (coords - low).astype(np.float32)
+  numerator = jnp.arange(new, dtype=jnp.int32) * (old - 1)
+  denominator = jnp.maximum(jnp.asarray(new, jnp.int32) - 1, 1)
+  low = numerator // denominator
+  frac = (numerator - low * denominator).astype(jnp.float32) / (
+      denominator.astype(jnp.float32)
+  )
+  return low, jnp.minimum(low + 1, old - 1), frac
 
 
 def resize_posemb_grid(
@@ -801,7 +806,8 @@ def resize_posemb_grid(
 
   Args:
     grid: [h, w, D] (or [n, D]: one axis) embeddings.
-    new_size: The new leading sizes, (h', w') (or (n',)).
+    new_size: The new leading sizes, (h', w') (or (n',)); with 'bilinear'
+      they may be symbolic (`jax.export` shape polymorphism).
     method: 'bilinear': corner-aligned, as `scipy.ndimage.zoom(order=1)`;
       'bicubic': half-pixel-centred, `jax.image.resize`'s (timm's);
       'linear': half-pixel-centred linear, antialiased when shrinking
@@ -823,12 +829,17 @@ def resize_posemb_grid(
         "('bilinear' has no antialiasing, 'linear' always has it)."
     )
   grid = grid.astype(jnp.float32)
-  new_size = tuple(int(n) for n in new_size)
-  if new_size == tuple(grid.shape[:-1]):
+  # Symbolic sizes (`jax.export`) as they are; numpy integers or a list as
+  # Python ints.
+  sizes: tuple[Any, ...] = tuple(
+      n if jax.export.is_symbolic_dim(n) else int(n) for n in new_size
+  )
+  symbolic = any(jax.export.is_symbolic_dim(n) for n in sizes)
+  if not symbolic and sizes == tuple(grid.shape[:-1]):
     return grid
   if method == 'bicubic':
     return jax.image.resize(
-        grid, (*new_size, grid.shape[-1]), method='bicubic', antialias=antialias
+        grid, (*sizes, grid.shape[-1]), method='bicubic', antialias=antialias
     )
   if method == 'linear':
     return jax.image.resize(
@@ -836,11 +847,11 @@ def resize_posemb_grid(
     )
   # One axis at a time, as scipy does; each output a two-tap blend (a gather
   # and a lerp: exact in float32, unlike a matmul at default precision).
-  for axis, new in enumerate(new_size):
+  for axis, new in enumerate(sizes):
     low, high, frac = _linear_taps(grid.shape[axis], new)
     shape = [1] * grid.ndim
     shape[axis] = new
-    weight = jnp.asarray(frac).reshape(shape)
+    weight = jnp.reshape(frac, shape)
     grid = (
         jnp.take(grid, low, axis=axis) * (1 - weight)
         + jnp.take(grid, high, axis=axis) * weight
