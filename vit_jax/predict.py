@@ -30,6 +30,7 @@ does; images of any shapes share one batch and one compiled program.
 """
 
 from collections.abc import Sequence
+import dataclasses
 import json
 import os
 from typing import Any
