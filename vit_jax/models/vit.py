@@ -962,6 +962,33 @@ def naflex_position_embeddings(
   )
 
 
+def naflex_init_inputs(
+    patch_size: tuple[int, int], *, seq_len: int = 1, channels: int = 3
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """NaFlex inputs of one example to `init` a model with (`naflex=True`).
+
+  The parameters' shapes depend on neither the sequence length nor the
+  patches' grid, so any length initialises the same model.
+
+  Args:
+    patch_size: (ph, pw) of the model's patches.
+    seq_len: Tokens of the sequence.
+    channels: Image channels.
+
+  Returns:
+    (patches [1, seq_len, ph*pw*channels] zeros, ptype [1, seq_len] ones,
+    rows and columns [1, seq_len]: a 1 x seq_len grid).
+  """
+  ph, pw = patch_size
+  columns = np.arange(seq_len, dtype=np.int32)[None]
+  return (
+      np.zeros((1, seq_len, ph * pw * channels), np.float32),
+      np.ones((1, seq_len), np.int32),
+      np.zeros_like(columns),
+      columns,
+  )
+
+
 class AddPositionEmbs(nn.Module):
   """Adds learned position embeddings of shape (1, tokens, hidden).
 
@@ -1043,11 +1070,14 @@ class AddPositionEmbs(nn.Module):
       table = self.param(
           'pos_embedding', _POSEMB_INIT, (gh, gw, dim), self.param_dtype
       )
-    if table.ndim != 3 or table.shape[2] != dim:
+    # A fixed-size model's table (1, tokens, D) is 3-D too: a NaFlex grid
+    # has at least two rows and columns.
+    if table.ndim != 3 or table.shape[2] != dim or min(table.shape[:2]) < 2:
       raise ValueError(
           f'Position embeddings {tuple(table.shape)} are not a (rows, '
-          f'columns, {dim}) grid, as a NaFlex model (naflex=True) needs: load '
-          "a NaFlex checkpoint (SigLIP 2 NaFlex), not a fixed-size model's."
+          f'columns, {dim}) grid of at least 2x2, as a NaFlex model '
+          '(naflex=True) needs: load a NaFlex checkpoint (SigLIP 2 NaFlex), '
+          "not a fixed-size model's (1, tokens, D) table."
       )
     rows, columns = positions
     return naflex_position_embeddings(table, rows, columns)
@@ -1858,6 +1888,7 @@ __all__ = [
     'PositionEmbedding2D',
     'VisionTransformer',
     'config_value',
+    'naflex_init_inputs',
     'naflex_position_embeddings',
     'patch_size_of',
     'posemb_sincos_2d',
