@@ -368,3 +368,21 @@ def test_a_naflex_model_trains_through_the_train_step():
     losses.append(float(metrics['loss']))
   assert losses[0] == pytest.approx(np.log(3), abs=1e-5)  # Zero head.
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_an_image_without_patches_keeps_the_batch_finite():
+  """A batch's filler (all padding) attends over its padding instead of
+  nothing: finite outputs, and the other images' outputs unchanged."""
+  model = _model('gap', 3)
+  batch = naflex_batch(((2, 3), (2, 2)), 8)
+  params = helpers.randomize(
+      jax.eval_shape(lambda: model.init(jax.random.key(0), batch, train=False))[
+          'params'
+      ]
+  )
+  filler = tuple(np.array(a) for a in batch)
+  filler[1][1] = 0  # The second image has no patch at all.
+  apply = jax.jit(lambda x: model.apply({'params': params}, x, train=False))
+  got = np.asarray(apply(filler))
+  assert np.isfinite(got).all()
+  np.testing.assert_allclose(got[0], apply(batch)[0], atol=1e-6)
