@@ -386,3 +386,18 @@ def test_an_image_without_patches_keeps_the_batch_finite():
   got = np.asarray(apply(filler))
   assert np.isfinite(got).all()
   np.testing.assert_allclose(got[0], apply(batch)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    'fields,message',
+    [
+        (dict(objective='mpp'), "config.objective='mpp' needs image arrays"),
+        (dict(mixup_alpha=0.2), 'config.mixup_alpha=0.2 mixes image arrays'),
+    ],
+)
+def test_objectives_that_need_image_arrays_are_refused(fields, message):
+  config = {'model_name': 'testing', 'model': {'naflex': True}, **fields}
+  with pytest.raises(ValueError, match=message):
+    config_lib.parse(config)
+  del config['model']  # The same run of a fixed-size model parses.
+  config_lib.parse(config)

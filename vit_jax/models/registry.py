@@ -352,6 +352,10 @@ class ModelSection:
         args[option] = True
     return args
 
+  def is_naflex(self) -> bool:
+    """Whether the model takes NaFlex patch sequences (`naflex=True`)."""
+    return bool(get_config(self.model_name, **self.model).get('naflex'))
+
   def init_inputs(self, image_size: int, *, naflex_seq_len: int = 1) -> Any:
     """Zeros shaped as one input of this model, to initialise it with.
 
@@ -364,10 +368,10 @@ class ModelSection:
       Images [1, image_size, image_size, 3], or a NaFlex model's tuple
       (`vit.naflex_init_inputs`).
     """
-    model_config = get_config(self.model_name, **self.model)
-    if model_config.get('naflex'):
+    if self.is_naflex():
+      patches = get_config(self.model_name, **self.model)['patches']
       return vit.naflex_init_inputs(
-          vit.patch_size_of(model_config['patches']), seq_len=naflex_seq_len
+          vit.patch_size_of(patches), seq_len=naflex_seq_len
       )
     return jnp.zeros((1, image_size, image_size, 3), jnp.float32)
 
