@@ -310,6 +310,7 @@ EXPECTED_DEFAULTS = {
     'model.posemb_resize': 'bilinear',
     'model.posemb_antialias': False,
     'model.posemb_grid_size': None,
+    'model.naflex': False,
     'pp.inception_crop': True,
     'pp.crop_area_range': [0.05, 1.0],
     'pp.flip': True,
