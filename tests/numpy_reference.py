@@ -257,6 +257,11 @@ def big_vision_logits(p, images, *, pool='tok', posemb='learn'):
   x = x + (p['pos_embedding'] if posemb == 'learn' else sincos_2d(gh, gw, d))
   if pool == 'tok':
     x = np.concatenate([np.broadcast_to(p['cls'], (n, 1, d)), x], axis=1)
+  return _big_vision_head(p, _big_vision_encoder(p, x), pool)
+
+
+def _big_vision_encoder(p, x):
+  """big_vision's encoder blocks and final norm on tokens [n, T, D]."""
   stacked = 'Transformer/encoderblock/LayerNorm_0/scale' in p
   depth = (
       p['Transformer/encoderblock/LayerNorm_0/scale'].shape[0]
@@ -288,7 +293,12 @@ def big_vision_logits(p, images, *, pool='tok', posemb='learn'):
         block,
         pre + 'MlpBlock_0/Dense_1',
     )
-  x = layer_norm(x, p, 'Transformer/encoder_norm')
+  return layer_norm(x, p, 'Transformer/encoder_norm')
+
+
+def _big_vision_head(p, x, pool):
+  """Pooling ('tok', 'gap', 'map'), pre-logits and head of tokens [n, T, D]."""
+  n, _, d = x.shape
   if pool == 'tok':
     x = x[:, 0]
   elif pool == 'gap':
@@ -466,3 +476,54 @@ def timm_vit_logits(
         + mlp(_torch_layer_norm(y, sd, 'attn_pool.norm', eps), 'attn_pool.mlp')
     )[:, 0]
   return _torch_linear(x, sd, 'head') if 'head.weight' in sd else x
+
+
+# ----------------------------------------------------------------------------
+# NaFlex (SigLIP 2's NaFlex ViT, big_vision's naflex_vit.py layout).
+# ----------------------------------------------------------------------------
+
+
+def antialiased_linear_weights(n_in, n_out):
+  """[n_out, n_in] weights of a half-pixel-centred linear (triangle) resize
+  that widens the triangle by n_in / n_out when shrinking (antialiasing),
+  each row normalised to sum 1."""
+  scale = n_out / n_in
+  centres = (np.arange(n_out) + 0.5) / scale - 0.5  # In input coordinates.
+  width = max(1.0 / scale, 1.0)
+  distance = np.abs(centres[:, None] - np.arange(n_in)[None, :]) / width
+  weights = np.maximum(0.0, 1.0 - distance)
+  return weights / weights.sum(axis=1, keepdims=True)
+
+
+def naflex_posemb_grid(table, h, w):
+  """The (gh, gw, D) table resized to an h x w patch grid: [h, w, D]."""
+  gh, gw, _ = table.shape
+  rows = antialiased_linear_weights(gh, h)
+  cols = antialiased_linear_weights(gw, w)
+  return np.einsum('ya,xb,abd->yxd', rows, cols, table)
+
+
+def big_vision_naflex_embedding(p, patches, rows, cols, *, pool='map'):
+  """One image's NaFlex forward pass, on its real patches only.
+
+  Written from big_vision's `naflex_vit.py` names: `embedding` (a dense
+  layer on each flattened patch), top-level `pos_embedding` (gh, gw, D)
+  resized to the image's grid and read at each patch's (row, column), the
+  encoder as in `big_vision_logits`, then pooling over the patches. There is
+  no padding here, so nothing needs masking.
+
+  Args:
+    p: Flat {'a/b/c': array} of the image tower.
+    patches: [n, P*P*C] the image's patches.
+    rows: [n] each patch's row in the image's patch grid.
+    cols: [n] its column.
+    pool: 'gap' or 'map'.
+
+  Returns:
+    Logits, or the pooled embedding when `p` has no head: [D] (or [K]).
+  """
+  p = {k: v.astype(np.float64) for k, v in p.items()}
+  x = dense(patches.astype(np.float64), p, 'embedding')
+  grid = naflex_posemb_grid(p['pos_embedding'], rows.max() + 1, cols.max() + 1)
+  x = (x + grid[rows, cols])[None]
+  return _big_vision_head(p, _big_vision_encoder(p, x), pool)[0]

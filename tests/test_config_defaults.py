@@ -314,6 +314,7 @@ EXPECTED_DEFAULTS = {
     'model.posemb_grid_size': None,
     'model.run_patch_size': None,
     'model.flexi_patch_sizes': [],
+    'model.naflex': False,
     'pp.inception_crop': True,
     'pp.crop_area_range': [0.05, 1.0],
     'pp.flip': True,

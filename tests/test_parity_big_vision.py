@@ -14,7 +14,8 @@ way big_vision names them (`utils.tree_flatten_with_names` of
 `{'params': ...}`, as its .npz checkpoints), loads the file with
 `vit_jax.checkpoint.load` and compares logits (or SigLIP image embeddings) at
 224 px, float32; FlexiViT's at 240 px at several patch sizes, and its
-patch-embedding resize.
+patch-embedding resize; SigLIP 2's NaFlex image tower on padded
+256-token sequences of two aspect ratios.
 """
 
 import os
@@ -185,3 +186,84 @@ def test_flexivit_file_gives_its_logits_at_every_patch_size(tmp_path, pool):
         f'{float(np.max(np.abs(want))):.2f})'
     )
     assert diff < MAX_ABS_DIFF
+
+
+def _naflex_batch(grids, seq_len, patch, seed):
+  """NaFlex tuples (patches, ptype, rows, columns) of images of the given
+  patch grids, each padded to seq_len (padding: random values, ptype 0)."""
+  rng = np.random.default_rng(seed)
+  features = patch * patch * 3
+  patches = rng.uniform(-1, 1, (len(grids), seq_len, features))
+  ptype = np.zeros((len(grids), seq_len), np.int32)
+  rows = np.zeros((len(grids), seq_len), np.int32)
+  cols = np.zeros((len(grids), seq_len), np.int32)
+  for b, (h, w) in enumerate(grids):
+    ptype[b, : h * w] = 1
+    rows[b, : h * w], cols[b, : h * w] = (a.ravel() for a in np.mgrid[:h, :w])
+  return patches.astype(np.float32), ptype, rows, cols
+
+
+@pytest.mark.parametrize(
+    'aspect,grids',
+    [
+        # 256 tokens as SigLIP 2 NaFlex uses them; the second image of each
+        # batch is padded. Against the 16x16 table: rows shrink (8, 6),
+        # columns grow (32, 20), and the other way round.
+        ('wide', ((8, 32), (6, 20))),
+        ('tall', ((24, 10), (12, 5))),
+    ],
+)
+def test_siglip2_naflex_image_tower_gives_its_embeddings(
+    tmp_path, aspect, grids
+):
+  """SigLIP 2's NaFlex image tower (big_vision's naflex_vit.py: MAP pooling,
+  a 16x16 position-embedding table), small, at two aspect ratios."""
+  width, depth, heads, mlp, patch = 64, 2, 4, 128, 16
+  bv_model = bv_two_towers.Model(
+      image_model='proj.image_text.naflex_vit',
+      image={
+          'width': width,
+          'depth': depth,
+          'num_heads': heads,
+          'mlp_dim': mlp,
+          'pool_type': 'map',
+          'nposemb': 16,
+          'scan': True,
+      },
+      out_dim=(None, width),
+      text_model='proj.image_text.text_transformer',
+      text={'variant': 'mu', 'vocab_size': 100},
+  )
+  batch = _naflex_batch(grids, 256, patch, seed=len(aspect))
+  shapes = jax.eval_shape(
+      lambda: bv_model.init(
+          jax.random.key(0), batch, jnp.zeros((1, 16), jnp.int32)
+      )
+  )
+  params = randomize(shapes['params'], seed=4, scale=0.05)
+  path = str(tmp_path / 'siglip2_naflex.npz')
+  _write_big_vision_npz(params, path)
+  # big_vision resizes the embeddings under `it_utils.batch_shmap`, which
+  # is a plain call without a mesh (as here).
+  _, _, out = bv_model.apply({'params': params}, batch, None)
+  want = np.asarray(out['img/pre_logits'])
+  model = vit_jax.models.get_model(
+      'ViT-B_16',
+      num_classes=0,
+      classifier='map',
+      naflex=True,
+      hidden_size=width,
+      transformer={'num_layers': depth, 'num_heads': heads, 'mlp_dim': mlp},
+  )
+  got = np.asarray(
+      model.apply(
+          {'params': checkpoint.load(path + ':img')}, batch, train=False
+      )
+  )
+  diff = float(np.max(np.abs(got - want)))
+  print(
+      f'SigLIP 2 NaFlex image tower, {aspect} images {grids}: max abs '
+      f'embedding difference {diff:.2e} (embeddings up to '
+      f'{float(np.max(np.abs(want))):.2f})'
+  )
+  assert diff < MAX_ABS_DIFF

@@ -347,6 +347,14 @@ def test_big_vision_example_runs(tmp_path, monkeypatch):
   assert posemb.shape == (1, 576, 768)  # 24 x 24 patches, no class token.
 
 
+@pytest.mark.slow
+def test_naflex_example_runs():
+  namespace = _run_example('The NaFlex model')
+  assert namespace['embedding'].shape == (1, 768)
+  posemb = namespace['variables']['params']['Transformer']['posembed_input']
+  assert posemb['pos_embedding'].shape == (16, 16, 768)
+
+
 # The Python examples of the pages that no test above runs, by the heading
 # they are under, and why.
 _PYTHON_NOT_RUN = {
@@ -354,6 +362,11 @@ _PYTHON_NOT_RUN = {
         'they read the files of the commands above it; tests/test_convert.py '
         'runs the same functions (tests/test_convert_torch.py the PyTorch '
         'side, opt-in)'
+    ),
+    'SigLIP 2 NaFlex checkpoints': (
+        'it reads a SigLIP 2 NaFlex file; tests/test_naflex_model.py loads '
+        'files of the same layout (and tests/test_parity_big_vision.py '
+        "compares with big_vision's own model, opt-in)"
     ),
     'Export for serving': (
         'they read the exported files; tests/test_export.py reloads each '
@@ -371,6 +384,7 @@ _PYTHON_RUN = (
     'Checkpoints',
     'big_vision and SigLIP checkpoints',
     'FlexiViT: any patch size',
+    'The NaFlex model',
 )
 
 

@@ -99,6 +99,70 @@ def test_tpu_kernels_compile_for_a_v5e_slice_on_every_mesh(
   assert hlo.count('tpu_custom_call') == 3, hlo.count('tpu_custom_call')
 
 
+@pytest.mark.parametrize('mesh_name', ['fsdp', 'data_model'])
+@pytest.mark.parametrize('impl', ['flash', 'splash'])
+def test_naflex_padding_masks_compile_into_the_tpu_kernels(
+    monkeypatch, devices, impl, mesh_name
+):
+  """A NaFlex model's padding reaches the kernels as segment ids."""
+  monkeypatch.setattr(vit, '_backend', lambda: 'tpu')
+  mesh = sharding.make_mesh(MESHES[mesh_name], devices)
+  model = vit_jax.models.get_model(
+      'testing',
+      num_classes=7,
+      classifier='map',
+      naflex=True,
+      hidden_size=128,
+      patches={'size': (8, 8)},
+      transformer={
+          'num_heads': 2,
+          'mlp_dim': 128,
+          'num_layers': 1,
+          'dropout_rate': 0.0,
+          'attention_dropout_rate': 0.0,
+      },
+      attention_impl=impl,
+      dtype=jnp.bfloat16,
+  )
+  on_batch = sharding.batch_sharding(mesh)
+  seq_len = 100  # Padded to the kernels' block of 128.
+  inputs = (
+      jax.ShapeDtypeStruct(
+          (BATCH, seq_len, 8 * 8 * 3), jnp.float32, sharding=on_batch
+      ),
+      *(
+          jax.ShapeDtypeStruct((BATCH, seq_len), jnp.int32, sharding=on_batch)
+          for _ in range(3)
+      ),
+  )
+  params = jax.eval_shape(
+      lambda: model.init(
+          jax.random.key(0), vit.naflex_init_inputs((8, 8)), train=False
+      )
+  )['params']
+  shardings = sharding.tree_shardings(
+      params, mesh, fsdp_min_size=16, param_axes=vit_jax.models.PARAM_AXES
+  )
+  params = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      params,
+      shardings,
+  )
+
+  def loss(p, x):
+    with sharding.activation_sharding(mesh):
+      logits = model.apply({'params': p}, x, train=False)
+    return jnp.mean(logits.astype(jnp.float32) ** 2)
+
+  hlo = (
+      jax.jit(jax.value_and_grad(loss))
+      .lower(params, inputs)
+      .compile()
+      .as_text()
+  )
+  assert hlo.count('tpu_custom_call') == 3, hlo.count('tpu_custom_call')
+
+
 # ----------------------------------------------------------------------------
 # vit_jax.aot: a run's train and eval steps, as vit_jax.main builds them.
 # ----------------------------------------------------------------------------

@@ -246,6 +246,7 @@ def parse(config: Any) -> Run:
     run = dataclasses.replace(
         run, data=with_naflex_patch_size(run.model, run.data)
     )
+  check_naflex_objective(run.model, run.objective)
   image_folder_used = 'image_folder' in (
       run.data.dataset,
       run.evals.fewshot.dataset,
@@ -280,6 +281,30 @@ def with_naflex_patch_size(
     )
   naflex = dataclasses.replace(data.naflex, patch_size=stride)
   return dataclasses.replace(data, naflex=naflex)
+
+
+def check_naflex_objective(
+    model: ModelSection, objective: ObjectiveSection
+) -> None:
+  """Raises for an objective a NaFlex model's patch sequences cannot feed.
+
+  Masked patch prediction and mixup work on image arrays; a NaFlex batch
+  holds patch sequences of images of different grids.
+  """
+  if not model.is_naflex():
+    return
+  if objective.objective != objectives.classification.NAME:
+    raise ValueError(
+        f'config.objective={objective.objective!r} needs image arrays; a '
+        'NaFlex model (config.model.naflex=True) trains with '
+        f"config.objective='{objectives.classification.NAME}'."
+    )
+  if objective.mixup_alpha:
+    raise ValueError(
+        f'config.mixup_alpha={objective.mixup_alpha} mixes image arrays; a '
+        'NaFlex model (config.model.naflex=True) takes patch sequences of '
+        'images of different grids: set config.mixup_alpha=0.'
+    )
 
 
 def check_image_size(model: ModelSection, image_size: int) -> None:

@@ -280,18 +280,32 @@ def init_fn(
     objective: protocol.Objective,
     model: flax.linen.Module,
     tx: optax.GradientTransformation,
+    *,
+    naflex_seq_len: int = 1,
 ) -> Callable[[jax.Array], TrainState]:
   """`init(rng) -> TrainState` of a run (step 0, fresh optimizer state).
 
   Under `jax.eval_shape` it gives the state's shapes without computing it
   (`vit_jax.aot` compiles steps from them).
+
+  Args:
+    run: The parsed config (model, image size, EMA).
+    objective: The run's objective (initialises the parameters).
+    model: `build_model`'s module.
+    tx: The optimizer.
+    naflex_seq_len: Tokens per example initialising a NaFlex model
+      (`ModelSection.init_inputs`).
+
+  Returns:
+    `init(rng) -> TrainState`.
   """
-  size = run.data.image_size
   use_ema = run.loop.use_ema
 
   def init(rng):
-    images = jnp.zeros((1, size, size, 3), jnp.float32)
-    params = objective.init(model, rng, images)
+    inputs = run.model.init_inputs(
+        run.data.image_size, naflex_seq_len=naflex_seq_len
+    )
+    params = objective.init(model, rng, inputs)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

@@ -370,6 +370,29 @@ class ModelSection:
         args[option] = True
     return args
 
+  def is_naflex(self) -> bool:
+    """Whether the model takes NaFlex patch sequences (`naflex=True`)."""
+    return bool(get_config(self.model_name, **self.model).get('naflex'))
+
+  def init_inputs(self, image_size: int, *, naflex_seq_len: int = 1) -> Any:
+    """Zeros shaped as one input of this model, to initialise it with.
+
+    Args:
+      image_size: Side of the run's square images.
+      naflex_seq_len: Tokens per example of a NaFlex model (`naflex=True`);
+        its parameters do not depend on it.
+
+    Returns:
+      Images [1, image_size, image_size, 3], or a NaFlex model's tuple
+      (`vit.naflex_init_inputs`).
+    """
+    if self.is_naflex():
+      patches = get_config(self.model_name, **self.model)['patches']
+      return vit.naflex_init_inputs(
+          vit.patch_size_of(patches), seq_len=naflex_seq_len
+      )
+    return jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+
   def total_stride(self) -> tuple[int, str]:
     """(pixels per token along the height, 'patch size' or 'total stride')."""
     # The overrides (e.g. 4x4 patches) decide, not the name.

@@ -67,6 +67,9 @@ POSEMB_RESIZE_METHODS = ('bilinear', 'bicubic', 'linear')
 # The patch sizes FlexiViT (Beyer et al., 2023) trains with at 240 px, the
 # grids 5x5 to 30x30 (big_vision's `config.flexi.seqhw`).
 FLEXIVIT_PATCH_SIZES = (48, 40, 30, 24, 20, 16, 15, 12, 10, 8)
+# The grid of a NaFlex model's learned 2-D position embeddings when none is
+# given (`posemb_grid_size`): SigLIP 2 NaFlex's 16x16.
+NAFLEX_POSEMB_GRID = (16, 16)
 
 # How attention is computed (the parameters are the same for all):
 #   'einsum': heads-major einsums, the fastest measured on CPU;
@@ -360,12 +363,13 @@ def _per_shard(kernel, q, k, v, segment_ids):
   )(q, k, v, segment_ids)
 
 
-def _kernel_attention(impl, q, k, v, scale):
+def _kernel_attention(impl, q, k, v, scale, kv_mask=None):
   """A TPU kernel's attention on heads-major [B, H, T, D], any length T.
 
   The kernels work on whole blocks of the sequence, so T is padded to a
   multiple of the block; padded keys get another segment id, so no real
-  query attends to them, and padded queries are cut off again.
+  query attends to them, and padded queries are cut off again. The keys
+  `kv_mask` excludes (NaFlex padding) join that segment too.
 
   Args:
     impl: 'flash' or 'splash'.
@@ -373,6 +377,8 @@ def _kernel_attention(impl, q, k, v, scale):
     k: Keys.
     v: Values.
     scale: Logit scale.
+    kv_mask: [B, T] bool, False for tokens no real token attends to; None:
+      every token counts.
 
   Returns:
     [B, H, T, D].
@@ -381,9 +387,16 @@ def _kernel_attention(impl, q, k, v, scale):
   padded = math.ceil(t / _FLASH_BLOCK) * _FLASH_BLOCK
   pad = [(0, 0), (0, 0), (0, padded - t), (0, 0)]
   q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-  ids = jnp.broadcast_to(
-      (jnp.arange(padded) >= t).astype(jnp.int32), (q.shape[0], padded)
-  )
+  if kv_mask is None:
+    ids = jnp.broadcast_to(
+        (jnp.arange(padded) >= t).astype(jnp.int32), (q.shape[0], padded)
+    )
+  else:
+    ids = jnp.pad(
+        jnp.logical_not(kv_mask).astype(jnp.int32),
+        [(0, 0), (0, padded - t)],
+        constant_values=1,
+    )
   # Scaled here, as the einsum path scales, so that the kernels (splash has
   # no scale, flash's reference backward pass ignores it) run at scale 1.
   q = q * jnp.asarray(scale, q.dtype)
@@ -501,7 +514,10 @@ class MultiHeadDotProductAttention(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, inputs_kv: jax.Array | None = None
+      self,
+      x: jax.Array,
+      inputs_kv: jax.Array | None = None,
+      kv_mask: jax.Array | None = None,
   ) -> jax.Array:
     """Attention of `x` over itself, or over `inputs_kv` when given.
 
@@ -509,6 +525,9 @@ class MultiHeadDotProductAttention(nn.Module):
       x: Queries' inputs [B, Tq, D] (and keys' and values' by default).
       inputs_kv: Keys' and values' inputs [B, Tk, D] (cross-attention, e.g.
         the MAP head's probe over the tokens): computed with einsums.
+      kv_mask: [B, Tk] bool: the keys that may be attended to (False:
+        NaFlex padding, which gets no weight in any implementation; with
+        'cudnn' it must come last in each sequence). None: all of them.
 
     Returns:
       [B, Tq, D].
@@ -560,7 +579,7 @@ class MultiHeadDotProductAttention(nn.Module):
           + b.astype(self.dtype)[:, None]
           for y, w, b in ((x, wq, bq), (inputs_kv, wk, bk), (inputs_kv, wv, bv))
       )
-      weights = self._weights(q, k, scale=head_dim**-0.5)
+      weights = self._weights(q, k, head_dim**-0.5, kv_mask)
       self.sow('intermediates', 'attention_weights', weights)
       out = jnp.einsum('bhqk,bhkd->bhqd', weights, v)
       out = jnp.einsum('bhqd,hdo->bqo', out, wo.astype(self.dtype))
@@ -579,18 +598,27 @@ class MultiHeadDotProductAttention(nn.Module):
     if impl in ('xla', 'cudnn'):
       qkv = jnp.einsum('btd,dsnh->btsnh', x, w_qkv) + b_qkv
       q, k, v = (qkv[:, :, i] for i in range(3))
+      mask = lengths = None
+      if kv_mask is not None and impl == 'cudnn':
+        # cuDNN's own padding mask (no [B, 1, T, T] bias is built): the
+        # valid keys are the first ones.
+        lengths = jnp.sum(kv_mask, axis=1, dtype=jnp.int32)
+      elif kv_mask is not None:
+        mask = kv_mask[:, None, None, :]
       out = jax.nn.dot_product_attention(
           q,
           k,
           v,
+          mask=mask,
           scale=scale,
+          key_value_seq_lengths=lengths,
           implementation='cudnn' if impl == 'cudnn' else 'xla',
       )
       if self.is_mutable_collection('intermediates'):
         self.sow(
             'intermediates',
             'attention_weights',
-            self._weights(q.swapaxes(1, 2), k.swapaxes(1, 2), scale),
+            self._weights(q.swapaxes(1, 2), k.swapaxes(1, 2), scale, kv_mask),
         )
       out = jnp.einsum('bqhd,hdo->bqo', out, wo.astype(self.dtype))
       return out + bo.astype(self.dtype)
@@ -599,13 +627,15 @@ class MultiHeadDotProductAttention(nn.Module):
     qkv = qkv + b_qkv[None, :, :, None, :]
     q, k, v = (qkv[:, i] for i in range(3))
     if impl in _TPU_KERNELS:
-      out = _kernel_attention(impl, q, k, v, scale)
+      out = _kernel_attention(impl, q, k, v, scale, kv_mask)
       if self.is_mutable_collection('intermediates'):
         self.sow(
-            'intermediates', 'attention_weights', self._weights(q, k, scale)
+            'intermediates',
+            'attention_weights',
+            self._weights(q, k, scale, kv_mask),
         )
     else:
-      weights = self._weights(q, k, scale)
+      weights = self._weights(q, k, scale, kv_mask)
       self.sow('intermediates', 'attention_weights', weights)
       weights = nn.Dropout(rate=self.dropout_rate)(
           weights, deterministic=self.deterministic
@@ -614,13 +644,27 @@ class MultiHeadDotProductAttention(nn.Module):
     out = jnp.einsum('bhqd,hdo->bqo', out, wo.astype(self.dtype))
     return out + bo.astype(self.dtype)
 
-  def _weights(self, q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
-    """Softmax attention weights [B, H, Tq, Tk] of heads-major q and k."""
+  def _weights(
+      self,
+      q: jax.Array,
+      k: jax.Array,
+      scale: float,
+      kv_mask: jax.Array | None = None,
+  ) -> jax.Array:
+    """Softmax attention weights [B, H, Tq, Tk] of heads-major q and k.
+
+    Keys `kv_mask` [B, Tk] excludes get weight exactly 0.
+    """
     q = q * jnp.asarray(scale, self.dtype)
     logits = jnp.einsum('bhqd,bhkd->bhqk', q, k)
     # Softmax in float32 whatever the compute dtype: bfloat16 exponentials
     # lose too much precision in long sequences.
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    logits = logits.astype(jnp.float32)
+    if kv_mask is not None:
+      logits = jnp.where(
+          kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min
+      )
+    weights = jax.nn.softmax(logits, axis=-1)
     return weights.astype(self.dtype)
 
 
@@ -718,13 +762,18 @@ class Encoder1DBlock(nn.Module):
 
   @nn.compact
   def __call__(
-      self, inputs: jax.Array, drop_path_rate: Any = None
+      self,
+      inputs: jax.Array,
+      drop_path_rate: Any = None,
+      kv_mask: jax.Array | None = None,
   ) -> tuple[jax.Array, None]:
     """One block.
 
     Args:
       inputs: Tokens [B, T, D].
       drop_path_rate: This block's stochastic-depth rate (None: off).
+      kv_mask: [B, T] bool, the tokens attention may look at (see
+        `MultiHeadDotProductAttention`); None: all.
 
     Returns:
       (outputs [B, T, D], None).
@@ -748,7 +797,7 @@ class Encoder1DBlock(nn.Module):
         param_dtype=self.param_dtype,
         attention_impl=self.attention_impl,
         name='MultiHeadDotProductAttention_0',
-    )(x)
+    )(x, kv_mask=kv_mask)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=self.deterministic)
     x = self._drop_path(x, drop_path_rate) + inputs
     y = norm('LayerNorm_1')(x)
@@ -993,8 +1042,116 @@ class FlexiPatchEmbedding(nn.Module):
     return y + bias
 
 
+def _naflex_axis_weights(
+    stored: int, sizes: jax.Array, coords: jax.Array
+) -> jax.Array:
+  """Resize weights along one axis, at each token's coordinate.
+
+  Args:
+    stored: Entries of the table along this axis.
+    sizes: [B] int: each example's patches along this axis.
+    coords: [B, N] int: each token's index along it.
+
+  Returns:
+    [B, N, stored] float32: token n of example b takes
+    sum_a w[b, n, a] * table[a] along this axis.
+  """
+  # A sequence of N patches has at most N along either axis: N output
+  # samples cover every grid, whatever its shape.
+  length = coords.shape[1]
+  identity = jnp.eye(stored, dtype=jnp.float32)
+
+  def one_example(size, coord):
+    # The resize is linear, so resizing the identity gives its matrix:
+    # row i holds output sample i's weights on the stored entries.
+    weights = jax.image.scale_and_translate(
+        identity,
+        (length, stored),
+        spatial_dims=(0,),
+        scale=jnp.reshape(size / stored, (1,)).astype(jnp.float32),
+        translation=jnp.zeros((1,), jnp.float32),
+        method='bilinear',
+        antialias=True,
+    )
+    return jnp.take(weights, coord, axis=0)
+
+  return jax.vmap(one_example)(sizes, coords)
+
+
+def naflex_position_embeddings(
+    table: jax.Array, rows: jax.Array, columns: jax.Array
+) -> jax.Array:
+  """Each NaFlex patch's position embedding (SigLIP 2's NaFlex ViT).
+
+  Per example, the learned (gh, gw) table is resampled to the example's own
+  patch grid, (max row + 1) x (max column + 1), with
+  `jax.image.scale_and_translate` (bilinear, antialiased: a triangle filter
+  widened when shrinking), and each patch takes the entry at its (row,
+  column): big_vision's `naflex_vit._pos_emb_resize`. The resize is
+  separable, so it is computed as per-axis weights at the patches'
+  coordinates: no resized grid per example is built, and grids up to the
+  sequence length along a side work (big_vision resizes to a fixed 64x64).
+
+  Args:
+    table: [gh, gw, D] learned embeddings.
+    rows: [B, N] int: each patch's row in its image's patch grid (0 for
+      padding).
+    columns: [B, N] int: its column.
+
+  Returns:
+    [B, N, D] float32.
+  """
+  gh, gw, dim = table.shape
+  batch, length = rows.shape
+  row_weights = _naflex_axis_weights(gh, jnp.max(rows, axis=1) + 1, rows)
+  col_weights = _naflex_axis_weights(gw, jnp.max(columns, axis=1) + 1, columns)
+  # [B, N, gh * gw]: each patch's weight on every stored entry; one matmul
+  # with the flattened table then gives every embedding.
+  weights = jnp.reshape(
+      row_weights[..., :, None] * col_weights[..., None, :],
+      (batch, length, gh * gw),
+  )
+  return jnp.einsum(
+      'bnk,kd->bnd',
+      weights,
+      jnp.reshape(table.astype(jnp.float32), (gh * gw, dim)),
+      precision=jax.lax.Precision.HIGHEST,
+  )
+
+
+def naflex_init_inputs(
+    patch_size: tuple[int, int], *, seq_len: int = 1, channels: int = 3
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """NaFlex inputs of one example to `init` a model with (`naflex=True`).
+
+  The parameters' shapes depend on neither the sequence length nor the
+  patches' grid, so any length initialises the same model.
+
+  Args:
+    patch_size: (ph, pw) of the model's patches.
+    seq_len: Tokens of the sequence.
+    channels: Image channels.
+
+  Returns:
+    (patches [1, seq_len, ph*pw*channels] zeros, ptype [1, seq_len] ones,
+    rows and columns [1, seq_len]: a 1 x seq_len grid).
+  """
+  ph, pw = patch_size
+  columns = np.arange(seq_len, dtype=np.int32)[None]
+  return (
+      np.zeros((1, seq_len, ph * pw * channels), np.float32),
+      np.ones((1, seq_len), np.int32),
+      np.zeros_like(columns),
+      columns,
+  )
+
+
 class AddPositionEmbs(nn.Module):
   """Adds learned position embeddings of shape (1, tokens, hidden).
+
+  With NaFlex inputs (`__call__`'s `positions`) the table is a grid
+  (rows, columns, hidden) instead, resampled per example
+  (`naflex_position_embeddings`).
 
   Attributes:
     param_dtype: Parameter dtype.
@@ -1003,6 +1160,8 @@ class AddPositionEmbs(nn.Module):
       at initialisation, and when applied, the input's grid if the token
       counts agree (as `load_pretrained` keeps a table of the right length),
       else the square grid (of a square image, with non-square patches).
+      With NaFlex positions: the grid the table is created for (None:
+      `NAFLEX_POSEMB_GRID`); applied, the table's own shape says it.
     resize: See `resize_posemb_grid`'s `method`.
     antialias: See `resize_posemb_grid`.
     patch_shape: Input pixels per token (h, w), for inferring the grid.
@@ -1016,7 +1175,10 @@ class AddPositionEmbs(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, grid: tuple[int, int] | None = None
+      self,
+      x: jax.Array,
+      grid: tuple[int, int] | None = None,
+      positions: tuple[jax.Array, jax.Array] | None = None,
   ) -> jax.Array:
     """`x` plus its embeddings.
 
@@ -1024,10 +1186,15 @@ class AddPositionEmbs(nn.Module):
       x: Tokens [B, T, D]: a class token (or none), then the patches.
       grid: The patches' grid (h, w) when the stored table is resized to it
         (`dynamic_image_size`); None: the table must fit `x` as it is.
+      positions: NaFlex: (rows, columns), int [B, T] each, every token's
+        place in its own image's patch grid (no class token); the 2-D table
+        is resampled per example (`naflex_position_embeddings`).
 
     Returns:
       [B, T, D].
     """
+    if positions is not None:
+      return x + self._at_positions(x, positions).astype(x.dtype)
     if grid is not None:
       gh, gw = grid  # A list, too.
       return x + self._resized(x, (gh, gw)).astype(x.dtype)
@@ -1046,6 +1213,31 @@ class AddPositionEmbs(nn.Module):
         )
     posemb = self.param('pos_embedding', _POSEMB_INIT, shape, self.param_dtype)
     return x + posemb.astype(x.dtype)
+
+  def _at_positions(
+      self, x: jax.Array, positions: tuple[jax.Array, jax.Array]
+  ) -> jax.Array:
+    """The 2-D table's embeddings of NaFlex tokens [B, T, D]."""
+    dim = x.shape[-1]
+    table: jax.Array
+    if self.has_variable('params', 'pos_embedding'):  # Any grid.
+      table = self.get_variable('params', 'pos_embedding')
+    else:
+      gh, gw = self.grid_size or NAFLEX_POSEMB_GRID
+      table = self.param(
+          'pos_embedding', _POSEMB_INIT, (gh, gw, dim), self.param_dtype
+      )
+    # A fixed-size model's table (1, tokens, D) is 3-D too: a NaFlex grid
+    # has at least two rows and columns.
+    if table.ndim != 3 or table.shape[2] != dim or min(table.shape[:2]) < 2:
+      raise ValueError(
+          f'Position embeddings {tuple(table.shape)} are not a (rows, '
+          f'columns, {dim}) grid of at least 2x2, as a NaFlex model '
+          '(naflex=True) needs: load a NaFlex checkpoint (SigLIP 2 NaFlex), '
+          "not a fixed-size model's (1, tokens, D) table."
+      )
+    rows, columns = positions
+    return naflex_position_embeddings(table, rows, columns)
 
   def _resized(self, x: jax.Array, grid: tuple[int, int]) -> jax.Array:
     """The table resized to `grid`, the class token's entry as it is."""
@@ -1229,8 +1421,11 @@ class MAPHead(nn.Module):
   gelu_approximate: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Pools tokens [B, T, D] into [B, D]."""
+  def __call__(
+      self, x: jax.Array, kv_mask: jax.Array | None = None
+  ) -> jax.Array:
+    """Pools tokens [B, T, D] into [B, D], over those `kv_mask` [B, T]
+    keeps (None: all)."""
     n, _, d = x.shape
     probe = self.param(
         'probe', nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype
@@ -1242,7 +1437,7 @@ class MAPHead(nn.Module):
         param_dtype=self.param_dtype,
         attention_impl='einsum',
         name='MultiHeadDotProductAttention_0',
-    )(probe, inputs_kv=x)
+    )(probe, inputs_kv=x, kv_mask=kv_mask)
     y = nn.LayerNorm(
         epsilon=self.layer_norm_epsilon,
         dtype=self.dtype,
@@ -1324,6 +1519,8 @@ class Encoder(nn.Module):
       x: jax.Array,
       extra_tokens: jax.Array | None = None,
       grid: tuple[int, int] | None = None,
+      positions: tuple[jax.Array, jax.Array] | None = None,
+      kv_mask: jax.Array | None = None,
   ) -> jax.Array:
     """Position embeddings, the blocks and the final LayerNorm.
 
@@ -1333,6 +1530,10 @@ class Encoder(nn.Module):
         embeddings (e.g. registers, which have no position).
       grid: The patch grid (h, w) of `x` when the position embeddings are
         resized to it in the forward pass; None: they fit `x` as stored.
+      positions: NaFlex: each token's (row, column) in its image's patch
+        grid, two int [B, T] arrays (see `AddPositionEmbs`).
+      kv_mask: [B, T] bool, the tokens attention may look at (False: NaFlex
+        padding); None: all.
 
     Returns:
       [B, T (+ R), D].
@@ -1345,12 +1546,16 @@ class Encoder(nn.Module):
           antialias=self.posemb_antialias,
           patch_shape=self.patch_shape,
           name='posembed_input',
-      )(x, grid)
+      )(x, grid, positions)
       x = nn.Dropout(rate=self.dropout_rate)(
           x, deterministic=self.deterministic
       )
     if extra_tokens is not None:
       x = jnp.concatenate([x, extra_tokens.astype(x.dtype)], axis=1)
+      if kv_mask is not None:  # Appended tokens are never padding.
+        kv_mask = jnp.pad(
+            kv_mask, [(0, 0), (0, extra_tokens.shape[1])], constant_values=True
+        )
     x = x.astype(self.dtype)
     block_cls = Encoder1DBlock
     policy = remat_policy_of(self.remat, self.remat_policy)
@@ -1386,18 +1591,26 @@ class Encoder(nn.Module):
           block_cls,
           variable_axes={'params': 0, 'intermediates': 0},
           split_rngs={'params': True, 'dropout': True},
-          in_axes=0,
+          # The mask is the same in every layer.
+          in_axes=0 if kv_mask is None else (0, nn.broadcast),
           length=self.num_layers,
       )
       block = block_cls(name='encoderblock', **block_kwargs)
-      if rates is None:
+      # Each iteration gets its layer's rate.
+      layer_rates = None if rates is None else jnp.asarray(rates, jnp.float32)
+      if kv_mask is not None:
+        x, _ = block(x, layer_rates, kv_mask)
+      elif rates is None:
         x, _ = block(x)
-      else:  # Each iteration gets its layer's rate.
-        x, _ = block(x, jnp.asarray(rates, jnp.float32))
+      else:
+        x, _ = block(x, layer_rates)
     else:
       for i in range(self.num_layers):
         block = block_cls(name=f'encoderblock_{i}', **block_kwargs)
-        x, _ = block(x) if rates is None else block(x, rates[i])
+        if kv_mask is not None:
+          x, _ = block(x, None if rates is None else rates[i], kv_mask)
+        else:
+          x, _ = block(x) if rates is None else block(x, rates[i])
     return nn.LayerNorm(
         epsilon=self.layer_norm_epsilon,
         dtype=self.dtype,
@@ -1463,7 +1676,8 @@ class VisionTransformer(nn.Module):
       than `patches.size`), the patch grid (h, w) the learned embeddings are
       made for; None: the grid of the images `init` sees, and for a stored
       table of another length than the input's grid, the grid of a square
-      image.
+      image. With `naflex`: the grid of the 2-D table `init` creates (None:
+      `NAFLEX_POSEMB_GRID`, 16x16).
     run_patch_size: FlexiViT: the patch size (h, w) (or an int) the images
       are cut into when it is not `patches.size`, the size of the stored
       kernel: the kernel is resampled to it in the forward pass
@@ -1473,6 +1687,17 @@ class VisionTransformer(nn.Module):
     flexi_patch_sizes: FlexiViT training: the square patch sizes a run
       draws one of per step (`vit_jax.train`); the model, at any of them,
       is `run_patch_size`'s. Empty: one patch size.
+    naflex: Take NaFlex inputs (SigLIP 2's NaFlex ViT, big_vision's
+      `naflex_vit.py`): a tuple (patches [B, N, P*P*C] float, each patch
+      flattened in (row, column, channel) order; ptype [B, N] int, 1 for a
+      patch and 0 for padding, which comes last; rows [B, N] and columns
+      [B, N] int, each patch's place in its own image's patch grid), so
+      that every image keeps its aspect ratio. The patches are embedded by
+      a dense layer (`embedding`, kernel [P*P*C, D]); the learned position
+      embeddings are a (rows, columns, D) table resampled to each image's
+      grid (`naflex_position_embeddings`); padding gets no attention weight
+      in any `attention_impl` and no weight in 'gap' / 'map' pooling. No
+      class token or registers; `posemb` 'learn' (the 2-D table) or 'none'.
   """
 
   num_classes: int | None
@@ -1501,6 +1726,7 @@ class VisionTransformer(nn.Module):
   posemb_grid_size: tuple[int, int] | None = None
   run_patch_size: Any = None
   flexi_patch_sizes: tuple[int, ...] = ()
+  naflex: bool = False
 
   @property
   def total_stride(self) -> tuple[int, int]:
@@ -1550,10 +1776,72 @@ class VisionTransformer(nn.Module):
           f'{max(1, h // sh) * sh}x{max(1, w // sw) * sw}).'
       )
 
+  def _check_naflex(self, inputs: Any) -> tuple[jax.Array, ...]:
+    """The NaFlex input tuple, after refusing what NaFlex cannot take."""
+    refused = (
+        (
+            self.classifier in ('token', 'token_unpooled'),
+            f'classifier={self.classifier!r} (a class token)',
+            "classifier='map' or 'gap'",
+        ),
+        (
+            self.num_registers > 0,
+            f'num_registers={self.num_registers}',
+            'num_registers=0',
+        ),
+        (self.resnet is not None, 'a ResNet stem (hybrid)', 'a plain ViT'),
+        (self.transformer is None, 'transformer=None', 'a transformer'),
+        (
+            self.posemb not in ('learn', 'none'),
+            f'posemb={self.posemb!r}',
+            "posemb='learn' (the 2-D table) or 'none'",
+        ),
+        (
+            self.dynamic_image_size,
+            'dynamic_image_size=True',
+            'dynamic_image_size=False (every example has its own grid)',
+        ),
+        (
+            bool(self.flexi_patch_sizes) or self.run_patch_size is not None,
+            'FlexiViT patch sizes (flexi_patch_sizes / run_patch_size)',
+            "one patch size, the patches' (NaFlex patchifies in the input)",
+        ),
+        (
+            self.posemb_resize != 'bilinear',
+            f'posemb_resize={self.posemb_resize!r}',
+            "the default 'bilinear' (NaFlex resamples with antialiased "
+            'bilinear)',
+        ),
+    )
+    for bad, what, fix in refused:
+      if bad:
+        raise ValueError(f'naflex=True does not take {what}: use {fix}.')
+    if not isinstance(inputs, (tuple, list)) or len(inputs) != 4:
+      raise ValueError(
+          'naflex=True takes the tuple (patches [B, N, P*P*C], ptype [B, N], '
+          f'rows [B, N], columns [B, N]), got {type(inputs).__name__}'
+          f'{getattr(inputs, "shape", "")}.'
+      )
+    patches, ptype, rows, columns = (jnp.asarray(a) for a in inputs)
+    ph, pw = patch_size_of(self.patches)
+    if patches.ndim != 3 or patches.shape[-1] % (ph * pw):
+      raise ValueError(
+          f'NaFlex patches {patches.shape} are not [batch, tokens, '
+          f'{ph}*{pw}*channels] for the {ph}x{pw} patches of '
+          f'{self.model_name or "this model"}.'
+      )
+    for name, a in (('ptype', ptype), ('rows', rows), ('columns', columns)):
+      if a.shape != patches.shape[:2]:
+        raise ValueError(
+            f'NaFlex {name} {a.shape} does not match the patches '
+            f'{patches.shape[:2]} (one per token).'
+        )
+    return patches, ptype, rows, columns
+
   @nn.compact
   def __call__(
       self,
-      inputs: jax.Array,
+      inputs: Any,
       *,
       train: bool,
       patch_transform: Callable[[jax.Array], jax.Array] | None = None,
@@ -1567,14 +1855,16 @@ class VisionTransformer(nn.Module):
     a module around this one.
 
     Args:
-      inputs: Images `[batch, height, width, 3]` in [-1, 1].
+      inputs: Images `[batch, height, width, 3]` in [-1, 1]; with `naflex`,
+        the tuple (patches, ptype, rows, columns) (see `naflex`).
       train: Enables dropout (needs a 'dropout' rng).
       patch_transform: Applied to the patch embeddings `[batch, patches, D]`
         (row-major patch order) before the class token and the encoder, e.g.
         to mask some of them.
       output: 'logits' (pooled, through the representation layer and head)
         or 'tokens': the encoder's output sequence `[batch, tokens, D]`
-        (class token first when the classifier has one).
+        (class token first when the classifier has one; with `naflex`, the
+        padding tokens too, their values meaningless).
       patch_size: FlexiViT: the patch size (h, w) or int of this call (a
         static value); None: `run_patch_size` (see there).
 
@@ -1612,36 +1902,62 @@ class VisionTransformer(nn.Module):
     ph, pw = self.patch_size_at(patch_size)
     stored_patch = patch_size_of(self.patches)
     flexible = bool(self.flexi_patch_sizes) or (ph, pw) != stored_patch
-    self._check_image(inputs, (ph, pw))
-    x = inputs.astype(self.dtype)
-    if self.resnet is not None:
-      x = resnet.bit_stem_and_stages(
-          x,
-          num_layers=tuple(config_value(self.resnet, 'num_layers')),
-          width_factor=config_value(self.resnet, 'width_factor', 1),
+    # NaFlex: the tokens attention and pooling look at, and each token's
+    # (row, column) in its image's patch grid.
+    token_mask: jax.Array | None = None
+    positions: tuple[jax.Array, jax.Array] | None = None
+    if self.naflex:
+      patches, ptype, rows, columns = self._check_naflex(inputs)
+      if (ph, pw) != stored_patch:
+        raise ValueError(
+            f'naflex=True does not take patch_size={patch_size!r}: the '
+            f'patches come cut at {stored_patch} in the input.'
+        )
+      # A dense layer on the flattened patches: the patch convolution's
+      # numbers, its kernel reshaped to [P*P*C, D].
+      x = nn.Dense(
+          self.hidden_size,
           dtype=self.dtype,
           param_dtype=self.param_dtype,
+          name='embedding',
+      )(patches.astype(self.dtype))
+      valid = ptype == 1
+      # An example without a single patch (a batch's filler) counts all its
+      # tokens instead, so that its outputs stay finite.
+      token_mask = jnp.logical_or(
+          valid, jnp.logical_not(jnp.any(valid, axis=1, keepdims=True))
       )
-
-    if (ph, pw) == stored_patch:
-      x = nn.Conv(
-          features=self.hidden_size,
-          kernel_size=(ph, pw),
-          strides=(ph, pw),
-          padding='VALID',
-          dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          name='embedding',
-      )(x)
-    else:  # The same parameters, resampled to this patch size.
-      x = FlexiPatchEmbedding(
-          features=self.hidden_size,
-          stored_size=stored_patch,
-          patch_size=(ph, pw),
-          dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          name='embedding',
-      )(x)
+      positions = (rows, columns)
+    else:
+      self._check_image(inputs, (ph, pw))
+      x = inputs.astype(self.dtype)
+      if self.resnet is not None:
+        x = resnet.bit_stem_and_stages(
+            x,
+            num_layers=tuple(config_value(self.resnet, 'num_layers')),
+            width_factor=config_value(self.resnet, 'width_factor', 1),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+      if (ph, pw) == stored_patch:
+        x = nn.Conv(
+            features=self.hidden_size,
+            kernel_size=(ph, pw),
+            strides=(ph, pw),
+            padding='VALID',
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name='embedding',
+        )(x)
+      else:  # The same parameters, resampled to this patch size.
+        x = FlexiPatchEmbedding(
+            features=self.hidden_size,
+            stored_size=stored_patch,
+            patch_size=(ph, pw),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name='embedding',
+        )(x)
 
     if (patch_transform or output == 'tokens') and self.transformer is None:
       raise ValueError(
@@ -1649,7 +1965,12 @@ class VisionTransformer(nn.Module):
           'transformer (this model has none).'
       )
     if self.transformer is not None:
-      n, h, w, c = x.shape
+      if self.naflex:
+        n, _, c = x.shape
+        h = w = 0  # No common grid: each example has its own (`positions`).
+      else:
+        n, h, w, c = x.shape
+        x = jnp.reshape(x, (n, h * w, c))
       encoder_fields = {
           k: config_value(self.transformer, k)
           for k in ('num_layers', 'mlp_dim', 'num_heads')
@@ -1660,7 +1981,6 @@ class VisionTransformer(nn.Module):
           ('add_position_embedding', True),
       ):
         encoder_fields[k] = config_value(self.transformer, k, default)
-      x = jnp.reshape(x, (n, h * w, c))
       if patch_transform is not None:
         x = patch_transform(x)
       # A tuple (hashable) when the config gives a list.
@@ -1727,6 +2047,8 @@ class VisionTransformer(nn.Module):
           x,
           extra_tokens=registers,
           grid=(h, w) if self.dynamic_image_size or flexible else None,
+          positions=positions,
+          kv_mask=token_mask,
       )
       if self.num_registers:  # Registers are working memory, not output.
         x = x[:, : -self.num_registers]
@@ -1735,6 +2057,9 @@ class VisionTransformer(nn.Module):
 
     if self.classifier == 'token':
       x = x[:, 0]
+    elif self.classifier == 'gap' and token_mask is not None:
+      counted = token_mask[..., None].astype(x.dtype)
+      x = jnp.sum(x * counted, axis=1) / jnp.sum(counted, axis=1)
     elif self.classifier == 'gap':
       x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
     elif self.classifier == 'map':
@@ -1748,7 +2073,7 @@ class VisionTransformer(nn.Module):
           layer_norm_epsilon=self.layer_norm_epsilon,
           gelu_approximate=self.gelu_approximate,
           name='MAPHead_0',
-      )(x)
+      )(x, kv_mask=token_mask)
 
     if self.representation_size is not None:
       x = nn.Dense(
@@ -1780,6 +2105,7 @@ __all__ = [
     'MAPHead',
     'MlpBlock',
     'MultiHeadDotProductAttention',
+    'NAFLEX_POSEMB_GRID',
     'OUTPUTS',
     'POSEMB_KINDS',
     'POSEMB_RESIZE_METHODS',
@@ -1789,6 +2115,8 @@ __all__ = [
     'VisionTransformer',
     'config_value',
     'linear_resize_matrix',
+    'naflex_init_inputs',
+    'naflex_position_embeddings',
     'patch_size_of',
     'posemb_sincos_2d',
     'resample_patch_embedding',
