@@ -26,7 +26,6 @@ from vit_jax import input_pipeline
 from vit_jax import loading
 from vit_jax import predict
 from vit_jax import preprocess
-import vit_jax.models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -443,19 +442,7 @@ def test_predict_naflex_refusals(tmp_path):
 # ----------------------------------------------------------------------------
 
 
-def _has_naflex_model():
-  try:
-    vit_jax.models.get_model('testing', num_classes=2, naflex=True)
-  except TypeError:
-    return False
-  return True
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not _has_naflex_model(),
-    reason='needs the NaFlex model: get_model(..., naflex=True)',
-)
 def test_main_trains_on_mixed_aspect_ratios_and_predicts(folder, tmp_path):
   workdir = str(tmp_path / 'run')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
