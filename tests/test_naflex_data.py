@@ -31,6 +31,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 4x4 patches: small images give several tokens.
 TINY_MODEL = {'model_name': 'testing', 'model': {'patches': {'size': (4, 4)}}}
+NAFLEX_MODEL = {
+    'model_name': 'testing',
+    'model': {'patches': {'size': (4, 4)}, 'naflex': True, 'classifier': 'gap'},
+}
 PATCH = 4
 # (height, width) of the folder's images: wide, tall, square, very wide.
 SHAPES = ((20, 40), (40, 20), (30, 30), (12, 50))
@@ -226,7 +230,7 @@ def folder(tmp_path_factory):
 def naflex_data(root, **overrides):
   config = ml_collections.ConfigDict(
       {
-          **TINY_MODEL,
+          **NAFLEX_MODEL,
           'dataset': 'image_folder',
           'image_folder': str(root),
           'image_size': 16,
@@ -239,6 +243,8 @@ def naflex_data(root, **overrides):
       }
   )
   config.update(overrides)
+  if not config.naflex.seq_lens:  # The fixed-size pipeline: a plain model.
+    config.model = ml_collections.ConfigDict(TINY_MODEL['model'])
   return config_lib.parse(config).data
 
 
@@ -345,7 +351,7 @@ def test_eval_yields_every_image_once_at_the_longest_length(folder):
 def test_tfds_digits_become_naflex_tuples(tmp_path):
   config = ml_collections.ConfigDict(
       {
-          **TINY_MODEL,
+          **NAFLEX_MODEL,
           'dataset': 'digits',
           'tfds_data_dir': str(tmp_path),
           'image_size': 8,
@@ -519,6 +525,22 @@ def test_main_trains_on_mixed_aspect_ratios_and_predicts(folder, tmp_path):
                 'naflex': {'seq_lens': (16,)},
             },
             r'needs a plain ViT',
+        ),
+        (
+            {'naflex': {'seq_lens': (16,)}},
+            r'testing takes only as a NaFlex model: add '
+            r'--config.model.naflex=True',
+        ),
+        (
+            {
+                'model': {
+                    'patches': {'size': (4, 4)},
+                    'naflex': True,
+                    'classifier': 'gap',
+                }
+            },
+            r'config.model.naflex=True takes NaFlex patch sequences: set '
+            r'config.naflex.seq_lens',
         ),
     ],
 )

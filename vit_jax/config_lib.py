@@ -247,6 +247,7 @@ def parse(config: Any) -> Run:
         run, data=with_naflex_patch_size(run.model, run.data)
     )
   check_naflex_objective(run.model, run.objective)
+  check_naflex_pairing(run.model, run.data)
   image_folder_used = 'image_folder' in (
       run.data.dataset,
       run.evals.fewshot.dataset,
@@ -281,6 +282,27 @@ def with_naflex_patch_size(
     )
   naflex = dataclasses.replace(data.naflex, patch_size=stride)
   return dataclasses.replace(data, naflex=naflex)
+
+
+def check_naflex_pairing(model: ModelSection, data: DataSection) -> None:
+  """Raises unless a NaFlex model and NaFlex batches come together.
+
+  A NaFlex model takes patch sequences (`config.naflex.seq_lens` makes the
+  pipeline yield them); any other model takes image arrays.
+  """
+  if model.is_naflex() and not data.naflex.enabled:
+    raise ValueError(
+        'config.model.naflex=True takes NaFlex patch sequences: set '
+        'config.naflex.seq_lens (e.g. 256 or 256,576,784 tokens per image), '
+        'or leave config.model.naflex off.'
+    )
+  if data.naflex.enabled and not model.is_naflex():
+    raise ValueError(
+        f'config.naflex.seq_lens={list(data.naflex.seq_lens)} makes NaFlex '
+        f'patch sequences, which {model.model_name} takes only as a NaFlex '
+        'model: add --config.model.naflex=True (with classifier gap or map), '
+        'or set config.naflex.seq_lens=().'
+    )
 
 
 def check_naflex_objective(
