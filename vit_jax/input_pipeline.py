@@ -158,7 +158,7 @@ class NaflexSection:
 
   @property
   def eval_seq_len(self) -> int:
-    """Evaluation's sequence length: the largest bucket's."""
+    """The sequence length of evaluation, the largest bucket's."""
     return max(self.seq_lens)
 
 
