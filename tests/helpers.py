@@ -212,6 +212,13 @@ _LOG_LINE = re.compile(
 )
 
 
+def unlogged_lines(stderr):
+  """The lines of `stderr` that are not log lines (`_LOG_LINE`)."""
+  return [
+      l for l in stderr.splitlines() if l.strip() and not _LOG_LINE.match(l)
+  ]
+
+
 def assert_refused(result, *expected):
   """A CLI refusal: one `error:` line (and at most one hint line) besides
   log lines, exit 2, no traceback; each `expected` text in the error line.
@@ -221,11 +228,7 @@ def assert_refused(result, *expected):
   """
   assert 'Traceback' not in result.stderr, result.stderr[-3000:]
   assert result.returncode == 2, result.stderr[-3000:]
-  lines = [
-      l
-      for l in result.stderr.splitlines()
-      if l.strip() and not _LOG_LINE.match(l)
-  ]
+  lines = unlogged_lines(result.stderr)
   assert 1 <= len(lines) <= 2, result.stderr[-3000:]
   assert lines[0].startswith('error: '), lines
   for text in expected:

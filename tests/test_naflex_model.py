@@ -341,6 +341,7 @@ def test_a_naflex_model_trains_through_the_train_step():
               'patches': {'size': (_PATCH, _PATCH)},
               'transformer': {'num_layers': 2, 'mlp_dim': 16, 'num_heads': 2},
           },
+          'naflex': {'seq_lens': (16,)},
       }
   )
   objective = objectives.get(run.objective)

@@ -124,38 +124,46 @@ def evaluate_params(
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'A training run directory.')
-flags.DEFINE_string(
-    'config',
-    None,
-    'Experiment config (instead of --workdir): '
-    'configs/<file>.py[:arg]; then --config.<field>=<value> for any field '
-    '(also with --workdir).',
-)
-flags.DEFINE_bool(
-    'print_config',
-    False,
-    'Print every config field with its '
-    'value and comment (after the overrides) and exit.',
-)
-flags.DEFINE_string(
-    'params', None, ".npz to evaluate (default: the run's newest checkpoint)."
-)
-flags.DEFINE_bool(
-    'fewshot',
-    True,
-    'Also run the few-shot linear evaluator '
-    '(--nofewshot: only top-1 / top-5).',
-)
-flags.DEFINE_string(
-    'out', None, f'Folder for {RESULTS_FILE} (default: the ' 'workdir).'
-)
-loading.define_dynamic_image_size_flag(
-    'evaluate at --config.image_size whatever size the parameters were '
-    'trained at.'
-)
-# --help lists it with this program's own flags.
-flags.adopt_module_key_flags(loading)
+
+
+def _define_flags() -> None:
+  """Defines the command line's flags.
+
+  Called only when run as a program: another tool's module (`vit_jax.aot`)
+  defines flags of the same names, and both may be imported in one process.
+  """
+  flags.DEFINE_string('workdir', None, 'A training run directory.')
+  flags.DEFINE_string(
+      'config',
+      None,
+      'Experiment config (instead of --workdir): '
+      'configs/<file>.py[:arg]; then --config.<field>=<value> for any field '
+      '(also with --workdir).',
+  )
+  flags.DEFINE_bool(
+      'print_config',
+      False,
+      'Print every config field with its '
+      'value and comment (after the overrides) and exit.',
+  )
+  flags.DEFINE_string(
+      'params', None, ".npz to evaluate (default: the run's newest checkpoint)."
+  )
+  flags.DEFINE_bool(
+      'fewshot',
+      True,
+      'Also run the few-shot linear evaluator '
+      '(--nofewshot: only top-1 / top-5).',
+  )
+  flags.DEFINE_string(
+      'out', None, f'Folder for {RESULTS_FILE} (default: the ' 'workdir).'
+  )
+  loading.define_dynamic_image_size_flag(
+      'evaluate at --config.image_size whatever size the parameters were '
+      'trained at.'
+  )
+  # --help lists it with this program's own flags.
+  flags.adopt_module_key_flags(loading)
 
 
 def main(argv, overrides):
@@ -209,4 +217,5 @@ def main(argv, overrides):
 
 
 if __name__ == '__main__':
+  _define_flags()
   cli.run(main, config_flag='config')
