@@ -118,6 +118,46 @@ def _decay_mask(params):
   )
 
 
+def base_transform(
+    section: OptimSection,
+    schedule: optax.Schedule,
+    weight_decay: float,
+) -> optax.GradientTransformation:
+  """The update rule of `section.optimizer` at `schedule`, without clipping.
+
+  Args:
+    section: The run's optimizer section (its rule, betas, momentum,
+      mu_dtype).
+    schedule: The learning-rate schedule.
+    weight_decay: Decoupled weight decay of kernels (a parameter group may
+      set its own).
+
+  Returns:
+    Adam with decoupled weight decay, or SGD with momentum after weight
+    decay.
+  """
+  mu_dtype = jnp.dtype(section.mu_dtype) if section.mu_dtype else None
+  if section.optimizer == 'adam':
+    return optax.adamw(
+        schedule,
+        b1=float(section.beta1),
+        b2=float(section.beta2),
+        weight_decay=weight_decay,
+        mask=_decay_mask,
+        mu_dtype=mu_dtype,
+    )
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask=_decay_mask)
+      if weight_decay
+      else optax.identity(),
+      optax.sgd(
+          schedule,
+          momentum=float(section.momentum),
+          accumulator_dtype=mu_dtype,
+      ),
+  )
+
+
 def make_optimizer(
     section: OptimSection,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -127,32 +167,11 @@ def make_optimizer(
     section: The run's optimizer section (`config_lib.parse(config).optim`).
 
   Returns:
-    The transformation (clipping, then Adam with decoupled weight decay or
-    SGD with momentum) and its learning-rate schedule.
+    The transformation (clipping, then `base_transform`) and its
+    learning-rate schedule.
   """
   schedule = make_schedule(section)
-  weight_decay = float(section.weight_decay)
-  mu_dtype = jnp.dtype(section.mu_dtype) if section.mu_dtype else None
-  if section.optimizer == 'adam':
-    tx = optax.adamw(
-        schedule,
-        b1=float(section.beta1),
-        b2=float(section.beta2),
-        weight_decay=weight_decay,
-        mask=_decay_mask,
-        mu_dtype=mu_dtype,
-    )
-  else:
-    tx = optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=_decay_mask)
-        if weight_decay
-        else optax.identity(),
-        optax.sgd(
-            schedule,
-            momentum=float(section.momentum),
-            accumulator_dtype=mu_dtype,
-        ),
-    )
+  tx = base_transform(section, schedule, float(section.weight_decay))
   if section.grad_clip_norm:
     tx = optax.chain(
         optax.clip_by_global_norm(float(section.grad_clip_norm)), tx
