@@ -21,6 +21,7 @@ import pytest
 from vit_jax import config_lib
 from vit_jax import optim
 from vit_jax import sharding
+from vit_jax.evaluators import imagenet_variants
 from vit_jax.objectives import mpp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,6 +92,7 @@ def test_every_section_attribute_is_a_base_field_with_its_value():
   containers = {'evals', 'evals.fewshot', 'naflex'} | {
       p for p in fields if p.startswith('mpp.')
   }
+  containers |= {f'evals.{name}' for name in imagenet_variants.VARIANTS}
   assert set(fields) - containers == seen
 
 
@@ -248,6 +250,11 @@ EXPECTED_DEFAULTS = {
     'evals.fewshot.representation': 'pre_logits',
     'evals.fewshot.seeds': 3,
     'evals.fewshot.shots': [1, 5, 10, 25],
+    'evals.imagenet_a.every': 0,
+    'evals.imagenet_r.every': 0,
+    'evals.imagenet_real.every': 0,
+    'evals.imagenet_sketch.every': 0,
+    'evals.imagenet_v2.every': 0,
     'fsdp_min_size': 16384,
     'grad_clip_norm': 1.0,
     'image_folder': '',

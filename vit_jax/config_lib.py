@@ -28,6 +28,7 @@ from vit_jax import optim
 from vit_jax import preprocess
 from vit_jax import sharding
 from vit_jax.evaluators import fewshot
+from vit_jax.evaluators import imagenet_variants
 from vit_jax.models import registry
 
 # The sections the modules below own, composed here into a `Run` (and still
@@ -37,6 +38,7 @@ DataSection = input_pipeline.DataSection
 OptimSection = optim.OptimSection
 ObjectiveSection = objectives.ObjectiveSection
 FewShotSection = fewshot.FewShotSection
+VariantSection = imagenet_variants.VariantSection
 MeshSection = sharding.MeshSection
 
 
@@ -139,6 +141,30 @@ class EvalsSection:
   fewshot: FewShotSection = dataclasses.field(
       metadata={'section': FewShotSection}
   )
+  # The ImageNet variants, one field per key of imagenet_variants.VARIANTS.
+  imagenet_real: VariantSection = dataclasses.field(
+      metadata={'section': VariantSection}
+  )
+  imagenet_v2: VariantSection = dataclasses.field(
+      metadata={'section': VariantSection}
+  )
+  imagenet_a: VariantSection = dataclasses.field(
+      metadata={'section': VariantSection}
+  )
+  imagenet_r: VariantSection = dataclasses.field(
+      metadata={'section': VariantSection}
+  )
+  imagenet_sketch: VariantSection = dataclasses.field(
+      metadata={'section': VariantSection}
+  )
+
+  def __post_init__(self):
+    imagenet_variants.check_sections(self.variants)
+
+  @property
+  def variants(self) -> dict[str, VariantSection]:
+    """{name: section} of every ImageNet-variant evaluator."""
+    return {name: getattr(self, name) for name in imagenet_variants.VARIANTS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -489,6 +515,18 @@ def get_base() -> ml_collections.ConfigDict:
   c.evals.fewshot.default_l2 = 1.0  # Regulariser when k = 1.
   c.evals.fewshot.pool_per_class = 100  # Train images featurised per class.
   c.evals.fewshot.max_test_examples = 10_000  # Test images featurised.
+  # ImageNet variants (tfds, read from tfds_data_dir) scored by a 1000-way
+  # ImageNet head; metrics <name>/accuracy, <name>/top5, <name>/examples.
+  c.evals.imagenet_real = ml_collections.ConfigDict()
+  c.evals.imagenet_real.every = 0  # Steps between ImageNet-ReaL evals; 0: off.
+  c.evals.imagenet_v2 = ml_collections.ConfigDict()
+  c.evals.imagenet_v2.every = 0  # Steps between ImageNet-v2 evals; 0: off.
+  c.evals.imagenet_a = ml_collections.ConfigDict()
+  c.evals.imagenet_a.every = 0  # Steps between ImageNet-A evals; 0: off.
+  c.evals.imagenet_r = ml_collections.ConfigDict()
+  c.evals.imagenet_r.every = 0  # Steps between ImageNet-R evals; 0: off.
+  c.evals.imagenet_sketch = ml_collections.ConfigDict()
+  c.evals.imagenet_sketch.every = 0  # Steps between ImageNet-Sketch evals.
   return c
 
 
@@ -1007,6 +1045,9 @@ def set_runlocal(c: ml_collections.ConfigDict) -> None:
     c.evals.fewshot.shots = (1, 5)
     c.evals.fewshot.seeds = 2
     c.evals.fewshot.pool_per_class = 10
+  # Digits' 10-way head cannot be scored on ImageNet's classes.
+  for name in imagenet_variants.VARIANTS:
+    c.evals[name].every = 0
 
 
 def pretraining_base(

@@ -10,8 +10,11 @@ Any config field can be overridden with `--config.<field>=<value>`, with
 --config or --workdir (e.g. `--config.evals.fewshot.shots=1,5` or
 `--config.batch_eval=256`); `--print_config` lists every field and exits.
 Few-shot shots, seeds and representation come from `config.evals.fewshot`;
-`--nofewshot` skips the few-shot evaluation. Results are printed and
-written to `<out>/eval_results.json` (default out: the workdir).
+`--nofewshot` skips the few-shot evaluation. The ImageNet variants the
+config turns on (`config.evals.<name>.every` > 0, e.g.
+`--config.evals.imagenet_real.every=1`) are evaluated too;
+`--noimagenet_variants` skips them. Results are printed and written to
+`<out>/eval_results.json` (default out: the workdir).
 
 `--dynamic_image_size` (ViTs) evaluates at another image size than the
 parameters were trained at, e.g. a 16 px run at 32 px:
@@ -47,6 +50,7 @@ from vit_jax import run_checkpoints
 from vit_jax import sharding
 from vit_jax.evaluators import classification
 from vit_jax.evaluators import fewshot as fewshot_lib
+from vit_jax.evaluators import imagenet_variants
 import vit_jax.models
 
 RESULTS_FILE = 'eval_results.json'
@@ -59,8 +63,9 @@ def evaluate_params(
     fewshot: bool = True,
     fewshot_off_switch: str = '--nofewshot',
     dynamic_image_size: bool = False,
+    variants: bool = True,
 ) -> dict[str, float]:
-  """Classification (and few-shot) metrics of `params` on the config's data.
+  """Classification (few-shot, ImageNet-variant) metrics of `params`.
 
   The parameters are placed with the config's sharding rules on all devices,
   so models that needed FSDP to train evaluate the same way. The config,
@@ -75,10 +80,13 @@ def evaluate_params(
     dynamic_image_size: Build the model with `dynamic_image_size=True`, so
       that parameters trained at another size evaluate at the config's
       `image_size` (their position embeddings resized in the forward pass).
+    variants: Also run the ImageNet-variant evaluators the config turns on
+      (`config.evals.<name>.every` > 0).
 
   Returns:
-    `eval/accuracy`, `eval/top5`, `eval/loss`, `eval/examples` and, with
-    few-shot, `fewshot/<dataset>_<k>shot[_std]`.
+    `eval/accuracy`, `eval/top5`, `eval/loss`, `eval/examples`; with
+    few-shot, `fewshot/<dataset>_<k>shot[_std]`; with variants,
+    `<name>/accuracy`, `<name>/top5`, `<name>/examples`.
 
   Raises:
     ValueError: `dynamic_image_size` for a model without the option.
@@ -106,6 +114,16 @@ def evaluate_params(
         shardings,
         off_switch=fewshot_off_switch,
     )
+  variant_evaluators = {}
+  if variants:  # Checks the head and the datasets: before any work.
+    variant_evaluators = imagenet_variants.make_evaluators(
+        run.evals.variants,
+        run.data,
+        model,
+        mesh,
+        shardings,
+        head_classes=info.num_classes,
+    )
   dataset, num_batches = input_pipeline.eval_dataset(run.data, source=source)
   params = sharding.put_global(params, shardings)
   eval_fn = classification.make_eval_fn(
@@ -120,6 +138,8 @@ def evaluate_params(
   )
   if evaluator is not None:
     metrics.update(evaluator.run(params))
+  for variant in variant_evaluators.values():
+    metrics.update(variant.run(params))
   return metrics
 
 
@@ -154,6 +174,12 @@ def _define_flags() -> None:
       True,
       'Also run the few-shot linear evaluator '
       '(--nofewshot: only top-1 / top-5).',
+  )
+  flags.DEFINE_bool(
+      'imagenet_variants',
+      True,
+      'Also run the ImageNet-variant evaluators the config turns on '
+      '(config.evals.<name>.every > 0; --noimagenet_variants: skip them).',
   )
   flags.DEFINE_string(
       'out', None, f'Folder for {RESULTS_FILE} (default: the ' 'workdir).'
@@ -205,6 +231,7 @@ def main(argv, overrides):
       params,
       fewshot=FLAGS.fewshot,
       dynamic_image_size=FLAGS.dynamic_image_size,
+      variants=FLAGS.imagenet_variants,
   )
   metrics = {'params': source, **metrics}
   if out and jax.process_index() == 0:

@@ -241,9 +241,19 @@ class Shard:
 
 
 class TfdsSource:
-  """A tensorflow-datasets dataset (catalogue or local builder)."""
+  """A tensorflow-datasets dataset (catalogue or local builder).
 
-  def __init__(self, name: str, data_dir: str | None, download: bool):
+  Its examples' labels are the dataset's supervised label, or the feature
+  `label_key` names (e.g. ImageNet-ReaL's 'real_label', a list of classes).
+  """
+
+  def __init__(
+      self,
+      name: str,
+      data_dir: str | None,
+      download: bool,
+      label_key: str | None = None,
+  ):
     self.name = name
     try:
       self.builder = tfds.builder(name, data_dir=data_dir)
@@ -260,7 +270,7 @@ class TfdsSource:
       # lock: a fresh builder reads the files' metadata either way.
       self.builder = tfds.builder(name, data_dir=data_dir)
     keys = self.builder.info.supervised_keys or ('image', 'label')
-    self.image_key, self.label_key = keys[0], keys[1]
+    self.image_key, self.label_key = keys[0], label_key or keys[1]
     label = self.builder.info.features[self.label_key]
     self.class_names = tuple(getattr(label, 'names', None) or ())
     self.num_classes = getattr(label, 'num_classes', None)

@@ -246,7 +246,15 @@ def pad_to_sequence(
 
 
 def one_hot(label: tf.Tensor, num_classes: int) -> tf.Tensor:
-  """Integer label -> float32 one-hot vector (label smoothing: in the loss)."""
+  """Integer label -> float32 one-hot vector (label smoothing: in the loss).
+
+  A vector of labels (a multi-label image, e.g. ImageNet-ReaL's) gives the
+  k-hot vector of its classes: all zeros when it is empty.
+  """
+  if label.shape.rank == 1:
+    # A sum, not a max: the max of an empty list is -inf, its sum 0.
+    hits = tf.reduce_sum(tf.one_hot(label, num_classes, dtype=tf.float32), 0)
+    return tf.minimum(hits, 1.0)
   return tf.one_hot(label, num_classes, dtype=tf.float32)
 
 

@@ -7,7 +7,7 @@ global `jax.Array`s, and the step is one `jax.jit` with explicit in/out
 shardings and a donated state.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 import contextlib
 import dataclasses
 import functools
@@ -39,6 +39,7 @@ from vit_jax import sharding
 from vit_jax import workdir as workdir_lib
 from vit_jax import writers as writers_lib
 from vit_jax.evaluators import fewshot as fewshot_lib
+from vit_jax.evaluators import imagenet_variants
 import vit_jax.models
 from vit_jax.objectives import protocol
 
@@ -673,6 +674,29 @@ def make_fewshot(
   )
 
 
+def make_variant_evaluators(
+    run: config_lib.Run,
+    objective: protocol.Objective,
+    num_classes: int,
+    model: flax.linen.Module,
+    mesh: jax.sharding.Mesh,
+    param_shardings: Any,
+) -> dict[str, imagenet_variants.VariantEvaluator]:
+  """The run's ImageNet-variant evaluators (`config.evals.<name>.every`).
+
+  Building them checks that the head is ImageNet's (1000 classes) and that
+  their datasets are prepared.
+  """
+  return imagenet_variants.make_evaluators(
+      run.evals.variants,
+      run.data,
+      model,
+      mesh,
+      param_shardings,
+      head_classes=objective.num_classes(num_classes),
+  )
+
+
 def log_model(
     model_name: str, mesh: jax.sharding.Mesh, abstract: Any, shardings: Any
 ) -> None:
@@ -833,6 +857,8 @@ class StepPlan(NamedTuple):
     evaluate: Evaluate (the objective's evaluation).
     fewshot: With `evaluate`: run the few-shot probe too.
     preempted: Stop after the checkpoint: a preemption was requested.
+    evaluators: With `evaluate`: the other evaluators (names in
+      `config.evals`) due too.
   """
 
   last: bool
@@ -841,6 +867,7 @@ class StepPlan(NamedTuple):
   evaluate: bool
   fewshot: bool
   preempted: bool
+  evaluators: tuple[str, ...] = ()
 
 
 def plan_step(
@@ -848,6 +875,7 @@ def plan_step(
     loop: config_lib.LoopSection,
     fewshot_every: int,
     preemption_requested: bool,
+    evaluators_every: Mapping[str, int] | None = None,
 ) -> StepPlan:
   """What follows train step `step`: metrics, checkpoint, evaluations, stop.
 
@@ -861,6 +889,8 @@ def plan_step(
     loop: The run's loop section (total steps, the `*_every` periods).
     fewshot_every: Steps between few-shot probes; 0 for none.
     preemption_requested: `PreemptionWatcher.reached(step)`.
+    evaluators_every: {name: steps between its evaluations (0: none)} of
+      the other evaluators, e.g. the ImageNet variants.
 
   Returns:
     The plan.
@@ -868,7 +898,12 @@ def plan_step(
   last = step == loop.total_steps
   preempted = preemption_requested and not last
   fewshot = fewshot_every > 0 and (last or step % fewshot_every == 0)
-  evaluate = step % loop.eval_every == 0 or last or fewshot
+  evaluators = tuple(
+      name
+      for name, every in (evaluators_every or {}).items()
+      if every > 0 and (last or step % every == 0)
+  )
+  evaluate = step % loop.eval_every == 0 or last or fewshot or bool(evaluators)
   save = step % loop.checkpoint_every == 0 or last or preempted
   return StepPlan(
       last=last,
@@ -877,6 +912,7 @@ def plan_step(
       evaluate=evaluate,
       fewshot=fewshot,
       preempted=preempted,
+      evaluators=evaluators,
   )
 
 
@@ -965,6 +1001,8 @@ class Evaluations:
     final_params_path: Where the run's final parameters are saved (named
       when the final evaluation fails).
     workdir: The run directory (named in the same message).
+    evaluators: {name: evaluator} of the others (the ImageNet variants),
+      each with `run(params) -> metrics`.
   """
 
   objective: protocol.Objective
@@ -975,9 +1013,16 @@ class Evaluations:
   ckpt: run_checkpoints.Checkpointer
   final_params_path: str
   workdir: str
+  evaluators: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __call__(
-      self, params: Any, step: int, *, fewshot: bool, last: bool
+      self,
+      params: Any,
+      step: int,
+      *,
+      fewshot: bool,
+      last: bool,
+      evaluators: Collection[str] = (),
   ) -> dict[str, float]:
     """Evaluates `params` after `step`.
 
@@ -985,11 +1030,13 @@ class Evaluations:
       params: Parameters to evaluate (`eval_params`).
       step: The step they are of.
       fewshot: Whether to run the few-shot probe too (if the run has one).
+      evaluators: Which of the other evaluators to run too (those the run
+        has).
       last: The final evaluation: its failure says that training finished
         and where its parameters are.
 
     Returns:
-      {`eval/<name>`, `fewshot/<name>`: value}.
+      {`eval/<name>`, `fewshot/<name>`, `<evaluator>/<name>`: value}.
 
     Raises:
       Whatever an evaluator raises, once any checkpoint being written has
@@ -1001,6 +1048,9 @@ class Evaluations:
       )
       if self.fewshot and fewshot:
         metrics.update(self.fewshot.run(params))
+      for name in evaluators:
+        if name in self.evaluators:
+          metrics.update(self.evaluators[name].run(params))
     except Exception:
       self.ckpt.wait()  # Whatever checkpoint is being written completes.
       if last:
@@ -1096,6 +1146,9 @@ def train_and_evaluate(
   abstract = jax.eval_shape(init, init_rng)
   shardings = sharding.shardings_from_config(abstract, mesh, run.mesh)
   fewshot = make_fewshot(run, objective, model, mesh, shardings.params)
+  variants = make_variant_evaluators(
+      run, objective, info.num_classes, model, mesh, shardings.params
+  )
   pretrained = None
   if decision.resume_step is None and run.model.pretrained_path:
     pretrained = load_pretrained_checked(run, model, abstract.params)
@@ -1172,6 +1225,7 @@ def train_and_evaluate(
         ckpt,
         final_params_path,
         workdir,
+        variants,
     )
 
     hooks = make_hooks(
@@ -1199,7 +1253,11 @@ def train_and_evaluate(
         for hook in hooks:
           hook(step)
         plan = plan_step(
-            step, run.loop, run.evals.fewshot.every, preemption.reached(step)
+            step,
+            run.loop,
+            run.evals.fewshot.every,
+            preemption.reached(step),
+            {name: s.every for name, s in run.evals.variants.items()},
         )
         if plan.flush:
           # Never checkpoint an unchecked state.
@@ -1217,6 +1275,7 @@ def train_and_evaluate(
               step,
               fewshot=plan.fewshot,
               last=plan.last,
+              evaluators=plan.evaluators,
           )
           writer.write_scalars(step, metrics)
         if plan.preempted:
@@ -1233,7 +1292,11 @@ def train_and_evaluate(
         if not tf.io.gfile.exists(final_params_path):
           checkpoint.save(eval_params(state, use_ema), final_params_path)
         metrics = evaluate(
-            eval_params(state, use_ema), total_steps, fewshot=True, last=True
+            eval_params(state, use_ema),
+            total_steps,
+            fewshot=True,
+            last=True,
+            evaluators=tuple(variants),
         )
         writer.write_scalars(start, metrics)
       ckpt.wait()

@@ -1,6 +1,6 @@
 """Top-1 / top-5 accuracy and loss on a padded, masked evaluation split."""
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 import functools
 import time
 from typing import Any, cast
@@ -9,6 +9,7 @@ from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vit_jax import losses
 from vit_jax import sharding
@@ -20,23 +21,42 @@ def eval_step(
     *,
     model: flax.linen.Module,
     loss: str = 'softmax_xent',
+    class_subset: Sequence[int] | None = None,
 ) -> dict[str, jax.Array]:
-  """Masked sums of loss, top-1 / top-5 hits and examples over a batch."""
+  """Masked sums of loss, top-1 / top-5 hits and examples over a batch.
+
+  `batch['labels']` is one-hot, or k-hot for images with several correct
+  classes: a prediction is a hit when it is one of them. An image without
+  any label (ImageNet-ReaL has some) is not counted.
+
+  Args:
+    params: The model's parameters.
+    batch: {'image', 'labels' [batch, classes], 'mask' [batch]}.
+    model: The classifier.
+    loss: Loss of `vit_jax.losses` summed as 'loss'.
+    class_subset: Classes of the head to predict among (ImageNet-A / -R: 200
+      of the 1000): the other outputs are dropped, from the logits and the
+      labels alike, before anything is counted. None: all of them.
+
+  Returns:
+    {'loss', 'correct', 'correct_top5', 'count'}: sums over the counted
+    images.
+  """
   logits = cast(
       jax.Array, model.apply({'params': params}, batch['image'], train=False)
   )
-  mask = batch['mask']
-  per_example = losses.per_example_loss(logits, batch['labels'], kind=loss)
-  # A prediction is a hit when it is (one of) the labels.
+  labels = batch['labels']
+  if class_subset is not None:
+    subset = np.asarray(class_subset)
+    logits, labels = logits[:, subset], labels[:, subset]
+  mask = batch['mask'] * (labels.max(-1) > 0)
+  per_example = losses.per_example_loss(logits, labels, kind=loss)
   top1 = (
-      jnp.take_along_axis(batch['labels'], logits.argmax(-1)[:, None], axis=-1)[
-          :, 0
-      ]
-      > 0
+      jnp.take_along_axis(labels, logits.argmax(-1)[:, None], axis=-1)[:, 0] > 0
   )
   k = min(5, logits.shape[-1])
   _, top_k = jax.lax.top_k(logits, k)
-  top5 = jnp.take_along_axis(batch['labels'], top_k, axis=-1).max(-1) > 0
+  top5 = jnp.take_along_axis(labels, top_k, axis=-1).max(-1) > 0
   return {
       'loss': (per_example * mask).sum(),
       'correct': (top1 * mask).sum(),
@@ -50,11 +70,15 @@ def make_eval_fn(
     mesh: jax.sharding.Mesh,
     param_shardings: Any,
     loss: str = 'softmax_xent',
+    class_subset: Sequence[int] | None = None,
 ) -> Callable[[Any, Any], dict[str, jax.Array]]:
   """`eval_step` jitted with the training shardings (replicated sums)."""
   return jax.jit(
       sharding.on_mesh(
-          functools.partial(eval_step, model=model, loss=loss), mesh
+          functools.partial(
+              eval_step, model=model, loss=loss, class_subset=class_subset
+          ),
+          mesh,
       ),
       in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
       out_shardings=sharding.replicated(mesh),
