@@ -321,14 +321,25 @@ def test_an_unprepared_variant_says_how_to_prepare_it_or_turn_it_off(
     tmp_path, fixed_model
 ):
   model, _, mesh, shardings = fixed_model
-  with pytest.raises(
-      input_pipeline.DatasetNotPreparedError,
-      match=r"^tfds dataset 'imagenet_sketch' is not prepared in .*"
-      r'config\.evals\.imagenet_sketch\.every=0 turns it off\.\)$',
-  ):
+  with pytest.raises(input_pipeline.DatasetNotPreparedError) as e:
     imagenet_variants.VariantEvaluator(
-        'imagenet_sketch', _data(str(tmp_path)), model, mesh, shardings
+        'imagenet_v2', _data(str(tmp_path)), model, mesh, shardings
     )
+  message = str(e.value)
+  assert '\n' not in message
+  # The tfds directory itself, though the name has a builder config.
+  assert message.startswith(
+      "tfds dataset 'imagenet_v2/matched-frequency' is not prepared in "
+      f'{tmp_path}. '
+  )
+  assert (
+      f'`tfds build imagenet_v2/matched-frequency --data_dir={tmp_path}`), '
+      f'copy {tmp_path}/imagenet_v2 here'
+  ) in message
+  assert message.endswith(
+      '(Read by config.evals.imagenet_v2; config.evals.imagenet_v2.every=0 '
+      'turns it off.)'
+  )
 
 
 def test_a_negative_period_is_refused_when_parsed():

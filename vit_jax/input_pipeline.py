@@ -276,14 +276,17 @@ class TfdsSource:
     self.num_classes = getattr(label, 'num_classes', None)
 
   def _prepare(self, download: bool) -> None:
-    data_dir = os.path.dirname(os.path.dirname(self.builder.data_dir))
+    # The tfds directory itself, also for a name with a builder config
+    # ('imagenet_v2/matched-frequency': one directory deeper).
+    data_dir = str(self.builder.data_dir_root)
     if self.name in local_datasets.LOCAL_BUILDERS:
       local_datasets.prepare_local_builder(self.builder)
       return
     how = (
         f'Prepare it on a machine with network access (`tfds build '
-        f'{self.name} --data_dir={data_dir}`), copy {data_dir}/{self.name} '
-        'here and point config.tfds_data_dir at it'
+        f'{self.name} --data_dir={data_dir}`), copy '
+        f'{data_dir}/{self.builder.name} here and point config.tfds_data_dir '
+        'at it'
     )
     if not download:
       raise DatasetNotPreparedError(
