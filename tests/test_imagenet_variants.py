@@ -6,6 +6,7 @@ model whose predictions are fixed (a zero head kernel: the logits are the
 head's bias, whatever the image).
 """
 
+import json
 import os
 
 import jax
@@ -407,3 +408,19 @@ def test_evaluations_run_the_due_variants_only():
   assert evaluations(
       0.5, 3, fewshot=False, last=False, evaluators=('imagenet_r',)
   ) == {'eval/a': 1.0, 'imagenet_r/accuracy': 0.5}
+
+
+def test_a_finished_runs_last_evaluation_includes_the_variants(tmp_path):
+  with open(tmp_path / train.METRICS_FILE, 'w') as f:
+    for record in [
+        {'step': 4, 'eval/accuracy': 0.5, 'imagenet_a/accuracy': 0.125},
+        {'step': 8, 'train/loss': 1.0},
+        {'step': 8, 'eval/accuracy': 0.75, 'imagenet_real/accuracy': 0.25},
+    ]:
+      f.write(json.dumps(record) + '\n')
+  assert train.finished_run(str(tmp_path), 8, 8) == {
+      'step': 8,
+      'eval/accuracy': 0.75,
+      'imagenet_real/accuracy': 0.25,
+      'finished_at_step': 8.0,
+  }

@@ -30,6 +30,7 @@ from vit_jax import config_lib
 from vit_jax import fileio
 from vit_jax import input_pipeline
 from vit_jax import run_checkpoints
+from vit_jax.evaluators import imagenet_variants
 
 METRICS_FILE = 'metrics.jsonl'
 CONFIG_CHANGES_FILE = 'config_changes.jsonl'
@@ -327,6 +328,13 @@ def clear(contents: Contents) -> None:
     multihost_utils.sync_global_devices('vit_jax:workdir:clear')
 
 
+# What an evaluation writes to `metrics.jsonl`: the objective's, the few-shot
+# probe's and the ImageNet variants' metrics.
+_EVALUATION_PREFIXES = ('eval/', 'fewshot/') + tuple(
+    f'{name}/' for name in imagenet_variants.VARIANTS
+)
+
+
 def last_evaluation(workdir: str) -> dict[str, float]:
   """The newest evaluation metrics `metrics.jsonl` holds ({} if none)."""
   path = os.path.join(workdir, METRICS_FILE)
@@ -338,7 +346,7 @@ def last_evaluation(workdir: str) -> dict[str, float]:
       except ValueError:
         continue
       evaluated = {
-          k: v for k, v in record.items() if k.startswith(('eval/', 'fewshot/'))
+          k: v for k, v in record.items() if k.startswith(_EVALUATION_PREFIXES)
       }
       if evaluated:
         if found and record['step'] != found.get('step'):
