@@ -8,6 +8,9 @@ head's bias, whatever the image).
 
 import json
 import os
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +28,8 @@ from vit_jax import sharding
 from vit_jax import train
 from vit_jax.evaluators import classification
 from vit_jax.evaluators import imagenet_variants
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The 200 classes as ImageNet-1k indices, as timm lists them
 # (timm/data/_info/imagenet_a_indices.txt, imagenet_r_indices.txt): a source
@@ -424,3 +429,51 @@ def test_a_finished_runs_last_evaluation_includes_the_variants(tmp_path):
       'imagenet_real/accuracy': 0.25,
       'finished_at_step': 8.0,
   }
+
+
+@pytest.mark.slow
+def test_a_training_run_writes_the_variants_metrics(tmp_path, variants_dir):
+  """`python -m vit_jax.main` with ImageNet-A every 2 steps and ReaL at the
+  end, trained on the ImageNet-v2 fixture (a 1000-way head)."""
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'vit_jax.main',
+          '--config=configs/digits.py:runlocal',
+          f'--workdir={workdir}',
+          f'--config.tfds_data_dir={variants_dir}',
+          '--config.dataset=imagenet_v2/matched-frequency',
+          '--config.train_split=test',
+          '--config.eval_split=test',
+          '--config.batch=4',
+          '--config.batch_eval=4',
+          '--config.shuffle_buffer=8',
+          '--config.total_steps=4',
+          '--config.evals.fewshot.every=0',
+          '--config.evals.imagenet_a.every=2',
+          '--config.evals.imagenet_real.every=100',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(workdir / train.METRICS_FILE) as f:
+    records = [json.loads(line) for line in f]
+  evaluated = {
+      r['step']: sorted(k for k in r if k.startswith('imagenet'))
+      for r in records
+      if 'eval/accuracy' in r
+  }
+  a = ['imagenet_a/accuracy', 'imagenet_a/examples', 'imagenet_a/top5']
+  real = [k.replace('imagenet_a', 'imagenet_real') for k in a]
+  assert evaluated == {2: a, 4: sorted(a + real)}
+  last = records[-1]
+  assert last['imagenet_a/examples'] == 6
+  assert last['imagenet_real/examples'] == 8  # Two of ten have no label.
+  assert 0 <= last['imagenet_real/accuracy'] <= 1
+  assert re.search(r'imagenet_a: 2 batches, 6 images in', result.stderr)
