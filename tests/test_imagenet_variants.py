@@ -23,6 +23,7 @@ from helpers import init_params
 from helpers import random_images
 from helpers import tiny_model
 from vit_jax import config_lib
+from vit_jax import evaluate
 from vit_jax import input_pipeline
 from vit_jax import sharding
 from vit_jax import train
@@ -477,3 +478,31 @@ def test_a_training_run_writes_the_variants_metrics(tmp_path, variants_dir):
   assert last['imagenet_real/examples'] == 8  # Two of ten have no label.
   assert 0 <= last['imagenet_real/accuracy'] <= 1
   assert re.search(r'imagenet_a: 2 batches, 6 images in', result.stderr)
+
+
+def test_evaluate_scores_the_variants_the_config_turns_on(
+    variants_dir, fixed_model
+):
+  _, params, _, _ = fixed_model
+  config = config_lib.get_base()
+  config.dataset = 'imagenet_v2/matched-frequency'
+  config.train_split = config.eval_split = 'test'
+  config.tfds_data_dir = variants_dir
+  config.model_name = 'testing'
+  config.model = {'patches': {'size': (4, 4)}, 'transformer': {'num_layers': 2}}
+  config.image_size = 16
+  config.batch_eval = 8
+  config.evals.imagenet_a.every = 1
+  params = jax.device_get(params)
+  metrics = evaluate.evaluate_params(config, params, fewshot=False)
+  # ImageNet-v2 as the run's own split (1 of 3 right), ImageNet-A as above.
+  assert metrics['eval/accuracy'] == pytest.approx(1 / 3)
+  assert {k: v for k, v in metrics.items() if k.startswith('imagenet')} == {
+      'imagenet_a/accuracy': 0.5,
+      'imagenet_a/top5': pytest.approx(5 / 6),
+      'imagenet_a/examples': 6,
+  }
+  skipped = evaluate.evaluate_params(
+      config, params, fewshot=False, variants=False
+  )
+  assert not [k for k in skipped if k.startswith('imagenet')]
