@@ -163,7 +163,7 @@ class EvalsSection:
 
   @property
   def variants(self) -> dict[str, VariantSection]:
-    """{name: section} of every ImageNet-variant evaluator."""
+    """The section of every ImageNet-variant evaluator, by name."""
     return {name: getattr(self, name) for name in imagenet_variants.VARIANTS}
 
 
