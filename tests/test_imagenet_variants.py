@@ -506,3 +506,14 @@ def test_evaluate_scores_the_variants_the_config_turns_on(
       config, params, fewshot=False, variants=False
   )
   assert not [k for k in skipped if k.startswith('imagenet')]
+
+
+def test_runlocal_turns_the_variants_off():
+  # A runlocal run trains on digits: a 10-way head the variants refuse.
+  config = config_lib.get_base()
+  config.evals.imagenet_real.every = 5
+  config.evals.imagenet_sketch.every = 7
+  config_lib.set_runlocal(config)
+  assert all(
+      s.every == 0 for s in config_lib.parse(config).evals.variants.values()
+  )
