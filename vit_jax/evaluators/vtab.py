@@ -87,10 +87,10 @@ def _finished(contents: workdir_lib.Contents, total_steps: int) -> bool:
 
 def _runs(root: str) -> list[workdir_lib.Contents]:
   """What the VTAB runs in `root`'s sub-folders hold."""
-  if not tf.io.gfile.isdir(root):
+  if not root or not tf.io.gfile.isdir(root):
     raise FileNotFoundError(
-        f'{root} is not a directory: give the folder that holds one workdir '
-        'per VTAB task (--workdirs).'
+        f'{root!r} is not a directory: give the folder that holds one '
+        'workdir per VTAB task (--workdirs).'
     )
   runs = []
   for name in sorted(n.rstrip('/') for n in tf.io.gfile.listdir(root)):
