@@ -49,6 +49,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 from typing import Any
 
 from absl import logging
@@ -315,7 +316,7 @@ class TfdsSource:
       return
     how = (
         f'Prepare it on a machine with network access (`tfds build '
-        f'{self.name} --data_dir={data_dir}`), copy '
+        f'{shlex.quote(self.name)} --data_dir={data_dir}`), copy '
         f'{data_dir}/{self.builder.name} here and point config.tfds_data_dir '
         'at it'
     )
