@@ -22,13 +22,11 @@ on the 200 validation examples: `--config.eval_split=holdout` trains on
 `train800` and evaluates on `val200`. `runlocal` keeps the task and makes
 the model and the run tiny (seconds on a CPU, for prepared data).
 
-All 19 tasks, one workdir each, then the table of the three groups:
+All 19 tasks, each in its own workdir under one folder, then the table of
+the tasks and the means of the three groups (the launcher prints it when it
+ends; `vit_jax.vtab_summary` prints it at any time):
 
-  for task in $(python -c "from vit_jax.datasets import vtab; \
-                           print(*vtab.TASKS)"); do
-    python -m vit_jax.main --config=configs/vtab.py:b16,$task \
-        --workdir=/tmp/vtab_b16/$task --config.pretrained_path=...
-  done
+  launch/vtab.sh b16 /tmp/vtab_b16 --config.pretrained_path=...
   python -m vit_jax.vtab_summary --workdirs=/tmp/vtab_b16
 """
 
