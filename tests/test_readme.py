@@ -169,6 +169,8 @@ _FLAG_SOURCES = {
     'launch/tpu_run.sh': 'vit_jax/main.py',
     'launch/local.sh': 'vit_jax/main.py',
     'launch/slurm_submit.sh': 'vit_jax/main.py',
+    'launch/vtab.sh': 'vit_jax/main.py',
+    'vit_jax.vtab_summary': 'vit_jax/vtab_summary.py',
 }
 
 _ENVIRONMENT = re.compile(r'^(\w+=\S*\s+)+')

@@ -418,8 +418,8 @@ def get_base() -> ml_collections.ConfigDict:
     pp.*     `preprocess.PreprocessConfig`: inception_crop=True,
              crop_area_range=(0.05, 1.0), flip=True, eval_crop_fraction=1.0,
              randaugment=(); a dataset preset may set others
-             (`input_pipeline.DATASET_PRESETS`: 'digits' turns
-             inception_crop and flip off).
+             (`input_pipeline.DATASET_PRESETS`: 'digits' and the VTAB
+             tasks turn inception_crop and flip off).
 
   Returns:
     A new ConfigDict (callers change their copy).
@@ -434,7 +434,7 @@ def get_base() -> ml_collections.ConfigDict:
   c.scan = False  # nn.scan over encoder blocks.
   c.pretrained_path = ''  # .npz to fine-tune from (local, gs:// or URL).
   # Data.
-  c.dataset = 'digits'  # tfds name, 'digits' or 'image_folder'.
+  c.dataset = 'digits'  # tfds name, 'digits', 'image_folder', 'vtab/<task>'.
   c.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # tfds dir.
   c.tfds_download = False  # Download unprepared tfds datasets (network).
   c.image_folder = ''  # Root of an image-folder dataset.

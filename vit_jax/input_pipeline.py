@@ -6,6 +6,9 @@ Selected by `config.dataset`:
     the train / test / held-out splits of the paper's datasets;
   * `digits`: scikit-learn's handwritten digits, a local tfds builder (the
     same code path as any tfds dataset, prepared on first use, no network);
+  * `vtab/<task>`: one of the 19 VTAB-1k tasks (`datasets.vtab`): its tfds
+    dataset read with the task's label, classes and splits (`train800`,
+    `val200`, `train800val200`, `test`);
   * `image_folder`: `config.image_folder` holds one sub-folder per class (or
     `train/` and `test/` folders that do), with .jpg/.jpeg/.png files;
     which of them decode is checked once and then read from an index
@@ -46,6 +49,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 from typing import Any
 
 from absl import logging
@@ -60,6 +64,7 @@ from vit_jax import fileio
 from vit_jax import preprocess
 from vit_jax import sharding as sharding_lib
 from vit_jax.datasets import folder_index
+from vit_jax.datasets import vtab
 
 # Still importable from here, where the pipeline's users first found it.
 prefetch_to_device = sharding_lib.prefetch_to_device
@@ -71,7 +76,8 @@ _MAX_EPOCHS = 2**40
 _MAX_STEPS = 2**62
 
 # Per-dataset defaults: classes, splits (`holdout` is the paper's held-out
-# slice of train for hyper-parameter sweeps; `train` excludes it) and
+# slice of train for hyper-parameter sweeps; `train` excludes it, or
+# `holdout_train` is trained on instead while evaluating on it) and
 # preprocessing overrides.
 DATASET_PRESETS: dict[str, dict[str, Any]] = {
     'digits': dict(
@@ -100,6 +106,24 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
         num_classes=102, train='train[:90%]', test='test', holdout='train[90%:]'
     ),
 }
+# The VTAB-1k tasks: the final runs train on the 1,000 examples and report
+# the test split; hyper-parameters are chosen on val200, training on
+# train800. Images are resized, not cropped or flipped (task_adaptation's
+# `data_loader.preprocess_fn` only resizes): a crop or a flip changes the
+# answer of the structured tasks (object counts, positions, orientations).
+DATASET_PRESETS.update(
+    {
+        task.dataset: dict(
+            num_classes=task.num_classes,
+            train=vtab.TRAIN_SPLIT,
+            test=vtab.TEST_SPLIT,
+            holdout=vtab.HOLDOUT_SPLIT,
+            holdout_train=vtab.HOLDOUT_TRAIN_SPLIT,
+            pp=dict(inception_crop=False, flip=False),
+        )
+        for task in vtab.TASKS.values()
+    }
+)
 
 
 class DatasetNotPreparedError(RuntimeError):
@@ -194,6 +218,19 @@ class DataSection:
           "config.dataset is not set: use a tfds name, 'digits' "
           "or 'image_folder'."
       )
+    if vtab.is_task(self.dataset):
+      vtab.get_task(self.dataset)  # An unknown task is named here.
+      for field, split, accepted in (
+          ('train_split', self.train_split, vtab.SPLITS),
+          ('eval_split', self.eval_split, (*vtab.SPLITS, 'holdout')),
+      ):
+        if split is not None and split not in accepted:
+          raise ValueError(
+              f'config.{field}={split!r} is not a split of the VTAB task '
+              f'{self.dataset}: use one of {", ".join(accepted)}, or leave it '
+              f'unset (training on {vtab.TRAIN_SPLIT}, evaluating on '
+              f'{vtab.TEST_SPLIT}).'
+          )
     if not isinstance(self.image_size, int) or self.image_size <= 0:
       raise ValueError(
           f'config.image_size={self.image_size!r} must be a '
@@ -255,25 +292,33 @@ class TfdsSource:
       label_key: str | None = None,
   ):
     self.name = name
+    self._label_feature = label_key  # None: the supervised label.
     try:
       self.builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
+      presets = sorted(n for n in DATASET_PRESETS if not vtab.is_task(n))
       raise ValueError(
           f'Unknown dataset {name!r} (config.dataset). Accepted: '
-          f'{", ".join(sorted(DATASET_PRESETS))}, {IMAGE_FOLDER!r} (with '
-          'config.image_folder), or any tensorflow-datasets name '
-          '(tfds.list_builders()).'
+          f'{", ".join(presets)}, {IMAGE_FOLDER!r} (with '
+          "config.image_folder), 'vtab/<task>' (a VTAB-1k task), or any "
+          'tensorflow-datasets name (tfds.list_builders()).'
       ) from e
     if not self.builder.is_prepared():
       self._prepare(download)
       # Another process may have prepared it while this one waited for the
       # lock: a fresh builder reads the files' metadata either way.
       self.builder = tfds.builder(name, data_dir=data_dir)
+    self._describe()
+
+  def _describe(self) -> None:
+    """Sets the image and label features, the class names and count."""
     keys = self.builder.info.supervised_keys or ('image', 'label')
-    self.image_key, self.label_key = keys[0], label_key or keys[1]
+    self.image_key, self.label_key = keys[0], self._label_feature or keys[1]
     label = self.builder.info.features[self.label_key]
-    self.class_names = tuple(getattr(label, 'names', None) or ())
-    self.num_classes = getattr(label, 'num_classes', None)
+    self.class_names: tuple[str, ...] = tuple(
+        getattr(label, 'names', None) or ()
+    )
+    self.num_classes: int | None = getattr(label, 'num_classes', None)
 
   def _prepare(self, download: bool) -> None:
     # The tfds directory itself, also for a name with a builder config
@@ -284,7 +329,7 @@ class TfdsSource:
       return
     how = (
         f'Prepare it on a machine with network access (`tfds build '
-        f'{self.name} --data_dir={data_dir}`), copy '
+        f'{shlex.quote(self.name)} --data_dir={data_dir}`), copy '
         f'{data_dir}/{self.builder.name} here and point config.tfds_data_dir '
         'at it'
     )
@@ -304,8 +349,32 @@ class TfdsSource:
           f'access: {how}.'
       ) from e
 
+  # What a dataset with its own reading of the examples (`VtabSource`)
+  # changes: how a split name becomes a tfds split, and an example's label.
+
+  def tfds_split(self, split: str) -> str:
+    """The tfds split string of `split` (the same here)."""
+    return split
+
+  def _label(self, features: Mapping[str, Any]) -> tf.Tensor:
+    return tf.cast(features[self.label_key], tf.int64)
+
+  def _example(self, features: Mapping[str, Any]) -> dict[str, tf.Tensor]:
+    return {'image': features[self.image_key], 'label': self._label(features)}
+
+  def _read(self, tfds_split: str) -> tf.data.Dataset:
+    """The tfds examples of `tfds_split`, in order, images left encoded."""
+    return self.builder.as_dataset(
+        split=tfds_split,
+        shuffle_files=False,
+        decoders={self.image_key: tfds.decode.SkipDecoding()},
+        # The pipeline re-reads the files every epoch; tfds' automatic
+        # in-memory cache would only warn when an iterator stops early.
+        read_config=tfds.ReadConfig(try_autocache=False),
+    )
+
   def split_size(self, split: str) -> int:
-    return self.builder.info.splits[split].num_examples
+    return self.builder.info.splits[self.tfds_split(split)].num_examples
 
   def class_counts(
       self, split: str, num_classes: int, enough: int
@@ -316,39 +385,73 @@ class TfdsSource:
     every class has `enough`, so on a large dataset whose classes are mixed
     it reads a small part of the split.
     """
-    ds = self.builder.as_dataset(
-        split=split,
-        shuffle_files=False,
-        decoders={self.image_key: tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(try_autocache=False),
-    )
+    ds = self._read(self.tfds_split(split))
     counts = np.zeros(num_classes, np.int64)
-    for labels in (
-        ds.map(lambda f: f[self.label_key]).batch(4096).as_numpy_iterator()
-    ):
+    for labels in ds.map(self._label).batch(4096).as_numpy_iterator():
       counts += np.bincount(labels, minlength=num_classes)[:num_classes]
       if counts.min() >= enough:
         break
     return counts
 
   def shard(self, split: str, process_index: int, process_count: int) -> Shard:
-    parts = tfds.even_splits(split, n=process_count)
-    sizes = [self.split_size(p) for p in parts]
-    ds = self.builder.as_dataset(
-        split=parts[process_index],
-        shuffle_files=False,
-        decoders={self.image_key: tfds.decode.SkipDecoding()},
-        # The pipeline re-reads the files every epoch; tfds' automatic
-        # in-memory cache would only warn when an iterator stops early.
-        read_config=tfds.ReadConfig(try_autocache=False),
-    )
-    ds = ds.map(
-        lambda f: {
-            'image': f[self.image_key],
-            'label': tf.cast(f[self.label_key], tf.int64),
-        }
-    )
+    parts = tfds.even_splits(self.tfds_split(split), n=process_count)
+    sizes = [self.builder.info.splits[p].num_examples for p in parts]
+    ds = self._read(parts[process_index]).map(self._example)
     return Shard(ds, sizes[process_index], max(sizes))
+
+
+class VtabSource(TfdsSource):
+  """A VTAB-1k task (`vtab/<task>`): its tfds dataset as the task reads it.
+
+  Split names are the task's (`datasets.vtab.SPLITS`), each a slice of the
+  tfds splits computed from their sizes; labels are the task's (a feature
+  or a function of the example's features).
+  """
+
+  def __init__(self, task: vtab.Task, data_dir: str | None, download: bool):
+    self.task = task
+    super().__init__(task.tfds_name, data_dir, download)
+    # {task split: tfds split string}, from the size of tfds' train split.
+    self.splits = task.splits.resolve(
+        self.builder.info.splits['train'].num_examples
+    )
+
+  def _describe(self) -> None:
+    self.image_key = 'image'
+    label = self.task.label
+    # A computed label (clevr's object count, ...) has no names in the data.
+    feature = (
+        self.builder.info.features[label] if isinstance(label, str) else None
+    )
+    self.class_names = tuple(getattr(feature, 'names', None) or ())
+    self.num_classes = self.task.num_classes
+
+  def _label(self, features: Mapping[str, Any]) -> tf.Tensor:
+    return self.task.label_of(features)
+
+  def _example(self, features: Mapping[str, Any]) -> dict[str, tf.Tensor]:
+    return self.task.example(features, self.image_key)
+
+  def tfds_split(self, split: str) -> str:
+    if split not in self.splits:
+      raise ValueError(
+          f'{split!r} is not a split of the VTAB task {self.task.dataset}: '
+          f'use one of {", ".join(self.splits)} (config.train_split / '
+          'eval_split).'
+      )
+    return self.splits[split]
+
+  def split_size(self, split: str) -> int:
+    try:
+      return super().split_size(split)
+    except ValueError as e:  # tfds: a slice beyond the split's examples.
+      sizes = {k: v.num_examples for k, v in self.builder.info.splits.items()}
+      raise ValueError(
+          f'The VTAB task {self.task.dataset} reads its {split} split as '
+          f'{self.splits[split]!r} of {self.task.tfds_name}, more than the '
+          f'prepared data in {self.builder.data_dir} holds ({sizes}): '
+          'prepare the full dataset.'
+      ) from e
 
 
 class ImageFolderSource:
@@ -564,23 +667,44 @@ def get_source(data: DataSection) -> 'TfdsSource | ImageFolderSource':
         test_percent=data.image_folder_test_percent,
         skip_bad_images=data.skip_bad_images,
     )
+  if vtab.is_task(data.dataset):
+    return VtabSource(
+        vtab.get_task(data.dataset), data.tfds_data_dir, data.tfds_download
+    )
   return TfdsSource(data.dataset, data.tfds_data_dir, data.tfds_download)
 
 
-def _splits(data: DataSection) -> tuple[str, str]:
-  preset = DATASET_PRESETS.get(data.dataset, {})
-  # None: the dataset's preset decides.
-  train = data.train_split or preset.get('train', 'train')
-  evaluation = data.eval_split or preset.get('test', 'test')
+def resolve_splits(
+    dataset: str, train_split: str | None, eval_split: str | None
+) -> tuple[str, str]:
+  """The (train, eval) splits a run of `dataset` reads.
+
+  Args:
+    dataset: `config.dataset`.
+    train_split: `config.train_split` (None: the dataset's preset decides).
+    eval_split: `config.eval_split` (None: the preset's; 'holdout': the
+      preset's held-out slice).
+
+  Returns:
+    The split names, as the dataset's source reads them.
+  """
+  preset = DATASET_PRESETS.get(dataset, {})
+  train = train_split or preset.get('train', 'train')
+  evaluation = eval_split or preset.get('test', 'test')
   if evaluation == 'holdout':
     if 'holdout' not in preset:
       raise ValueError(
           f"config.eval_split='holdout' needs a preset with a held-out "
-          f'slice; {data.dataset!r} has none: give the split explicitly, '
+          f'slice; {dataset!r} has none: give the split explicitly, '
           "e.g. 'train[98%:]' (and train_split='train[:98%]')."
       )
     evaluation = preset['holdout']
+    train = train_split or preset.get('holdout_train', train)
   return train, evaluation
+
+
+def _splits(data: DataSection) -> tuple[str, str]:
+  return resolve_splits(data.dataset, data.train_split, data.eval_split)
 
 
 def get_dataset_info(data: DataSection, source: Any = None) -> DatasetInfo:
