@@ -674,3 +674,46 @@ def test_fields_are_checked_when_parsed(fields, message):
   with pytest.raises(ValueError, match=re.escape(message)) as e:
     config_lib.parse(config)
   assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('optimizer', ['adafactor', 'muon'])
+def test_scanned_blocks_get_the_updates_of_unscanned_ones(optimizer):
+  """Two steps on the 4-layer test ViT, as separate blocks and stacked
+  (scan=True): the same parameters after each. With factoring from 4
+  entries a stack of biases [4, 10] could be factored over its layers, a
+  stacked query kernel [4, 10, 2, 5] over layers and features; neither is
+  (the layer axis is Muon's batch axis too)."""
+  model = vit_jax.models.get_model(
+      'testing',
+      num_classes=3,
+      patches={'size': (4, 4)},
+      transformer={'num_layers': 4},
+  )
+  loop = helpers.randomize(
+      helpers.init_params(model, np.zeros((1, 16, 16, 3), np.float32)), seed=3
+  )
+  grads = [helpers.randomize(loop, seed=s) for s in (4, 5)]
+  tx, _ = optim.make_optimizer(
+      _section(
+          optimizer=optimizer,
+          momentum=0.5,
+          **{'adafactor.min_dim_size_to_factor': 4},
+      )
+  )
+  got_loop, _ = _two_steps(tx, loop, grads)
+  stack = checkpoint.stack_encoder_blocks
+  got_scan, _ = _two_steps(tx, stack(loop), [stack(g) for g in grads])
+  if optimizer == 'adafactor':
+    kinds = flat(optim._second_moment_kinds(stack(loop), 4))  # pylint: disable=protected-access
+    assert (
+        kinds['Transformer/encoderblock/MlpBlock_0/Dense_0/kernel']
+        == 'factored'
+    )
+    assert kinds['Transformer/encoderblock/LayerNorm_0/scale'] == 'full'
+  for step, (a, b) in enumerate(zip(got_loop, got_scan), start=1):
+    a, b = flat(a), flat(checkpoint.unstack_encoder_blocks(b))
+    assert a.keys() == b.keys()
+    for name in a:
+      np.testing.assert_allclose(
+          b[name], a[name], rtol=1e-5, atol=1e-6, err_msg=f'{name} {step}'
+      )
