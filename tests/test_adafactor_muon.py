@@ -604,10 +604,13 @@ def test_muon_two_steps_equal_numpy_newton_schulz(rms):
 @pytest.mark.parametrize('optimizer', ['adafactor', 'muon'])
 def test_train_steps_lower_the_loss(optimizer):
   """Five steps of the 2-layer test ViT on one batch; its 10-wide kernels
-  are factored with min_dim_size_to_factor 8."""
+  are factored with min_dim_size_to_factor 8. Under Muon each part of the
+  split lowers the loss on its own: the trained matrices with the other
+  parameters as they started, and the other way round."""
   model, size = helpers.tiny_model('vit', num_classes=5)
   images = helpers.random_images((8, size, size, 3), seed=1)
-  params = helpers.init_params(model, images[:1])
+  # Random weights: the zero-initialised head would hide every other part.
+  params = helpers.randomize(helpers.init_params(model, images[:1]), seed=2)
   batch = {
       'image': images,
       'labels': np.eye(5, dtype=np.float32)[np.arange(8) % 5],
@@ -637,6 +640,30 @@ def test_train_steps_lower_the_loss(optimizer):
     losses.append(float(metrics['loss']))
   assert all(np.isfinite(losses)), losses
   assert losses[-1] < losses[0] - 0.05, losses
+  if optimizer == 'muon':
+    start = _numpy_xent(model, params, batch)
+    for part in ('muon', 'adam'):
+      mixed = jax.tree_util.tree_map_with_path(
+          lambda path, p0, p1, part=part: p1
+          if (
+              optim.muon_dimension_numbers(sharding.path_str(path), p0.shape)
+              is None
+          )
+          == (part == 'adam')
+          else p0,
+          params,
+          state.params,
+      )
+      assert _numpy_xent(model, mixed, batch) < start - 0.01, part
+
+
+def _numpy_xent(model, params, batch):
+  logits = np.asarray(
+      model.apply({'params': params}, batch['image'], train=False), np.float64
+  )
+  logits -= logits.max(-1, keepdims=True)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  return float(np.mean(-(batch['labels'] * log_p).sum(-1)))
 
 
 @pytest.mark.parametrize(
@@ -717,3 +744,39 @@ def test_scanned_blocks_get_the_updates_of_unscanned_ones(optimizer):
       np.testing.assert_allclose(
           b[name], a[name], rtol=1e-5, atol=1e-6, err_msg=f'{name} {step}'
       )
+
+
+def test_a_copy_of_a_stacked_parameter_keeps_its_layout_alone():
+  """An optimizer over one leaf of a scanned stack (what a parameter group
+  gives) holds that leaf's moments alone in their subtree, where their
+  shape cannot tell a stack; they are split like the parameter all the
+  same."""
+  model = vit_jax.models.get_model(
+      'ViT-Ti_16',
+      num_classes=10,
+      scan=True,
+      transformer={'num_layers': 2, 'num_heads': 4},
+  )
+  one = 'Transformer/encoderblock/MlpBlock_0/Dense_0/kernel'
+  tx = optax.masked(
+      optax.adam(1e-3),
+      lambda params: jax.tree_util.tree_map_with_path(
+          lambda path, _: sharding.path_str(path) == one, params
+      ),
+  )
+  abstract = _abstract_state(model, tx)
+  mesh = sharding.make_mesh((('data', 2), ('fsdp', 2), ('model', 2)))
+  shardings = sharding.tree_shardings(
+      abstract, mesh, fsdp_min_size=1, param_axes=vit_jax.models.PARAM_AXES
+  )
+  specs = {
+      sharding.path_str(p): s.spec
+      for p, s in jax.tree_util.tree_flatten_with_path(
+          shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)
+      )[0]
+  }
+  moments = [p for p in specs if p.startswith('opt_state') and p.endswith(one)]
+  assert len(moments) == 2  # Adam's mu and nu.
+  assert tuple(specs[f'params/{one}']) == (None, 'fsdp', 'model')
+  for path in moments:
+    assert specs[path] == specs[f'params/{one}'], path

@@ -271,11 +271,12 @@ def adafactor_factored(
   at least `min_dim_size_to_factor` entries, the means of the squared
   gradient over each of them (a row and a column statistic) instead of
   the whole second moment. Scanned blocks stack each parameter on a leading
-  layer axis; that axis is never one of the two, so a stack is factored
-  exactly as its layers would be unstacked (a stacked bias stays whole, a
-  stacked kernel keeps a row and a column statistic per layer). A stack
-  with more layers than one of the layer's two largest dimensions keeps
-  its whole second moment.
+  layer axis, which is never factored: a stack whose layer axis is one of
+  its two largest keeps its whole second moment. So a stack is factored as
+  its layers would be unstacked (a stacked bias stays whole, a stacked
+  kernel keeps a row and a column statistic per layer), except a stack of
+  more layers than one of the layer's own two largest dimensions, which
+  stays whole.
 
   Args:
     shape: The parameter's shape.
@@ -285,11 +286,11 @@ def adafactor_factored(
   Returns:
     True for a factored second moment, False for a whole one.
   """
-  layer = shape[1:] if stacked else shape
-  if len(layer) < 2 or sorted(layer)[-2] < min_dim_size_to_factor:
+  # optax's rule: the two largest dimensions (in its order of ties).
+  largest = np.argsort(shape)[-2:]
+  if len(shape) < 2 or shape[largest[0]] < min_dim_size_to_factor:
     return False
-  # optax factors the two largest dimensions of the whole shape.
-  return not stacked or 0 not in np.argsort(shape)[-2:]
+  return not (stacked and 0 in largest)
 
 
 def _second_moment_kinds(params, min_dim_size_to_factor):
