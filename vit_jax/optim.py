@@ -227,7 +227,7 @@ def muon_dimension_numbers(
     Muon's dimension numbers (reduction and output axes) of the matrix, or
     None for a parameter AdamW updates.
   """
-  if not path.endswith('kernel') or re.fullmatch(_OUTPUT_LAYER, path):
+  if path.rpartition('/')[2] != 'kernel' or re.fullmatch(_OUTPUT_LAYER, path):
     return None
   for pattern, dims in _MUON_ATTENTION:
     if re.fullmatch(pattern, path):
@@ -238,13 +238,10 @@ def muon_dimension_numbers(
   return None
 
 
-def _path_str(path) -> str:
-  return jax.tree_util.keystr(path, simple=True, separator='/')
-
-
 def _muon_dimension_tree(params):
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: muon_dimension_numbers(_path_str(path), x.shape), params
+      lambda path, x: muon_dimension_numbers(sharding.path_str(path), x.shape),
+      params,
   )
 
 
@@ -378,7 +375,7 @@ def _muon(
   def labels(params):
     return jax.tree_util.tree_map_with_path(
         lambda path, x: 'adam'
-        if muon_dimension_numbers(_path_str(path), x.shape) is None
+        if muon_dimension_numbers(sharding.path_str(path), x.shape) is None
         else 'muon',
         params,
     )
