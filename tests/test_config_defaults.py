@@ -89,7 +89,7 @@ def test_every_section_attribute_is_a_base_field_with_its_value():
         assert value == _expected(fields[path]), path
       seen.add(path)
   # Every base field is read by some section (nested containers aside).
-  containers = {'evals', 'evals.fewshot', 'naflex'} | {
+  containers = {'evals', 'evals.fewshot', 'naflex', 'adafactor', 'muon'} | {
       p for p in fields if p.startswith('mpp.')
   }
   containers |= {f'evals.{name}' for name in imagenet_variants.VARIANTS}
@@ -228,6 +228,9 @@ def test_no_module_below_the_top_receives_the_whole_config():
 # sets nothing trains (the model's fields: ViT-Ti_16's registry config).
 EXPECTED_DEFAULTS = {
     'accum_steps': 1,
+    'adafactor.clipping_threshold': None,
+    'adafactor.decay_rate': 0.8,
+    'adafactor.min_dim_size_to_factor': 32,
     'async_checkpoints': True,
     'base_lr': 0.03,
     'batch': 512,
@@ -276,6 +279,7 @@ EXPECTED_DEFAULTS = {
     'mpp.random_prob': 0.1,
     'mpp.target': '3bit',
     'mu_dtype': None,
+    'muon.consistent_rms': 0.2,
     'num_classes': None,
     'objective': 'classification',
     'optimizer': 'sgd',

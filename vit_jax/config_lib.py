@@ -459,17 +459,17 @@ def get_base() -> ml_collections.ConfigDict:
   c.batch_eval = 512  # Global evaluation batch.
   c.accum_steps = 1  # Micro-batches per update (gradient accumulation).
   c.total_steps = 10_000  # Optimizer updates.
-  c.optimizer = 'sgd'  # 'sgd' (momentum) or 'adam' (decoupled decay).
+  c.optimizer = 'sgd'  # 'sgd' (momentum), 'adam', 'adafactor' or 'muon'.
   c.base_lr = 0.03  # Peak learning rate.
   c.warmup_steps = 500  # Linear warm-up from 0.
   c.decay_type = 'cosine'  # 'cosine', 'linear' or 'constant' after warm-up.
   c.weight_decay = 0.0  # Decoupled weight decay of matrices.
-  c.momentum = 0.9  # SGD momentum.
-  c.beta1 = 0.9  # Adam beta1.
-  c.beta2 = 0.999  # Adam beta2.
+  c.momentum = 0.9  # Momentum of SGD, Adafactor and Muon.
+  c.beta1 = 0.9  # Adam beta1 (also Muon's AdamW).
+  c.beta2 = 0.999  # Adam beta2; Adafactor: its second-moment decay cap.
   c.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
-  # Dtype of Adam's first moment / SGD's momentum, e.g. 'bfloat16' (half the
-  # memory of that state); None: the parameters' dtype.
+  # Dtype of the first moment / momentum (Adam, SGD, Adafactor, Muon), e.g.
+  # 'bfloat16' (half the memory of that state); None: the parameters' dtype.
   c.mu_dtype = ml_collections.config_dict.placeholder(str)
   c.loss = 'softmax_xent'  # Or 'sigmoid_xent'.
   c.objective = 'classification'  # Or 'mpp': masked patch prediction.
@@ -488,6 +488,21 @@ def get_base() -> ml_collections.ConfigDict:
   # labels with the batch rolled by one; 0 turns it off.
   c.mixup_alpha = 0.0
   c.ema_decay = ml_collections.config_dict.placeholder(float)  # Polyak, [0, 1).
+  # Optimiser rules beside Adam and SGD. optimizer='adafactor' also reads
+  # momentum (0: none), mu_dtype (of the momentum) and beta2 (the cap of the
+  # second-moment decay); 'muon' reads momentum (Muon's), mu_dtype, and
+  # beta1, beta2 (of the AdamW for the parameters that are not matrices).
+  c.adafactor = ml_collections.ConfigDict()
+  # Second-moment decay 1 - t^-decay_rate at step t (capped at beta2).
+  c.adafactor.decay_rate = 0.8
+  # Factor a leaf's second moment when its two largest dims are at least this.
+  c.adafactor.min_dim_size_to_factor = 32
+  # Clip each leaf's update to this RMS; None: no clipping.
+  c.adafactor.clipping_threshold = ml_collections.config_dict.placeholder(float)
+  c.muon = ml_collections.ConfigDict()
+  # Muon's updates scaled to this RMS (0.2: AdamW's, so one base_lr serves
+  # both); None: optax's sqrt(max(1, fan_out / fan_in)) instead.
+  c.muon.consistent_rms = 0.2
   # Sharding.
   c.mesh = sharding.DEFAULT_MESH  # Mesh axes; fsdp > 1 shards params.
   # (regex, spec) per parameter path.

@@ -1,28 +1,75 @@
 """Optimizers and learning-rate schedules of the optimizer section (optax).
 
 Fields of `OptimSection` (checked when the config is parsed):
-`optimizer` ('adam' | 'sgd'), `base_lr`, `total_steps`,
-`warmup_steps`, `decay_type` ('linear' | 'cosine' | 'constant'),
-`weight_decay` (of kernels only), `grad_clip_norm` (None or 0 disables),
-`beta1`, `beta2`, `momentum`, `mu_dtype` (dtype of Adam's first moment or
-SGD's momentum: 'bfloat16' halves that state).
+`optimizer` ('adam' | 'sgd' | 'adafactor' | 'muon'), `base_lr`,
+`total_steps`, `warmup_steps`, `decay_type` ('linear' | 'cosine' |
+'constant'), `weight_decay` (of kernels only), `grad_clip_norm` (None or 0
+disables), `beta1`, `beta2`, `momentum`, `mu_dtype` (dtype of the first
+moment or momentum: 'bfloat16' halves that state), and the sub-sections
+`adafactor.*` and `muon.*` of those two rules.
 
 Recipes (paper §4.1, Appendix B.1): pre-training uses Adam (β1 0.9, β2 0.999)
 with high decoupled weight decay; fine-tuning uses SGD with momentum 0.9, no
-weight decay, gradient clipping at global norm 1, cosine decay.
+weight decay, gradient clipping at global norm 1, cosine decay. ViT-G/14
+("Scaling Vision Transformers", Zhai et al. 2021) was pre-trained with
+big_vision's Adafactor ('adafactor': factored second moment whose decay is
+capped at `beta2`, momentum `momentum` kept in `mu_dtype`). 'muon' is Muon
+(optax.contrib) on the weight matrices of the blocks, AdamW on the rest
+(`muon_dimension_numbers`).
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import optax.contrib
 
 from vit_jax import config_errors
+from vit_jax import sharding
 
-OPTIMIZERS = ('adam', 'sgd')
+OPTIMIZERS = ('adam', 'sgd', 'adafactor', 'muon')
 DECAY_TYPES = ('linear', 'cosine', 'constant')
 MU_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+@dataclasses.dataclass(frozen=True)
+class AdafactorSection:
+  """`config.adafactor.*`: big_vision's Adafactor (optimizer='adafactor')."""
+
+  decay_rate: float
+  min_dim_size_to_factor: int
+  clipping_threshold: float | None
+
+  def __post_init__(self):
+    config_errors.check_positive(
+        **{
+            'adafactor.decay_rate': self.decay_rate,
+            'adafactor.min_dim_size_to_factor': self.min_dim_size_to_factor,
+        }
+    )
+    if self.clipping_threshold is not None and self.clipping_threshold <= 0:
+      raise ValueError(
+          'config.adafactor.clipping_threshold='
+          f'{self.clipping_threshold} must be positive, or None (no '
+          'clipping of the update).'
+      )
+
+
+@dataclasses.dataclass(frozen=True)
+class MuonSection:
+  """`config.muon.*`: Muon's matrices (optimizer='muon')."""
+
+  consistent_rms: float | None
+
+  def __post_init__(self):
+    if self.consistent_rms is not None and self.consistent_rms <= 0:
+      raise ValueError(
+          f'config.muon.consistent_rms={self.consistent_rms} must be '
+          "positive, or None (optax's width scaling)."
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +87,10 @@ class OptimSection:
   beta2: float
   grad_clip_norm: float
   mu_dtype: str | None
+  adafactor: AdafactorSection = dataclasses.field(
+      metadata={'section': AdafactorSection}
+  )
+  muon: MuonSection = dataclasses.field(metadata={'section': MuonSection})
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
@@ -72,6 +123,16 @@ class OptimSection:
       raise ValueError(
           f'config.grad_clip_norm={self.grad_clip_norm} must be '
           '>= 0 (0 disables clipping).'
+      )
+    if self.optimizer in ('adafactor', 'muon') and not 0 <= self.momentum < 1:
+      raise ValueError(
+          f'config.momentum={self.momentum} must be in [0, 1) for '
+          f'optimizer={self.optimizer!r} (the decay of its momentum).'
+      )
+    if self.optimizer == 'adafactor' and not 0 < self.beta2 <= 1:
+      raise ValueError(
+          f'config.beta2={self.beta2} must be in (0, 1] for '
+          "optimizer='adafactor' (the cap of its second-moment decay)."
       )
 
 
@@ -118,6 +179,212 @@ def _decay_mask(params):
   )
 
 
+# Muon's matrices inside the attention's DenseGeneral kernels: query, key and
+# value are [embed, heads, head_dim] (the input dimension, then the heads'
+# outputs), out is [heads, head_dim, embed]. Axes count from the end, so a
+# leading layer axis of scanned blocks is a batch axis (one matrix a layer).
+_ATTENTION = r'(.*/)?MultiHeadDotProductAttention_\d+/'
+_MUON_ATTENTION = (
+    (
+        _ATTENTION + r'(query|key|value)/kernel',
+        optax.contrib.MuonDimensionNumbers(
+            reduction_axis=-3, output_axis=(-2, -1)
+        ),
+    ),
+    (
+        _ATTENTION + r'out/kernel',
+        optax.contrib.MuonDimensionNumbers(
+            reduction_axis=(-3, -2), output_axis=-1
+        ),
+    ),
+)
+# The output layers: the classifier and masked patch prediction's.
+_OUTPUT_LAYER = r'(.*/)?(mpp_)?head/kernel'
+
+
+def muon_dimension_numbers(
+    path: str, shape: tuple[int, ...]
+) -> optax.contrib.MuonDimensionNumbers | None:
+  """How optimizer='muon' treats one parameter: its matrix, or None (AdamW).
+
+  Muon orthogonalises the update of the weight matrices inside the network:
+  the dense kernels of the blocks' MLPs (and of the pre-logits layer, the
+  MAP head, Mixer's token and channel mixing) and the attention's query,
+  key, value and out kernels, whose 3-D DenseGeneral kernels are read as
+  [embed, heads * head_dim] and [heads * head_dim, embed] matrices. The
+  usual split leaves the rest to AdamW: biases, norms, the position
+  embedding and class token (not kernels), convolution kernels (the patch
+  embedding, ResNet stems: 4-D) and the output layer (`head`, `mpp_head`).
+  Scanned blocks stack their kernels on a leading layer axis, which is a
+  batch axis here: one matrix per layer.
+
+  Args:
+    path: The parameter's path, e.g.
+      'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'.
+    shape: Its shape.
+
+  Returns:
+    Muon's dimension numbers (reduction and output axes) of the matrix, or
+    None for a parameter AdamW updates.
+  """
+  if path.rpartition('/')[2] != 'kernel' or re.fullmatch(_OUTPUT_LAYER, path):
+    return None
+  for pattern, dims in _MUON_ATTENTION:
+    if re.fullmatch(pattern, path):
+      return dims
+  # Dense kernels: [in, out], or [layers, in, out] in scanned blocks.
+  if len(shape) in (2, 3):
+    return optax.contrib.MuonDimensionNumbers(reduction_axis=-2, output_axis=-1)
+  return None
+
+
+def _muon_dimension_tree(params):
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: muon_dimension_numbers(sharding.path_str(path), x.shape),
+      params,
+  )
+
+
+def _adamw(
+    section: OptimSection, schedule: optax.Schedule, weight_decay: float
+) -> optax.GradientTransformation:
+  mu_dtype = jnp.dtype(section.mu_dtype) if section.mu_dtype else None
+  return optax.adamw(
+      schedule,
+      b1=float(section.beta1),
+      b2=float(section.beta2),
+      weight_decay=weight_decay,
+      mask=_decay_mask,
+      mu_dtype=mu_dtype,
+  )
+
+
+def adafactor_factored(
+    shape: tuple[int, ...], min_dim_size_to_factor: int, *, stacked: bool
+) -> bool:
+  """Whether optimizer='adafactor' factors a parameter's second moment.
+
+  Adafactor keeps, for a parameter whose two largest dimensions both have
+  at least `min_dim_size_to_factor` entries, the means of the squared
+  gradient over each of them (a row and a column statistic) instead of
+  the whole second moment. Scanned blocks stack each parameter on a leading
+  layer axis, which is never factored: a stack whose layer axis is one of
+  its two largest keeps its whole second moment. So a stack is factored as
+  its layers would be unstacked (a stacked bias stays whole, a stacked
+  kernel keeps a row and a column statistic per layer), except a stack of
+  more layers than one of the layer's own two largest dimensions, which
+  stays whole.
+
+  Args:
+    shape: The parameter's shape.
+    min_dim_size_to_factor: `config.adafactor.min_dim_size_to_factor`.
+    stacked: Whether dimension 0 stacks layers (`sharding.stacked_paths`).
+
+  Returns:
+    True for a factored second moment, False for a whole one.
+  """
+  # optax's rule: the two largest dimensions (in its order of ties).
+  largest = np.argsort(shape)[-2:]
+  if len(shape) < 2 or shape[largest[0]] < min_dim_size_to_factor:
+    return False
+  return not (stacked and 0 in largest)
+
+
+def _second_moment_kinds(params, min_dim_size_to_factor):
+  stacked = sharding.stacked_paths(params)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: 'factored'
+      if adafactor_factored(
+          x.shape,
+          min_dim_size_to_factor,
+          stacked=sharding.path_str(path) in stacked,
+      )
+      else 'full',
+      params,
+  )
+
+
+def _adafactor(
+    section: OptimSection, schedule: optax.Schedule, weight_decay: float
+) -> optax.GradientTransformation:
+  """big_vision's Adafactor (Zhai et al. 2021), from optax's parts.
+
+  optax.adafactor differs in what matters here: its second-moment decay is
+  not capped, its momentum and weight decay come after the learning rate,
+  and it scales updates by the parameters' norm.
+  """
+  mu_dtype = jnp.dtype(section.mu_dtype) if section.mu_dtype else None
+  beta2_cap = float(section.beta2)
+  momentum = float(section.momentum)
+  clip = section.adafactor.clipping_threshold
+
+  def second_moment_decay(step, exponent):
+    # Adafactor's 1 - t^-c tends to 1, which freezes the second moment on
+    # long runs; big_vision caps it at beta2.
+    t = jnp.asarray(step, jnp.float32) + 1.0
+    return jnp.minimum(beta2_cap, 1.0 - t ** (-exponent))
+
+  min_dim = int(section.adafactor.min_dim_size_to_factor)
+
+  def second_moment(factored):
+    return optax.scale_by_factored_rms(
+        factored=factored,
+        decay_rate=float(section.adafactor.decay_rate),
+        min_dim_size_to_factor=min_dim,
+        decay_rate_fn=second_moment_decay,
+    )
+
+  return optax.chain(
+      optax.partition(
+          {'factored': second_moment(True), 'full': second_moment(False)},
+          lambda params: _second_moment_kinds(params, min_dim),
+      ),
+      optax.clip_by_block_rms(float(clip)) if clip else optax.identity(),
+      # Momentum of the normalised update, without bias correction.
+      optax.ema(momentum, debias=False, accumulator_dtype=mu_dtype)
+      if momentum
+      else optax.identity(),
+      optax.add_decayed_weights(weight_decay, mask=_decay_mask)
+      if weight_decay
+      else optax.identity(),
+      optax.scale_by_learning_rate(schedule),
+  )
+
+
+def _muon(
+    section: OptimSection, schedule: optax.Schedule, weight_decay: float
+) -> optax.GradientTransformation:
+  """Muon on `muon_dimension_numbers`'s matrices, AdamW on the rest.
+
+  optax.contrib.muon keeps its own AdamW for the leaves it does not
+  orthogonalise, decaying all of them (norms and biases too); here those
+  leaves get the AdamW of optimizer='adam', which decays kernels only, and
+  Muon sees only its matrices (every one a kernel: all decayed).
+  """
+  mu_dtype = jnp.dtype(section.mu_dtype) if section.mu_dtype else None
+  consistent_rms = section.muon.consistent_rms
+  muon = optax.contrib.muon(
+      schedule,
+      beta=float(section.momentum),
+      weight_decay=weight_decay,
+      mu_dtype=mu_dtype,
+      muon_weight_dimension_numbers=_muon_dimension_tree,
+      consistent_rms=None if consistent_rms is None else float(consistent_rms),
+  )
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: 'adam'
+        if muon_dimension_numbers(sharding.path_str(path), x.shape) is None
+        else 'muon',
+        params,
+    )
+
+  return optax.partition(
+      {'muon': muon, 'adam': _adamw(section, schedule, weight_decay)}, labels
+  )
+
+
 def base_transform(
     section: OptimSection,
     schedule: optax.Schedule,
@@ -127,25 +394,23 @@ def base_transform(
 
   Args:
     section: The run's optimizer section (its rule, betas, momentum,
-      mu_dtype).
+      mu_dtype, the adafactor and muon sub-sections).
     schedule: The learning-rate schedule.
     weight_decay: Decoupled weight decay of kernels (a parameter group may
-      set its own).
+      set its own): every rule subtracts `lr * weight_decay * kernel`.
 
   Returns:
-    Adam with decoupled weight decay, or SGD with momentum after weight
-    decay.
+    Adam with decoupled weight decay; SGD with momentum after weight decay;
+    big_vision's Adafactor; or Muon for the blocks' matrices with AdamW for
+    the rest.
   """
-  mu_dtype = jnp.dtype(section.mu_dtype) if section.mu_dtype else None
   if section.optimizer == 'adam':
-    return optax.adamw(
-        schedule,
-        b1=float(section.beta1),
-        b2=float(section.beta2),
-        weight_decay=weight_decay,
-        mask=_decay_mask,
-        mu_dtype=mu_dtype,
-    )
+    return _adamw(section, schedule, weight_decay)
+  if section.optimizer == 'adafactor':
+    return _adafactor(section, schedule, weight_decay)
+  if section.optimizer == 'muon':
+    return _muon(section, schedule, weight_decay)
+  mu_dtype = jnp.dtype(section.mu_dtype) if section.mu_dtype else None
   return optax.chain(
       optax.add_decayed_weights(weight_decay, mask=_decay_mask)
       if weight_decay

@@ -42,7 +42,7 @@ same length, which no unscanned module has (see `stacked_paths`).
 """
 
 import collections
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
 import dataclasses
 import functools
@@ -705,23 +705,70 @@ def tree_shardings(
     A matching tree of `NamedSharding` objects.
   """
   stacked = stacked_paths(tree)
+  params = _parameter_shapes(tree)
 
   def leaf_sharding(path, x):
     path = path_str(path)
+    shape = tuple(x.shape)
+    is_stacked, axes = path in stacked, param_axes
+    param = _mirrored_parameter(path, params)
+    if param is not None and shape == params[param]:
+      # A copy of a parameter (Adam's moments, the EMA) is a stack when the
+      # parameter is, even beside leaves of other shapes that hide it.
+      is_stacked = f'{_PARAMS}/{param}' in stacked
+    elif param is not None:
+      # A statistic reduced from the parameter (Adafactor's factored second
+      # moments, optax's one-element stand-ins): small, and its dimensions
+      # are not the parameter's, so no tensor-parallel split.
+      is_stacked, axes = False, ()
     return NamedSharding(
         mesh,
         partition_spec(
             path,
-            tuple(x.shape),
+            shape,
             mesh,
             rules,
             fsdp_min_size,
-            stacked=path in stacked,
-            param_axes=param_axes,
+            stacked=is_stacked,
+            param_axes=axes,
         ),
     )
 
   return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
+
+
+# The parameters' entry in a train state (`train.TrainState.params`).
+_PARAMS = 'params'
+
+
+def _parameter_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{path below the state's parameters: shape}; {} for other trees."""
+  if isinstance(tree, Mapping):
+    params = tree.get(_PARAMS)
+  else:
+    params = getattr(tree, _PARAMS, None)
+  if params is None:
+    return {}
+  return {
+      path_str(p): tuple(np.shape(x))
+      for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+
+
+def _mirrored_parameter(
+    path: str, params: Mapping[str, tuple[int, ...]]
+) -> str | None:
+  """The parameter whose path ends `path` (the longest such), if any.
+
+  An optimizer state or an average keeps its copy of a parameter under the
+  parameter's own path ('opt_state/0/mu/<path>', 'ema_params/<path>').
+  """
+  keys = path.split('/')
+  for start in range(1, len(keys)):
+    candidate = '/'.join(keys[start:])
+    if candidate in params:
+      return candidate
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
