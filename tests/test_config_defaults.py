@@ -269,6 +269,8 @@ EXPECTED_DEFAULTS = {
     'mpp.random_prob': 0.1,
     'mpp.target': '3bit',
     'mu_dtype': None,
+    'param_groups': [],
+    'layer_decay': None,
     'num_classes': None,
     'objective': 'classification',
     'optimizer': 'sgd',
