@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from vit_jax import config_errors
+from vit_jax import sharding
 
 OPTIMIZERS = ('adam', 'sgd')
 DECAY_TYPES = ('linear', 'cosine', 'constant')
@@ -246,11 +247,6 @@ def base_transform(
   )
 
 
-def param_path(key_path: Any) -> str:
-  """A parameter's '/'-joined path, e.g. 'Transformer/encoder_norm/scale'."""
-  return jax.tree_util.keystr(key_path, simple=True, separator='/')
-
-
 def _group_index(section: OptimSection, path: str) -> int | None:
   # Groups are disjoint (`check_param_groups`): the first match is the one.
   for i, (pattern, _) in enumerate(section.param_groups):
@@ -278,7 +274,8 @@ def frozen_mask(section: OptimSection) -> Callable[[Any], Any] | None:
   if not any(o.get('frozen') for _, o in section.param_groups):
     return None
   return lambda tree: jax.tree_util.tree_map_with_path(
-      lambda p, _: bool(_options(section, param_path(p)).get('frozen')), tree
+      lambda p, _: bool(_options(section, sharding.path_str(p)).get('frozen')),
+      tree,
   )
 
 
@@ -298,7 +295,7 @@ def _num_blocks(tree: Any) -> int:
   """Blocks of a parameter tree: numbered ones, or a scanned stack's length."""
   count = 0
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    match = _BLOCK.match(param_path(key_path))
+    match = _BLOCK.match(sharding.path_str(key_path))
     if match:
       index = match.group(1)
       count = max(count, int(index) + 1 if index else leaf.shape[0])
@@ -320,11 +317,11 @@ def _scale_updates(section: OptimSection) -> optax.GradientTransformation:
   """Multiplies each update by its group's lr_mult times its layer decay."""
   decay = section.layer_decay
 
-  def scales(updates):
+  def scaled(updates):
     blocks = _num_blocks(updates) if decay is not None else 0
 
     def scale(key_path, u):
-      path = param_path(key_path)
+      path = sharding.path_str(key_path)
       factor = _options(section, path).get('lr_mult', 1.0)
       if decay is not None:
         factor = factor * _layer_scale(path, u, decay, blocks)
@@ -332,7 +329,7 @@ def _scale_updates(section: OptimSection) -> optax.GradientTransformation:
 
     return jax.tree_util.tree_map_with_path(scale, updates)
 
-  return optax.stateless(lambda updates, _: scales(updates))
+  return optax.stateless(lambda updates, _: scaled(updates))
 
 
 _FROZEN, _DEFAULT = 'frozen', 'default'
@@ -365,7 +362,7 @@ def _grouped(
   return optax.multi_transform(
       transforms,
       lambda tree: jax.tree_util.tree_map_with_path(
-          lambda p, _: _label(section, param_path(p)), tree
+          lambda p, _: _label(section, sharding.path_str(p)), tree
       ),
   )
 
@@ -387,7 +384,8 @@ def check_param_groups(section: OptimSection, params: Any) -> None:
       model without blocks.
   """
   paths = [
-      param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+      sharding.path_str(p)
+      for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
   ]
   groups = section.param_groups
   for pattern, _ in groups:
@@ -431,7 +429,7 @@ def describe_groups(section: OptimSection, params: Any) -> str:
   """
   counts = [0] * (len(section.param_groups) + 1)
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    i = _group_index(section, param_path(key_path))
+    i = _group_index(section, sharding.path_str(key_path))
     counts[-1 if i is None else i] += int(np.prod(leaf.shape))
   parts = [
       f'{pattern!r} {dict(options)} {n:,} parameters'
