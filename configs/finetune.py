@@ -9,14 +9,24 @@ position embeddings are interpolated to the new resolution.
       --workdir=/tmp/b16_cifar10 \
       --config.pretrained_path=gs://vit_models/imagenet21k/ViT-B_16.npz
 
-Argument: `<model>,<dataset>[,runlocal]`; model is a registry name or a
-short name (ti16, s16, b16, b32, l16, l32, h14, r50_b16, mixer_b16, ...),
-dataset one of cifar10, cifar100, imagenet2012 (imagenet), pets, flowers,
-digits or a tfds name. The paper sweeps base_lr over {0.001, 0.003, 0.01,
-0.03} on a held-out slice: add `--config.eval_split=holdout`.
+Argument: `<model>,<dataset>[,<preset>][,runlocal]`; model is a registry
+name or a short name (ti16, s16, b16, b32, l16, l32, h14, r50_b16,
+mixer_b16, ...), dataset one of cifar10, cifar100, imagenet2012 (imagenet),
+pets, flowers, digits or a tfds name. The paper sweeps base_lr over {0.001,
+0.003, 0.01, 0.03} on a held-out slice: add `--config.eval_split=holdout`.
+
+A preset trains only part of the model (docs/finetuning.md): `head_only`
+(the head, with its representation layer and MAP pooling if any) or
+`linear_probe` (the final linear layer on the frozen pre-logits); the other
+parameters are frozen and hold no optimizer state:
+
+  python -m vit_jax.main --config=configs/finetune.py:b16,cifar10,head_only \
+      --workdir=/tmp/b16_cifar10_head \
+      --config.pretrained_path=gs://vit_models/imagenet21k/ViT-B_16.npz
 """
 
 from vit_jax import config_lib
+from vit_jax import optim
 
 DATASETS = {
     'imagenet': 'imagenet2012',
@@ -35,11 +45,13 @@ STEPS = {
 
 
 def get_config(arg='b16,cifar10'):
-  """Returns the config for `<model>,<dataset>[,runlocal]`."""
+  """Returns the config for `<model>,<dataset>[,<preset>][,runlocal]`."""
   args, runlocal = config_lib.parse_args(arg)
-  if len(args) != 2:
+  presets = optim.PARAM_GROUP_PRESETS
+  if len(args) not in (2, 3) or (len(args) == 3 and args[2] not in presets):
     raise ValueError(
-        f'finetune.py takes "<model>,<dataset>[,runlocal]", got ' f'{arg!r}.'
+        'finetune.py takes "<model>,<dataset>[,<preset>][,runlocal]" with '
+        f'<preset> one of {sorted(presets)}, got {arg!r}.'
     )
   c = config_lib.get_base()
   c.model_name = config_lib.resolve_model(args[0])
@@ -57,6 +69,8 @@ def get_config(arg='b16,cifar10'):
   c.warmup_steps = min(500, c.total_steps // 10)
   c.eval_every = max(c.total_steps // 10, 1)
   c.checkpoint_every = c.eval_every
+  if len(args) == 3:
+    c.param_groups = presets[args[2]]
   if runlocal:
     config_lib.set_runlocal(c)
   return c

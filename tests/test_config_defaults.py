@@ -280,6 +280,8 @@ EXPECTED_DEFAULTS = {
     'mpp.target': '3bit',
     'mu_dtype': None,
     'muon.consistent_rms': 0.2,
+    'param_groups': [],
+    'layer_decay': None,
     'num_classes': None,
     'objective': 'classification',
     'optimizer': 'sgd',

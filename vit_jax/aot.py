@@ -261,6 +261,7 @@ class _Steps:
     self.state_shapes = jax.eval_shape(
         train.init_fn(run, self.objective, self.model, self.tx), init_rng
     )
+    optim.check_param_groups(run.optim, self.state_shapes.params)
     self.shardings = sharding.shardings_from_config(
         self.state_shapes, mesh, run.mesh
     )
@@ -293,6 +294,7 @@ class _Steps:
             self.tx,
             self.mesh,
             self.shardings,
+            frozen=optim.frozen_mask(self.run.optim),
         ),
     )
     return step.lower(

@@ -471,6 +471,12 @@ def get_base() -> ml_collections.ConfigDict:
   # Dtype of the first moment / momentum (Adam, SGD, Adafactor, Muon), e.g.
   # 'bfloat16' (half the memory of that state); None: the parameters' dtype.
   c.mu_dtype = ml_collections.config_dict.placeholder(str)
+  # (regex, options) pairs: the regex searched in '/'-joined parameter paths,
+  # options any of lr_mult, weight_decay, frozen (docs/finetuning.md).
+  c.param_groups = ()
+  # Layer-wise lr decay: block i of L at decay**(L - i), embeddings
+  # decay**(L + 1), head 1; None: off.
+  c.layer_decay = ml_collections.config_dict.placeholder(float)
   c.loss = 'softmax_xent'  # Or 'sigmoid_xent'.
   c.objective = 'classification'  # Or 'mpp': masked patch prediction.
   c.mpp = ml_collections.ConfigDict()  # objectives.mpp.MppConfig fields.

@@ -6,7 +6,19 @@ Fields of `OptimSection` (checked when the config is parsed):
 'constant'), `weight_decay` (of kernels only), `grad_clip_norm` (None or 0
 disables), `beta1`, `beta2`, `momentum`, `mu_dtype` (dtype of the first
 moment or momentum: 'bfloat16' halves that state), and the sub-sections
-`adafactor.*` and `muon.*` of those two rules.
+`adafactor.*` and `muon.*` of those two rules;
+`param_groups` and `layer_decay` (below).
+
+Parameter groups are data: `param_groups` is a tuple of `(pattern, options)`
+pairs; `pattern` is a regular expression searched in a parameter's
+'/'-joined path (`Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel`) and
+`options` sets any of `lr_mult` (scales the group's updates, its decoupled
+weight decay included, as a per-group learning rate does), `weight_decay`
+(the group's own decay, of kernels) and `frozen` (no update and no optimizer
+state). `layer_decay` scales block i of L by `layer_decay**(L - i)`, what
+comes before the blocks by `layer_decay**(L + 1)` and the head by 1. Both
+act through optax (`multi_transform` on the groups' labels, a stateless
+scaling); `check_param_groups` checks them against a parameter tree.
 
 Recipes (paper §4.1, Appendix B.1): pre-training uses Adam (β1 0.9, β2 0.999)
 with high decoupled weight decay; fine-tuning uses SGD with momentum 0.9, no
@@ -18,8 +30,10 @@ capped at `beta2`, momentum `momentum` kept in `mu_dtype`). 'muon' is Muon
 (`muon_dimension_numbers`).
 """
 
+from collections.abc import Callable, Mapping
 import dataclasses
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +47,15 @@ from vit_jax import sharding
 OPTIMIZERS = ('adam', 'sgd', 'adafactor', 'muon')
 DECAY_TYPES = ('linear', 'cosine', 'constant')
 MU_DTYPES = ('float32', 'bfloat16', 'float16')
+GROUP_OPTIONS = ('lr_mult', 'weight_decay', 'frozen')
+# `param_groups` of the fine-tuning presets (configs/finetune.py's third
+# argument) for classifiers: everything frozen but
+PARAM_GROUP_PRESETS = {
+    # the head, with its representation layer and MAP pooling if any;
+    'head_only': ((r'^(?!(head|pre_logits|MAPHead_0)/)', {'frozen': True}),),
+    # the final linear layer, on the frozen pre-logits.
+    'linear_probe': ((r'^(?!head/)', {'frozen': True}),),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +110,8 @@ class OptimSection:
   beta2: float
   grad_clip_norm: float
   mu_dtype: str | None
+  param_groups: tuple[tuple[str, Mapping[str, Any]], ...]
+  layer_decay: float | None
   adafactor: AdafactorSection = dataclasses.field(
       metadata={'section': AdafactorSection}
   )
@@ -134,6 +159,67 @@ class OptimSection:
           f'config.beta2={self.beta2} must be in (0, 1] for '
           "optimizer='adafactor' (the cap of its second-moment decay)."
       )
+    for i, group in enumerate(self.param_groups):
+      _check_group(i, group)
+    if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+      raise ValueError(
+          f'config.layer_decay={self.layer_decay} must be in (0, 1] (e.g. '
+          '0.75), or None for one learning rate at every depth.'
+      )
+
+
+def _check_group(i: int, group: Any) -> None:
+  """Raises unless `group` is a valid `(pattern, options)` pair."""
+  name = f'config.param_groups[{i}]'
+  if (
+      not isinstance(group, (tuple, list))
+      or len(group) != 2
+      or not isinstance(group[0], str)
+      or not isinstance(group[1], Mapping)
+  ):
+    raise ValueError(
+        f'{name}={group!r}: each group is a (pattern, options) pair, e.g. '
+        "('^head/', {'lr_mult': 10.0})."
+    )
+  pattern, options = group
+  name = f'{name} ({pattern!r})'
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ValueError(
+        f'{name} is not a regular expression ({e}): fix the pattern.'
+    ) from None
+  unknown = sorted(set(options) - set(GROUP_OPTIONS))
+  if unknown:
+    raise ValueError(
+        f'{name}: unknown option(s) {unknown}; use {", ".join(GROUP_OPTIONS)}.'
+    )
+  if not options:
+    raise ValueError(
+        f'{name} sets no option: give it lr_mult, weight_decay or frozen, or '
+        'remove it.'
+    )
+  frozen = options.get('frozen', False)
+  if not isinstance(frozen, bool):
+    raise ValueError(f'{name}: frozen={frozen!r} must be True or False.')
+  if frozen and len(options) > 1:
+    raise ValueError(
+        f'{name} is frozen, so {sorted(set(options) - {"frozen"})} would '
+        'do nothing: remove them (or the frozen option).'
+    )
+  lr_mult = options.get('lr_mult', 1.0)
+  if isinstance(lr_mult, bool) or not isinstance(lr_mult, (int, float)):
+    raise ValueError(f'{name}: lr_mult={lr_mult!r} must be a number > 0.')
+  if lr_mult <= 0:
+    raise ValueError(
+        f'{name}: lr_mult={lr_mult} must be > 0; to stop the group training '
+        "set {'frozen': True}."
+    )
+  decay = options.get('weight_decay', 0.0)
+  if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+    raise ValueError(f'{name}: weight_decay={decay!r} must be a number >= 0.')
+  if decay < 0:
+    raise ValueError(f'{name}: weight_decay={decay} must be >= 0.')
 
 
 def make_schedule(section: OptimSection) -> optax.Schedule:
@@ -423,20 +509,225 @@ def base_transform(
   )
 
 
+def _group_index(section: OptimSection, path: str) -> int | None:
+  # Groups are disjoint (`check_param_groups`): the first match is the one.
+  for i, (pattern, _) in enumerate(section.param_groups):
+    if re.search(pattern, path):
+      return i
+  return None
+
+
+def _options(section: OptimSection, path: str) -> Mapping[str, Any]:
+  i = _group_index(section, path)
+  return {} if i is None else section.param_groups[i][1]
+
+
+def frozen_mask(section: OptimSection) -> Callable[[Any], Any] | None:
+  """`tree -> {leaf: frozen?}` of the section's groups; None if none frozen.
+
+  Args:
+    section: The run's optimizer section.
+
+  Returns:
+    A function mapping a parameter tree (or one of its shape) to a tree of
+    Python bools, True for the leaves of frozen groups; None when no group
+    is frozen.
+  """
+  if not any(o.get('frozen') for _, o in section.param_groups):
+    return None
+  return lambda tree: jax.tree_util.tree_map_with_path(
+      lambda p, _: bool(_options(section, sharding.path_str(p)).get('frozen')),
+      tree,
+  )
+
+
+# Blocks: `Transformer/encoderblock_{i}` (ViT, or `Transformer/encoderblock`
+# stacked along axis 0 with scan) and `MixerBlock_{i}` (Mixer).
+_BLOCK = re.compile(r'^(?:Transformer/encoderblock|MixerBlock)(?:_(\d+))?/')
+# After the blocks: full learning rate. Everything else (patch embedding,
+# class token, registers, position embeddings, a hybrid's ResNet stem, the
+# Mixer stem, masked patch prediction's mask token) comes before them.
+_AFTER_BLOCKS = re.compile(
+    r'^(?:head|pre_logits|MAPHead_0|Transformer/encoder_norm|'
+    r'pre_head_layer_norm|mpp_head)/'
+)
+
+
+def _num_blocks(tree: Any) -> int:
+  """Blocks of a parameter tree: numbered ones, or a scanned stack's length."""
+  count = 0
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    match = _BLOCK.match(sharding.path_str(key_path))
+    if match:
+      index = match.group(1)
+      count = max(count, int(index) + 1 if index else leaf.shape[0])
+  return count
+
+
+def _layer_scale(path: str, leaf: Any, decay: float, blocks: int) -> Any:
+  """`decay` to the power of the leaf's distance from the head."""
+  match = _BLOCK.match(path)
+  if match and match.group(1):
+    return decay ** (blocks - int(match.group(1)))
+  if match:  # Scanned: one scale per slice of the stacked axis.
+    powers = blocks - np.arange(blocks).reshape((-1,) + (1,) * (leaf.ndim - 1))
+    return np.power(decay, powers, dtype=np.float64)
+  return 1.0 if _AFTER_BLOCKS.match(path) else decay ** (blocks + 1)
+
+
+def _scale_updates(section: OptimSection) -> optax.GradientTransformation:
+  """Multiplies each update by its group's lr_mult times its layer decay."""
+  decay = section.layer_decay
+
+  def scaled(updates):
+    blocks = _num_blocks(updates) if decay is not None else 0
+
+    def scale(key_path, u):
+      path = sharding.path_str(key_path)
+      factor = _options(section, path).get('lr_mult', 1.0)
+      if decay is not None:
+        factor = factor * _layer_scale(path, u, decay, blocks)
+      return u * jnp.asarray(factor, u.dtype)
+
+    return jax.tree_util.tree_map_with_path(scale, updates)
+
+  return optax.stateless(lambda updates, _: scaled(updates))
+
+
+_FROZEN, _DEFAULT = 'frozen', 'default'
+
+
+def _label(section: OptimSection, path: str) -> str:
+  # A group with its own weight decay has its own update rule; the others
+  # share the run's (lr_mult acts after it, in `_scale_updates`).
+  i = _group_index(section, path)
+  options = {} if i is None else section.param_groups[i][1]
+  if options.get('frozen'):
+    return _FROZEN
+  return _DEFAULT if 'weight_decay' not in options else f'group_{i}'
+
+
+def _grouped(
+    section: OptimSection, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+  """The update rule per group: frozen, own weight decay, or the run's."""
+  transforms = {
+      _DEFAULT: base_transform(section, schedule, float(section.weight_decay))
+  }
+  for i, (_, options) in enumerate(section.param_groups):
+    if options.get('frozen'):
+      transforms[_FROZEN] = optax.set_to_zero()  # Holds no state.
+    elif 'weight_decay' in options:
+      transforms[f'group_{i}'] = base_transform(
+          section, schedule, float(options['weight_decay'])
+      )
+  return optax.multi_transform(
+      transforms,
+      lambda tree: jax.tree_util.tree_map_with_path(
+          lambda p, _: _label(section, sharding.path_str(p)), tree
+      ),
+  )
+
+
+def check_param_groups(section: OptimSection, params: Any) -> None:
+  """Raises unless the groups and layer decay fit a parameter tree.
+
+  Run before step 1 (`train.train_and_evaluate`, `vit_jax.aot`), on the
+  parameters' shapes.
+
+  Args:
+    section: The run's optimizer section.
+    params: The parameter tree (arrays or shapes).
+
+  Raises:
+    ValueError: in one line, naming the field: a pattern that matches no
+      parameter (with some real paths), two patterns that match one
+      parameter, groups that freeze every parameter, or `layer_decay` for a
+      model without blocks.
+  """
+  paths = [
+      sharding.path_str(p)
+      for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+  ]
+  groups = section.param_groups
+  for pattern, _ in groups:
+    if not any(re.search(pattern, path) for path in paths):
+      tops = list(dict.fromkeys('/'.join(p.split('/')[:2]) for p in paths))
+      raise ValueError(
+          f'config.param_groups: pattern {pattern!r} matches no parameter of '
+          f'this model; its paths start with {", ".join(tops[:8])}.'
+      )
+  for path in paths:
+    matching = [p for p, _ in groups if re.search(p, path)]
+    if len(matching) > 1:
+      raise ValueError(
+          f'config.param_groups: patterns {matching[0]!r} and '
+          f'{matching[1]!r} both match {path!r}: make them disjoint (each '
+          'parameter belongs to at most one group).'
+      )
+  if groups and all(_options(section, p).get('frozen') for p in paths):
+    raise ValueError(
+        'config.param_groups freezes every parameter, so nothing would '
+        'train: leave at least one parameter out of the frozen groups.'
+    )
+  if section.layer_decay is not None and not _num_blocks(params):
+    raise ValueError(
+        f'config.layer_decay={section.layer_decay} needs a model with '
+        'transformer or mixer blocks; this one has none: set '
+        'config.layer_decay=None.'
+    )
+
+
+def describe_groups(section: OptimSection, params: Any) -> str:
+  """One line: how many parameters each group holds, and the rest's count.
+
+  Args:
+    section: The run's optimizer section.
+    params: The parameter tree (arrays or shapes).
+
+  Returns:
+    E.g. "param_groups: '^(?!head/)' {'frozen': True} 5,524,800 parameters;
+    the rest 1,930".
+  """
+  counts = [0] * (len(section.param_groups) + 1)
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    i = _group_index(section, sharding.path_str(key_path))
+    counts[-1 if i is None else i] += int(np.prod(leaf.shape))
+  parts = [
+      f'{pattern!r} {dict(options)} {n:,} parameters'
+      for (pattern, options), n in zip(section.param_groups, counts)
+  ]
+  return 'param_groups: ' + '; '.join(parts + [f'the rest {counts[-1]:,}'])
+
+
 def make_optimizer(
     section: OptimSection,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (optax transformation, schedule) of the optimizer section.
 
+  Without parameter groups or layer decay the transformation is clipping
+  then `base_transform`. Groups make it a `multi_transform` over the groups'
+  labels (frozen ones: `set_to_zero`, no state); `lr_mult` and
+  `layer_decay` multiply the updates by a fixed factor per parameter (an
+  array along the stacked axis of scanned blocks). Clipping sees the
+  gradients of every parameter (those of frozen ones are zeros).
+
   Args:
     section: The run's optimizer section (`config_lib.parse(config).optim`).
 
   Returns:
-    The transformation (clipping, then `base_transform`) and its
-    learning-rate schedule.
+    The transformation and its learning-rate schedule.
   """
   schedule = make_schedule(section)
-  tx = base_transform(section, schedule, float(section.weight_decay))
+  if section.param_groups:
+    tx = _grouped(section, schedule)
+  else:
+    tx = base_transform(section, schedule, float(section.weight_decay))
+  scaled = section.layer_decay is not None or any(
+      'lr_mult' in o for _, o in section.param_groups
+  )
+  if scaled:
+    tx = optax.chain(tx, _scale_updates(section))
   if section.grad_clip_norm:
     tx = optax.chain(
         optax.clip_by_global_norm(float(section.grad_clip_norm)), tx

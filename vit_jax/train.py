@@ -169,6 +169,7 @@ def train_step(
     ema_decay: float | None = None,
     micro_batch_sharding: Any = None,
     loss_fn: Callable[..., Any] | None = None,
+    frozen: Callable[[Any], Any] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on a global batch; pure.
 
@@ -176,6 +177,11 @@ def train_step(
   (`accumulate_gradients`), which equals one update on the whole batch with
   a fraction of the activation memory. Dropout keys derive from (rng, step,
   micro-batch), never from the sharding.
+
+  Frozen parameters are constants of the loss: no gradient is computed for
+  them (a linear probe does not run the backbone's backward pass), they and
+  their Polyak average are carried over unchanged, and `grad_norm` is that
+  of the trainable ones.
 
   Args:
     state: Current state.
@@ -193,6 +199,8 @@ def train_step(
     loss_fn: `(params, batch, rng) -> (loss, {name: scalar})`, an
       objective's `loss_fn(model)` (`vit_jax.objectives`); by default the
       classification loss of `loss` and `label_smoothing`.
+    frozen: `params -> {leaf: frozen?}` (`optim.frozen_mask`), or None when
+      every parameter trains.
 
   Returns:
     (new state, {'loss', 'grad_norm', the objective's extra metrics})
@@ -203,16 +211,38 @@ def train_step(
     loss_fn = objectives.classification.loss_fn(
         model, loss=loss, label_smoothing=label_smoothing
     )
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss_value, extra), grads = accumulate_gradients(
-      grad_fn, state.params, batch, step_rng, accum_steps, micro_batch_sharding
+  # Python bools, fixed when traced; all False without frozen groups.
+  mask = (
+      jax.tree_util.tree_map(lambda _: False, state.params)
+      if frozen is None
+      else frozen(state.params)
   )
+
+  def select(frozen_values, trainable_values):
+    return jax.tree_util.tree_map(
+        lambda f, a, b: a if f else b, mask, frozen_values, trainable_values
+    )
+
+  # Differentiated with respect to the trainable leaves only (None where
+  # frozen): the frozen ones enter the loss as constants.
+  trainable = jax.tree_util.tree_map(
+      lambda f, p: None if f else p, mask, state.params
+  )
+  grad_fn = jax.value_and_grad(
+      lambda t, b, r: loss_fn(select(state.params, t), b, r), has_aux=True
+  )
+  (loss_value, extra), grads = accumulate_gradients(
+      grad_fn, trainable, batch, step_rng, accum_steps, micro_batch_sharding
+  )
+  grad_norm = optax.tree.norm(grads)
+  grads = select(jax.tree_util.tree_map(jnp.zeros_like, state.params), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = select(state.params, optax.apply_updates(state.params, updates))
   ema_params = state.ema_params
   if ema_decay is not None:  # 0.0 is a decay too: EMA = current parameters.
-    ema_params = optax.incremental_update(
-        params, ema_params, step_size=1.0 - ema_decay
+    ema_params = select(
+        ema_params,
+        optax.incremental_update(params, ema_params, step_size=1.0 - ema_decay),
     )
   new_state = state.replace(
       step=state.step + 1,
@@ -220,11 +250,7 @@ def train_step(
       opt_state=opt_state,
       ema_params=ema_params,
   )
-  return new_state, {
-      'loss': loss_value,
-      'grad_norm': optax.tree.norm(grads),
-      **extra,
-  }
+  return new_state, {'loss': loss_value, 'grad_norm': grad_norm, **extra}
 
 
 # ----------------------------------------------------------------------------
@@ -397,6 +423,8 @@ def make_train_step(
     tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
     state_shardings: Any,
+    *,
+    frozen: Callable[[Any], Any] | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
   """`train_step` jitted once with explicit shardings and a donated state.
 
@@ -407,6 +435,7 @@ def make_train_step(
     tx: The optimizer.
     mesh: Device mesh.
     state_shardings: Shardings of the train state.
+    frozen: The frozen parameters (`optim.frozen_mask(run.optim)`), or None.
 
   Returns:
     `step(state, batch, rng) -> (state, metrics)`.
@@ -422,6 +451,7 @@ def make_train_step(
       accum_steps=accum,
       ema_decay=loop.ema_decay,
       micro_batch_sharding=micro if accum > 1 else None,
+      frozen=frozen,
   )
   replicated = sharding.replicated(mesh)
   # On the mesh: the model's activation constraints (block boundaries)
@@ -1149,6 +1179,7 @@ def train_and_evaluate(
   variants = make_variant_evaluators(
       run, objective, info.num_classes, model, mesh, shardings.params
   )
+  optim.check_param_groups(run.optim, abstract.params)
   pretrained = None
   if decision.resume_step is None and run.model.pretrained_path:
     pretrained = load_pretrained_checked(run, model, abstract.params)
@@ -1157,6 +1188,8 @@ def train_and_evaluate(
   if overwrite:
     workdir_lib.clear(held)
   log_model(run.model.model_name, mesh, abstract, shardings)
+  if run.optim.param_groups:
+    logging.info('%s', optim.describe_groups(run.optim, abstract.params))
   # Every exit, error paths included, closes the writers and then the
   # checkpointer (which first completes any save in flight).
   with contextlib.ExitStack() as stack:
@@ -1200,14 +1233,17 @@ def train_and_evaluate(
     batches = sharding.prefetch_to_device(
         train_iter, batch_sharding, size=run.loop.prefetch
     )
-    step_fn = make_train_step(run.loop, objective, model, tx, mesh, shardings)
+    frozen = optim.frozen_mask(run.optim)
+    step_fn = make_train_step(
+        run.loop, objective, model, tx, mesh, shardings, frozen=frozen
+    )
     flexi_steps = None
     if run.model.flexi_patch_sizes():
       flexi_steps = FlexiTrainSteps(
           run.model.flexi_patch_sizes(),
           run.loop.seed,
           lambda m: make_train_step(
-              run.loop, objective, m, tx, mesh, shardings
+              run.loop, objective, m, tx, mesh, shardings, frozen=frozen
           ),
           model,
       )
