@@ -12,6 +12,8 @@ import subprocess
 import pytest
 
 from helpers import doc_files
+from vit_jax import config_lib
+from vit_jax import optim
 
 README = pathlib.Path(__file__).resolve().parent.parent / 'README.md'
 REPO = README.parent
@@ -387,7 +389,27 @@ _PYTHON_RUN = (
     'big_vision and SigLIP checkpoints',
     'FlexiViT: any patch size',
     'The NaFlex model',
+    'Parameter groups',
+    'Adafactor',
+    'Muon',
 )
+
+
+@pytest.mark.parametrize(
+    'title, optimizer',
+    [('Parameter groups', 'sgd'), ('Adafactor', 'adafactor'), ('Muon', 'muon')],
+)
+def test_fine_tuning_config_lines_parse(title, optimizer):
+  # Config-file lines: they run on a base config, which then parses and
+  # builds its optimizer.
+  path, section = _section(title)
+  (example,) = _code_blocks(section, 'python')
+  namespace = {'c': config_lib.get_base()}
+  exec(compile(example, str(path), 'exec'), namespace)  # pylint: disable=exec-used
+  run = config_lib.parse(namespace['c'])
+  assert run.optim.optimizer == optimizer
+  assert run.optim != config_lib.parse(config_lib.get_base()).optim
+  optim.make_optimizer(run.optim)
 
 
 def test_every_python_example_runs_or_says_why_not():
