@@ -6,10 +6,10 @@ ViT-G/14 ("Scaling Vision Transformers", Zhai et al. 2021, Table 2): width
 (`optimizer='adafactor'`, big_vision's values): factored second moment whose
 decay is capped at 0.999, momentum 0.9 kept in bfloat16, no clipping of the
 update; learning rate 8e-4, decoupled weight decay 0.03, global-norm
-clipping at 1. Two parts of big_vision's recipe are not reproduced: its
-head's weight decay is 100x the body's (3.0), which needs a weight decay per
-parameter group; and its schedule is reciprocal square root with a final
-cooldown, where this config decays linearly after the 10k warm-up. JFT is
+clipping at 1; the head's kernel decays 100x more (3.0, a parameter group).
+One part of big_vision's recipe is not reproduced: its schedule is
+reciprocal square root with a final cooldown, where this config decays
+linearly after the 10k warm-up. JFT is
 private: point `image_folder` at your own collection.
 
 The mesh, for 256 chips (`MESH`; e.g. a TPU v4-512 slice, 32 GiB per chip):
@@ -84,9 +84,8 @@ def get_config(arg=''):
   c.beta2 = 0.999  # The cap of Adafactor's second-moment decay.
   c.base_lr = 8e-4
   c.decay_type = 'linear'  # big_vision: rsqrt with a cooldown.
-  # The body's; big_vision decays the head's kernel 100x more (3.0), which
-  # needs a weight decay per parameter group.
   c.weight_decay = 0.03
+  c.param_groups = (('^head/', {'weight_decay': 3.0}),)  # big_vision's.
   c.total_steps = EPOCHS * JFT_IMAGES // c.batch
   c.compute_dtype = 'bfloat16'
   c.scan = True
