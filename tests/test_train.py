@@ -40,6 +40,13 @@ CONFIG_ARGS = {
         'ViT-L_16,imagenet2012',
         'r50_b16,pets',
         'ti16,digits,runlocal',
+        'b16,cifar10,linear_probe',
+        'ti16,digits,head_only,runlocal',
+    ],
+    'vtab.py': [
+        'b16,clevr_count',
+        'l16,dsprites_orientation',
+        'ti16,dtd,runlocal',
     ],
     'flexivit.py': ['b', 'l', 's,runlocal'],
     'pretrain_imagenet21k.py': ['b16', 'b16,runlocal'],
@@ -125,7 +132,11 @@ def test_config_loads_and_locks(name, arg):
   if arg and 'runlocal' in arg:
     # Smoke runs take seconds; the MPP one is a real (few-minute) run.
     limit = 1000 if name == 'mpp_pretrain.py' else 10
-    assert config.total_steps <= limit and config.dataset == 'digits'
+    assert config.total_steps <= limit
+    # A VTAB smoke run keeps its task (tests/test_vtab.py runs it on
+    # fixtures); the others train on the bundled digits.
+    local = 'vtab/dtd' if name == 'vtab.py' else 'digits'
+    assert config.dataset == local
 
 
 def test_finetune_config_follows_the_paper_recipe():
