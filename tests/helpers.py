@@ -4,6 +4,8 @@ import glob
 import hashlib
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,6 +13,24 @@ from PIL import Image
 
 from vit_jax import checkpoint
 import vit_jax.models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(module, *args, timeout=600):
+  """`python -m module *args` from the repository, on the real devices.
+
+  XLA_FLAGS is left out, so the 8 simulated devices of the test process do
+  not leak into the program (it runs as a user would).
+  """
+  return subprocess.run(
+      [sys.executable, '-m', module, *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
+  )
 
 
 def randomize(params, seed=0, scale=0.2):

@@ -9,8 +9,6 @@ head's bias, whatever the image).
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +19,7 @@ import tfds_fixtures
 
 from helpers import init_params
 from helpers import random_images
+from helpers import run_module
 from helpers import tiny_model
 from vit_jax import config_lib
 from vit_jax import evaluate
@@ -29,8 +28,6 @@ from vit_jax import sharding
 from vit_jax import train
 from vit_jax.evaluators import classification
 from vit_jax.evaluators import imagenet_variants
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The 200 classes as ImageNet-1k indices, as timm lists them
 # (timm/data/_info/imagenet_a_indices.txt, imagenet_r_indices.txt): a source
@@ -437,30 +434,21 @@ def test_a_training_run_writes_the_variants_metrics(tmp_path, variants_dir):
   """`python -m vit_jax.main` with ImageNet-A every 2 steps and ReaL at the
   end, trained on the ImageNet-v2 fixture (a 1000-way head)."""
   workdir = tmp_path / 'run'
-  result = subprocess.run(
-      [
-          sys.executable,
-          '-m',
-          'vit_jax.main',
-          '--config=configs/digits.py:runlocal',
-          f'--workdir={workdir}',
-          f'--config.tfds_data_dir={variants_dir}',
-          '--config.dataset=imagenet_v2/matched-frequency',
-          '--config.train_split=test',
-          '--config.eval_split=test',
-          '--config.batch=4',
-          '--config.batch_eval=4',
-          '--config.shuffle_buffer=8',
-          '--config.total_steps=4',
-          '--config.evals.fewshot.every=0',
-          '--config.evals.imagenet_a.every=2',
-          '--config.evals.imagenet_real.every=100',
-      ],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=600,
-      env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
+  result = run_module(
+      'vit_jax.main',
+      '--config=configs/digits.py:runlocal',
+      f'--workdir={workdir}',
+      f'--config.tfds_data_dir={variants_dir}',
+      '--config.dataset=imagenet_v2/matched-frequency',
+      '--config.train_split=test',
+      '--config.eval_split=test',
+      '--config.batch=4',
+      '--config.batch_eval=4',
+      '--config.shuffle_buffer=8',
+      '--config.total_steps=4',
+      '--config.evals.fewshot.every=0',
+      '--config.evals.imagenet_a.every=2',
+      '--config.evals.imagenet_real.every=100',
   )
   assert result.returncode == 0, result.stderr[-3000:]
   with open(workdir / train.METRICS_FILE) as f:

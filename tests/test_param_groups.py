@@ -9,7 +9,6 @@ counted from the parameter shapes.
 import functools
 import os
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ import pytest
 
 from helpers import assert_refused
 from helpers import randomize
+from helpers import run_module
 from vit_jax import checkpoint
 from vit_jax import cli
 from vit_jax import config_lib
@@ -602,19 +602,6 @@ def test_finetune_refuses_an_unknown_preset():
 # ----------------------------------------------------------------------------
 
 
-def _run_main(*args):
-  import subprocess  # pylint: disable=g-import-not-at-top
-
-  return subprocess.run(
-      [sys.executable, '-m', 'vit_jax.main', *args],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=600,
-      env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
-  )
-
-
 @pytest.mark.slow
 def test_head_only_finetune_of_an_npz_through_the_cli_resumes(tmp_path):
   model = vit_jax.models.get_model('ViT-Ti_16', num_classes=3, **_TINY_MODEL)
@@ -634,7 +621,7 @@ def test_head_only_finetune_of_an_npz_through_the_cli_resumes(tmp_path):
       f'--config.pretrained_path={pretrained}',
       '--config.model.transformer.num_layers=2',
   ]
-  result = _run_main(*common)
+  result = run_module('vit_jax.main', *common)
   assert result.returncode == 0, result.stderr[-4000:]
   # Parameters (one copy, no EMA) and SGD momentum of the head alone (a
   # full fine-tune holds twice the parameters).
@@ -656,7 +643,7 @@ def test_head_only_finetune_of_an_npz_through_the_cli_resumes(tmp_path):
   assert np.abs(tuned['head/kernel']).max() > 0  # The zero head trained.
   # Two more steps resume from the checkpoint (its optimizer state holds
   # the head's momentum only).
-  result = _run_main(*common, '--config.total_steps=6')
+  result = run_module('vit_jax.main', *common, '--config.total_steps=6')
   assert result.returncode == 0, result.stderr[-4000:]
   assert 'Restoring checkpoint step 4' in result.stderr, result.stderr[-4000:]
   resumed = _paths(
@@ -673,7 +660,8 @@ def test_a_pattern_matching_nothing_is_one_cli_line(tmp_path):
   # The digits written here first: the command's only output is the refusal.
   data = config_lib.section({'tfds_data_dir': str(tmp_path / 'tfds')}, 'data')
   input_pipeline.get_dataset_info(data, input_pipeline.get_source(data))
-  result = _run_main(
+  result = run_module(
+      'vit_jax.main',
       '--config=configs/digits.py:runlocal',
       f'--workdir={tmp_path / "run"}',
       f'--config.tfds_data_dir={tmp_path / "tfds"}',

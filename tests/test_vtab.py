@@ -19,6 +19,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 import tfds_fixtures
 
+from helpers import run_module
 from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax.datasets import vtab
@@ -643,30 +644,17 @@ def test_summary_refuses_two_runs_of_a_task_and_mixed_splits(tmp_path):
 E2E_TASKS = ('dtd', 'diabetic_retinopathy', 'dsprites_location')
 
 
-def _run(args):
-  return subprocess.run(
-      [sys.executable, '-m', *args],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=600,
-      env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
-  )
-
-
 @pytest.mark.slow
 def test_runs_and_summary_through_the_command_lines(tfds_dir, tmp_path):
   for task in E2E_TASKS:
-    result = _run(
-        [
-            'vit_jax.main',
-            f'--config=configs/vtab.py:ti16,{task},runlocal',
-            f'--workdir={tmp_path / task}',
-            f'--config.tfds_data_dir={tfds_dir}',
-        ]
+    result = run_module(
+        'vit_jax.main',
+        f'--config=configs/vtab.py:ti16,{task},runlocal',
+        f'--workdir={tmp_path / task}',
+        f'--config.tfds_data_dir={tfds_dir}',
     )
     assert result.returncode == 0, result.stderr[-3000:]
-  result = _run(['vit_jax.vtab_summary', f'--workdirs={tmp_path}'])
+  result = run_module('vit_jax.vtab_summary', f'--workdirs={tmp_path}')
   assert result.returncode == 0, result.stderr[-3000:]
   lines = {
       line.split()[1]: line.split()[2:]
