@@ -7,6 +7,7 @@ tests. Every check finds its passage by heading, wherever it is.
 import os
 import pathlib
 import re
+import shlex
 import subprocess
 
 import pytest
@@ -137,7 +138,16 @@ def _doc_commands():
   for path, text in _pages().items():
     for block in _code_blocks(text, 'bash'):
       pending = ''
+      # Shell variables of the block (`COMMON="--config=... --config.x=1"`)
+      # are substituted into the commands after them.
+      variables = {}
       for line in block.replace('\\\n', ' ').splitlines():
+        assignment = re.fullmatch(r'(\w+)="([^"]*)"', line.strip())
+        if assignment:
+          variables[assignment.group(1)] = assignment.group(2)
+          continue
+        for name, value in variables.items():
+          line = line.replace(f'${name}', value)
         if pending:
           pending += '\n' + line
           if line.count('"') % 2:
@@ -222,10 +232,36 @@ def test_doc_commands_use_real_configs_fields_and_flags():
       continue  # The generic form `configs/<experiment>.py[:arg]`.
     config = config_lib.load_config_file(str(REPO / spec.group(1)))
     config_lib.apply_overrides(
-        config, re.findall(r'--config\.([\w.]+)=(\S+)', command)
+        config,
+        [
+            t[len('--config.') :].split('=', 1)
+            for t in shlex.split(command)
+            if t.startswith('--config.')
+        ],
     )
+    config_lib.parse(config)
     checked_configs += 1
   assert checked_configs >= 20
+
+
+def _alone_config_flags():
+  # Lines of config flags shown without their command (`--config.x=...`).
+  return [(p, c) for p, c in _doc_commands() if c.startswith('--config.')]
+
+
+def test_doc_config_flags_shown_alone_parse():
+  lines = _alone_config_flags()
+  assert len(lines) >= 5
+  for path, line in lines:
+    overrides = [t[len('--config.') :].split('=', 1) for t in shlex.split(line)]
+    config = config_lib.get_base()
+    config_lib.apply_overrides(config, overrides)
+    run = config_lib.parse(config)
+    optim.make_optimizer(run.optim)
+    changed = config_lib.run_fields(config)
+    base = config_lib.run_fields(config_lib.get_base())
+    for name, _ in overrides:  # Each flag took effect.
+      assert changed[name] != base[name], (path, line, name)
 
 
 # The commands of the pages that no test runs or checks above, by what they
@@ -259,6 +295,8 @@ def test_every_doc_command_is_checked_or_says_why_not():
       continue  # Flags and configs checked above.
     if any(command.startswith(prefix) for prefix in _NOT_CHECKED):
       continue
+    if (path, command) in _alone_config_flags():
+      continue  # test_doc_config_flags_shown_alone_parse.
     pytest_run = re.match(r'python -m pytest (.*)', bare)
     if pytest_run:  # The tests it names exist.
       for name in re.findall(r'tests/\S+', pytest_run.group(1)):
