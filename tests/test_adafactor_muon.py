@@ -516,17 +516,6 @@ ADAMW_LEAVES = {
 }
 
 
-def _nest(flat_values):
-  tree = {}
-  for path, value in flat_values.items():
-    *parents, leaf = path.split('/')
-    node = tree
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[leaf] = value
-  return tree
-
-
 @pytest.mark.parametrize('rms', [0.2, None])
 def test_muon_two_steps_equal_numpy_newton_schulz(rms):
   """Muon's matrices (a 3-D attention kernel read as one matrix, a stacked
@@ -547,7 +536,9 @@ def test_muon_two_steps_equal_numpy_newton_schulz(rms):
           **{'muon.consistent_rms': rms},
       )
   )
-  got, _ = _two_steps(tx, _nest(p0), [_nest(g) for g in grads])
+  got, _ = _two_steps(
+      tx, checkpoint.unflatten(p0), [checkpoint.unflatten(g) for g in grads]
+  )
   got = [flat(tree) for tree in got]
 
   def muon_ref(name, beta=beta, to_matrices=None):

@@ -212,17 +212,6 @@ _LEAVES = (
 )
 
 
-def _tree(values):
-  tree = {}
-  for path, value in values.items():
-    node = tree
-    *parents, last = path.split('/')
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[last] = value
-  return tree
-
-
 def _numpy_updates(optimizer, params, grads_per_step):
   """Per-leaf updates of each step, SGD (trace momentum after decoupled
   decay) or AdamW (bias-corrected, decay after the moments), scaled."""
@@ -274,10 +263,10 @@ def test_per_group_lr_and_weight_decay_equal_a_numpy_update(optimizer):
       for _ in range(3)
   ]
   expected = _numpy_updates(optimizer, params, grads)
-  tree = _tree({p: jnp.asarray(v) for p, v in params.items()})
+  tree = checkpoint.unflatten({p: jnp.asarray(v) for p, v in params.items()})
   state = tx.init(tree)
   for t in range(3):
-    updates, state = tx.update(_tree(grads[t]), state, tree)
+    updates, state = tx.update(checkpoint.unflatten(grads[t]), state, tree)
     got = _paths(updates)
     for path in params:
       np.testing.assert_allclose(
