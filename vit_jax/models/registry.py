@@ -102,6 +102,14 @@ _CONFIGS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
             classifier='map',
         ),
     ),
+    # ------------------------------------------------------------------------
+    # Today's families with timm's vision_transformer.py layout: DINOv2,
+    # SigLIP 2, AIMv2 (see vit_jax.timm_models).
+    # ------------------------------------------------------------------------
+    # ------------------------------------------------------------------------
+    # Today's families with timm's eva.py layout: EVA-02, DINOv3, Perception
+    # Encoder (see vit_jax.timm_models).
+    # ------------------------------------------------------------------------
     # Hybrids: total stride = 4 (root) * 2**(stages - 1) * patch.
     'R+ViT-Ti_16': (
         vit.VisionTransformer,

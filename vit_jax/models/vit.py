@@ -22,6 +22,7 @@ between the two layouts.
 from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import logging
 import math
@@ -34,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from vit_jax.models import resnet
+from vit_jax.models import rope as rope_lib
 
 Dtype = Any
 
@@ -126,6 +128,32 @@ PARAM_AXES = (
 )
 # Logical axes of the activations between blocks: [batch, tokens, hidden].
 ACTIVATION_AXES = ('batch', 'length', 'embed')
+
+# The block options of today's ViT families (`VisionTransformer`'s fields of
+# the same names document them).
+MLP_KINDS = ('gelu', 'swiglu')
+NORM_KINDS = ('layernorm', 'rmsnorm')
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockOptions:
+  """What an encoder block is made of, beyond the 2020 ViT's.
+
+  The defaults are the 2020 ViT's block, with its published parameter names.
+  `VisionTransformer` builds one from its fields of the same names
+  (`VisionTransformer.block_options`); see there for each option.
+  """
+
+  layer_scale: float | None = None
+  qk_norm: bool = False
+  mlp: str = 'gelu'
+  mlp_norm: bool = False
+  norm: str = 'layernorm'
+  qkv_bias: bool | str = True
+  proj_bias: bool = True
+  mlp_bias: bool = True
+  rope: str | None = None
+  rope_options: tuple[tuple[str, Any], ...] = ()
 
 
 def resolve_attention_impl(
@@ -503,6 +531,10 @@ class MultiHeadDotProductAttention(nn.Module):
       the same function of the same parameters; the attention weights are
       materialised only by 'einsum' or when the `intermediates` collection
       is asked for.
+    options: The block's options (`BlockOptions`): biases, QK-norm, RoPE.
+    rope_grid: The patch grid (rows, columns) RoPE rotates (with
+      `options.rope`).
+    rope_start: Index of the first patch token (after a class token).
   """
 
   num_heads: int
@@ -511,6 +543,9 @@ class MultiHeadDotProductAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = 'auto'
+  options: BlockOptions = BlockOptions()
+  rope_grid: tuple[int, int] | None = None
+  rope_start: int = 0
 
   @nn.compact
   def __call__(
@@ -598,6 +633,7 @@ class MultiHeadDotProductAttention(nn.Module):
     if impl in ('xla', 'cudnn'):
       qkv = jnp.einsum('btd,dsnh->btsnh', x, w_qkv) + b_qkv
       q, k, v = (qkv[:, :, i] for i in range(3))
+      q, k = self._rotated(q, k, token_axis=1)
       mask = lengths = None
       if kv_mask is not None and impl == 'cudnn':
         # cuDNN's own padding mask (no [B, 1, T, T] bias is built): the
@@ -626,6 +662,7 @@ class MultiHeadDotProductAttention(nn.Module):
     qkv = jnp.einsum('btd,dsnh->bsnth', x, w_qkv)
     qkv = qkv + b_qkv[None, :, :, None, :]
     q, k, v = (qkv[:, i] for i in range(3))
+    q, k = self._rotated(q, k, token_axis=2)
     if impl in _TPU_KERNELS:
       out = _kernel_attention(impl, q, k, v, scale, kv_mask)
       if self.is_mutable_collection('intermediates'):
@@ -643,6 +680,24 @@ class MultiHeadDotProductAttention(nn.Module):
       out = jnp.einsum('bhqk,bhkd->bhqd', weights, v)
     out = jnp.einsum('bhqd,hdo->bqo', out, wo.astype(self.dtype))
     return out + bo.astype(self.dtype)
+
+  def _rotated(
+      self, q: jax.Array, k: jax.Array, token_axis: int
+  ) -> tuple[jax.Array, jax.Array]:
+    """q and k with RoPE applied (`options.rope`), before any kernel."""
+    if self.options.rope is None:
+      return q, k
+    if self.rope_grid is None:
+      raise ValueError('rope needs the patch grid (rope_grid).')
+    return rope_lib.Rope(
+        kind=self.options.rope,
+        options=self.options.rope_options,
+        grid=self.rope_grid,
+        num_heads=self.num_heads,
+        head_dim=q.shape[-1],
+        start=self.rope_start,
+        name='rope',
+    )(q, k, token_axis)
 
   def _weights(
       self,
@@ -680,6 +735,8 @@ class MlpBlock(nn.Module):
     param_dtype: Parameter dtype.
     gelu_approximate: tanh GELU (the paper's and big_vision's code) or, when
       False, the exact erf GELU (transformers' `hidden_act='gelu'`).
+    options: The block's options (`BlockOptions`): GELU or SwiGLU, biases,
+      the hidden norm.
   """
 
   mlp_dim: int
@@ -689,6 +746,7 @@ class MlpBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   gelu_approximate: bool = True
+  options: BlockOptions = BlockOptions()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -727,6 +785,9 @@ class Encoder1DBlock(nn.Module):
     attention_impl: See `MultiHeadDotProductAttention`.
     layer_norm_epsilon: LayerNorm epsilon.
     gelu_approximate: See `MlpBlock`.
+    options: The block's options (`BlockOptions`).
+    rope_grid: See `MultiHeadDotProductAttention`.
+    rope_start: See `MultiHeadDotProductAttention`.
   """
 
   mlp_dim: int
@@ -739,6 +800,9 @@ class Encoder1DBlock(nn.Module):
   attention_impl: str = 'auto'
   layer_norm_epsilon: float = _LAYER_NORM_EPSILON
   gelu_approximate: bool = True
+  options: BlockOptions = BlockOptions()
+  rope_grid: tuple[int, int] | None = None
+  rope_start: int = 0
 
   def _drop_path(self, x: jax.Array, rate: Any) -> jax.Array:
     """Stochastic depth: drops the residual branch `x` per example.
@@ -796,6 +860,9 @@ class Encoder1DBlock(nn.Module):
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         attention_impl=self.attention_impl,
+        options=self.options,
+        rope_grid=self.rope_grid,
+        rope_start=self.rope_start,
         name='MultiHeadDotProductAttention_0',
     )(x, kv_mask=kv_mask)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=self.deterministic)
@@ -808,6 +875,7 @@ class Encoder1DBlock(nn.Module):
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         gelu_approximate=self.gelu_approximate,
+        options=self.options,
         name='MlpBlock_0',
     )(y)
     y = self._drop_path(y, drop_path_rate)
@@ -1480,6 +1548,9 @@ class Encoder(nn.Module):
     posemb_resize: See `AddPositionEmbs.resize`.
     posemb_antialias: See `AddPositionEmbs.antialias`.
     patch_shape: See `AddPositionEmbs.patch_shape`.
+    block_options: The blocks' options (`BlockOptions`).
+    pre_norm: A norm on the tokens before the first block (after the
+      position embeddings): `pre_norm` (CLIP's and Perception Encoder's).
   """
 
   num_layers: int
@@ -1502,6 +1573,8 @@ class Encoder(nn.Module):
   posemb_resize: str = 'bilinear'
   posemb_antialias: bool = False
   patch_shape: tuple[int, int] = (1, 1)
+  block_options: BlockOptions = BlockOptions()
+  pre_norm: bool = False
 
   def drop_path_rates(self) -> list[float]:
     """Each block's stochastic-depth rate: 0 at the first, linear up to
@@ -1521,6 +1594,8 @@ class Encoder(nn.Module):
       grid: tuple[int, int] | None = None,
       positions: tuple[jax.Array, jax.Array] | None = None,
       kv_mask: jax.Array | None = None,
+      patch_grid: tuple[int, int] | None = None,
+      prefix_tokens: int = 0,
   ) -> jax.Array:
     """Position embeddings, the blocks and the final LayerNorm.
 
@@ -1534,6 +1609,10 @@ class Encoder(nn.Module):
         grid, two int [B, T] arrays (see `AddPositionEmbs`).
       kv_mask: [B, T] bool, the tokens attention may look at (False: NaFlex
         padding); None: all.
+      patch_grid: The patch grid (rows, columns) of the patch tokens, for
+        RoPE (`block_options.rope`).
+      prefix_tokens: Tokens before the patches (a class token), which RoPE
+        leaves as they are.
 
     Returns:
       [B, T (+ R), D].
@@ -1582,6 +1661,9 @@ class Encoder(nn.Module):
         attention_impl=self.attention_impl,
         layer_norm_epsilon=self.layer_norm_epsilon,
         gelu_approximate=self.gelu_approximate,
+        options=self.block_options,
+        rope_grid=patch_grid,
+        rope_start=prefix_tokens,
     )
     # Without stochastic depth the blocks take no rate: the same program as
     # before the option existed.
@@ -1698,6 +1780,48 @@ class VisionTransformer(nn.Module):
       grid (`naflex_position_embeddings`); padding gets no attention weight
       in any `attention_impl` and no weight in 'gap' / 'map' pooling. No
       class token or registers; `posemb` 'learn' (the 2-D table) or 'none'.
+
+    The block options of today's ViT families (DINOv2/v3, EVA-02, AIMv2,
+    Perception Encoder, SigLIP 2); each default is the 2020 ViT's, with its
+    published parameter names:
+
+    layer_scale: LayerScale's initial value (Touvron et al., 2021): each
+      residual branch is multiplied by a learned per-channel scale
+      (`LayerScale_0/scale` after attention, `LayerScale_1/scale` after the
+      MLP); None: none.
+    qk_norm: Normalise each head's queries and keys (`query_norm`,
+      `key_norm` in the attention, the kind `norm` says) before the dot
+      product.
+    mlp: 'gelu' (Dense_0 -> GELU -> Dense_1) or 'swiglu' (SiLU(Dense_0 x) *
+      Dense_2 x -> Dense_1; `mlp_dim` is the width of each branch).
+    mlp_norm: A norm on the MLP's hidden activations before Dense_1
+      (`MlpBlock_0/LayerNorm_0`; EVA-02's "scale_mlp").
+    norm: 'layernorm' or 'rmsnorm' for every norm of the model (the module
+      names stay `LayerNorm_0`, `encoder_norm`, ...; RMSNorm has a scale and
+      no bias).
+    qkv_bias: Biases of the query, key and value projections: True, False,
+      or 'qv' (query and value only, EVA-02's: a key bias changes no
+      attention weight).
+    proj_bias: Bias of the attention's output projection.
+    mlp_bias: Biases of the MLP's Dense layers.
+    rope: Rotary position embeddings on the patch tokens' queries and keys,
+      one of `rope.ROPE_KINDS` or None (see `vit_jax.models.rope`).
+    rope_options: The RoPE convention's settings, (name, value) pairs or a
+      mapping (see `vit_jax.models.rope`).
+    class_token: A class token in the sequence (`cls`); None: when the
+      classifier pools it ('token', 'token_unpooled'). With 'gap' or 'map'
+      pooling the class token is left out of the pool.
+    posemb_class_token: With `posemb='learn'`, whether the class token has a
+      position embedding of its own (the published layout); False: the
+      table covers the patches only (timm's `no_embed_class`).
+    pre_norm: A norm on the tokens before the first block
+      (`Transformer/pre_norm`; CLIP's and Perception Encoder's).
+    embed_norm: A norm on the patch embeddings before the position
+      embeddings (`embedding_norm`; AIMv2's).
+    fc_norm: With 'gap' pooling, the final norm comes after the pooling
+      (`fc_norm`) instead of before it (`Transformer/encoder_norm`).
+    map_num_heads: Heads of the MAP head; None: the encoder's.
+    map_mlp_dim: MLP width of the MAP head; None: the encoder's.
   """
 
   num_classes: int | None
@@ -1727,6 +1851,66 @@ class VisionTransformer(nn.Module):
   run_patch_size: Any = None
   flexi_patch_sizes: tuple[int, ...] = ()
   naflex: bool = False
+  layer_scale: float | None = None
+  qk_norm: bool = False
+  mlp: str = 'gelu'
+  mlp_norm: bool = False
+  norm: str = 'layernorm'
+  qkv_bias: bool | str = True
+  proj_bias: bool = True
+  mlp_bias: bool = True
+  rope: str | None = None
+  rope_options: Any = ()
+  class_token: bool | None = None
+  posemb_class_token: bool = True
+  pre_norm: bool = False
+  embed_norm: bool = False
+  fc_norm: bool = False
+  map_num_heads: int | None = None
+  map_mlp_dim: int | None = None
+
+  @property
+  def block_options(self) -> BlockOptions:
+    """The encoder blocks' options, from this model's fields."""
+    rope_options = self.rope_options
+    if isinstance(rope_options, Mapping):
+      rope_options = tuple(sorted(rope_options.items()))
+    return BlockOptions(
+        layer_scale=self.layer_scale,
+        qk_norm=self.qk_norm,
+        mlp=self.mlp,
+        mlp_norm=self.mlp_norm,
+        norm=self.norm,
+        qkv_bias=self.qkv_bias,
+        proj_bias=self.proj_bias,
+        mlp_bias=self.mlp_bias,
+        rope=self.rope,
+        rope_options=tuple(rope_options),
+    )
+
+  def _check_block_options(self) -> None:
+    """Refuses the options not built yet (one line each)."""
+    defaults = {
+        'layer_scale': None,
+        'qk_norm': False,
+        'mlp': 'gelu',
+        'mlp_norm': False,
+        'norm': 'layernorm',
+        'qkv_bias': True,
+        'proj_bias': True,
+        'mlp_bias': True,
+        'rope': None,
+        'class_token': None,
+        'posemb_class_token': True,
+        'pre_norm': False,
+        'embed_norm': False,
+        'fc_norm': False,
+        'map_num_heads': None,
+        'map_mlp_dim': None,
+    }
+    for name, default in defaults.items():
+      if getattr(self, name) != default:
+        raise NotImplementedError(f'{name}={getattr(self, name)!r}')
 
   @property
   def total_stride(self) -> tuple[int, int]:
@@ -1899,6 +2083,7 @@ class VisionTransformer(nn.Module):
           "posemb_antialias=True needs posemb_resize='bicubic' "
           "('bilinear' has no antialiasing, 'linear' always has it)."
       )
+    self._check_block_options()
     ph, pw = self.patch_size_at(patch_size)
     stored_patch = patch_size_of(self.patches)
     flexible = bool(self.flexi_patch_sizes) or (ph, pw) != stored_patch
@@ -2041,6 +2226,8 @@ class VisionTransformer(nn.Module):
               stored_patch[0] * resnet.total_stride(self.resnet),
               stored_patch[1] * resnet.total_stride(self.resnet),
           ),
+          block_options=self.block_options,
+          pre_norm=self.pre_norm,
           name='Transformer',
           **encoder_fields,
       )(
@@ -2049,6 +2236,10 @@ class VisionTransformer(nn.Module):
           grid=(h, w) if self.dynamic_image_size or flexible else None,
           positions=positions,
           kv_mask=token_mask,
+          patch_grid=(h, w),
+          prefix_tokens=(
+              1 if self.classifier in ('token', 'token_unpooled') else 0
+          ),
       )
       if self.num_registers:  # Registers are working memory, not output.
         x = x[:, : -self.num_registers]
@@ -2099,13 +2290,16 @@ class VisionTransformer(nn.Module):
 
 __all__ = [
     'AddPositionEmbs',
+    'BlockOptions',
     'CLASSIFIERS',
     'Encoder',
     'Encoder1DBlock',
     'MAPHead',
+    'MLP_KINDS',
     'MlpBlock',
     'MultiHeadDotProductAttention',
     'NAFLEX_POSEMB_GRID',
+    'NORM_KINDS',
     'OUTPUTS',
     'POSEMB_KINDS',
     'POSEMB_RESIZE_METHODS',
