@@ -1780,11 +1780,6 @@ class VisionTransformer(nn.Module):
       grid (`naflex_position_embeddings`); padding gets no attention weight
       in any `attention_impl` and no weight in 'gap' / 'map' pooling. No
       class token or registers; `posemb` 'learn' (the 2-D table) or 'none'.
-
-    The block options of today's ViT families (DINOv2/v3, EVA-02, AIMv2,
-    Perception Encoder, SigLIP 2); each default is the 2020 ViT's, with its
-    published parameter names:
-
     layer_scale: LayerScale's initial value (Touvron et al., 2021): each
       residual branch is multiplied by a learned per-channel scale
       (`LayerScale_0/scale` after attention, `LayerScale_1/scale` after the
@@ -1851,6 +1846,9 @@ class VisionTransformer(nn.Module):
   run_patch_size: Any = None
   flexi_patch_sizes: tuple[int, ...] = ()
   naflex: bool = False
+  # The block options of today's ViT families (DINOv2/v3, EVA-02, AIMv2,
+  # Perception Encoder, SigLIP 2); each default is the 2020 ViT's, with its
+  # published parameter names.
   layer_scale: float | None = None
   qk_norm: bool = False
   mlp: str = 'gelu'
