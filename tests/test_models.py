@@ -35,6 +35,19 @@ EXPECTED_PARAM_COUNTS = {
     'ViT-G_14': 1_844_440_680,
     # MAP head, no class token; from the formula in test_model_options.py.
     'ViT-So400m_14': 428_833_704,
+    # timm 1.0.31's counts of `timm.create_model(NAME, img_size=224,
+    # num_classes=1000)` for the timm model of each family.
+    'DINOv2-S_14': 22_013_800,  # vit_small_patch14_dinov2
+    'DINOv2-B_14': 86_493_928,  # vit_base_patch14_dinov2
+    'DINOv2-L_14': 304_252_904,  # vit_large_patch14_dinov2
+    'DINOv2-g_14': 1_136_306_664,  # vit_giant_patch14_dinov2
+    'SigLIP2-B_16': 93_653_224,  # vit_base_patch16_siglip_224
+    'SigLIP2-L_16': 316_919_784,  # vit_large_patch16_siglip_256
+    'SigLIP2-So400m_14': 428_833_704,  # vit_so400m_patch14_siglip_224
+    'SigLIP2-So400m_16': 428_971_944,  # vit_so400m_patch16_siglip_256
+    'ViT-gopt_16': 1_164_613_096,  # vit_giantopt_patch16_siglip_256
+    'AIMv2-L_14': 310_222_824,  # aimv2_large_patch14_224
+    'AIMv2-H_14': 682_388_968,  # aimv2_huge_patch14_224
     'R+ViT-Ti_16': 6_337_704,
     'R26+ViT-S_32': 36_431_912,
     'R50+ViT-B_16': 98_659_112,

@@ -44,7 +44,123 @@ class TimmModel(NamedTuple):
 # timm's vision_transformer.py: DINOv2, SigLIP 2, AIMv2.
 # ----------------------------------------------------------------------------
 
-_VISION_TRANSFORMER_MODELS: dict[str, TimmModel] = {}
+# timm's pretrained configs' per-channel statistics.
+_IMAGENET = {'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225)}
+_HALF = {'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5)}
+_OPENAI_CLIP = {
+    'mean': (0.48145466, 0.4578275, 0.40821073),
+    'std': (0.26862954, 0.26130258, 0.27577711),
+}
+
+
+def _vision_transformer(
+    registry: str,
+    head_dim: int,
+    image_size: int,
+    statistics: Mapping[str, Any],
+    **options: Any,
+) -> TimmModel:
+  return TimmModel(
+      registry=registry,
+      layout='vision_transformer',
+      options=options,
+      head_dim=head_dim,
+      preprocessing={'image_size': image_size, **statistics},
+  )
+
+
+def _dinov2(registry: str, head_dim: int, registers: bool) -> TimmModel:
+  # timm's `reg4` models: 4 registers and `no_embed_class=True` (the table
+  # covers the patches only).
+  extra = {'num_registers': 4, 'posemb_class_token': False}
+  return _vision_transformer(
+      registry, head_dim, 518, _IMAGENET, **(extra if registers else {})
+  )
+
+
+def _siglip2(
+    registry: str, head_dim: int, image_size: int, gap: bool, tanh: bool
+) -> TimmModel:
+  # timm builds some of SigLIP's towers with the exact GELU, others with the
+  # tanh approximation (`act_layer='gelu_tanh'`); `_gap_` models average the
+  # normalised tokens (`fc_norm=False`) instead of the MAP head.
+  return _vision_transformer(
+      registry,
+      head_dim,
+      image_size,
+      _HALF,
+      gelu_approximate=tanh,
+      **({'classifier': 'gap'} if gap else {}),
+  )
+
+
+_VISION_TRANSFORMER_MODELS: dict[str, TimmModel] = {
+    **{
+        f'vit_{size}_patch14{reg}_dinov2': _dinov2(
+            f'DINOv2-{letter}_14', 64, registers=bool(reg)
+        )
+        for size, letter in (
+            ('small', 'S'),
+            ('base', 'B'),
+            ('large', 'L'),
+            ('giant', 'g'),
+        )
+        for reg in ('', '_reg4')
+    },
+    # The towers of timm's `v2_webli` (SigLIP 2) weights, each resolution a
+    # timm model of its own.
+    **{
+        f'vit_{size}_siglip{pool}_{res}': _siglip2(
+            registry, head_dim, res, gap=bool(pool), tanh=tanh(res)
+        )
+        for size, registry, head_dim, resolutions, tanh in (
+            (
+                'base_patch16',
+                'SigLIP2-B_16',
+                64,
+                (224, 256, 384, 512),
+                lambda res: False,
+            ),
+            (
+                'large_patch16',
+                'SigLIP2-L_16',
+                64,
+                (256, 384, 512),
+                lambda res: res == 512,
+            ),
+            (
+                'so400m_patch14',
+                'SigLIP2-So400m_14',
+                72,
+                (224, 378),
+                lambda res: False,
+            ),
+            (
+                'so400m_patch16',
+                'SigLIP2-So400m_16',
+                72,
+                (256, 384, 512),
+                lambda res: True,
+            ),
+            (
+                'giantopt_patch16',
+                'ViT-gopt_16',
+                96,
+                (256, 384),
+                lambda res: True,
+            ),
+        )
+        for res in resolutions
+        for pool in ('', '_gap')
+    },
+    **{
+        f'aimv2_{size}_patch14_{res}': _vision_transformer(
+            registry, 128, res, _OPENAI_CLIP
+        )
+        for size, registry in (('large', 'AIMv2-L_14'), ('huge', 'AIMv2-H_14'))
+        for res in (224, 336, 448)
+    },
+}
 
 # ----------------------------------------------------------------------------
 # timm's eva.py: EVA-02, DINOv3, Perception Encoder.

@@ -59,6 +59,53 @@ _TI = dict(hidden=192, mlp=768, heads=3, layers=12)
 _S = dict(hidden=384, mlp=1536, heads=6, layers=12)
 _B = dict(hidden=768, mlp=3072, heads=12, layers=12)
 _L = dict(hidden=1024, mlp=4096, heads=16, layers=24)
+_SO400M = dict(hidden=1152, mlp=4304, heads=16, layers=27)
+
+
+def _dinov2(hidden, mlp, heads, layers, swiglu=False):
+  config = _vit(
+      hidden,
+      mlp,
+      heads,
+      layers,
+      patch=14,
+      layer_scale=1e-5,
+      gelu_approximate=False,
+  )
+  if swiglu:  # `mlp` is _vit's MLP width: the kind is set apart.
+    config['mlp'] = 'swiglu'
+  return config
+
+
+def _siglip2(hidden, mlp, heads, layers, patch, gelu_approximate=False):
+  return _vit(
+      hidden,
+      mlp,
+      heads,
+      layers,
+      patch,
+      classifier='map',
+      gelu_approximate=gelu_approximate,
+  )
+
+
+def _aimv2(hidden, mlp, heads, layers):
+  config = _vit(
+      hidden,
+      mlp,
+      heads,
+      layers,
+      patch=14,
+      classifier='gap',
+      norm='rmsnorm',
+      layer_norm_epsilon=1e-5,
+      qkv_bias=False,
+      proj_bias=False,
+      mlp_bias=False,
+      embed_norm=True,
+  )
+  config['mlp'] = 'swiglu'  # `mlp` is _vit's MLP width.
+  return config
 
 # name -> (module class, config). Sizes: paper Table 1 (B, L, H), DeiT (Ti, S),
 # "Scaling Vision Transformers" Table 2 (g, G); dropout as in the official
@@ -106,6 +153,53 @@ _CONFIGS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     # Today's families with timm's vision_transformer.py layout: DINOv2,
     # SigLIP 2, AIMv2 (see vit_jax.timm_models).
     # ------------------------------------------------------------------------
+    # DINOv2 (Oquab et al., 2023): class token, LayerScale, exact GELU; g/14
+    # has a SwiGLU MLP of 4096 per branch (timm's packed `fc1`).
+    'DINOv2-S_14': (vit.VisionTransformer, _dinov2(**_S)),
+    'DINOv2-B_14': (vit.VisionTransformer, _dinov2(**_B)),
+    'DINOv2-L_14': (
+        vit.VisionTransformer,
+        _dinov2(hidden=1024, mlp=4096, heads=16, layers=24),
+    ),
+    'DINOv2-g_14': (
+        vit.VisionTransformer,
+        _dinov2(hidden=1536, mlp=4096, heads=24, layers=40, swiglu=True),
+    ),
+    # SigLIP 2's image towers (Tschannen et al., 2025): MAP head, no class
+    # token; the GELU kind is timm's for these names (`vit_jax.timm_models`
+    # gives it for each timm model).
+    'SigLIP2-B_16': (vit.VisionTransformer, _siglip2(**_B, patch=16)),
+    'SigLIP2-L_16': (
+        vit.VisionTransformer,
+        _siglip2(hidden=1024, mlp=4096, heads=16, layers=24, patch=16),
+    ),
+    'SigLIP2-So400m_14': (vit.VisionTransformer, _siglip2(**_SO400M, patch=14)),
+    'SigLIP2-So400m_16': (
+        vit.VisionTransformer,
+        _siglip2(**_SO400M, patch=16, gelu_approximate=True),
+    ),
+    # SigLIP 2's g-opt/16 tower ("Getting ViT in Shape"'s giant, opt-imised).
+    'ViT-gopt_16': (
+        vit.VisionTransformer,
+        _siglip2(
+            hidden=1536,
+            mlp=6144,
+            heads=16,
+            layers=40,
+            patch=16,
+            gelu_approximate=True,
+        ),
+    ),
+    # AIMv2 (Fini et al., 2024): RMSNorm everywhere (the patch embeddings'
+    # too), SwiGLU, no biases in the blocks, mean of the tokens.
+    'AIMv2-L_14': (
+        vit.VisionTransformer,
+        _aimv2(hidden=1024, mlp=2816, heads=8, layers=24),
+    ),
+    'AIMv2-H_14': (
+        vit.VisionTransformer,
+        _aimv2(hidden=1536, mlp=4096, heads=12, layers=24),
+    ),
     # ------------------------------------------------------------------------
     # Today's families with timm's eva.py layout: EVA-02, DINOv3, Perception
     # Encoder (see vit_jax.timm_models).
