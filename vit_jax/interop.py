@@ -72,6 +72,18 @@ _TRANSFORMERS_ACTS = {
 }
 _TIMM_ACTS = {'gelu': False, 'gelu_tanh': True}
 _ARCHITECTURES = ('ViTForImageClassification', 'ViTModel')
+# `VisionTransformer`'s fields of today's ViT families (block options and
+# the like), which a plain ViT has at their defaults.
+_FAMILY_OPTIONS = (
+    *(f.name for f in dataclasses.fields(vit_lib.BlockOptions)),
+    'class_token',
+    'posemb_class_token',
+    'pre_norm',
+    'embed_norm',
+    'fc_norm',
+    'map_num_heads',
+    'map_mlp_dim',
+)
 # The position embeddings' path in the published layout.
 POSEMB_PATH = 'Transformer/posembed_input/pos_embedding'
 
@@ -316,6 +328,14 @@ def spec_from_model(
       model.transformer, 'add_position_embedding', True
   ):
     unsupported.append('transformer.add_position_embedding=False')
+  # Today's families' options (none of which the plain formats have):
+  # their timm models convert with `timm_model=` (`vit_jax.timm_interop`).
+  defaults = {f.name: f.default for f in dataclasses.fields(model)}
+  unsupported += [
+      f'{name}={getattr(model, name)!r}'
+      for name in _FAMILY_OPTIONS
+      if getattr(model, name) != defaults[name]
+  ]
   if unsupported:
     raise ConversionError(
         f'{model.model_name or "This model"} uses option(s) that '
@@ -616,7 +636,7 @@ def _from_torch(
     tensors: Mapping[str, np.ndarray],
     rules: Sequence[_Rule],
     model: Any,
-    spec: VitSpec,
+    image_size: tuple[int, int],
     where: str,
 ) -> Params:
   """Their state dict -> our parameter tree for `model`, checked first.
@@ -627,7 +647,7 @@ def _from_torch(
   """
   abstract = jax.eval_shape(
       lambda: model.init(
-          jax.random.key(0), jnp.zeros((1, *spec.image_size, 3)), train=False
+          jax.random.key(0), jnp.zeros((1, *image_size, 3)), train=False
       )
   )['params']
   ours = {k: tuple(v.shape) for k, v in checkpoint.flatten(abstract).items()}
@@ -1072,7 +1092,7 @@ def from_transformers(path: str, **overrides: Any) -> tuple[Any, Params]:
   }
   model = model_from_spec(spec, **overrides)
   return model, _from_torch(
-      tensors, _transformers_rules(spec, prefix), model, spec, path
+      tensors, _transformers_rules(spec, prefix), model, spec.image_size, path
   )
 
 
@@ -1358,7 +1378,9 @@ def from_timm(
       layer_norm_epsilon=float(layer_norm_epsilon),
   )
   model = model_from_spec(spec, **overrides)
-  return model, _from_torch(tensors, _timm_rules(spec), model, spec, str(path))
+  return model, _from_torch(
+      tensors, _timm_rules(spec), model, spec.image_size, str(path)
+  )
 
 
 def create_timm_model(path: str) -> Any:
