@@ -64,6 +64,12 @@ def _linear(
   return rules
 
 
+def _has_class_token(model: Any) -> bool:
+  if model.class_token is None:
+    return model.classifier in ('token', 'token_unpooled')
+  return bool(model.class_token)
+
+
 def vision_transformer_rules(
     model: vit_lib.VisionTransformer, num_layers: int
 ) -> list[_Rule]:
@@ -89,10 +95,7 @@ def vision_transformer_rules(
       *_linear('patch_embed.proj', ('embedding',), _CONV),
       _Rule('pos_embed', _SAME, (interop.POSEMB_PATH,)),
   ]
-  class_token = model.class_token
-  if class_token is None:
-    class_token = model.classifier in ('token', 'token_unpooled')
-  if class_token:
+  if _has_class_token(model):
     rules.append(_Rule('cls_token', _SAME, ('cls',)))
   if model.num_registers:
     rules.append(_Rule('reg_token', _SAME, ('registers',)))
@@ -238,9 +241,9 @@ def _file_shapes(
     fields: Mapping[str, Any],
     where: str,
 ) -> dict[str, Any]:
-  """Depth, width, MLP width, heads, classes and the position-embedding
-  grid of a timm state dict, from its shapes."""
-  needed = ['patch_embed.proj.weight', 'pos_embed', 'blocks.0.norm1.weight']
+  """Depth, width, MLP width, heads and classes of a timm state dict, from
+  its shapes."""
+  needed = ['patch_embed.proj.weight', 'blocks.0.norm1.weight']
   swiglu = fields.get('mlp') == 'swiglu'
   packed = swiglu and entry.registry in _PACKED_SWIGLU
   mlp_key = (
@@ -252,34 +255,25 @@ def _file_shapes(
   missing = [k for k in needed if k not in tensors]
   if missing:
     raise interop.ConversionError(
-        f'{where}: not a state dict of timm\'s {entry.layout} layout as '
+        f"{where}: not a state dict of timm's {entry.layout} layout as "
         f'{entry.registry} has it: missing weights '
         f'{interop._names(missing)}; '  # pylint: disable=protected-access
         f'found e.g. {interop._names(sorted(tensors), 6)}.'  # pylint: disable=protected-access
     )
-  width, _, ph, pw = tensors['patch_embed.proj.weight'].shape
+  width = int(tensors['patch_embed.proj.weight'].shape[0])
   if width % entry.head_dim:
     raise interop.ConversionError(
         f'{where}: width {width} is not a multiple of the head size '
         f'{entry.head_dim} of {entry.registry}.'
     )
-  mlp_dim = int(tensors[mlp_key].shape[0]) // (2 if packed else 1)
-  class_token = fields.get('class_token')
-  if class_token is None:
-    class_token = fields.get('classifier') in ('token', 'token_unpooled')
-  with_class = class_token and fields.get('posemb_class_token', True)
-  grid = interop.square_grid(
-      int(tensors['pos_embed'].shape[1]) - int(with_class), f'{where} pos_embed'
-  )
   return {
       'num_layers': _count_blocks(tensors),
-      'hidden_size': int(width),
-      'mlp_dim': mlp_dim,
-      'num_heads': int(width) // entry.head_dim,
+      'hidden_size': width,
+      'mlp_dim': int(tensors[mlp_key].shape[0]) // (2 if packed else 1),
+      'num_heads': width // entry.head_dim,
       'num_classes': (
           int(tensors['head.weight'].shape[0]) if 'head.weight' in tensors else 0
       ),
-      'image_size': (grid[0] * int(ph), grid[1] * int(pw)),
   }
 
 
@@ -315,8 +309,9 @@ def load_timm(
         'safetensors.torch.save_file(model.state_dict(), ...).'
     )
   tensors, _ = interop._read_safetensors(path)  # pylint: disable=protected-access
-  fields = {**vit_jax.models.get_config(entry.registry), **entry.options}
-  fields.update(overrides)
+  fields = vit_jax.models.get_config(
+      entry.registry, **{**entry.options, **overrides}
+  )
   shapes = _file_shapes(tensors, entry, fields, path)
   model = vit_jax.models.get_model(
       entry.registry,
@@ -333,23 +328,32 @@ def load_timm(
       },
   )
   rules = _model_rules(model, shapes['num_layers'], entry.layout)
-  _check_rules_cover(model, rules, shapes['image_size'], path)
+  # Names first: a file of another family is told by its tensors' names.
+  interop._check_keys(  # pylint: disable=protected-access
+      list(tensors), [rule.theirs for rule in rules], path
+  )
+  image_size = _image_size(model, tensors['pos_embed'].shape[1], path)
+  _check_rules_cover(model, rules, image_size, path)
   params = interop._from_torch(  # pylint: disable=protected-access
-      tensors, rules, model, shapes['image_size'], path
+      tensors, rules, model, image_size, path
   )
   return model, params
 
 
-def image_size_of(model: Any, params: Params) -> tuple[int, int]:
-  """The (height, width) the learned position embeddings of `params` cover."""
-  flat = checkpoint.flatten(params)
-  table = flat[interop.POSEMB_PATH]
-  class_token = 'cls' in flat and model.posemb_class_token
+def _image_size(model: Any, table_length: int, where: str) -> tuple[int, int]:
+  """The square image a position-embedding table of `table_length` covers."""
+  class_entry = _has_class_token(model) and model.posemb_class_token
   grid = interop.square_grid(
-      int(table.shape[1]) - int(class_token), interop.POSEMB_PATH
+      int(table_length) - int(class_entry), f'{where} position embeddings'
   )
   ph, pw = vit_lib.patch_size_of(model.patches)
   return grid[0] * ph, grid[1] * pw
+
+
+def image_size_of(model: Any, params: Params) -> tuple[int, int]:
+  """The (height, width) the learned position embeddings of `params` cover."""
+  table = checkpoint.flatten(params)[interop.POSEMB_PATH]
+  return _image_size(model, table.shape[1], interop.POSEMB_PATH)
 
 
 def to_timm(
