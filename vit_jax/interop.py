@@ -72,18 +72,6 @@ _TRANSFORMERS_ACTS = {
 }
 _TIMM_ACTS = {'gelu': False, 'gelu_tanh': True}
 _ARCHITECTURES = ('ViTForImageClassification', 'ViTModel')
-# `VisionTransformer`'s fields of today's ViT families (block options and
-# the like), which a plain ViT has at their defaults.
-_FAMILY_OPTIONS = (
-    *(f.name for f in dataclasses.fields(vit_lib.BlockOptions)),
-    'class_token',
-    'posemb_class_token',
-    'pre_norm',
-    'embed_norm',
-    'fc_norm',
-    'map_num_heads',
-    'map_mlp_dim',
-)
 # The position embeddings' path in the published layout.
 POSEMB_PATH = 'Transformer/posembed_input/pos_embedding'
 
@@ -328,14 +316,12 @@ def spec_from_model(
       model.transformer, 'add_position_embedding', True
   ):
     unsupported.append('transformer.add_position_embedding=False')
-  # Today's families' options (none of which the plain formats have):
-  # their timm models convert with `timm_model=` (`vit_jax.timm_interop`).
-  defaults = {f.name: f.default for f in dataclasses.fields(model)}
-  unsupported += [
-      f'{name}={getattr(model, name)!r}'
-      for name in _FAMILY_OPTIONS
-      if getattr(model, name) != defaults[name]
-  ]
+  # Today's families' block options: their layouts are timm's own models'.
+  for field in dataclasses.fields(model):
+    if field.name in vit_lib.BLOCK_OPTION_FIELDS:
+      value = getattr(model, field.name)
+      if value != field.default:
+        unsupported.append(f'{field.name}={value!r}')
   if unsupported:
     raise ConversionError(
         f'{model.model_name or "This model"} uses option(s) that '
