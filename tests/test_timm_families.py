@@ -101,11 +101,17 @@ def timm_state_dict(model, params):
     att = ours + 'MultiHeadDotProductAttention_0/'
     _norm(out, b + 'norm1', flat, ours + 'LayerNorm_0', rms)
     out[b + 'attn.qkv.weight'] = np.concatenate(
-        [_heads_in(flat[att + n + '/kernel']) for n in ('query', 'key', 'value')]
+        [
+            _heads_in(flat[att + n + '/kernel'])
+            for n in ('query', 'key', 'value')
+        ]
     )
     if model.qkv_bias:
       out[b + 'attn.qkv.bias'] = np.concatenate(
-          [flat[att + n + '/bias'].reshape(-1) for n in ('query', 'key', 'value')]
+          [
+              flat[att + n + '/bias'].reshape(-1)
+              for n in ('query', 'key', 'value')
+          ]
       )
     kernel = flat[att + 'out/kernel']  # (heads, head_dim, D)
     out[b + 'attn.proj.weight'] = kernel.reshape(-1, kernel.shape[-1]).T
@@ -315,13 +321,17 @@ def test_convert_cli_timm_file_to_npz_and_back(tmp_path):
   path = write_timm_file(tmp_path / 'dinov2.safetensors', model, params)
   npz = str(tmp_path / 'dinov2.npz')
   result = run_module(
-      'vit_jax.convert', f'--input={path}', f'--timm_model={name}',
+      'vit_jax.convert',
+      f'--input={path}',
+      f'--timm_model={name}',
       f'--output={npz}',
   )
   assert result.returncode == 0, result.stderr
   entry = convert.TIMM_MODELS[name]
   loaded = loading.load_npz(
-      npz, model_name=entry.registry, options={
+      npz,
+      model_name=entry.registry,
+      options={
           **entry.options,
           'hidden_size': model.hidden_size,
           'transformer': dict(model.transformer),
@@ -332,7 +342,9 @@ def test_convert_cli_timm_file_to_npz_and_back(tmp_path):
   )
   # An unknown name: one line, non-zero, nothing written.
   result = run_module(
-      'vit_jax.convert', f'--input={path}', '--timm_model=dinov2',
+      'vit_jax.convert',
+      f'--input={path}',
+      '--timm_model=dinov2',
       f'--output={tmp_path / "no.npz"}',
   )
   assert result.returncode != 0

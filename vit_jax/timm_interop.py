@@ -58,9 +58,13 @@ def _linear(
 ) -> list[_Rule]:
   """A Linear of one or more of our layers (concatenated); `bias`: None for
   none."""
-  rules = [_Rule(theirs + '.weight', kernel, tuple(o + '/kernel' for o in ours))]
+  rules = [
+      _Rule(theirs + '.weight', kernel, tuple(o + '/kernel' for o in ours))
+  ]
   if bias is not None:
-    rules.append(_Rule(theirs + '.bias', bias, tuple(o + '/bias' for o in ours)))
+    rules.append(
+        _Rule(theirs + '.bias', bias, tuple(o + '/bias' for o in ours))
+    )
   return rules
 
 
@@ -112,7 +116,10 @@ def vision_transformer_rules(
       ]
     if model.model_name in _PACKED_SWIGLU:
       first = _linear(
-          theirs + 'fc1', (ours + 'Dense_0', ours + 'Dense_2'), _LINEAR, mlp_bias
+          theirs + 'fc1',
+          (ours + 'Dense_0', ours + 'Dense_2'),
+          _LINEAR,
+          mlp_bias,
       )
     else:
       first = [
@@ -147,8 +154,12 @@ def vision_transformer_rules(
     if options.mlp_norm:
       rules += _norm(b + 'mlp.norm', block + 'MlpBlock_0/LayerNorm_0', kind)
     if options.layer_scale is not None:
-      rules.append(_Rule(b + 'ls1.gamma', _SAME, (block + 'LayerScale_0/scale',)))
-      rules.append(_Rule(b + 'ls2.gamma', _SAME, (block + 'LayerScale_1/scale',)))
+      rules.append(
+          _Rule(b + 'ls1.gamma', _SAME, (block + 'LayerScale_0/scale',))
+      )
+      rules.append(
+          _Rule(b + 'ls2.gamma', _SAME, (block + 'LayerScale_1/scale',))
+      )
   if model.fc_norm:
     rules += _norm('fc_norm', 'fc_norm', kind)
   else:
@@ -188,8 +199,11 @@ def timm_model_entry(timm_model: str) -> timm_models.TimmModel:
   """
   entry = timm_models.TIMM_MODELS.get(timm_model)
   if entry is None:
-    close = difflib.get_close_matches(
-        timm_model, list(timm_models.TIMM_MODELS), n=5, cutoff=0.5
+    names = list(timm_models.TIMM_MODELS)
+    # Spelled alike, else containing what was given (e.g. 'dinov2').
+    close = (
+        difflib.get_close_matches(timm_model, names, n=5, cutoff=0.5)
+        or [n for n in names if timm_model.lower() in n][:5]
     )
     hint = (
         f'close matches: {", ".join(close)}'
@@ -272,7 +286,9 @@ def _file_shapes(
       'mlp_dim': int(tensors[mlp_key].shape[0]) // (2 if packed else 1),
       'num_heads': width // entry.head_dim,
       'num_classes': (
-          int(tensors['head.weight'].shape[0]) if 'head.weight' in tensors else 0
+          int(tensors['head.weight'].shape[0])
+          if 'head.weight' in tensors
+          else 0
       ),
   }
 

@@ -107,6 +107,7 @@ def _aimv2(hidden, mlp, heads, layers):
   config['mlp'] = 'swiglu'  # `mlp` is _vit's MLP width.
   return config
 
+
 # name -> (module class, config). Sizes: paper Table 1 (B, L, H), DeiT (Ti, S),
 # "Scaling Vision Transformers" Table 2 (g, G); dropout as in the official
 # configs (0.1 for L/16, H/14 and R50+B/16, else 0).
