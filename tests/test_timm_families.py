@@ -259,7 +259,7 @@ def test_unknown_timm_model_lists_close_matches(tmp_path):
 def test_pickled_file_is_refused_unopened(tmp_path):
   path = tmp_path / 'pytorch_model.bin'
   path.write_bytes(b'not opened')
-  with pytest.raises(interop.ConversionError, match='safetensors'):
+  with pytest.raises(interop.ConversionError, match='never opened'):
     timm_interop.load_timm(path, 'vit_small_patch14_dinov2')
 
 
