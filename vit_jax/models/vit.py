@@ -125,6 +125,11 @@ PARAM_AXES = (
     (_BLOCK + r'/MlpBlock_0/Dense_0/kernel', ('embed', 'mlp')),
     (_BLOCK + r'/MlpBlock_0/Dense_0/bias', ('mlp',)),
     (_BLOCK + r'/MlpBlock_0/Dense_1/kernel', ('mlp', 'embed')),
+    # RoPE-Mixed's learned frequencies [2, heads, head_dim // 2].
+    (
+        _BLOCK + r'/MultiHeadDotProductAttention_0/rope/freqs',
+        ('rope_coordinate', 'heads', 'rope_pair'),
+    ),
 )
 # Logical axes of the activations between blocks: [batch, tokens, hidden].
 ACTIVATION_AXES = ('batch', 'length', 'embed')
@@ -1870,9 +1875,6 @@ class VisionTransformer(nn.Module):
   @property
   def block_options(self) -> BlockOptions:
     """The encoder blocks' options, from this model's fields."""
-    rope_options = self.rope_options
-    if isinstance(rope_options, Mapping):
-      rope_options = tuple(sorted(rope_options.items()))
     return BlockOptions(
         layer_scale=self.layer_scale,
         qk_norm=self.qk_norm,
@@ -1883,7 +1885,7 @@ class VisionTransformer(nn.Module):
         proj_bias=self.proj_bias,
         mlp_bias=self.mlp_bias,
         rope=self.rope,
-        rope_options=tuple(rope_options),
+        rope_options=rope_lib.canonical_options(self.rope_options),
     )
 
   def _check_block_options(self) -> None:
@@ -1897,7 +1899,6 @@ class VisionTransformer(nn.Module):
         'qkv_bias': True,
         'proj_bias': True,
         'mlp_bias': True,
-        'rope': None,
         'class_token': None,
         'posemb_class_token': True,
         'pre_norm': False,
@@ -2082,6 +2083,13 @@ class VisionTransformer(nn.Module):
           "('bilinear' has no antialiasing, 'linear' always has it)."
       )
     self._check_block_options()
+    rope_lib.resolve_options(self.rope, self.rope_options)
+    if self.rope is not None and self.naflex:
+      raise ValueError(
+          f'rope={self.rope!r} with naflex=True is not supported: NaFlex '
+          'images have patch grids of their own; set rope=None or '
+          'naflex=False.'
+      )
     ph, pw = self.patch_size_at(patch_size)
     stored_patch = patch_size_of(self.patches)
     flexible = bool(self.flexi_patch_sizes) or (ph, pw) != stored_patch
