@@ -616,7 +616,7 @@ def _from_torch(
     tensors: Mapping[str, np.ndarray],
     rules: Sequence[_Rule],
     model: Any,
-    spec: VitSpec,
+    image_size: tuple[int, int],
     where: str,
 ) -> Params:
   """Their state dict -> our parameter tree for `model`, checked first.
@@ -627,7 +627,7 @@ def _from_torch(
   """
   abstract = jax.eval_shape(
       lambda: model.init(
-          jax.random.key(0), jnp.zeros((1, *spec.image_size, 3)), train=False
+          jax.random.key(0), jnp.zeros((1, *image_size, 3)), train=False
       )
   )['params']
   ours = {k: tuple(v.shape) for k, v in checkpoint.flatten(abstract).items()}
@@ -1072,7 +1072,7 @@ def from_transformers(path: str, **overrides: Any) -> tuple[Any, Params]:
   }
   model = model_from_spec(spec, **overrides)
   return model, _from_torch(
-      tensors, _transformers_rules(spec, prefix), model, spec, path
+      tensors, _transformers_rules(spec, prefix), model, spec.image_size, path
   )
 
 
@@ -1358,7 +1358,9 @@ def from_timm(
       layer_norm_epsilon=float(layer_norm_epsilon),
   )
   model = model_from_spec(spec, **overrides)
-  return model, _from_torch(tensors, _timm_rules(spec), model, spec, str(path))
+  return model, _from_torch(
+      tensors, _timm_rules(spec), model, spec.image_size, str(path)
+  )
 
 
 def create_timm_model(path: str) -> Any:

@@ -31,8 +31,14 @@ says them per timm model name.
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from vit_jax import interop
+from vit_jax import timm_models
+import vit_jax.models
 from vit_jax.models import vit as vit_lib
+
+Params = Any
 
 
 class EvaTensors(NamedTuple):
@@ -148,7 +154,7 @@ def eva_rules(model: vit_lib.VisionTransformer, timm_model: str) -> list[Any]:
   layers = vit_lib.config_value(model.transformer, 'num_layers')
   pooled_token = model.classifier in ('token', 'token_unpooled')
   rules = [_Rule('patch_embed.proj.weight', _CONV, ('embedding/kernel',))]
-  if getattr(model, 'embedding_bias', True):
+  if not model.pre_norm:  # timm drops the patch bias before norm_pre.
     rules.append(_Rule('patch_embed.proj.bias', _SAME, ('embedding/bias',)))
   if model.class_token or (model.class_token is None and pooled_token):
     rules.append(_Rule('cls_token', _SAME, ('cls',)))
@@ -199,4 +205,150 @@ def eva_rules(model: vit_lib.VisionTransformer, timm_model: str) -> list[Any]:
   return rules
 
 
-__all__ = ['EVA_TENSORS', 'EvaTensors', 'eva_rules']
+def _mlp_dim(tensors: Mapping[str, Any], packed: bool) -> int:
+  """Each MLP branch's width, from block 0's first MLP weight."""
+  for key, branches in (
+      ('blocks.0.mlp.fc1_g.weight', 1),
+      ('blocks.0.mlp.fc1.weight', 2 if packed else 1),
+  ):
+    if key in tensors:
+      return int(tensors[key].shape[0]) // branches
+  raise interop.ConversionError(
+      'not a timm Eva state dict: no blocks.0.mlp.fc1.weight or '
+      'blocks.0.mlp.fc1_g.weight.'
+  )
+
+
+def eva_model(
+    tensors: Mapping[str, Any],
+    timm_model: str,
+    *,
+    where: str = 'the state dict',
+    **overrides: Any,
+) -> tuple[Any, tuple[int, int]]:
+  """The model of a timm Eva state dict, and the image size it was made for.
+
+  The registry entry and options of `vit_jax.timm_models.TIMM_MODELS
+  [timm_model]`, at the state dict's width, depth, MLP width, head count
+  (width // the entry's `head_dim`) and head size; the image size is the
+  position embeddings' square grid (the entry's preprocessing size for
+  models without them).
+
+  Args:
+    tensors: timm's state dict (names -> arrays; only shapes are read).
+    timm_model: A timm model name of layout 'eva' in `TIMM_MODELS`.
+    where: The file, for error messages.
+    **overrides: More `get_model` overrides (e.g. `dtype`).
+
+  Returns:
+    (model, (height, width)).
+
+  Raises:
+    ConversionError: a name that is not an Eva model of `TIMM_MODELS`, or
+      a state dict without the tensors that size the model.
+  """
+  entry = timm_models.TIMM_MODELS.get(timm_model)
+  if entry is None or entry.layout != 'eva':
+    eva_names = sorted(
+        k for k, v in timm_models.TIMM_MODELS.items() if v.layout == 'eva'
+    )
+    raise interop.ConversionError(
+        f'timm_model={timm_model!r} is not a timm Eva model this library '
+        f'knows; use one of {eva_names}.'
+    )
+  if 'patch_embed.proj.weight' not in tensors:
+    raise interop.ConversionError(
+        f'{where}: not a timm Eva state dict (no patch_embed.proj.weight).'
+    )
+  storage = EVA_TENSORS.get(timm_model, EvaTensors())
+  width, _, ph, pw = tensors['patch_embed.proj.weight'].shape
+  depth = 0
+  while f'blocks.{depth}.norm1.weight' in tensors:
+    depth += 1
+  config = vit_jax.models.get_config(entry.registry, **entry.options)
+  fields: dict[str, Any] = {
+      'hidden_size': int(width),
+      'patches': {'size': (int(ph), int(pw))},
+      'transformer': {
+          'num_layers': depth,
+          'num_heads': int(width) // entry.head_dim,
+          'mlp_dim': _mlp_dim(tensors, storage.swiglu_packed),
+      },
+      'num_classes': (
+          int(tensors['head.weight'].shape[0]) if 'head.weight' in tensors
+          else 0
+      ),
+  }
+  if config.get('classifier') == 'map' and 'attn_pool.mlp.fc1.weight' in (
+      tensors
+  ):
+    fields['map_mlp_dim'] = int(tensors['attn_pool.mlp.fc1.weight'].shape[0])
+  if 'pos_embed' in tensors:
+    prefix = 1 if 'cls_token' in tensors else 0
+    rows, cols = interop.square_grid(
+        int(tensors['pos_embed'].shape[1]) - prefix, where
+    )
+    image_size = (rows * int(ph), cols * int(pw))
+  else:
+    size = entry.preprocessing['image_size']
+    image_size = (size, size)
+  model = vit_jax.models.get_model(
+      entry.registry,
+      **{**entry.options, **fields, **overrides},
+  )
+  return model, image_size
+
+
+def from_eva(
+    tensors: Mapping[str, Any],
+    timm_model: str,
+    *,
+    where: str = 'the state dict',
+    **overrides: Any,
+) -> tuple[Any, Params]:
+  """A timm Eva state dict as this library's model and parameters.
+
+  Args:
+    tensors: timm's state dict (names -> numpy arrays).
+    timm_model: Its timm model name (see `eva_model`).
+    where: The file, for error messages.
+    **overrides: More `get_model` overrides.
+
+  Returns:
+    (model, params).
+
+  Raises:
+    ConversionError: missing, unexpected or mis-shaped tensors, named.
+  """
+  model, image_size = eva_model(
+      tensors, timm_model, where=where, **overrides
+  )
+  rules = eva_rules(model, timm_model)
+  params = interop._from_torch(  # pylint: disable=protected-access
+      tensors, rules, model, image_size, where
+  )
+  return model, params
+
+
+def to_eva(
+    model: Any, params: Params, timm_model: str
+) -> dict[str, np.ndarray]:
+  """`params` of `model` as the state dict of timm's Eva `timm_model`.
+
+  timm's `timm.create_model(timm_model, num_classes=..., <the model's
+  width, depth and head count>)` loads it with `strict=True`.
+  """
+  flat = interop._flat_params(params)  # pylint: disable=protected-access
+  return interop._to_torch(  # pylint: disable=protected-access
+      flat, eva_rules(model, timm_model)
+  )
+
+
+__all__ = [
+    'EVA_TENSORS',
+    'EvaTensors',
+    'eva_model',
+    'eva_rules',
+    'from_eva',
+    'to_eva',
+]

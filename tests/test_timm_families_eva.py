@@ -1,0 +1,261 @@
+"""EVA-02, DINOv3 and Perception Encoder in timm's Eva layout (no torch).
+
+Tiny versions of each family: a state dict in timm's names, written here by
+hand from timm/models/eva.py, loads into the same parameters and logits;
+`to_eva` writes the same tensors; round trips keep every bit; bad files and
+names are refused naming what is wrong. The comparison with timm's own code
+is tests/test_timm_parity_eva.py (opt-in, torch and timm).
+"""
+
+import numpy as np
+import pytest
+
+from helpers import init_params
+from helpers import random_images
+from helpers import randomize
+from vit_jax import checkpoint
+from vit_jax import interop
+from vit_jax import interop_eva
+from vit_jax import timm_models
+import vit_jax.models
+
+WIDTH = 128  # Two heads of the families' 64.
+MLP_DIM = 96
+MAP_MLP_DIM = 160
+DEPTH = 2
+
+# timm model name -> (image side of the tiny test: a 3x3 patch grid).
+FAMILIES = {
+    'eva02_small_patch14_224': 42,  # packed SwiGLU, fused qkv, q/v biases
+    'eva02_base_patch14_224': 42,  # q_proj/k_proj/v_proj, SwiGLU with norm
+    'vit_small_patch16_dinov3': 48,  # GELU, LayerScale, registers, no posemb
+    'vit_small_plus_patch16_dinov3_qkvb': 48,  # split SwiGLU, q/v biases
+    'vit_pe_core_base_patch16_224': 48,  # norm_pre, MAP head, qkv.bias
+}
+
+
+def _tiny(timm_name, **extra):
+  entry = timm_models.TIMM_MODELS[timm_name]
+  fields = {
+      'hidden_size': WIDTH,
+      'transformer': {
+          'num_layers': DEPTH,
+          'num_heads': WIDTH // entry.head_dim,
+          'mlp_dim': MLP_DIM,
+      },
+      **entry.options,
+      **extra,
+  }
+  if vit_jax.models.get_config(entry.registry).get('classifier') == 'map':
+    fields['map_mlp_dim'] = MAP_MLP_DIM
+  return vit_jax.models.get_model(entry.registry, num_classes=7, **fields)
+
+
+def _model_and_params(timm_name, seed=0):
+  model = _tiny(timm_name)
+  size = FAMILIES[timm_name]
+  params = randomize(
+      init_params(model, np.zeros((1, size, size, 3), np.float32)), seed=seed
+  )
+  return model, params
+
+
+def _timm_state_dict(timm_name, params):
+  """timm's Eva state dict of `params`, spelled out from timm's eva.py.
+
+  Linear weights are (out, in); the patch convolution OIHW; timm's heads
+  are the leading part of a projection's output features.
+  """
+  p = {k: np.asarray(v) for k, v in checkpoint.flatten(params).items()}
+  eva02 = timm_name.startswith('eva02')
+  fused_qkv = timm_name not in (
+      'eva02_base_patch14_224',
+      'eva02_large_patch14_224',
+  )
+  packed_swiglu = timm_name == 'eva02_small_patch14_224'
+  pe = timm_name.startswith('vit_pe_core')
+  sd = {}
+
+  def weight(kernel):  # Dense (in, out) -> Linear (out, in).
+    return kernel.T
+
+  def heads_in(kernel):  # (D, heads, head_dim) -> (heads * head_dim, D).
+    d = kernel.shape[0]
+    return kernel.reshape(d, -1).T
+
+  def heads_out(kernel):  # (heads, head_dim, D) -> (D, heads * head_dim).
+    return kernel.reshape(-1, kernel.shape[-1]).T
+
+  sd['patch_embed.proj.weight'] = p['embedding/kernel'].transpose(3, 2, 0, 1)
+  if not pe:  # Eva's PatchEmbed has bias=not use_pre_transformer_norm.
+    sd['patch_embed.proj.bias'] = p['embedding/bias']
+  sd['cls_token'] = p['cls']
+  if not (eva02 or pe):
+    sd['reg_token'] = p['registers']
+  if eva02 or pe:
+    sd['pos_embed'] = p['Transformer/posembed_input/pos_embedding']
+  if pe:
+    sd['norm_pre.weight'] = p['Transformer/pre_norm/scale']
+    sd['norm_pre.bias'] = p['Transformer/pre_norm/bias']
+  for i in range(DEPTH):
+    ours, b = f'Transformer/encoderblock_{i}/', f'blocks.{i}.'
+    att = ours + 'MultiHeadDotProductAttention_0/'
+    for n in (1, 2):
+      sd[f'{b}norm{n}.weight'] = p[f'{ours}LayerNorm_{n - 1}/scale']
+      sd[f'{b}norm{n}.bias'] = p[f'{ours}LayerNorm_{n - 1}/bias']
+    q, k, v = (heads_in(p[f'{att}{n}/kernel']) for n in ('query', 'key', 'value'))
+    if fused_qkv:
+      sd[b + 'attn.qkv.weight'] = np.concatenate([q, k, v])
+    else:
+      sd[b + 'attn.q_proj.weight'] = q
+      sd[b + 'attn.k_proj.weight'] = k
+      sd[b + 'attn.v_proj.weight'] = v
+    if pe:  # AttentionRope: one bias for q, k and v.
+      sd[b + 'attn.qkv.bias'] = np.concatenate(
+          [p[f'{att}{n}/bias'].reshape(-1) for n in ('query', 'key', 'value')]
+      )
+    elif eva02 or timm_name.endswith('_qkvb'):
+      q_bias = p[att + 'query/bias'].reshape(-1)
+      v_bias = p[att + 'value/bias'].reshape(-1)
+      if fused_qkv:
+        sd[b + 'attn.q_bias'] = q_bias
+        sd[b + 'attn.v_bias'] = v_bias
+      else:
+        sd[b + 'attn.q_proj.bias'] = q_bias
+        sd[b + 'attn.v_proj.bias'] = v_bias
+    sd[b + 'attn.proj.weight'] = heads_out(p[att + 'out/kernel'])
+    sd[b + 'attn.proj.bias'] = p[att + 'out/bias']
+    if not (eva02 or pe):  # DINOv3's LayerScale.
+      sd[b + 'gamma_1'] = p[ours + 'LayerScale_0/scale']
+      sd[b + 'gamma_2'] = p[ours + 'LayerScale_1/scale']
+    mlp = ours + 'MlpBlock_0/'
+    if packed_swiglu:  # GluMlp: fc1 = [gate; value], SiLU on the gate.
+      sd[b + 'mlp.fc1.weight'] = np.concatenate(
+          [weight(p[mlp + 'Dense_0/kernel']), weight(p[mlp + 'Dense_2/kernel'])]
+      )
+      sd[b + 'mlp.fc1.bias'] = np.concatenate(
+          [p[mlp + 'Dense_0/bias'], p[mlp + 'Dense_2/bias']]
+      )
+    elif mlp + 'Dense_2/kernel' in p:  # SwiGLU: fc1_g (gate), fc1_x.
+      sd[b + 'mlp.fc1_g.weight'] = weight(p[mlp + 'Dense_0/kernel'])
+      sd[b + 'mlp.fc1_g.bias'] = p[mlp + 'Dense_0/bias']
+      sd[b + 'mlp.fc1_x.weight'] = weight(p[mlp + 'Dense_2/kernel'])
+      sd[b + 'mlp.fc1_x.bias'] = p[mlp + 'Dense_2/bias']
+    else:
+      sd[b + 'mlp.fc1.weight'] = weight(p[mlp + 'Dense_0/kernel'])
+      sd[b + 'mlp.fc1.bias'] = p[mlp + 'Dense_0/bias']
+    if timm_name == 'eva02_base_patch14_224':  # scale_mlp
+      sd[b + 'mlp.norm.weight'] = p[mlp + 'LayerNorm_0/scale']
+      sd[b + 'mlp.norm.bias'] = p[mlp + 'LayerNorm_0/bias']
+    sd[b + 'mlp.fc2.weight'] = weight(p[mlp + 'Dense_1/kernel'])
+    sd[b + 'mlp.fc2.bias'] = p[mlp + 'Dense_1/bias']
+  if eva02:  # global_pool='avg': fc_norm after the pool, no final norm.
+    sd['fc_norm.weight'] = p['fc_norm/scale']
+    sd['fc_norm.bias'] = p['fc_norm/bias']
+  else:
+    sd['norm.weight'] = p['Transformer/encoder_norm/scale']
+    sd['norm.bias'] = p['Transformer/encoder_norm/bias']
+  if pe:  # AttentionPoolLatent: latent, q, kv, proj, norm, mlp.
+    pool = 'MAPHead_0/MultiHeadDotProductAttention_0/'
+    sd['attn_pool.latent'] = p['MAPHead_0/probe']
+    sd['attn_pool.q.weight'] = heads_in(p[pool + 'query/kernel'])
+    sd['attn_pool.q.bias'] = p[pool + 'query/bias'].reshape(-1)
+    sd['attn_pool.kv.weight'] = np.concatenate(
+        [heads_in(p[pool + 'key/kernel']), heads_in(p[pool + 'value/kernel'])]
+    )
+    sd['attn_pool.kv.bias'] = np.concatenate(
+        [p[pool + 'key/bias'].reshape(-1), p[pool + 'value/bias'].reshape(-1)]
+    )
+    sd['attn_pool.proj.weight'] = heads_out(p[pool + 'out/kernel'])
+    sd['attn_pool.proj.bias'] = p[pool + 'out/bias']
+    sd['attn_pool.norm.weight'] = p['MAPHead_0/LayerNorm_0/scale']
+    sd['attn_pool.norm.bias'] = p['MAPHead_0/LayerNorm_0/bias']
+    for n in (1, 2):
+      dense = f'MAPHead_0/MlpBlock_0/Dense_{n - 1}/'
+      sd[f'attn_pool.mlp.fc{n}.weight'] = weight(p[dense + 'kernel'])
+      sd[f'attn_pool.mlp.fc{n}.bias'] = p[dense + 'bias']
+  sd['head.weight'] = weight(p['head/kernel'])
+  sd['head.bias'] = p['head/bias']
+  return sd
+
+
+def _assert_same_tree(a, b):
+  fa, fb = checkpoint.flatten(a), checkpoint.flatten(b)
+  assert sorted(fa) == sorted(fb)
+  for key in fa:
+    np.testing.assert_array_equal(
+        np.asarray(fa[key]), np.asarray(fb[key]), err_msg=key
+    )
+
+
+@pytest.mark.parametrize('timm_name', sorted(FAMILIES))
+def test_timm_state_dict_loads_to_the_same_params_and_logits(timm_name):
+  model, params = _model_and_params(timm_name)
+  state = _timm_state_dict(timm_name, params)
+  loaded_model, loaded = interop_eva.from_eva(state, timm_name)
+  _assert_same_tree(loaded, params)
+  size = FAMILIES[timm_name]
+  images = random_images((2, size, size, 3))
+  want = model.apply({'params': params}, images, train=False)
+  got = loaded_model.apply({'params': loaded}, images, train=False)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize('timm_name', sorted(FAMILIES))
+def test_to_eva_writes_timms_tensors(timm_name):
+  model, params = _model_and_params(timm_name)
+  written = interop_eva.to_eva(model, params, timm_name)
+  want = _timm_state_dict(timm_name, params)
+  assert sorted(written) == sorted(want)
+  for key, value in want.items():
+    assert written[key].shape == value.shape, key
+    np.testing.assert_array_equal(written[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize('timm_name', sorted(FAMILIES))
+def test_round_trip_keeps_every_bit(timm_name):
+  model, params = _model_and_params(timm_name, seed=3)
+  state = interop_eva.to_eva(model, params, timm_name)
+  _, loaded = interop_eva.from_eva(state, timm_name)
+  _assert_same_tree(loaded, params)
+  again = interop_eva.to_eva(model, loaded, timm_name)
+  assert sorted(again) == sorted(state)
+  for key, value in state.items():
+    assert again[key].tobytes() == value.tobytes(), key
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_named():
+  name = 'vit_small_patch16_dinov3'
+  _, params = _model_and_params(name)
+  state = _timm_state_dict(name, params)
+  missing = dict(state)
+  del missing['blocks.1.gamma_2']
+  with pytest.raises(interop.ConversionError, match=r'missing .*blocks\.1\.gamma_2'):
+    interop_eva.from_eva(missing, name)
+  # A `_qkvb` file read as the model without q/v biases.
+  _, biased = _model_and_params('vit_small_patch16_dinov3_qkvb')
+  with pytest.raises(interop.ConversionError, match=r'unexpected .*q_bias'):
+    interop_eva.from_eva(
+        _timm_state_dict('vit_small_patch16_dinov3_qkvb', biased), name
+    )
+  wrong = dict(state, cls_token=np.zeros((1, 2, WIDTH), np.float32))
+  with pytest.raises(interop.ConversionError, match=r'cls_token: found'):
+    interop_eva.from_eva(wrong, name)
+
+
+def test_unknown_or_non_eva_timm_model_is_refused():
+  with pytest.raises(interop.ConversionError, match="timm_model='vit_nope'"):
+    interop_eva.from_eva({}, 'vit_nope')
+  with pytest.raises(interop.ConversionError, match='eva02_small_patch14_224'):
+    interop_eva.from_eva({}, 'vit_small_patch14_dinov2')
+
+
+def test_every_eva_timm_model_names_a_registry_entry():
+  eva = {k: v for k, v in timm_models.TIMM_MODELS.items() if v.layout == 'eva'}
+  assert len(eva) == 16
+  for name, entry in eva.items():
+    config = vit_jax.models.get_config(entry.registry, **entry.options)
+    assert config['hidden_size'] % entry.head_dim == 0, name
+    assert config['hidden_size'] // entry.head_dim == (
+        config['transformer']['num_heads']
+    ), name
