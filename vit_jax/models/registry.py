@@ -530,6 +530,12 @@ class ModelSection:
             raise config_errors.unknown_field(
                 f'model.{key}.{inner}', known_names, where
             )
+    if model_class(self.model_name) is vit.VisionTransformer:
+      # Bad block options are refused here, before any work, in the words
+      # the model would use.
+      vit.check_options(
+          get_config(self.model_name, **self.model), prefix='config.model.'
+      )
     for option in ('remat', 'scan'):
       if getattr(self, option) and option not in fields:
         raise ValueError(
