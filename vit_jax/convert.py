@@ -6,6 +6,10 @@ r"""Interchange with transformers and timm: the command line.
   # To timm's `vision_transformer` state dict:
   python -m vit_jax.convert --input=/tmp/vit_digits \
       --output=/tmp/vit_timm.safetensors
+  # A timm model's .safetensors (DINOv2, SigLIP 2, AIMv2, ...; the names
+  # are TIMM_MODELS') to an .npz:
+  python -m vit_jax.convert --input=/tmp/dinov2.safetensors \
+      --timm_model=vit_small_patch14_dinov2 --output=/tmp/dinov2.npz
 
 `convert(input_path, output)` is what the command does, from Python. The
 formats live in `vit_jax.interop` (`from_transformers`, `to_transformers`,
@@ -19,6 +23,8 @@ from collections.abc import Sequence
 from vit_jax import checkpoint
 from vit_jax import interop
 from vit_jax import loading
+from vit_jax import timm_interop
+from vit_jax import timm_models
 
 _FORMATS = ('transformers', 'timm', 'npz')
 
@@ -42,9 +48,13 @@ from_transformers = interop.from_transformers
 transformers_config = interop.transformers_config
 to_transformers = interop.to_transformers
 timm_kwargs = interop.timm_kwargs
-to_timm = interop.to_timm
 from_timm = interop.from_timm
 create_timm_model = interop.create_timm_model
+# timm's models of today's families (vit_jax.timm_models, timm_interop).
+TIMM_MODELS = timm_models.TIMM_MODELS
+TimmModel = timm_models.TimmModel
+load_timm = timm_interop.load_timm
+to_timm = timm_interop.to_timm
 # The loader (vit_jax.loading).
 Loaded = loading.Loaded
 load_run = loading.load_run
@@ -76,6 +86,7 @@ def convert(
     gelu_approximate: bool = True,
     layer_norm_epsilon: float = 1e-6,
     overwrite: bool = False,
+    timm_model: str | None = None,
 ) -> str:
   """What `python -m vit_jax.convert` does: any input to any format.
 
@@ -91,6 +102,9 @@ def convert(
     overwrite: Replace an existing `output` (a file, or a directory and
       all the files in it); without it an existing output is refused
       before anything is read.
+    timm_model: For a timm `.safetensors` input: its timm model name (one
+      of `TIMM_MODELS`); a `.safetensors` output is then that timm model's
+      state dict too.
 
   Returns:
     The format written.
@@ -99,12 +113,15 @@ def convert(
     FileExistsError: `output` exists and `overwrite` is False.
   """
   fmt = output_format(output, to)
+  if timm_model:
+    timm_interop.timm_model_entry(timm_model)  # An unknown name, first.
   check_output(output, overwrite=overwrite)
   loaded = load_model(
       input_path,
       model_name=model_name,
       gelu_approximate=gelu_approximate,
       layer_norm_epsilon=layer_norm_epsilon,
+      timm_model=timm_model,
   )
   if fmt == 'npz':
     if '://' in str(output):  # checkpoint.save replaces it atomically.
@@ -115,7 +132,11 @@ def convert(
     write_output(
         output,
         lambda path: to_timm(
-            loaded.model, loaded.params, path, image_size=loaded.image_size
+            loaded.model,
+            loaded.params,
+            path,
+            timm_model=timm_model,
+            image_size=loaded.image_size,
         ),
     )
   else:
@@ -154,6 +175,7 @@ def main(argv: Sequence[str]) -> None:
       gelu_approximate=flag_values.gelu_approximate,
       layer_norm_epsilon=flag_values.layer_norm_epsilon,
       overwrite=flag_values.overwrite,
+      timm_model=flag_values.timm_model,
   )
   print(f'Wrote {flag_values.output} ({fmt}) from {flag_values.input}.')
 
@@ -197,6 +219,12 @@ def _define_flags() -> None:
       '(the paper code) or, with --nogelu_approximate, exact.',
   )
   flags.DEFINE_float('layer_norm_epsilon', 1e-6, 'For an .npz input.')
+  flags.DEFINE_string(
+      'timm_model',
+      None,
+      'For a timm .safetensors input: its timm model name (one of '
+      'vit_jax.convert.TIMM_MODELS, e.g. vit_small_patch14_dinov2).',
+  )
   flags.mark_flags_as_required(['input', 'output'])
 
 

@@ -14,6 +14,7 @@ and `dynamic_model` the run-time resolution option of those and
 `vit_jax.evaluate`.
 """
 
+from collections.abc import Mapping
 import dataclasses
 import json
 import os
@@ -21,6 +22,7 @@ from typing import Any
 
 from vit_jax import checkpoint
 from vit_jax import interop
+from vit_jax import timm_interop
 import vit_jax.models
 
 
@@ -108,6 +110,7 @@ def load_npz(
     *,
     gelu_approximate: bool = True,
     layer_norm_epsilon: float = 1e-6,
+    options: Mapping[str, Any] | None = None,
 ) -> Loaded:
   """A published-layout `.npz` (any layout `checkpoint.load` reads).
 
@@ -117,6 +120,8 @@ def load_npz(
       from the shapes (`spec_from_params`).
     gelu_approximate: Without `model_name`: see `VitSpec`.
     layer_norm_epsilon: Likewise.
+    options: With `model_name`: other `get_model` fields, e.g. the
+      `options` of the `TIMM_MODELS` entry an `.npz` was converted from.
 
   Returns:
     A `Loaded` whose image size is the one the position embeddings cover.
@@ -131,7 +136,9 @@ def load_npz(
     return Loaded(
         interop.model_from_spec(spec), params, spec.image_size, None, path
     )
-  model = vit_jax.models.get_model(model_name, num_classes=_head_size(params))
+  model = vit_jax.models.get_model(
+      model_name, num_classes=_head_size(params), **(options or {})
+  )
   flat = checkpoint.flatten(params)
   posemb = flat.get(interop.POSEMB_PATH)
   stride = getattr(model, 'total_stride', None)
@@ -140,8 +147,11 @@ def load_npz(
         f'{path}: cannot tell the image size of {model_name} from its '
         'parameters: pass image_size.'
     )
+  # A class token has an embedding of its own unless the table covers the
+  # patches only (`posemb_class_token=False`, timm's `no_embed_class`).
+  class_entry = 'cls' in flat and getattr(model, 'posemb_class_token', True)
   grid = interop.square_grid(
-      posemb.shape[1] - (1 if 'cls' in flat else 0), interop.POSEMB_PATH
+      posemb.shape[1] - (1 if class_entry else 0), interop.POSEMB_PATH
   )
   return Loaded(
       model, params, (grid[0] * stride[0], grid[1] * stride[1]), None, path
@@ -155,24 +165,54 @@ def load_model(
     image_size: int | None = None,
     gelu_approximate: bool = True,
     layer_norm_epsilon: float = 1e-6,
+    timm_model: str | None = None,
 ) -> Loaded:
   """Loads a model from a run, an npz, a transformers dir or a timm file.
 
   Args:
     source: A training run directory (`load_run`), a transformers
       directory (`from_transformers`), a timm `.safetensors`
-      (`from_timm`) or an `.npz` (`load_npz`).
+      (`from_timm`, or `load_timm` with `timm_model`) or an `.npz`
+      (`load_npz`).
     model_name: For an `.npz`: see `load_npz`.
     image_size: Input size; default: the run's, or what the position
       embeddings cover.
     gelu_approximate: For an `.npz` without `model_name`: see `VitSpec`.
     layer_norm_epsilon: Likewise.
+    timm_model: The timm model name of a timm `.safetensors` (one of
+      `vit_jax.timm_models.TIMM_MODELS`, e.g.
+      'vit_small_patch14_reg4_dinov2'): read as that model
+      (`timm_interop.load_timm`).
 
   Returns:
     A `Loaded`.
+
+  Raises:
+    ConversionError: `timm_model` with another source than a
+      `.safetensors` file, or with `model_name`.
   """
   source = str(source)
-  if os.path.isdir(source) and _is_run_dir(source):
+  if timm_model:
+    if not source.endswith('.safetensors') or os.path.isdir(source):
+      raise interop.ConversionError(
+          f'timm_model={timm_model!r} reads a timm .safetensors file; '
+          f'{source} is not one: drop --timm_model, or pass the '
+          '.safetensors state dict.'
+      )
+    if model_name:
+      raise interop.ConversionError(
+          f'timm_model={timm_model!r} names the model already: drop '
+          f'model_name={model_name!r}.'
+      )
+    model, params = timm_interop.load_timm(source, timm_model)
+    loaded = Loaded(
+        model,
+        params,
+        timm_interop.image_size_of(model, params),
+        None,
+        source,
+    )
+  elif os.path.isdir(source) and _is_run_dir(source):
     loaded = load_run(source)
   elif os.path.isdir(source):
     model, params = interop.from_transformers(source)
@@ -257,6 +297,12 @@ def define_model_flags() -> None:
       'directory or a timm .safetensors.',
   )
   flags.DEFINE_string('model', None, 'Registry name for an .npz.')
+  flags.DEFINE_string(
+      'timm_model',
+      None,
+      'The timm model name of a timm .safetensors --pretrained_path (one '
+      'of vit_jax.convert.TIMM_MODELS, e.g. vit_small_patch14_dinov2).',
+  )
   flags.DEFINE_integer(
       'image_size',
       None,
@@ -279,4 +325,5 @@ def load_from_flags() -> Loaded:
       f.workdir or f.pretrained_path,
       model_name=f.model,
       image_size=f.image_size,
+      timm_model=f.timm_model,
   )
