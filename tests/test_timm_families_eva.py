@@ -7,15 +7,17 @@ names are refused naming what is wrong. The comparison with timm's own code
 is tests/test_timm_parity_eva.py (opt-in, torch and timm).
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors import numpy as safetensors_numpy
 
-from helpers import init_params
 from helpers import random_images
 from helpers import randomize
 from vit_jax import checkpoint
 from vit_jax import interop
-from vit_jax import interop_eva
+from vit_jax import timm_interop
 from vit_jax import timm_models
 import vit_jax.models
 
@@ -24,14 +26,19 @@ MLP_DIM = 96
 MAP_MLP_DIM = 160
 DEPTH = 2
 
-# timm model name -> (image side of the tiny test: a 3x3 patch grid).
-FAMILIES = {
-    'eva02_small_patch14_224': 42,  # packed SwiGLU, fused qkv, q/v biases
-    'eva02_base_patch14_224': 42,  # q_proj/k_proj/v_proj, SwiGLU with norm
-    'vit_small_patch16_dinov3': 48,  # GELU, LayerScale, registers, no posemb
-    'vit_small_plus_patch16_dinov3_qkvb': 48,  # split SwiGLU, q/v biases
-    'vit_pe_core_base_patch16_224': 48,  # norm_pre, MAP head, qkv.bias
-}
+# One timm model of each storage variant.
+FAMILIES = (
+    'eva02_small_patch14_224',  # packed SwiGLU, fused qkv, q/v biases
+    'eva02_base_patch14_224',  # q_proj/k_proj/v_proj, SwiGLU with its norm
+    'vit_small_patch16_dinov3',  # GELU, LayerScale, registers, no posemb
+    'vit_small_plus_patch16_dinov3_qkvb',  # split SwiGLU, q/v biases
+    'vit_pe_core_base_patch16_224',  # norm_pre, MAP head, qkv.bias
+)
+
+
+def _side(timm_name):
+  """The image side of a 3x3 patch grid."""
+  return 42 if 'patch14' in timm_name else 48
 
 
 def _tiny(timm_name, **extra):
@@ -52,12 +59,15 @@ def _tiny(timm_name, **extra):
 
 
 def _model_and_params(timm_name, seed=0):
+  """A tiny model of the family and random parameters of its shapes."""
   model = _tiny(timm_name)
-  size = FAMILIES[timm_name]
-  params = randomize(
-      init_params(model, np.zeros((1, size, size, 3), np.float32)), seed=seed
-  )
-  return model, params
+  size = _side(timm_name)
+  shapes = jax.eval_shape(
+      lambda: model.init(
+          jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False
+      )
+  )['params']
+  return model, randomize(shapes, seed=seed)
 
 
 def _timm_state_dict(timm_name, params):
@@ -103,7 +113,9 @@ def _timm_state_dict(timm_name, params):
     for n in (1, 2):
       sd[f'{b}norm{n}.weight'] = p[f'{ours}LayerNorm_{n - 1}/scale']
       sd[f'{b}norm{n}.bias'] = p[f'{ours}LayerNorm_{n - 1}/bias']
-    q, k, v = (heads_in(p[f'{att}{n}/kernel']) for n in ('query', 'key', 'value'))
+    q, k, v = (
+        heads_in(p[f'{att}{n}/kernel']) for n in ('query', 'key', 'value')
+    )
     if fused_qkv:
       sd[b + 'attn.qkv.weight'] = np.concatenate([q, k, v])
     else:
@@ -188,23 +200,40 @@ def _assert_same_tree(a, b):
     )
 
 
+def _save(state, path):
+  safetensors_numpy.save_file(
+      {k: np.ascontiguousarray(v) for k, v in state.items()}, str(path)
+  )
+  return str(path)
+
+
 @pytest.mark.parametrize('timm_name', sorted(FAMILIES))
-def test_timm_state_dict_loads_to_the_same_params_and_logits(timm_name):
+def test_timm_state_dict_loads_to_the_same_params_and_logits(
+    timm_name, tmp_path
+):
   model, params = _model_and_params(timm_name)
-  state = _timm_state_dict(timm_name, params)
-  loaded_model, loaded = interop_eva.from_eva(state, timm_name)
+  path = _save(_timm_state_dict(timm_name, params), tmp_path / 'm.safetensors')
+  loaded_model, loaded = timm_interop.load_timm(path, timm_name)
   _assert_same_tree(loaded, params)
-  size = FAMILIES[timm_name]
+  assert loaded_model == model  # The same fields, so the same function.
+  size = _side(timm_name)
   images = random_images((2, size, size, 3))
-  want = model.apply({'params': params}, images, train=False)
-  got = loaded_model.apply({'params': loaded}, images, train=False)
+  both = jax.jit(
+      lambda a, b, x: (
+          model.apply({'params': a}, x, train=False),
+          loaded_model.apply({'params': b}, x, train=False),
+      )
+  )
+  want, got = both(params, loaded, images)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.parametrize('timm_name', sorted(FAMILIES))
-def test_to_eva_writes_timms_tensors(timm_name):
+def test_to_timm_writes_timms_tensors(timm_name, tmp_path):
   model, params = _model_and_params(timm_name)
-  written = interop_eva.to_eva(model, params, timm_name)
+  path = str(tmp_path / 'm.safetensors')
+  timm_interop.to_timm(model, params, path, timm_model=timm_name)
+  written = safetensors_numpy.load_file(path)
   want = _timm_state_dict(timm_name, params)
   assert sorted(written) == sorted(want)
   for key, value in want.items():
@@ -213,49 +242,44 @@ def test_to_eva_writes_timms_tensors(timm_name):
 
 
 @pytest.mark.parametrize('timm_name', sorted(FAMILIES))
-def test_round_trip_keeps_every_bit(timm_name):
+def test_round_trip_keeps_every_bit(timm_name, tmp_path):
   model, params = _model_and_params(timm_name, seed=3)
-  state = interop_eva.to_eva(model, params, timm_name)
-  _, loaded = interop_eva.from_eva(state, timm_name)
+  first, second = tmp_path / 'a.safetensors', tmp_path / 'b.safetensors'
+  timm_interop.to_timm(model, params, str(first), timm_model=timm_name)
+  loaded_model, loaded = timm_interop.load_timm(str(first), timm_name)
   _assert_same_tree(loaded, params)
-  again = interop_eva.to_eva(model, loaded, timm_name)
-  assert sorted(again) == sorted(state)
-  for key, value in state.items():
-    assert again[key].tobytes() == value.tobytes(), key
+  timm_interop.to_timm(loaded_model, loaded, str(second), timm_model=timm_name)
+  a, b = safetensors_numpy.load_file(first), safetensors_numpy.load_file(second)
+  assert sorted(a) == sorted(b)
+  for key, value in a.items():
+    assert b[key].tobytes() == value.tobytes(), key
 
 
-def test_missing_unexpected_and_misshaped_tensors_are_named():
+def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path):
   name = 'vit_small_patch16_dinov3'
   _, params = _model_and_params(name)
   state = _timm_state_dict(name, params)
   missing = dict(state)
   del missing['blocks.1.gamma_2']
-  with pytest.raises(interop.ConversionError, match=r'missing .*blocks\.1\.gamma_2'):
-    interop_eva.from_eva(missing, name)
+  with pytest.raises(
+      interop.ConversionError, match=r'missing .*blocks\.1\.gamma_2'
+  ):
+    timm_interop.load_timm(_save(missing, tmp_path / 'a.safetensors'), name)
   # A `_qkvb` file read as the model without q/v biases.
   _, biased = _model_and_params('vit_small_patch16_dinov3_qkvb')
+  extra = _timm_state_dict('vit_small_patch16_dinov3_qkvb', biased)
   with pytest.raises(interop.ConversionError, match=r'unexpected .*q_bias'):
-    interop_eva.from_eva(
-        _timm_state_dict('vit_small_patch16_dinov3_qkvb', biased), name
-    )
+    timm_interop.load_timm(_save(extra, tmp_path / 'b.safetensors'), name)
   wrong = dict(state, cls_token=np.zeros((1, 2, WIDTH), np.float32))
   with pytest.raises(interop.ConversionError, match=r'cls_token: found'):
-    interop_eva.from_eva(wrong, name)
+    timm_interop.load_timm(_save(wrong, tmp_path / 'c.safetensors'), name)
 
 
-def test_unknown_or_non_eva_timm_model_is_refused():
-  with pytest.raises(interop.ConversionError, match="timm_model='vit_nope'"):
-    interop_eva.from_eva({}, 'vit_nope')
-  with pytest.raises(interop.ConversionError, match='eva02_small_patch14_224'):
-    interop_eva.from_eva({}, 'vit_small_patch14_dinov2')
-
-
-def test_every_eva_timm_model_names_a_registry_entry():
+def test_every_eva_timm_model_has_its_registry_heads():
   eva = {k: v for k, v in timm_models.TIMM_MODELS.items() if v.layout == 'eva'}
   assert len(eva) == 16
   for name, entry in eva.items():
     config = vit_jax.models.get_config(entry.registry, **entry.options)
-    assert config['hidden_size'] % entry.head_dim == 0, name
-    assert config['hidden_size'] // entry.head_dim == (
-        config['transformer']['num_heads']
+    assert config['hidden_size'] == (
+        config['transformer']['num_heads'] * entry.head_dim
     ), name

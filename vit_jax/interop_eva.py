@@ -24,24 +24,19 @@ only, so a round trip gives back the same bits):
 The RoPE tables of timm's Eva are buffers, not parameters, and are not in
 its state dicts. Two storage choices of timm's models are not visible in
 this library's options: whether q, k and v are one Linear (`qkv_fused`) and
-whether SwiGLU's two input projections are one packed Linear; `EVA_TENSORS`
-says them per timm model name.
+whether SwiGLU's two input projections are one packed Linear; `EVA_STORAGE`
+says them per registry model. `vit_jax.timm_interop` reads and writes the
+files (`LAYOUT_RULES['eva']` is `eva_rules`).
 """
 
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from vit_jax import interop
-from vit_jax import timm_models
-import vit_jax.models
 from vit_jax.models import vit as vit_lib
 
-Params = Any
 
-
-class EvaTensors(NamedTuple):
+class EvaStorage(NamedTuple):
   """How one timm Eva model stores what this library's options do not say.
 
   Attributes:
@@ -57,11 +52,12 @@ class EvaTensors(NamedTuple):
   swiglu_packed: bool = False
 
 
-# timm model name -> its storage choices; a name not listed has the defaults.
-EVA_TENSORS: Mapping[str, EvaTensors] = {
-    'eva02_small_patch14_224': EvaTensors(swiglu_packed=True),
-    'eva02_base_patch14_224': EvaTensors(qkv_fused=False),
-    'eva02_large_patch14_224': EvaTensors(qkv_fused=False),
+# Registry model -> the storage choices of its timm models (the `_qkvb`
+# variants of a DINOv3 store the same way); a name not listed: the defaults.
+EVA_STORAGE: Mapping[str, EvaStorage] = {
+    'EVA02-S_14': EvaStorage(swiglu_packed=True),
+    'EVA02-B_14': EvaStorage(qkv_fused=False),
+    'EVA02-L_14': EvaStorage(qkv_fused=False),
 }
 
 _Rule = interop._Rule  # pylint: disable=protected-access
@@ -126,10 +122,16 @@ def _mlp_rules(
     rules += _linear(theirs + 'fc1', ours + 'Dense_0')
   elif packed:  # GluMlp: SiLU(first half) * second half.
     rules += [
-        _Rule(theirs + 'fc1.weight', _LINEAR, (ours + 'Dense_0/kernel',
-                                                ours + 'Dense_2/kernel')),
-        _Rule(theirs + 'fc1.bias', _SAME, (ours + 'Dense_0/bias',
-                                           ours + 'Dense_2/bias')),
+        _Rule(
+            theirs + 'fc1.weight',
+            _LINEAR,
+            (ours + 'Dense_0/kernel', ours + 'Dense_2/kernel'),
+        ),
+        _Rule(
+            theirs + 'fc1.bias',
+            _SAME,
+            (ours + 'Dense_0/bias', ours + 'Dense_2/bias'),
+        ),
     ]
   else:
     rules += _linear(theirs + 'fc1_g', ours + 'Dense_0')
@@ -139,24 +141,23 @@ def _mlp_rules(
   return rules
 
 
-def eva_rules(model: vit_lib.VisionTransformer, timm_model: str) -> list[Any]:
-  """The tensor rules of `model` in the layout of timm's Eva `timm_model`.
+def eva_rules(model: vit_lib.VisionTransformer, num_layers: int) -> list[Any]:
+  """The tensors of `model` in the layout of timm's Eva.
 
   Args:
-    model: A `VisionTransformer` with the options of a `vit_jax.timm_models`
-      entry of layout 'eva' (any depth, width and head count).
-    timm_model: The timm model name (its `EVA_TENSORS` storage choices).
+    model: A registry `VisionTransformer` (`model_name` says its
+      `EVA_STORAGE`) with the options of a `vit_jax.timm_models` entry of
+      layout 'eva', at any depth, width and head count.
+    num_layers: Its encoder blocks.
 
   Returns:
     `interop` rules: each timm tensor and the parameters it holds.
   """
-  tensors = EVA_TENSORS.get(timm_model, EvaTensors())
-  layers = vit_lib.config_value(model.transformer, 'num_layers')
-  pooled_token = model.classifier in ('token', 'token_unpooled')
+  storage = EVA_STORAGE.get(model.model_name or '', EvaStorage())
   rules = [_Rule('patch_embed.proj.weight', _CONV, ('embedding/kernel',))]
   if not model.pre_norm:  # timm drops the patch bias before norm_pre.
     rules.append(_Rule('patch_embed.proj.bias', _SAME, ('embedding/bias',)))
-  if model.class_token or (model.class_token is None and pooled_token):
+  if model.has_class_token:
     rules.append(_Rule('cls_token', _SAME, ('cls',)))
   if model.num_registers:
     rules.append(_Rule('reg_token', _SAME, ('registers',)))
@@ -164,14 +165,14 @@ def eva_rules(model: vit_lib.VisionTransformer, timm_model: str) -> list[Any]:
     rules.append(_Rule('pos_embed', _SAME, (interop.POSEMB_PATH,)))
   if model.pre_norm:
     rules += _norm('norm_pre', 'Transformer/pre_norm')
-  for i in range(layers):
+  for i in range(num_layers):
     b, block = f'blocks.{i}.', _BLOCK.format(i=i)
     rules += _norm(b + 'norm1', block + 'LayerNorm_0')
     rules += _attention_rules(
         b + 'attn.',
         _ATTENTION.format(i=i),
         model.qkv_bias,
-        tensors.qkv_fused,
+        storage.qkv_fused,
     )
     rules += _norm(b + 'norm2', block + 'LayerNorm_1')
     rules += _mlp_rules(
@@ -179,7 +180,7 @@ def eva_rules(model: vit_lib.VisionTransformer, timm_model: str) -> list[Any]:
         block + 'MlpBlock_0/',
         model.mlp,
         model.mlp_norm,
-        tensors.swiglu_packed,
+        storage.swiglu_packed,
     )
     if model.layer_scale is not None:
       rules += [
@@ -205,150 +206,4 @@ def eva_rules(model: vit_lib.VisionTransformer, timm_model: str) -> list[Any]:
   return rules
 
 
-def _mlp_dim(tensors: Mapping[str, Any], packed: bool) -> int:
-  """Each MLP branch's width, from block 0's first MLP weight."""
-  for key, branches in (
-      ('blocks.0.mlp.fc1_g.weight', 1),
-      ('blocks.0.mlp.fc1.weight', 2 if packed else 1),
-  ):
-    if key in tensors:
-      return int(tensors[key].shape[0]) // branches
-  raise interop.ConversionError(
-      'not a timm Eva state dict: no blocks.0.mlp.fc1.weight or '
-      'blocks.0.mlp.fc1_g.weight.'
-  )
-
-
-def eva_model(
-    tensors: Mapping[str, Any],
-    timm_model: str,
-    *,
-    where: str = 'the state dict',
-    **overrides: Any,
-) -> tuple[Any, tuple[int, int]]:
-  """The model of a timm Eva state dict, and the image size it was made for.
-
-  The registry entry and options of `vit_jax.timm_models.TIMM_MODELS
-  [timm_model]`, at the state dict's width, depth, MLP width, head count
-  (width // the entry's `head_dim`) and head size; the image size is the
-  position embeddings' square grid (the entry's preprocessing size for
-  models without them).
-
-  Args:
-    tensors: timm's state dict (names -> arrays; only shapes are read).
-    timm_model: A timm model name of layout 'eva' in `TIMM_MODELS`.
-    where: The file, for error messages.
-    **overrides: More `get_model` overrides (e.g. `dtype`).
-
-  Returns:
-    (model, (height, width)).
-
-  Raises:
-    ConversionError: a name that is not an Eva model of `TIMM_MODELS`, or
-      a state dict without the tensors that size the model.
-  """
-  entry = timm_models.TIMM_MODELS.get(timm_model)
-  if entry is None or entry.layout != 'eva':
-    eva_names = sorted(
-        k for k, v in timm_models.TIMM_MODELS.items() if v.layout == 'eva'
-    )
-    raise interop.ConversionError(
-        f'timm_model={timm_model!r} is not a timm Eva model this library '
-        f'knows; use one of {eva_names}.'
-    )
-  if 'patch_embed.proj.weight' not in tensors:
-    raise interop.ConversionError(
-        f'{where}: not a timm Eva state dict (no patch_embed.proj.weight).'
-    )
-  storage = EVA_TENSORS.get(timm_model, EvaTensors())
-  width, _, ph, pw = tensors['patch_embed.proj.weight'].shape
-  depth = 0
-  while f'blocks.{depth}.norm1.weight' in tensors:
-    depth += 1
-  config = vit_jax.models.get_config(entry.registry, **entry.options)
-  fields: dict[str, Any] = {
-      'hidden_size': int(width),
-      'patches': {'size': (int(ph), int(pw))},
-      'transformer': {
-          'num_layers': depth,
-          'num_heads': int(width) // entry.head_dim,
-          'mlp_dim': _mlp_dim(tensors, storage.swiglu_packed),
-      },
-      'num_classes': (
-          int(tensors['head.weight'].shape[0]) if 'head.weight' in tensors
-          else 0
-      ),
-  }
-  if config.get('classifier') == 'map' and 'attn_pool.mlp.fc1.weight' in (
-      tensors
-  ):
-    fields['map_mlp_dim'] = int(tensors['attn_pool.mlp.fc1.weight'].shape[0])
-  if 'pos_embed' in tensors:
-    prefix = 1 if 'cls_token' in tensors else 0
-    rows, cols = interop.square_grid(
-        int(tensors['pos_embed'].shape[1]) - prefix, where
-    )
-    image_size = (rows * int(ph), cols * int(pw))
-  else:
-    size = entry.preprocessing['image_size']
-    image_size = (size, size)
-  model = vit_jax.models.get_model(
-      entry.registry,
-      **{**entry.options, **fields, **overrides},
-  )
-  return model, image_size
-
-
-def from_eva(
-    tensors: Mapping[str, Any],
-    timm_model: str,
-    *,
-    where: str = 'the state dict',
-    **overrides: Any,
-) -> tuple[Any, Params]:
-  """A timm Eva state dict as this library's model and parameters.
-
-  Args:
-    tensors: timm's state dict (names -> numpy arrays).
-    timm_model: Its timm model name (see `eva_model`).
-    where: The file, for error messages.
-    **overrides: More `get_model` overrides.
-
-  Returns:
-    (model, params).
-
-  Raises:
-    ConversionError: missing, unexpected or mis-shaped tensors, named.
-  """
-  model, image_size = eva_model(
-      tensors, timm_model, where=where, **overrides
-  )
-  rules = eva_rules(model, timm_model)
-  params = interop._from_torch(  # pylint: disable=protected-access
-      tensors, rules, model, image_size, where
-  )
-  return model, params
-
-
-def to_eva(
-    model: Any, params: Params, timm_model: str
-) -> dict[str, np.ndarray]:
-  """`params` of `model` as the state dict of timm's Eva `timm_model`.
-
-  timm's `timm.create_model(timm_model, num_classes=..., <the model's
-  width, depth and head count>)` loads it with `strict=True`.
-  """
-  flat = interop._flat_params(params)  # pylint: disable=protected-access
-  return interop._to_torch(  # pylint: disable=protected-access
-      flat, eva_rules(model, timm_model)
-  )
-
-
-__all__ = [
-    'EVA_TENSORS',
-    'EvaTensors',
-    'eva_model',
-    'eva_rules',
-    'from_eva',
-    'to_eva',
-]
+__all__ = ['EVA_STORAGE', 'EvaStorage', 'eva_rules']

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from vit_jax import checkpoint
 from vit_jax import interop
+from vit_jax import interop_eva
 from vit_jax import timm_models
 import vit_jax.models
 from vit_jax.models import vit as vit_lib
@@ -40,7 +41,16 @@ TIMM_MODEL_METADATA_KEY = 'vit_jax.timm_model'
 # Registry models whose timm model packs SwiGLU's two input projections in
 # one `mlp.fc1` (timm's `SwiGLUPacked`: SiLU branch first, then the branch
 # it multiplies); the others keep them apart (`SwiGLU`'s `fc1_g`, `fc1_x`).
-_PACKED_SWIGLU = frozenset({'DINOv2-g_14'})
+_PACKED_SWIGLU = frozenset(
+    {
+        'DINOv2-g_14',
+        *(
+            name
+            for name, storage in interop_eva.EVA_STORAGE.items()
+            if storage.swiglu_packed
+        ),
+    }
+)
 
 Rules = Callable[[vit_lib.VisionTransformer, int], list[_Rule]]
 
@@ -58,9 +68,13 @@ def _linear(
 ) -> list[_Rule]:
   """A Linear of one or more of our layers (concatenated); `bias`: None for
   none."""
-  rules = [_Rule(theirs + '.weight', kernel, tuple(o + '/kernel' for o in ours))]
+  rules = [
+      _Rule(theirs + '.weight', kernel, tuple(o + '/kernel' for o in ours))
+  ]
   if bias is not None:
-    rules.append(_Rule(theirs + '.bias', bias, tuple(o + '/bias' for o in ours)))
+    rules.append(
+        _Rule(theirs + '.bias', bias, tuple(o + '/bias' for o in ours))
+    )
   return rules
 
 
@@ -109,7 +123,10 @@ def vision_transformer_rules(
       ]
     if model.model_name in _PACKED_SWIGLU:
       first = _linear(
-          theirs + 'fc1', (ours + 'Dense_0', ours + 'Dense_2'), _LINEAR, mlp_bias
+          theirs + 'fc1',
+          (ours + 'Dense_0', ours + 'Dense_2'),
+          _LINEAR,
+          mlp_bias,
       )
     else:
       first = [
@@ -144,8 +161,12 @@ def vision_transformer_rules(
     if options.mlp_norm:
       rules += _norm(b + 'mlp.norm', block + 'MlpBlock_0/LayerNorm_0', kind)
     if options.layer_scale is not None:
-      rules.append(_Rule(b + 'ls1.gamma', _SAME, (block + 'LayerScale_0/scale',)))
-      rules.append(_Rule(b + 'ls2.gamma', _SAME, (block + 'LayerScale_1/scale',)))
+      rules.append(
+          _Rule(b + 'ls1.gamma', _SAME, (block + 'LayerScale_0/scale',))
+      )
+      rules.append(
+          _Rule(b + 'ls2.gamma', _SAME, (block + 'LayerScale_1/scale',))
+      )
   if model.fc_norm:
     rules += _norm('fc_norm', 'fc_norm', kind)
   else:
@@ -174,6 +195,7 @@ def vision_transformer_rules(
 # function (model, num_layers) -> rules per layout.
 LAYOUT_RULES: dict[str, Rules] = {
     'vision_transformer': vision_transformer_rules,
+    'eva': interop_eva.eva_rules,
 }
 
 
@@ -240,7 +262,10 @@ def _file_shapes(
 ) -> dict[str, Any]:
   """Depth, width, MLP width, heads, classes and the position-embedding
   grid of a timm state dict, from its shapes."""
-  needed = ['patch_embed.proj.weight', 'pos_embed', 'blocks.0.norm1.weight']
+  learned_posemb = fields.get('posemb', 'learn') == 'learn'
+  needed = ['patch_embed.proj.weight', 'blocks.0.norm1.weight']
+  if learned_posemb:
+    needed.append('pos_embed')
   swiglu = fields.get('mlp') == 'swiglu'
   packed = swiglu and entry.registry in _PACKED_SWIGLU
   mlp_key = (
@@ -252,7 +277,7 @@ def _file_shapes(
   missing = [k for k in needed if k not in tensors]
   if missing:
     raise interop.ConversionError(
-        f'{where}: not a state dict of timm\'s {entry.layout} layout as '
+        f"{where}: not a state dict of timm's {entry.layout} layout as "
         f'{entry.registry} has it: missing weights '
         f'{interop._names(missing)}; '  # pylint: disable=protected-access
         f'found e.g. {interop._names(sorted(tensors), 6)}.'  # pylint: disable=protected-access
@@ -268,19 +293,31 @@ def _file_shapes(
   if class_token is None:
     class_token = fields.get('classifier') in ('token', 'token_unpooled')
   with_class = class_token and fields.get('posemb_class_token', True)
-  grid = interop.square_grid(
-      int(tensors['pos_embed'].shape[1]) - int(with_class), f'{where} pos_embed'
-  )
-  return {
+  if learned_posemb:
+    grid = interop.square_grid(
+        int(tensors['pos_embed'].shape[1]) - int(with_class),
+        f'{where} pos_embed',
+    )
+  else:  # Any grid: the published weights' (no parameter depends on it).
+    size = entry.preprocessing['image_size']
+    grid = (size // int(ph), size // int(pw))
+  shapes = {
       'num_layers': _count_blocks(tensors),
       'hidden_size': int(width),
       'mlp_dim': mlp_dim,
       'num_heads': int(width) // entry.head_dim,
       'num_classes': (
-          int(tensors['head.weight'].shape[0]) if 'head.weight' in tensors else 0
+          int(tensors['head.weight'].shape[0])
+          if 'head.weight' in tensors
+          else 0
       ),
       'image_size': (grid[0] * int(ph), grid[1] * int(pw)),
   }
+  map_mlp = 'attn_pool.mlp.fc1.weight'
+  if fields.get('map_mlp_dim') is not None and map_mlp in tensors:
+    # The MAP head's MLP, sized apart from the blocks'.
+    shapes['map_mlp_dim'] = int(tensors[map_mlp].shape[0])
+  return shapes
 
 
 def load_timm(
@@ -325,6 +362,7 @@ def load_timm(
           **entry.options,
           **overrides,
           'hidden_size': shapes['hidden_size'],
+          **{k: shapes[k] for k in ('map_mlp_dim',) if k in shapes},
           'transformer': {
               'num_layers': shapes['num_layers'],
               'num_heads': shapes['num_heads'],
@@ -389,7 +427,12 @@ def to_timm(
   flat = interop._flat_params(params)  # pylint: disable=protected-access
   num_layers = vit_lib.config_value(model.transformer, 'num_layers')
   rules = _model_rules(model, num_layers, entry.layout)
-  _check_rules_cover(model, rules, image_size_of(model, params), str(path))
+  if interop.POSEMB_PATH in checkpoint.flatten(params):
+    init_size = image_size_of(model, params)
+  else:  # No learned table: any grid fits (the published weights').
+    side = entry.preprocessing['image_size']
+    init_size = (side, side)
+  _check_rules_cover(model, rules, init_size, str(path))
   tensors = interop._to_torch(flat, rules)  # pylint: disable=protected-access
   metadata = {'format': 'pt', TIMM_MODEL_METADATA_KEY: timm_model}
   interop._write_safetensors(  # pylint: disable=protected-access

@@ -167,7 +167,6 @@ _VISION_TRANSFORMER_MODELS: dict[str, TimmModel] = {
 # ----------------------------------------------------------------------------
 
 
-
 def _eva(
     registry: str,
     head_dim: int,

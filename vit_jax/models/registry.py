@@ -179,6 +179,7 @@ def _pe_core(hidden, mlp, heads, layers, patch, ref_grid):
       rope_options={**rope.PE, 'ref_grid': ref_grid},
   )
 
+
 # name -> (module class, config). Sizes: paper Table 1 (B, L, H), DeiT (Ti, S),
 # "Scaling Vision Transformers" Table 2 (g, G); dropout as in the official
 # configs (0.1 for L/16, H/14 and R50+B/16, else 0).
