@@ -148,7 +148,7 @@ def resolve_options(kind: str | None, options: Any) -> dict[str, Any]:
   """Every setting of `kind`'s convention: `options` over the defaults.
 
   Args:
-    kind: One of `ROPE_KINDS`, or None (then `options` must be empty).
+    kind: One of `ROPE_KINDS`, or None (no RoPE: `options` are ignored).
     options: `rope_options` (see the module docstring).
 
   Returns:
@@ -156,15 +156,10 @@ def resolve_options(kind: str | None, options: Any) -> dict[str, Any]:
 
   Raises:
     ValueError: in one line naming the field and what to do: an unknown
-      kind, key or value, or options without `rope`.
+      kind, key or value.
   """
   given = dict(canonical_options(options))
-  if kind is None:
-    if given:
-      raise ValueError(
-          f'rope_options={given} needs rope: set rope to one of {ROPE_KINDS}, '
-          'or leave rope_options empty.'
-      )
+  if kind is None:  # No RoPE: its settings are not read.
     return {}
   if kind not in ROPE_KINDS:
     raise ValueError(f'rope={kind!r}: use one of {ROPE_KINDS} (or None).')
@@ -197,6 +192,38 @@ def resolve_options(kind: str | None, options: Any) -> dict[str, Any]:
   resolved = {'convention': convention, **defaults, **given}
   _check_values(resolved)
   return resolved
+
+
+def check_model_options(
+    rope: str | None,
+    rope_options: Any,
+    *,
+    naflex: bool = False,
+    head_dim: int | None = None,
+) -> None:
+  """Refuses a model's RoPE settings that cannot run, before any work.
+
+  Args:
+    rope: `VisionTransformer.rope`.
+    rope_options: `VisionTransformer.rope_options`.
+    naflex: `VisionTransformer.naflex` (patch sequences of many grids).
+    head_dim: Width of each attention head, if known (a multiple of 4).
+
+  Raises:
+    ValueError: in one line, naming the field and what to do.
+  """
+  resolve_options(rope, rope_options)
+  if rope is not None and naflex:
+    raise ValueError(
+        f'rope={rope!r} with naflex=True is not supported: NaFlex images '
+        'have patch grids of their own; set rope=None or naflex=False.'
+    )
+  if rope is not None and head_dim is not None and head_dim % 4:
+    raise ValueError(
+        f'rope={rope!r} needs a head width (hidden_size / num_heads) '
+        f'divisible by 4, for the row and column pairs; this model has '
+        f'{head_dim}.'
+    )
 
 
 def _check_values(options: dict[str, Any]) -> None:
@@ -388,12 +415,8 @@ class Rope(nn.Module):
     Returns:
       (q, k), same shapes and dtypes.
     """
+    check_model_options(self.kind, self.options, head_dim=self.head_dim)
     options = resolve_options(self.kind, self.options)
-    if self.head_dim % 4:
-      raise ValueError(
-          f'rope={self.kind!r} needs a head width divisible by 4 (pairs for '
-          f'rows and columns); this model has {self.head_dim}.'
-      )
     num_patches = self.grid[0] * self.grid[1]
     if self.kind == 'mixed':
       freqs = self.param(
@@ -440,6 +463,7 @@ __all__ = [
     'Rope',
     'axial_angles',
     'canonical_options',
+    'check_model_options',
     'init_mixed_freqs',
     'resolve_options',
     'rotate',

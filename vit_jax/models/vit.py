@@ -2344,13 +2344,13 @@ class VisionTransformer(nn.Module):
           "('bilinear' has no antialiasing, 'linear' always has it)."
       )
     self._check_block_options()
-    rope_lib.resolve_options(self.rope, self.rope_options)
-    if self.rope is not None and self.naflex:
-      raise ValueError(
-          f'rope={self.rope!r} with naflex=True is not supported: NaFlex '
-          'images have patch grids of their own; set rope=None or '
-          'naflex=False.'
-      )
+    rope_lib.check_model_options(
+        self.rope,
+        self.rope_options,
+        naflex=self.naflex,
+        head_dim=self.hidden_size
+        // config_value(self.transformer, 'num_heads'),
+    )
     ph, pw = self.patch_size_at(patch_size)
     stored_patch = patch_size_of(self.patches)
     flexible = bool(self.flexi_patch_sizes) or (ph, pw) != stored_patch
