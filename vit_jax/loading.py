@@ -208,7 +208,7 @@ def load_model(
     loaded = Loaded(
         model,
         params,
-        timm_interop.image_size_of(model, params),
+        timm_interop.image_size_of(model, params, timm_model),
         None,
         source,
     )

@@ -78,6 +78,12 @@ def _linear(
   return rules
 
 
+def _has_class_token(model: Any) -> bool:
+  if model.class_token is None:
+    return model.classifier in ('token', 'token_unpooled')
+  return bool(model.class_token)
+
+
 def vision_transformer_rules(
     model: vit_lib.VisionTransformer, num_layers: int
 ) -> list[_Rule]:
@@ -103,10 +109,7 @@ def vision_transformer_rules(
       *_linear('patch_embed.proj', ('embedding',), _CONV),
       _Rule('pos_embed', _SAME, (interop.POSEMB_PATH,)),
   ]
-  class_token = model.class_token
-  if class_token is None:
-    class_token = model.classifier in ('token', 'token_unpooled')
-  if class_token:
+  if _has_class_token(model):
     rules.append(_Rule('cls_token', _SAME, ('cls',)))
   if model.num_registers:
     rules.append(_Rule('reg_token', _SAME, ('registers',)))
@@ -207,8 +210,11 @@ def timm_model_entry(timm_model: str) -> timm_models.TimmModel:
   """
   entry = timm_models.TIMM_MODELS.get(timm_model)
   if entry is None:
-    close = difflib.get_close_matches(
-        timm_model, list(timm_models.TIMM_MODELS), n=5, cutoff=0.5
+    names = list(timm_models.TIMM_MODELS)
+    # Spelled alike, else containing what was given (e.g. 'dinov2').
+    close = (
+        difflib.get_close_matches(timm_model, names, n=5, cutoff=0.5)
+        or [n for n in names if timm_model.lower() in n][:5]
     )
     hint = (
         f'close matches: {", ".join(close)}'
@@ -260,12 +266,10 @@ def _file_shapes(
     fields: Mapping[str, Any],
     where: str,
 ) -> dict[str, Any]:
-  """Depth, width, MLP width, heads, classes and the position-embedding
-  grid of a timm state dict, from its shapes."""
-  learned_posemb = fields.get('posemb', 'learn') == 'learn'
+  """Depth, width, MLP width, heads and classes (and a MAP head's MLP width
+  when the registry sizes it apart) of a timm state dict, from its
+  shapes."""
   needed = ['patch_embed.proj.weight', 'blocks.0.norm1.weight']
-  if learned_posemb:
-    needed.append('pos_embed')
   swiglu = fields.get('mlp') == 'swiglu'
   packed = swiglu and entry.registry in _PACKED_SWIGLU
   mlp_key = (
@@ -282,40 +286,25 @@ def _file_shapes(
         f'{interop._names(missing)}; '  # pylint: disable=protected-access
         f'found e.g. {interop._names(sorted(tensors), 6)}.'  # pylint: disable=protected-access
     )
-  width, _, ph, pw = tensors['patch_embed.proj.weight'].shape
+  width = int(tensors['patch_embed.proj.weight'].shape[0])
   if width % entry.head_dim:
     raise interop.ConversionError(
         f'{where}: width {width} is not a multiple of the head size '
         f'{entry.head_dim} of {entry.registry}.'
     )
-  mlp_dim = int(tensors[mlp_key].shape[0]) // (2 if packed else 1)
-  class_token = fields.get('class_token')
-  if class_token is None:
-    class_token = fields.get('classifier') in ('token', 'token_unpooled')
-  with_class = class_token and fields.get('posemb_class_token', True)
-  if learned_posemb:
-    grid = interop.square_grid(
-        int(tensors['pos_embed'].shape[1]) - int(with_class),
-        f'{where} pos_embed',
-    )
-  else:  # Any grid: the published weights' (no parameter depends on it).
-    size = entry.preprocessing['image_size']
-    grid = (size // int(ph), size // int(pw))
   shapes = {
       'num_layers': _count_blocks(tensors),
-      'hidden_size': int(width),
-      'mlp_dim': mlp_dim,
-      'num_heads': int(width) // entry.head_dim,
+      'hidden_size': width,
+      'mlp_dim': int(tensors[mlp_key].shape[0]) // (2 if packed else 1),
+      'num_heads': width // entry.head_dim,
       'num_classes': (
           int(tensors['head.weight'].shape[0])
           if 'head.weight' in tensors
           else 0
       ),
-      'image_size': (grid[0] * int(ph), grid[1] * int(pw)),
   }
   map_mlp = 'attn_pool.mlp.fc1.weight'
   if fields.get('map_mlp_dim') is not None and map_mlp in tensors:
-    # The MAP head's MLP, sized apart from the blocks'.
     shapes['map_mlp_dim'] = int(tensors[map_mlp].shape[0])
   return shapes
 
@@ -352,8 +341,9 @@ def load_timm(
         'safetensors.torch.save_file(model.state_dict(), ...).'
     )
   tensors, _ = interop._read_safetensors(path)  # pylint: disable=protected-access
-  fields = {**vit_jax.models.get_config(entry.registry), **entry.options}
-  fields.update(overrides)
+  fields = vit_jax.models.get_config(
+      entry.registry, **{**entry.options, **overrides}
+  )
   shapes = _file_shapes(tensors, entry, fields, path)
   model = vit_jax.models.get_model(
       entry.registry,
@@ -371,23 +361,64 @@ def load_timm(
       },
   )
   rules = _model_rules(model, shapes['num_layers'], entry.layout)
-  _check_rules_cover(model, rules, shapes['image_size'], path)
+  # Names first: a file of another family is told by its tensors' names.
+  interop._check_keys(  # pylint: disable=protected-access
+      list(tensors), [rule.theirs for rule in rules], path
+  )
+  image_size = _init_size(
+      model,
+      entry,
+      tensors['pos_embed'].shape[1] if 'pos_embed' in tensors else None,
+      path,
+  )
+  _check_rules_cover(model, rules, image_size, path)
   params = interop._from_torch(  # pylint: disable=protected-access
-      tensors, rules, model, shapes['image_size'], path
+      tensors, rules, model, image_size, path
   )
   return model, params
 
 
-def image_size_of(model: Any, params: Params) -> tuple[int, int]:
-  """The (height, width) the learned position embeddings of `params` cover."""
-  flat = checkpoint.flatten(params)
-  table = flat[interop.POSEMB_PATH]
-  class_token = 'cls' in flat and model.posemb_class_token
+def _image_size(model: Any, table_length: int, where: str) -> tuple[int, int]:
+  """The square image a position-embedding table of `table_length` covers."""
+  class_entry = _has_class_token(model) and model.posemb_class_token
   grid = interop.square_grid(
-      int(table.shape[1]) - int(class_token), interop.POSEMB_PATH
+      int(table_length) - int(class_entry), f'{where} position embeddings'
   )
   ph, pw = vit_lib.patch_size_of(model.patches)
   return grid[0] * ph, grid[1] * pw
+
+
+def _init_size(
+    model: Any,
+    entry: timm_models.TimmModel,
+    table_length: int | None,
+    where: str,
+) -> tuple[int, int]:
+  """An image size `model` initialises at: the one its position-embedding
+  table covers, or (no table: DINOv3's) the published weights'."""
+  if table_length is None:
+    side = entry.preprocessing['image_size']
+    return side, side
+  return _image_size(model, table_length, where)
+
+
+def image_size_of(
+    model: Any, params: Params, timm_model: str | None = None
+) -> tuple[int, int]:
+  """The (height, width) the learned position embeddings of `params` cover.
+
+  A model without them (DINOv3) takes any size: `timm_model`'s published
+  resolution (`TIMM_MODELS` preprocessing) then.
+  """
+  table = checkpoint.flatten(params).get(interop.POSEMB_PATH)
+  if table is None and timm_model is not None:
+    return _init_size(model, timm_model_entry(timm_model), None, '')
+  if table is None:
+    raise interop.ConversionError(
+        f'{model.model_name or "This model"} has no learned position '
+        'embeddings: pass its timm_model for the image size.'
+    )
+  return _image_size(model, table.shape[1], interop.POSEMB_PATH)
 
 
 def to_timm(
@@ -427,11 +458,7 @@ def to_timm(
   flat = interop._flat_params(params)  # pylint: disable=protected-access
   num_layers = vit_lib.config_value(model.transformer, 'num_layers')
   rules = _model_rules(model, num_layers, entry.layout)
-  if interop.POSEMB_PATH in checkpoint.flatten(params):
-    init_size = image_size_of(model, params)
-  else:  # No learned table: any grid fits (the published weights').
-    side = entry.preprocessing['image_size']
-    init_size = (side, side)
+  init_size = image_size_of(model, params, timm_model)
   _check_rules_cover(model, rules, init_size, str(path))
   tensors = interop._to_torch(flat, rules)  # pylint: disable=protected-access
   metadata = {'format': 'pt', TIMM_MODEL_METADATA_KEY: timm_model}

@@ -111,43 +111,38 @@ _VISION_TRANSFORMER_MODELS: dict[str, TimmModel] = {
     # timm model of its own.
     **{
         f'vit_{size}_siglip{pool}_{res}': _siglip2(
-            registry, head_dim, res, gap=bool(pool), tanh=tanh(res)
+            registry, head_dim, res, gap=bool(pool), tanh=res in tanh
         )
+        # The resolutions, and those whose timm model has the tanh GELU.
         for size, registry, head_dim, resolutions, tanh in (
             (
                 'base_patch16',
                 'SigLIP2-B_16',
                 64,
                 (224, 256, 384, 512),
-                lambda res: False,
+                (),
             ),
-            (
-                'large_patch16',
-                'SigLIP2-L_16',
-                64,
-                (256, 384, 512),
-                lambda res: res == 512,
-            ),
+            ('large_patch16', 'SigLIP2-L_16', 64, (256, 384, 512), (512,)),
             (
                 'so400m_patch14',
                 'SigLIP2-So400m_14',
                 72,
                 (224, 378),
-                lambda res: False,
+                (),
             ),
             (
                 'so400m_patch16',
                 'SigLIP2-So400m_16',
                 72,
                 (256, 384, 512),
-                lambda res: True,
+                (256, 384, 512),
             ),
             (
                 'giantopt_patch16',
                 'ViT-gopt_16',
                 96,
                 (256, 384),
-                lambda res: True,
+                (256, 384),
             ),
         )
         for res in resolutions
