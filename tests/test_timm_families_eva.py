@@ -17,6 +17,7 @@ from helpers import random_images
 from helpers import randomize
 from vit_jax import checkpoint
 from vit_jax import interop
+from vit_jax import loading
 from vit_jax import timm_interop
 from vit_jax import timm_models
 import vit_jax.models
@@ -283,3 +284,18 @@ def test_every_eva_timm_model_has_its_registry_heads():
     assert config['hidden_size'] == (
         config['transformer']['num_heads'] * entry.head_dim
     ), name
+
+
+@pytest.mark.parametrize(
+    'timm_name, size',
+    [
+        ('vit_small_patch16_dinov3', (256, 256)),  # No table: timm's size.
+        ('eva02_small_patch14_224', (42, 42)),  # The table's 3x3 grid.
+    ],
+)
+def test_load_model_reads_the_file_at_its_resolution(timm_name, size, tmp_path):
+  _, params = _model_and_params(timm_name)
+  path = _save(_timm_state_dict(timm_name, params), tmp_path / 'm.safetensors')
+  loaded = loading.load_model(path, timm_model=timm_name)
+  assert loaded.image_size == size
+  _assert_same_tree(loaded.params, params)
