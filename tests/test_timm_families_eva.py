@@ -299,3 +299,48 @@ def test_load_model_reads_the_file_at_its_resolution(timm_name, size, tmp_path):
   loaded = loading.load_model(path, timm_model=timm_name)
   assert loaded.image_size == size
   _assert_same_tree(loaded.params, params)
+
+
+# timm 1.0.31's parameter counts of `timm.create_model(NAME,
+# num_classes=0)` (the features towers, at their own resolution).
+TIMM_FEATURE_COUNTS = {
+    'eva02_small_patch14_224': 21_621_120,
+    'eva02_base_patch14_224': 85_758_720,
+    'eva02_large_patch14_224': 303_268_800,
+    'vit_small_patch16_dinov3': 21_586_944,
+    'vit_small_patch16_dinov3_qkvb': 21_596_160,
+    'vit_small_plus_patch16_dinov3': 28_683_264,
+    'vit_small_plus_patch16_dinov3_qkvb': 28_692_480,
+    'vit_base_patch16_dinov3': 85_641_216,
+    'vit_base_patch16_dinov3_qkvb': 85_659_648,
+    'vit_large_patch16_dinov3': 303_079_424,
+    'vit_large_patch16_dinov3_qkvb': 303_128_576,
+    'vit_huge_plus_patch16_dinov3': 840_509_440,
+    'vit_huge_plus_patch16_dinov3_qkvb': 840_591_360,
+    'vit_7b_patch16_dinov3': 6_716_030_976,
+    'vit_pe_core_base_patch16_224': 92_886_528,
+    'vit_pe_core_large_patch14_336': 316_102_656,
+}
+
+
+def test_every_eva_timm_model_has_a_feature_count():
+  assert set(TIMM_FEATURE_COUNTS) == {
+      k for k, v in timm_models.TIMM_MODELS.items() if v.layout == 'eva'
+  }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('timm_name', sorted(TIMM_FEATURE_COUNTS))
+def test_feature_tower_has_timms_parameter_count(timm_name):
+  entry = timm_models.TIMM_MODELS[timm_name]
+  model = vit_jax.models.get_model(
+      entry.registry, num_classes=0, **entry.options
+  )
+  side = entry.preprocessing['image_size']
+  shapes = jax.eval_shape(
+      lambda: model.init(
+          jax.random.key(0), jnp.zeros((1, side, side, 3)), train=False
+      )
+  )['params']
+  count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+  assert count == TIMM_FEATURE_COUNTS[timm_name]
