@@ -278,7 +278,6 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path):
 
 def test_every_eva_timm_model_has_its_registry_heads():
   eva = {k: v for k, v in timm_models.TIMM_MODELS.items() if v.layout == 'eva'}
-  assert len(eva) == 16
   for name, entry in eva.items():
     config = vit_jax.models.get_config(entry.registry, **entry.options)
     assert config['hidden_size'] == (
