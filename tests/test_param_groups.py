@@ -361,6 +361,45 @@ def test_layer_decay_scales_equal_the_closed_form(scan, classifier):
     assert any(p.startswith('Transformer/encoderblock_2/') for p in scales)
 
 
+# Today's families' norms (embed_norm, pre_norm, fc_norm) and block
+# options: the embedding's norm and the pre-blocks norm come before the
+# blocks, the pooled features' norm after them.
+_OPTIONS_TABLE = (
+    ('cls', _D**3),
+    ('embedding/', _D**3),
+    ('embedding_norm/', _D**3),
+    ('Transformer/posembed_input/', _D**3),
+    ('Transformer/pre_norm/', _D**3),
+    ('Transformer/encoderblock_0/', _D**2),
+    ('Transformer/encoderblock_1/', _D**1),
+    ('fc_norm/', 1.0),
+    ('head/', 1.0),
+)
+
+
+def test_layer_decay_places_the_option_norms():
+  params = _abstract_params(
+      'testing',
+      patches={'size': (4, 4)},
+      transformer={'num_layers': 2},
+      embed_norm=True,
+      pre_norm=True,
+      class_token=True,
+      classifier='gap',
+      fc_norm=True,
+      layer_scale=0.1,
+      mlp='swiglu',
+      mlp_norm=True,
+      qk_norm=True,
+  )
+  scales = _scales(_decay_section(), params)
+  assert any(p.startswith('fc_norm/') for p in scales)
+  for path, got in scales.items():
+    np.testing.assert_allclose(
+        got, _expected_scale(path, _OPTIONS_TABLE), rtol=1e-6, err_msg=path
+    )
+
+
 @pytest.mark.parametrize(
     'model_name,model,table',
     [

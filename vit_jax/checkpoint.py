@@ -826,7 +826,8 @@ def load_pretrained(
     (zero kernel), whatever its size in the checkpoint.
   * `pre_logits` is dropped when `model_config` has no representation layer;
     when it has one the checkpoint lacks, the fresh one is used.
-  * Position embeddings are interpolated to the new patch grid.
+  * Position embeddings are interpolated to the new patch grid (with
+    `posemb_class_token=False` the table has no class-token entry).
   * With `patch_size`, the patch-embedding kernel is resampled to it with
     FlexiViT's pseudo-inverse resize (`resample_patch_embedding`): a /16
     checkpoint runs as /8 or /32 (the grid follows from `init_params`).
@@ -899,6 +900,10 @@ def load_pretrained(
   restored = {k: v for k, v in restored.items() if k not in dropped}
 
   posemb_key = '/'.join(_POSEMB_PATH)
+  # Without `posemb_class_token` (timm's no_embed_class) the table covers
+  # the patches only, in the checkpoint as in the model: no class slot.
+  if not vit_lib.config_value(model_config, 'posemb_class_token', True):
+    old_has_cls = new_has_cls = False
   if posemb_key in restored and posemb_key in expected:
     posemb = restored[posemb_key]
     if old_has_cls and not new_has_cls:

@@ -316,6 +316,12 @@ def spec_from_model(
       model.transformer, 'add_position_embedding', True
   ):
     unsupported.append('transformer.add_position_embedding=False')
+  # Today's families' block options: their layouts are timm's own models'.
+  for field in dataclasses.fields(model):
+    if field.name in vit_lib.BLOCK_OPTION_FIELDS:
+      value = getattr(model, field.name)
+      if value != field.default:
+        unsupported.append(f'{field.name}={value!r}')
   if unsupported:
     raise ConversionError(
         f'{model.model_name or "This model"} uses option(s) that '

@@ -544,11 +544,12 @@ def frozen_mask(section: OptimSection) -> Callable[[Any], Any] | None:
 # Blocks: `Transformer/encoderblock_{i}` (ViT, or `Transformer/encoderblock`
 # stacked along axis 0 with scan) and `MixerBlock_{i}` (Mixer).
 _BLOCK = re.compile(r'^(?:Transformer/encoderblock|MixerBlock)(?:_(\d+))?/')
-# After the blocks: full learning rate. Everything else (patch embedding,
-# class token, registers, position embeddings, a hybrid's ResNet stem, the
-# Mixer stem, masked patch prediction's mask token) comes before them.
+# After the blocks: full learning rate. Everything else (patch embedding and
+# its norm, class token, registers, position embeddings, the pre-blocks norm,
+# a hybrid's ResNet stem, the Mixer stem, masked patch prediction's mask
+# token) comes before them.
 _AFTER_BLOCKS = re.compile(
-    r'^(?:head|pre_logits|MAPHead_0|Transformer/encoder_norm|'
+    r'^(?:head|pre_logits|MAPHead_0|Transformer/encoder_norm|fc_norm|'
     r'pre_head_layer_norm|mpp_head)/'
 )
 

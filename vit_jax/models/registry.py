@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from vit_jax import config_errors
 from vit_jax.models import mixer
 from vit_jax.models import resnet
-from vit_jax.models import rope
 from vit_jax.models import vit
 
 
@@ -330,21 +329,12 @@ class ModelSection:
             raise config_errors.unknown_field(
                 f'model.{key}.{inner}', known_names, where
             )
-    model_config = get_config(self.model_name, **self.model)
-    transformer = model_config.get('transformer') or {}
-    try:
-      rope.check_model_options(
-          model_config.get('rope'),
-          model_config.get('rope_options'),
-          naflex=bool(model_config.get('naflex')),
-          head_dim=(
-              model_config['hidden_size'] // transformer['num_heads']
-              if 'num_heads' in transformer
-              else None
-          ),
+    if model_class(self.model_name) is vit.VisionTransformer:
+      # Bad block options are refused here, before any work, in the words
+      # the model would use.
+      vit.check_options(
+          get_config(self.model_name, **self.model), prefix='config.model.'
       )
-    except ValueError as e:
-      raise ValueError(f'config.model.{e}') from None
     for option in ('remat', 'scan'):
       if getattr(self, option) and option not in fields:
         raise ValueError(

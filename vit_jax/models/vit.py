@@ -122,9 +122,13 @@ PARAM_AXES = (
         _BLOCK + r'/MultiHeadDotProductAttention_0/out/kernel',
         ('heads', 'head_dim', 'embed'),
     ),
-    (_BLOCK + r'/MlpBlock_0/Dense_0/kernel', ('embed', 'mlp')),
-    (_BLOCK + r'/MlpBlock_0/Dense_0/bias', ('mlp',)),
+    # SwiGLU's two branches (Dense_0, Dense_2) are split alike, so that each
+    # device multiplies its own slice of both.
+    (_BLOCK + r'/MlpBlock_0/Dense_[02]/kernel', ('embed', 'mlp')),
+    (_BLOCK + r'/MlpBlock_0/Dense_[02]/bias', ('mlp',)),
     (_BLOCK + r'/MlpBlock_0/Dense_1/kernel', ('mlp', 'embed')),
+    # The norm of the MLP's hidden activations (`mlp_norm`), over 'mlp'.
+    (_BLOCK + r'/MlpBlock_0/LayerNorm_0/(scale|bias)', ('mlp',)),
     # RoPE-Mixed's learned frequencies [2, heads, head_dim // 2].
     (
         _BLOCK + r'/MultiHeadDotProductAttention_0/rope/freqs',
@@ -138,6 +142,26 @@ ACTIVATION_AXES = ('batch', 'length', 'embed')
 # the same names document them).
 MLP_KINDS = ('gelu', 'swiglu')
 NORM_KINDS = ('layernorm', 'rmsnorm')
+# `VisionTransformer`'s fields for them; their defaults are the 2020 ViT.
+BLOCK_OPTION_FIELDS = (
+    'layer_scale',
+    'qk_norm',
+    'mlp',
+    'mlp_norm',
+    'norm',
+    'qkv_bias',
+    'proj_bias',
+    'mlp_bias',
+    'rope',
+    'rope_options',
+    'class_token',
+    'posemb_class_token',
+    'pre_norm',
+    'embed_norm',
+    'fc_norm',
+    'map_num_heads',
+    'map_mlp_dim',
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +183,164 @@ class BlockOptions:
   mlp_bias: bool = True
   rope: str | None = None
   rope_options: tuple[tuple[str, Any], ...] = ()
+
+
+# qkv_bias values: every projection, none, or query and value only (EVA's:
+# a key bias adds the same logit to every key of a query, so it changes no
+# attention weight).
+QKV_BIAS_KINDS = (True, False, 'qv')
+# Classifiers a class token may join without being what they pool.
+_POOLS_WITHOUT_CLASS_TOKEN = ('gap', 'map')
+
+
+def make_norm(
+    kind: str,
+    *,
+    epsilon: float,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    name: str,
+) -> nn.Module:
+  """The model's norm of `kind` (one of `NORM_KINDS`) under `name`.
+
+  'layernorm' is `nn.LayerNorm` (scale and bias); 'rmsnorm' is `nn.RMSNorm`
+  (x / sqrt(mean(x^2) + epsilon) * scale, no bias), timm's RmsNorm. Both
+  normalise over the last axis.
+  """
+  norm_cls = nn.LayerNorm if kind == 'layernorm' else nn.RMSNorm
+  return norm_cls(
+      epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name
+  )
+
+
+def _is_bool(value: Any) -> bool:
+  return isinstance(value, (bool, np.bool_))
+
+
+def check_options(fields: Mapping[str, Any], prefix: str = '') -> None:
+  """Refuses bad block options and combinations, one line naming the field.
+
+  Args:
+    fields: A `VisionTransformer`'s fields (a registry config with its
+      overrides, or the module's own attributes); absent ones are defaults.
+    prefix: Put before each field's name in the message (e.g.
+      'config.model.' when the fields come from a run's config).
+
+  Raises:
+    ValueError: an unknown kind, a value of the wrong type, or options that
+      do not go together (e.g. fc_norm without 'gap' pooling).
+  """
+  get = lambda name, default: fields.get(name, default)  # pylint: disable=g-long-lambda
+  classifier = get('classifier', 'token')
+  refusals = []
+  layer_scale = get('layer_scale', None)
+  if layer_scale is not None and (
+      _is_bool(layer_scale) or not isinstance(layer_scale, (int, float))
+  ):
+    refusals.append(
+        ('layer_scale', 'the initial value of the scales (e.g. 1e-5) or None')
+    )
+  for name in (
+      'qk_norm',
+      'mlp_norm',
+      'proj_bias',
+      'mlp_bias',
+      'posemb_class_token',
+      'pre_norm',
+      'embed_norm',
+      'fc_norm',
+  ):
+    if not _is_bool(get(name, False)):
+      refusals.append((name, 'True or False'))
+  if get('mlp', 'gelu') not in MLP_KINDS:
+    refusals.append(('mlp', f'one of {MLP_KINDS}'))
+  if get('norm', 'layernorm') not in NORM_KINDS:
+    refusals.append(('norm', f'one of {NORM_KINDS}'))
+  qkv_bias = get('qkv_bias', True)
+  if not (_is_bool(qkv_bias) or qkv_bias == 'qv'):
+    refusals.append(('qkv_bias', f'one of {QKV_BIAS_KINDS}'))
+  class_token = get('class_token', None)
+  if class_token is not None and not _is_bool(class_token):
+    refusals.append(('class_token', 'True, False or None (from classifier)'))
+  elif class_token is False and classifier in ('token', 'token_unpooled'):
+    refusals.append(
+        ('class_token', f'True or None: classifier={classifier!r} pools it')
+    )
+  elif class_token and classifier == 'unpooled':
+    refusals.append(
+        (
+            'class_token',
+            "False or None with classifier='unpooled' (the patch tokens); "
+            "classifier='token_unpooled' keeps a class token",
+        )
+    )
+  if get('fc_norm', False) is True and classifier != 'gap':
+    refusals.append(
+        (
+            'fc_norm',
+            f"False: it norms the 'gap' pool (classifier={classifier!r})",
+        )
+    )
+  for name in ('map_num_heads', 'map_mlp_dim'):
+    value = get(name, None)
+    if value is None:
+      continue
+    if _is_bool(value) or not isinstance(value, int) or value < 1:
+      refusals.append((name, 'a positive integer or None'))
+    elif classifier != 'map':
+      refusals.append(
+          (name, f"None: it sizes the 'map' head (classifier={classifier!r})")
+      )
+  map_heads, hidden = get('map_num_heads', None), get('hidden_size', None)
+  if (
+      isinstance(map_heads, int)
+      and map_heads > 0
+      and isinstance(hidden, int)
+      and hidden % map_heads
+  ):
+    refusals.append(('map_num_heads', f'a divisor of hidden_size {hidden}'))
+  if refusals:
+    name, fix = refusals[0]
+    raise ValueError(f'{prefix}{name}={get(name, None)!r}: use {fix}.')
+  num_heads = config_value(get('transformer', None), 'num_heads')
+  try:
+    rope_lib.check_model_options(
+        get('rope', None),
+        get('rope_options', ()),
+        naflex=bool(get('naflex', False)),
+        head_dim=(
+            hidden // num_heads
+            if isinstance(hidden, int) and isinstance(num_heads, int)
+            else None
+        ),
+    )
+  except ValueError as e:
+    raise ValueError(f'{prefix}{e}') from None
+
+
+class LayerScale(nn.Module):
+  """A learned per-channel scale of a residual branch (`scale` [D]).
+
+  Touvron et al., 2021 (CaiT); timm's LayerScale (`gamma`), initialised to
+  `init_value` everywhere.
+
+  Attributes:
+    init_value: The scales' initial value.
+    param_dtype: Parameter dtype.
+  """
+
+  init_value: float
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param(
+        'scale',
+        nn.initializers.constant(self.init_value),
+        (x.shape[-1],),
+        self.param_dtype,
+    )
+    return x * scale.astype(x.dtype)
 
 
 def resolve_attention_impl(
@@ -508,15 +690,18 @@ class _ProjectionParams(nn.Module):
   fan_in_axes: tuple[int, ...]
   fan_out_axes: tuple[int, ...]
   param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
-  def __call__(self):
+  def __call__(self) -> tuple[jax.Array, jax.Array | None]:
     kernel_init = _ATTENTION_KERNEL_INIT(
         in_axis=self.fan_in_axes, out_axis=self.fan_out_axes
     )
     kernel = self.param(
         'kernel', kernel_init, self.kernel_shape, self.param_dtype
     )
+    if not self.use_bias:
+      return kernel, None
     bias = self.param(
         'bias', nn.initializers.zeros, self.bias_shape, self.param_dtype
     )
@@ -540,6 +725,8 @@ class MultiHeadDotProductAttention(nn.Module):
     rope_grid: The patch grid (rows, columns) RoPE rotates (with
       `options.rope`).
     rope_start: Index of the first patch token (after a class token).
+    layer_norm_epsilon: Epsilon of the query and key norms
+      (`options.qk_norm`).
   """
 
   num_heads: int
@@ -551,6 +738,7 @@ class MultiHeadDotProductAttention(nn.Module):
   options: BlockOptions = BlockOptions()
   rope_grid: tuple[int, int] | None = None
   rope_start: int = 0
+  layer_norm_epsilon: float = _LAYER_NORM_EPSILON
 
   @nn.compact
   def __call__(
@@ -590,6 +778,8 @@ class MultiHeadDotProductAttention(nn.Module):
     )
     _log_choice(self.attention_impl, impl, reason, backend)
 
+    qkv_bias = self.options.qkv_bias
+
     def projection(name):
       return _ProjectionParams(
           kernel_shape=(hidden, *heads),
@@ -597,6 +787,7 @@ class MultiHeadDotProductAttention(nn.Module):
           fan_in_axes=(0,),
           fan_out_axes=(1, 2),
           param_dtype=self.param_dtype,
+          use_bias=qkv_bias is True or (qkv_bias == 'qv' and name != 'key'),
           name=name,
       )()
 
@@ -609,21 +800,27 @@ class MultiHeadDotProductAttention(nn.Module):
         fan_in_axes=(0, 1),
         fan_out_axes=(2,),
         param_dtype=self.param_dtype,
+        use_bias=self.options.proj_bias,
         name='out',
     )()
+
+    def output(out, subscripts):
+      out = jnp.einsum(subscripts, out, wo.astype(self.dtype))
+      return out if bo is None else out + bo.astype(self.dtype)
+
     if inputs_kv is not None:
       q, k, v = (
           jnp.einsum(
               'btd,dnh->bnth', y.astype(self.dtype), w.astype(self.dtype)
           )
-          + b.astype(self.dtype)[:, None]
+          + (0 if b is None else b.astype(self.dtype)[:, None])
           for y, w, b in ((x, wq, bq), (inputs_kv, wk, bk), (inputs_kv, wv, bv))
       )
+      q, k = self._normalized(q, k)
       weights = self._weights(q, k, head_dim**-0.5, kv_mask)
       self.sow('intermediates', 'attention_weights', weights)
       out = jnp.einsum('bhqk,bhkd->bhqd', weights, v)
-      out = jnp.einsum('bhqd,hdo->bqo', out, wo.astype(self.dtype))
-      return out + bo.astype(self.dtype)
+      return output(out, 'bhqd,hdo->bqo')
 
     # One [B*T, D] x [D, 3D] matmul for q, k and v, written straight into the
     # heads-major layout [B, 3, H, T, D/H] that the einsums and the TPU kernel
@@ -632,13 +829,24 @@ class MultiHeadDotProductAttention(nn.Module):
     # heads axis of every projection stays whole: sharded over a 'model' axis,
     # each device keeps its own heads of q, k and v.
     w_qkv = jnp.stack([wq, wk, wv], axis=1).astype(self.dtype)
-    b_qkv = jnp.stack([bq, bk, bv], axis=0).astype(self.dtype)
+    # A missing bias adds zeros (exactly nothing); without any, no addition.
+    b_qkv = None
+    if qkv_bias is not False:
+      b_qkv = jnp.stack(
+          [
+              jnp.zeros(heads, self.param_dtype) if b is None else b
+              for b in (bq, bk, bv)
+          ],
+          axis=0,
+      ).astype(self.dtype)
     x = x.astype(self.dtype)
     scale = head_dim**-0.5
     if impl in ('xla', 'cudnn'):
-      qkv = jnp.einsum('btd,dsnh->btsnh', x, w_qkv) + b_qkv
+      qkv = jnp.einsum('btd,dsnh->btsnh', x, w_qkv)
+      if b_qkv is not None:
+        qkv = qkv + b_qkv
       q, k, v = (qkv[:, :, i] for i in range(3))
-      q, k = self._rotated(q, k, token_axis=1)
+      q, k = self._rotated(*self._normalized(q, k), token_axis=1)
       mask = lengths = None
       if kv_mask is not None and impl == 'cudnn':
         # cuDNN's own padding mask (no [B, 1, T, T] bias is built): the
@@ -661,13 +869,13 @@ class MultiHeadDotProductAttention(nn.Module):
             'attention_weights',
             self._weights(q.swapaxes(1, 2), k.swapaxes(1, 2), scale, kv_mask),
         )
-      out = jnp.einsum('bqhd,hdo->bqo', out, wo.astype(self.dtype))
-      return out + bo.astype(self.dtype)
+      return output(out, 'bqhd,hdo->bqo')
 
     qkv = jnp.einsum('btd,dsnh->bsnth', x, w_qkv)
-    qkv = qkv + b_qkv[None, :, :, None, :]
+    if b_qkv is not None:
+      qkv = qkv + b_qkv[None, :, :, None, :]
     q, k, v = (qkv[:, i] for i in range(3))
-    q, k = self._rotated(q, k, token_axis=2)
+    q, k = self._rotated(*self._normalized(q, k), token_axis=2)
     if impl in _TPU_KERNELS:
       out = _kernel_attention(impl, q, k, v, scale, kv_mask)
       if self.is_mutable_collection('intermediates'):
@@ -683,8 +891,26 @@ class MultiHeadDotProductAttention(nn.Module):
           weights, deterministic=self.deterministic
       )
       out = jnp.einsum('bhqk,bhkd->bhqd', weights, v)
-    out = jnp.einsum('bhqd,hdo->bqo', out, wo.astype(self.dtype))
-    return out + bo.astype(self.dtype)
+    return output(out, 'bhqd,hdo->bqo')
+
+  def _normalized(
+      self, q: jax.Array, k: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
+    """q and k normalised over each head's features (`options.qk_norm`).
+
+    timm's q_norm / k_norm: the model's norm kind over head_dim (the last
+    axis in both layouts), before RoPE and the scaled dot product.
+    """
+    if not self.options.qk_norm:
+      return q, k
+    norm = functools.partial(
+        make_norm,
+        self.options.norm,
+        epsilon=self.layer_norm_epsilon,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
+    return norm(name='query_norm')(q), norm(name='key_norm')(k)
 
   def _rotated(
       self, q: jax.Array, k: jax.Array, token_axis: int
@@ -731,6 +957,11 @@ class MultiHeadDotProductAttention(nn.Module):
 class MlpBlock(nn.Module):
   """Dense -> GELU -> dropout -> Dense -> dropout.
 
+  With `options.mlp='swiglu'`: SiLU(Dense_0 x) * Dense_2 x -> dropout ->
+  Dense_1 -> dropout (timm's SwiGLU). With `options.mlp_norm` a norm of the
+  hidden activations (`LayerNorm_0`, the kind `options.norm` says) comes
+  before Dense_1 (timm's Mlp / SwiGLU `norm_layer`).
+
   Attributes:
     mlp_dim: Hidden width.
     dropout_rate: Dropout after each Dense.
@@ -742,6 +973,7 @@ class MlpBlock(nn.Module):
       False, the exact erf GELU (transformers' `hidden_act='gelu'`).
     options: The block's options (`BlockOptions`): GELU or SwiGLU, biases,
       the hidden norm.
+    layer_norm_epsilon: Epsilon of the hidden norm (`options.mlp_norm`).
   """
 
   mlp_dim: int
@@ -752,22 +984,38 @@ class MlpBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
   gelu_approximate: bool = True
   options: BlockOptions = BlockOptions()
+  layer_norm_epsilon: float = _LAYER_NORM_EPSILON
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     out_dim = self.out_dim or x.shape[-1]
     dense = lambda n, name: nn.Dense(  # pylint: disable=g-long-lambda
         n,
+        use_bias=self.options.mlp_bias,
         kernel_init=_MLP_KERNEL_INIT,
         bias_init=_MLP_BIAS_INIT,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name=name,
     )
-    x = nn.gelu(
-        dense(self.mlp_dim, 'Dense_0')(x), approximate=self.gelu_approximate
-    )
+    if self.options.mlp == 'swiglu':
+      # Dense_0 is the gate (SiLU), Dense_2 the linear branch it multiplies.
+      x = nn.silu(dense(self.mlp_dim, 'Dense_0')(x)) * dense(
+          self.mlp_dim, 'Dense_2'
+      )(x)
+    else:
+      x = nn.gelu(
+          dense(self.mlp_dim, 'Dense_0')(x), approximate=self.gelu_approximate
+      )
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=self.deterministic)
+    if self.options.mlp_norm:
+      x = make_norm(
+          self.options.norm,
+          epsilon=self.layer_norm_epsilon,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name='LayerNorm_0',
+      )(x)
     x = dense(out_dim, 'Dense_1')(x)
     return nn.Dropout(rate=self.dropout_rate)(
         x, deterministic=self.deterministic
@@ -847,17 +1095,25 @@ class Encoder1DBlock(nn.Module):
     Returns:
       (outputs [B, T, D], None).
     """
-    norm = lambda name: nn.LayerNorm(  # pylint: disable=g-long-lambda
+    norm = functools.partial(
+        make_norm,
+        self.options.norm,
         epsilon=self.layer_norm_epsilon,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
-        name=name,
     )
+    layer_scale = self.options.layer_scale
+
+    def scaled(y, name):
+      if layer_scale is None:
+        return y
+      return LayerScale(layer_scale, param_dtype=self.param_dtype, name=name)(y)
+
     # Block boundaries: the activations are split over the batch only (whole
     # on every device of a 'model' axis). A no-op unless the caller sets
     # logical axis rules (`vit_jax.sharding.logical_axis_rules`).
     inputs = nn.with_logical_constraint(inputs, ACTIVATION_AXES)
-    x = norm('LayerNorm_0')(inputs)
+    x = norm(name='LayerNorm_0')(inputs)
     x = MultiHeadDotProductAttention(
         num_heads=self.num_heads,
         dropout_rate=self.attention_dropout_rate,
@@ -868,11 +1124,12 @@ class Encoder1DBlock(nn.Module):
         options=self.options,
         rope_grid=self.rope_grid,
         rope_start=self.rope_start,
+        layer_norm_epsilon=self.layer_norm_epsilon,
         name='MultiHeadDotProductAttention_0',
     )(x, kv_mask=kv_mask)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=self.deterministic)
-    x = self._drop_path(x, drop_path_rate) + inputs
-    y = norm('LayerNorm_1')(x)
+    x = self._drop_path(scaled(x, 'LayerScale_0'), drop_path_rate) + inputs
+    y = norm(name='LayerNorm_1')(x)
     y = MlpBlock(
         mlp_dim=self.mlp_dim,
         dropout_rate=self.dropout_rate,
@@ -881,9 +1138,10 @@ class Encoder1DBlock(nn.Module):
         param_dtype=self.param_dtype,
         gelu_approximate=self.gelu_approximate,
         options=self.options,
+        layer_norm_epsilon=self.layer_norm_epsilon,
         name='MlpBlock_0',
     )(y)
-    y = self._drop_path(y, drop_path_rate)
+    y = self._drop_path(scaled(y, 'LayerScale_1'), drop_path_rate)
     outputs = nn.with_logical_constraint(x + y, ACTIVATION_AXES)
     self.sow('intermediates', 'block_output', outputs)
     return outputs, None
@@ -1083,6 +1341,7 @@ class FlexiPatchEmbedding(nn.Module):
     patch_size: The (h, w) the images are cut into.
     dtype: Computation dtype.
     param_dtype: Parameter dtype.
+    use_bias: Whether there is a `bias` (none with `pre_norm`, as timm).
   """
 
   features: int
@@ -1090,6 +1349,7 @@ class FlexiPatchEmbedding(nn.Module):
   patch_size: tuple[int, int]
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -1100,11 +1360,8 @@ class FlexiPatchEmbedding(nn.Module):
         (*self.stored_size, x.shape[-1], self.features),
         self.param_dtype,
     )
-    bias = self.param(
-        'bias', nn.initializers.zeros, (self.features,), self.param_dtype
-    )
     kernel = resample_patch_embedding(kernel, self.patch_size)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     y = jax.lax.conv_general_dilated(
         x,
         kernel,
@@ -1112,7 +1369,12 @@ class FlexiPatchEmbedding(nn.Module):
         padding='VALID',
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
     )
-    return y + bias
+    if not self.use_bias:
+      return y
+    bias = self.param(
+        'bias', nn.initializers.zeros, (self.features,), self.param_dtype
+    )
+    return y + bias.astype(y.dtype)
 
 
 def _naflex_axis_weights(
@@ -1484,6 +1746,9 @@ class MAPHead(nn.Module):
     param_dtype: Parameter dtype.
     layer_norm_epsilon: LayerNorm epsilon.
     gelu_approximate: See `MlpBlock`.
+    norm: The kind of its norm (`LayerNorm_0`), one of `NORM_KINDS`: the
+      model's (timm's AttentionPoolLatent takes the model's norm layer; its
+      attention and MLP are the 2020 ViT's whatever the blocks' options).
   """
 
   num_heads: int
@@ -1492,6 +1757,7 @@ class MAPHead(nn.Module):
   param_dtype: Dtype = jnp.float32
   layer_norm_epsilon: float = _LAYER_NORM_EPSILON
   gelu_approximate: bool = True
+  norm: str = 'layernorm'
 
   @nn.compact
   def __call__(
@@ -1511,7 +1777,8 @@ class MAPHead(nn.Module):
         attention_impl='einsum',
         name='MultiHeadDotProductAttention_0',
     )(probe, inputs_kv=x, kv_mask=kv_mask)
-    y = nn.LayerNorm(
+    y = make_norm(
+        self.norm,
         epsilon=self.layer_norm_epsilon,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
@@ -1556,6 +1823,8 @@ class Encoder(nn.Module):
     block_options: The blocks' options (`BlockOptions`).
     pre_norm: A norm on the tokens before the first block (after the
       position embeddings): `pre_norm` (CLIP's and Perception Encoder's).
+    final_norm: The norm after the last block (`encoder_norm`); False when
+      the model norms the pooled features instead (`fc_norm`).
   """
 
   num_layers: int
@@ -1580,6 +1849,7 @@ class Encoder(nn.Module):
   patch_shape: tuple[int, int] = (1, 1)
   block_options: BlockOptions = BlockOptions()
   pre_norm: bool = False
+  final_norm: bool = True
 
   def drop_path_rates(self) -> list[float]:
     """Each block's stochastic-depth rate: 0 at the first, linear up to
@@ -1601,6 +1871,7 @@ class Encoder(nn.Module):
       kv_mask: jax.Array | None = None,
       patch_grid: tuple[int, int] | None = None,
       prefix_tokens: int = 0,
+      unembedded_prefix: jax.Array | None = None,
   ) -> jax.Array:
     """Position embeddings, the blocks and the final LayerNorm.
 
@@ -1618,9 +1889,12 @@ class Encoder(nn.Module):
         RoPE (`block_options.rope`).
       prefix_tokens: Tokens before the patches (a class token), which RoPE
         leaves as they are.
+      unembedded_prefix: [B, P, D] put in front of the sequence after the
+        position embeddings (a class token without a position embedding of
+        its own, timm's `no_embed_class`).
 
     Returns:
-      [B, T (+ R), D].
+      [B, (P +) T (+ R), D].
     """
     if self.add_position_embedding:
       x = AddPositionEmbs(
@@ -1634,6 +1908,8 @@ class Encoder(nn.Module):
       x = nn.Dropout(rate=self.dropout_rate)(
           x, deterministic=self.deterministic
       )
+    if unembedded_prefix is not None:
+      x = jnp.concatenate([unembedded_prefix.astype(x.dtype), x], axis=1)
     if extra_tokens is not None:
       x = jnp.concatenate([x, extra_tokens.astype(x.dtype)], axis=1)
       if kv_mask is not None:  # Appended tokens are never padding.
@@ -1641,6 +1917,15 @@ class Encoder(nn.Module):
             kv_mask, [(0, 0), (0, extra_tokens.shape[1])], constant_values=True
         )
     x = x.astype(self.dtype)
+    norm = functools.partial(
+        make_norm,
+        self.block_options.norm,
+        epsilon=self.layer_norm_epsilon,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
+    if self.pre_norm:  # timm's norm_pre: every token, registers included.
+      x = norm(name='pre_norm')(x)
     block_cls = Encoder1DBlock
     policy = remat_policy_of(self.remat, self.remat_policy)
     if policy != 'none':
@@ -1698,12 +1983,9 @@ class Encoder(nn.Module):
           x, _ = block(x, None if rates is None else rates[i], kv_mask)
         else:
           x, _ = block(x) if rates is None else block(x, rates[i])
-    return nn.LayerNorm(
-        epsilon=self.layer_norm_epsilon,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name='encoder_norm',
-    )(x)
+    if not self.final_norm:
+      return x
+    return norm(name='encoder_norm')(x)
 
 
 class VisionTransformer(nn.Module):
@@ -1809,13 +2091,15 @@ class VisionTransformer(nn.Module):
     rope_options: The RoPE convention's settings, (name, value) pairs or a
       mapping (see `vit_jax.models.rope`).
     class_token: A class token in the sequence (`cls`); None: when the
-      classifier pools it ('token', 'token_unpooled'). With 'gap' or 'map'
-      pooling the class token is left out of the pool.
+      classifier pools it ('token', 'token_unpooled'). 'gap' averages the
+      other tokens (timm's avg pool); 'map' attends over every token, the
+      class token included (timm's Eva models', Perception Encoder's).
     posemb_class_token: With `posemb='learn'`, whether the class token has a
       position embedding of its own (the published layout); False: the
       table covers the patches only (timm's `no_embed_class`).
     pre_norm: A norm on the tokens before the first block
-      (`Transformer/pre_norm`; CLIP's and Perception Encoder's).
+      (`Transformer/pre_norm`; CLIP's and Perception Encoder's); the patch
+      embedding then has no bias, as in timm.
     embed_norm: A norm on the patch embeddings before the position
       embeddings (`embedding_norm`; AIMv2's).
     fc_norm: With 'gap' pooling, the final norm comes after the pooling
@@ -1888,28 +2172,18 @@ class VisionTransformer(nn.Module):
         rope_options=rope_lib.canonical_options(self.rope_options),
     )
 
+  @property
+  def has_class_token(self) -> bool:
+    """Whether a class token (`cls`) is in the sequence (`class_token`)."""
+    if self.class_token is None:
+      return self.classifier in ('token', 'token_unpooled')
+    return bool(self.class_token)
+
   def _check_block_options(self) -> None:
-    """Refuses the options not built yet (one line each)."""
-    defaults = {
-        'layer_scale': None,
-        'qk_norm': False,
-        'mlp': 'gelu',
-        'mlp_norm': False,
-        'norm': 'layernorm',
-        'qkv_bias': True,
-        'proj_bias': True,
-        'mlp_bias': True,
-        'class_token': None,
-        'posemb_class_token': True,
-        'pre_norm': False,
-        'embed_norm': False,
-        'fc_norm': False,
-        'map_num_heads': None,
-        'map_mlp_dim': None,
-    }
-    for name, default in defaults.items():
-      if getattr(self, name) != default:
-        raise NotImplementedError(f'{name}={getattr(self, name)!r}')
+    """Refuses bad options in one line (`check_options`)."""
+    check_options(
+        {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    )
 
   @property
   def total_stride(self) -> tuple[int, int]:
@@ -1963,9 +2237,10 @@ class VisionTransformer(nn.Module):
     """The NaFlex input tuple, after refusing what NaFlex cannot take."""
     refused = (
         (
-            self.classifier in ('token', 'token_unpooled'),
-            f'classifier={self.classifier!r} (a class token)',
-            "classifier='map' or 'gap'",
+            self.has_class_token,
+            f'classifier={self.classifier!r}, class_token='
+            f'{self.class_token!r} (a class token)',
+            "classifier='map' or 'gap' without class_token",
         ),
         (
             self.num_registers > 0,
@@ -2046,7 +2321,7 @@ class VisionTransformer(nn.Module):
         to mask some of them.
       output: 'logits' (pooled, through the representation layer and head)
         or 'tokens': the encoder's output sequence `[batch, tokens, D]`
-        (class token first when the classifier has one; with `naflex`, the
+        (class token first when the model has one; with `naflex`, the
         padding tokens too, their values meaningless).
       patch_size: FlexiViT: the patch size (h, w) or int of this call (a
         static value); None: `run_patch_size` (see there).
@@ -2083,13 +2358,6 @@ class VisionTransformer(nn.Module):
           "('bilinear' has no antialiasing, 'linear' always has it)."
       )
     self._check_block_options()
-    rope_lib.check_model_options(
-        self.rope,
-        self.rope_options,
-        naflex=self.naflex,
-        head_dim=self.hidden_size
-        // config_value(self.transformer, 'num_heads'),
-    )
     ph, pw = self.patch_size_at(patch_size)
     stored_patch = patch_size_of(self.patches)
     flexible = bool(self.flexi_patch_sizes) or (ph, pw) != stored_patch
@@ -2108,6 +2376,7 @@ class VisionTransformer(nn.Module):
       # numbers, its kernel reshaped to [P*P*C, D].
       x = nn.Dense(
           self.hidden_size,
+          use_bias=not self.pre_norm,
           dtype=self.dtype,
           param_dtype=self.param_dtype,
           name='embedding',
@@ -2136,6 +2405,9 @@ class VisionTransformer(nn.Module):
             kernel_size=(ph, pw),
             strides=(ph, pw),
             padding='VALID',
+            # timm's patch embedding has no bias when a norm follows the
+            # position embeddings (`pre_norm`).
+            use_bias=not self.pre_norm,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name='embedding',
@@ -2145,6 +2417,7 @@ class VisionTransformer(nn.Module):
             features=self.hidden_size,
             stored_size=stored_patch,
             patch_size=(ph, pw),
+            use_bias=not self.pre_norm,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name='embedding',
@@ -2172,6 +2445,14 @@ class VisionTransformer(nn.Module):
           ('add_position_embedding', True),
       ):
         encoder_fields[k] = config_value(self.transformer, k, default)
+      if self.embed_norm:  # timm's PatchEmbed norm: before any position.
+        x = make_norm(
+            self.norm,
+            epsilon=self.layer_norm_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name='embedding_norm',
+        )(x)
       if patch_transform is not None:
         x = patch_transform(x)
       # A tuple (hashable) when the config gives a list.
@@ -2197,13 +2478,20 @@ class VisionTransformer(nn.Module):
           x = nn.Dropout(rate=encoder_fields['dropout_rate'])(
               x, deterministic=not train
           )
-      if self.classifier in ('token', 'token_unpooled'):
+      unembedded_prefix = None
+      if self.has_class_token:
         cls = self.param(
             'cls', nn.initializers.zeros, (1, 1, c), self.param_dtype
         )
-        x = jnp.concatenate(
-            [jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1
-        )
+        cls = jnp.tile(cls.astype(x.dtype), (n, 1, 1))
+        if encoder_fields['add_position_embedding'] and (
+            not self.posemb_class_token
+        ):
+          # timm's no_embed_class: the table covers the patches; the class
+          # token joins after it is added.
+          unembedded_prefix = cls
+        else:
+          x = jnp.concatenate([cls, x], axis=1)
       registers = None
       if self.num_registers:
         registers = self.param(
@@ -2234,6 +2522,7 @@ class VisionTransformer(nn.Module):
           ),
           block_options=self.block_options,
           pre_norm=self.pre_norm,
+          final_norm=not self.fc_norm,
           name='Transformer',
           **encoder_fields,
       )(
@@ -2243,9 +2532,8 @@ class VisionTransformer(nn.Module):
           positions=positions,
           kv_mask=token_mask,
           patch_grid=(h, w),
-          prefix_tokens=(
-              1 if self.classifier in ('token', 'token_unpooled') else 0
-          ),
+          prefix_tokens=1 if self.has_class_token else 0,
+          unembedded_prefix=unembedded_prefix,
       )
       if self.num_registers:  # Registers are working memory, not output.
         x = x[:, : -self.num_registers]
@@ -2258,19 +2546,33 @@ class VisionTransformer(nn.Module):
       counted = token_mask[..., None].astype(x.dtype)
       x = jnp.sum(x * counted, axis=1) / jnp.sum(counted, axis=1)
     elif self.classifier == 'gap':
+      if self.has_class_token:  # timm's avg pool: the non-prefix tokens.
+        x = x[:, 1:]
       x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
     elif self.classifier == 'map':
       if self.transformer is None:
         raise ValueError("classifier='map' needs a transformer.")
+      # Over every token, a class token included: timm's Eva pooling
+      # (Perception Encoder's).
       x = MAPHead(
-          num_heads=config_value(self.transformer, 'num_heads'),
-          mlp_dim=config_value(self.transformer, 'mlp_dim'),
+          num_heads=self.map_num_heads
+          or config_value(self.transformer, 'num_heads'),
+          mlp_dim=self.map_mlp_dim or config_value(self.transformer, 'mlp_dim'),
           dtype=self.dtype,
           param_dtype=self.param_dtype,
           layer_norm_epsilon=self.layer_norm_epsilon,
           gelu_approximate=self.gelu_approximate,
+          norm=self.norm,
           name='MAPHead_0',
       )(x, kv_mask=token_mask)
+    if self.fc_norm:  # After the 'gap' pool, instead of encoder_norm.
+      x = make_norm(
+          self.norm,
+          epsilon=self.layer_norm_epsilon,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name='fc_norm',
+      )(x)
 
     if self.representation_size is not None:
       x = nn.Dense(
@@ -2296,6 +2598,7 @@ class VisionTransformer(nn.Module):
 
 __all__ = [
     'AddPositionEmbs',
+    'BLOCK_OPTION_FIELDS',
     'BlockOptions',
     'CLASSIFIERS',
     'Encoder',
@@ -2311,10 +2614,14 @@ __all__ = [
     'POSEMB_RESIZE_METHODS',
     'FLEXIVIT_PATCH_SIZES',
     'FlexiPatchEmbedding',
+    'LayerScale',
     'PositionEmbedding2D',
+    'QKV_BIAS_KINDS',
     'VisionTransformer',
+    'check_options',
     'config_value',
     'linear_resize_matrix',
+    'make_norm',
     'naflex_init_inputs',
     'naflex_position_embeddings',
     'patch_size_of',
