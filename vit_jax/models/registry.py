@@ -531,25 +531,12 @@ class ModelSection:
             raise config_errors.unknown_field(
                 f'model.{key}.{inner}', known_names, where
             )
-    model_config = get_config(self.model_name, **self.model)
     if model_class(self.model_name) is vit.VisionTransformer:
       # Bad block options are refused here, before any work, in the words
       # the model would use.
-      vit.check_options(model_config, prefix='config.model.')
-    transformer = model_config.get('transformer') or {}
-    try:
-      rope.check_model_options(
-          model_config.get('rope'),
-          model_config.get('rope_options'),
-          naflex=bool(model_config.get('naflex')),
-          head_dim=(
-              model_config['hidden_size'] // transformer['num_heads']
-              if 'num_heads' in transformer
-              else None
-          ),
+      vit.check_options(
+          get_config(self.model_name, **self.model), prefix='config.model.'
       )
-    except ValueError as e:
-      raise ValueError(f'config.model.{e}') from None
     for option in ('remat', 'scan'):
       if getattr(self, option) and option not in fields:
         raise ValueError(

@@ -267,6 +267,8 @@ def _patch_coordinates(
 ) -> np.ndarray:
   """[h * w, 2] float32 coordinates of the patches (row-major order).
 
+  'dinov3': patch centres scaled to [-1, 1]; otherwise ('eva', 'mixed')
+  patch indices plus 'grid_offset', rescaled to 'ref_grid' if given.
   Channel 0 is the row ('ij') or the column ('xy'), channel 1 the other.
   """
   h, w = grid
@@ -425,9 +427,7 @@ class Rope(nn.Module):
               key, self.num_heads, self.head_dim, options['temperature']
           ),
       )
-      coords = jnp.asarray(
-          _patch_coordinates(self.grid, {**options, 'convention': 'index'})
-      )
+      coords = jnp.asarray(_patch_coordinates(self.grid, options))
       # [heads, N, D // 2]: each head's own mix of the two coordinates.
       angles = coords[None, :, 0:1] * freqs[0][:, None, :].astype(
           jnp.float32

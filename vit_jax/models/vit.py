@@ -302,6 +302,20 @@ def check_options(fields: Mapping[str, Any], prefix: str = '') -> None:
   if refusals:
     name, fix = refusals[0]
     raise ValueError(f'{prefix}{name}={get(name, None)!r}: use {fix}.')
+  num_heads = config_value(get('transformer', None), 'num_heads')
+  try:
+    rope_lib.check_model_options(
+        get('rope', None),
+        get('rope_options', ()),
+        naflex=bool(get('naflex', False)),
+        head_dim=(
+            hidden // num_heads
+            if isinstance(hidden, int) and isinstance(num_heads, int)
+            else None
+        ),
+    )
+  except ValueError as e:
+    raise ValueError(f'{prefix}{e}') from None
 
 
 class LayerScale(nn.Module):
@@ -2166,7 +2180,7 @@ class VisionTransformer(nn.Module):
     return bool(self.class_token)
 
   def _check_block_options(self) -> None:
-    """Refuses bad options (`check_options`), one line each."""
+    """Refuses bad options in one line (`check_options`)."""
     check_options(
         {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     )
@@ -2344,13 +2358,6 @@ class VisionTransformer(nn.Module):
           "('bilinear' has no antialiasing, 'linear' always has it)."
       )
     self._check_block_options()
-    rope_lib.check_model_options(
-        self.rope,
-        self.rope_options,
-        naflex=self.naflex,
-        head_dim=self.hidden_size
-        // config_value(self.transformer, 'num_heads'),
-    )
     ph, pw = self.patch_size_at(patch_size)
     stored_patch = patch_size_of(self.patches)
     flexible = bool(self.flexi_patch_sizes) or (ph, pw) != stored_patch
