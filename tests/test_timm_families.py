@@ -209,6 +209,18 @@ def test_to_timm_writes_timm_state_dict_and_round_trips(family, tmp_path):
     )
 
 
+def test_our_timm_file_loads_without_the_name(tmp_path):
+  name, model, params, images = tiny('aimv2')
+  path = str(tmp_path / 'ours.safetensors')
+  timm_interop.to_timm(model, params, path, timm_model=name)
+  loaded = loading.load_model(path)  # The name is in the file's metadata.
+  assert loaded.model.model_name == 'AIMv2-L_14'
+  np.testing.assert_array_equal(
+      logits(loaded.model, loaded.params, images),
+      logits(model, params, images),
+  )
+
+
 def test_features_tower_without_head(tmp_path):
   name, model, params, images = tiny('dinov2_reg4', num_classes=0)
   path = write_timm_file(tmp_path / 'model.safetensors', model, params)

@@ -7,7 +7,7 @@ saved with `safetensors.torch.save_file(model.state_dict())`, read by
 pooled features (`forward_head(..., pre_logits=True)`) and logits agree
 within 1e-4. Run with
 
-  PYTHONPATH=$PWD:/path/to/torch python -m pytest -q -s tests/test_timm_parity.py
+  python -m pytest -q -s tests/test_timm_parity.py
 """
 
 import numpy as np

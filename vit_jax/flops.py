@@ -140,7 +140,9 @@ def _vit_breakdown(
     )
     counts['attention_scores'] = layers * _dense(tokens, hidden, tokens)
     counts['attention_values'] = layers * _dense(tokens, tokens, hidden)
-    counts['mlp'] = layers * 2 * _dense(tokens, hidden, mlp_dim)
+    # SwiGLU has two input maps (the SiLU branch and the one it multiplies).
+    mlp_maps = 3 if model.mlp == 'swiglu' else 2
+    counts['mlp'] = layers * mlp_maps * _dense(tokens, hidden, mlp_dim)
     shape = (tokens - model.num_registers,)
     if model.classifier == 'map':
       # One probe query attends over the tokens (their keys and values are

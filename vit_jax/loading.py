@@ -182,7 +182,8 @@ def load_model(
     timm_model: The timm model name of a timm `.safetensors` (one of
       `vit_jax.timm_models.TIMM_MODELS`, e.g.
       'vit_small_patch14_reg4_dinov2'): read as that model
-      (`timm_interop.load_timm`).
+      (`timm_interop.load_timm`). Files `to_timm` wrote with a timm model
+      name carry it: for them it may be left out.
 
   Returns:
     A `Loaded`.
@@ -192,6 +193,9 @@ def load_model(
       `.safetensors` file, or with `model_name`.
   """
   source = str(source)
+  if not timm_model and source.endswith('.safetensors'):
+    # A file `to_timm` wrote for a timm model says which.
+    timm_model = timm_interop.stored_timm_model(source)
   if timm_model:
     if not source.endswith('.safetensors') or os.path.isdir(source):
       raise interop.ConversionError(

@@ -468,11 +468,25 @@ def to_timm(
   return metadata
 
 
+def stored_timm_model(path: str) -> str | None:
+  """The timm model name `to_timm` stored in a file's metadata, or None.
+
+  Reads the file's header only.
+  """
+  safetensors = interop._safetensors_numpy()  # pylint: disable=protected-access
+  try:
+    with safetensors.safe_open(str(path), framework='np') as f:
+      return (f.metadata() or {}).get(TIMM_MODEL_METADATA_KEY)
+  except Exception:  # pylint: disable=broad-except
+    return None  # Not readable: the reader that follows says why.
+
+
 __all__ = [
     'LAYOUT_RULES',
     'TIMM_MODEL_METADATA_KEY',
     'image_size_of',
     'load_timm',
+    'stored_timm_model',
     'timm_model_entry',
     'to_timm',
     'vision_transformer_rules',
