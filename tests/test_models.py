@@ -48,6 +48,20 @@ EXPECTED_PARAM_COUNTS = {
     'ViT-gopt_16': 1_164_613_096,  # vit_giantopt_patch16_siglip_256
     'AIMv2-L_14': 310_222_824,  # aimv2_large_patch14_224
     'AIMv2-H_14': 682_388_968,  # aimv2_huge_patch14_224
+    # timm 1.0.31's counts of `timm.create_model(NAME, img_size=224,
+    # num_classes=1000)` for timm's eva.py models (RoPE tables and EVA's
+    # zero key bias are buffers, not parameters).
+    'EVA02-S_14': 22_006_120,  # eva02_small_patch14_224
+    'EVA02-B_14': 86_527_720,  # eva02_base_patch14_224
+    'EVA02-L_14': 304_293_800,  # eva02_large_patch14_224
+    'DINOv3-S_16': 21_971_944,  # vit_small_patch16_dinov3
+    'DINOv3-S+_16': 29_068_264,  # vit_small_plus_patch16_dinov3
+    'DINOv3-B_16': 86_410_216,  # vit_base_patch16_dinov3
+    'DINOv3-L_16': 304_104_424,  # vit_large_patch16_dinov3
+    'DINOv3-H+_16': 841_790_440,  # vit_huge_plus_patch16_dinov3
+    'DINOv3-7B_16': 6_720_127_976,  # vit_7b_patch16_dinov3
+    'PE-core-B_16': 93_655_528,  # vit_pe_core_base_patch16_224
+    'PE-core-L_14': 316_799_976,  # vit_pe_core_large_patch14_336
     'R+ViT-Ti_16': 6_337_704,
     'R26+ViT-S_32': 36_431_912,
     'R50+ViT-B_16': 98_659_112,

@@ -316,7 +316,8 @@ def spec_from_model(
       model.transformer, 'add_position_embedding', True
   ):
     unsupported.append('transformer.add_position_embedding=False')
-  # Today's families' block options: their layouts are timm's own models'.
+  # Today's families' options (none of which the plain formats have):
+  # their timm models convert with `timm_model=` (`vit_jax.timm_interop`).
   for field in dataclasses.fields(model):
     if field.name in vit_lib.BLOCK_OPTION_FIELDS:
       value = getattr(model, field.name)

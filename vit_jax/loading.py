@@ -212,7 +212,7 @@ def load_model(
     loaded = Loaded(
         model,
         params,
-        timm_interop.image_size_of(model, params),
+        timm_interop.image_size_of(model, params, timm_model),
         None,
         source,
     )

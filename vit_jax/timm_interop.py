@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from vit_jax import checkpoint
 from vit_jax import interop
+from vit_jax import interop_eva
 from vit_jax import timm_models
 import vit_jax.models
 from vit_jax.models import vit as vit_lib
@@ -40,7 +41,16 @@ TIMM_MODEL_METADATA_KEY = 'vit_jax.timm_model'
 # Registry models whose timm model packs SwiGLU's two input projections in
 # one `mlp.fc1` (timm's `SwiGLUPacked`: SiLU branch first, then the branch
 # it multiplies); the others keep them apart (`SwiGLU`'s `fc1_g`, `fc1_x`).
-_PACKED_SWIGLU = frozenset({'DINOv2-g_14'})
+_PACKED_SWIGLU = frozenset(
+    {
+        'DINOv2-g_14',
+        *(
+            name
+            for name, storage in interop_eva.EVA_STORAGE.items()
+            if storage.swiglu_packed
+        ),
+    }
+)
 
 Rules = Callable[[vit_lib.VisionTransformer, int], list[_Rule]]
 
@@ -188,6 +198,7 @@ def vision_transformer_rules(
 # function (model, num_layers) -> rules per layout.
 LAYOUT_RULES: dict[str, Rules] = {
     'vision_transformer': vision_transformer_rules,
+    'eva': interop_eva.eva_rules,
 }
 
 
@@ -255,8 +266,9 @@ def _file_shapes(
     fields: Mapping[str, Any],
     where: str,
 ) -> dict[str, Any]:
-  """Depth, width, MLP width, heads and classes of a timm state dict, from
-  its shapes."""
+  """Depth, width, MLP width, heads and classes (and a MAP head's MLP width
+  when the registry sizes it apart) of a timm state dict, from its
+  shapes."""
   needed = ['patch_embed.proj.weight', 'blocks.0.norm1.weight']
   swiglu = fields.get('mlp') == 'swiglu'
   packed = swiglu and entry.registry in _PACKED_SWIGLU
@@ -280,7 +292,7 @@ def _file_shapes(
         f'{where}: width {width} is not a multiple of the head size '
         f'{entry.head_dim} of {entry.registry}.'
     )
-  return {
+  shapes = {
       'num_layers': _count_blocks(tensors),
       'hidden_size': width,
       'mlp_dim': int(tensors[mlp_key].shape[0]) // (2 if packed else 1),
@@ -291,6 +303,10 @@ def _file_shapes(
           else 0
       ),
   }
+  map_mlp = 'attn_pool.mlp.fc1.weight'
+  if fields.get('map_mlp_dim') is not None and map_mlp in tensors:
+    shapes['map_mlp_dim'] = int(tensors[map_mlp].shape[0])
+  return shapes
 
 
 def load_timm(
@@ -336,6 +352,7 @@ def load_timm(
           **entry.options,
           **overrides,
           'hidden_size': shapes['hidden_size'],
+          **{k: shapes[k] for k in ('map_mlp_dim',) if k in shapes},
           'transformer': {
               'num_layers': shapes['num_layers'],
               'num_heads': shapes['num_heads'],
@@ -348,7 +365,12 @@ def load_timm(
   interop._check_keys(  # pylint: disable=protected-access
       list(tensors), [rule.theirs for rule in rules], path
   )
-  image_size = _image_size(model, tensors['pos_embed'].shape[1], path)
+  image_size = _init_size(
+      model,
+      entry,
+      tensors['pos_embed'].shape[1] if 'pos_embed' in tensors else None,
+      path,
+  )
   _check_rules_cover(model, rules, image_size, path)
   params = interop._from_torch(  # pylint: disable=protected-access
       tensors, rules, model, image_size, path
@@ -366,9 +388,36 @@ def _image_size(model: Any, table_length: int, where: str) -> tuple[int, int]:
   return grid[0] * ph, grid[1] * pw
 
 
-def image_size_of(model: Any, params: Params) -> tuple[int, int]:
-  """The (height, width) the learned position embeddings of `params` cover."""
-  table = checkpoint.flatten(params)[interop.POSEMB_PATH]
+def _init_size(
+    model: Any,
+    entry: timm_models.TimmModel,
+    table_length: int | None,
+    where: str,
+) -> tuple[int, int]:
+  """An image size `model` initialises at: the one its position-embedding
+  table covers, or (no table: DINOv3's) the published weights'."""
+  if table_length is None:
+    side = entry.preprocessing['image_size']
+    return side, side
+  return _image_size(model, table_length, where)
+
+
+def image_size_of(
+    model: Any, params: Params, timm_model: str | None = None
+) -> tuple[int, int]:
+  """The (height, width) the learned position embeddings of `params` cover.
+
+  A model without them (DINOv3) takes any size: `timm_model`'s published
+  resolution (`TIMM_MODELS` preprocessing) then.
+  """
+  table = checkpoint.flatten(params).get(interop.POSEMB_PATH)
+  if table is None and timm_model is not None:
+    return _init_size(model, timm_model_entry(timm_model), None, '')
+  if table is None:
+    raise interop.ConversionError(
+        f'{model.model_name or "This model"} has no learned position '
+        'embeddings: pass its timm_model for the image size.'
+    )
   return _image_size(model, table.shape[1], interop.POSEMB_PATH)
 
 
@@ -409,7 +458,8 @@ def to_timm(
   flat = interop._flat_params(params)  # pylint: disable=protected-access
   num_layers = vit_lib.config_value(model.transformer, 'num_layers')
   rules = _model_rules(model, num_layers, entry.layout)
-  _check_rules_cover(model, rules, image_size_of(model, params), str(path))
+  init_size = image_size_of(model, params, timm_model)
+  _check_rules_cover(model, rules, init_size, str(path))
   tensors = interop._to_torch(flat, rules)  # pylint: disable=protected-access
   metadata = {'format': 'pt', TIMM_MODEL_METADATA_KEY: timm_model}
   interop._write_safetensors(  # pylint: disable=protected-access

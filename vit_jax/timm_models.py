@@ -161,7 +161,58 @@ _VISION_TRANSFORMER_MODELS: dict[str, TimmModel] = {
 # timm's eva.py: EVA-02, DINOv3, Perception Encoder.
 # ----------------------------------------------------------------------------
 
-_EVA_MODELS: dict[str, TimmModel] = {}
+
+def _eva(
+    registry: str,
+    head_dim: int,
+    image_size: int,
+    statistics: Mapping[str, Any],
+    **options: Any,
+) -> TimmModel:
+  return TimmModel(
+      registry=registry,
+      layout='eva',
+      options=options,
+      head_dim=head_dim,
+      preprocessing={'image_size': image_size, **statistics},
+  )
+
+
+_EVA_MODELS: dict[str, TimmModel] = {
+    # The 224 px towers of EVA-02's masked-image-modelling weights (timm's
+    # `mim_in22k` / `mim_m38m`, no head).
+    **{
+        f'eva02_{size}_patch14_224': _eva(registry, 64, 224, _OPENAI_CLIP)
+        for size, registry in (
+            ('small', 'EVA02-S_14'),
+            ('base', 'EVA02-B_14'),
+            ('large', 'EVA02-L_14'),
+        )
+    },
+    # DINOv3 at its `lvd1689m` weights' statistics (timm's `sat493m`
+    # weights of L and 7B have their own). The `_qkvb` models have query and
+    # value biases (zero in the published weights).
+    **{
+        f'vit_{size}_patch16_dinov3{qkvb}': _eva(
+            registry,
+            head_dim,
+            256,
+            _IMAGENET,
+            **({'qkv_bias': 'qv'} if qkvb else {}),
+        )
+        for size, registry, head_dim in (
+            ('small', 'DINOv3-S_16', 64),
+            ('small_plus', 'DINOv3-S+_16', 64),
+            ('base', 'DINOv3-B_16', 64),
+            ('large', 'DINOv3-L_16', 64),
+            ('huge_plus', 'DINOv3-H+_16', 64),
+        )
+        for qkvb in ('', '_qkvb')
+    },
+    'vit_7b_patch16_dinov3': _eva('DINOv3-7B_16', 128, 256, _IMAGENET),
+    'vit_pe_core_base_patch16_224': _eva('PE-core-B_16', 64, 224, _HALF),
+    'vit_pe_core_large_patch14_336': _eva('PE-core-L_14', 64, 336, _HALF),
+}
 
 # ----------------------------------------------------------------------------
 

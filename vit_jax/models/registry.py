@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from vit_jax import config_errors
 from vit_jax.models import mixer
 from vit_jax.models import resnet
+from vit_jax.models import rope
 from vit_jax.models import vit
 
 
@@ -106,6 +107,77 @@ def _aimv2(hidden, mlp, heads, layers):
   )
   config['mlp'] = 'swiglu'  # `mlp` is _vit's MLP width.
   return config
+
+
+def _eva02(hidden, mlp, heads, layers, mlp_norm):
+  # timm's eva02_*_patch14_224 (the MIM-pretrained towers): mean of the
+  # patch tokens then fc_norm, a class token with a learned position, EVA's
+  # q/v biases, SwiGLU (mlp = int(hidden * 8 / 3) per branch), RoPE.
+  config = _vit(
+      hidden,
+      mlp,
+      heads,
+      layers,
+      patch=14,
+      classifier='gap',
+      class_token=True,
+      fc_norm=True,
+      mlp_norm=mlp_norm,
+      qkv_bias='qv',
+      gelu_approximate=False,
+      rope='axial',
+      rope_options=dict(rope.EVA02),
+  )
+  config['mlp'] = 'swiglu'  # `mlp` is _vit's MLP width.
+  return config
+
+
+def _dinov3(hidden, mlp, heads, layers, swiglu=False):
+  # timm's vit_*_patch16_dinov3: no position embeddings but RoPE, a class
+  # token and 4 registers, LayerScale, no qkv bias, LayerNorm eps 1e-5 and
+  # timm's default pooling, the mean of the normalised patch tokens.
+  config = _vit(
+      hidden,
+      mlp,
+      heads,
+      layers,
+      patch=16,
+      classifier='gap',
+      class_token=True,
+      num_registers=4,
+      posemb='none',
+      layer_scale=1e-5,
+      qkv_bias=False,
+      layer_norm_epsilon=1e-5,
+      gelu_approximate=False,
+      rope='axial',
+      rope_options=dict(rope.DINOV3),
+  )
+  if swiglu:  # `mlp` is _vit's MLP width: the kind is set apart.
+    config['mlp'] = 'swiglu'
+  return config
+
+
+def _pe_core(hidden, mlp, heads, layers, patch, ref_grid):
+  # timm's vit_pe_core_*: a norm before the blocks (and no patch bias), a
+  # class token with a learned position, RoPE on a grid offset by one in
+  # 'xy' order, a MAP head of 8 heads over every token, LayerNorm eps 1e-5.
+  return _vit(
+      hidden,
+      mlp,
+      heads,
+      layers,
+      patch,
+      classifier='map',
+      class_token=True,
+      pre_norm=True,
+      map_num_heads=8,
+      map_mlp_dim=4 * hidden,
+      layer_norm_epsilon=1e-5,
+      gelu_approximate=False,
+      rope='axial',
+      rope_options={**rope.PE, 'ref_grid': ref_grid},
+  )
 
 
 # name -> (module class, config). Sizes: paper Table 1 (B, L, H), DeiT (Ti, S),
@@ -205,6 +277,41 @@ _CONFIGS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     # Today's families with timm's eva.py layout: EVA-02, DINOv3, Perception
     # Encoder (see vit_jax.timm_models).
     # ------------------------------------------------------------------------
+    # EVA-02 (Fang et al., 2023), masked-image-modelling towers.
+    'EVA02-S_14': (
+        vit.VisionTransformer,
+        _eva02(hidden=384, mlp=1024, heads=6, layers=12, mlp_norm=False),
+    ),
+    'EVA02-B_14': (
+        vit.VisionTransformer,
+        _eva02(hidden=768, mlp=2048, heads=12, layers=12, mlp_norm=True),
+    ),
+    'EVA02-L_14': (
+        vit.VisionTransformer,
+        _eva02(hidden=1024, mlp=2730, heads=16, layers=24, mlp_norm=True),
+    ),
+    # DINOv3 (Simeoni et al., 2025); S+ and H+ have a SwiGLU MLP.
+    'DINOv3-S_16': (vit.VisionTransformer, _dinov3(**_S)),
+    'DINOv3-S+_16': (vit.VisionTransformer, _dinov3(**_S, swiglu=True)),
+    'DINOv3-B_16': (vit.VisionTransformer, _dinov3(**_B)),
+    'DINOv3-L_16': (vit.VisionTransformer, _dinov3(**_L)),
+    'DINOv3-H+_16': (
+        vit.VisionTransformer,
+        _dinov3(hidden=1280, mlp=5120, heads=20, layers=32, swiglu=True),
+    ),
+    'DINOv3-7B_16': (
+        vit.VisionTransformer,
+        _dinov3(hidden=4096, mlp=8192, heads=32, layers=40, swiglu=True),
+    ),
+    # Perception Encoder's core image towers (Bolya et al., 2025).
+    'PE-core-B_16': (
+        vit.VisionTransformer,
+        _pe_core(**_B, patch=16, ref_grid=(14, 14)),
+    ),
+    'PE-core-L_14': (
+        vit.VisionTransformer,
+        _pe_core(**_L, patch=14, ref_grid=(24, 24)),
+    ),
     # Hybrids: total stride = 4 (root) * 2**(stages - 1) * patch.
     'R+ViT-Ti_16': (
         vit.VisionTransformer,

@@ -129,6 +129,11 @@ PARAM_AXES = (
     (_BLOCK + r'/MlpBlock_0/Dense_1/kernel', ('mlp', 'embed')),
     # The norm of the MLP's hidden activations (`mlp_norm`), over 'mlp'.
     (_BLOCK + r'/MlpBlock_0/LayerNorm_0/(scale|bias)', ('mlp',)),
+    # RoPE-Mixed's learned frequencies [2, heads, head_dim // 2].
+    (
+        _BLOCK + r'/MultiHeadDotProductAttention_0/rope/freqs',
+        ('rope_coordinate', 'heads', 'rope_pair'),
+    ),
 )
 # Logical axes of the activations between blocks: [batch, tokens, hidden].
 ACTIVATION_AXES = ('batch', 'length', 'embed')
@@ -297,6 +302,20 @@ def check_options(fields: Mapping[str, Any], prefix: str = '') -> None:
   if refusals:
     name, fix = refusals[0]
     raise ValueError(f'{prefix}{name}={get(name, None)!r}: use {fix}.')
+  num_heads = config_value(get('transformer', None), 'num_heads')
+  try:
+    rope_lib.check_model_options(
+        get('rope', None),
+        get('rope_options', ()),
+        naflex=bool(get('naflex', False)),
+        head_dim=(
+            hidden // num_heads
+            if isinstance(hidden, int) and isinstance(num_heads, int)
+            else None
+        ),
+    )
+  except ValueError as e:
+    raise ValueError(f'{prefix}{e}') from None
 
 
 class LayerScale(nn.Module):
@@ -2140,9 +2159,6 @@ class VisionTransformer(nn.Module):
   @property
   def block_options(self) -> BlockOptions:
     """The encoder blocks' options, from this model's fields."""
-    rope_options = self.rope_options
-    if isinstance(rope_options, Mapping):
-      rope_options = tuple(sorted(rope_options.items()))
     return BlockOptions(
         layer_scale=self.layer_scale,
         qk_norm=self.qk_norm,
@@ -2153,7 +2169,7 @@ class VisionTransformer(nn.Module):
         proj_bias=self.proj_bias,
         mlp_bias=self.mlp_bias,
         rope=self.rope,
-        rope_options=tuple(rope_options),
+        rope_options=rope_lib.canonical_options(self.rope_options),
     )
 
   @property
@@ -2164,16 +2180,10 @@ class VisionTransformer(nn.Module):
     return bool(self.class_token)
 
   def _check_block_options(self) -> None:
-    """Refuses bad options (`check_options`) and those not built yet."""
+    """Refuses bad options in one line (`check_options`)."""
     check_options(
         {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     )
-    defaults = {
-        'rope': None,
-    }
-    for name, default in defaults.items():
-      if getattr(self, name) != default:
-        raise NotImplementedError(f'{name}={getattr(self, name)!r}')
 
   @property
   def total_stride(self) -> tuple[int, int]:
