@@ -6,12 +6,13 @@ hand from timm's `vision_transformer.py`, `layers/mlp.py` and
 `layers/attention_pool.py`), then read back by `load_timm`.
 """
 
+import functools
 import os
 
+import jax
 import numpy as np
 import pytest
 
-from helpers import init_params
 from helpers import random_images
 from helpers import randomize
 from helpers import run_module
@@ -38,8 +39,10 @@ FAMILIES = {
 NUM_CLASSES = 7
 
 
+@functools.cache
 def tiny(family, num_classes=NUM_CLASSES):
-  """(timm name, model, random params, images) of a tiny `family`."""
+  """(timm name, model, random params, images) of a tiny `family` (built
+  once: the tests only read them)."""
   name, width, mlp, layers, size = FAMILIES[family]
   entry = timm_models.TIMM_MODELS[name]
   model = vit_jax.models.get_model(
@@ -54,8 +57,12 @@ def tiny(family, num_classes=NUM_CLASSES):
       **entry.options,
   )
   images = random_images((2, size, size, 3))
-  params = randomize(init_params(model, images), seed=len(family))
-  return name, model, params, images
+  # Every value is replaced: the shapes are all that is needed (no
+  # initialisation to compile).
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), images, train=False)
+  )['params']
+  return name, model, randomize(shapes, seed=len(family)), images
 
 
 # ----------------------------------------------------------------------------
@@ -170,7 +177,9 @@ def write_timm_file(path, model, params, drop=(), extra=None):
 
 
 def logits(model, params, images):
-  return np.asarray(model.apply({'params': params}, images, train=False))
+  # Jitted: one compilation is faster than running the ops one by one.
+  apply = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  return np.asarray(apply(params, images))
 
 
 # ----------------------------------------------------------------------------
@@ -178,6 +187,8 @@ def logits(model, params, images):
 # ----------------------------------------------------------------------------
 
 
+# Compiles two models (>= 5 s on a loaded CPU).
+@pytest.mark.slow
 @pytest.mark.parametrize('family', sorted(FAMILIES))
 def test_timm_file_loads_with_our_logits(family, tmp_path):
   name, model, params, images = tiny(family)
@@ -209,6 +220,8 @@ def test_to_timm_writes_timm_state_dict_and_round_trips(family, tmp_path):
     )
 
 
+# Compiles two models (>= 5 s on a loaded CPU).
+@pytest.mark.slow
 def test_our_timm_file_loads_without_the_name(tmp_path):
   name, model, params, images = tiny('aimv2')
   path = str(tmp_path / 'ours.safetensors')
@@ -221,6 +234,8 @@ def test_our_timm_file_loads_without_the_name(tmp_path):
   )
 
 
+# Compiles two models (>= 5 s on a loaded CPU).
+@pytest.mark.slow
 def test_features_tower_without_head(tmp_path):
   name, model, params, images = tiny('dinov2_reg4', num_classes=0)
   path = write_timm_file(tmp_path / 'model.safetensors', model, params)
@@ -233,6 +248,8 @@ def test_features_tower_without_head(tmp_path):
   )
 
 
+# Compiles two models (>= 5 s on a loaded CPU).
+@pytest.mark.slow
 def test_load_model_reads_timm_file_at_its_resolution(tmp_path):
   name, model, params, images = tiny('siglip2')
   path = write_timm_file(tmp_path / 'model.safetensors', model, params)
