@@ -397,6 +397,14 @@ def test_naflex_example_runs():
   assert posemb['pos_embedding'].shape == (16, 16, 768)
 
 
+@pytest.mark.slow
+def test_block_options_example_runs():
+  namespace = _run_example('Block options')
+  block = namespace['variables']['params']['Transformer']['encoderblock_0']
+  assert {'LayerScale_0', 'LayerScale_1'} <= set(block)
+  assert 'Dense_2' in block['MlpBlock_0']  # SwiGLU's second branch.
+
+
 # The Python examples of the pages that no test above runs, by the heading
 # they are under, and why.
 _PYTHON_NOT_RUN = {
@@ -430,6 +438,7 @@ _PYTHON_RUN = (
     'Parameter groups',
     'Adafactor',
     'Muon',
+    'Block options',
 )
 
 

@@ -370,16 +370,25 @@ def test_auto_splits_heads_and_mlp_over_model_and_fsdp_takes_the_rest():
 
 def test_every_logical_axes_rule_of_the_model_names_real_parameters():
   for scan in (False, True):
-    state = _abstract_state(_shallow('ViT-B_16', scan))
+    # With the block options that add split parameters (SwiGLU's Dense_2,
+    # the MLP's hidden norm).
+    model = _shallow('ViT-B_16', scan).clone(mlp='swiglu', mlp_norm=True)
+    state = _abstract_state(model)
     paths = [
         sharding.path_str(p)
         for p, _ in jax.tree_util.tree_flatten_with_path(state['params'])[0]
     ]
     for pattern, _ in vit_jax.models.PARAM_AXES:
       matched = [p for p in paths if re.fullmatch(pattern, 'params/' + p)]
-      # Each of the 3 blocks (or the one stack) has its q, k, v or one of
-      # each other parameter.
-      assert len(matched) == (1 if scan else 3) * (
-          3 if 'query' in pattern else 1
-      ), (pattern, scan)
+      # Each of the 3 blocks (or the one stack) has its q, k, v, SwiGLU's
+      # two input layers, the norm's scale and bias, or one of each other
+      # parameter.
+      per_block = (
+          3
+          if 'query' in pattern
+          else 2
+          if ('Dense_[02]' in pattern or 'LayerNorm_0' in pattern)
+          else 1
+      )
+      assert len(matched) == (1 if scan else 3) * per_block, (pattern, scan)
       assert all('encoderblock' in p for p in matched)
