@@ -583,13 +583,13 @@ def _timm_rules(spec: VitSpec) -> list[_Rule]:
     rules += _norm(b + 'norm2', block + 'LayerNorm_1')
     rules += mlp(b + 'mlp.', block + 'MlpBlock_0/')
   if spec.classifier == 'map':
-    rules += attn_pool_rules()
+    rules += _attn_pool_rules()
   if spec.num_classes:
     rules += _linear('head', 'head')
   return rules
 
 
-def attn_pool_rules() -> list[_Rule]:
+def _attn_pool_rules() -> list[_Rule]:
   """timm's `AttentionPoolLatent` (`attn_pool`) as our `MAPHead_0`.
 
   The MAP head of timm's ViTs and Eva models alike: `latent` (the probe),

@@ -191,7 +191,7 @@ def eva_rules(model: vit_lib.VisionTransformer, num_layers: int) -> list[Any]:
   else:
     rules += _norm('norm', 'Transformer/encoder_norm')
   if model.classifier == 'map':
-    rules += interop.attn_pool_rules()
+    rules += interop._attn_pool_rules()  # pylint: disable=protected-access
   if model.num_classes:
     rules += _linear('head', 'head')
   return rules
