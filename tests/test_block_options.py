@@ -263,6 +263,10 @@ def reference_logits(p, images, o):
     x = x[:, 1 if cls_token else 0 :].mean(axis=1)
   else:  # 'map': over every token, the class token too (timm's Eva).
     pre = 'MAPHead_0/'
+    # The head count is in the kernels' shapes: (D, heads, D / heads).
+    map_heads = o.get('map_num_heads') or HEADS
+    kernel = p[pre + 'MultiHeadDotProductAttention_0/query/kernel']
+    assert kernel.shape == (D, map_heads, D // map_heads)
     probe = np.broadcast_to(p[pre + 'probe'], (n, 1, D))
     a = _attention(probe, x, p, pre + 'MultiHeadDotProductAttention_0', {}, eps)
     h = _gelu(
