@@ -85,6 +85,9 @@ nitpick_ignore_regex = [
         r'dataclasses|enum|abc|io|json|logging|functools|types|re|'
         r'contextlib)(\..*)?',
     ),
+    # Private names in public signatures (e.g. the tensor rules of
+    # `vit_jax.interop`, `_Rule`) have no page of their own.
+    ('py:class', r'vit_jax\.(\w+\.)*_\w+'),
 ]
 
 _LIST_ITEM = re.compile(r'([*+-]|\d+[.)]) ')
