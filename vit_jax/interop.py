@@ -583,16 +583,27 @@ def _timm_rules(spec: VitSpec) -> list[_Rule]:
     rules += _norm(b + 'norm2', block + 'LayerNorm_1')
     rules += mlp(b + 'mlp.', block + 'MlpBlock_0/')
   if spec.classifier == 'map':
-    rules.append(_Rule('attn_pool.latent', _SAME, ('MAPHead_0/probe',)))
-    rules += attention(
-        'attn_pool.',
-        _MAP_ATTENTION,
-        [('q', ('query',)), ('kv', ('key', 'value'))],
-    )
-    rules += _norm('attn_pool.norm', 'MAPHead_0/LayerNorm_0')
-    rules += mlp('attn_pool.mlp.', 'MAPHead_0/MlpBlock_0/')
+    rules += _attn_pool_rules()
   if spec.num_classes:
     rules += _linear('head', 'head')
+  return rules
+
+
+def _attn_pool_rules() -> list[_Rule]:
+  """timm's `AttentionPoolLatent` (`attn_pool`) as our `MAPHead_0`.
+
+  The MAP head of timm's ViTs and Eva models alike: `latent` (the probe),
+  `q` and the stacked `kv` projections, `proj`, `norm` and a GELU `mlp`.
+  """
+  rules = [_Rule('attn_pool.latent', _SAME, ('MAPHead_0/probe',))]
+  rules += _projection('attn_pool.q', _MAP_ATTENTION, ('query',))
+  rules += _projection('attn_pool.kv', _MAP_ATTENTION, ('key', 'value'))
+  rules += _linear('attn_pool.proj', _MAP_ATTENTION + 'out', _HEADS_OUT)
+  rules += _norm('attn_pool.norm', 'MAPHead_0/LayerNorm_0')
+  for i in (1, 2):
+    rules += _linear(
+        f'attn_pool.mlp.fc{i}', f'MAPHead_0/MlpBlock_0/Dense_{i - 1}'
+    )
   return rules
 
 

@@ -73,7 +73,6 @@ _projection = interop._projection  # pylint: disable=protected-access
 
 _BLOCK = 'Transformer/encoderblock_{i}/'
 _ATTENTION = _BLOCK + 'MultiHeadDotProductAttention_0/'
-_MAP = 'MAPHead_0/'
 _QKV = ('query', 'key', 'value')
 
 
@@ -192,15 +191,7 @@ def eva_rules(model: vit_lib.VisionTransformer, num_layers: int) -> list[Any]:
   else:
     rules += _norm('norm', 'Transformer/encoder_norm')
   if model.classifier == 'map':
-    attention = _MAP + 'MultiHeadDotProductAttention_0/'
-    rules.append(_Rule('attn_pool.latent', _SAME, (_MAP + 'probe',)))
-    rules += _projection('attn_pool.q', attention, ('query',))
-    rules += _projection('attn_pool.kv', attention, ('key', 'value'))
-    rules += _linear('attn_pool.proj', attention + 'out', _HEADS_OUT)
-    rules += _norm('attn_pool.norm', _MAP + 'LayerNorm_0')
-    rules += _mlp_rules(
-        'attn_pool.mlp.', _MAP + 'MlpBlock_0/', 'gelu', False, False
-    )
+    rules += interop._attn_pool_rules()  # pylint: disable=protected-access
   if model.num_classes:
     rules += _linear('head', 'head')
   return rules
