@@ -699,3 +699,273 @@ def test_load_pretrained_resizes_a_table_without_a_class_entry(tmp_path):
   }.items():
     np.testing.assert_allclose(new[i, j], old[oi, oj], rtol=1e-5, atol=1e-6)
   big.apply({'params': loaded}, big_images, train=False)
+
+
+# -- Opt-in: timm's own layers (skipped unless torch and timm import). -------
+
+
+def _from_timm(state, heads):
+  """Our flat parameter names from a timm VisionTransformer's or Eva's
+  state dict (timm's names; Linear weights are [out, in])."""
+  s = {k: v.detach().double().numpy() for k, v in state.items()}
+  d = s['patch_embed.proj.weight'].shape[0]
+  hd = d // heads
+  p = {
+      'embedding/kernel': s['patch_embed.proj.weight'].transpose(2, 3, 1, 0),
+      'head/kernel': s['head.weight'].T,
+  }
+  renames = {
+      'patch_embed.proj.bias': 'embedding/bias',
+      'cls_token': 'cls',
+      'pos_embed': 'Transformer/posembed_input/pos_embedding',
+      'head.bias': 'head/bias',
+      'attn_pool.latent': 'MAPHead_0/probe',
+  }
+  norms = {
+      'patch_embed.norm': 'embedding_norm',
+      'norm_pre': 'Transformer/pre_norm',
+      'norm': 'Transformer/encoder_norm',
+      'fc_norm': 'fc_norm',
+      'attn_pool.norm': 'MAPHead_0/LayerNorm_0',
+  }
+  for i in range(len({k.split('.')[1] for k in s if k.startswith('blocks.')})):
+    t, o = f'blocks.{i}.', f'Transformer/encoderblock_{i}/'
+    a = o + 'MultiHeadDotProductAttention_0/'
+    norms.update(
+        {
+            t + 'norm1': o + 'LayerNorm_0',
+            t + 'norm2': o + 'LayerNorm_1',
+            t + 'attn.q_norm': a + 'query_norm',
+            t + 'attn.k_norm': a + 'key_norm',
+            t + 'mlp.norm': o + 'MlpBlock_0/LayerNorm_0',
+        }
+    )
+    for timm_name, ours in (
+        ('ls1.gamma', 'LayerScale_0/scale'),
+        ('ls2.gamma', 'LayerScale_1/scale'),
+        ('gamma_1', 'LayerScale_0/scale'),
+        ('gamma_2', 'LayerScale_1/scale'),
+    ):
+      renames[t + timm_name] = o + ours
+    qkv = s[t + 'attn.qkv.weight'].reshape(3, heads, hd, d)
+    for j, name in enumerate(('query', 'key', 'value')):
+      p[a + name + '/kernel'] = qkv[j].transpose(2, 0, 1)
+    if t + 'attn.qkv.bias' in s:
+      for j, name in enumerate(('query', 'key', 'value')):
+        p[a + name + '/bias'] = s[t + 'attn.qkv.bias'].reshape(3, heads, hd)[j]
+    for name in ('q', 'v'):  # Eva: q_bias and v_bias, no key bias.
+      if f'{t}attn.{name}_bias' in s:
+        full = {'q': 'query', 'v': 'value'}[name]
+        p[f'{a}{full}/bias'] = s[f'{t}attn.{name}_bias'].reshape(heads, hd)
+    p[a + 'out/kernel'] = s[t + 'attn.proj.weight'].T.reshape(heads, hd, d)
+    renames[t + 'attn.proj.bias'] = a + 'out/bias'
+    for timm_name, ours in (
+        ('fc1', 'Dense_0'),
+        ('fc1_g', 'Dense_0'),
+        ('fc1_x', 'Dense_2'),
+        ('fc2', 'Dense_1'),
+    ):
+      if f'{t}mlp.{timm_name}.weight' in s:
+        p[f'{o}MlpBlock_0/{ours}/kernel'] = s[f'{t}mlp.{timm_name}.weight'].T
+        renames[f'{t}mlp.{timm_name}.bias'] = f'{o}MlpBlock_0/{ours}/bias'
+  if 'attn_pool.q.weight' in s:
+    a = 'MAPHead_0/MultiHeadDotProductAttention_0/'
+    p[a + 'query/kernel'] = s['attn_pool.q.weight'].T.reshape(d, heads, hd)
+    p[a + 'query/bias'] = s['attn_pool.q.bias'].reshape(heads, hd)
+    kv = s['attn_pool.kv.weight'].reshape(2, heads, hd, d)
+    kv_bias = s['attn_pool.kv.bias'].reshape(2, heads, hd)
+    for j, name in enumerate(('key', 'value')):
+      p[a + name + '/kernel'] = kv[j].transpose(2, 0, 1)
+      p[a + name + '/bias'] = kv_bias[j]
+    p[a + 'out/kernel'] = s['attn_pool.proj.weight'].T.reshape(heads, hd, d)
+    p[a + 'out/bias'] = s['attn_pool.proj.bias']
+    for j in (1, 2):
+      p[f'MAPHead_0/MlpBlock_0/Dense_{j - 1}/kernel'] = s[
+          f'attn_pool.mlp.fc{j}.weight'
+      ].T
+      p[f'MAPHead_0/MlpBlock_0/Dense_{j - 1}/bias'] = s[
+          f'attn_pool.mlp.fc{j}.bias'
+      ]
+  for timm_name, ours in norms.items():
+    if timm_name + '.weight' in s:
+      p[ours + '/scale'] = s[timm_name + '.weight']
+      if timm_name + '.bias' in s:
+        p[ours + '/bias'] = s[timm_name + '.bias']
+  for timm_name, ours in renames.items():
+    if timm_name in s:
+      p[ours] = s[timm_name]
+  return p
+
+
+def _timm_cases():
+  """(timm constructor, its kwargs, our options): today's families' blocks
+  at D=32, 4 heads, 2 blocks, 4x4 patches of 16 px images."""
+  # pylint: disable=g-import-not-at-top
+  import functools
+
+  from timm.layers import LayerNorm
+  from timm.layers import RmsNorm
+  from timm.layers import SwiGLU
+  from timm.models.eva import Eva
+  from timm.models.vision_transformer import VisionTransformer
+  # pylint: enable=g-import-not-at-top
+
+  common = dict(
+      img_size=16, patch_size=4, embed_dim=D, depth=LAYERS, num_heads=HEADS
+  )
+  return {
+      # AIMv2 / DINOv2-like, every vision_transformer.py option at once.
+      'vit_rms_swiglu_every_norm': (
+          VisionTransformer,
+          dict(
+              common,
+              mlp_ratio=MLP / D,
+              init_values=0.1,
+              qk_norm=True,
+              scale_mlp_norm=True,
+              mlp_layer=SwiGLU,
+              act_layer='silu',
+              norm_layer=functools.partial(RmsNorm, eps=1e-5),
+              embed_norm_layer=functools.partial(RmsNorm, eps=1e-5),
+              pre_norm=True,
+              class_token=True,
+              global_pool='avg',
+              fc_norm=True,
+              no_embed_class=True,
+              qkv_bias=False,
+              proj_bias=False,
+              num_classes=CLASSES,
+          ),
+          dict(
+              layer_scale=0.1,
+              qk_norm=True,
+              mlp='swiglu',
+              mlp_norm=True,
+              norm='rmsnorm',
+              layer_norm_epsilon=1e-5,
+              embed_norm=True,
+              pre_norm=True,
+              class_token=True,
+              classifier='gap',
+              fc_norm=True,
+              posemb_class_token=False,
+              qkv_bias=False,
+              proj_bias=False,
+              mlp_bias=False,  # timm's Block gives the MLP proj_bias.
+          ),
+      ),
+      # SigLIP-like MAP pooling, exact GELU, LayerNorm.
+      'vit_map': (
+          VisionTransformer,
+          dict(
+              common,
+              mlp_ratio=MLP / D,
+              class_token=False,
+              global_pool='map',
+              qk_norm=True,
+              num_classes=CLASSES,
+          ),
+          dict(classifier='map', gelu_approximate=False, qk_norm=True),
+      ),
+      # EVA-02-like: q/v biases, SwiGLU with its norm, class token + avg
+      # pool + fc_norm, LayerScale.
+      'eva02': (
+          Eva,
+          dict(
+              common,
+              mlp_ratio=MLP / D,
+              swiglu_mlp=True,
+              scale_mlp=True,
+              init_values=0.1,
+              use_rot_pos_emb=False,
+              num_classes=CLASSES,
+          ),
+          dict(
+              qkv_bias='qv',
+              mlp='swiglu',
+              mlp_norm=True,
+              class_token=True,
+              classifier='gap',
+              fc_norm=True,
+              layer_scale=0.1,
+          ),
+      ),
+      # Perception-Encoder-like: pre_norm (no patch bias), class token and
+      # MAP over every token, the MAP head's own sizes.
+      'pe_core': (
+          Eva,
+          dict(
+              common,
+              mlp_ratio=MLP / D,
+              use_pre_transformer_norm=True,
+              global_pool='map',
+              attn_pool_num_heads=2,
+              attn_pool_mlp_ratio=0.75,
+              norm_layer=functools.partial(LayerNorm, eps=1e-5),
+              use_rot_pos_emb=False,
+              num_classes=CLASSES,
+          ),
+          dict(
+              pre_norm=True,
+              class_token=True,
+              classifier='map',
+              map_num_heads=2,
+              map_mlp_dim=24,
+              layer_norm_epsilon=1e-5,
+              gelu_approximate=False,
+              qkv_bias='qv',  # Eva's attention has no key bias.
+              mlp_bias=True,
+          ),
+      ),
+  }
+
+
+@pytest.mark.slow  # Imports torch.
+@pytest.mark.parametrize(
+    'case', ['vit_rms_swiglu_every_norm', 'vit_map', 'eva02', 'pe_core']
+)
+def test_timm_computes_the_same_logits(case):
+  torch = pytest.importorskip('torch')
+  pytest.importorskip('timm')
+  constructor, timm_kwargs, options = _timm_cases()[case]
+  torch.manual_seed(0)
+  timm_model = constructor(**timm_kwargs).eval().double()
+  with torch.no_grad():
+    for tensor in timm_model.state_dict().values():
+      if tensor.dtype.is_floating_point:  # Random weights, the buffers too.
+        tensor.copy_(torch.randn_like(tensor) * 0.2)
+    expected = timm_model(
+        torch.from_numpy(IMAGES.transpose(0, 3, 1, 2)).double()
+    ).numpy()
+  params = _from_timm(timm_model.state_dict(), HEADS)
+  if case == 'pe_core':  # The MAP head's own head count.
+    params = _from_timm_map_heads(timm_model.state_dict(), params, 2)
+  model = _model(**options)
+  want = _flat(_params(model))
+  assert set(params) == set(want)
+  for k, v in params.items():
+    assert v.shape == want[k].shape, k
+  logits = model.apply(
+      {'params': checkpoint.unflatten(params)}, IMAGES, train=False
+  )
+  difference = float(np.abs(np.asarray(logits) - expected).max())
+  print(f'{case}: max |ours - timm| = {difference:.2e}')
+  assert np.abs(expected).max() > 0.1
+  assert difference < 1e-4
+
+
+def _from_timm_map_heads(state, params, heads):
+  """The MAP head's attention re-read with its own head count."""
+  s = {k: v.detach().double().numpy() for k, v in state.items()}
+  d = s['patch_embed.proj.weight'].shape[0]
+  hd = d // heads
+  a = 'MAPHead_0/MultiHeadDotProductAttention_0/'
+  params[a + 'query/kernel'] = s['attn_pool.q.weight'].T.reshape(d, heads, hd)
+  params[a + 'query/bias'] = s['attn_pool.q.bias'].reshape(heads, hd)
+  kv = s['attn_pool.kv.weight'].reshape(2, heads, hd, d)
+  kv_bias = s['attn_pool.kv.bias'].reshape(2, heads, hd)
+  for j, name in enumerate(('key', 'value')):
+    params[a + name + '/kernel'] = kv[j].transpose(2, 0, 1)
+    params[a + name + '/bias'] = kv_bias[j]
+  params[a + 'out/kernel'] = s['attn_pool.proj.weight'].T.reshape(heads, hd, d)
+  return params
