@@ -21,6 +21,7 @@ from typing import Any
 
 from vit_jax import checkpoint
 from vit_jax import interop
+from vit_jax import timm_models
 import vit_jax.models
 
 
@@ -35,6 +36,8 @@ class Loaded:
     class_names: Label names when the source has them, else None.
     source: What was read (for messages).
     run: The parsed run config (`config_lib.Run`) of a workdir, or None.
+    timm_model: The `vit_jax.timm_models.TIMM_MODELS` name of a timm file,
+      or None.
   """
 
   model: Any
@@ -43,6 +46,22 @@ class Loaded:
   class_names: tuple[str, ...] | None
   source: str
   run: Any = None
+  timm_model: str | None = None
+
+  @property
+  def normalization(self) -> tuple[Any, Any]:
+    """(mean, std) of [0, 1] pixels the inputs are normalised with.
+
+    A run's `config.pp.mean` / `std`; a timm family's, from
+    `vit_jax.timm_models`; (None, None) means [-1, 1].
+    """
+    if self.run is not None:
+      pp = self.run.data.pp
+      return pp.get('mean'), pp.get('std')
+    if self.timm_model:
+      preprocessing = timm_models.TIMM_MODELS[self.timm_model].preprocessing
+      return preprocessing.get('mean'), preprocessing.get('std')
+    return None, None
 
 
 def _is_run_dir(path: str) -> bool:
