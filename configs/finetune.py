@@ -10,8 +10,12 @@ position embeddings are interpolated to the new resolution.
       --config.pretrained_path=gs://vit_models/imagenet21k/ViT-B_16.npz
 
 Argument: `<model>,<dataset>[,<preset>][,runlocal]`; model is a registry
-name or a short name (ti16, s16, b16, b32, l16, l32, h14, r50_b16,
-mixer_b16, ...), dataset one of cifar10, cifar100, imagenet2012 (imagenet),
+name, a short name (ti16, s16, b16, b32, l16, l32, h14, r50_b16,
+mixer_b16, ...) or a timm model name of `vit_jax.timm_models.TIMM_MODELS`
+(e.g. vit_small_patch14_reg4_dinov2: the registry model with timm's
+options, its weights' resolution and mean/std normalisation, and
+`config.timm_model`, so that `config.pretrained_path` can be its
+`.safetensors` file), dataset one of cifar10, cifar100, imagenet2012 (imagenet),
 pets, flowers, digits or a tfds name. The paper sweeps base_lr over {0.001,
 0.003, 0.01, 0.03} on a held-out slice: add `--config.eval_split=holdout`.
 
@@ -27,6 +31,7 @@ parameters are frozen and hold no optimizer state:
 
 from vit_jax import config_lib
 from vit_jax import optim
+from vit_jax import timm_models
 
 DATASETS = {
     'imagenet': 'imagenet2012',
@@ -54,7 +59,11 @@ def get_config(arg='b16,cifar10'):
         f'<preset> one of {sorted(presets)}, got {arg!r}.'
     )
   c = config_lib.get_base()
-  c.model_name = config_lib.resolve_model(args[0])
+  timm_model = args[0] if args[0] in timm_models.TIMM_MODELS else None
+  if timm_model is None:
+    c.model_name = config_lib.resolve_model(args[0])
+  else:
+    c.model_name = timm_models.TIMM_MODELS[timm_model].registry
   c.dataset = DATASETS.get(args[1], args[1])
   c.image_size = 384
   c.optimizer = 'sgd'
@@ -73,4 +82,8 @@ def get_config(arg='b16,cifar10'):
     c.param_groups = presets[args[2]]
   if runlocal:
     config_lib.set_runlocal(c)
+  if timm_model is not None:
+    # After runlocal (which keeps its small patches and depth), so that the
+    # family's options and preprocessing are the run's.
+    config_lib.use_timm_model(c, timm_model, image_size=not runlocal)
   return c

@@ -299,6 +299,7 @@ EXPECTED_DEFAULTS = {
     'total_steps': 10000,
     'train_split': None,
     'warmup_steps': 500,
+    'timm_model': '',
     'weight_decay': 0.0,
     'model.patches.size': [16, 16],
     'model.transformer.num_layers': 12,
@@ -350,6 +351,8 @@ EXPECTED_DEFAULTS = {
     'pp.flip': True,
     'pp.eval_crop_fraction': 1.0,
     'pp.randaugment': [],
+    'pp.mean': None,
+    'pp.std': None,
 }
 # Set through config fields of their own (compute_dtype).
 _DTYPES = ('model.dtype', 'model.param_dtype')

@@ -330,3 +330,68 @@ def test_flip_in_the_train_preprocess_fn():
         }
     )['image'].numpy()
     assert (np.diff(out[..., 0], axis=1) > 0).all()
+
+
+# ----------------------------------------------------------------------------
+# Mean / std normalisation (config.pp.mean, config.pp.std).
+# ----------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def test_normalize_is_per_channel_mean_and_std_of_unit_pixels():
+  pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), np.uint8)
+  got = preprocess.normalize(tf.constant(pixels), IMAGENET_MEAN, IMAGENET_STD)
+  want = (pixels / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+  assert got.dtype == tf.float32
+  np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
+  # Without them: [-1, 1], bit for bit what the pipeline always gave.
+  np.testing.assert_array_equal(
+      preprocess.normalize(tf.constant(pixels)).numpy(),
+      (np.float32(pixels) / np.float32(255.0)) * np.float32(2.0)
+      - np.float32(1.0),
+  )
+
+
+@pytest.mark.parametrize(
+    'mean, std',
+    [
+        ((0.5, 0.5), (0.5, 0.5, 0.5)),
+        ((0.5, 0.5, 0.5), None),
+        ((0.5, 0.5, 0.5), (0.5, 0.0, 0.5)),
+        (('a', 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ],
+)
+def test_pp_mean_and_std_are_refused_in_one_line_unless_three_each(mean, std):
+  with pytest.raises(ValueError) as e:
+    preprocess.PreprocessConfig.from_config(
+        {'mean': mean, 'std': std}, image_size=8, num_classes=2
+    )
+  assert 'config.pp.mean' in str(e.value) and '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_pipeline_normalizes_with_pp_mean_and_std(train):
+  """The image the model sees is (pixels / 255 - mean) / std."""
+  pp = preprocess.PreprocessConfig.from_config(
+      {
+          'mean': list(IMAGENET_MEAN),
+          'std': list(IMAGENET_STD),
+          'inception_crop': False,
+          'flip': False,
+      },
+      image_size=12,
+      num_classes=3,
+  )
+  image = np.random.default_rng(1).integers(0, 256, (12, 12, 3), np.uint8)
+  out = preprocess.make_preprocess_fn(pp, train=train)(
+      {
+          'image': tf.constant(_encode(image, 'PNG')),
+          'label': tf.constant(2, tf.int64),
+          'seed': tf.constant([1, 2], tf.int64),
+      }
+  )
+  # Same size: the resize leaves the pixels as they are.
+  want = (image / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+  np.testing.assert_allclose(out['image'].numpy(), want, atol=1e-5)

@@ -819,6 +819,7 @@ def load_pretrained(
     patch_shape: tuple[int, int] | None = None,
     posemb_method: str = 'bilinear',
     patch_size: int | tuple[int, int] | None = None,
+    restored: Params | None = None,
 ) -> dict[str, Any]:
   """Loads a pre-trained checkpoint for fine-tuning (paper §3.2).
 
@@ -851,6 +852,9 @@ def load_pretrained(
     patch_size: The patch size (h, w) (or an int) of `init_params`' kernel
       when the checkpoint's differs: its kernel is resampled to it. None:
       the sizes must agree.
+    restored: The checkpoint's parameters, already read (e.g. from a timm
+      file by `vit_jax.loading`); `pretrained_path` then only names them in
+      messages.
 
   Returns:
     Nested dict with the structure and dtypes of `init_params`.
@@ -859,7 +863,9 @@ def load_pretrained(
     FileNotFoundError, CheckpointError: unreadable file; missing, extra or
       mis-shaped keys (listed by name).
   """
-  restored = flatten(load(pretrained_path))
+  restored = flatten(
+      load(pretrained_path) if restored is None else _to_dict(restored)
+  )
   scanned = is_scanned(_to_dict(init_params))
   expected = flatten(unstack_encoder_blocks(_to_dict(init_params)))
   _resample_kernel(restored, expected, patch_size, pretrained_path)

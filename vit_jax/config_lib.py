@@ -27,6 +27,7 @@ from vit_jax import objectives
 from vit_jax import optim
 from vit_jax import preprocess
 from vit_jax import sharding
+from vit_jax import timm_models
 from vit_jax.evaluators import fewshot
 from vit_jax.evaluators import imagenet_variants
 from vit_jax.models import registry
@@ -417,7 +418,8 @@ def get_base() -> ml_collections.ConfigDict:
              (`vit_jax.models.model_fields(model_name)`).
     pp.*     `preprocess.PreprocessConfig`: inception_crop=True,
              crop_area_range=(0.05, 1.0), flip=True, eval_crop_fraction=1.0,
-             randaugment=(); a dataset preset may set others
+             randaugment=(), mean=None, std=None (None: pixels in
+             [-1, 1]); a dataset preset may set others
              (`input_pipeline.DATASET_PRESETS`: 'digits' and the VTAB
              tasks turn inception_crop and flip off).
 
@@ -433,6 +435,9 @@ def get_base() -> ml_collections.ConfigDict:
   c.remat = False  # Recompute encoder blocks in the backward pass.
   c.scan = False  # nn.scan over encoder blocks.
   c.pretrained_path = ''  # .npz to fine-tune from (local, gs:// or URL).
+  # The timm model (vit_jax.timm_models.TIMM_MODELS) the model is; a
+  # .safetensors pretrained_path is read in its layout.
+  c.timm_model = ''
   # Data.
   c.dataset = 'digits'  # tfds name, 'digits', 'image_folder', 'vtab/<task>'.
   c.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # tfds dir.
@@ -1026,6 +1031,46 @@ def resolve_model(name: str) -> str:
   full = MODEL_ALIASES.get(name, name)
   models.get_config(full)  # Raises with the list of known names.
   return full
+
+
+def use_timm_model(
+    c: ml_collections.ConfigDict, name: str, *, image_size: bool = True
+) -> timm_models.TimmModel:
+  """Makes `c`'s model timm's model `name`, with its preprocessing.
+
+  Sets `config.timm_model`, `model_name` (the registry's), the `model`
+  options that make it behave as timm's model of that name, `pp.mean` /
+  `pp.std` and (with `image_size`) the resolution of its published weights,
+  so that the run's config records them. Options already in `c.model` (a
+  runlocal model's patches and depth) are kept.
+
+  Args:
+    c: The config to change.
+    name: A `vit_jax.timm_models.TIMM_MODELS` name.
+    image_size: Also set `config.image_size` to the weights' resolution.
+
+  Returns:
+    The model's `TIMM_MODELS` entry.
+
+  Raises:
+    ValueError: an unknown name, naming the closest ones.
+  """
+  entry = timm_models.TIMM_MODELS.get(name)
+  if entry is None:
+    raise config_errors.unknown_field(
+        name, list(timm_models.TIMM_MODELS), 'of vit_jax.timm_models'
+    )
+  c.timm_model = name
+  c.model_name = entry.registry
+  model = dict(entry.options)
+  model.update(c.model)
+  c.model = model
+  for key in ('mean', 'std'):
+    if entry.preprocessing.get(key) is not None:
+      c.pp[key] = tuple(entry.preprocessing[key])
+  if image_size and entry.preprocessing.get('image_size'):
+    c.image_size = int(entry.preprocessing['image_size'])
+  return entry
 
 
 def set_runlocal(c: ml_collections.ConfigDict) -> None:

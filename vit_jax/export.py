@@ -239,6 +239,7 @@ def export_savedmodel(
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
     class_names: Sequence[str] | None = None,
     dynamic_image_size: bool = False,
+    normalization: tuple[Any, Any] = (None, None),
 ) -> str:
   """Writes a TF SavedModel with the serving signatures (module docstring).
 
@@ -252,6 +253,8 @@ def export_savedmodel(
     class_names: Written to labels.txt when given.
     dynamic_image_size: Any height and width that are multiples of the
       model's total stride (see `export_stablehlo`).
+    normalization: (mean, std) of [0, 1] pixels `serving_uint8` normalises
+      with (`preprocess.normalize`); (None, None): [-1, 1].
 
   Returns:
     `out_dir`.
@@ -324,7 +327,9 @@ def export_savedmodel(
   )
   def serve_uint8(images):
     # The evaluation preprocessing (vit_jax.preprocess), batched.
-    x = preprocess.value_range(preprocess.resize(images, serving_size(images)))
+    x = preprocess.normalize(
+        preprocess.resize(images, serving_size(images)), *normalization
+    )
     return {'logits': predict(variables, x)}
 
   module.serve, module.serve_uint8 = serve, serve_uint8
@@ -405,6 +410,8 @@ def export(
   interop.check_output(out_dir, overwrite=overwrite, flag='--out')
   if dynamic_image_size:  # Refused before anything is lowered or written.
     _check_dynamic(loaded.model, loaded.source)
+  # The uint8 signature normalises as the model's training did.
+  extra = {} if fmt == 'stablehlo' else {'normalization': loaded.normalization}
   fn = export_stablehlo if fmt == 'stablehlo' else export_savedmodel
   interop.write_output(
       out_dir,
@@ -416,6 +423,7 @@ def export(
           platforms=platforms,
           class_names=loaded.class_names,
           dynamic_image_size=dynamic_image_size,
+          **extra,
       ),
   )
   return (

@@ -23,6 +23,7 @@ from typing import Any
 from vit_jax import checkpoint
 from vit_jax import interop
 from vit_jax import timm_interop
+from vit_jax import timm_models
 import vit_jax.models
 
 
@@ -37,6 +38,8 @@ class Loaded:
     class_names: Label names when the source has them, else None.
     source: What was read (for messages).
     run: The parsed run config (`config_lib.Run`) of a workdir, or None.
+    timm_model: The `vit_jax.timm_models.TIMM_MODELS` name of a timm file,
+      or None.
   """
 
   model: Any
@@ -45,6 +48,22 @@ class Loaded:
   class_names: tuple[str, ...] | None
   source: str
   run: Any = None
+  timm_model: str | None = None
+
+  @property
+  def normalization(self) -> tuple[Any, Any]:
+    """(mean, std) of [0, 1] pixels the inputs are normalised with.
+
+    A run's `config.pp.mean` / `std`; a timm family's, from
+    `vit_jax.timm_models`; (None, None) means [-1, 1].
+    """
+    if self.run is not None:
+      pp = self.run.data.pp
+      return pp.get('mean'), pp.get('std')
+    if self.timm_model:
+      preprocessing = timm_models.TIMM_MODELS[self.timm_model].preprocessing
+      return preprocessing.get('mean'), preprocessing.get('std')
+    return None, None
 
 
 def _is_run_dir(path: str) -> bool:
@@ -215,6 +234,7 @@ def load_model(
         timm_interop.image_size_of(model, params, timm_model),
         None,
         source,
+        timm_model=timm_model,
     )
   elif os.path.isdir(source) and _is_run_dir(source):
     loaded = load_run(source)

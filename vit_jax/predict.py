@@ -106,9 +106,17 @@ def _check_readable(path: str) -> None:
 
 
 def load_image(
-    path: str, image_size: tuple[int, int], crop_fraction: float = 1.0
+    path: str,
+    image_size: tuple[int, int],
+    crop_fraction: float = 1.0,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> np.ndarray:
-  """One image through the evaluation preprocessing: [H, W, 3] in [-1, 1]."""
+  """One image through the evaluation preprocessing: [H, W, 3] float32.
+
+  Values in [-1, 1], or normalised with `mean` and `std` when given
+  (`preprocess.normalize`).
+  """
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
 
@@ -124,17 +132,21 @@ def load_image(
     )
   else:
     image = preprocess.resize(image, image_size)
-  return preprocess.value_range(image).numpy().astype(np.float32)
+  return preprocess.normalize(image, mean, std).numpy().astype(np.float32)
 
 
 def load_naflex_image(
-    path: str, patch_size: int, seq_len: int
+    path: str,
+    patch_size: int,
+    seq_len: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, ...]:
   """One image as NaFlex evaluation sees it: `(patches, ptype, yabs, xabs)`.
 
   Decoded, RGB, resized at its own aspect ratio to the most whole patches
-  within `seq_len` (`preprocess.resize_to_sequence`), in [-1, 1], padded to
-  `seq_len` tokens.
+  within `seq_len` (`preprocess.resize_to_sequence`), normalised as
+  `load_image` does, padded to `seq_len` tokens.
   """
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
@@ -144,7 +156,8 @@ def load_naflex_image(
   image = preprocess.to_rgb(preprocess.decode(tf.io.read_file(path)))
   image = preprocess.resize_to_sequence(image, patch_size, seq_len)
   return tuple(
-      t.numpy() for t in preprocess.to_naflex(image, patch_size, seq_len)
+      t.numpy()
+      for t in preprocess.to_naflex(image, patch_size, seq_len, mean, std)
   )
 
 
@@ -201,16 +214,21 @@ def naflex_default(loaded: Any) -> tuple[bool, int]:
   return False, 256
 
 
-def _crop_fraction(loaded: Any) -> float:
-  """The run's evaluation crop (1: the whole image, resized)."""
+def _preprocessing(loaded: Any) -> tuple[float, Any, Any]:
+  """The run's evaluation crop (1: the whole image, resized), mean and std.
+
+  A timm family's file (`loaded.timm_model`) is normalised as its weights
+  were trained (`vit_jax.timm_models`); other sources without a run: [-1, 1].
+  """
   if loaded.run is None:
-    return 1.0
+    return 1.0, *loaded.normalization
   # pylint: disable-next=g-import-not-at-top
   from vit_jax import preprocess
 
-  return preprocess.PreprocessConfig.from_config(
+  pp = preprocess.PreprocessConfig.from_config(
       loaded.run.data.pp, image_size=loaded.image_size[0], num_classes=1
-  ).eval_crop_fraction
+  )
+  return pp.eval_crop_fraction, pp.mean, pp.std
 
 
 def _mesh_and_shardings(loaded: Any):
@@ -327,7 +345,9 @@ def predict(
       in_shardings=(param_shardings, batches),
       out_shardings=sharding.replicated(mesh),
   )
-  crop = 1.0 if dynamic_image_size else _crop_fraction(loaded)
+  crop, mean, std = _preprocessing(loaded)
+  if dynamic_image_size:
+    crop = 1.0
   k = min(top_k, num_classes)
   # One compiled program per size (NaFlex: one for all).
   by_size: dict[tuple[int, int], list[str]] = {}
@@ -342,11 +362,12 @@ def predict(
       for i, path in enumerate(chunk):
         if naflex_seq_len:
           for array, value in zip(
-              images, load_naflex_image(path, patch_size, naflex_seq_len)
+              images,
+              load_naflex_image(path, patch_size, naflex_seq_len, mean, std),
           ):
             array[i] = value
         else:
-          images[i] = load_image(path, size, crop)
+          images[i] = load_image(path, size, crop, mean, std)
       probs = np.asarray(
           jax.device_get(fn(params, sharding.put_global(images, batches)))
       )[: len(chunk)]

@@ -22,7 +22,7 @@ the image's aspect ratio within a token budget, and ends with `patchify` and
 `(patches, ptype, yabs, xabs)`.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 from typing import Any
 
@@ -118,6 +118,53 @@ def value_range(
   """Maps [0, 255] to [low, high] as float32."""
   image = tf.cast(image, tf.float32) / 255.0
   return image * (high - low) + low
+
+
+def normalize(
+    image: tf.Tensor,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> tf.Tensor:
+  """The model's input values of a [0, 255] image, as float32.
+
+  Args:
+    image: [..., 3] pixel values in [0, 255].
+    mean: Per-channel mean of [0, 1] pixels (e.g. ImageNet's (0.485, 0.456,
+      0.406), what DINOv2 and EVA-02 were trained with); None: [-1, 1]
+      (`value_range`, the paper's and SigLIP's), as is `std`.
+    std: Per-channel standard deviation of [0, 1] pixels.
+
+  Returns:
+    `(image / 255 - mean) / std`, or `value_range(image)` without them.
+  """
+  if mean is None and std is None:
+    return value_range(image)
+  image = tf.cast(image, tf.float32) / 255.0
+  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def check_normalization(mean: Any, std: Any, where: str = 'config.pp') -> None:
+  """Refuses a mean/std pair that is not two lists of 3 (std > 0).
+
+  Raises:
+    ValueError: naming `where`'s fields and the fix.
+  """
+  if mean is None and std is None:
+    return
+  ok = all(
+      isinstance(v, (list, tuple))
+      and len(v) == 3
+      and all(
+          isinstance(x, (int, float)) and not isinstance(x, bool) for x in v
+      )
+      for v in (mean, std)
+  )
+  if not ok or min(std) <= 0:
+    raise ValueError(
+        f'{where}.mean={mean!r} and {where}.std={std!r}: set both to three '
+        'numbers (per channel, on [0, 1] pixels, std > 0), e.g. '
+        '0.485,0.456,0.406 and 0.229,0.224,0.225, or neither for [-1, 1].'
+    )
 
 
 def naflex_grid(
@@ -274,6 +321,9 @@ class PreprocessConfig:
     randaugment: Train: `(num_layers, magnitude)` of RandAugment as the
       AugReg recipe runs it (`vit_jax.randaugment`), on the uint8 image
       after the crop, resize and flip; `()` turns it off.
+    mean: Per-channel mean of [0, 1] pixels the images are normalised with
+      (`normalize`); None, with `std`: [-1, 1].
+    std: Per-channel standard deviation, likewise.
   """
 
   image_size: int
@@ -283,8 +333,14 @@ class PreprocessConfig:
   flip: bool = True
   eval_crop_fraction: float = 1.0
   randaugment: tuple[int, int] | tuple[()] = ()
+  mean: tuple[float, float, float] | None = None
+  std: tuple[float, float, float] | None = None
 
   def __post_init__(self):
+    check_normalization(self.mean, self.std)
+    for name in ('mean', 'std'):
+      if getattr(self, name) is not None:
+        object.__setattr__(self, name, tuple(getattr(self, name)))
     value: Any = self.randaugment  # Any: what the user gave, checked below.
     if value is None:
       value = ()
@@ -344,14 +400,18 @@ class NaflexShape:
 
 
 def to_naflex(
-    image: tf.Tensor, patch_size: int, seq_len: int | tf.Tensor
+    image: tf.Tensor,
+    patch_size: int,
+    seq_len: int | tf.Tensor,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> NaflexInputs:
   """A [0, 255] image whose sides are multiples of `patch_size` -> NaFlex tuple.
 
-  Values are mapped to [-1, 1] (as the fixed-size pipeline gives them), then
-  patchified and padded to `seq_len` tokens.
+  Values are normalised as the fixed-size pipeline does (`normalize`: [-1, 1]
+  without `mean` and `std`), then patchified and padded to `seq_len` tokens.
   """
-  patches, yabs, xabs = patchify(value_range(image), patch_size)
+  patches, yabs, xabs = patchify(normalize(image, mean, std), patch_size)
   return pad_to_sequence(patches, yabs, xabs, seq_len)
 
 
@@ -409,11 +469,13 @@ def make_preprocess_fn(
     labels = one_hot(features['label'], pp.num_classes)
     if naflex is not None:
       return {
-          'image': to_naflex(image, naflex.patch_size, seq_len(features)),
+          'image': to_naflex(
+              image, naflex.patch_size, seq_len(features), pp.mean, pp.std
+          ),
           'labels': labels,
       }
     image = tf.ensure_shape(
-        value_range(image), [pp.image_size, pp.image_size, 3]
+        normalize(image, pp.mean, pp.std), [pp.image_size, pp.image_size, 3]
     )
     return {'image': image, 'labels': labels}
 

@@ -31,6 +31,7 @@ from vit_jax import checkpoint
 from vit_jax import config_lib
 from vit_jax import fileio
 from vit_jax import input_pipeline
+from vit_jax import loading
 from vit_jax import objectives
 from vit_jax import optim
 from vit_jax import run_checkpoints
@@ -608,12 +609,18 @@ def load_pretrained_checked(
   )
   fresh = {id(x) for x in jax.tree_util.tree_leaves(placeholders)}
   path = _pretrained_file(run.model.pretrained_path)
-  logging.info('Fine-tuning from %s', path)
+  restored = None
+  if run.model.timm_model and path.endswith('.safetensors'):
+    logging.info('Fine-tuning from %s (timm %s)', path, run.model.timm_model)
+    restored = loading.load_model(path, timm_model=run.model.timm_model).params
+  else:
+    logging.info('Fine-tuning from %s', path)
   params = checkpoint.load_pretrained(
       pretrained_path=path,
       init_params=placeholders,
       model_config=model,
       patch_shape=getattr(model, 'total_stride', None),
+      restored=restored,
   )
   return params, fresh
 

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vit_jax import config_errors
+from vit_jax import timm_models
 from vit_jax.models import mixer
 from vit_jax.models import resnet
 from vit_jax.models import rope
@@ -501,6 +502,9 @@ class ModelSection:
     remat: Recompute encoder blocks in the backward pass.
     scan: `nn.scan` over the encoder blocks.
     pretrained_path: Checkpoint to fine-tune from ('' for none).
+    timm_model: The timm model (`vit_jax.timm_models.TIMM_MODELS`) this
+      model is, whose layout a `.safetensors` `pretrained_path` is read in
+      ('' for none).
   """
 
   model_name: str
@@ -509,9 +513,11 @@ class ModelSection:
   remat: bool
   scan: bool
   pretrained_path: str
+  timm_model: str
 
   def __post_init__(self):
     get_config(self.model_name)  # Raises with the known names.
+    self._check_timm_model()
     # Override keys a config file wrote, checked here as the command line's
     # are (else get_model's TypeError would come after the data is read).
     fields = model_fields(self.model_name)
@@ -556,6 +562,34 @@ class ModelSection:
       raise ValueError(
           f'config.model.flexi_patch_sizes: {self.model_name} has a ResNet '
           'stem; FlexiViT patch sizes need a plain ViT.'
+      )
+
+  def _check_timm_model(self) -> None:
+    """Refuses a timm model name that is unknown or is another model, and
+    a `.safetensors` checkpoint without one."""
+    if not self.timm_model:
+      if self.pretrained_path.endswith('.safetensors'):
+        raise ValueError(
+            f'config.pretrained_path={self.pretrained_path} is a timm '
+            '.safetensors file: set config.timm_model to the timm model it '
+            'holds (one of vit_jax.timm_models.TIMM_MODELS, e.g. '
+            'vit_small_patch14_dinov2), or convert it first (python -m '
+            'vit_jax.convert --input=FILE --timm_model=NAME --output=X.npz).'
+        )
+      return
+    entry = timm_models.TIMM_MODELS.get(self.timm_model)
+    if entry is None:
+      raise config_errors.unknown_field(
+          self.timm_model,
+          list(timm_models.TIMM_MODELS),
+          'of vit_jax.timm_models.TIMM_MODELS',
+      )
+    if entry.registry != self.model_name:
+      raise ValueError(
+          f'config.timm_model={self.timm_model} is {entry.registry}, but '
+          f'config.model_name={self.model_name}: set config.model_name='
+          f'{entry.registry} (configs/finetune.py:{self.timm_model},<dataset> '
+          'sets both).'
       )
 
   def flexi_patch_sizes(self) -> tuple[int, ...]:
