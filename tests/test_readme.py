@@ -405,6 +405,13 @@ def test_block_options_example_runs():
   assert 'Dense_2' in block['MlpBlock_0']  # SwiGLU's second branch.
 
 
+@pytest.mark.slow
+def test_rope_example_runs(capsys):
+  namespace = _run_example('Rotary position embeddings')
+  assert namespace['attention']['rope']['freqs'].shape == (2, 6, 32)
+  assert '(2, 6, 32)' in capsys.readouterr().out
+
+
 # The Python examples of the pages that no test above runs, by the heading
 # they are under, and why.
 _PYTHON_NOT_RUN = {
@@ -439,6 +446,7 @@ _PYTHON_RUN = (
     'Adafactor',
     'Muon',
     'Block options',
+    'Rotary position embeddings',
 )
 
 
