@@ -994,3 +994,21 @@ def test_flops_count_the_options():
       + 2 * hidden * tokens * 2
       + map_mlp
   )
+
+
+@pytest.mark.slow  # Draws the figures.
+def test_analysis_reads_a_class_token_without_a_position(tmp_path):
+  """A class token with 'gap' pooling and no table entry: the 16 rows of
+  the table are the 4x4 grid's own."""
+  # pylint: disable-next=g-import-not-at-top
+  from vit_jax import analysis
+
+  model = _model(class_token=True, classifier='gap', posemb_class_token=False)
+  params = _params(model)
+  results = analysis.analyze(model, params, IMAGES, str(tmp_path))
+  assert results['grid'] == [GRID, GRID]
+  # Attention distances over the 16 patches, the class token left out.
+  assert np.array(results['mean_attention_distance_px']).shape == (
+      LAYERS,
+      HEADS,
+  )
