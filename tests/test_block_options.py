@@ -18,6 +18,7 @@ from helpers import random_images
 from helpers import randomize
 from vit_jax import checkpoint
 from vit_jax import config_lib
+from vit_jax import flops
 from vit_jax import interop
 from vit_jax import sharding
 import vit_jax.models
@@ -969,3 +970,45 @@ def _from_timm_map_heads(state, params, heads):
     params[a + name + '/bias'] = kv_bias[j]
   params[a + 'out/kernel'] = s['attn_pool.proj.weight'].T.reshape(heads, hd, d)
   return params
+
+
+def test_flops_count_the_options():
+  """SwiGLU's second input layer, a class token that is not pooled and the
+  MAP head's own MLP width, in `vit_jax.flops`' closed form."""
+  tokens, layers, hidden, mlp = 1 + 14 * 14, 12, 192, 768
+  parts = flops.forward_flops_breakdown(
+      'ViT-Ti_16',
+      224,
+      num_classes=0,
+      mlp='swiglu',
+      class_token=True,
+      classifier='map',
+      map_mlp_dim=100,
+  )
+  assert parts['mlp'] == layers * 3 * 2 * tokens * hidden * mlp
+  assert parts['attention_scores'] == layers * 2 * tokens * hidden * tokens
+  map_mlp = 2 * 2 * hidden * 100
+  assert parts['map_head'] == (
+      2 * 2 * hidden * hidden
+      + 2 * 2 * tokens * hidden * hidden
+      + 2 * hidden * tokens * 2
+      + map_mlp
+  )
+
+
+@pytest.mark.slow  # Draws the figures.
+def test_analysis_reads_a_class_token_without_a_position(tmp_path):
+  """A class token with 'gap' pooling and no table entry: the 16 rows of
+  the table are the 4x4 grid's own."""
+  # pylint: disable-next=g-import-not-at-top
+  from vit_jax import analysis
+
+  model = _model(class_token=True, classifier='gap', posemb_class_token=False)
+  params = _params(model)
+  results = analysis.analyze(model, params, IMAGES, str(tmp_path))
+  assert results['grid'] == [GRID, GRID]
+  # Attention distances over the 16 patches, the class token left out.
+  assert np.array(results['mean_attention_distance_px']).shape == (
+      LAYERS,
+      HEADS,
+  )

@@ -69,6 +69,11 @@ def _xla_flops(model, size):
         ('ViT-Ti_16', 224, dict(classifier='gap', representation_size=32)),
         ('ViT-Ti_16', 224, dict(classifier='map', num_registers=4)),
         ('ViT-Ti_16', 224, dict(mlp='swiglu', classifier='gap')),
+        (
+            'ViT-Ti_16',
+            224,
+            dict(mlp='swiglu', class_token=True, classifier='gap'),
+        ),
         ('R+ViT-Ti_16', 224, {}),
         (
             'R50+ViT-B_16',

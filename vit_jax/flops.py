@@ -128,7 +128,7 @@ def _vit_breakdown(
   )
   shape: tuple[int, ...] = (grid_h, grid_w)
   if model.transformer is not None:
-    with_token = model.classifier in ('token', 'token_unpooled')
+    with_token = model.has_class_token
     # Registers run through every block but leave before pooling.
     tokens = grid_h * grid_w + int(with_token) + model.num_registers
     layers = vit.config_value(model.transformer, 'num_layers')
@@ -140,9 +140,9 @@ def _vit_breakdown(
     )
     counts['attention_scores'] = layers * _dense(tokens, hidden, tokens)
     counts['attention_values'] = layers * _dense(tokens, tokens, hidden)
-    # SwiGLU has two input maps (the SiLU branch and the one it multiplies).
-    mlp_maps = 3 if model.mlp == 'swiglu' else 2
-    counts['mlp'] = layers * mlp_maps * _dense(tokens, hidden, mlp_dim)
+    # Two input layers with SwiGLU (`mlp='swiglu'`), then the output layer.
+    mlp_layers = 3 if model.mlp == 'swiglu' else 2
+    counts['mlp'] = layers * mlp_layers * _dense(tokens, hidden, mlp_dim)
     shape = (tokens - model.num_registers,)
     if model.classifier == 'map':
       # One probe query attends over the tokens (their keys and values are
@@ -153,7 +153,7 @@ def _vit_breakdown(
           + 2 * _dense(pooled, hidden, hidden)
           + _dense(1, hidden, pooled)
           + _dense(1, pooled, hidden)
-          + 2 * _dense(1, hidden, mlp_dim)
+          + 2 * _dense(1, hidden, model.map_mlp_dim or mlp_dim)
       )
   positions = _head_positions(model.classifier, shape)
   features = hidden

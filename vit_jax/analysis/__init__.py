@@ -76,7 +76,7 @@ def analyze(
 
   flat = checkpoint.flatten(params)
   grid = inspect.grid_of(model, images.shape[1:3])
-  has_cls = model.classifier in ('token', 'token_unpooled')
+  has_cls = model.has_class_token
   weights = attention_weights(model, params, images)
   distance = mean_attention_distance(
       weights, grid, model.total_stride, num_prefix_tokens=1 if has_cls else 0
@@ -87,14 +87,16 @@ def analyze(
   # The learned table on the grid it was made for (another than the images'
   # with `dynamic_image_size`).
   posemb_grid: tuple[int, int] = grid
-  stored = posemb.shape[1] - (1 if has_cls else 0)
+  # Without `posemb_class_token` the table has no class-token entry.
+  table_has_cls = has_cls and model.posemb_class_token
+  stored = posemb.shape[1] - (1 if table_has_cls else 0)
   if stored != grid[0] * grid[1]:
     made_for = getattr(model, 'posemb_grid_size', None) or (
         checkpoint.square_image_grid(stored, model.total_stride, 'stored')
     )
     posemb_grid = (int(made_for[0]), int(made_for[1]))
   similarity = position_embedding_similarity(
-      posemb, posemb_grid, has_class_token=has_cls
+      posemb, posemb_grid, has_class_token=table_has_cls
   )
   components, ratios = embedding_filters(flat['embedding/kernel'])
 
@@ -155,7 +157,7 @@ def _attention_distance(
   registers = getattr(model, 'num_registers', 0)
   if registers:  # They follow the patches and have no position.
     weights = weights[..., :-registers, :-registers]
-  has_cls = model.classifier in ('token', 'token_unpooled')
+  has_cls = model.has_class_token
   return mean_attention_distance(
       weights,
       inspect.grid_of(model, images.shape[1:3]),
