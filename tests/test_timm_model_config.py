@@ -86,3 +86,59 @@ def test_unknown_timm_model_in_use_timm_model_is_one_line():
   with pytest.raises(ValueError) as e:
     config_lib.use_timm_model(config_lib.get_base(), 'vit_nonexistent_model')
   assert 'vit_nonexistent_model' in str(e.value) and '\n' not in str(e.value)
+
+
+@pytest.mark.slow
+def test_linear_probe_from_a_timm_file_keeps_its_backbone(tmp_path):
+  """configs/finetune.py:<timm model>,digits,linear_probe with the timm
+  .safetensors as config.pretrained_path: the run reads it in timm's layout,
+  trains the head only (the backbone ends as the file holds it, bit for bit)
+  and records the family's options and normalisation in config.json."""
+  # pylint: disable=g-import-not-at-top
+  import json
+
+  import jax.numpy as jnp
+  import numpy as np
+  from safetensors.numpy import load_file
+
+  import helpers
+  from vit_jax import checkpoint
+  from vit_jax import train
+  import vit_jax.models
+  # pylint: enable=g-import-not-at-top
+
+  name = 'vit_small_patch14_reg4_dinov2'
+  c = config_lib.load_config_file(
+      f'configs/finetune.py:{name},digits,linear_probe,runlocal'
+  )
+  # The runlocal model (4x4 patches, 1 block) with the family's options,
+  # random weights, written in timm's layout by our own writer.
+  model = vit_jax.models.get_model(
+      num_classes=0, **config_lib.parse(c).model.model_args()
+  )
+  params = helpers.randomize(
+      helpers.init_params(model, jnp.zeros((1, 16, 16, 3))), seed=3, scale=0.3
+  )
+  path = str(tmp_path / 'dinov2.safetensors')
+  from vit_jax import timm_interop  # pylint: disable=g-import-not-at-top
+
+  timm_interop.to_timm(model, params, path, timm_model=name)
+  assert 'blocks.0.ls1.gamma' in load_file(path)  # timm's names.
+  c.pretrained_path = path
+  c.tfds_data_dir = str(tmp_path / 'tfds')
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(c, workdir)
+
+  final = checkpoint.flatten(checkpoint.load(f'{workdir}/final_params.npz'))
+  ours = checkpoint.flatten(params)
+  backbone = [k for k in ours if not k.startswith('head/')]
+  assert len(backbone) > 10
+  for key in backbone:
+    np.testing.assert_array_equal(final[key], ours[key], err_msg=key)
+  assert np.abs(final['head/kernel']).max() > 0  # The head trained.
+  with open(f'{workdir}/config.json') as f:
+    recorded = json.load(f)
+  assert recorded['timm_model'] == name
+  assert recorded['model_name'] == 'DINOv2-S_14'
+  assert recorded['model']['num_registers'] == 4
+  assert recorded['pp']['mean'] == [0.485, 0.456, 0.406]

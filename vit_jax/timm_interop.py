@@ -352,6 +352,8 @@ def load_timm(
           **entry.options,
           **overrides,
           'hidden_size': shapes['hidden_size'],
+          # The file's patch size (a smaller model's too, as its width).
+          'patches': {'size': _patch_size(tensors, path)},
           **{k: shapes[k] for k in ('map_mlp_dim',) if k in shapes},
           'transformer': {
               'num_layers': shapes['num_layers'],
@@ -376,6 +378,19 @@ def load_timm(
       tensors, rules, model, image_size, path
   )
   return model, params
+
+
+def _patch_size(
+    tensors: Mapping[str, Any], where: str
+) -> tuple[int, int]:
+  """(height, width) of the patches the file's patch embedding cuts."""
+  kernel = tensors.get('patch_embed.proj.weight')
+  if kernel is None or len(kernel.shape) != 4:
+    raise interop.ConversionError(
+        f'{where}: no patch embedding (patch_embed.proj.weight [D, C, P, P]):'
+        ' not a timm ViT state dict.'
+    )
+  return int(kernel.shape[2]), int(kernel.shape[3])
 
 
 def _image_size(model: Any, table_length: int, where: str) -> tuple[int, int]:
