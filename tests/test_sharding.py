@@ -20,6 +20,7 @@ from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import train
 import vit_jax.models
+from vit_jax.models import rope
 
 # 8 devices: 4 distinct batch slices (data x fsdp), each held by 2 'model'
 # devices.
@@ -244,7 +245,8 @@ def _shallow(name, scan=False):
 
 @pytest.mark.parametrize('name', vit_jax.models.MODEL_NAMES)
 def test_stacks_are_exactly_the_scanned_blocks(name):
-  assert not sharding.stacked_paths(_abstract_state(_shallow(name)))
+  unscanned = _abstract_state(_shallow(name))
+  assert not sharding.stacked_paths(unscanned)
   if 'transformer' not in vit_jax.models.get_config(name):
     return
   state = _abstract_state(_shallow(name, scan=True))
@@ -252,10 +254,18 @@ def test_stacks_are_exactly_the_scanned_blocks(name):
       sharding.path_str(p)
       for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]
   }
+  # The parameters of one block, from the unscanned layout (16 for the 2020
+  # ViT's block; the block options add or remove some).
+  per_block = len(
+      checkpoint.flatten(unscanned['params']['Transformer']['encoderblock_0'])
+  )
   # The scan layout vit.py documents: one `Transformer/encoderblock` whose
   # parameters carry the layer axis.
   scanned = {p for p in paths if '/Transformer/encoderblock/' in p}
-  assert len(scanned) == 4 * 16  # params, Adam's mu and nu, EMA params.
+  # params, Adam's mu and nu, EMA params.
+  assert len(scanned) == 4 * per_block
+  if name == 'ViT-B_16':
+    assert per_block == 16
   assert sharding.stacked_paths(state) == scanned
 
 
@@ -371,8 +381,10 @@ def test_auto_splits_heads_and_mlp_over_model_and_fsdp_takes_the_rest():
 def test_every_logical_axes_rule_of_the_model_names_real_parameters():
   for scan in (False, True):
     # With the block options that add split parameters (SwiGLU's Dense_2,
-    # the MLP's hidden norm).
-    model = _shallow('ViT-B_16', scan).clone(mlp='swiglu', mlp_norm=True)
+    # the MLP's hidden norm, RoPE-Mixed's learned frequencies).
+    model = _shallow('ViT-B_16', scan).clone(
+        mlp='swiglu', mlp_norm=True, rope='mixed', rope_options=rope.MIXED
+    )
     state = _abstract_state(model)
     paths = [
         sharding.path_str(p)
