@@ -380,9 +380,7 @@ def load_timm(
   return model, params
 
 
-def _patch_size(
-    tensors: Mapping[str, Any], where: str
-) -> tuple[int, int]:
+def _patch_size(tensors: Mapping[str, Any], where: str) -> tuple[int, int]:
   """(height, width) of the patches the file's patch embedding cuts."""
   kernel = tensors.get('patch_embed.proj.weight')
   if kernel is None or len(kernel.shape) != 4:
