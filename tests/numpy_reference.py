@@ -9,6 +9,8 @@ GroupNorm, weight standardisation) shows up as a logits mismatch.
 `.npz` (pre-Linen numbering inside encoder blocks).
 """
 
+import math
+
 import numpy as np
 
 
@@ -527,3 +529,58 @@ def big_vision_naflex_embedding(p, patches, rows, cols, *, pool='map'):
   grid = naflex_posemb_grid(p['pos_embedding'], rows.max() + 1, cols.max() + 1)
   x = (x + grid[rows, cols])[None]
   return _big_vision_head(p, _big_vision_encoder(p, x), pool)[0]
+
+
+# RoPE (vit_jax.models.rope), from the formulas (float64, loops).
+
+
+def rope_angles(
+    grid,
+    head_dim,
+    convention,
+    temperature,
+    offset=0.0,
+    indexing='ij',
+    ref_grid=None,
+):
+  """[h * w, head_dim // 2] angles: pair i < n turns with the first
+  coordinate at frequency i, pair n + i with the second."""
+  h, w = grid
+  n = head_dim // 4
+  out = np.zeros((h * w, 2 * n))
+  for r in range(h):
+    for c in range(w):
+      if convention == 'dinov3':
+        # The patch centre in [0, 1], mapped to [-1, 1].
+        y = 2 * ((r + 0.5 + offset) / h) - 1
+        x = 2 * ((c + 0.5 + offset) / w) - 1
+      else:
+        y, x = r + offset, c + offset
+        if ref_grid is not None:
+          y, x = y * ref_grid[0] / h, x * ref_grid[1] / w
+      first, second = (y, x) if indexing == 'ij' else (x, y)
+      for i in range(n):
+        if convention == 'dinov3':
+          period = temperature ** (i / n)
+          out[r * w + c, i] = 2 * math.pi * first / period
+          out[r * w + c, n + i] = 2 * math.pi * second / period
+        else:
+          freq = temperature ** (-i / n)
+          out[r * w + c, i] = first * freq
+          out[r * w + c, n + i] = second * freq
+  return out
+
+
+def rope_rotation(x, angles, rotate_half):
+  """x [..., N, D] with pair j of token t turned by angles[..., t, j]: a
+  2x2 rotation of channels (2j, 2j + 1), or (j, j + D/2) with
+  `rotate_half`."""
+  x = np.asarray(x, np.float64)
+  out = x.copy()
+  d = x.shape[-1]
+  for j in range(d // 2):
+    p, q = (j, j + d // 2) if rotate_half else (2 * j, 2 * j + 1)
+    cos, sin = np.cos(angles[..., j]), np.sin(angles[..., j])
+    out[..., p] = cos * x[..., p] - sin * x[..., q]
+    out[..., q] = sin * x[..., p] + cos * x[..., q]
+  return out

@@ -16,12 +16,14 @@ import pytest
 
 from helpers import random_images
 from helpers import randomize
+import numpy_reference
 from vit_jax import checkpoint
 from vit_jax import config_lib
 from vit_jax import flops
 from vit_jax import interop
 from vit_jax import sharding
 import vit_jax.models
+from vit_jax.models import rope
 from vit_jax.models import vit
 
 D, HEADS, MLP, LAYERS, CLASSES = 32, 4, 48, 2, 5
@@ -161,8 +163,12 @@ def _softmax(z):
   return e / e.sum(-1, keepdims=True)
 
 
-def _attention(x, kv, p, pre, o, eps, biases=('query', 'key', 'value')):
-  """Multi-head attention; `biases` names the projections that have one."""
+def _attention(
+    x, kv, p, pre, o, eps, biases=('query', 'key', 'value'), start=0
+):
+  """Multi-head attention; `biases` names the projections that have one;
+  with `o['rope_reference']` (test_rope's reference arguments), the GRID x
+  GRID patch tokens from `start` on get RoPE."""
   proj = {}
   for name, inputs in (('query', x), ('key', kv), ('value', kv)):
     y = np.einsum('ntd,dhk->nhtk', inputs, p[f'{pre}/{name}/kernel'])
@@ -173,6 +179,15 @@ def _attention(x, kv, p, pre, o, eps, biases=('query', 'key', 'value')):
   if o.get('qk_norm'):  # Per head, over head_dim.
     q = _norm(q, p, pre + '/query_norm', o.get('norm', 'layernorm'), eps)
     k = _norm(k, p, pre + '/key_norm', o.get('norm', 'layernorm'), eps)
+  if o.get('rope_reference'):
+    args, rotate_half = o['rope_reference']
+    angles = numpy_reference.rope_angles((GRID, GRID), q.shape[-1], *args)
+    patches = slice(start, start + GRID * GRID)
+    q, k = q.copy(), k.copy()
+    for y in (q, k):
+      y[:, :, patches] = numpy_reference.rope_rotation(
+          y[:, :, patches], angles, rotate_half
+      )
   w = _softmax(np.einsum('nhqd,nhkd->nhqk', q, k) / np.sqrt(q.shape[-1]))
   out = np.einsum('nhqk,nhkd->nhqd', w, v)
   out = np.einsum('nhqd,hdo->nqo', out, p[pre + '/out/kernel'])
@@ -205,12 +220,15 @@ def reference_logits(p, images, o):
     x = x + p['embedding/bias']
   if o.get('embed_norm'):
     x = norm(x, 'embedding_norm')
-  posemb = p['Transformer/posembed_input/pos_embedding']
   cls = np.broadcast_to(p['cls'], (n, 1, D)) if cls_token else None
-  if cls_token and o.get('posemb_class_token', True):
+  if o.get('posemb') == 'none':  # No table (DINOv3: RoPE only).
+    if cls_token:
+      x = np.concatenate([cls, x], axis=1)
+  elif cls_token and o.get('posemb_class_token', True):
+    posemb = p['Transformer/posembed_input/pos_embedding']
     x = np.concatenate([cls, x], axis=1) + posemb
   else:  # timm's no_embed_class: the table covers the patches only.
-    x = x + posemb
+    x = x + p['Transformer/posembed_input/pos_embedding']
     if cls_token:
       x = np.concatenate([cls, x], axis=1)
   registers = o.get('num_registers', 0)
@@ -237,6 +255,7 @@ def reference_logits(p, images, o):
         o,
         eps,
         biases[qkv_bias],
+        start=1 if cls_token else 0,
     )
     if o.get('layer_scale') is not None:
       a = a * p[pre + 'LayerScale_0/scale']
@@ -291,6 +310,59 @@ def test_logits_are_the_numpy_reference(case):
   difference = np.abs(logits - expected).max()
   assert np.abs(expected).max() > 0.1  # Random weights: not trivially equal.
   assert difference < 1e-5 * max(1.0, np.abs(expected).max()), difference
+
+
+# The RoPE families, the whole forward pass: (model options, test_rope's
+# reference arguments (convention, temperature, offset, indexing,
+# ref_grid), rotate_half).
+ROPE_FAMILIES = {
+    'eva02_rope': (
+        dict(FAMILIES['eva02'], rope='axial', rope_options=rope.EVA02),
+        (('eva', 10000.0, 0.0, 'ij', (16, 16)), False),
+    ),
+    'dinov3': (
+        dict(
+            layer_scale=1e-5,
+            qkv_bias=False,
+            posemb='none',
+            class_token=True,
+            classifier='gap',
+            num_registers=2,
+            layer_norm_epsilon=1e-5,
+            rope='axial',
+            rope_options=rope.DINOV3,
+        ),
+        (('dinov3', 100.0, 0.0, 'ij', None), True),
+    ),
+    'pe_core_rope': (
+        dict(
+            FAMILIES['pe_core'],
+            rope='axial',
+            rope_options={**rope.PE, 'ref_grid': (14, 14)},
+        ),
+        (('eva', 10000.0, 1.0, 'xy', (14, 14)), False),
+    ),
+}
+
+
+@pytest.mark.parametrize('case', list(ROPE_FAMILIES))
+def test_rope_families_are_the_numpy_reference(case):
+  """EVA-02, DINOv3 and Perception Encoder as timm computes them: the block
+  options with RoPE on the patch tokens, against NumPy."""
+  options, reference = ROPE_FAMILIES[case]
+  model = _model(**options)
+  params = _params(model)
+  logits = np.asarray(
+      jax.jit(lambda v: model.apply(v, IMAGES, train=False))({'params': params})
+  )
+  expected = reference_logits(
+      _flat(params), IMAGES, dict(options, rope_reference=reference)
+  )
+  without_rope = reference_logits(_flat(params), IMAGES, options)
+  scale = max(1.0, np.abs(expected).max())
+  assert np.abs(expected).max() > 0.1  # Random weights: not trivially equal.
+  assert np.abs(expected - without_rope).max() > 1e-3 * scale  # RoPE counts.
+  assert np.abs(logits - expected).max() < 1e-5 * scale
 
 
 # -- Parameter counts in closed form. ---------------------------------------

@@ -11,8 +11,6 @@ tables and rotations equal timm's own functions (skipped without torch and
 timm).
 """
 
-import math
-
 from flax import traverse_util
 import jax
 from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
@@ -25,6 +23,7 @@ import pytest
 
 from helpers import random_images
 from helpers import randomize
+import numpy_reference
 from vit_jax import checkpoint
 from vit_jax import config_lib
 from vit_jax import sharding
@@ -35,58 +34,6 @@ from vit_jax.models import vit
 # ---------------------------------------------------------------------------
 # NumPy references, from the formulas (float64, loops).
 # ---------------------------------------------------------------------------
-
-
-def _reference_angles(
-    grid,
-    head_dim,
-    convention,
-    temperature,
-    offset=0.0,
-    indexing='ij',
-    ref_grid=None,
-):
-  """[h * w, head_dim // 2] angles: pair i < n turns with the first
-  coordinate at frequency i, pair n + i with the second."""
-  h, w = grid
-  n = head_dim // 4
-  out = np.zeros((h * w, 2 * n))
-  for r in range(h):
-    for c in range(w):
-      if convention == 'dinov3':
-        # The patch centre in [0, 1], mapped to [-1, 1].
-        y = 2 * ((r + 0.5 + offset) / h) - 1
-        x = 2 * ((c + 0.5 + offset) / w) - 1
-      else:
-        y, x = r + offset, c + offset
-        if ref_grid is not None:
-          y, x = y * ref_grid[0] / h, x * ref_grid[1] / w
-      first, second = (y, x) if indexing == 'ij' else (x, y)
-      for i in range(n):
-        if convention == 'dinov3':
-          period = temperature ** (i / n)
-          out[r * w + c, i] = 2 * math.pi * first / period
-          out[r * w + c, n + i] = 2 * math.pi * second / period
-        else:
-          freq = temperature ** (-i / n)
-          out[r * w + c, i] = first * freq
-          out[r * w + c, n + i] = second * freq
-  return out
-
-
-def _reference_rotation(x, angles, rotate_half):
-  """x [..., N, D] with pair j of token t turned by angles[..., t, j]: a
-  2x2 rotation of channels (2j, 2j + 1), or (j, j + D/2) with
-  `rotate_half`."""
-  x = np.asarray(x, np.float64)
-  out = x.copy()
-  d = x.shape[-1]
-  for j in range(d // 2):
-    p, q = (j, j + d // 2) if rotate_half else (2 * j, 2 * j + 1)
-    cos, sin = np.cos(angles[..., j]), np.sin(angles[..., j])
-    out[..., p] = cos * x[..., p] - sin * x[..., q]
-    out[..., q] = sin * x[..., p] + cos * x[..., q]
-  return out
 
 
 AXIAL_CASES = {
@@ -111,7 +58,7 @@ def test_axial_angles_follow_the_formulas(case):
   grid, head_dim = (5, 7), 16
   resolved = rope.resolve_options('axial', options)
   angles = rope.axial_angles(grid, head_dim, resolved)
-  expected = _reference_angles(
+  expected = numpy_reference.rope_angles(
       grid, head_dim, convention, temperature, offset, indexing, ref
   )
   assert angles.dtype == np.float32 and angles.shape == expected.shape
@@ -125,7 +72,10 @@ def test_rotation_is_a_2x2_rotation_of_each_pair(rotate_half):
   angles = rng.uniform(-20, 20, size=(3, 6, 4)).astype(np.float32)
   out = rope.rotate(jnp.asarray(x), jnp.asarray(angles), rotate_half)
   np.testing.assert_allclose(
-      out, _reference_rotation(x, angles, rotate_half), rtol=1e-5, atol=1e-5
+      out,
+      numpy_reference.rope_rotation(x, angles, rotate_half),
+      rtol=1e-5,
+      atol=1e-5,
   )
 
 
@@ -160,7 +110,7 @@ def test_axial_module_rotates_the_patch_tokens_only(case, token_axis):
   (q, k), (rq, rk), _, grid = _module_case(
       'axial', options, token_axis, start, registers
   )
-  angles = _reference_angles(
+  angles = numpy_reference.rope_angles(
       grid, 8, convention, temperature, offset, indexing, ref
   )
   n = grid[0] * grid[1]
@@ -173,7 +123,9 @@ def test_axial_module_rotates_the_patch_tokens_only(case, token_axis):
     np.testing.assert_array_equal(rx[:, :, start + n :], x[:, :, start + n :])
     np.testing.assert_allclose(
         rx[:, :, patches],
-        _reference_rotation(x[:, :, patches], angles, options['rotate_half']),
+        numpy_reference.rope_rotation(
+            x[:, :, patches], angles, options['rotate_half']
+        ),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -198,7 +150,7 @@ def test_mixed_module_turns_each_head_by_its_learned_frequencies(token_axis):
     q, rq = q.transpose(0, 2, 1, 3), rq.transpose(0, 2, 1, 3)
   np.testing.assert_allclose(
       rq[:, :, : h * w],
-      _reference_rotation(q[:, :, : h * w], angles, False),
+      numpy_reference.rope_rotation(q[:, :, : h * w], angles, False),
       rtol=1e-5,
       atol=1e-5,
   )
