@@ -304,3 +304,41 @@ def test_shipped_label_lists():
   assert imagenet1k[281] == 'tabby, tabby cat'
   assert imagenet1k[999].startswith('toilet tissue')
   assert len(set(imagenet21k)) > 21000
+
+
+def test_load_image_normalises_with_mean_and_std(tmp_path):
+  """predict's preprocessing: (pixels / 255 - mean) / std at the model's
+  size, or [-1, 1] without them."""
+  pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), np.uint8)
+  path = str(tmp_path / 'image.png')
+  Image.fromarray(pixels).save(path)
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  got = predict.load_image(path, (8, 8), 1.0, mean, std)
+  want = (pixels / 255.0 - np.array(mean)) / np.array(std)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  np.testing.assert_allclose(
+      predict.load_image(path, (8, 8)), pixels / 127.5 - 1.0, atol=1e-6
+  )
+
+
+def test_loaded_normalization_is_the_runs_or_the_timm_models():
+  from vit_jax import loading  # pylint: disable=g-import-not-at-top
+  from vit_jax import timm_models  # pylint: disable=g-import-not-at-top
+
+  run = config_lib.parse(
+      {'pp': {'mean': (0.1, 0.2, 0.3), 'std': (0.4, 0.5, 0.6)}}
+  )
+  loaded = loading.Loaded(None, {}, (8, 8), None, 'run', run=run)
+  assert tuple(map(tuple, loaded.normalization)) == (
+      (0.1, 0.2, 0.3),
+      (0.4, 0.5, 0.6),
+  )
+  name = 'vit_small_patch14_dinov2'
+  loaded = loading.Loaded(None, {}, (8, 8), None, 'f', timm_model=name)
+  preprocessing = timm_models.TIMM_MODELS[name].preprocessing
+  assert loaded.normalization == (preprocessing['mean'], preprocessing['std'])
+  assert tuple(preprocessing['mean']) == (0.485, 0.456, 0.406)  # ImageNet's.
+  assert loading.Loaded(None, {}, (8, 8), None, 'x').normalization == (
+      None,
+      None,
+  )
